@@ -1,0 +1,47 @@
+use crate::ids::{ChunkId, RecoveryPointId};
+use crate::store::StoreError;
+
+/// Errors of the vault engine. Each names the vault, object, chunk or RP a user needs to act.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "no vault at {location} (it has no config object); create one with `elastio vault init`"
+    )]
+    NotAVault { location: String },
+    #[error("a vault already exists at {location}")]
+    VaultExists { location: String },
+    #[error(
+        "the vault at {location} has format version {found}, this elastio reads up to version \
+         {supported}: upgrade elastio to use it"
+    )]
+    NewerFormat {
+        location: String,
+        found: u64,
+        supported: u32,
+    },
+    #[error(
+        "wrong password for the vault at {location}: none of its {keys} key file(s) accepted it"
+    )]
+    WrongPassword { location: String, keys: usize },
+    #[error("object {key} in vault {location} is damaged: {detail}")]
+    Corrupt {
+        location: String,
+        key: String,
+        detail: String,
+    },
+    #[error("chunk {chunk} is missing from the index of vault {location}")]
+    MissingChunk { location: String, chunk: ChunkId },
+    #[error("recovery point {id} not found in vault {location}")]
+    RpNotFound {
+        location: String,
+        id: RecoveryPointId,
+    },
+    #[error("invalid vault parameter: {0}")]
+    InvalidParameter(String),
+    #[error("the backup session stopped: {0}")]
+    SessionFailed(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,55 @@
+//! # ScaleZ, the elastio vault engine
+//!
+//! A **vault** is one deduplication namespace in an [`store::ObjectStore`] (a local directory, or S3
+//! in a later backend). Everything a backup writes is an immutable object named by its content hash
+//! or a random id; the on-store format is documented object by object in `scalez/FORMAT.md`.
+//!
+//! ## Model
+//! * Sources are cut into **chunks**: a fixed grid for disks (chunk size is a vault parameter),
+//!   content-defined for files and streams (later). All-zero disk chunks are never stored.
+//! * A chunk's id is BLAKE3 keyed with a vault secret ([`crypto`]); its payload is zstd then
+//!   AES-256-GCM, sealed with its id as associated data.
+//! * Sealed chunks are appended to **packs** ([`pack`]); **index** objects ([`index`]) map chunk ids
+//!   to (pack, offset, length). The in-memory index is the union of all index objects.
+//! * A disk RP's block map is a tree of content-addressed **map pages** ([`disk_map`]) stored as
+//!   chunks, so an incremental RP writes only changed pages.
+//! * The **catalog** ([`catalog`]) has one object per recovery point, holding the map root.
+//!
+//! ## Invariants
+//! 1. Objects are immutable: packs, index objects and catalog entries are written with create-only
+//!    puts under random or content-derived names. Tag changes are new objects, never edits.
+//! 2. Write order is packs → index objects → catalog entry ([`session::BackupSession::finish`] must
+//!    return before [`vault::Vault::commit_rp`]). A crash at any point leaves only unreferenced
+//!    garbage; an RP is visible only once complete.
+//! 3. An RP is self-contained: its map references every chunk directly; restoring never walks a
+//!    chain of parents.
+//! 4. Every byte read back is authenticated (AEAD, bound to the object's name) and re-hashed to its
+//!    id; errors name the object.
+//! 5. Memory is bounded by configuration (channel depths, pack size, cache sizes), not by disk size;
+//!    the index costs ~50 bytes per chunk.
+//!
+//! ## Concurrency
+//! | operation | may run with | why it is safe |
+//! |---|---|---|
+//! | backup | backups (any asset), restores, listing | random pack/index names; catalog is create-only |
+//! | restore / read | everything above | objects never change after they appear |
+//! | tag | everything above | each change is a new object; readers merge in key order |
+//! Deletion (prune) arrives in a later format revision with its own protocol.
+
+pub mod catalog;
+pub mod crypto;
+pub mod disk_map;
+pub mod error;
+pub mod ids;
+pub mod index;
+pub mod pack;
+pub mod reader;
+pub mod session;
+pub mod store;
+pub mod vault;
+
+pub use catalog::{Asset, DiskMapRef, RecoveryPoint, RpKind, TagUpdate};
+pub use error::{Error, Result};
+pub use ids::{ChunkId, PackId, RecoveryPointId};
+pub use session::{BackupSession, SessionStats};
+pub use vault::{Vault, VaultConfig, VaultOptions};

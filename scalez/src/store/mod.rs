@@ -1,0 +1,124 @@
+//! The object-store abstraction every vault sits on.
+//!
+//! A store is a flat namespace of immutable-by-convention objects addressed by `/`-separated keys.
+//! The vault needs only five operations, so that is all the trait has: create-only put (the
+//! building block of "the catalog entry is written once"), overwrite put, ranged get, list by
+//! prefix and delete (only prune uses it). Backends: [`local::LocalStore`] (a directory; the
+//! embedded default), [`memory::MemoryStore`] (unit tests), and later S3. Every backend must pass
+//! [`conformance::run_all`].
+//!
+//! The trait is synchronous on purpose: the backup and restore pipelines are thread pools over
+//! CPU-bound work, and FUSE callbacks are threads too. An async backend (S3) owns its runtime and
+//! blocks inside these calls; callers inside a runtime use `spawn_blocking`.
+
+pub mod conformance;
+pub mod local;
+pub mod memory;
+
+use std::fmt;
+use std::ops::Range;
+
+/// How [`ObjectStore::put`] treats an existing object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutMode {
+    /// Fail with [`StoreError::AlreadyExists`] if the key exists. Atomic: of two racing writers
+    /// exactly one succeeds.
+    Create,
+    /// Replace the object atomically: readers see the old or the new bytes, never a mix.
+    Overwrite,
+}
+
+/// One entry of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Errors of a store. Variants are semantic so callers can react (`NotFound` during open means
+/// "not a vault", `AlreadyExists` during a create-only put means "someone else won").
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} not found in {store}")]
+    NotFound { store: String, key: String },
+    #[error("object {key} already exists in {store}")]
+    AlreadyExists { store: String, key: String },
+    #[error("range {start}..{end} is outside object {key} ({size} bytes) in {store}")]
+    BadRange {
+        store: String,
+        key: String,
+        start: u64,
+        end: u64,
+        size: u64,
+    },
+    #[error("invalid object key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    #[error("i/o error on {key} in {store}: {source}")]
+    Io {
+        store: String,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same call may succeed (transient I/O as opposed to a semantic answer).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+/// A flat key → bytes store. Keys are ASCII, `/`-separated, without `.` or `..` components.
+pub trait ObjectStore: Send + Sync + fmt::Debug {
+    /// Where this store lives, for messages (`/var/backups/vault`, `s3://bucket/prefix`).
+    fn location(&self) -> String;
+    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError>;
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
+    /// Bytes `range` of the object; the range must lie inside it.
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError>;
+    /// All objects whose key starts with `prefix`, sorted by key.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
+    /// Remove an object; removing a missing object is not an error.
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// Rejects keys that could escape a directory or collide with temporary files.
+pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    let bad = |reason| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if !key
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+    {
+        return bad("only ASCII letters, digits, '-', '_', '.' and '/' are allowed");
+    }
+    if key
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
+    {
+        return bad("empty, '.', '..' or hidden path component");
+    }
+    Ok(())
+}

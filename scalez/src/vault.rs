@@ -1,0 +1,451 @@
+//! A vault: config, keys, index, catalog, and chunk reads. See FORMAT.md for the objects.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{self, RecoveryPoint, RpKind, TagUpdate};
+use crate::crypto::{KdfParams, KeyFile, Keys, MasterKey};
+use crate::disk_map::Page;
+use crate::error::{Error, Result};
+use crate::ids::{ChunkId, RecoveryPointId};
+use crate::index::{self, Index, Location};
+use crate::pack::chunk_aad;
+use crate::store::{ObjectStore, PutMode, StoreError};
+
+/// Newest vault format this build reads and the one it writes. Bump on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+/// Frozen: the `format` field of every vault config.
+const CONFIG_FORMAT: &str = "elastio-scalez-vault";
+const CONFIG_KEY: &str = "config";
+
+/// Default grid for disks; chosen by measurement, see FORMAT.md ("Chunk size").
+pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
+/// Default pack target size: large enough for few objects, small enough to buffer while sealing.
+pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
+/// zstd level: 1 is the fastest level that still compresses file-system data well (FORMAT.md).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+
+/// Parameters of a new vault.
+#[derive(Debug, Clone)]
+pub struct VaultOptions {
+    pub chunk_size: u32,
+    pub pack_size: u32,
+    pub zstd_level: i32,
+    pub kdf: KdfParams,
+}
+
+impl Default for VaultOptions {
+    fn default() -> Self {
+        VaultOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            pack_size: DEFAULT_PACK_SIZE,
+            zstd_level: DEFAULT_ZSTD_LEVEL,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// The `config` object's body (plain JSON so the version can be read before unlocking).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VaultConfig {
+    pub format: String,
+    pub version: u32,
+    pub vault_id: String,
+    pub chunk_size: u32,
+    pub pack_size: u32,
+    pub zstd_level: i32,
+    pub created: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ConfigObject {
+    config: VaultConfig,
+    /// Keyed BLAKE3 (config MAC key) of the JSON of `config`.
+    mac: String,
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// An unlocked vault with its index loaded: it cannot be used before both succeed.
+pub struct Vault {
+    store: Arc<dyn ObjectStore>,
+    keys: Keys,
+    config: VaultConfig,
+    index: RwLock<Index>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault")
+            .field("store", &self.store.location())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// Creates a vault in an empty store. The key file is written first and the config last, so
+    /// a crash leaves no half-made vault that `open` would accept.
+    pub fn init(store: Arc<dyn ObjectStore>, password: &[u8], opts: VaultOptions) -> Result<Vault> {
+        let location = store.location();
+        if !opts.chunk_size.is_power_of_two() || !(4096..=512 * 1024).contains(&opts.chunk_size) {
+            return Err(Error::InvalidParameter(format!(
+                "chunk size {} must be a power of two between 4 KiB and 512 KiB (so 512 KiB EBS \
+                 blocks are a whole number of chunks)",
+                opts.chunk_size
+            )));
+        }
+        if !(1 << 20..=1 << 30).contains(&opts.pack_size) {
+            return Err(Error::InvalidParameter(format!(
+                "pack size {} must be between 1 MiB and 1 GiB",
+                opts.pack_size
+            )));
+        }
+        if !(-7..=22).contains(&opts.zstd_level) {
+            return Err(Error::InvalidParameter(format!(
+                "zstd level {} must be between -7 and 22",
+                opts.zstd_level
+            )));
+        }
+        match store.get(CONFIG_KEY) {
+            Ok(_) => return Err(Error::VaultExists { location }),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let config = VaultConfig {
+            format: CONFIG_FORMAT.into(),
+            version: FORMAT_VERSION,
+            vault_id: hex::encode(rand::random::<[u8; 16]>()),
+            chunk_size: opts.chunk_size,
+            pack_size: opts.pack_size,
+            zstd_level: opts.zstd_level,
+            created: now_rfc3339(),
+        };
+        let master = MasterKey::generate();
+        let keyfile = KeyFile::wrap(&master, password, opts.kdf, &config.vault_id)
+            .map_err(Error::InvalidParameter)?;
+        let key_name = format!("keys/{}", hex::encode(rand::random::<[u8; 8]>()));
+        store.put(
+            &key_name,
+            &serde_json::to_vec_pretty(&keyfile).expect("serialisable"),
+            PutMode::Create,
+        )?;
+        let keys = Keys::derive(&master);
+        let body = serde_json::to_vec(&config).expect("serialisable");
+        let object = ConfigObject {
+            mac: hex::encode(keys.config_mac(&body)),
+            config: config.clone(),
+        };
+        match store.put(
+            CONFIG_KEY,
+            &serde_json::to_vec_pretty(&object).expect("serialisable"),
+            PutMode::Create,
+        ) {
+            Ok(()) => {}
+            Err(StoreError::AlreadyExists { .. }) => {
+                let _ = store.delete(&key_name);
+                return Err(Error::VaultExists { location });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Vault {
+            store,
+            keys,
+            config,
+            index: RwLock::new(Index::new()),
+        })
+    }
+
+    /// Reads the config (refusing newer formats), unlocks a key file with `password`, verifies the
+    /// config MAC and loads the index.
+    pub fn open(store: Arc<dyn ObjectStore>, password: &[u8]) -> Result<Vault> {
+        let config = Self::read_config(store.as_ref())?;
+        let location = store.location();
+        let key_objects = store.list("keys/")?;
+        let mut master = None;
+        for k in &key_objects {
+            let raw = store.get(&k.key)?;
+            let kf: KeyFile = serde_json::from_slice(&raw).map_err(|e| Error::Corrupt {
+                location: location.clone(),
+                key: k.key.clone(),
+                detail: format!("not a key file: {e}"),
+            })?;
+            let unwrapped = kf
+                .unwrap_key(password, &config.vault_id)
+                .map_err(|detail| Error::Corrupt {
+                    location: location.clone(),
+                    key: k.key.clone(),
+                    detail,
+                })?;
+            if let Some(m) = unwrapped {
+                master = Some(m);
+                break;
+            }
+        }
+        let master = master.ok_or(Error::WrongPassword {
+            location: location.clone(),
+            keys: key_objects.len(),
+        })?;
+        let keys = Keys::derive(&master);
+        let raw: ConfigObject =
+            serde_json::from_slice(&store.get(CONFIG_KEY)?).map_err(|e| Error::Corrupt {
+                location: location.clone(),
+                key: CONFIG_KEY.into(),
+                detail: e.to_string(),
+            })?;
+        let body = serde_json::to_vec(&raw.config).expect("serialisable");
+        if hex::encode(keys.config_mac(&body)) != raw.mac || raw.config != config {
+            return Err(Error::Corrupt {
+                location,
+                key: CONFIG_KEY.into(),
+                detail: "config MAC does not match (the config was modified)".into(),
+            });
+        }
+        let vault = Vault {
+            store,
+            keys,
+            config,
+            index: RwLock::new(Index::new()),
+        };
+        vault.load_index()?;
+        Ok(vault)
+    }
+
+    /// The config alone, without unlocking (for `vault info` and version checks).
+    pub fn read_config(store: &dyn ObjectStore) -> Result<VaultConfig> {
+        let location = store.location();
+        let raw = match store.get(CONFIG_KEY) {
+            Ok(r) => r,
+            Err(e) if e.is_not_found() => return Err(Error::NotAVault { location }),
+            Err(e) => return Err(e.into()),
+        };
+        let corrupt = |detail: String| Error::Corrupt {
+            location: location.clone(),
+            key: CONFIG_KEY.into(),
+            detail,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+        let c = &value["config"];
+        if c["format"] != CONFIG_FORMAT {
+            return Err(corrupt(format!(
+                "format is {}, not {CONFIG_FORMAT}",
+                c["format"]
+            )));
+        }
+        let version = c["version"]
+            .as_u64()
+            .ok_or_else(|| corrupt("no version".into()))?;
+        if version > FORMAT_VERSION as u64 {
+            return Err(Error::NewerFormat {
+                location,
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        serde_json::from_value(c.clone()).map_err(|e| corrupt(e.to_string()))
+    }
+
+    fn load_index(&self) -> Result<()> {
+        let mut index = self.index.write().unwrap();
+        for obj in self.store.list("index/")? {
+            let sealed = self.store.get(&obj.key)?;
+            let plain = self
+                .keys
+                .open(&index_aad(&obj.key), &sealed)
+                .map_err(|e| self.corrupt(&obj.key, e.to_string()))?;
+            let entries =
+                index::decode(&plain).map_err(|e| self.corrupt(&obj.key, e.to_string()))?;
+            for (id, loc) in entries {
+                index.insert(id, loc);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn corrupt(&self, key: &str, detail: impl Into<String>) -> Error {
+        Error::Corrupt {
+            location: self.location(),
+            key: key.to_string(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn location(&self) -> String {
+        self.store.location()
+    }
+
+    pub fn config(&self) -> &VaultConfig {
+        &self.config
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.index.read().unwrap().len()
+    }
+
+    pub fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.index.read().unwrap().contains(id)
+    }
+
+    pub fn locate(&self, id: &ChunkId) -> Option<Location> {
+        self.index.read().unwrap().get(id)
+    }
+
+    pub(crate) fn index_insert(&self, entries: &[(ChunkId, Location)]) {
+        let mut index = self.index.write().unwrap();
+        for (id, loc) in entries {
+            index.insert(*id, *loc);
+        }
+    }
+
+    /// Fetches, authenticates, decompresses and re-hashes one chunk (or map page).
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let loc = self.locate(id).ok_or_else(|| Error::MissingChunk {
+            location: self.location(),
+            chunk: *id,
+        })?;
+        let key = loc.pack.key();
+        let sealed = self
+            .store
+            .get_range(&key, loc.offset as u64..loc.offset as u64 + loc.len as u64)
+            .map_err(|e| match e {
+                StoreError::BadRange { .. } => self.corrupt(
+                    &key,
+                    format!("pack is shorter than chunk {id} needs (truncated)"),
+                ),
+                e => e.into(),
+            })?;
+        let plain = self
+            .keys
+            .open(&chunk_aad(id), &sealed)
+            .map_err(|e| self.corrupt(&key, format!("chunk {id} at offset {}: {e}", loc.offset)))?;
+        if self.keys.chunk_id(&plain) != *id {
+            return Err(self.corrupt(&key, format!("chunk {id} content does not match its id")));
+        }
+        Ok(plain)
+    }
+
+    pub fn load_page(&self, id: &ChunkId) -> Result<Page> {
+        let bytes = self.read_chunk(id)?;
+        Page::decode(&bytes).map_err(|e| {
+            let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
+            self.corrupt(&key, format!("map page {id}: {e}"))
+        })
+    }
+
+    /// Makes `rp` visible. Call only after the session that wrote its data finished.
+    pub fn commit_rp(&self, rp: &RecoveryPoint) -> Result<()> {
+        let body = serde_json::to_vec(rp).expect("serialisable");
+        let sealed = self.keys.seal(&catalog::rp_aad(&rp.id), &body, Some(1));
+        self.store
+            .put(&rp.id.catalog_key(), &sealed, PutMode::Create)?;
+        Ok(())
+    }
+
+    fn read_rp(&self, key: &str, id: &RecoveryPointId) -> Result<RecoveryPoint> {
+        let sealed = match self.store.get(key) {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => {
+                return Err(Error::RpNotFound {
+                    location: self.location(),
+                    id: id.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let plain = self
+            .keys
+            .open(&catalog::rp_aad(id), &sealed)
+            .map_err(|e| self.corrupt(key, e.to_string()))?;
+        let mut rp: RecoveryPoint =
+            serde_json::from_slice(&plain).map_err(|e| self.corrupt(key, e.to_string()))?;
+        if &rp.id != id {
+            return Err(self.corrupt(key, format!("holds recovery point {}", rp.id)));
+        }
+        for t in self.store.list(&id.tags_prefix())? {
+            let sealed = self.store.get(&t.key)?;
+            let plain = self
+                .keys
+                .open(&catalog::tag_aad(&t.key), &sealed)
+                .map_err(|e| self.corrupt(&t.key, e.to_string()))?;
+            let update: TagUpdate =
+                serde_json::from_slice(&plain).map_err(|e| self.corrupt(&t.key, e.to_string()))?;
+            update.apply(&mut rp.tags);
+        }
+        Ok(rp)
+    }
+
+    pub fn get_rp(&self, id: &RecoveryPointId) -> Result<RecoveryPoint> {
+        self.read_rp(&id.catalog_key(), id)
+    }
+
+    /// All visible RPs, oldest first, with later tag updates applied.
+    pub fn list_rps(&self) -> Result<Vec<RecoveryPoint>> {
+        let mut out = Vec::new();
+        for obj in self.store.list("catalog/")? {
+            let name = obj.key.trim_start_matches("catalog/");
+            let id: RecoveryPointId =
+                name.parse().map_err(|e: crate::ids::BadRecoveryPointId| {
+                    self.corrupt(&obj.key, e.to_string())
+                })?;
+            out.push(self.read_rp(&obj.key, &id)?);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// The newest RP of `kind` for `asset`, the parent of the next backup.
+    pub fn latest_rp(&self, kind: RpKind, asset: &catalog::Asset) -> Result<Option<RecoveryPoint>> {
+        Ok(self
+            .list_rps()?
+            .into_iter()
+            .filter(|rp| rp.kind == kind && &rp.asset == asset)
+            .next_back())
+    }
+
+    /// Records a tag change as a new immutable object and returns the updated RP.
+    pub fn update_tags(&self, id: &RecoveryPointId, update: &TagUpdate) -> Result<RecoveryPoint> {
+        for k in update.set.keys().chain(&update.remove) {
+            catalog::validate_tag_key(k).map_err(Error::InvalidParameter)?;
+        }
+        self.get_rp(id)?;
+        let key = format!(
+            "{}{}",
+            id.tags_prefix(),
+            ulid::Ulid::new().to_string().to_ascii_lowercase()
+        );
+        let body = serde_json::to_vec(update).expect("serialisable");
+        let sealed = self.keys.seal(&catalog::tag_aad(&key), &body, None);
+        self.store.put(&key, &sealed, PutMode::Create)?;
+        self.get_rp(id)
+    }
+}
+
+pub(crate) fn index_aad(key: &str) -> Vec<u8> {
+    format!("index:{key}").into_bytes()
+}
+
+/// Parses `k=v` tag arguments.
+pub fn parse_tags<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        let (k, v) = a.split_once('=').ok_or_else(|| {
+            Error::InvalidParameter(format!("tag {a:?} is not of the form key=value"))
+        })?;
+        catalog::validate_tag_key(k).map_err(Error::InvalidParameter)?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
