@@ -1,1 +1,26 @@
+//! # elastio agent: sources, restore targets and the pipelines between them and a vault
+//!
+//! * [`block`]: image files and block devices. Sizes come from metadata or `BLKGETSIZE64`; reads go
+//!   through an I/O engine ([`block::engine`]): io_uring with several reads in flight (O_DIRECT for
+//!   block devices), or positional reads as a fallback. Holes are found with SEEK_DATA/SEEK_HOLE
+//!   and never read.
+//! * [`pipeline`]: disk backup and restore. Backup = one reader thread → N worker threads (zero
+//!   check, keyed hash, dedup check, compress + encrypt) → the vault's packer thread, while the
+//!   calling thread assembles the disk map in order. Restore = the calling thread walks the map,
+//!   N workers fetch, verify and write chunks with positional writes.
+//!
+//! ## Invariants
+//! * Memory is bounded by queue depths and block sizes (see [`pipeline::BackupOptions`]), never by
+//!   the size of the disk.
+//! * A backup commits its RP only after every chunk and map page is durable; any error before that
+//!   leaves no visible RP.
+//! * A restore into a file writes a temporary sibling and renames it over the target only when
+//!   complete and fsynced: a failed restore never leaves a target that looks complete.
 
+pub mod block;
+pub mod error;
+pub mod pipeline;
+pub mod progress;
+
+pub use error::AgentError;
+pub use progress::{NoProgress, Progress};

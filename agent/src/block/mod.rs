@@ -1,0 +1,231 @@
+//! Block sources: image files and block devices, read in large aligned blocks by an I/O engine
+//! ([`engine`]: io_uring with several requests in flight, or positional reads), skipping holes.
+
+pub mod engine;
+mod uring;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::AgentError;
+
+/// Buffer alignment for O_DIRECT: a multiple of every logical block size in use.
+pub const ALIGN: usize = 4096;
+
+/// Whether to bypass the page cache when reading a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirectIo {
+    /// O_DIRECT for block devices (a backup should not evict the host's cache), page cache for
+    /// image files (which are often hot in it, and whose filesystem may refuse O_DIRECT).
+    #[default]
+    Auto,
+    /// O_DIRECT whenever the filesystem accepts it.
+    Always,
+    Never,
+}
+
+/// An opened source.
+#[derive(Debug)]
+pub struct BlockSource {
+    pub(crate) file: File,
+    pub path: PathBuf,
+    pub size: u64,
+    pub is_block_device: bool,
+    pub direct: bool,
+}
+
+// BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+pub(crate) fn device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points to a live u64.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+impl BlockSource {
+    pub fn open(path: &Path, direct: DirectIo) -> Result<Self, AgentError> {
+        let err = |source| AgentError::Source {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(err)?;
+        let ft = meta.file_type();
+        let is_block_device = ft.is_block_device();
+        if !is_block_device && !ft.is_file() {
+            return Err(err(io::Error::other(
+                "not a block device or a regular file",
+            )));
+        }
+        let want_direct = match direct {
+            DirectIo::Auto => is_block_device,
+            DirectIo::Always => true,
+            DirectIo::Never => false,
+        };
+        let mut direct_used = false;
+        let file = if want_direct {
+            match OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(f) => {
+                    direct_used = true;
+                    f
+                }
+                // tmpfs and some FUSE filesystems refuse O_DIRECT: fall back to the page cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    File::open(path).map_err(err)?
+                }
+                Err(e) => return Err(err(e)),
+            }
+        } else {
+            File::open(path).map_err(err)?
+        };
+        let size = if is_block_device {
+            device_size(&file).map_err(err)?
+        } else {
+            meta.len()
+        };
+        Ok(BlockSource {
+            file,
+            path: path.to_path_buf(),
+            size,
+            is_block_device,
+            direct: direct_used,
+        })
+    }
+
+    /// The first data extent that ends after `from`, as (start, end), or None if only holes
+    /// remain. Sources without SEEK_DATA support are one extent.
+    pub(crate) fn next_data(&self, from: u64) -> io::Result<Option<(u64, u64)>> {
+        if from >= self.size {
+            return Ok(None);
+        }
+        if self.is_block_device {
+            return Ok(Some((from, self.size)));
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: lseek on an fd we own; no memory is involved.
+        let start = unsafe { libc::lseek(fd, from as libc::off_t, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some((from, self.size))),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some((start as u64, (end as u64).min(self.size))))
+    }
+}
+
+/// A heap buffer aligned for O_DIRECT.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access is read-only through Deref.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `cap` bytes (rounded up to [`ALIGN`]); `len` starts at `cap`.
+    pub fn new(cap: usize) -> Self {
+        let cap = cap.max(1).next_multiple_of(ALIGN);
+        let layout = std::alloc::Layout::from_size_align(cap, ALIGN).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, cap, len: cap }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.cap);
+        self.len = len;
+    }
+
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for cap >= len initialised (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in Deref, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.cap, ALIGN).expect("valid layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// True if every byte is zero (word-at-a-time).
+pub fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to splits at aligned boundaries.
+    let (head, body, tail) = unsafe { data.align_to::<u128>() };
+    head.iter().all(|b| *b == 0)
+        && tail.iter().all(|b| *b == 0)
+        && body
+            .chunks(64)
+            .all(|c| c.iter().fold(0u128, |a, w| a | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 100_003];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[1..]));
+        for i in [0, 1, 17, 50_000, 100_002] {
+            v[i] = 1;
+            assert!(!is_zero(&v), "byte {i}");
+            v[i] = 0;
+        }
+    }
+
+    #[test]
+    fn aligned_buffers() {
+        let mut b = AlignedBuf::new(5000);
+        assert_eq!(b.capacity(), 8192);
+        assert_eq!(b.as_mut_ptr() as usize % ALIGN, 0);
+        b.set_len(10);
+        assert_eq!(&b[..], &[0u8; 10]);
+    }
+}

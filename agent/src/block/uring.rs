@@ -1,0 +1,142 @@
+//! The io_uring read loop: up to `depth` block reads in flight into aligned buffers.
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+
+use io_uring::{opcode, types, IoUring};
+
+use super::engine::{shrank, source_err, Block, Planner, Req};
+use super::{AlignedBuf, BlockSource, ALIGN};
+use crate::error::AgentError;
+
+pub(crate) struct Ring {
+    ring: IoUring,
+    depth: usize,
+}
+
+struct InFlight {
+    req: Req,
+    buf: AlignedBuf,
+    done: usize,
+}
+
+impl Ring {
+    /// Probes io_uring by creating a ring.
+    pub fn new(depth: u32) -> io::Result<Self> {
+        Ok(Ring {
+            ring: IoUring::new(depth)?,
+            depth: depth as usize,
+        })
+    }
+
+    fn push(&mut self, fd: i32, slot: usize, f: &mut InFlight) -> io::Result<()> {
+        let remaining = f.req.len - f.done;
+        let want = remaining
+            .next_multiple_of(ALIGN)
+            .min(f.buf.capacity() - f.done);
+        // SAFETY: the pointer is into a live heap buffer of `capacity` bytes that stays in
+        // `slots` (not moved or freed) until its completion is reaped; `done + want <= capacity`.
+        let ptr = unsafe { f.buf.as_mut_ptr().add(f.done) };
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, want as u32)
+            .offset(f.req.offset + f.done as u64)
+            .build()
+            .user_data(slot as u64);
+        // SAFETY: the entry refers to the buffer above, which outlives the operation (see
+        // `read_all`: every submitted slot is reaped before its buffer is dropped).
+        unsafe { self.ring.submission().push(&sqe) }
+            .map_err(|_| io::Error::other("io_uring submission queue full"))
+    }
+
+    pub fn read_all(
+        mut self,
+        src: &BlockSource,
+        plan: Planner<'_>,
+        sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
+    ) -> Result<(), AgentError> {
+        let fd = src.file.as_raw_fd();
+        let mut slots: Vec<Option<InFlight>> = (0..self.depth).map(|_| None).collect();
+        let mut plan = plan.peekable();
+        let mut in_flight = 0usize;
+        let result = (|| -> Result<(), AgentError> {
+            loop {
+                // Fill free slots; holes go straight to the sink.
+                while in_flight < self.depth {
+                    let Some(req) = plan.next() else { break };
+                    let req = req.map_err(|e| source_err(src, e))?;
+                    if req.hole {
+                        sink(Block {
+                            offset: req.offset,
+                            len: req.len,
+                            data: None,
+                        })?;
+                        continue;
+                    }
+                    let slot = slots.iter().position(Option::is_none).expect("free slot");
+                    let mut f = InFlight {
+                        req,
+                        buf: AlignedBuf::new(req.len),
+                        done: 0,
+                    };
+                    self.push(fd, slot, &mut f)
+                        .map_err(|e| source_err(src, e))?;
+                    slots[slot] = Some(f);
+                    in_flight += 1;
+                }
+                if in_flight == 0 {
+                    return Ok(());
+                }
+                self.ring
+                    .submit_and_wait(1)
+                    .map_err(|e| source_err(src, e))?;
+                let done: Vec<(usize, i32)> = self
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data() as usize, c.result()))
+                    .collect();
+                for (slot, res) in done {
+                    in_flight -= 1;
+                    let mut f = slots[slot].take().expect("completion for a used slot");
+                    if res < 0 {
+                        let e = io::Error::from_raw_os_error(-res);
+                        if matches!(-res, libc::EINTR | libc::EAGAIN) {
+                            self.push(fd, slot, &mut f)
+                                .map_err(|e| source_err(src, e))?;
+                            slots[slot] = Some(f);
+                            in_flight += 1;
+                            continue;
+                        }
+                        return Err(source_err(src, e));
+                    }
+                    if res == 0 {
+                        return Err(shrank(src, f.req.offset + f.done as u64));
+                    }
+                    f.done += res as usize;
+                    if f.done < f.req.len {
+                        // Short read before the end: ask for the rest.
+                        self.push(fd, slot, &mut f)
+                            .map_err(|e| source_err(src, e))?;
+                        slots[slot] = Some(f);
+                        in_flight += 1;
+                        continue;
+                    }
+                    f.buf.set_len(f.req.len);
+                    sink(Block {
+                        offset: f.req.offset,
+                        len: f.req.len,
+                        data: Some(f.buf),
+                    })?;
+                }
+            }
+        })();
+        // Never free a buffer the kernel may still write into: reap what is in flight.
+        while in_flight > 0 {
+            if self.ring.submit_and_wait(1).is_err() {
+                // Leak the buffers rather than risk a use-after-free.
+                std::mem::forget(slots);
+                return result;
+            }
+            in_flight -= self.ring.completion().count();
+        }
+        result
+    }
+}

@@ -1,0 +1,35 @@
+use std::path::PathBuf;
+
+/// Errors of sources, targets and pipelines; each names the path or RP involved.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Vault(#[from] scalez::Error),
+    #[error("cannot read source {path}: {source}")]
+    Source {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write restore target {path}: {source}")]
+    Target {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("restore target {path} already exists; pass --force to overwrite it")]
+    TargetExists { path: PathBuf },
+    #[error("restore target {path} holds {have} bytes, recovery point {rp} needs {need}")]
+    TargetTooSmall {
+        path: PathBuf,
+        rp: String,
+        have: u64,
+        need: u64,
+    },
+    #[error("recovery point {rp} is a {kind} recovery point, not a disk")]
+    NotADisk { rp: String, kind: String },
+    #[error("i/o engine: {0}")]
+    Engine(String),
+    #[error("a pipeline thread panicked")]
+    Panicked,
+}

@@ -1,0 +1,539 @@
+//! Disk backup and restore pipelines.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use scalez::catalog::RP_FORMAT;
+use scalez::disk_map::{MapBuilder, MapReader, Page};
+use scalez::{
+    Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RecoveryPointId, RpKind,
+    SessionStats, Vault,
+};
+
+use crate::block::engine::{read_source, Block, IoEngine};
+use crate::block::{device_size, is_zero, BlockSource, DirectIo};
+use crate::error::AgentError;
+use crate::progress::Progress;
+
+/// Knobs of a disk backup. Memory in flight is about `workers * 2 + 2` blocks of `block_size`
+/// plus the vault's pack buffer.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub tags: BTreeMap<String, String>,
+    pub engine: IoEngine,
+    pub direct: DirectIo,
+    /// Hash/compress/encrypt threads (default: one per core).
+    pub workers: usize,
+    /// Read unit; rounded up to a multiple of the chunk size.
+    pub block_size: usize,
+    /// Asset name to record instead of the canonical source path.
+    pub asset_name: Option<String>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            tags: BTreeMap::new(),
+            engine: IoEngine::Auto,
+            direct: DirectIo::Auto,
+            workers: default_workers(),
+            block_size: 1 << 20,
+            asset_name: None,
+        }
+    }
+}
+
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub rp: RecoveryPoint,
+    pub engine: &'static str,
+    pub direct_io: bool,
+    pub session: SessionStats,
+    pub elapsed: Duration,
+}
+
+/// This host's name, recorded with every asset.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// The asset a block source is recorded as: its canonical path on this host.
+pub fn block_asset(path: &Path, name: Option<&str>) -> Result<Asset, AgentError> {
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => fs::canonicalize(path)
+            .map_err(|source| AgentError::Source {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .display()
+            .to_string(),
+    };
+    Ok(Asset {
+        name,
+        host: hostname(),
+    })
+}
+
+type SlotIds = (u64, Vec<Option<ChunkId>>);
+
+/// Backs up an image file or block device into `vault` and commits a disk RP.
+pub fn backup_block(
+    vault: &Arc<Vault>,
+    path: &Path,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport, AgentError> {
+    let started = Instant::now();
+    let created = scalez::vault::now_rfc3339();
+    let id = RecoveryPointId::generate();
+    let src = BlockSource::open(path, opts.direct)?;
+    let asset = block_asset(path, opts.asset_name.as_deref())?;
+    let parent = vault.latest_rp(RpKind::Disk, &asset)?.map(|rp| rp.id);
+    let cs = vault.config().chunk_size as usize;
+    let block_size = opts.block_size.max(cs).next_multiple_of(cs);
+    let slots = src.size.div_ceil(cs as u64);
+    let workers = opts.workers.max(1);
+    progress.start(src.size);
+
+    let session = BackupSession::new(vault.clone());
+    let bytes_read = AtomicU64::new(0);
+    let downstream_stopped = AtomicBool::new(false);
+    let (btx, brx) = bounded::<Block>(workers * 2);
+    let (rtx, rrx) = bounded::<SlotIds>(workers * 16);
+
+    let (collected, read, worked) = std::thread::scope(|s| {
+        let reader = {
+            let (src, bytes_read, stopped) = (&src, &bytes_read, &downstream_stopped);
+            s.spawn(move || {
+                read_source(src, block_size, opts.engine, &mut |b: Block| {
+                    if b.data.is_some() {
+                        bytes_read.fetch_add(b.len as u64, Ordering::Relaxed);
+                    }
+                    btx.send(b).map_err(|_| {
+                        stopped.store(true, Ordering::Relaxed);
+                        AgentError::Engine("pipeline stopped".into())
+                    })
+                })
+            })
+        };
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (brx, rtx, session) = (brx.clone(), rtx.clone(), &session);
+                s.spawn(move || hash_and_store(brx, rtx, session, cs, progress))
+            })
+            .collect();
+        drop((brx, rtx));
+        let collected = collect_map(rrx, slots, &session);
+        let read = reader.join().unwrap_or(Err(AgentError::Panicked));
+        let worked: Result<(), AgentError> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(AgentError::Panicked)))
+            .collect();
+        (collected, read, worked)
+    });
+
+    // The first real cause wins: a source error, then a worker's, then the collector's.
+    let outcome = match (read, worked, collected) {
+        (Err(e), _, _) if !downstream_stopped.load(Ordering::Relaxed) => Err(e),
+        (_, Err(e), _) => Err(e),
+        (_, _, Err(e)) => Err(e),
+        (Ok(engine), Ok(()), Ok(map)) => Ok((engine, map)),
+        (Err(e), Ok(()), Ok(_)) => Err(e),
+    };
+    let (engine, (depth, root)) = match outcome {
+        Ok(x) => x,
+        Err(e) => {
+            // The packer's own error explains a "session stopped" from the workers.
+            return Err(match (e, session.finish()) {
+                (AgentError::Vault(scalez::Error::SessionFailed(_)), Err(real)) => real.into(),
+                (e, _) => e,
+            });
+        }
+    };
+    let stats = session.finish()?;
+    let rp = RecoveryPoint {
+        format: RP_FORMAT,
+        id,
+        kind: RpKind::Disk,
+        asset,
+        created,
+        parent,
+        logical_size: src.size,
+        bytes_read: bytes_read.load(Ordering::Relaxed),
+        new_bytes_stored: stats.bytes_written,
+        new_chunks: stats.new_chunks,
+        duration_ms: started.elapsed().as_millis() as u64,
+        tags: opts.tags.clone(),
+        disk: Some(DiskMapRef {
+            chunk_size: cs as u32,
+            size: src.size,
+            depth,
+            root,
+        }),
+    };
+    vault.commit_rp(&rp)?;
+    Ok(BackupReport {
+        rp,
+        engine,
+        direct_io: src.direct,
+        session: stats,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn hash_and_store(
+    blocks: Receiver<Block>,
+    results: Sender<SlotIds>,
+    session: &BackupSession,
+    cs: usize,
+    progress: &dyn Progress,
+) -> Result<(), AgentError> {
+    let keys = session.vault().keys();
+    for block in blocks {
+        let first = block.offset / cs as u64;
+        let n = block.len.div_ceil(cs);
+        let ids = match &block.data {
+            None => vec![None; n],
+            Some(buf) => {
+                let mut ids = Vec::with_capacity(n);
+                for chunk in buf[..block.len].chunks(cs) {
+                    if is_zero(chunk) {
+                        ids.push(None);
+                    } else {
+                        let id = keys.chunk_id(chunk);
+                        session.store_chunk(id, chunk)?;
+                        ids.push(Some(id));
+                    }
+                }
+                ids
+            }
+        };
+        drop(block);
+        progress.advance(n as u64 * cs as u64);
+        if results.send((first, ids)).is_err() {
+            return Ok(()); // the collector stopped and reports why
+        }
+    }
+    Ok(())
+}
+
+/// Puts slot results back in disk order and builds the map; returns (depth, root).
+fn collect_map(
+    results: Receiver<SlotIds>,
+    slots: u64,
+    session: &BackupSession,
+) -> Result<(u8, Option<ChunkId>), AgentError> {
+    let mut builder = MapBuilder::new(slots);
+    let mut store = |page: Vec<u8>| session.store_blob(&page);
+    let mut pending: BTreeMap<u64, Vec<Option<ChunkId>>> = BTreeMap::new();
+    let mut next = 0u64;
+    for (first, ids) in results {
+        pending.insert(first, ids);
+        while let Some(ids) = pending.remove(&next) {
+            next += ids.len() as u64;
+            for id in ids {
+                builder.push(id, &mut store)?;
+            }
+        }
+    }
+    if next != slots {
+        // The reader stopped early; its error is reported instead of this one.
+        return Err(AgentError::Engine(format!(
+            "source ended after {next} of {slots} chunks"
+        )));
+    }
+    let depth = builder.depth();
+    Ok((depth, builder.finish(&mut store)?))
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Overwrite an existing file or block device.
+    pub force: bool,
+    pub workers: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            force: false,
+            workers: default_workers(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreReport {
+    pub target: PathBuf,
+    pub size: u64,
+    /// Chunk bytes written (zero chunks in a file target are holes and cost nothing).
+    pub bytes_written: u64,
+    pub elapsed: Duration,
+}
+
+enum Job {
+    Data { slot: u64, id: ChunkId },
+    Zeros { first: u64, count: u64 },
+}
+
+/// Restores disk RP `rp` into `target` (a file, created or replaced, or a block device).
+pub fn restore_block(
+    vault: &Arc<Vault>,
+    rp: &RecoveryPoint,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport, AgentError> {
+    let started = Instant::now();
+    let map = rp.disk.clone().ok_or_else(|| AgentError::NotADisk {
+        rp: rp.id.to_string(),
+        kind: rp.kind.to_string(),
+    })?;
+    let terr = |source: io::Error| AgentError::Target {
+        path: target.to_path_buf(),
+        source,
+    };
+    let existing = match fs::metadata(target) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(terr(e)),
+    };
+    if existing.is_some() && !opts.force {
+        return Err(AgentError::TargetExists {
+            path: target.to_path_buf(),
+        });
+    }
+    let is_device = existing
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    if existing
+        .as_ref()
+        .is_some_and(|m| !is_device && !m.is_file())
+    {
+        return Err(terr(io::Error::other("not a regular file or block device")));
+    }
+    progress.start(map.size);
+
+    if is_device {
+        let file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_EXCL)
+            .open(target)
+            .map_err(terr)?;
+        let have = device_size(&file).map_err(terr)?;
+        if have < map.size {
+            return Err(AgentError::TargetTooSmall {
+                path: target.to_path_buf(),
+                rp: rp.id.to_string(),
+                have,
+                need: map.size,
+            });
+        }
+        let written = write_chunks(vault, &map, &file, true, opts, progress, target)?;
+        file.sync_all().map_err(terr)?;
+        return Ok(RestoreReport {
+            target: target.to_path_buf(),
+            size: map.size,
+            bytes_written: written,
+            elapsed: started.elapsed(),
+        });
+    }
+
+    // A file: build it beside the target and rename it into place once complete.
+    let dir = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .ok_or_else(|| terr(io::Error::other("target has no file name")))?;
+    let tmp = dir.join(format!(
+        ".{}.elastio-partial-{:08x}",
+        name.to_string_lossy(),
+        rand_u32()
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(terr)?;
+    let result = (|| {
+        file.set_len(map.size).map_err(terr)?;
+        let written = write_chunks(vault, &map, &file, false, opts, progress, target)?;
+        file.sync_all().map_err(terr)?;
+        fs::rename(&tmp, target).map_err(terr)?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(terr)?;
+        Ok(written)
+    })();
+    match result {
+        Ok(written) => Ok(RestoreReport {
+            target: target.to_path_buf(),
+            size: map.size,
+            bytes_written: written,
+            elapsed: started.elapsed(),
+        }),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.subsec_nanos() ^ std::process::id().rotate_left(16)
+}
+
+// BLKZEROOUT = _IO(0x12, 127)
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let range = [offset, len];
+    // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKZEROOUT, range.as_ptr()) };
+    if r == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+/// Walks the map on this thread and writes chunks with `opts.workers` threads.
+fn write_chunks(
+    vault: &Arc<Vault>,
+    map: &DiskMapRef,
+    file: &File,
+    zero_fill: bool,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+    target: &Path,
+) -> Result<u64, AgentError> {
+    let cs = map.chunk_size as u64;
+    let written = AtomicU64::new(0);
+    let (tx, rx) = bounded::<Job>(opts.workers.max(1) * 8);
+    let (walked, worked) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..opts.workers.max(1))
+            .map(|_| {
+                let (rx, written) = (rx.clone(), &written);
+                s.spawn(move || -> Result<(), AgentError> {
+                    let terr = |source| AgentError::Target {
+                        path: target.to_path_buf(),
+                        source,
+                    };
+                    for job in rx {
+                        match job {
+                            Job::Data { slot, id } => {
+                                let data = vault.read_chunk(&id)?;
+                                let want = cs.min(map.size - slot * cs) as usize;
+                                if data.len() != want {
+                                    let key = vault.locate(&id).map(|l| l.pack.key());
+                                    return Err(scalez::Error::Corrupt {
+                                        location: vault.location(),
+                                        key: key.unwrap_or_default(),
+                                        detail: format!(
+                                            "chunk {id} has {} bytes, slot {slot} needs {want}",
+                                            data.len()
+                                        ),
+                                    }
+                                    .into());
+                                }
+                                file.write_all_at(&data, slot * cs).map_err(terr)?;
+                                written.fetch_add(want as u64, Ordering::Relaxed);
+                                progress.advance(want as u64);
+                            }
+                            Job::Zeros { first, count } => {
+                                let start = first * cs;
+                                let len = (count * cs).min(map.size - start);
+                                if zero_fill {
+                                    zero_range(file, start, len).map_err(terr)?;
+                                }
+                                progress.advance(len);
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        drop(rx);
+        let walked = walk_jobs(vault, map, tx);
+        let worked: Result<(), AgentError> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(Err(AgentError::Panicked)))
+            .collect();
+        (walked, worked)
+    });
+    worked?;
+    walked?;
+    Ok(written.load(Ordering::Relaxed))
+}
+
+/// Sends a job per stored chunk and per run of zero slots. A closed channel means a worker
+/// failed; the worker's error is reported, so this returns Ok.
+fn walk_jobs(vault: &Vault, map: &DiskMapRef, tx: Sender<Job>) -> Result<(), AgentError> {
+    let mut load = |id: &ChunkId| -> Result<Page, scalez::Error> { vault.load_page(id) };
+    let mut reader = MapReader {
+        root: map.root,
+        depth: map.depth,
+        slots: map.slots(),
+        load: &mut load,
+    };
+    let mut zero_run: Option<(u64, u64)> = None;
+    let mut stopped = false;
+    let mut send = |job: Job| {
+        if !stopped && tx.send(job).is_err() {
+            stopped = true;
+        }
+    };
+    reader.walk(&mut |first, entries| {
+        for (i, e) in entries.iter().enumerate() {
+            let slot = first + i as u64;
+            match e {
+                None => match &mut zero_run {
+                    Some((_, n)) => *n += 1,
+                    None => zero_run = Some((slot, 1)),
+                },
+                Some(id) => {
+                    if let Some((first, count)) = zero_run.take() {
+                        send(Job::Zeros { first, count });
+                    }
+                    send(Job::Data { slot, id: *id });
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if let Some((first, count)) = zero_run {
+        send(Job::Zeros { first, count });
+    }
+    Ok(())
+}

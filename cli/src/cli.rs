@@ -1,0 +1,197 @@
+//! Command-line definition (clap derive). One subcommand module per noun in `commands/`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  error (bad input, I/O, missing object, ...)
+  2  usage error (unknown flag, missing argument)
+  3  data in the vault is damaged (authentication or format failure); the message names the object
+  4  wrong password";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "elastio",
+    version,
+    about = "Deduplicated, compressed, encrypted backups of disks, with instant restore",
+    long_about = "elastio backs up disks (block devices, image files) into a vault: a local \
+directory or (later) an S3 bucket, deduplicated, zstd-compressed and AES-256-GCM encrypted. \
+Each backup is a recovery point (RP) that restores byte-exact on its own.\n\n\
+Vault: --vault, else $ELASTIO_VAULT, else ~/.local/share/elastio/vault.\n\
+Password: $ELASTIO_PASSWORD, else --password-file, else a prompt on a terminal.",
+    after_help = EXIT_CODES
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// Vault location (a directory)
+    #[arg(long, global = true, env = "ELASTIO_VAULT", value_name = "PATH")]
+    pub vault: Option<PathBuf>,
+    /// Read the vault password from the first line of this file
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Output format: human-readable tables or JSON for scripts
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human)]
+    pub output_format: OutputFormat,
+    /// No progress bar
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create or inspect a vault
+    #[command(subcommand)]
+    Vault(VaultCommand),
+    /// Back up and restore block devices and disk images
+    #[command(subcommand)]
+    Block(BlockCommand),
+    /// List, show and tag recovery points
+    #[command(subcommand)]
+    Rp(RpCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VaultCommand {
+    /// Create a new vault with a random master key wrapped by your password (Argon2id)
+    Init(VaultInitArgs),
+    /// Show a vault's parameters and contents
+    Info,
+}
+
+#[derive(Args, Debug)]
+pub struct VaultInitArgs {
+    /// Disk chunk size: a power of two from 4KiB to 512KiB (suffixes K, KiB, M, MiB)
+    #[arg(long, default_value = "128KiB", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Target pack object size (1MiB to 1GiB)
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub pack_size: u64,
+    /// zstd compression level (-7 to 22; 1 is fast and compresses file systems well)
+    #[arg(long, default_value_t = scalez::vault::DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
+    pub zstd_level: i32,
+    /// Argon2id memory in MiB for the password key
+    #[arg(long, default_value_t = 64)]
+    pub kdf_memory_mib: u32,
+    /// Argon2id passes
+    #[arg(long, default_value_t = 3)]
+    pub kdf_iterations: u32,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectIoArg {
+    /// O_DIRECT for block devices, page cache for image files
+    Auto,
+    /// O_DIRECT whenever the file system accepts it
+    Always,
+    /// Always read through the page cache
+    Never,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlockCommand {
+    /// Back up a block device or disk image into a new recovery point
+    #[command(
+        after_help = "The I/O engine is io_uring when the kernel allows it, else pread; \
+set ELASTIO_IO_ENGINE=io_uring|pread to force one."
+    )]
+    Backup(BlockBackupArgs),
+    /// Restore a disk recovery point to a file or block device
+    Restore(BlockRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BlockBackupArgs {
+    /// Block device or image file to back up
+    pub source: PathBuf,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Record the asset under this name instead of the source's canonical path
+    #[arg(long)]
+    pub asset_name: Option<String>,
+    /// Bypass the page cache when reading
+    #[arg(long, value_enum, default_value_t = DirectIoArg::Auto)]
+    pub direct_io: DirectIoArg,
+}
+
+#[derive(Args, Debug)]
+pub struct BlockRestoreArgs {
+    /// Recovery point id, or `latest` (the newest disk RP, of --asset if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the asset whose newest RP to restore
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Target file (created; zero chunks become holes) or block device
+    pub target: PathBuf,
+    /// Overwrite an existing target file or device
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RpCommand {
+    /// List recovery points, oldest first
+    List(RpListArgs),
+    /// Show one recovery point in full
+    Show { rp: String },
+    /// Add, change or remove tags of a recovery point
+    Tag(RpTagArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RpListArgs {
+    /// Only this type: disk, file or stream
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<scalez::RpKind>,
+    /// Only RPs of this asset (exact name, or a substring of it)
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Only RPs having this tag (repeatable; all must match)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RpTagArgs {
+    pub rp: String,
+    /// Tags to set
+    #[arg(value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Tag keys to remove (repeatable)
+    #[arg(long = "remove", value_name = "KEY")]
+    pub remove: Vec<String>,
+}
+
+/// Parses sizes like `128KiB`, `16M`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in {s:?} (use K, M or G)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))
+}

@@ -1,0 +1,116 @@
+use std::sync::Arc;
+
+use agent::block::engine::IoEngine;
+use agent::block::DirectIo;
+use agent::pipeline::{backup_block, restore_block, BackupOptions, RestoreOptions};
+use anyhow::{Context, Result};
+use scalez::RpKind;
+use serde_json::json;
+
+use crate::cli::{BlockBackupArgs, BlockCommand, BlockRestoreArgs, DirectIoArg, OutputFormat};
+use crate::commands::print_json;
+use crate::commands::rp::resolve_rp;
+use crate::context::Ctx;
+use crate::output::{bytes, rate, Bar};
+
+pub fn run(ctx: &Ctx, cmd: BlockCommand) -> Result<()> {
+    match cmd {
+        BlockCommand::Backup(a) => backup(ctx, a),
+        BlockCommand::Restore(a) => restore(ctx, a),
+    }
+}
+
+fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
+    let tags = scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?;
+    let engine = IoEngine::from_env()?;
+    let vault = ctx.open_vault()?;
+    let opts = BackupOptions {
+        tags,
+        engine,
+        direct: match a.direct_io {
+            DirectIoArg::Auto => DirectIo::Auto,
+            DirectIoArg::Always => DirectIo::Always,
+            DirectIoArg::Never => DirectIo::Never,
+        },
+        asset_name: a.asset_name,
+        ..BackupOptions::default()
+    };
+    let bar = Bar::new(ctx.global.quiet);
+    let report = backup_block(&vault, &a.source, &opts, &bar)
+        .with_context(|| format!("backup of {} failed", a.source.display()))?;
+    bar.finish();
+    let rp = &report.rp;
+    let reduction = rp.logical_size as f64 / rp.new_bytes_stored.max(1) as f64;
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({
+            "rp": rp,
+            "engine": report.engine,
+            "direct_io": report.direct_io,
+            "packs_written": report.session.packs,
+            "reduction_ratio": reduction,
+            "elapsed_ms": report.elapsed.as_millis() as u64,
+        }))?,
+        OutputFormat::Human => {
+            println!(
+                "created {} ({} {} on {})",
+                rp.id, rp.kind, rp.asset.name, rp.asset.host
+            );
+            if let Some(p) = &rp.parent {
+                println!("  parent        {p}");
+            }
+            println!("  logical size  {}", bytes(rp.logical_size));
+            println!("  bytes read    {}", bytes(rp.bytes_read));
+            println!(
+                "  new stored    {} ({} new chunks)",
+                bytes(rp.new_bytes_stored),
+                rp.new_chunks
+            );
+            if rp.new_bytes_stored == 0 {
+                println!("  reduction     all data was already in the vault");
+            } else {
+                println!("  reduction     {reduction:.1}x (logical size / new bytes stored)");
+            }
+            println!(
+                "  time          {:.2} s ({}, {} engine{})",
+                report.elapsed.as_secs_f64(),
+                rate(rp.logical_size, report.elapsed),
+                report.engine,
+                if report.direct_io { ", O_DIRECT" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn restore(ctx: &Ctx, a: BlockRestoreArgs) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), Some(RpKind::Disk))?;
+    let bar = Bar::new(ctx.global.quiet);
+    let opts = RestoreOptions {
+        force: a.force,
+        ..RestoreOptions::default()
+    };
+    let report = restore_block(&Arc::clone(&vault), &rp, &a.target, &opts, &bar)
+        .with_context(|| format!("restore of {} to {} failed", rp.id, a.target.display()))?;
+    bar.finish();
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({
+            "rp": rp.id,
+            "target": report.target,
+            "size": report.size,
+            "bytes_written": report.bytes_written,
+            "elapsed_ms": report.elapsed.as_millis() as u64,
+        }))?,
+        OutputFormat::Human => {
+            println!("restored {} to {}", rp.id, report.target.display());
+            println!("  size           {}", bytes(report.size));
+            println!("  data written   {}", bytes(report.bytes_written));
+            println!(
+                "  time           {:.2} s ({})",
+                report.elapsed.as_secs_f64(),
+                rate(report.size, report.elapsed)
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,25 @@
+mod block;
+mod rp;
+mod vault;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+use crate::context::Ctx;
+
+pub fn run(args: Cli) -> Result<()> {
+    let ctx = Ctx {
+        global: args.global,
+    };
+    match args.command {
+        Command::Vault(c) => vault::run(&ctx, c),
+        Command::Block(c) => block::run(&ctx, c),
+        Command::Rp(c) => rp::run(&ctx, c),
+    }
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

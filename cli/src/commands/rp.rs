@@ -1,0 +1,187 @@
+use anyhow::{anyhow, bail, Result};
+use scalez::{RecoveryPoint, RecoveryPointId, RpKind, TagUpdate, Vault};
+
+use crate::cli::{OutputFormat, RpCommand, RpListArgs, RpTagArgs};
+use crate::commands::print_json;
+use crate::context::Ctx;
+use crate::output::{bytes, table};
+
+pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
+    match cmd {
+        RpCommand::List(a) => list(ctx, a),
+        RpCommand::Show { rp } => show(ctx, &rp),
+        RpCommand::Tag(a) => tag(ctx, a),
+    }
+}
+
+/// An RP id, or `latest` (newest of `kind`, of `asset` when given).
+pub fn resolve_rp(
+    vault: &Vault,
+    spec: &str,
+    asset: Option<&str>,
+    kind: Option<RpKind>,
+) -> Result<RecoveryPoint> {
+    if spec == "latest" {
+        return vault
+            .list_rps()?
+            .into_iter()
+            .filter(|rp| kind.is_none_or(|k| rp.kind == k))
+            .filter(|rp| asset.is_none_or(|a| rp.asset.name == a))
+            .next_back()
+            .ok_or_else(|| {
+                anyhow!(
+                    "no {}recovery point{} in vault {}",
+                    kind.map(|k| format!("{k} ")).unwrap_or_default(),
+                    asset.map(|a| format!(" of asset {a}")).unwrap_or_default(),
+                    vault.location()
+                )
+            });
+    }
+    let id: RecoveryPointId = spec.parse()?;
+    let rp = vault.get_rp(&id)?;
+    if let Some(k) = kind {
+        if rp.kind != k {
+            bail!(
+                "recovery point {id} is a {} recovery point, not {k}",
+                rp.kind
+            );
+        }
+    }
+    Ok(rp)
+}
+
+fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let want_tags = scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?;
+    let rps: Vec<RecoveryPoint> = vault
+        .list_rps()?
+        .into_iter()
+        .filter(|rp| a.kind.is_none_or(|k| rp.kind == k))
+        .filter(|rp| {
+            a.asset
+                .as_deref()
+                .is_none_or(|s| rp.asset.name == s || rp.asset.name.contains(s))
+        })
+        .filter(|rp| want_tags.iter().all(|(k, v)| rp.tags.get(k) == Some(v)))
+        .collect();
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&rps),
+        OutputFormat::Human => {
+            if rps.is_empty() {
+                println!("no recovery points");
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = rps
+                .iter()
+                .map(|rp| {
+                    vec![
+                        rp.id.to_string(),
+                        rp.created
+                            .chars()
+                            .take(19)
+                            .collect::<String>()
+                            .replace('T', " "),
+                        rp.kind.to_string(),
+                        format!("{} ({})", rp.asset.name, rp.asset.host),
+                        bytes(rp.logical_size),
+                        bytes(rp.new_bytes_stored),
+                        rp.tags
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "ID",
+                    "CREATED (UTC)",
+                    "TYPE",
+                    "ASSET",
+                    "SIZE",
+                    "NEW STORED",
+                    "TAGS",
+                ],
+                &rows,
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print_rp(rp: &RecoveryPoint) {
+    println!("id            {}", rp.id);
+    println!("type          {}", rp.kind);
+    println!("asset         {}", rp.asset.name);
+    println!("host          {}", rp.asset.host);
+    println!("created       {}", rp.created);
+    println!(
+        "parent        {}",
+        rp.parent.as_ref().map_or("-".into(), |p| p.to_string())
+    );
+    println!(
+        "logical size  {} ({} bytes)",
+        bytes(rp.logical_size),
+        rp.logical_size
+    );
+    println!("bytes read    {}", bytes(rp.bytes_read));
+    println!(
+        "new stored    {} ({} chunks)",
+        bytes(rp.new_bytes_stored),
+        rp.new_chunks
+    );
+    println!("duration      {:.2} s", rp.duration_ms as f64 / 1000.0);
+    if let Some(d) = &rp.disk {
+        println!("chunk size    {}", bytes(d.chunk_size as u64));
+        println!(
+            "map root      {}",
+            d.root.map_or("- (all zeros)".into(), |r| r.to_hex())
+        );
+    }
+    if rp.tags.is_empty() {
+        println!("tags          -");
+    }
+    for (i, (k, v)) in rp.tags.iter().enumerate() {
+        println!(
+            "{}{k}={v}",
+            if i == 0 {
+                "tags          "
+            } else {
+                "              "
+            }
+        );
+    }
+}
+
+fn show(ctx: &Ctx, spec: &str) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let rp = resolve_rp(&vault, spec, None, None)?;
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&rp),
+        OutputFormat::Human => {
+            print_rp(&rp);
+            Ok(())
+        }
+    }
+}
+
+fn tag(ctx: &Ctx, a: RpTagArgs) -> Result<()> {
+    if a.tags.is_empty() && a.remove.is_empty() {
+        bail!("nothing to do: give KEY=VALUE tags to set or --remove KEY");
+    }
+    let vault = ctx.open_vault()?;
+    let rp = resolve_rp(&vault, &a.rp, None, None)?;
+    let update = TagUpdate {
+        set: scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?,
+        remove: a.remove,
+    };
+    let rp = vault.update_tags(&rp.id, &update)?;
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&rp),
+        OutputFormat::Human => {
+            print_rp(&rp);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,79 @@
+use anyhow::{Context, Result};
+use scalez::crypto::KdfParams;
+use scalez::store::local::LocalStore;
+use scalez::{Vault, VaultOptions};
+use serde_json::json;
+
+use crate::cli::{OutputFormat, VaultCommand, VaultInitArgs};
+use crate::commands::print_json;
+use crate::context::Ctx;
+use crate::output::bytes;
+
+pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
+    match cmd {
+        VaultCommand::Init(a) => init(ctx, a),
+        VaultCommand::Info => info(ctx),
+    }
+}
+
+fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
+    let path = ctx.vault_path()?;
+    let opts = VaultOptions {
+        chunk_size: u32::try_from(a.chunk_size).context("chunk size too large")?,
+        pack_size: u32::try_from(a.pack_size).context("pack size too large")?,
+        zstd_level: a.zstd_level,
+        kdf: KdfParams {
+            memory_kib: a.kdf_memory_mib.saturating_mul(1024),
+            iterations: a.kdf_iterations,
+            parallelism: 1,
+        },
+    };
+    let password = ctx.password(true)?;
+    let store = LocalStore::create(&path)
+        .with_context(|| format!("cannot create vault directory {}", path.display()))?;
+    let vault = Vault::init(std::sync::Arc::new(store), &password, opts)?;
+    let c = vault.config();
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({ "vault": path, "config": c }))?,
+        OutputFormat::Human => {
+            println!("created vault {} (id {})", path.display(), c.vault_id);
+            println!(
+                "  chunk size {}, pack size {}, zstd level {}",
+                bytes(c.chunk_size as u64),
+                bytes(c.pack_size as u64),
+                c.zstd_level
+            );
+            println!("  keep your password safe: without it the data cannot be recovered");
+        }
+    }
+    Ok(())
+}
+
+fn info(ctx: &Ctx) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let rps = vault.list_rps()?;
+    let stored: u64 = vault.store().list("")?.iter().map(|o| o.size).sum();
+    let c = vault.config();
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({
+            "vault": vault.location(),
+            "config": c,
+            "recovery_points": rps.len(),
+            "chunks": vault.chunk_count(),
+            "stored_bytes": stored,
+        }))?,
+        OutputFormat::Human => {
+            println!("vault       {}", vault.location());
+            println!("id          {}", c.vault_id);
+            println!("format      {}", c.version);
+            println!("created     {}", c.created);
+            println!("chunk size  {}", bytes(c.chunk_size as u64));
+            println!("pack size   {}", bytes(c.pack_size as u64));
+            println!("zstd level  {}", c.zstd_level);
+            println!("RPs         {}", rps.len());
+            println!("chunks      {}", vault.chunk_count());
+            println!("stored      {}", bytes(stored));
+        }
+    }
+    Ok(())
+}
