@@ -22,7 +22,9 @@ use crate::pack::{chunk_aad, PackBuilder};
 use crate::store::PutMode;
 use crate::vault::{index_aad, Vault};
 
-/// Index entries gathered before an index object is written (about 8 default packs' worth).
+/// An index object is written after this many packs (or [`INDEX_FLUSH_ENTRIES`] entries), so a
+/// killed backup loses at most that much work: the next run finds those chunks in the index.
+const INDEX_FLUSH_PACKS: u64 = 8;
 const INDEX_FLUSH_ENTRIES: usize = 4096;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +132,7 @@ struct Packer {
     vault: Arc<Vault>,
     pack: PackBuilder,
     unindexed: Vec<(ChunkId, Location)>,
+    unindexed_packs: u64,
     stats: SessionStats,
 }
 
@@ -139,6 +142,7 @@ impl Packer {
             vault,
             pack: PackBuilder::new(),
             unindexed: Vec::new(),
+            unindexed_packs: 0,
             stats: SessionStats::default(),
         }
     }
@@ -148,7 +152,9 @@ impl Packer {
         self.stats.new_chunks += 1;
         if self.pack.len() >= self.vault.config().pack_size as usize {
             self.write_pack()?;
-            if self.unindexed.len() >= INDEX_FLUSH_ENTRIES {
+            if self.unindexed.len() >= INDEX_FLUSH_ENTRIES
+                || self.unindexed_packs >= INDEX_FLUSH_PACKS
+            {
                 self.write_index()?;
             }
         }
@@ -166,6 +172,7 @@ impl Packer {
             .put(&pid.key(), &bytes, PutMode::Create)?;
         self.stats.bytes_written += bytes.len() as u64;
         self.stats.packs += 1;
+        self.unindexed_packs += 1;
         self.unindexed.extend(entries.into_iter().map(|e| {
             (
                 e.id,
@@ -191,6 +198,7 @@ impl Packer {
         self.stats.index_objects += 1;
         self.vault.index_insert(&self.unindexed);
         self.unindexed.clear();
+        self.unindexed_packs = 0;
         Ok(())
     }
 

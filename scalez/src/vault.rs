@@ -449,3 +449,160 @@ pub fn parse_tags<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<BTreeMa
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk_map::{MapBuilder, MapReader};
+    use crate::session::BackupSession;
+    use crate::store::memory::MemoryStore;
+
+    fn opts() -> VaultOptions {
+        VaultOptions {
+            kdf: KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+            pack_size: 1 << 20,
+            ..VaultOptions::default()
+        }
+    }
+
+    #[test]
+    fn write_read_reopen() {
+        let mem = MemoryStore::new();
+        let store: Arc<dyn ObjectStore> = Arc::new(mem.clone());
+        let vault = Arc::new(Vault::init(store.clone(), b"pw", opts()).unwrap());
+        let session = BackupSession::new(vault.clone());
+        // Incompressible so that 40 x 100 kB spill over 1 MiB packs.
+        let chunks: Vec<Vec<u8>> = (0..40)
+            .map(|_| (0..100_000).map(|_| rand::random::<u8>()).collect())
+            .collect();
+        let mut ids = Vec::new();
+        for c in &chunks {
+            ids.push(session.store_blob(c).unwrap());
+        }
+        assert!(!session.store_chunk(ids[0], &chunks[0]).unwrap(), "dedup");
+        let stats = session.finish().unwrap();
+        assert_eq!(stats.new_chunks, 40);
+        assert!(stats.packs >= 2, "small packs roll over");
+
+        let reopened = Vault::open(store.clone(), b"pw").unwrap();
+        for (id, c) in ids.iter().zip(&chunks) {
+            assert_eq!(&reopened.read_chunk(id).unwrap(), c);
+        }
+        assert!(matches!(
+            Vault::open(store.clone(), b"nope"),
+            Err(Error::WrongPassword { .. })
+        ));
+        assert!(matches!(
+            Vault::init(store.clone(), b"pw", opts()),
+            Err(Error::VaultExists { .. })
+        ));
+
+        // Flip one byte inside the first chunk of a pack: the read names the pack.
+        let loc = reopened.locate(&ids[0]).unwrap();
+        mem.tamper(&loc.pack.key(), |d| d[loc.offset as usize + 20] ^= 1);
+        match reopened.read_chunk(&ids[0]) {
+            Err(Error::Corrupt { key, .. }) => assert_eq!(key, loc.pack.key()),
+            other => panic!("expected corruption, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn newer_format_and_tampered_config() {
+        let mem = MemoryStore::new();
+        let store: Arc<dyn ObjectStore> = Arc::new(mem.clone());
+        Vault::init(store.clone(), b"pw", opts()).unwrap();
+        let original = store.get(CONFIG_KEY).unwrap();
+        mem.tamper(CONFIG_KEY, |d| {
+            let s = String::from_utf8(d.clone())
+                .unwrap()
+                .replace("131072", "65536");
+            *d = s.into_bytes();
+        });
+        assert!(matches!(
+            Vault::open(store.clone(), b"pw"),
+            Err(Error::Corrupt { .. })
+        ));
+        mem.tamper(CONFIG_KEY, |d| {
+            let s = String::from_utf8(original.clone())
+                .unwrap()
+                .replace("\"version\": 1", "\"version\": 7");
+            *d = s.into_bytes();
+        });
+        let err = Vault::open(store.clone(), b"pw").unwrap_err();
+        assert!(matches!(err, Error::NewerFormat { found: 7, .. }), "{err}");
+        assert!(err.to_string().contains("upgrade"));
+    }
+
+    #[test]
+    fn catalog_and_tags() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let vault = Arc::new(Vault::init(store, b"pw", opts()).unwrap());
+        let session = BackupSession::new(vault.clone());
+        let mut b = MapBuilder::new(3);
+        let mut put = |p: Vec<u8>| session.store_blob(&p);
+        let data = vec![5u8; 1000];
+        let id = session.store_blob(&data).unwrap();
+        for s in [None, Some(id), None] {
+            b.push(s, &mut put).unwrap();
+        }
+        let root = b.finish(&mut put).unwrap();
+        session.finish().unwrap();
+        let rp = RecoveryPoint {
+            format: catalog::RP_FORMAT,
+            id: RecoveryPointId::generate(),
+            kind: RpKind::Disk,
+            asset: catalog::Asset {
+                name: "/dev/x".into(),
+                host: "h".into(),
+            },
+            created: now_rfc3339(),
+            parent: None,
+            logical_size: 3 * 131072,
+            bytes_read: 0,
+            new_bytes_stored: 0,
+            new_chunks: 0,
+            duration_ms: 0,
+            tags: parse_tags(["a=1"]).unwrap(),
+            disk: Some(catalog::DiskMapRef {
+                chunk_size: 131072,
+                size: 3 * 131072,
+                depth: 0,
+                root,
+            }),
+        };
+        vault.commit_rp(&rp).unwrap();
+        assert!(
+            vault.commit_rp(&rp).is_err(),
+            "catalog entries are create-only"
+        );
+        let got = vault
+            .update_tags(
+                &rp.id,
+                &TagUpdate {
+                    set: parse_tags(["b=2"]).unwrap(),
+                    remove: vec!["a".into()],
+                },
+            )
+            .unwrap();
+        assert_eq!(got.tags, parse_tags(["b=2"]).unwrap());
+        assert_eq!(vault.list_rps().unwrap(), vec![got.clone()]);
+        let mut load = |i: &ChunkId| vault.load_page(i);
+        let mut r = MapReader {
+            root,
+            depth: 0,
+            slots: 3,
+            load: &mut load,
+        };
+        assert_eq!(r.lookup(1).unwrap(), Some(id));
+        assert!(parse_tags(["novalue"]).is_err());
+        assert!(vault
+            .get_rp(&RecoveryPointId::generate())
+            .unwrap_err()
+            .to_string()
+            .contains("not found"));
+    }
+}

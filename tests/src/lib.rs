@@ -1,1 +1,257 @@
+//! Helpers for end-to-end tests: they drive the real `elastio` binary against real files, loop
+//! devices and vault directories, each test in its own temporary directory.
 
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+/// The `elastio` binary: `$ELASTIO_BIN`, else `target/<profile>/elastio` next to this test.
+pub fn elastio_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ELASTIO_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join("elastio");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p elastio-cli`, which `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A vault in a fresh temporary directory, with a password set in the environment.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub vault: PathBuf,
+    pub password: String,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    /// Creates the vault with a cheap KDF (tests run many commands) and the given extra args.
+    pub fn with_init_args(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vault = dir.path().join("vault");
+        let env = Env {
+            dir,
+            vault,
+            password: "correct horse".into(),
+        };
+        let mut init = vec![
+            "vault",
+            "init",
+            "--kdf-memory-mib",
+            "8",
+            "--kdf-iterations",
+            "1",
+        ];
+        init.extend_from_slice(args);
+        env.ok(&init);
+        env
+    }
+
+    pub fn new() -> Self {
+        Self::with_init_args(&[])
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(elastio_bin());
+        c.args(args)
+            .env("ELASTIO_VAULT", &self.vault)
+            .env("ELASTIO_PASSWORD", &self.password)
+            .env_remove("ELASTIO_IO_ENGINE");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run elastio")
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "elastio {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs with `--output-format json` and parses stdout.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output-format", "json"]);
+        serde_json::from_str(&self.ok(&a)).expect("json output")
+    }
+
+    /// `block backup` with optional engine; returns the JSON report.
+    pub fn backup(&self, image: &Path, engine: Option<&str>) -> serde_json::Value {
+        let mut c = self.command(&[
+            "block",
+            "backup",
+            image.to_str().unwrap(),
+            "--output-format",
+            "json",
+        ]);
+        if let Some(e) = engine {
+            c.env("ELASTIO_IO_ENGINE", e);
+        }
+        let out = c.output().expect("run elastio");
+        assert!(
+            out.status.success(),
+            "backup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    pub fn restore(&self, rp: &str, target: &Path) {
+        self.ok(&[
+            "block",
+            "restore",
+            "--rp",
+            rp,
+            target.to_str().unwrap(),
+            "--force",
+        ]);
+    }
+
+    /// Total bytes of all files in the vault directory.
+    pub fn vault_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| {
+                            let m = e.metadata().unwrap();
+                            if m.is_dir() {
+                                walk(&e.path())
+                            } else {
+                                m.len()
+                            }
+                        })
+                        .sum()
+                })
+                .unwrap_or(0)
+        }
+        walk(&self.vault)
+    }
+
+    /// All pack object paths in the vault.
+    pub fn packs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in std::fs::read_dir(self.vault.join("packs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                out.push(f.path());
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Deterministic pseudo-random bytes (xorshift), fast enough for hundreds of MiB.
+pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `data` at `offset` of `path` (creating it), keeping the rest as it is.
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    f.write_all_at(data, offset).unwrap();
+}
+
+/// Creates a sparse file of `size` bytes (all holes).
+pub fn sparse_file(path: &Path, size: u64) {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// Allocated bytes of a file (st_blocks * 512).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Appends `len` pseudo-random bytes to a file.
+pub fn append_random(path: &Path, seed: u64, len: usize) {
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap();
+    f.seek(SeekFrom::End(0)).unwrap();
+    f.write_all(&pseudo_random(seed, len)).unwrap();
+}
+
+/// True when running as root (loop devices need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a command and asserts success; returns stdout.
+pub fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| {
+        panic!("cannot run {cmd}: {e} (is it installed? `cargo xtask test` installs it)")
+    });
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub const CHUNK: usize = 128 * 1024;
