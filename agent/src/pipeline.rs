@@ -18,13 +18,14 @@ use scalez::{
     SessionStats, Vault,
 };
 
+use crate::block::engine::QUEUE_DEPTH;
 use crate::block::engine::{read_source, Block, IoEngine};
-use crate::block::{device_size, is_zero, BlockSource, DirectIo};
+use crate::block::{device_size, is_zero, BlockSource, BufPool, DirectIo};
 use crate::error::AgentError;
 use crate::progress::Progress;
 
-/// Knobs of a disk backup. Memory in flight is about `workers * 2 + 2` blocks of `block_size`
-/// plus the vault's pack buffer.
+/// Knobs of a disk backup. Memory in flight: a fixed pool of `8 + 3 * workers` blocks of
+/// `block_size` (1 MiB), a few sealed chunks, and two packs (one filling, one being written).
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
     pub tags: BTreeMap<String, String>,
@@ -118,14 +119,16 @@ pub fn backup_block(
     let session = BackupSession::new(vault.clone());
     let bytes_read = AtomicU64::new(0);
     let downstream_stopped = AtomicBool::new(false);
+    // Blocks alive at once: the reads in flight, two queued per worker, one being hashed per worker.
+    let pool = BufPool::new(QUEUE_DEPTH as usize + workers * 3, block_size);
     let (btx, brx) = bounded::<Block>(workers * 2);
     let (rtx, rrx) = bounded::<SlotIds>(workers * 16);
 
     let (collected, read, worked) = std::thread::scope(|s| {
         let reader = {
-            let (src, bytes_read, stopped) = (&src, &bytes_read, &downstream_stopped);
+            let (src, bytes_read, stopped, pool) = (&src, &bytes_read, &downstream_stopped, &pool);
             s.spawn(move || {
-                read_source(src, block_size, opts.engine, &mut |b: Block| {
+                read_source(src, block_size, opts.engine, pool, &mut |b: Block| {
                     if b.data.is_some() {
                         bytes_read.fetch_add(b.len as u64, Ordering::Relaxed);
                     }

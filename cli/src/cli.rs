@@ -82,7 +82,7 @@ pub struct VaultInitArgs {
     /// Target pack object size (1MiB to 1GiB)
     #[arg(long, default_value = "16MiB", value_parser = parse_size)]
     pub pack_size: u64,
-    /// zstd compression level (-7 to 22; 1 is fast and compresses file systems well)
+    /// zstd compression level (-7 to 22; the default 3 is the measured sweet spot for disk images)
     #[arg(long, default_value_t = scalez::vault::DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
     pub zstd_level: i32,
     /// Argon2id memory in MiB for the password key

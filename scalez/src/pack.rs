@@ -55,9 +55,17 @@ impl Default for PackBuilder {
 
 impl PackBuilder {
     pub fn new() -> Self {
+        Self::with_capacity(0)
+    }
+
+    /// A builder whose buffer will not reallocate for a pack of about `target` bytes.
+    pub fn with_capacity(target: usize) -> Self {
+        // Room for the last chunk that crosses the target and the trailer.
+        let mut buf = Vec::with_capacity(if target == 0 { 0 } else { target + (2 << 20) });
+        buf.extend_from_slice(PACK_MAGIC);
         PackBuilder {
             id: PackId::random(),
-            buf: PACK_MAGIC.to_vec(),
+            buf,
             entries: Vec::new(),
         }
     }

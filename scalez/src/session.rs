@@ -3,17 +3,18 @@
 //! Any number of worker threads call [`BackupSession::store_chunk`] concurrently. A chunk the vault
 //! (or this session) already has is skipped; a new one is sealed on the calling thread (so sealing
 //! uses every worker) and handed to one packer thread through a bounded channel. The packer fills
-//! packs, writes each create-only, and after every few packs writes an index object describing
-//! them; only then are those chunks added to the in-memory index. [`BackupSession::finish`] flushes
-//! the last pack and index; the caller then writes the catalog entry. Memory: the channel (a few
-//! sealed chunks) plus one pack buffer.
+//! packs and hands each full one to an upload thread, which writes it create-only; after every few
+//! packs the packer queues an index object describing them, which the uploader writes after those
+//! packs, and only then are the chunks added to the in-memory index. [`BackupSession::finish`]
+//! flushes the last pack and index; the caller then writes the catalog entry. Memory: the channel
+//! (a few sealed chunks) plus two packs (one filling, one being written).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
@@ -128,28 +129,70 @@ impl Drop for BackupSession {
     }
 }
 
+/// Writes queued by the packer, executed in order by the uploader thread: an index object is
+/// only written after every pack it names has been written.
+enum Upload {
+    Pack { key: String, bytes: Vec<u8> },
+    Index { entries: Vec<(ChunkId, Location)> },
+}
+
+/// The store side of a session: runs the puts so sealing and packing continue meanwhile.
+fn upload_loop(vault: &Vault, rx: Receiver<Upload>) -> Result<SessionStats> {
+    let mut stats = SessionStats::default();
+    for job in rx {
+        match job {
+            Upload::Pack { key, bytes } => {
+                vault.store().put(&key, &bytes, PutMode::Create)?;
+                stats.bytes_written += bytes.len() as u64;
+                stats.packs += 1;
+            }
+            Upload::Index { entries } => {
+                let key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
+                let plain = index::encode(&entries);
+                let sealed = vault.keys().seal(&index_aad(&key), &plain, None);
+                vault.store().put(&key, &sealed, PutMode::Create)?;
+                stats.bytes_written += sealed.len() as u64;
+                stats.index_objects += 1;
+                vault.index_insert(&entries);
+            }
+        }
+    }
+    Ok(stats)
+}
+
 struct Packer {
     vault: Arc<Vault>,
     pack: PackBuilder,
     unindexed: Vec<(ChunkId, Location)>,
     unindexed_packs: u64,
-    stats: SessionStats,
+    new_chunks: u64,
+    uploads: Option<Sender<Upload>>,
+    uploader: Option<JoinHandle<Result<SessionStats>>>,
 }
 
 impl Packer {
     fn new(vault: Arc<Vault>) -> Self {
+        // Rendezvous channel: at most one pack is being written while the next one fills.
+        let (tx, rx) = bounded::<Upload>(0);
+        let v = vault.clone();
+        let uploader = std::thread::Builder::new()
+            .name("scalez-upload".into())
+            .spawn(move || upload_loop(&v, rx))
+            .expect("spawn upload thread");
         Packer {
+            pack: PackBuilder::with_capacity(vault.config().pack_size as usize),
             vault,
-            pack: PackBuilder::new(),
             unindexed: Vec::new(),
             unindexed_packs: 0,
-            stats: SessionStats::default(),
+            new_chunks: 0,
+            uploads: Some(tx),
+            uploader: Some(uploader),
         }
     }
 
     fn add(&mut self, id: ChunkId, sealed: &[u8]) -> Result<()> {
         self.pack.add(id, sealed);
-        self.stats.new_chunks += 1;
+        self.new_chunks += 1;
         if self.pack.len() >= self.vault.config().pack_size as usize {
             self.write_pack()?;
             if self.unindexed.len() >= INDEX_FLUSH_ENTRIES
@@ -161,18 +204,37 @@ impl Packer {
         Ok(())
     }
 
-    fn write_pack(&mut self) -> Result<()> {
-        let pack = std::mem::take(&mut self.pack);
-        if pack.is_empty() {
+    fn send(&mut self, job: Upload) -> Result<()> {
+        let sent = self.uploads.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        if sent {
             return Ok(());
         }
+        // The uploader stopped: its error is the one to report.
+        Err(self
+            .join()
+            .err()
+            .unwrap_or_else(|| Error::SessionFailed("the upload thread stopped".into())))
+    }
+
+    fn join(&mut self) -> Result<SessionStats> {
+        drop(self.uploads.take());
+        match self.uploader.take() {
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::SessionFailed("the upload thread panicked".into()))?,
+            None => Err(Error::SessionFailed(
+                "the upload thread already stopped".into(),
+            )),
+        }
+    }
+
+    fn write_pack(&mut self) -> Result<()> {
+        if self.pack.is_empty() {
+            return Ok(());
+        }
+        let next = PackBuilder::with_capacity(self.vault.config().pack_size as usize);
+        let pack = std::mem::replace(&mut self.pack, next);
         let (pid, bytes, entries) = pack.finish(self.vault.keys());
-        self.vault
-            .store()
-            .put(&pid.key(), &bytes, PutMode::Create)?;
-        self.stats.bytes_written += bytes.len() as u64;
-        self.stats.packs += 1;
-        self.unindexed_packs += 1;
         self.unindexed.extend(entries.into_iter().map(|e| {
             (
                 e.id,
@@ -183,28 +245,36 @@ impl Packer {
                 },
             )
         }));
-        Ok(())
+        self.unindexed_packs += 1;
+        self.send(Upload::Pack {
+            key: pid.key(),
+            bytes,
+        })
     }
 
     fn write_index(&mut self) -> Result<()> {
         if self.unindexed.is_empty() {
             return Ok(());
         }
-        let key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
-        let plain = index::encode(&self.unindexed);
-        let sealed = self.vault.keys().seal(&index_aad(&key), &plain, None);
-        self.vault.store().put(&key, &sealed, PutMode::Create)?;
-        self.stats.bytes_written += sealed.len() as u64;
-        self.stats.index_objects += 1;
-        self.vault.index_insert(&self.unindexed);
-        self.unindexed.clear();
+        let entries = std::mem::take(&mut self.unindexed);
         self.unindexed_packs = 0;
-        Ok(())
+        self.send(Upload::Index { entries })
     }
 
     fn finish(mut self) -> Result<SessionStats> {
         self.write_pack()?;
         self.write_index()?;
-        Ok(self.stats)
+        let mut stats = self.join()?;
+        stats.new_chunks = self.new_chunks;
+        Ok(stats)
+    }
+}
+
+impl Drop for Packer {
+    fn drop(&mut self) {
+        drop(self.uploads.take());
+        if let Some(h) = self.uploader.take() {
+            let _ = h.join();
+        }
     }
 }

@@ -24,8 +24,8 @@ const CONFIG_KEY: &str = "config";
 pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
 /// Default pack target size: large enough for few objects, small enough to buffer while sealing.
 pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
-/// zstd level: 1 is the fastest level that still compresses file-system data well (FORMAT.md).
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// zstd level: 3 costs ~8 % more CPU than 1 and stores ~5 % less on file-system images (FORMAT.md).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Parameters of a new vault.
 #[derive(Debug, Clone)]

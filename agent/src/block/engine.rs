@@ -10,7 +10,7 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use super::{AlignedBuf, BlockSource};
+use super::{BlockSource, BufPool, PooledBuf};
 use crate::error::AgentError;
 
 /// Reads in flight with io_uring.
@@ -51,7 +51,7 @@ pub(crate) struct Req {
 pub struct Block {
     pub offset: u64,
     pub len: usize,
-    pub data: Option<AlignedBuf>,
+    pub data: Option<PooledBuf>,
 }
 
 /// Splits a source into blocks and marks those inside holes.
@@ -110,27 +110,29 @@ impl Iterator for Planner<'_> {
 
 /// Reads all of `src` in `block_size` blocks, calling `sink` for each (holes included).
 /// Returns the name of the engine used.
+/// Buffers come from `pool`, which bounds the blocks alive at once. Returns the engine used.
 pub fn read_source(
     src: &BlockSource,
     block_size: usize,
     engine: IoEngine,
+    pool: &BufPool,
     sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
 ) -> Result<&'static str, AgentError> {
     assert!(block_size % super::ALIGN == 0);
     let plan = Planner::new(src, block_size);
     match engine {
-        IoEngine::Pread => read_pread(src, plan, sink).map(|_| "pread"),
+        IoEngine::Pread => read_pread(src, plan, pool, sink).map(|_| "pread"),
         IoEngine::IoUring => match super::uring::Ring::new(QUEUE_DEPTH) {
-            Ok(ring) => ring.read_all(src, plan, sink).map(|_| "io_uring"),
+            Ok(ring) => ring.read_all(src, plan, pool, sink).map(|_| "io_uring"),
             Err(e) => Err(AgentError::Engine(format!(
                 "io_uring is unavailable ({e}); unset {ENGINE_ENV} or set it to pread"
             ))),
         },
         IoEngine::Auto => match super::uring::Ring::new(QUEUE_DEPTH) {
-            Ok(ring) => ring.read_all(src, plan, sink).map(|_| "io_uring"),
+            Ok(ring) => ring.read_all(src, plan, pool, sink).map(|_| "io_uring"),
             Err(e) => {
                 tracing::info!("io_uring unavailable ({e}), reading with pread");
-                read_pread(src, plan, sink).map(|_| "pread")
+                read_pread(src, plan, pool, sink).map(|_| "pread")
             }
         },
     }
@@ -160,6 +162,7 @@ pub(crate) fn shrank(src: &BlockSource, offset: u64) -> AgentError {
 fn read_pread(
     src: &BlockSource,
     plan: Planner<'_>,
+    pool: &BufPool,
     sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
 ) -> Result<(), AgentError> {
     for req in plan {
@@ -172,7 +175,7 @@ fn read_pread(
             })?;
             continue;
         }
-        let mut buf = AlignedBuf::new(req.len);
+        let mut buf = pool.get(req.len.next_multiple_of(super::ALIGN));
         let mut done = 0;
         while done < req.len {
             // O_DIRECT needs aligned lengths: read whole aligned units; EOF makes it short.

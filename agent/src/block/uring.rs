@@ -6,7 +6,7 @@ use std::os::unix::io::AsRawFd;
 use io_uring::{opcode, types, IoUring};
 
 use super::engine::{shrank, source_err, Block, Planner, Req};
-use super::{AlignedBuf, BlockSource, ALIGN};
+use super::{BlockSource, BufPool, PooledBuf, ALIGN};
 use crate::error::AgentError;
 
 pub(crate) struct Ring {
@@ -16,7 +16,7 @@ pub(crate) struct Ring {
 
 struct InFlight {
     req: Req,
-    buf: AlignedBuf,
+    buf: PooledBuf,
     done: usize,
 }
 
@@ -51,11 +51,12 @@ impl Ring {
         mut self,
         src: &BlockSource,
         plan: Planner<'_>,
+        pool: &BufPool,
         sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
         let fd = src.file.as_raw_fd();
         let mut slots: Vec<Option<InFlight>> = (0..self.depth).map(|_| None).collect();
-        let mut plan = plan.peekable();
+        let mut plan = plan;
         let mut in_flight = 0usize;
         let result = (|| -> Result<(), AgentError> {
             loop {
@@ -74,7 +75,7 @@ impl Ring {
                     let slot = slots.iter().position(Option::is_none).expect("free slot");
                     let mut f = InFlight {
                         req,
-                        buf: AlignedBuf::new(req.len),
+                        buf: pool.get(req.len),
                         done: 0,
                     };
                     self.push(fd, slot, &mut f)
