@@ -97,6 +97,20 @@ pub fn block_asset(path: &Path, name: Option<&str>) -> Result<Asset, AgentError>
 
 type SlotIds = (u64, Vec<Option<ChunkId>>);
 
+/// Joins every worker and returns the first error (a panic counts as one).
+fn join_all(
+    handles: Vec<std::thread::ScopedJoinHandle<'_, Result<(), AgentError>>>,
+) -> Result<(), AgentError> {
+    let mut first = Ok(());
+    for h in handles {
+        let r = h.join().unwrap_or(Err(AgentError::Panicked));
+        if first.is_ok() {
+            first = r;
+        }
+    }
+    first
+}
+
 /// Backs up an image file or block device into `vault` and commits a disk RP.
 pub fn backup_block(
     vault: &Arc<Vault>,
@@ -148,10 +162,7 @@ pub fn backup_block(
         drop((brx, rtx));
         let collected = collect_map(rrx, slots, &session);
         let read = reader.join().unwrap_or(Err(AgentError::Panicked));
-        let worked: Result<(), AgentError> = handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or(Err(AgentError::Panicked)))
-            .collect();
+        let worked = join_all(handles);
         (collected, read, worked)
     });
 
@@ -489,10 +500,7 @@ fn write_chunks(
             .collect();
         drop(rx);
         let walked = walk_jobs(vault, map, tx);
-        let worked: Result<(), AgentError> = handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or(Err(AgentError::Panicked)))
-            .collect();
+        let worked = join_all(handles);
         (walked, worked)
     });
     worked?;

@@ -72,7 +72,7 @@ impl Page {
             .get(6..6 + n.div_ceil(8))
             .ok_or(err("truncated bitmap"))?;
         let mut ids = data[6 + n.div_ceil(8)..].chunks_exact(32);
-        if ids.remainder().len() != 0 {
+        if !ids.remainder().is_empty() {
             return Err(err("trailing bytes"));
         }
         let mut entries = Vec::with_capacity(n);
@@ -183,6 +183,9 @@ impl MapBuilder {
     }
 }
 
+/// Receives `(first slot, entries)` for each leaf range during [`MapReader::walk`].
+pub type LeafVisitor<'a, E> = dyn FnMut(u64, &[Option<ChunkId>]) -> Result<(), E> + 'a;
+
 /// Descends the tree. `load` returns a decoded page by id.
 pub struct MapReader<'a, E> {
     pub root: Option<ChunkId>,
@@ -194,10 +197,7 @@ pub struct MapReader<'a, E> {
 impl<E> MapReader<'_, E> {
     /// Calls `f(first_slot, entries)` for each leaf range in order; zero subtrees are reported as
     /// runs of `None` without loading anything.
-    pub fn walk(
-        &mut self,
-        f: &mut dyn FnMut(u64, &[Option<ChunkId>]) -> Result<(), E>,
-    ) -> Result<(), E> {
+    pub fn walk(&mut self, f: &mut LeafVisitor<'_, E>) -> Result<(), E> {
         if self.slots == 0 {
             return Ok(());
         }
@@ -214,7 +214,7 @@ impl<E> MapReader<'_, E> {
         node: Option<ChunkId>,
         level: u8,
         first: u64,
-        f: &mut dyn FnMut(u64, &[Option<ChunkId>]) -> Result<(), E>,
+        f: &mut LeafVisitor<'_, E>,
     ) -> Result<(), E> {
         let covered = Self::span(level).min(self.slots - first);
         let Some(id) = node else {

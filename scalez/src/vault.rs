@@ -411,8 +411,7 @@ impl Vault {
         Ok(self
             .list_rps()?
             .into_iter()
-            .filter(|rp| rp.kind == kind && &rp.asset == asset)
-            .next_back())
+            .rfind(|rp| rp.kind == kind && &rp.asset == asset))
     }
 
     /// Records a tag change as a new immutable object and returns the updated RP.

@@ -118,7 +118,7 @@ pub fn read_source(
     pool: &BufPool,
     sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
 ) -> Result<&'static str, AgentError> {
-    assert!(block_size % super::ALIGN == 0);
+    assert!(block_size.is_multiple_of(super::ALIGN));
     let plan = Planner::new(src, block_size);
     match engine {
         IoEngine::Pread => read_pread(src, plan, pool, sink).map(|_| "pread"),

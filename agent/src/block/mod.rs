@@ -204,32 +204,6 @@ pub fn is_zero(data: &[u8]) -> bool {
             .all(|c| c.iter().fold(0u128, |a, w| a | w) == 0)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_detection() {
-        let mut v = vec![0u8; 100_003];
-        assert!(is_zero(&v));
-        assert!(is_zero(&v[1..]));
-        for i in [0, 1, 17, 50_000, 100_002] {
-            v[i] = 1;
-            assert!(!is_zero(&v), "byte {i}");
-            v[i] = 0;
-        }
-    }
-
-    #[test]
-    fn aligned_buffers() {
-        let mut b = AlignedBuf::new(5000);
-        assert_eq!(b.capacity(), 8192);
-        assert_eq!(b.as_mut_ptr() as usize % ALIGN, 0);
-        b.set_len(10);
-        assert_eq!(&b[..], &[0u8; 10]);
-    }
-}
-
 /// A fixed set of aligned buffers, recycled: the reader takes one per block (waiting when all are
 /// in use, which is the pipeline's back-pressure) and a buffer returns when its block is dropped.
 /// Allocating once keeps the resident set flat instead of churning the allocator with 1 MiB blocks.
@@ -303,5 +277,44 @@ impl Drop for PooledBuf {
         if let Some(b) = self.buf.take() {
             let _ = self.home.try_send(b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 100_003];
+        assert!(is_zero(&v));
+        assert!(is_zero(&v[1..]));
+        for i in [0, 1, 17, 50_000, 100_002] {
+            v[i] = 1;
+            assert!(!is_zero(&v), "byte {i}");
+            v[i] = 0;
+        }
+    }
+
+    #[test]
+    fn pool_recycles_buffers() {
+        let pool = BufPool::new(2, 8192);
+        let a = pool.get(100);
+        let b = pool.get(8192);
+        assert_eq!((a.len(), b.len()), (100, 8192));
+        assert!(pool.rx.is_empty(), "both buffers are out");
+        drop(a);
+        let c = pool.get(5000);
+        assert_eq!(c.len(), 5000);
+        assert_eq!(c.capacity(), 8192, "a pooled buffer came back");
+    }
+
+    #[test]
+    fn aligned_buffers() {
+        let mut b = AlignedBuf::new(5000);
+        assert_eq!(b.capacity(), 8192);
+        assert_eq!(b.as_mut_ptr() as usize % ALIGN, 0);
+        b.set_len(10);
+        assert_eq!(&b[..], &[0u8; 10]);
     }
 }

@@ -25,9 +25,9 @@ pub fn resolve_rp(
         return vault
             .list_rps()?
             .into_iter()
-            .filter(|rp| kind.is_none_or(|k| rp.kind == k))
-            .filter(|rp| asset.is_none_or(|a| rp.asset.name == a))
-            .next_back()
+            .rfind(|rp| {
+                kind.is_none_or(|k| rp.kind == k) && asset.is_none_or(|a| rp.asset.name == a)
+            })
             .ok_or_else(|| {
                 anyhow!(
                     "no {}recovery point{} in vault {}",
