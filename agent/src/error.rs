@@ -30,6 +30,12 @@ pub enum AgentError {
     NotADisk { rp: String, kind: String },
     #[error("i/o engine: {0}")]
     Engine(String),
+    #[error("interrupted")]
+    Cancelled,
+    /// A pipeline stage stopped because another one failed; that stage's error is what gets
+    /// reported, so users should not see this one.
+    #[error("pipeline stopped because another stage failed")]
+    Stopped,
     #[error("a pipeline thread panicked")]
     Panicked,
 }

@@ -23,4 +23,4 @@ pub mod pipeline;
 pub mod progress;
 
 pub use error::AgentError;
-pub use progress::{NoProgress, Progress};
+pub use progress::{Cancel, NoProgress, Progress};

@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,7 +22,7 @@ use crate::block::engine::QUEUE_DEPTH;
 use crate::block::engine::{read_source, Block, IoEngine};
 use crate::block::{device_size, is_zero, BlockSource, BufPool, DirectIo};
 use crate::error::AgentError;
-use crate::progress::Progress;
+use crate::progress::{Cancel, Progress};
 
 /// Knobs of a disk backup. Memory in flight: a fixed pool of `8 + 3 * workers` blocks of
 /// `block_size` (1 MiB), a few sealed chunks, and two packs (one filling, one being written).
@@ -37,6 +37,7 @@ pub struct BackupOptions {
     pub block_size: usize,
     /// Asset name to record instead of the canonical source path.
     pub asset_name: Option<String>,
+    pub cancel: Cancel,
 }
 
 impl Default for BackupOptions {
@@ -48,6 +49,7 @@ impl Default for BackupOptions {
             workers: default_workers(),
             block_size: 1 << 20,
             asset_name: None,
+            cancel: Cancel::new(),
         }
     }
 }
@@ -132,7 +134,6 @@ pub fn backup_block(
 
     let session = BackupSession::new(vault.clone());
     let bytes_read = AtomicU64::new(0);
-    let downstream_stopped = AtomicBool::new(false);
     // Blocks alive at once: the reads in flight, two queued per worker, one being hashed per worker.
     let pool = BufPool::new(QUEUE_DEPTH as usize + workers * 3, block_size);
     let (btx, brx) = bounded::<Block>(workers * 2);
@@ -140,16 +141,16 @@ pub fn backup_block(
 
     let (collected, read, worked) = std::thread::scope(|s| {
         let reader = {
-            let (src, bytes_read, stopped, pool) = (&src, &bytes_read, &downstream_stopped, &pool);
+            let (src, bytes_read, pool) = (&src, &bytes_read, &pool);
             s.spawn(move || {
                 read_source(src, block_size, opts.engine, pool, &mut |b: Block| {
+                    if opts.cancel.is_cancelled() {
+                        return Err(AgentError::Cancelled);
+                    }
                     if b.data.is_some() {
                         bytes_read.fetch_add(b.len as u64, Ordering::Relaxed);
                     }
-                    btx.send(b).map_err(|_| {
-                        stopped.store(true, Ordering::Relaxed);
-                        AgentError::Engine("pipeline stopped".into())
-                    })
+                    btx.send(b).map_err(|_| AgentError::Stopped)
                 })
             })
         };
@@ -168,7 +169,7 @@ pub fn backup_block(
 
     // The first real cause wins: a source error, then a worker's, then the collector's.
     let outcome = match (read, worked, collected) {
-        (Err(e), _, _) if !downstream_stopped.load(Ordering::Relaxed) => Err(e),
+        (Err(e), _, _) if !matches!(e, AgentError::Stopped) => Err(e),
         (_, Err(e), _) => Err(e),
         (_, _, Err(e)) => Err(e),
         (Ok(engine), Ok(()), Ok(map)) => Ok((engine, map)),
@@ -285,6 +286,7 @@ pub struct RestoreOptions {
     /// Overwrite an existing file or block device.
     pub force: bool,
     pub workers: usize,
+    pub cancel: Cancel,
 }
 
 impl Default for RestoreOptions {
@@ -292,6 +294,7 @@ impl Default for RestoreOptions {
         RestoreOptions {
             force: false,
             workers: default_workers(),
+            cancel: Cancel::new(),
         }
     }
 }
@@ -464,6 +467,9 @@ fn write_chunks(
                         source,
                     };
                     for job in rx {
+                        if opts.cancel.is_cancelled() {
+                            return Err(AgentError::Cancelled);
+                        }
                         match job {
                             Job::Data { slot, id } => {
                                 let data = vault.read_chunk(&id)?;
@@ -499,7 +505,7 @@ fn write_chunks(
             })
             .collect();
         drop(rx);
-        let walked = walk_jobs(vault, map, tx);
+        let walked = walk_jobs(vault, map, tx, &opts.cancel);
         let worked = join_all(handles);
         (walked, worked)
     });
@@ -509,23 +515,26 @@ fn write_chunks(
 }
 
 /// Sends a job per stored chunk and per run of zero slots. A closed channel means a worker
-/// failed; the worker's error is reported, so this returns Ok.
-fn walk_jobs(vault: &Vault, map: &DiskMapRef, tx: Sender<Job>) -> Result<(), AgentError> {
-    let mut load = |id: &ChunkId| -> Result<Page, scalez::Error> { vault.load_page(id) };
+/// failed; the worker's error is reported, so this returns Ok and stops walking.
+fn walk_jobs(
+    vault: &Vault,
+    map: &DiskMapRef,
+    tx: Sender<Job>,
+    cancel: &Cancel,
+) -> Result<(), AgentError> {
+    let mut load = |id: &ChunkId| -> Result<Page, AgentError> { Ok(vault.load_page(id)?) };
     let mut reader = MapReader {
         root: map.root,
         depth: map.depth,
         slots: map.slots(),
         load: &mut load,
     };
+    let hung_up = || AgentError::Stopped;
     let mut zero_run: Option<(u64, u64)> = None;
-    let mut stopped = false;
-    let mut send = |job: Job| {
-        if !stopped && tx.send(job).is_err() {
-            stopped = true;
+    let walked = reader.walk(&mut |first, entries| {
+        if cancel.is_cancelled() {
+            return Err(AgentError::Cancelled);
         }
-    };
-    reader.walk(&mut |first, entries| {
         for (i, e) in entries.iter().enumerate() {
             let slot = first + i as u64;
             match e {
@@ -535,16 +544,22 @@ fn walk_jobs(vault: &Vault, map: &DiskMapRef, tx: Sender<Job>) -> Result<(), Age
                 },
                 Some(id) => {
                     if let Some((first, count)) = zero_run.take() {
-                        send(Job::Zeros { first, count });
+                        tx.send(Job::Zeros { first, count })
+                            .map_err(|_| hung_up())?;
                     }
-                    send(Job::Data { slot, id: *id });
+                    tx.send(Job::Data { slot, id: *id })
+                        .map_err(|_| hung_up())?;
                 }
             }
         }
         Ok(())
-    })?;
-    if let Some((first, count)) = zero_run {
-        send(Job::Zeros { first, count });
+    });
+    let walked = walked.and_then(|()| match zero_run {
+        Some((first, count)) => tx.send(Job::Zeros { first, count }).map_err(|_| hung_up()),
+        None => Ok(()),
+    });
+    match walked {
+        Err(AgentError::Stopped) => Ok(()),
+        other => other,
     }
-    Ok(())
 }

@@ -10,7 +10,8 @@ Exit codes:
   1  error (bad input, I/O, missing object, ...)
   2  usage error (unknown flag, missing argument)
   3  data in the vault is damaged (authentication or format failure); the message names the object
-  4  wrong password";
+  4  wrong password
+  130  interrupted (SIGINT/SIGTERM): no recovery point was created, no partial restore is left";
 
 #[derive(Parser, Debug)]
 #[command(

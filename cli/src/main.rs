@@ -6,7 +6,38 @@ mod commands;
 mod context;
 mod output;
 
+use std::sync::OnceLock;
+
 use clap::Parser;
+
+static CANCEL: OnceLock<agent::Cancel> = OnceLock::new();
+
+/// The process-wide cancellation flag, set by SIGINT/SIGTERM: long operations stop at the next
+/// block, clean up (no RP, no partial restore target) and exit with 130.
+pub fn cancel_token() -> agent::Cancel {
+    CANCEL.get_or_init(agent::Cancel::new).clone()
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    match CANCEL.get() {
+        // A second signal, or one before any operation started: stop now.
+        Some(c) if !c.is_cancelled() => c.cancel(),
+        // SAFETY: _exit is async-signal-safe.
+        _ => unsafe { libc::_exit(130) },
+    }
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only does an atomic load/store or _exit, both async-signal-safe.
+        unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_signal as *const () as usize;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
 
 fn main() {
     tracing_subscriber::fmt()
@@ -17,6 +48,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = cli::Cli::parse();
+    install_signal_handlers();
     if let Err(e) = commands::run(args) {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
@@ -28,12 +60,11 @@ fn main() {
 
 fn exit_code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
-        let scalez = cause.downcast_ref::<scalez::Error>().or_else(|| {
-            match cause.downcast_ref::<agent::AgentError>() {
-                Some(agent::AgentError::Vault(v)) => Some(v),
-                _ => None,
-            }
-        });
+        let scalez = match cause.downcast_ref::<agent::AgentError>() {
+            Some(agent::AgentError::Cancelled) => return 130,
+            Some(agent::AgentError::Vault(v)) => Some(v),
+            _ => cause.downcast_ref::<scalez::Error>(),
+        };
         match scalez {
             Some(scalez::Error::Corrupt { .. }) | Some(scalez::Error::MissingChunk { .. }) => {
                 return 3

@@ -3,8 +3,9 @@
 //! On the store, index objects (`index/<random 128-bit hex>`) are written by backups after the packs
 //! they describe are durable; each is sealed with aad `"index:"+name`. In memory, all index objects
 //! are merged into one hash table of 44-byte records (32-byte id, 4-byte pack number into a pack
-//! table, offset, length): about 50 bytes per chunk with the table's load factor, so ~6 MiB per
-//! TiB of unique data at 128 KiB chunks. See FORMAT.md for the bound and its planned tightening.
+//! table, offset, length): about 50 bytes per chunk with the table's load factor, i.e. ~400 MiB
+//! per TiB of unique data at 128 KiB chunks. Loading it in pieces (a sorted, paged index) is the
+//! planned next step for very large vaults; the on-store format already allows it.
 //!
 //! ```text
 //! index object plaintext = "EZIX" | version u8 (=1) | pack count u32 | pack ids (16 each)

@@ -503,3 +503,82 @@ impl Drop for LoopDev {
         let _ = Command::new("losetup").args(["-d", &self.0]).status();
     }
 }
+
+fn interrupt_when(child: &mut std::process::Child, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready() {
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    true
+}
+
+#[test]
+fn ctrl_c_stops_backup_and_restore_cleanly() {
+    let env = Env::with_init_args(&["--pack-size", "1MiB"]);
+    let img = env.path("big.img");
+    for i in 0..6 {
+        append_random(&img, 60 + i, 32 << 20);
+    }
+    let mut child = env
+        .command(&["block", "backup", img.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        interrupt_when(&mut child, || env.packs().len() >= 3),
+        "backup ended before it could be interrupted"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert_eq!(env.json(&["rp", "list"]), serde_json::json!([]));
+
+    let rp = env.backup(&img, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let target = env.path("restored.img");
+    let partial = || {
+        std::fs::read_dir(env.dir.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("elastio-partial"))
+    };
+    let mut interrupted = false;
+    for _ in 0..5 {
+        let mut child = env
+            .command(&[
+                "block",
+                "restore",
+                "--rp",
+                &rp,
+                target.to_str().unwrap(),
+                "--force",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let signalled = interrupt_when(&mut child, partial);
+        let status = child.wait().unwrap();
+        if signalled && status.code() == Some(130) {
+            interrupted = true;
+            assert!(!target.exists(), "an interrupted restore leaves no target");
+            assert!(!partial(), "and no partial file");
+            break;
+        }
+        let _ = std::fs::remove_file(&target);
+    }
+    assert!(interrupted, "no restore could be interrupted in 5 tries");
+}

@@ -86,16 +86,20 @@ impl Ring {
                 if in_flight == 0 {
                     return Ok(());
                 }
-                self.ring
-                    .submit_and_wait(1)
-                    .map_err(|e| source_err(src, e))?;
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    // A signal (Ctrl-C) interrupted the wait: the sink sees the cancellation.
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(source_err(src, e)),
+                }
                 let done: Vec<(usize, i32)> = self
                     .ring
                     .completion()
                     .map(|c| (c.user_data() as usize, c.result()))
                     .collect();
+                // Reaped now, whatever happens below; resubmissions count themselves back in.
+                in_flight -= done.len();
                 for (slot, res) in done {
-                    in_flight -= 1;
                     let mut f = slots[slot].take().expect("completion for a used slot");
                     if res < 0 {
                         let e = io::Error::from_raw_os_error(-res);
@@ -131,10 +135,14 @@ impl Ring {
         })();
         // Never free a buffer the kernel may still write into: reap what is in flight.
         while in_flight > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
-                // Leak the buffers rather than risk a use-after-free.
-                std::mem::forget(slots);
-                return result;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // Leak the buffers rather than risk a use-after-free.
+                    std::mem::forget(slots);
+                    return result;
+                }
             }
             in_flight -= self.ring.completion().count();
         }

@@ -33,6 +33,7 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             DirectIoArg::Never => DirectIo::Never,
         },
         asset_name: a.asset_name,
+        cancel: crate::cancel_token(),
         ..BackupOptions::default()
     };
     let bar = Bar::new(ctx.global.quiet);
@@ -88,6 +89,7 @@ fn restore(ctx: &Ctx, a: BlockRestoreArgs) -> Result<()> {
     let bar = Bar::new(ctx.global.quiet);
     let opts = RestoreOptions {
         force: a.force,
+        cancel: crate::cancel_token(),
         ..RestoreOptions::default()
     };
     let report = restore_block(&Arc::clone(&vault), &rp, &a.target, &opts, &bar)
