@@ -415,6 +415,10 @@ fn rp_list_show_and_tags() {
     );
     let show = env.ok(&["rp", "show", ida]);
     assert!(show.contains("parent        -"), "{show}");
+    let info = env.json(&["vault", "info"]);
+    assert_eq!(info["recovery_points"], 2);
+    assert_eq!(info["config"]["chunk_size"], CHUNK);
+    assert!(info["stored_bytes"].as_u64().unwrap() > 2 << 20, "{info}");
     let human = env.ok(&["block", "backup", a.to_str().unwrap()]);
     assert!(
         human.contains("logical size") && human.contains("new stored"),

@@ -19,7 +19,9 @@ pub const ALIGN: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirectIo {
     /// O_DIRECT for block devices (a backup should not evict the host's cache), page cache for
-    /// image files (which are often hot in it, and whose filesystem may refuse O_DIRECT).
+    /// image files (which are often hot in it, and whose filesystem may refuse O_DIRECT). Measured
+    /// on the bench's 2 GiB image: a full backup takes the same time either way (2.1 s), an
+    /// unchanged re-backup 0.21 s through the page cache and 0.48 s with O_DIRECT.
     #[default]
     Auto,
     /// O_DIRECT whenever the filesystem accepts it.
