@@ -444,7 +444,14 @@ fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Walks the map on this thread and writes chunks with `opts.workers` threads.
+enum Write {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+/// Walks the map on this thread; `opts.workers` threads fetch, verify and decode chunks; one
+/// writer thread writes them. A single writer keeps buffered writes to one file from fighting
+/// over its inode lock (measured: two writers made some restores 2x slower in system time).
 fn write_chunks(
     vault: &Arc<Vault>,
     map: &DiskMapRef,
@@ -455,63 +462,72 @@ fn write_chunks(
     target: &Path,
 ) -> Result<u64, AgentError> {
     let cs = map.chunk_size as u64;
-    let written = AtomicU64::new(0);
-    let (tx, rx) = bounded::<Job>(opts.workers.max(1) * 8);
-    let (walked, worked) = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..opts.workers.max(1))
+    let workers = opts.workers.max(1);
+    let (tx, rx) = bounded::<Job>(workers * 8);
+    let (wtx, wrx) = bounded::<(u64, Write)>(workers * 4);
+    let (walked, worked, wrote) = std::thread::scope(|s| {
+        let writer = s.spawn(move || -> Result<u64, AgentError> {
+            let terr = |source| AgentError::Target {
+                path: target.to_path_buf(),
+                source,
+            };
+            let mut written = 0;
+            for (offset, op) in wrx {
+                let len = match op {
+                    Write::Data(data) => {
+                        file.write_all_at(&data, offset).map_err(terr)?;
+                        written += data.len() as u64;
+                        data.len() as u64
+                    }
+                    Write::Zeros(len) => {
+                        if zero_fill {
+                            zero_range(file, offset, len).map_err(terr)?;
+                        }
+                        len
+                    }
+                };
+                progress.advance(len);
+            }
+            Ok(written)
+        });
+        let handles: Vec<_> = (0..workers)
             .map(|_| {
-                let (rx, written) = (rx.clone(), &written);
+                let (rx, wtx) = (rx.clone(), wtx.clone());
                 s.spawn(move || -> Result<(), AgentError> {
-                    let terr = |source| AgentError::Target {
-                        path: target.to_path_buf(),
-                        source,
-                    };
                     for job in rx {
                         if opts.cancel.is_cancelled() {
                             return Err(AgentError::Cancelled);
                         }
-                        match job {
-                            Job::Data { slot, id } => {
-                                let data = vault.read_chunk(&id)?;
-                                let want = cs.min(map.size - slot * cs) as usize;
-                                if data.len() != want {
-                                    let key = vault.locate(&id).map(|l| l.pack.key());
-                                    return Err(scalez::Error::Corrupt {
-                                        location: vault.location(),
-                                        key: key.unwrap_or_default(),
-                                        detail: format!(
-                                            "chunk {id} has {} bytes, slot {slot} needs {want}",
-                                            data.len()
-                                        ),
-                                    }
-                                    .into());
-                                }
-                                file.write_all_at(&data, slot * cs).map_err(terr)?;
-                                written.fetch_add(want as u64, Ordering::Relaxed);
-                                progress.advance(want as u64);
-                            }
+                        let op = match job {
+                            Job::Data { slot, id } => (
+                                slot * cs,
+                                Write::Data(vault.read_disk_chunk(map, slot, &id)?),
+                            ),
                             Job::Zeros { first, count } => {
                                 let start = first * cs;
-                                let len = (count * cs).min(map.size - start);
-                                if zero_fill {
-                                    zero_range(file, start, len).map_err(terr)?;
-                                }
-                                progress.advance(len);
+                                (start, Write::Zeros((count * cs).min(map.size - start)))
                             }
-                        }
+                        };
+                        wtx.send(op).map_err(|_| AgentError::Stopped)?;
                     }
                     Ok(())
                 })
             })
             .collect();
-        drop(rx);
+        drop((rx, wtx));
         let walked = walk_jobs(vault, map, tx, &opts.cancel);
         let worked = join_all(handles);
-        (walked, worked)
+        let wrote = writer.join().unwrap_or(Err(AgentError::Panicked));
+        (walked, worked, wrote)
     });
-    worked?;
-    walked?;
-    Ok(written.load(Ordering::Relaxed))
+    // The writer's error explains the workers' "stopped"; a worker's explains the walk's.
+    match (wrote, worked, walked) {
+        (Err(e), _, _) if !matches!(e, AgentError::Stopped) => Err(e),
+        (_, Err(e), _) if !matches!(e, AgentError::Stopped) => Err(e),
+        (_, _, Err(e)) => Err(e),
+        (Ok(written), Ok(()), Ok(())) => Ok(written),
+        (Err(e), _, _) | (_, Err(e), _) => Err(e),
+    }
 }
 
 /// Sends a job per stored chunk and per run of zero slots. A closed channel means a worker

@@ -62,20 +62,7 @@ impl DiskReader {
         if let Some(c) = self.chunks.lock().unwrap().get(&id) {
             return Ok(Some(c.clone()));
         }
-        let data = Arc::new(self.vault.read_chunk(&id)?);
-        // Every slot is a whole chunk except a short last one.
-        let cs = self.map.chunk_size as u64;
-        let want = cs.min(self.map.size - slot * cs) as usize;
-        if data.len() != want {
-            let key = self.vault.locate(&id).map(|l| l.pack.key());
-            return Err(self.vault.corrupt(
-                &key.unwrap_or_default(),
-                format!(
-                    "chunk {id} has {} bytes, slot {slot} needs {want}",
-                    data.len()
-                ),
-            ));
-        }
+        let data = Arc::new(self.vault.read_disk_chunk(&self.map, slot, &id)?);
         self.chunks.lock().unwrap().put(id, data.clone());
         Ok(Some(data))
     }

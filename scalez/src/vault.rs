@@ -337,6 +337,30 @@ impl Vault {
         Ok(plain)
     }
 
+    /// Reads the chunk at `slot` of a disk map and checks its length: every slot holds a whole
+    /// chunk except a disk's short last one.
+    pub fn read_disk_chunk(
+        &self,
+        map: &catalog::DiskMapRef,
+        slot: u64,
+        id: &ChunkId,
+    ) -> Result<Vec<u8>> {
+        let data = self.read_chunk(id)?;
+        let cs = map.chunk_size as u64;
+        let want = cs.min(map.size.saturating_sub(slot * cs)) as usize;
+        if data.len() != want {
+            let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
+            return Err(self.corrupt(
+                &key,
+                format!(
+                    "chunk {id} has {} bytes, disk slot {slot} needs {want}",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(data)
+    }
+
     pub fn load_page(&self, id: &ChunkId) -> Result<Page> {
         let bytes = self.read_chunk(id)?;
         Page::decode(&bytes).map_err(|e| {

@@ -272,6 +272,11 @@ fn copy_prefix(src: &Path, dst: &Path, len: u64) -> Result<()> {
 /// Runs a command to completion, measuring wall time, CPU time and peak RSS of the child
 /// (`wait4` rusage: user + system seconds, `ru_maxrss`).
 fn measure(cmd: &mut Command) -> Result<(Duration, f64, f64, String)> {
+    // Start every step with no dirty data pending, so no tool pays for another's writeback
+    // (or, on file systems mounted with `discard`, for the previous step's deletions).
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+    std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let mut child = cmd
         .stdout(Stdio::piped())
