@@ -272,34 +272,43 @@ fn flipped_byte_in_a_pack_fails_restore_naming_the_object() {
     assert!(!fresh.exists(), "no target that looks complete");
 }
 
+/// A 192 MiB image of random data (slow enough to interrupt) and a backup of it, started.
+fn start_big_backup(env: &Env, seed: u64) -> (PathBuf, std::process::Child) {
+    let img = env.path("big.img");
+    for i in 0..6 {
+        append_random(&img, seed + i, 32 << 20);
+    }
+    let child = env
+        .command(&["block", "backup", img.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    (img, child)
+}
+
+/// Sends `signal` to `child` once `ready()` holds; false if the child ended first.
+fn signal_when(child: &mut std::process::Child, signal: i32, ready: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready() {
+        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    true
+}
+
 #[test]
 fn killed_backup_leaves_no_rp_and_the_next_run_resumes() {
     let env = Env::with_init_args(&["--pack-size", "1MiB"]);
-    let img = env.path("big.img");
-    for i in 0..6 {
-        append_random(&img, 20 + i, 32 << 20);
-    }
-    let mut child = env
-        .command(&["block", "backup", img.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while env.packs().len() < 20 {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "backup ended before it could be killed"
-        );
-        assert!(Instant::now() < deadline, "no packs appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (img, mut child) = start_big_backup(&env, 20);
     assert!(
-        child.try_wait().unwrap().is_none(),
-        "backup ended before the kill"
+        signal_when(&mut child, libc::SIGKILL, || env.packs().len() >= 20),
+        "backup ended before it could be killed"
     );
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
 
     let rps = env.json(&["rp", "list"]);
@@ -508,34 +517,12 @@ impl Drop for LoopDev {
     }
 }
 
-fn interrupt_when(child: &mut std::process::Child, ready: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready() {
-        if child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    // SAFETY: plain kill(2) on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    true
-}
-
 #[test]
 fn ctrl_c_stops_backup_and_restore_cleanly() {
     let env = Env::with_init_args(&["--pack-size", "1MiB"]);
-    let img = env.path("big.img");
-    for i in 0..6 {
-        append_random(&img, 60 + i, 32 << 20);
-    }
-    let mut child = env
-        .command(&["block", "backup", img.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (img, mut child) = start_big_backup(&env, 60);
     assert!(
-        interrupt_when(&mut child, || env.packs().len() >= 3),
+        signal_when(&mut child, libc::SIGINT, || env.packs().len() >= 3),
         "backup ended before it could be interrupted"
     );
     let out = child.wait_with_output().unwrap();
@@ -574,7 +561,7 @@ fn ctrl_c_stops_backup_and_restore_cleanly() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let signalled = interrupt_when(&mut child, partial);
+        let signalled = signal_when(&mut child, libc::SIGINT, partial);
         let status = child.wait().unwrap();
         if signalled && status.code() == Some(130) {
             interrupted = true;

@@ -366,6 +366,9 @@ fn bench_elastio(root: &Path, data: &Path, work: &Path, base_sha: &str) -> Resul
     };
     run(&["vault", "init"])?;
     let mut out = Vec::new();
+    let record = |out: &mut Vec<Sample>, step, m, img: &str| {
+        out.push(sample("elastio", step, m, &vault, &data.join(img)))
+    };
     let backup = |img: &str, asset: &str| -> Result<(Duration, f64, f64, String)> {
         let p = data.join(img);
         warm(&p)?;
@@ -384,31 +387,13 @@ fn bench_elastio(root: &Path, data: &Path, work: &Path, base_sha: &str) -> Resul
         .as_str()
         .unwrap_or_default()
         .to_string();
-    out.push(sample("elastio", "full", m, &vault, &data.join("base.img")));
+    record(&mut out, "full", m, "base.img");
     let m = backup("base.img", "disk")?;
-    out.push(sample(
-        "elastio",
-        "unchanged",
-        m,
-        &vault,
-        &data.join("base.img"),
-    ));
+    record(&mut out, "unchanged", m, "base.img");
     let m = backup("changed.img", "disk")?;
-    out.push(sample(
-        "elastio",
-        "incr",
-        m,
-        &vault,
-        &data.join("changed.img"),
-    ));
+    record(&mut out, "incr", m, "changed.img");
     let m = backup("third.img", "third")?;
-    out.push(sample(
-        "elastio",
-        "third",
-        m,
-        &vault,
-        &data.join("third.img"),
-    ));
+    record(&mut out, "third", m, "third.img");
     let target = work.join("elastio-restore.img");
     let m = run(&[
         "block",
@@ -417,13 +402,7 @@ fn bench_elastio(root: &Path, data: &Path, work: &Path, base_sha: &str) -> Resul
         &full_rp,
         target.to_str().unwrap(),
     ])?;
-    out.push(sample(
-        "elastio",
-        "restore",
-        m,
-        &vault,
-        &data.join("base.img"),
-    ));
+    record(&mut out, "restore", m, "base.img");
     verify(&target, base_sha, "elastio")?;
     // Memory must not grow with the disk: back up the 256 MiB image into a fresh vault (all of
     // its data new, like the 2 GiB full backup) and compare peak RSS.
@@ -458,6 +437,9 @@ fn bench_restic(data: &Path, work: &Path, base_sha: &str) -> Result<Vec<Sample>>
     };
     measure(cmd().args(["init", "--repository-version", "2"]))?;
     let mut out = Vec::new();
+    let record = |out: &mut Vec<Sample>, step, m, img: &str| {
+        out.push(sample("restic", step, m, &repo, &data.join(img)))
+    };
     let backup = |img: &str, name: &str| -> Result<(Duration, f64, f64, String)> {
         let p = data.join(img);
         warm(&p)?;
@@ -483,26 +465,14 @@ fn bench_restic(data: &Path, work: &Path, base_sha: &str) -> Result<Vec<Sample>>
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find_map(|v| v["snapshot_id"].as_str().map(String::from))
             .context("restic printed no snapshot id")?;
-    out.push(sample("restic", "full", m, &repo, &data.join("base.img")));
+    record(&mut out, "full", m, "base.img");
     let m = backup("changed.img", "disk.img")?;
-    out.push(sample(
-        "restic",
-        "incr",
-        m,
-        &repo,
-        &data.join("changed.img"),
-    ));
+    record(&mut out, "incr", m, "changed.img");
     let m = backup("third.img", "third.img")?;
-    out.push(sample("restic", "third", m, &repo, &data.join("third.img")));
+    record(&mut out, "third", m, "third.img");
     let target = work.join("restic-restore");
     let m = measure(cmd().args(["restore", &snap, "--target", target.to_str().unwrap()]))?;
-    out.push(sample(
-        "restic",
-        "restore",
-        m,
-        &repo,
-        &data.join("base.img"),
-    ));
+    record(&mut out, "restore", m, "base.img");
     verify(&target.join("disk.img"), base_sha, "restic")?;
     Ok(out)
 }
@@ -520,6 +490,9 @@ fn bench_borg(data: &Path, work: &Path, base_sha: &str) -> Result<Vec<Sample>> {
     };
     measure(cmd().args(["init", "--encryption", "repokey-blake2"]))?;
     let mut out = Vec::new();
+    let record = |out: &mut Vec<Sample>, step, m, img: &str| {
+        out.push(sample("borg", step, m, &repo, &data.join(img)))
+    };
     let backup = |img: &str, archive: &str, name: &str| -> Result<(Duration, f64, f64, String)> {
         let p = data.join(img);
         warm(&p)?;
@@ -538,15 +511,15 @@ fn bench_borg(data: &Path, work: &Path, base_sha: &str) -> Result<Vec<Sample>> {
         )
     };
     let m = backup("base.img", "full", "disk.img")?;
-    out.push(sample("borg", "full", m, &repo, &data.join("base.img")));
+    record(&mut out, "full", m, "base.img");
     let m = backup("changed.img", "incr", "disk.img")?;
-    out.push(sample("borg", "incr", m, &repo, &data.join("changed.img")));
+    record(&mut out, "incr", m, "changed.img");
     let m = backup("third.img", "third", "third.img")?;
-    out.push(sample("borg", "third", m, &repo, &data.join("third.img")));
+    record(&mut out, "third", m, "third.img");
     let target = work.join("borg-restore");
     fs::create_dir_all(&target)?;
     let m = measure(cmd().args(["extract", "::full"]).current_dir(&target))?;
-    out.push(sample("borg", "restore", m, &repo, &data.join("base.img")));
+    record(&mut out, "restore", m, "base.img");
     verify(&target.join("disk.img"), base_sha, "borg")?;
     Ok(out)
 }

@@ -54,6 +54,16 @@ pub struct Block {
     pub data: Option<PooledBuf>,
 }
 
+impl Block {
+    pub(crate) fn hole(req: Req) -> Self {
+        Block {
+            offset: req.offset,
+            len: req.len,
+            data: None,
+        }
+    }
+}
+
 /// Splits a source into blocks and marks those inside holes.
 pub(crate) struct Planner<'a> {
     src: &'a BlockSource,
@@ -168,11 +178,7 @@ fn read_pread(
     for req in plan {
         let req = req.map_err(|e| source_err(src, e))?;
         if req.hole {
-            sink(Block {
-                offset: req.offset,
-                len: req.len,
-                data: None,
-            })?;
+            sink(Block::hole(req))?;
             continue;
         }
         let mut buf = pool.get(req.len.next_multiple_of(super::ALIGN));

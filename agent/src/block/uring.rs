@@ -65,11 +65,7 @@ impl Ring {
                     let Some(req) = plan.next() else { break };
                     let req = req.map_err(|e| source_err(src, e))?;
                     if req.hole {
-                        sink(Block {
-                            offset: req.offset,
-                            len: req.len,
-                            data: None,
-                        })?;
+                        sink(Block::hole(req))?;
                         continue;
                     }
                     let slot = slots.iter().position(Option::is_none).expect("free slot");
