@@ -38,9 +38,13 @@ pub struct SessionStats {
     pub index_objects: u64,
 }
 
+type Claimed = Arc<Mutex<HashSet<ChunkId>>>;
+
 pub struct BackupSession {
     vault: Arc<Vault>,
-    claimed: Mutex<HashSet<ChunkId>>,
+    /// Chunks this session stored that are not yet in the vault's index. Entries leave once their
+    /// index object is written, so the set stays as small as the unindexed tail (a few packs).
+    claimed: Claimed,
     tx: Option<Sender<(ChunkId, Vec<u8>)>>,
     packer: Option<JoinHandle<Result<SessionStats>>>,
     sealed_bytes: AtomicU64,
@@ -50,10 +54,12 @@ impl BackupSession {
     pub fn new(vault: Arc<Vault>) -> Self {
         let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(32);
         let v = vault.clone();
+        let claimed = Claimed::default();
+        let c = claimed.clone();
         let packer = std::thread::Builder::new()
             .name("scalez-packer".into())
             .spawn(move || {
-                let mut packer = Packer::new(v);
+                let mut packer = Packer::new(v, c);
                 for (id, sealed) in rx {
                     packer.add(id, &sealed)?;
                 }
@@ -62,7 +68,7 @@ impl BackupSession {
             .expect("spawn packer thread");
         BackupSession {
             vault,
-            claimed: Mutex::new(HashSet::new()),
+            claimed,
             tx: Some(tx),
             packer: Some(packer),
             sealed_bytes: AtomicU64::new(0),
@@ -137,7 +143,7 @@ enum Upload {
 }
 
 /// The store side of a session: runs the puts so sealing and packing continue meanwhile.
-fn upload_loop(vault: &Vault, rx: Receiver<Upload>) -> Result<SessionStats> {
+fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result<SessionStats> {
     let mut stats = SessionStats::default();
     for job in rx {
         match job {
@@ -154,6 +160,10 @@ fn upload_loop(vault: &Vault, rx: Receiver<Upload>) -> Result<SessionStats> {
                 stats.bytes_written += sealed.len() as u64;
                 stats.index_objects += 1;
                 vault.index_insert(&entries);
+                let mut c = claimed.lock().unwrap();
+                for (id, _) in &entries {
+                    c.remove(id);
+                }
             }
         }
     }
@@ -171,13 +181,13 @@ struct Packer {
 }
 
 impl Packer {
-    fn new(vault: Arc<Vault>) -> Self {
+    fn new(vault: Arc<Vault>, claimed: Claimed) -> Self {
         // Rendezvous channel: at most one pack is being written while the next one fills.
         let (tx, rx) = bounded::<Upload>(0);
         let v = vault.clone();
         let uploader = std::thread::Builder::new()
             .name("scalez-upload".into())
-            .spawn(move || upload_loop(&v, rx))
+            .spawn(move || upload_loop(&v, &claimed, rx))
             .expect("spawn upload thread");
         Packer {
             pack: PackBuilder::with_capacity(vault.config().pack_size as usize),
