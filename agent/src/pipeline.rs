@@ -243,8 +243,8 @@ fn hash_and_store(
                 ids
             }
         };
+        progress.advance(block.len as u64);
         drop(block);
-        progress.advance(n as u64 * cs as u64);
         if results.send((first, ids)).is_err() {
             return Ok(()); // the collector stopped and reports why
         }

@@ -22,7 +22,7 @@ Exit codes:
 directory or (later) an S3 bucket, deduplicated, zstd-compressed and AES-256-GCM encrypted. \
 Each backup is a recovery point (RP) that restores byte-exact on its own.\n\n\
 Vault: --vault, else $ELASTIO_VAULT, else ~/.local/share/elastio/vault.\n\
-Password: $ELASTIO_PASSWORD, else --password-file, else a prompt on a terminal.",
+Password: --password-file, else $ELASTIO_PASSWORD, else a prompt on a terminal.",
     after_help = EXIT_CODES
 )]
 pub struct Cli {

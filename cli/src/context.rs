@@ -31,11 +31,8 @@ impl Ctx {
         Ok(PathBuf::from(home).join(".local/share/elastio/vault"))
     }
 
-    /// The password from `$ELASTIO_PASSWORD`, `--password-file` or a terminal prompt.
+    /// The password from `--password-file`, else `$ELASTIO_PASSWORD`, else a terminal prompt.
     pub fn password(&self, confirm: bool) -> Result<Vec<u8>> {
-        if let Some(p) = std::env::var_os(PASSWORD_ENV) {
-            return Ok(p.into_encoded_bytes());
-        }
         if let Some(f) = &self.global.password_file {
             let text = std::fs::read(f)
                 .with_context(|| format!("cannot read password file {}", f.display()))?;
@@ -45,6 +42,9 @@ impl Ctx {
                 bail!("password file {} is empty", f.display());
             }
             return Ok(line.to_vec());
+        }
+        if let Some(p) = std::env::var_os(PASSWORD_ENV) {
+            return Ok(p.into_encoded_bytes());
         }
         if !std::io::stdin().is_terminal() {
             bail!(

@@ -365,6 +365,17 @@ fn missing_vault_and_existing_target_are_clear_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid recovery point id"));
     let out = env.run(&["vault", "init"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let busy = env.path("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("precious.txt"), b"keep").unwrap();
+    let mut c = env.command(&["vault", "init"]);
+    c.env("ELASTIO_VAULT", &busy);
+    let out = c.output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not empty"),
+        "a non-empty directory is not turned into a vault"
+    );
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use scalez::crypto::KdfParams;
 use scalez::store::local::LocalStore;
 use scalez::{Vault, VaultOptions};
@@ -28,6 +28,14 @@ fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
             parallelism: 1,
         },
     };
+    if let Ok(mut entries) = std::fs::read_dir(&path) {
+        if entries.next().is_some() && !path.join("config").exists() {
+            bail!(
+                "{} is not empty and is not a vault: choose an empty or new directory",
+                path.display()
+            );
+        }
+    }
     let password = ctx.password(true)?;
     let store = LocalStore::create(&path)
         .with_context(|| format!("cannot create vault directory {}", path.display()))?;
