@@ -584,3 +584,48 @@ fn ctrl_c_stops_backup_and_restore_cleanly() {
     }
     assert!(interrupted, "no restore could be interrupted in 5 tries");
 }
+
+/// A vault written by format version 1 (fixtures/golden-vault-v1, see fixtures/README.md) must keep
+/// opening and restoring byte-exact: this fails when an on-store format changes by accident.
+#[test]
+fn golden_vault_of_format_1_still_restores() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/golden-vault-v1");
+    let env = Env::new();
+    let vault = env.path("golden");
+    sh(
+        "cp",
+        &["-r", fixture.to_str().unwrap(), vault.to_str().unwrap()],
+    );
+    let run = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--output-format", "json"]);
+        let out = env
+            .command(&a)
+            .env("ELASTIO_VAULT", &vault)
+            .env("ELASTIO_PASSWORD", "golden")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let rps = run(&["rp", "list"]);
+    assert_eq!(rps[0]["id"], "rp-01m80q0exmx4mr1kh8rkgkg9q4");
+    assert_eq!(rps[0]["tags"]["fixture"], "golden");
+    assert_eq!(rps[0]["logical_size"], 1049576);
+    let target = env.path("golden.img");
+    run(&[
+        "block",
+        "restore",
+        "--rp",
+        "rp-01m80q0exmx4mr1kh8rkgkg9q4",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        sha256_file(&target),
+        "8c1cf74b6db0ac1203a0fd144f4ed3dc5a832211bd03cc8afcf04ef1c1dd81ec"
+    );
+}
