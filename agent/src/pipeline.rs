@@ -591,7 +591,8 @@ fn walk_jobs(
     tx: Sender<Job>,
     cancel: &Cancel,
 ) -> Result<(), AgentError> {
-    let mut load = |id: &ChunkId| -> Result<Page, AgentError> { Ok(vault.load_page(id)?) };
+    let mut load =
+        |id: &ChunkId| -> Result<Arc<Page>, AgentError> { Ok(Arc::new(vault.load_page(id)?)) };
     let mut reader = MapReader {
         root: map.root,
         depth: map.depth,

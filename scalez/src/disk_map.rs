@@ -16,6 +16,8 @@
 //! The tree is uniform: its depth follows from the slot count alone, so a reader can descend to
 //! slot `i` without any other metadata.
 
+use std::sync::Arc;
+
 use crate::ids::ChunkId;
 
 /// Frozen: entries per page (format version 1).
@@ -186,12 +188,12 @@ impl MapBuilder {
 /// Receives `(first slot, entries)` for each leaf range during [`MapReader::walk`].
 pub type LeafVisitor<'a, E> = dyn FnMut(u64, &[Option<ChunkId>]) -> Result<(), E> + 'a;
 
-/// Descends the tree. `load` returns a decoded page by id.
+/// Descends the tree. `load` returns a decoded page by id (shared, so callers can cache pages).
 pub struct MapReader<'a, E> {
     pub root: Option<ChunkId>,
     pub depth: u8,
     pub slots: u64,
-    pub load: &'a mut dyn FnMut(&ChunkId) -> Result<Page, E>,
+    pub load: &'a mut dyn FnMut(&ChunkId) -> Result<Arc<Page>, E>,
 }
 
 impl<E> MapReader<'_, E> {
@@ -297,7 +299,9 @@ mod tests {
         depth: u8,
         pages: &HashMap<ChunkId, Vec<u8>>,
     ) -> (Vec<Option<ChunkId>>, Vec<Option<ChunkId>>) {
-        let mut load = |i: &ChunkId| -> Result<Page, ()> { Ok(Page::decode(&pages[i]).unwrap()) };
+        let mut load = |i: &ChunkId| -> Result<Arc<Page>, ()> {
+            Ok(Arc::new(Page::decode(&pages[i]).unwrap()))
+        };
         let mut r = MapReader {
             root,
             depth,

@@ -47,16 +47,48 @@ impl DiskReader {
         Ok(p)
     }
 
-    /// The chunk at `slot`, None for zeros.
-    pub fn slot(&self, slot: u64) -> Result<Option<Arc<Vec<u8>>>> {
-        let mut load = |id: &ChunkId| -> Result<Page> { Ok((*self.page(id)?).clone()) };
-        let mut r = MapReader {
+    pub fn chunk_size(&self) -> u32 {
+        self.map.chunk_size
+    }
+
+    /// The chunk id at `slot` (None: zeros), from the map alone.
+    pub fn chunk_id(&self, slot: u64) -> Result<Option<ChunkId>> {
+        let mut load = |id: &ChunkId| self.page(id);
+        MapReader {
             root: self.map.root,
             depth: self.map.depth,
             slots: self.map.slots(),
             load: &mut load,
-        };
-        let Some(id) = r.lookup(slot)? else {
+        }
+        .lookup(slot)
+    }
+
+    /// Splits `[offset, offset + len)` (clipped to the disk) into runs of stored data (`true`) and
+    /// zeros (`false`), at chunk granularity, reading only the map. At most `max_runs` runs.
+    pub fn extents(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<(u64, bool)>> {
+        let end = offset.saturating_add(len).min(self.map.size);
+        let cs = self.map.chunk_size as u64;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let slot = pos / cs;
+            let n = ((slot + 1) * cs).min(end) - pos;
+            let data = self.chunk_id(slot)?.is_some();
+            if let Some((l, _)) = runs.last_mut().filter(|(_, d)| *d == data) {
+                *l += n;
+            } else if runs.len() == max_runs {
+                break;
+            } else {
+                runs.push((n, data));
+            }
+            pos += n;
+        }
+        Ok(runs)
+    }
+
+    /// The chunk at `slot`, None for zeros.
+    pub fn slot(&self, slot: u64) -> Result<Option<Arc<Vec<u8>>>> {
+        let Some(id) = self.chunk_id(slot)? else {
             return Ok(None);
         };
         if let Some(c) = self.chunks.lock().unwrap().get(&id) {

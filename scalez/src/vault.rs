@@ -613,7 +613,7 @@ mod tests {
             .unwrap();
         assert_eq!(got.tags, parse_tags(["b=2"]).unwrap());
         assert_eq!(vault.list_rps().unwrap(), vec![got.clone()]);
-        let mut load = |i: &ChunkId| vault.load_page(i);
+        let mut load = |i: &ChunkId| vault.load_page(i).map(Arc::new);
         let mut r = MapReader {
             root,
             depth: 0,
