@@ -65,6 +65,37 @@ pub enum Command {
     /// List, show and tag recovery points
     #[command(subcommand)]
     Rp(RpCommand),
+    /// Serve recovery points as NBD block devices
+    #[command(subcommand)]
+    Nbd(NbdCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NbdCommand {
+    /// Export disk recovery points read-only over NBD until Ctrl-C
+    #[command(
+        after_help = "Each RP is exported under its id and, as an alias, its asset name. Connect with e.g. `nbdinfo nbd://127.0.0.1:10809/<rp>`, `nbdcopy`, `qemu-img`, or attach it without the kernel's nbd module: `nbdfuse DIR/disk nbd://127.0.0.1:10809/<rp> &` then `mount -o loop,ro DIR/disk /mnt`."
+    )]
+    Serve(NbdServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NbdServeArgs {
+    /// Recovery points to export (ids, or `latest` for the newest disk RP)
+    #[arg(required = true)]
+    pub rps: Vec<String>,
+    /// TCP address to listen on
+    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "unix")]
+    pub listen: std::net::SocketAddr,
+    /// Listen on a Unix socket instead of TCP
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// Connections served at once; more are closed right away
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    /// Chunk cache per export
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub cache_size: u64,
 }
 
 #[derive(Subcommand, Debug)]

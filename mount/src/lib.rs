@@ -1,8 +1,17 @@
 //! # elastio mount: instant access to recovery points
 //!
-//! FUSE views (disk image, partitions, files inside file systems) and an NBD server over any RP
-//! arrive with their own issues. Both are built on [`scalez::reader::DiskReader`], the one
-//! random-access reader with its chunk cache, so they share caching and verification with every
-//! other reader of a vault.
+//! * [`nbd`]: an NBD server (newstyle fixed handshake, structured replies, `base:allocation`
+//!   block status, many requests in flight per connection, replies out of order) exporting disk
+//!   RPs read-only to nbdinfo, nbdcopy, qemu, nbdfuse or the kernel's nbd client.
+//! * FUSE views arrive with their own issue.
+//!
+//! Both sit on [`scalez::reader::DiskReader`], the one random-access reader with its chunk
+//! cache, so they share caching and verification with every other reader of a vault.
+//!
+//! Invariants: a recovery point is never modified through this crate; every byte served was
+//! authenticated by the vault; one misbehaving client can only lose its own connection; memory
+//! is bounded by the in-flight byte budget and the cache sizes, not by request sizes.
+
+pub mod nbd;
 
 pub use scalez::reader::DiskReader;

@@ -1,4 +1,5 @@
 mod block;
+mod nbd;
 mod rp;
 mod vault;
 
@@ -15,6 +16,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Vault(c) => vault::run(&ctx, c),
         Command::Block(c) => block::run(&ctx, c),
         Command::Rp(c) => rp::run(&ctx, c),
+        Command::Nbd(c) => nbd::run(&ctx, c),
     }
 }
 

@@ -1,0 +1,92 @@
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mount::nbd::{Export, Listen, Server, ServerOptions};
+use mount::DiskReader;
+use scalez::RpKind;
+use serde_json::json;
+
+use crate::cli::{NbdCommand, NbdServeArgs, OutputFormat};
+use crate::commands::rp::resolve_rp;
+use crate::context::Ctx;
+use crate::output::bytes;
+
+pub fn run(ctx: &Ctx, cmd: NbdCommand) -> Result<()> {
+    match cmd {
+        NbdCommand::Serve(a) => serve(ctx, a),
+    }
+}
+
+fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let mut exports = Vec::new();
+    for spec in &a.rps {
+        let rp = resolve_rp(&vault, spec, None, Some(RpKind::Disk))?;
+        let map = rp.disk.clone().context("disk RP without a map")?;
+        let reader = DiskReader::new(vault.clone(), map, a.cache_size as usize);
+        exports.push(Export {
+            name: rp.id.to_string(),
+            aliases: vec![rp.asset.name.clone()],
+            description: format!(
+                "{} of {} on {}, {}",
+                rp.id, rp.asset.name, rp.asset.host, rp.created
+            ),
+            reader: Arc::new(reader),
+        });
+    }
+    let names: Vec<(String, String, u64)> = exports
+        .iter()
+        .map(|e| (e.name.clone(), e.aliases[0].clone(), e.reader.size()))
+        .collect();
+    let server = Server::new(
+        exports,
+        ServerOptions {
+            max_connections: a.max_connections,
+            ..ServerOptions::default()
+        },
+    );
+    let listen = match &a.unix {
+        Some(p) => Listen::Unix(p.clone()),
+        None => Listen::Tcp(a.listen),
+    };
+    let unix = a.unix.clone();
+    let format = ctx.global.output_format;
+    let ready = move |addr: &str| {
+        let uri = |name: &str| match &unix {
+            Some(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+            None => format!("nbd://{addr}/{name}"),
+        };
+        match format {
+            OutputFormat::Json => {
+                let list: Vec<_> = names
+                    .iter()
+                    .map(|(n, asset, size)| json!({"name": n, "asset": asset, "size": size, "uri": uri(n)}))
+                    .collect();
+                println!("{}", json!({"listen": addr, "exports": list}));
+            }
+            OutputFormat::Human => {
+                for (n, asset, size) in &names {
+                    println!("export {n} ({asset}, {}): {}", bytes(*size), uri(n));
+                }
+                println!("serving on {addr}; press Ctrl-C to stop");
+            }
+        }
+        let _ = std::io::stdout().flush();
+    };
+    let cancel = crate::cancel_token();
+    let shutdown = async move {
+        while !cancel.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()?;
+    rt.block_on(server.run(listen, ready, shutdown))
+        .context("NBD server failed")?;
+    rt.shutdown_timeout(Duration::from_secs(2));
+    Ok(())
+}
