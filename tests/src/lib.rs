@@ -255,3 +255,92 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
 }
 
 pub const CHUNK: usize = 128 * 1024;
+
+/// `elastio nbd serve` running in the background on a free loopback port; stopped with SIGINT
+/// when dropped.
+pub struct NbdServer {
+    pub child: std::process::Child,
+    /// `host:port`.
+    pub addr: String,
+}
+
+impl NbdServer {
+    pub fn start(env: &Env, rps: &[&str], extra: &[&str]) -> Self {
+        use std::io::BufRead;
+        let mut args = vec![
+            "nbd",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--output-format",
+            "json",
+        ];
+        args.extend_from_slice(rps);
+        args.extend_from_slice(extra);
+        let mut child = env
+            .command(&args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn elastio nbd serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("nbd server did not become ready in 30 s");
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad ready line {line:?}: {e}"));
+        NbdServer {
+            child,
+            addr: ready["listen"].as_str().unwrap().to_string(),
+        }
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://{}/{export}", self.addr)
+    }
+
+    /// Resident memory of the server process, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+            * 1024
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Stops the server with SIGINT and returns its exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.stop();
+        }
+    }
+}

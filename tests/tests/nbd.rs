@@ -1,0 +1,422 @@
+//! End-to-end: `elastio nbd serve` against real NBD clients (libnbd's nbdinfo, nbdcopy, nbdfuse;
+//! qemu-img, qemu-io) and against a raw socket client that misbehaves on purpose.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use elastio_tests::*;
+
+/// An ext4 image made from the fixture tree (mostly holes), backed up; returns (image, rp id).
+fn ext4_rp(env: &Env) -> (PathBuf, String) {
+    let img = env.path("ext4.img");
+    sparse_file(&img, 48 << 20);
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
+    sh(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            tree.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    // Some data past the file system's metadata, and an odd tail, so reads cross many chunks.
+    let rp = env.backup(&img, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (img, rp)
+}
+
+#[test]
+fn real_clients_read_the_rp_byte_exact() {
+    let env = Env::new();
+    let (img, rp) = ext4_rp(&env);
+    let server = NbdServer::start(&env, &[&rp], &[]);
+    let uri = server.uri(&rp);
+
+    let list = sh("nbdinfo", &["--list", &format!("nbd://{}", server.addr)]);
+    assert!(list.contains(&rp), "{list}");
+    assert!(list.contains("base:allocation"), "{list}");
+    assert!(list.contains("is_read_only: true"), "{list}");
+    assert!(list.contains("block_size_preferred: 131072"), "{list}");
+
+    let map = sh("nbdinfo", &["--map", &uri]);
+    assert!(map.contains("hole,zero") && map.contains("data"), "{map}");
+
+    let copy = env.path("copy.img");
+    sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(&img),
+        "nbdcopy is byte-exact"
+    );
+
+    sh(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &uri,
+            img.to_str().unwrap(),
+        ],
+    );
+
+    // Random reads with qemu-io, checked against the image: a pattern check where the image is
+    // zero, and a byte-exact check of a data region read through a second client.
+    let data = std::fs::read(&img).unwrap();
+    let mut cmds = Vec::new();
+    for i in 0..50u64 {
+        let off = (i * 7_919 * 4096) % (data.len() as u64 - 65536);
+        cmds.push(format!("read {off} 4096"));
+    }
+    let zero_at = (40u64 << 20) + 12345;
+    assert!(data[zero_at as usize..zero_at as usize + 4096]
+        .iter()
+        .all(|b| *b == 0));
+    cmds.push(format!("read -P 0 {zero_at} 4096"));
+    let mut args = vec!["-r".to_string(), "-f".into(), "raw".into()];
+    for c in &cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(uri.clone());
+    let out = Command::new("qemu-io").args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("Pattern verification failed"),
+        "{text}"
+    );
+    assert_eq!(text.matches("read 4096/4096 bytes").count(), 51, "{text}");
+
+    // The asset name is an alias for the RP.
+    let alias = std::fs::canonicalize(&img).unwrap();
+    let out = sh(
+        "nbdinfo",
+        &[
+            "--size",
+            &format!("nbd://{}/{}", server.addr, alias.display()),
+        ],
+    );
+    assert_eq!(out.trim(), (48u64 << 20).to_string());
+}
+
+/// The kernel here has no nbd module: attach through nbdfuse and a loop device, mount the ext4 file
+/// system and compare a file with the fixture.
+#[test]
+fn nbdfuse_and_loop_mount_show_the_files() {
+    assert!(
+        is_root(),
+        "this test needs root for mount; run the suite as root (CI does)"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: FUSE is needed for nbdfuse"
+    );
+    let env = Env::new();
+    let (_, rp) = ext4_rp(&env);
+    let server = NbdServer::start(&env, &[&rp], &[]);
+    let fuse_dir = env.path("fuse");
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&fuse_dir).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let disk = fuse_dir.join("disk");
+    let mut nbdfuse = Command::new("nbdfuse")
+        .args(["--readonly", disk.to_str().unwrap(), &server.uri(&rp)])
+        .spawn()
+        .expect("nbdfuse");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !disk.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse did not attach"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mounted = Command::new("mount")
+        .args([
+            "-o",
+            "loop,ro,noload",
+            disk.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    let check = std::panic::catch_unwind(|| {
+        assert!(mounted.success(), "loop mount of the NBD disk failed");
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
+        for f in [
+            "home/alice/docs/notes.md",
+            "home/alice/blob.bin",
+            "var/log/app.log",
+        ] {
+            assert_eq!(
+                std::fs::read(mnt.join(f)).unwrap(),
+                std::fs::read(fixture.join(f)).unwrap(),
+                "{f} through NBD"
+            );
+        }
+        assert_eq!(
+            std::fs::read_link(mnt.join("home/alice/app.conf")).unwrap(),
+            Path::new("../../etc/app.conf")
+        );
+    });
+    let _ = Command::new("umount").arg(&mnt).status();
+    let _ = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&fuse_dir)
+        .status();
+    let _ = nbdfuse.wait();
+    check.unwrap();
+}
+
+/// A minimal client speaking the fixed newstyle handshake with NBD_OPT_GO and simple replies.
+struct RawClient(TcpStream);
+
+impl RawClient {
+    fn connect(addr: &str) -> Self {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = RawClient(s);
+        let mut greeting = [0u8; 18];
+        c.0.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+        c
+    }
+
+    fn send_option(&mut self, option: u32, data: &[u8]) {
+        let mut m = b"IHAVEOPT".to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.0.write_all(&m).unwrap();
+    }
+
+    /// Reads one option reply: (reply type, data).
+    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.0.read_exact(&mut h).unwrap();
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        self.0.read_exact(&mut d).unwrap();
+        (kind, d)
+    }
+
+    /// Client flags, then NBD_OPT_GO for `export`; returns the export size.
+    fn go(addr: &str, export: &str) -> (Self, u64) {
+        let mut c = Self::connect(addr);
+        c.0.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        c.send_option(7, &d);
+        let mut size = 0;
+        loop {
+            let (kind, data) = c.option_reply();
+            match kind {
+                3 if data[..2] == [0, 0] => {
+                    size = u64::from_be_bytes(data[2..10].try_into().unwrap())
+                }
+                3 => {}
+                1 => break,
+                other => panic!(
+                    "unexpected option reply {other:#x}: {}",
+                    String::from_utf8_lossy(&data)
+                ),
+            }
+        }
+        (c, size)
+    }
+
+    fn request(&mut self, kind: u16, cookie: u64, offset: u64, len: u32) {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        self.0.write_all(&r).unwrap();
+    }
+
+    /// A simple reply: (error, cookie).
+    fn reply(&mut self) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..4], &0x6744_6698u32.to_be_bytes());
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
+    }
+
+    fn read(&mut self, cookie: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.request(0, cookie, offset, len);
+        let (err, c) = self.reply();
+        assert_eq!(c, cookie);
+        if err != 0 {
+            return Err(err);
+        }
+        let mut d = vec![0u8; len as usize];
+        self.0.read_exact(&mut d).unwrap();
+        Ok(d)
+    }
+
+    fn closed_by_server(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.0.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+#[test]
+fn misbehaving_clients_lose_only_their_connection() {
+    let env = Env::new();
+    let (img, rp) = ext4_rp(&env);
+    let data = std::fs::read(&img).unwrap();
+    let mut server = NbdServer::start(&env, &[&rp], &[]);
+    let addr = server.addr.clone();
+
+    // Not fixed newstyle: closed.
+    let mut c = RawClient::connect(&addr);
+    c.0.write_all(&0u32.to_be_bytes()).unwrap();
+    assert!(c.closed_by_server());
+
+    // Garbage instead of an option: closed.
+    let mut c = RawClient::connect(&addr);
+    c.0.write_all(&3u32.to_be_bytes()).unwrap();
+    c.0.write_all(b"GARBAGE!GARBAGE!").unwrap();
+    assert!(c.closed_by_server());
+
+    // An absurd option length: closed without reading it.
+    let mut c = RawClient::connect(&addr);
+    c.0.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut m = b"IHAVEOPT".to_vec();
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.extend_from_slice(&u32::MAX.to_be_bytes());
+    c.0.write_all(&m).unwrap();
+    assert!(c.closed_by_server());
+
+    // Unknown option: an error reply, and the connection carries on; unknown export too.
+    let mut c = RawClient::connect(&addr);
+    c.0.write_all(&3u32.to_be_bytes()).unwrap();
+    c.send_option(0x4242, b"whatever");
+    assert_eq!(c.option_reply().0, (1 << 31) + 1, "NBD_REP_ERR_UNSUP");
+    let mut d = 7u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"no-such");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.send_option(7, &d);
+    assert_eq!(c.option_reply().0, (1 << 31) + 6, "NBD_REP_ERR_UNKNOWN");
+    c.send_option(2, &[]);
+    assert_eq!(c.option_reply().0, 1, "abort is acknowledged");
+
+    // Transmission: bad requests get errors, the connection stays usable.
+    let (mut c, size) = RawClient::go(&addr, &rp);
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(
+        c.read(1, size - 10, 20),
+        Err(22),
+        "read past the end: EINVAL"
+    );
+    assert_eq!(
+        c.read(2, 0, 2 << 30),
+        Err(22),
+        "a 2 GiB read: EINVAL, nothing allocated"
+    );
+    assert_eq!(
+        c.read(3, u64::MAX - 5, 10),
+        Err(22),
+        "offset overflow: EINVAL"
+    );
+    c.request(1, 4, 0, 4);
+    c.0.write_all(b"data").unwrap();
+    assert_eq!(c.reply(), (1, 4), "write to a read-only export: EPERM");
+    c.request(99, 5, 0, 0);
+    assert_eq!(c.reply(), (22, 5), "unknown command: EINVAL");
+    assert_eq!(c.read(6, 4096, 8192).unwrap(), &data[4096..12288]);
+    c.request(3, 7, 0, 0);
+    assert_eq!(c.reply(), (0, 7), "flush");
+
+    // Many requests in flight; replies may come in any order but each matches its cookie.
+    let offsets: Vec<u64> = (0..32).map(|i| (i * 1_234_567) % (size - 65536)).collect();
+    for (i, off) in offsets.iter().enumerate() {
+        c.request(0, 100 + i as u64, *off, 65536);
+    }
+    let mut seen = 0;
+    while seen < offsets.len() {
+        let (err, cookie) = c.reply();
+        assert_eq!(err, 0);
+        let off = offsets[(cookie - 100) as usize] as usize;
+        let mut d = vec![0u8; 65536];
+        c.0.read_exact(&mut d).unwrap();
+        assert_eq!(d, &data[off..off + 65536], "reply {cookie}");
+        seen += 1;
+    }
+
+    // A client that asks for 32 MiB and hangs up before reading the reply.
+    let (mut c, _) = RawClient::go(&addr, &rp);
+    c.request(0, 1, 0, 32 << 20);
+    drop(c);
+
+    // A request with a bad magic ends that connection only.
+    let (mut c, _) = RawClient::go(&addr, &rp);
+    c.0.write_all(&[0u8; 28]).unwrap();
+    assert!(c.closed_by_server());
+
+    // 64 clients at once, each reading and checking.
+    let handles: Vec<_> = (0..64u64)
+        .map(|i| {
+            let (addr, rp, data) = (addr.clone(), rp.clone(), data.clone());
+            std::thread::spawn(move || {
+                let (mut c, _) = RawClient::go(&addr, &rp);
+                for j in 0..8u64 {
+                    let off = ((i * 8 + j) * 524_288 + 4096) % (data.len() as u64 - 131072);
+                    let got = c.read(j, off, 131072).unwrap();
+                    assert_eq!(got, &data[off as usize..off as usize + 131072]);
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert!(server.is_running(), "the server survived everything");
+    let rss = server.rss();
+    assert!(rss < 512 << 20, "server memory stays bounded: {rss} bytes");
+    let list = sh("nbdinfo", &["--list", &format!("nbd://{addr}")]);
+    assert!(list.contains(&rp));
+    assert_eq!(server.stop(), Some(0), "Ctrl-C stops the server cleanly");
+}
+
+#[test]
+fn connections_over_the_limit_are_closed_and_unknown_rps_fail_fast() {
+    let env = Env::new();
+    let (_, rp) = ext4_rp(&env);
+    let server = NbdServer::start(&env, &[&rp], &["--max-connections", "2"]);
+    let (_a, _) = RawClient::go(&server.addr, &rp);
+    let (_b, _) = RawClient::go(&server.addr, &rp);
+    let mut c = TcpStream::connect(&server.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 18];
+    assert!(
+        matches!(c.read(&mut buf), Ok(0) | Err(_)),
+        "a third connection is closed at once"
+    );
+    drop((_a, _b));
+
+    let out = env.run(&[
+        "nbd",
+        "serve",
+        "rp-01m80q0exmx4mr1kh8rkgkg9q4",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
