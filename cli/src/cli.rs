@@ -96,6 +96,16 @@ pub struct NbdServeArgs {
     /// Chunk cache per export
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Accept writes, TRIM and WRITE_ZEROES into a copy-on-write overlay (a local sparse file,
+    /// never the vault); discarded on exit unless --save-as-rp
+    #[arg(long)]
+    pub writable: bool,
+    /// On exit, turn each export's overlay into a new recovery point of the same asset
+    #[arg(long, requires = "writable")]
+    pub save_as_rp: bool,
+    /// Directory for overlay files (default: the system temporary directory)
+    #[arg(long, value_name = "DIR", requires = "writable")]
+    pub overlay_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

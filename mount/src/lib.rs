@@ -13,5 +13,6 @@
 //! is bounded by the in-flight byte budget and the cache sizes, not by request sizes.
 
 pub mod nbd;
+pub mod overlay;
 
 pub use scalez::reader::DiskReader;

@@ -420,3 +420,92 @@ fn connections_over_the_limit_are_closed_and_unknown_rps_fail_fast() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let out = Command::new("qemu-io").args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn writable_overlay_never_touches_the_vault_and_can_be_saved() {
+    let env = Env::new();
+    let (img, rp) = ext4_rp(&env);
+    let before = env.vault_bytes();
+    let original = sha256_file(&img);
+
+    // Writes, zeroes and trims land in the overlay and read back.
+    let mut server = NbdServer::start(&env, &[&rp], &["--writable"]);
+    let uri = server.uri(&rp);
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 1048576 65536",   // inside a chunk that holds data
+            "write -P 0xcd 41943040 131072", // a whole chunk that was a hole
+            "write -P 0xee 47185920 100",    // a partial write into a hole
+            "write -z 0 4096",               // WRITE_ZEROES over the superblock area
+            "discard 2097152 131072",        // TRIM
+        ],
+    );
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0xab 1048576 65536",
+            "read -P 0xcd 41943040 131072",
+            "read -P 0xee 47185920 100",
+            "read -P 0 47186020 1000",
+            "read -P 0 0 4096",
+            "read -P 0 2097152 131072",
+        ],
+    );
+    assert_eq!(server.stop(), Some(0));
+    assert_eq!(env.vault_bytes(), before, "the vault is unchanged");
+
+    // Discarded: the RP still serves the original bytes.
+    let server = NbdServer::start(&env, &[&rp], &[]);
+    let copy = env.path("copy.img");
+    sh("nbdcopy", &[&server.uri(&rp), copy.to_str().unwrap()]);
+    assert_eq!(sha256_file(&copy), original, "the original RP is unchanged");
+    drop(server);
+
+    // --save-as-rp: the same writes become a new RP of the same asset.
+    let mut server = NbdServer::start(&env, &[&rp], &["--writable", "--save-as-rp"]);
+    let uri = server.uri(&rp);
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 1048576 65536",
+            "write -P 0xcd 41943040 131072",
+            "discard 2097152 131072",
+        ],
+    );
+    assert_eq!(server.stop(), Some(0));
+    let rps = env.json(&["rp", "list"]);
+    let rps = rps.as_array().unwrap();
+    assert_eq!(rps.len(), 2, "one new RP: {rps:?}");
+    let saved = &rps[1];
+    assert_eq!(saved["parent"], rp.as_str());
+    assert_eq!(saved["asset"], rps[0]["asset"]);
+    let restored = env.path("saved.img");
+    env.restore(saved["id"].as_str().unwrap(), &restored);
+    let mut expect = std::fs::read(&img).unwrap();
+    expect[1048576..1048576 + 65536].fill(0xab);
+    expect[41943040..41943040 + 131072].fill(0xcd);
+    expect[2097152..2097152 + 131072].fill(0);
+    assert_eq!(
+        std::fs::read(&restored).unwrap(),
+        expect,
+        "the saved RP holds the writes"
+    );
+    assert_eq!(sha256_file(&copy), original);
+}

@@ -3,7 +3,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mount::nbd::{Export, Listen, Server, ServerOptions};
+use mount::nbd::{Disk, Export, Listen, Server, ServerOptions};
+use mount::overlay::{save_as_rp, Overlay};
 use mount::DiskReader;
 use scalez::RpKind;
 use serde_json::json;
@@ -22,10 +23,21 @@ pub fn run(ctx: &Ctx, cmd: NbdCommand) -> Result<()> {
 fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
     let vault = ctx.open_vault()?;
     let mut exports = Vec::new();
+    let mut overlays = Vec::new();
+    let overlay_dir = a.overlay_dir.clone().unwrap_or_else(std::env::temp_dir);
     for spec in &a.rps {
         let rp = resolve_rp(&vault, spec, None, Some(RpKind::Disk))?;
         let map = rp.disk.clone().context("disk RP without a map")?;
-        let reader = DiskReader::new(vault.clone(), map, a.cache_size as usize);
+        let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
+        let disk = if a.writable {
+            let overlay = Arc::new(Overlay::create(reader, &overlay_dir).with_context(|| {
+                format!("cannot create an overlay file in {}", overlay_dir.display())
+            })?);
+            overlays.push((rp.clone(), overlay.clone()));
+            Disk::Writable(overlay)
+        } else {
+            Disk::ReadOnly(reader)
+        };
         exports.push(Export {
             name: rp.id.to_string(),
             aliases: vec![rp.asset.name.clone()],
@@ -33,12 +45,12 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
                 "{} of {} on {}, {}",
                 rp.id, rp.asset.name, rp.asset.host, rp.created
             ),
-            reader: Arc::new(reader),
+            disk,
         });
     }
     let names: Vec<(String, String, u64)> = exports
         .iter()
-        .map(|e| (e.name.clone(), e.aliases[0].clone(), e.reader.size()))
+        .map(|e| (e.name.clone(), e.aliases[0].clone(), e.disk.size()))
         .collect();
     let server = Server::new(
         exports,
@@ -88,5 +100,41 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
     rt.block_on(server.run(listen, ready, shutdown))
         .context("NBD server failed")?;
     rt.shutdown_timeout(Duration::from_secs(2));
+    if a.save_as_rp {
+        let mut saved = Vec::new();
+        for (base, overlay) in &overlays {
+            if overlay.dirty_slots() == 0 {
+                eprintln!(
+                    "{}: nothing was written, no recovery point created",
+                    base.id
+                );
+                continue;
+            }
+            let rp = save_as_rp(&vault, base, overlay).with_context(|| {
+                format!("saving the overlay of {} as a recovery point", base.id)
+            })?;
+            saved.push(rp);
+        }
+        // The client that started us may have closed our stdout by now: never panic on that.
+        let mut out = std::io::stdout();
+        match ctx.global.output_format {
+            OutputFormat::Json => {
+                let _ = writeln!(out, "{}", json!({ "saved": saved }));
+            }
+            OutputFormat::Human => {
+                for rp in &saved {
+                    let parent = rp
+                        .parent
+                        .as_ref()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default();
+                    let new = bytes(rp.new_bytes_stored);
+                    let _ = writeln!(out, "saved {} (parent {parent}, {new} new)", rp.id);
+                }
+            }
+        }
+    } else if overlays.iter().any(|(_, o)| o.dirty_slots() > 0) {
+        eprintln!("writes to the overlay were discarded (use --save-as-rp to keep them)");
+    }
     Ok(())
 }

@@ -4,4 +4,4 @@
 pub mod proto;
 pub mod server;
 
-pub use server::{Export, Listen, Server, ServerOptions};
+pub use server::{Disk, Export, Listen, Server, ServerOptions};

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use scalez::reader::DiskReader;
+
+use crate::overlay::Overlay;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -37,7 +39,52 @@ pub struct Export {
     /// Other names that select this export (the asset name).
     pub aliases: Vec<String>,
     pub description: String,
-    pub reader: Arc<DiskReader>,
+    pub disk: Disk,
+}
+
+/// What an export serves: the RP itself (read-only) or a copy-on-write overlay over it.
+#[derive(Clone)]
+pub enum Disk {
+    ReadOnly(Arc<DiskReader>),
+    Writable(Arc<Overlay>),
+}
+
+impl Disk {
+    pub fn size(&self) -> u64 {
+        match self {
+            Disk::ReadOnly(r) => r.size(),
+            Disk::Writable(o) => o.size(),
+        }
+    }
+
+    fn reader(&self) -> &Arc<DiskReader> {
+        match self {
+            Disk::ReadOnly(r) => r,
+            Disk::Writable(o) => o.base(),
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            Disk::ReadOnly(r) => r.read_at(offset, buf).map(|_| ()).map_err(io::Error::from),
+            Disk::Writable(o) => o.read_at(offset, buf),
+        }
+    }
+
+    fn extents(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<(u64, bool)>> {
+        match self {
+            Disk::ReadOnly(r) => r.extents(offset, len, max).map_err(io::Error::from),
+            Disk::Writable(o) => o.extents(offset, len, max),
+        }
+    }
+
+    fn flags(&self) -> u16 {
+        let common = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE;
+        match self {
+            Disk::ReadOnly(_) => common | TF_READ_ONLY,
+            Disk::Writable(_) => common | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -205,10 +252,6 @@ where
     transmission(rd, wr, shared, session).await
 }
 
-fn transmission_flags() -> u16 {
-    TF_HAS_FLAGS | TF_READ_ONLY | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN | TF_SEND_CACHE
-}
-
 /// Option haggling. Returns the session to serve, or None when the client aborted.
 async fn negotiate<R, W>(
     rd: &mut R,
@@ -242,8 +285,9 @@ where
                 let Some(i) = shared.find(&name) else {
                     return Err(io::Error::other(format!("unknown export {name:?}")));
                 };
-                let mut out = shared.exports[i].reader.size().to_be_bytes().to_vec();
-                out.extend_from_slice(&transmission_flags().to_be_bytes());
+                let disk = &shared.exports[i].disk;
+                let mut out = disk.size().to_be_bytes().to_vec();
+                out.extend_from_slice(&disk.flags().to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
@@ -351,11 +395,11 @@ where
                 let e = &shared.exports[i];
                 wr.write_all(&reply(
                     REP_INFO,
-                    &info_export(e.reader.size(), transmission_flags()),
+                    &info_export(e.disk.size(), e.disk.flags()),
                 ))
                 .await?;
                 if infos.contains(&INFO_BLOCK_SIZE) {
-                    let d = info_block_size(512, e.reader.chunk_size(), MAX_REQUEST);
+                    let d = info_block_size(512, e.disk.reader().chunk_size(), MAX_REQUEST);
                     wr.write_all(&reply(REP_INFO, &d)).await?;
                 }
                 if infos.contains(&INFO_NAME) {
@@ -441,6 +485,21 @@ impl Replier {
     }
 }
 
+/// Runs `f` on the blocking pool and sends the frame it returns (an EIO reply if it panicked).
+fn reply_with(
+    tx: &mpsc::Sender<Vec<u8>>,
+    r: Replier,
+    f: impl FnOnce() -> Vec<u8> + Send + 'static,
+) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let frame = tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| r.error(EIO, &e.to_string()));
+        let _ = tx.send(frame).await;
+    });
+}
+
 async fn transmission<R, W>(
     mut rd: R,
     mut wr: W,
@@ -458,8 +517,8 @@ where
         }
         wr.flush().await
     });
-    let reader = shared.exports[s.export].reader.clone();
-    let size = reader.size();
+    let disk = shared.exports[s.export].disk.clone();
+    let size = disk.size();
     let result: io::Result<()> = async {
         loop {
             let mut h = [0u8; REQUEST_LEN];
@@ -485,6 +544,19 @@ where
                         .map_err(|_| io::Error::other("reply writer stopped"))
                 }
             };
+            let io_reply = move |res: io::Result<()>| match res {
+                Ok(()) => r.ok(),
+                Err(e) => {
+                    tracing::error!("request {} at {}: {e}", req.kind, req.offset);
+                    r.error(EIO, &e.to_string())
+                }
+            };
+            let permits = |len: u32| {
+                shared
+                    .budget
+                    .clone()
+                    .acquire_many_owned((len as usize).div_ceil(PERMIT).max(1) as u32)
+            };
             match req.kind {
                 CMD_READ => {
                     if req.len > MAX_REQUEST {
@@ -495,61 +567,71 @@ where
                         send(r.error(EINVAL, "read past the end of the export")).await?;
                         continue;
                     }
-                    let permits = shared
-                        .budget
-                        .clone()
-                        .acquire_many_owned((req.len as usize).div_ceil(PERMIT).max(1) as u32)
-                        .await
-                        .map_err(io::Error::other)?;
-                    let (reader, tx) = (reader.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let read = tokio::task::spawn_blocking(move || {
-                            let mut frame = vec![0u8; r.header_len() + req.len as usize];
-                            reader
-                                .read_at(req.offset, &mut frame[r.header_len()..])
-                                .map(|_| frame)
-                        })
-                        .await;
-                        let frame = match read {
-                            Ok(Ok(frame)) => r.read_ok(frame, req.offset),
-                            Ok(Err(e)) => {
-                                tracing::error!("read of {} bytes at {}: {e}", req.len, req.offset);
-                                r.error(EIO, &e.to_string())
-                            }
-                            Err(e) => r.error(EIO, &e.to_string()),
-                        };
-                        let _ = tx.send(frame).await;
-                        drop(permits);
+                    let permit = permits(req.len).await.map_err(io::Error::other)?;
+                    let disk = disk.clone();
+                    reply_with(&tx, r, move || {
+                        let mut frame = vec![0u8; r.header_len() + req.len as usize];
+                        let read = disk.read_at(req.offset, &mut frame[r.header_len()..]);
+                        drop(permit);
+                        match read {
+                            Ok(()) => r.read_ok(frame, req.offset),
+                            Err(e) => io_reply(Err(e)),
+                        }
                     });
                 }
-                CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => {
-                    if req.kind == CMD_WRITE {
-                        if req.len > MAX_REQUEST {
-                            return Err(io::Error::other("write payload too large"));
-                        }
-                        let mut sink = vec![0u8; req.len as usize];
-                        rd.read_exact(&mut sink).await?;
+                CMD_WRITE => {
+                    if req.len > MAX_REQUEST {
+                        return Err(io::Error::other(
+                            "write payload larger than the maximum block size",
+                        ));
                     }
-                    send(r.error(EPERM, "the export is read-only")).await?;
+                    let permit = permits(req.len).await.map_err(io::Error::other)?;
+                    let mut data = vec![0u8; req.len as usize];
+                    rd.read_exact(&mut data).await?;
+                    match &disk {
+                        Disk::ReadOnly(_) => {
+                            send(r.error(EPERM, "the export is read-only")).await?
+                        }
+                        Disk::Writable(_) if !in_range => {
+                            send(r.error(ENOSPC, "write past the end of the export")).await?
+                        }
+                        Disk::Writable(o) => {
+                            let o = o.clone();
+                            reply_with(&tx, r, move || {
+                                let res = o.write_at(req.offset, &data);
+                                drop(permit);
+                                io_reply(res)
+                            });
+                        }
+                    }
                 }
-                CMD_FLUSH => send(r.ok()).await?,
+                CMD_TRIM | CMD_WRITE_ZEROES => match &disk {
+                    Disk::ReadOnly(_) => send(r.error(EPERM, "the export is read-only")).await?,
+                    Disk::Writable(_) if !in_range => {
+                        send(r.error(ENOSPC, "request past the end of the export")).await?
+                    }
+                    Disk::Writable(o) => {
+                        let o = o.clone();
+                        reply_with(&tx, r, move || io_reply(o.zero(req.offset, req.len as u64)));
+                    }
+                },
+                CMD_FLUSH => match &disk {
+                    Disk::ReadOnly(_) => send(r.ok()).await?,
+                    Disk::Writable(o) => {
+                        let o = o.clone();
+                        reply_with(&tx, r, move || io_reply(o.flush()));
+                    }
+                },
                 CMD_CACHE => {
                     if !in_range {
                         send(r.error(EINVAL, "cache request past the end")).await?;
                         continue;
                     }
-                    let (reader, tx) = (reader.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let done = tokio::task::spawn_blocking(move || {
-                            prefetch(&reader, req.offset, req.len as u64)
-                        })
-                        .await;
-                        let frame = match done {
-                            Ok(Ok(())) => r.ok(),
-                            Ok(Err(e)) => r.error(EIO, &e.to_string()),
-                            Err(e) => r.error(EIO, &e.to_string()),
-                        };
-                        let _ = tx.send(frame).await;
+                    let reader = disk.reader().clone();
+                    reply_with(&tx, r, move || {
+                        io_reply(
+                            prefetch(&reader, req.offset, req.len as u64).map_err(io::Error::from),
+                        )
                     });
                 }
                 CMD_BLOCK_STATUS => {
@@ -561,19 +643,15 @@ where
                         send(r.error(EINVAL, "block status past the end")).await?;
                         continue;
                     }
-                    let (reader, tx) = (reader.clone(), tx.clone());
-                    tokio::spawn(async move {
+                    let disk = disk.clone();
+                    reply_with(&tx, r, move || {
                         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
                             1
                         } else {
                             MAX_EXTENTS
                         };
-                        let runs = tokio::task::spawn_blocking(move || {
-                            reader.extents(req.offset, req.len as u64, max)
-                        })
-                        .await;
-                        let frame = match runs {
-                            Ok(Ok(runs)) => {
+                        match disk.extents(req.offset, req.len as u64, max) {
+                            Ok(runs) => {
                                 let d: Vec<(u32, u32)> = runs
                                     .into_iter()
                                     .map(|(len, data)| {
@@ -582,10 +660,8 @@ where
                                     .collect();
                                 chunk_block_status(req.cookie, CONTEXT_ID, &d)
                             }
-                            Ok(Err(e)) => r.error(EIO, &e.to_string()),
-                            Err(e) => r.error(EIO, &e.to_string()),
-                        };
-                        let _ = tx.send(frame).await;
+                            Err(e) => io_reply(Err(e)),
+                        }
                     });
                 }
                 CMD_DISC => return Ok(()),

@@ -1,0 +1,253 @@
+//! A copy-on-write overlay over a disk RP: writes land in a local sparse file, never in the vault.
+//!
+//! The overlay tracks which chunk-sized slots it holds. The first write to a slot copies the RP's
+//! chunk into the overlay file (unless the write covers the whole slot), then applies the write;
+//! reads of such slots come from the file, all others from the RP. Zeroing a whole slot punches a
+//! hole in the file. The file is unlinked as soon as it is created, so it disappears with the
+//! process; [`save_as_rp`] turns the overlay into a new recovery point of the same asset.
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use scalez::catalog::RP_FORMAT;
+use scalez::disk_map::{MapBuilder, MapReader, Page};
+use scalez::reader::DiskReader;
+use scalez::{BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RecoveryPointId, Vault};
+
+pub struct Overlay {
+    base: Arc<DiskReader>,
+    file: File,
+    /// Slots whose current content lives in `file`.
+    dirty: Mutex<BTreeSet<u64>>,
+    cs: u64,
+    size: u64,
+}
+
+impl Overlay {
+    /// Creates the overlay's (unlinked) sparse file in `dir`.
+    pub fn create(base: Arc<DiskReader>, dir: &Path) -> io::Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = dir.join(format!(
+            ".elastio-overlay-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        std::fs::remove_file(&path)?;
+        file.set_len(base.size())?;
+        Ok(Overlay {
+            cs: base.chunk_size() as u64,
+            size: base.size(),
+            base,
+            file,
+            dirty: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn base(&self) -> &Arc<DiskReader> {
+        &self.base
+    }
+
+    fn slot_len(&self, slot: u64) -> u64 {
+        self.cs.min(self.size - slot * self.cs)
+    }
+
+    /// Splits `[offset, offset+len)` into (slot, offset within slot, length) pieces.
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        let end = offset + len;
+        let mut pos = offset;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let slot = pos / self.cs;
+            let within = pos % self.cs;
+            let n = (self.cs - within).min(end - pos);
+            pos += n;
+            Some((slot, within, n))
+        })
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        for (slot, within, n) in self.pieces(offset, buf.len() as u64) {
+            let dst = &mut buf[done..done + n as usize];
+            if self.dirty.lock().unwrap().contains(&slot) {
+                self.file.read_exact_at(dst, slot * self.cs + within)?;
+            } else {
+                self.base.read_at(slot * self.cs + within, dst)?;
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Makes `slot` live in the overlay, copying the RP's bytes unless `whole` is overwritten.
+    fn own(&self, slot: u64, whole: bool) -> io::Result<()> {
+        let mut dirty = self.dirty.lock().unwrap();
+        if dirty.contains(&slot) {
+            return Ok(());
+        }
+        if !whole {
+            if let Some(chunk) = self.base.slot(slot)? {
+                self.file.write_all_at(&chunk, slot * self.cs)?;
+            }
+        }
+        dirty.insert(slot);
+        Ok(())
+    }
+
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        for (slot, within, n) in self.pieces(offset, data.len() as u64) {
+            self.own(slot, within == 0 && n == self.slot_len(slot))?;
+            self.file
+                .write_all_at(&data[done..done + n as usize], slot * self.cs + within)?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// TRIM and WRITE_ZEROES: whole slots become holes in the overlay file.
+    pub fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
+        for (slot, within, n) in self.pieces(offset, len) {
+            let whole = within == 0 && n == self.slot_len(slot);
+            self.own(slot, whole)?;
+            punch_hole(&self.file, slot * self.cs + within, n)?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Like [`DiskReader::extents`], counting overlay slots as data.
+    pub fn extents(&self, offset: u64, len: u64, max_runs: usize) -> io::Result<Vec<(u64, bool)>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        for (slot, _, n) in self.pieces(offset, end.saturating_sub(offset)) {
+            let data =
+                self.dirty.lock().unwrap().contains(&slot) || self.base.chunk_id(slot)?.is_some();
+            if let Some((l, _)) = runs.last_mut().filter(|(_, d)| *d == data) {
+                *l += n;
+            } else if runs.len() == max_runs {
+                break;
+            } else {
+                runs.push((n, data));
+            }
+        }
+        Ok(runs)
+    }
+
+    pub fn dirty_slots(&self) -> usize {
+        self.dirty.lock().unwrap().len()
+    }
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on an fd we own; no memory is involved.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    // File systems without hole punching: write zeros.
+    let zeros = vec![0u8; len as usize];
+    file.write_all_at(&zeros, offset)
+}
+
+/// Turns `overlay` over `base` into a new RP of the same asset (parent: `base`). Only the slots
+/// the overlay holds are read and hashed; the rest of the map is taken from `base` as it is.
+pub fn save_as_rp(
+    vault: &Arc<Vault>,
+    base: &RecoveryPoint,
+    overlay: &Overlay,
+) -> scalez::Result<RecoveryPoint> {
+    let started = Instant::now();
+    let created = scalez::vault::now_rfc3339();
+    let map = base.disk.clone().expect("a disk RP");
+    let cs = map.chunk_size as u64;
+    let dirty: BTreeSet<u64> = overlay.dirty.lock().unwrap().clone();
+    let session = BackupSession::new(vault.clone());
+    let mut builder = MapBuilder::new(map.slots());
+    let mut store = |page: Vec<u8>| session.store_blob(&page);
+    let mut load =
+        |id: &ChunkId| -> scalez::Result<Arc<Page>> { Ok(Arc::new(vault.load_page(id)?)) };
+    let mut bytes_read = 0u64;
+    MapReader {
+        root: map.root,
+        depth: map.depth,
+        slots: map.slots(),
+        load: &mut load,
+    }
+    .walk(&mut |first, entries| {
+        for (i, entry) in entries.iter().enumerate() {
+            let slot = first + i as u64;
+            let id = if dirty.contains(&slot) {
+                let mut buf = vec![0u8; cs.min(map.size - slot * cs) as usize];
+                overlay
+                    .file
+                    .read_exact_at(&mut buf, slot * cs)
+                    .map_err(|e| {
+                        scalez::Error::SessionFailed(format!("reading the overlay: {e}"))
+                    })?;
+                bytes_read += buf.len() as u64;
+                if buf.iter().all(|b| *b == 0) {
+                    None
+                } else {
+                    Some(session.store_blob(&buf)?)
+                }
+            } else {
+                *entry
+            };
+            builder.push(id, &mut store)?;
+        }
+        Ok(())
+    })?;
+    let depth = builder.depth();
+    let root = builder.finish(&mut store)?;
+    let stats = session.finish()?;
+    let mut tags = base.tags.clone();
+    tags.insert(
+        "elastio:source".into(),
+        format!("nbd overlay of {}", base.id),
+    );
+    let rp = RecoveryPoint {
+        format: RP_FORMAT,
+        id: RecoveryPointId::generate(),
+        kind: base.kind,
+        asset: base.asset.clone(),
+        created,
+        parent: Some(base.id.clone()),
+        logical_size: map.size,
+        bytes_read,
+        new_bytes_stored: stats.bytes_written,
+        new_chunks: stats.new_chunks,
+        duration_ms: started.elapsed().as_millis() as u64,
+        tags,
+        disk: Some(DiskMapRef { root, depth, ..map }),
+    };
+    vault.commit_rp(&rp)?;
+    Ok(rp)
+}
