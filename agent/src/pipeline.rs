@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use scalez::catalog::RP_FORMAT;
 use scalez::disk_map::{MapBuilder, MapReader, Page};
+use scalez::vault::Verify;
 use scalez::{
     Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RecoveryPointId, RpKind,
     SessionStats, Vault,
@@ -547,7 +548,12 @@ fn write_chunks(
                         let op = match job {
                             Job::Data { slot, id } => (
                                 slot * cs,
-                                Write::Data(vault.read_disk_chunk(map, slot, &id)?),
+                                Write::Data(vault.read_disk_chunk(
+                                    map,
+                                    slot,
+                                    &id,
+                                    Verify::Rehash,
+                                )?),
                             ),
                             Job::Zeros { first, count } => {
                                 let start = first * cs;

@@ -23,8 +23,8 @@
 //!    garbage; an RP is visible only once complete.
 //! 3. An RP is self-contained: its map references every chunk directly; restoring never walks a
 //!    chain of parents.
-//! 4. Every byte read back is authenticated (AEAD, bound to the object's name) and re-hashed to its
-//!    id; errors name the object.
+//! 4. Every byte read back is authenticated (AEAD, bound to the object's name); restores also
+//!    re-hash each chunk to its id ([`vault::Verify`]); errors name the object.
 //! 5. Memory is bounded by configuration (channel depths, pack size, cache sizes), not by disk size;
 //!    the index costs ~50 bytes per chunk.
 //!

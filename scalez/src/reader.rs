@@ -13,7 +13,7 @@ use crate::catalog::DiskMapRef;
 use crate::disk_map::{MapReader, Page};
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
-use crate::vault::Vault;
+use crate::vault::{Vault, Verify};
 
 pub struct DiskReader {
     vault: Arc<Vault>,
@@ -94,9 +94,35 @@ impl DiskReader {
         if let Some(c) = self.chunks.lock().unwrap().get(&id) {
             return Ok(Some(c.clone()));
         }
-        let data = Arc::new(self.vault.read_disk_chunk(&self.map, slot, &id)?);
+        let data = Arc::new(
+            self.vault
+                .read_disk_chunk(&self.map, slot, &id, Verify::AeadOnly)?,
+        );
         self.chunks.lock().unwrap().put(id, data.clone());
         Ok(Some(data))
+    }
+
+    /// Appends the bytes `[offset, offset+len)` (clipped to the disk) to `out`, copying chunks
+    /// straight from the cache without zero-filling first; returns the bytes appended.
+    pub fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<usize> {
+        if offset >= self.map.size {
+            return Ok(0);
+        }
+        let len = len.min((self.map.size - offset) as usize);
+        out.reserve(len);
+        let cs = self.map.chunk_size as u64;
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done as u64;
+            let (slot, within) = (pos / cs, (pos % cs) as usize);
+            let n = (cs as usize - within).min(len - done);
+            match self.slot(slot)? {
+                Some(c) => out.extend_from_slice(&c[within..within + n]),
+                None => out.resize(out.len() + n, 0),
+            }
+            done += n;
+        }
+        Ok(len)
     }
 
     /// Fills `buf` from `offset`; returns the bytes read (short only at the end of the disk).
@@ -193,6 +219,12 @@ mod tests {
             let want = &disk[off.min(disk.len())..(off + len).min(disk.len())];
             assert_eq!(n, want.len(), "read at {off}+{len}");
             assert_eq!(&buf[..n], want, "read at {off}+{len}");
+            let mut appended = b"head".to_vec();
+            assert_eq!(
+                reader.read_append(off as u64, len, &mut appended).unwrap(),
+                n
+            );
+            assert_eq!(&appended[4..], want, "append at {off}+{len}");
         }
         let mut buf = [0u8; 8];
         assert_eq!(

@@ -64,10 +64,18 @@ impl Disk {
         }
     }
 
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    /// Appends `len` bytes at `offset` to `out` (the range was checked against the size).
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
         match self {
-            Disk::ReadOnly(r) => r.read_at(offset, buf).map(|_| ()).map_err(io::Error::from),
-            Disk::Writable(o) => o.read_at(offset, buf),
+            Disk::ReadOnly(r) => r
+                .read_append(offset, len, out)
+                .map(|_| ())
+                .map_err(io::Error::from),
+            Disk::Writable(o) => {
+                let start = out.len();
+                out.resize(start + len, 0);
+                o.read_at(offset, &mut out[start..])
+            }
         }
     }
 
@@ -570,8 +578,9 @@ where
                     let permit = permits(req.len).await.map_err(io::Error::other)?;
                     let disk = disk.clone();
                     reply_with(&tx, r, move || {
-                        let mut frame = vec![0u8; r.header_len() + req.len as usize];
-                        let read = disk.read_at(req.offset, &mut frame[r.header_len()..]);
+                        let mut frame = Vec::with_capacity(r.header_len() + req.len as usize);
+                        frame.resize(r.header_len(), 0);
+                        let read = disk.read_append(req.offset, req.len as usize, &mut frame);
                         drop(permit);
                         match read {
                             Ok(()) => r.read_ok(frame, req.offset),
