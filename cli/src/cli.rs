@@ -72,11 +72,38 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum NbdCommand {
-    /// Export disk recovery points read-only over NBD until Ctrl-C
+    /// Export disk recovery points over NBD until Ctrl-C (read-only unless --writable)
     #[command(
-        after_help = "Each RP is exported under its id and, as an alias, its asset name. Connect with e.g. `nbdinfo nbd://127.0.0.1:10809/<rp>`, `nbdcopy`, `qemu-img`, or attach it without the kernel's nbd module: `nbdfuse DIR/disk nbd://127.0.0.1:10809/<rp> &` then `mount -o loop,ro DIR/disk /mnt`."
+        after_help = "Each RP is exported under its id and, as an alias, its asset name. \
+Connect with e.g. `nbdinfo nbd://127.0.0.1:10809/<rp>`, `nbdcopy`, `qemu-img`, or attach it \
+without the kernel's nbd module: `nbdfuse DIR/disk nbd://127.0.0.1:10809/<rp> &` then \
+`mount -o loop,ro DIR/disk /mnt`."
     )]
     Serve(NbdServeArgs),
+    /// Attach a disk recovery point to a kernel nbd device (/dev/nbdX) until Ctrl-C
+    #[command(
+        after_help = "Needs the kernel's nbd module. Without it, use `elastio nbd serve` \
+and nbdfuse + a loop mount (see `elastio nbd serve --help`)."
+    )]
+    Attach(NbdAttachArgs),
+}
+
+/// How exports are built: shared by `nbd serve` and `nbd attach`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Chunk cache per export
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Accept writes, TRIM and WRITE_ZEROES into a copy-on-write overlay (a local sparse file,
+    /// never the vault); discarded on exit unless --save-as-rp
+    #[arg(long)]
+    pub writable: bool,
+    /// On exit, turn each export's overlay into a new recovery point of the same asset
+    #[arg(long, requires = "writable")]
+    pub save_as_rp: bool,
+    /// Directory for overlay files (default: the system temporary directory)
+    #[arg(long, value_name = "DIR", requires = "writable")]
+    pub overlay_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -93,19 +120,18 @@ pub struct NbdServeArgs {
     /// Connections served at once; more are closed right away
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
-    /// Chunk cache per export
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
-    pub cache_size: u64,
-    /// Accept writes, TRIM and WRITE_ZEROES into a copy-on-write overlay (a local sparse file,
-    /// never the vault); discarded on exit unless --save-as-rp
-    #[arg(long)]
-    pub writable: bool,
-    /// On exit, turn each export's overlay into a new recovery point of the same asset
-    #[arg(long, requires = "writable")]
-    pub save_as_rp: bool,
-    /// Directory for overlay files (default: the system temporary directory)
-    #[arg(long, value_name = "DIR", requires = "writable")]
-    pub overlay_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub export: ExportArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct NbdAttachArgs {
+    /// Recovery point id, or `latest`
+    pub rp: String,
+    /// The nbd device, e.g. /dev/nbd0
+    pub device: PathBuf,
+    #[command(flatten)]
+    pub export: ExportArgs,
 }
 
 #[derive(Subcommand, Debug)]

@@ -509,3 +509,25 @@ fn writable_overlay_never_touches_the_vault_and_can_be_saved() {
     );
     assert_eq!(sha256_file(&copy), original);
 }
+
+#[test]
+fn attach_without_the_nbd_module_says_what_to_do() {
+    let env = Env::new();
+    let img = env.path("d.img");
+    std::fs::write(&img, pseudo_random(90, 1 << 20)).unwrap();
+    let rp = env.backup(&img, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let device = "/dev/nbd0";
+    if Path::new(device).exists() && Path::new("/sys/module/nbd").exists() {
+        panic!("this kernel has nbd devices: extend this test to attach for real");
+    }
+    let out = env.run(&["nbd", "attach", &rp, device]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no nbd module") && err.contains("nbdfuse"),
+        "{err}"
+    );
+}

@@ -3,13 +3,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mount::nbd::{Disk, Export, Listen, Server, ServerOptions};
+use mount::nbd::{attach, Disk, Export, Listen, Server, ServerOptions};
 use mount::overlay::{save_as_rp, Overlay};
 use mount::DiskReader;
-use scalez::RpKind;
+use scalez::{RecoveryPoint, RpKind, Vault};
 use serde_json::json;
 
-use crate::cli::{NbdCommand, NbdServeArgs, OutputFormat};
+use crate::cli::{ExportArgs, NbdAttachArgs, NbdCommand, NbdServeArgs, OutputFormat};
 use crate::commands::rp::resolve_rp;
 use crate::context::Ctx;
 use crate::output::bytes;
@@ -17,16 +17,23 @@ use crate::output::bytes;
 pub fn run(ctx: &Ctx, cmd: NbdCommand) -> Result<()> {
     match cmd {
         NbdCommand::Serve(a) => serve(ctx, a),
+        NbdCommand::Attach(a) => attach_device(ctx, a),
     }
 }
 
-fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
-    let vault = ctx.open_vault()?;
+type Overlays = Vec<(RecoveryPoint, Arc<Overlay>)>;
+
+/// One export per RP spec, with an overlay each when writable.
+fn build_exports(
+    vault: &Arc<Vault>,
+    specs: &[String],
+    a: &ExportArgs,
+) -> Result<(Vec<Export>, Overlays)> {
     let mut exports = Vec::new();
     let mut overlays = Vec::new();
     let overlay_dir = a.overlay_dir.clone().unwrap_or_else(std::env::temp_dir);
-    for spec in &a.rps {
-        let rp = resolve_rp(&vault, spec, None, Some(RpKind::Disk))?;
+    for spec in specs {
+        let rp = resolve_rp(vault, spec, None, Some(RpKind::Disk))?;
         let map = rp.disk.clone().context("disk RP without a map")?;
         let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
         let disk = if a.writable {
@@ -48,6 +55,59 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
             disk,
         });
     }
+    Ok((exports, overlays))
+}
+
+/// After serving: save overlays as RPs (--save-as-rp) or say they were discarded.
+fn finish_overlays(
+    ctx: &Ctx,
+    vault: &Arc<Vault>,
+    a: &ExportArgs,
+    overlays: &Overlays,
+) -> Result<()> {
+    if !a.save_as_rp {
+        if overlays.iter().any(|(_, o)| o.dirty_slots() > 0) {
+            eprintln!("writes to the overlay were discarded (use --save-as-rp to keep them)");
+        }
+        return Ok(());
+    }
+    let mut saved = Vec::new();
+    for (base, overlay) in overlays {
+        if overlay.dirty_slots() == 0 {
+            eprintln!(
+                "{}: nothing was written, no recovery point created",
+                base.id
+            );
+            continue;
+        }
+        let rp = save_as_rp(vault, base, overlay)
+            .with_context(|| format!("saving the overlay of {} as a recovery point", base.id))?;
+        saved.push(rp);
+    }
+    // The client that started us may have closed our stdout by now: never panic on that.
+    let mut out = std::io::stdout();
+    match ctx.global.output_format {
+        OutputFormat::Json => {
+            let _ = writeln!(out, "{}", json!({ "saved": saved }));
+        }
+        OutputFormat::Human => {
+            for rp in &saved {
+                let parent = rp
+                    .parent
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                let new = bytes(rp.new_bytes_stored);
+                let _ = writeln!(out, "saved {} (parent {parent}, {new} new)", rp.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let (exports, overlays) = build_exports(&vault, &a.rps, &a.export)?;
     let names: Vec<(String, String, u64)> = exports
         .iter()
         .map(|e| (e.name.clone(), e.aliases[0].clone(), e.disk.size()))
@@ -70,22 +130,23 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
             Some(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
             None => format!("nbd://{addr}/{name}"),
         };
+        let mut out = std::io::stdout();
         match format {
             OutputFormat::Json => {
                 let list: Vec<_> = names
                     .iter()
                     .map(|(n, asset, size)| json!({"name": n, "asset": asset, "size": size, "uri": uri(n)}))
                     .collect();
-                println!("{}", json!({"listen": addr, "exports": list}));
+                let _ = writeln!(out, "{}", json!({"listen": addr, "exports": list}));
             }
             OutputFormat::Human => {
                 for (n, asset, size) in &names {
-                    println!("export {n} ({asset}, {}): {}", bytes(*size), uri(n));
+                    let _ = writeln!(out, "export {n} ({asset}, {}): {}", bytes(*size), uri(n));
                 }
-                println!("serving on {addr}; press Ctrl-C to stop");
+                let _ = writeln!(out, "serving on {addr}; press Ctrl-C to stop");
             }
         }
-        let _ = std::io::stdout().flush();
+        let _ = out.flush();
     };
     let cancel = crate::cancel_token();
     let shutdown = async move {
@@ -100,41 +161,24 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
     rt.block_on(server.run(listen, ready, shutdown))
         .context("NBD server failed")?;
     rt.shutdown_timeout(Duration::from_secs(2));
-    if a.save_as_rp {
-        let mut saved = Vec::new();
-        for (base, overlay) in &overlays {
-            if overlay.dirty_slots() == 0 {
-                eprintln!(
-                    "{}: nothing was written, no recovery point created",
-                    base.id
-                );
-                continue;
-            }
-            let rp = save_as_rp(&vault, base, overlay).with_context(|| {
-                format!("saving the overlay of {} as a recovery point", base.id)
-            })?;
-            saved.push(rp);
-        }
-        // The client that started us may have closed our stdout by now: never panic on that.
-        let mut out = std::io::stdout();
-        match ctx.global.output_format {
-            OutputFormat::Json => {
-                let _ = writeln!(out, "{}", json!({ "saved": saved }));
-            }
-            OutputFormat::Human => {
-                for rp in &saved {
-                    let parent = rp
-                        .parent
-                        .as_ref()
-                        .map(|p| p.to_string())
-                        .unwrap_or_default();
-                    let new = bytes(rp.new_bytes_stored);
-                    let _ = writeln!(out, "saved {} (parent {parent}, {new} new)", rp.id);
-                }
-            }
-        }
-    } else if overlays.iter().any(|(_, o)| o.dirty_slots() > 0) {
-        eprintln!("writes to the overlay were discarded (use --save-as-rp to keep them)");
+    finish_overlays(ctx, &vault, &a.export, &overlays)
+}
+
+fn attach_device(ctx: &Ctx, a: NbdAttachArgs) -> Result<()> {
+    if !a.device.exists() {
+        // Fail before asking for a password when the kernel cannot do this at all.
+        anyhow::bail!("{}", attach::no_module_help(&a.device));
     }
-    Ok(())
+    let vault = ctx.open_vault()?;
+    let (mut exports, overlays) = build_exports(&vault, std::slice::from_ref(&a.rp), &a.export)?;
+    let export = exports.remove(0);
+    eprintln!(
+        "attaching {} to {}; press Ctrl-C to detach",
+        export.name,
+        a.device.display()
+    );
+    let cancel = crate::cancel_token();
+    attach::attach(&a.device, export, || cancel.is_cancelled())
+        .with_context(|| format!("attaching to {}", a.device.display()))?;
+    finish_overlays(ctx, &vault, &a.export, &overlays)
 }

@@ -1,6 +1,7 @@
 //! NBD access to recovery points: [`proto`] is the wire format (pure, byte-tested), [`server`] the
 //! tokio server that serves one export per disk RP through the shared [`scalez::reader::DiskReader`].
 
+pub mod attach;
 pub mod proto;
 pub mod server;
 

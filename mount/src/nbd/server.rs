@@ -696,3 +696,32 @@ fn prefetch(reader: &DiskReader, offset: u64, len: u64) -> scalez::Result<()> {
     }
     Ok(())
 }
+
+/// Serves the transmission phase only, on a socket whose handshake already happened elsewhere:
+/// the kernel's nbd client after `NBD_SET_SOCK` (simple replies, no metadata contexts).
+pub async fn serve_kernel<S>(stream: S, export: Export) -> io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = Arc::new(Shared {
+        exports: Arc::new(vec![export]),
+        by_name: Arc::new(HashMap::new()),
+        budget: Arc::new(Semaphore::new(
+            ServerOptions::default().inflight_bytes / PERMIT,
+        )),
+    });
+    let (rd, wr) = tokio::io::split(stream);
+    let session = Session {
+        export: 0,
+        structured: false,
+        allocation_context: false,
+    };
+    transmission(rd, wr, &shared, session).await
+}
+
+impl Export {
+    /// Transmission flags this export advertises.
+    pub fn flags(&self) -> u16 {
+        self.disk.flags()
+    }
+}
