@@ -4,8 +4,12 @@
 //! reader serves random access (FUSE, NBD). Map pages and chunks are cached in LRU caches bounded
 //! in bytes; RPs are immutable, so cached data never goes stale.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crossbeam_channel::Sender;
 
 use lru::LruCache;
 
@@ -20,6 +24,19 @@ pub struct DiskReader {
     map: DiskMapRef,
     chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
     pages: Mutex<LruCache<ChunkId, Arc<Page>>>,
+    readahead: OnceLock<ReadAhead>,
+    /// Chunks being fetched right now, each with a gate that later readers wait on.
+    loading: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
+}
+
+/// Sequential-read detection and the queue of slots to prefetch.
+struct ReadAhead {
+    queue: Sender<u64>,
+    /// The slot after the end of the previous read (u64::MAX before the first read).
+    next: AtomicU64,
+    /// Highest slot already queued, so a stream of reads queues each slot once.
+    queued_to: AtomicU64,
+    window: u64,
 }
 
 impl DiskReader {
@@ -31,7 +48,65 @@ impl DiskReader {
             map,
             chunks: Mutex::new(LruCache::new(NonZeroUsize::new(chunks).unwrap())),
             pages: Mutex::new(LruCache::new(NonZeroUsize::new(64).unwrap())),
+            readahead: OnceLock::new(),
+            loading: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Turns on read-ahead: when a read starts where the previous one ended, the next `window`
+    /// chunks are fetched and decoded into the cache by `threads` background threads. The threads
+    /// hold only a weak reference and stop when the reader is dropped.
+    pub fn enable_readahead(self: &Arc<Self>, window: u64, threads: usize) {
+        let (tx, rx) = crossbeam_channel::bounded::<u64>((window as usize * 2).max(16));
+        let ra = ReadAhead {
+            queue: tx,
+            next: AtomicU64::new(u64::MAX),
+            queued_to: AtomicU64::new(0),
+            window,
+        };
+        if self.readahead.set(ra).is_err() {
+            return; // already enabled
+        }
+        for _ in 0..threads.max(1) {
+            let (weak, rx) = (Arc::downgrade(self), rx.clone());
+            std::thread::Builder::new()
+                .name("scalez-readahead".into())
+                .spawn(move || {
+                    for slot in rx {
+                        let Some(reader) = weak.upgrade() else { break };
+                        // Errors surface when the slot is really read; prefetch stays quiet.
+                        let _ = reader.slot(slot);
+                    }
+                })
+                .expect("spawn read-ahead thread");
+        }
+    }
+
+    /// Records a read of slots `[first, end)` and queues read-ahead if it continues the last one.
+    fn note_read(&self, first: u64, end: u64) {
+        let Some(ra) = self.readahead.get() else {
+            return;
+        };
+        let sequential = ra.next.swap(end, Ordering::Relaxed) == first;
+        if !sequential {
+            return;
+        }
+        let stop = (end + ra.window).min(self.map.slots());
+        let from = ra.queued_to.load(Ordering::Relaxed).max(end);
+        for slot in from..stop {
+            if ra.queue.try_send(slot).is_err() {
+                break;
+            }
+        }
+        ra.queued_to.fetch_max(stop, Ordering::Relaxed);
+    }
+
+    /// Whether the chunk at `slot` is in the cache (zero slots count as cached).
+    pub fn is_cached(&self, slot: u64) -> Result<bool> {
+        Ok(match self.chunk_id(slot)? {
+            None => true,
+            Some(id) => self.chunks.lock().unwrap().contains(&id),
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -94,12 +169,34 @@ impl DiskReader {
         if let Some(c) = self.chunks.lock().unwrap().get(&id) {
             return Ok(Some(c.clone()));
         }
-        let data = Arc::new(
-            self.vault
-                .read_disk_chunk(&self.map, slot, &id, Verify::AeadOnly)?,
-        );
-        self.chunks.lock().unwrap().put(id, data.clone());
-        Ok(Some(data))
+        // Single flight: one thread fetches and decodes a chunk, others wanting it wait for it
+        // (read-ahead and parallel requests would otherwise decode the same chunk twice).
+        let gate = self
+            .loading
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_insert_with(|| Arc::new(Mutex::new(())))
+            .clone();
+        let _turn = gate.lock().unwrap();
+        let cached = self.chunks.lock().unwrap().get(&id).cloned();
+        let result = match cached {
+            Some(c) => Ok(Some(c)),
+            None => self
+                .vault
+                .read_disk_chunk(&self.map, slot, &id, Verify::AeadOnly)
+                .map(|d| {
+                    let d = Arc::new(d);
+                    self.chunks.lock().unwrap().put(id, d.clone());
+                    Some(d)
+                }),
+        };
+        let mut loading = self.loading.lock().unwrap();
+        if loading.get(&id).is_some_and(|g| Arc::ptr_eq(g, &gate)) && Arc::strong_count(&gate) == 2
+        {
+            loading.remove(&id);
+        }
+        result
     }
 
     /// Appends the bytes `[offset, offset+len)` (clipped to the disk) to `out`, copying chunks
@@ -111,6 +208,7 @@ impl DiskReader {
         let len = len.min((self.map.size - offset) as usize);
         out.reserve(len);
         let cs = self.map.chunk_size as u64;
+        self.note_read(offset / cs, (offset + len as u64).div_ceil(cs));
         let mut done = 0;
         while done < len {
             let pos = offset + done as u64;
@@ -132,6 +230,7 @@ impl DiskReader {
         }
         let len = buf.len().min((self.map.size - offset) as usize);
         let cs = self.map.chunk_size as u64;
+        self.note_read(offset / cs, (offset + len as u64).div_ceil(cs));
         let mut done = 0;
         while done < len {
             let pos = offset + done as u64;
@@ -232,5 +331,79 @@ mod tests {
             0,
             "past the end"
         );
+        let whole = disk.len() as u64;
+        let c = cs as u64;
+        assert_eq!(
+            reader.extents(0, whole, 100).unwrap(),
+            vec![
+                (c, true),
+                (c, false),
+                (2 * c, true),
+                (c, false),
+                (c / 2, true)
+            ]
+        );
+        assert_eq!(
+            reader.extents(c + 10, 100, 100).unwrap(),
+            vec![(100, false)]
+        );
+        assert_eq!(
+            reader.extents(0, whole, 2).unwrap(),
+            vec![(c, true), (c, false)]
+        );
+        assert_eq!(reader.extents(whole, 10, 5).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn sequential_reads_prefetch_ahead() {
+        let cs = 4096usize;
+        let opts = VaultOptions {
+            chunk_size: cs as u32,
+            kdf: KdfParams {
+                memory_kib: 64,
+                iterations: 1,
+                parallelism: 1,
+            },
+            ..VaultOptions::default()
+        };
+        let vault = Arc::new(Vault::init(Arc::new(MemoryStore::new()), b"pw", opts).unwrap());
+        let session = BackupSession::new(vault.clone());
+        let slots = 64u64;
+        let mut b = MapBuilder::new(slots);
+        let mut put = |p: Vec<u8>| session.store_blob(&p);
+        for i in 0..slots {
+            let chunk = vec![i as u8 + 1; cs];
+            let id = session.store_blob(&chunk).unwrap();
+            b.push(Some(id), &mut put).unwrap();
+        }
+        let depth = b.depth();
+        let root = b.finish(&mut put).unwrap();
+        session.finish().unwrap();
+        let map = DiskMapRef {
+            chunk_size: cs as u32,
+            size: slots * cs as u64,
+            depth,
+            root,
+        };
+        let reader = Arc::new(DiskReader::new(vault, map, 64 * cs));
+        reader.enable_readahead(8, 2);
+        let mut buf = vec![0u8; cs];
+        reader.read_at(0, &mut buf).unwrap();
+        assert!(
+            !reader.is_cached(20).unwrap(),
+            "a single read prefetches nothing"
+        );
+        reader.read_at(cs as u64, &mut buf).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(2..10).all(|s| reader.is_cached(s).unwrap()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read-ahead did not fill slots 2..10"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!reader.is_cached(20).unwrap(), "the window is bounded");
+        reader.read_at(10 * cs as u64, &mut buf).unwrap();
+        assert_eq!(buf, vec![11u8; cs]);
     }
 }

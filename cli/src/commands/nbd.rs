@@ -36,6 +36,8 @@ fn build_exports(
         let rp = resolve_rp(vault, spec, None, Some(RpKind::Disk))?;
         let map = rp.disk.clone().context("disk RP without a map")?;
         let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
+        // 2 MiB ahead of sequential readers (nbdcopy, qemu-img convert, a guest's dd).
+        reader.enable_readahead(16, 2);
         let disk = if a.writable {
             let overlay = Arc::new(Overlay::create(reader, &overlay_dir).with_context(|| {
                 format!("cannot create an overlay file in {}", overlay_dir.display())
