@@ -262,12 +262,12 @@ mod tests {
     use crate::store::memory::MemoryStore;
     use crate::vault::VaultOptions;
 
-    /// A disk of 5.5 chunks of 4 KiB: data, zeros, data, a repeat of slot 0, zeros, a short tail.
-    #[test]
-    fn random_reads_match_the_disk() {
-        let cs = 4096usize;
+    const CS: usize = 4096;
+
+    /// Stores `disk` in a fresh in-memory vault on a 4 KiB grid and returns its map.
+    fn store_disk(disk: &[u8]) -> (Arc<Vault>, DiskMapRef) {
         let opts = VaultOptions {
-            chunk_size: cs as u32,
+            chunk_size: CS as u32,
             kdf: KdfParams {
                 memory_kib: 64,
                 iterations: 1,
@@ -276,6 +276,29 @@ mod tests {
             ..VaultOptions::default()
         };
         let vault = Arc::new(Vault::init(Arc::new(MemoryStore::new()), b"pw", opts).unwrap());
+        let session = BackupSession::new(vault.clone());
+        let mut b = MapBuilder::new(disk.len().div_ceil(CS) as u64);
+        let mut put = |p: Vec<u8>| session.store_blob(&p);
+        for chunk in disk.chunks(CS) {
+            let id = (!chunk.iter().all(|b| *b == 0)).then(|| session.store_blob(chunk).unwrap());
+            b.push(id, &mut put).unwrap();
+        }
+        let depth = b.depth();
+        let root = b.finish(&mut put).unwrap();
+        session.finish().unwrap();
+        let map = DiskMapRef {
+            chunk_size: CS as u32,
+            size: disk.len() as u64,
+            depth,
+            root,
+        };
+        (vault, map)
+    }
+
+    /// A disk of 5.5 chunks of 4 KiB: data, zeros, data, a repeat of slot 0, zeros, a short tail.
+    #[test]
+    fn random_reads_match_the_disk() {
+        let cs = CS;
         let mut disk = vec![0u8; cs * 5 + cs / 2];
         for (i, b) in disk.iter_mut().enumerate() {
             let slot = i / cs;
@@ -285,25 +308,7 @@ mod tests {
         }
         let first = disk[..cs].to_vec();
         disk[3 * cs..4 * cs].copy_from_slice(&first);
-
-        let session = BackupSession::new(vault.clone());
-        let slots = disk.len().div_ceil(cs) as u64;
-        let mut b = MapBuilder::new(slots);
-        let mut put = |p: Vec<u8>| session.store_blob(&p);
-        for chunk in disk.chunks(cs) {
-            let id = (!chunk.iter().all(|b| *b == 0)).then(|| session.store_blob(chunk).unwrap());
-            b.push(id, &mut put).unwrap();
-        }
-        let depth = b.depth();
-        let root = b.finish(&mut put).unwrap();
-        session.finish().unwrap();
-
-        let map = DiskMapRef {
-            chunk_size: cs as u32,
-            size: disk.len() as u64,
-            depth,
-            root,
-        };
+        let (vault, map) = store_disk(&disk);
         let reader = DiskReader::new(vault, map, 2 * cs);
         for (off, len) in [
             (0, 10),
@@ -356,35 +361,9 @@ mod tests {
 
     #[test]
     fn sequential_reads_prefetch_ahead() {
-        let cs = 4096usize;
-        let opts = VaultOptions {
-            chunk_size: cs as u32,
-            kdf: KdfParams {
-                memory_kib: 64,
-                iterations: 1,
-                parallelism: 1,
-            },
-            ..VaultOptions::default()
-        };
-        let vault = Arc::new(Vault::init(Arc::new(MemoryStore::new()), b"pw", opts).unwrap());
-        let session = BackupSession::new(vault.clone());
-        let slots = 64u64;
-        let mut b = MapBuilder::new(slots);
-        let mut put = |p: Vec<u8>| session.store_blob(&p);
-        for i in 0..slots {
-            let chunk = vec![i as u8 + 1; cs];
-            let id = session.store_blob(&chunk).unwrap();
-            b.push(Some(id), &mut put).unwrap();
-        }
-        let depth = b.depth();
-        let root = b.finish(&mut put).unwrap();
-        session.finish().unwrap();
-        let map = DiskMapRef {
-            chunk_size: cs as u32,
-            size: slots * cs as u64,
-            depth,
-            root,
-        };
+        let cs = CS;
+        let disk: Vec<u8> = (0..64u8).flat_map(|i| vec![i + 1; cs]).collect();
+        let (vault, map) = store_disk(&disk);
         let reader = Arc::new(DiskReader::new(vault, map, 64 * cs));
         reader.enable_readahead(8, 2);
         let mut buf = vec![0u8; cs];
