@@ -364,6 +364,22 @@ fn misbehaving_clients_lose_only_their_connection() {
     c.request(0, 1, 0, 32 << 20);
     drop(c);
 
+    // A client that asks for 1.25 GiB and never reads the replies: its replies wait within its
+    // byte budget, memory stays bounded and others are still served.
+    let (mut hog, _) = RawClient::go(&addr, &rp);
+    for i in 0..40 {
+        hog.request(0, i, 0, 32 << 20);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = server.rss();
+    assert!(
+        rss < 400 << 20,
+        "a client that does not read costs bounded memory: {rss} bytes"
+    );
+    let (mut other, _) = RawClient::go(&addr, &rp);
+    assert_eq!(other.read(1, 4096, 4096).unwrap(), &data[4096..8192]);
+    drop(hog);
+
     // A request with a bad magic ends that connection only.
     let (mut c, _) = RawClient::go(&addr, &rp);
     c.0.write_all(&[0u8; 28]).unwrap();

@@ -17,7 +17,7 @@ use scalez::reader::DiskReader;
 
 use crate::overlay::Overlay;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::proto::*;
@@ -494,9 +494,12 @@ impl Replier {
 }
 
 /// Runs `f` on the blocking pool and sends the frame it returns (an EIO reply if it panicked).
+/// `hold` (the request's share of the byte budgets) travels with the frame and is released only
+/// once the frame is written to the socket, so memory held for slow readers stays counted.
 fn reply_with(
-    tx: &mpsc::Sender<Vec<u8>>,
+    tx: &mpsc::Sender<Frame>,
     r: Replier,
+    hold: Option<Budget>,
     f: impl FnOnce() -> Vec<u8> + Send + 'static,
 ) {
     let tx = tx.clone();
@@ -504,9 +507,18 @@ fn reply_with(
         let frame = tokio::task::spawn_blocking(f)
             .await
             .unwrap_or_else(|e| r.error(EIO, &e.to_string()));
-        let _ = tx.send(frame).await;
+        let _ = tx.send((frame, hold)).await;
     });
 }
+
+/// A reply on its way to the socket, with the budget it holds.
+type Frame = (Vec<u8>, Option<Budget>);
+
+/// Permits for a request's bytes: from its connection's budget and the server-wide one.
+type Budget = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Bytes of request data one connection may have in flight (replies not yet written included).
+const CONNECTION_BUDGET: usize = 64 << 20;
 
 async fn transmission<R, W>(
     mut rd: R,
@@ -518,15 +530,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let (tx, mut rx) = mpsc::channel::<Frame>(64);
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
+        while let Some((frame, hold)) = rx.recv().await {
             wr.write_all(&frame).await?;
+            drop(hold);
         }
         wr.flush().await
     });
     let disk = shared.exports[s.export].disk.clone();
     let size = disk.size();
+    let conn_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / PERMIT));
     let result: io::Result<()> = async {
         loop {
             let mut h = [0u8; REQUEST_LEN];
@@ -547,7 +561,7 @@ where
             let send = |frame: Vec<u8>| {
                 let tx = tx.clone();
                 async move {
-                    tx.send(frame)
+                    tx.send((frame, None))
                         .await
                         .map_err(|_| io::Error::other("reply writer stopped"))
                 }
@@ -560,10 +574,16 @@ where
                 }
             };
             let permits = |len: u32| {
-                shared
-                    .budget
-                    .clone()
-                    .acquire_many_owned((len as usize).div_ceil(PERMIT).max(1) as u32)
+                let n = (len as usize).div_ceil(PERMIT).max(1) as u32;
+                let (conn, global) = (conn_budget.clone(), shared.budget.clone());
+                async move {
+                    let c = conn.acquire_many_owned(n).await.map_err(io::Error::other)?;
+                    let g = global
+                        .acquire_many_owned(n)
+                        .await
+                        .map_err(io::Error::other)?;
+                    io::Result::Ok((c, g))
+                }
             };
             match req.kind {
                 CMD_READ => {
@@ -575,13 +595,12 @@ where
                         send(r.error(EINVAL, "read past the end of the export")).await?;
                         continue;
                     }
-                    let permit = permits(req.len).await.map_err(io::Error::other)?;
+                    let permit = permits(req.len).await?;
                     let disk = disk.clone();
-                    reply_with(&tx, r, move || {
+                    reply_with(&tx, r, Some(permit), move || {
                         let mut frame = Vec::with_capacity(r.header_len() + req.len as usize);
                         frame.resize(r.header_len(), 0);
                         let read = disk.read_append(req.offset, req.len as usize, &mut frame);
-                        drop(permit);
                         match read {
                             Ok(()) => r.read_ok(frame, req.offset),
                             Err(e) => io_reply(Err(e)),
@@ -594,7 +613,7 @@ where
                             "write payload larger than the maximum block size",
                         ));
                     }
-                    let permit = permits(req.len).await.map_err(io::Error::other)?;
+                    let permit = permits(req.len).await?;
                     let mut data = vec![0u8; req.len as usize];
                     rd.read_exact(&mut data).await?;
                     match &disk {
@@ -606,10 +625,8 @@ where
                         }
                         Disk::Writable(o) => {
                             let o = o.clone();
-                            reply_with(&tx, r, move || {
-                                let res = o.write_at(req.offset, &data);
-                                drop(permit);
-                                io_reply(res)
+                            reply_with(&tx, r, Some(permit), move || {
+                                io_reply(o.write_at(req.offset, &data))
                             });
                         }
                     }
@@ -621,14 +638,16 @@ where
                     }
                     Disk::Writable(o) => {
                         let o = o.clone();
-                        reply_with(&tx, r, move || io_reply(o.zero(req.offset, req.len as u64)));
+                        reply_with(&tx, r, None, move || {
+                            io_reply(o.zero(req.offset, req.len as u64))
+                        });
                     }
                 },
                 CMD_FLUSH => match &disk {
                     Disk::ReadOnly(_) => send(r.ok()).await?,
                     Disk::Writable(o) => {
                         let o = o.clone();
-                        reply_with(&tx, r, move || io_reply(o.flush()));
+                        reply_with(&tx, r, None, move || io_reply(o.flush()));
                     }
                 },
                 CMD_CACHE => {
@@ -637,7 +656,7 @@ where
                         continue;
                     }
                     let reader = disk.reader().clone();
-                    reply_with(&tx, r, move || {
+                    reply_with(&tx, r, None, move || {
                         io_reply(
                             prefetch(&reader, req.offset, req.len as u64).map_err(io::Error::from),
                         )
@@ -653,7 +672,7 @@ where
                         continue;
                     }
                     let disk = disk.clone();
-                    reply_with(&tx, r, move || {
+                    reply_with(&tx, r, None, move || {
                         let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
                             1
                         } else {
