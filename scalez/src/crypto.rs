@@ -12,8 +12,7 @@
 //!   authentication. Random nonces bound one vault key to ~2^32 sealed objects (NIST SP 800-38D);
 //!   at the default chunk size that is 512 TiB of unique data, documented in FORMAT.md.
 
-use aes_gcm::aead::{AeadInPlace, KeyInit};
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
@@ -62,13 +61,18 @@ impl MasterKey {
 pub struct Keys {
     id_key: Zeroizing<[u8; 32]>,
     mac_key: Zeroizing<[u8; 32]>,
-    data: Aes256Gcm,
+    data: LessSafeKey,
+}
+
+/// An AES-256-GCM key (ring: AES-NI and carry-less multiply in assembly).
+fn aead_key(key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("32-byte key"))
 }
 
 impl Keys {
     pub fn derive(master: &MasterKey) -> Self {
         let mut data_key = Zeroizing::new(blake3::derive_key(CTX_DATA, &master.0[..]));
-        let data = Aes256Gcm::new_from_slice(&data_key[..]).expect("32-byte key");
+        let data = aead_key(&data_key);
         data_key.zeroize();
         Keys {
             id_key: Zeroizing::new(blake3::derive_key(CTX_CHUNK_ID, &master.0[..])),
@@ -107,9 +111,13 @@ impl Keys {
         }
         let tag = self
             .data
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut out[NONCE_LEN..])
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                &mut out[NONCE_LEN..],
+            )
             .expect("AES-GCM encryption cannot fail for in-range lengths");
-        out.extend_from_slice(&tag);
+        out.extend_from_slice(tag.as_ref());
         out
     }
 
@@ -119,16 +127,15 @@ impl Keys {
             return Err(CryptoError::Malformed("shorter than nonce, codec and tag"));
         }
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let mut body = body.to_vec();
-        self.data
-            .decrypt_in_place_detached(
-                Nonce::from_slice(nonce),
-                aad,
-                &mut body,
-                Tag::from_slice(tag),
-            )
-            .map_err(|_| CryptoError::Authentication)?;
+        let mut body = rest.to_vec();
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Malformed("nonce"))?;
+        let plain_len = self
+            .data
+            .open_in_place(nonce, Aad::from(aad), &mut body)
+            .map_err(|_| CryptoError::Authentication)?
+            .len();
+        body.truncate(plain_len);
         match body[0] {
             CODEC_RAW => {
                 body.remove(0);
@@ -249,12 +256,15 @@ impl KeyFile {
         let salt: [u8; 16] = rand::random();
         let nonce: [u8; NONCE_LEN] = rand::random();
         let kek = kek(password, &salt, params)?;
-        let cipher = Aes256Gcm::new_from_slice(&kek[..]).expect("32-byte key");
         let mut buf = master.0.to_vec();
-        let tag = cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), vault_id.as_bytes(), &mut buf)
+        let tag = aead_key(&kek)
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(vault_id.as_bytes()),
+                &mut buf,
+            )
             .expect("AES-GCM encryption of 32 bytes");
-        buf.extend_from_slice(&tag);
+        buf.extend_from_slice(tag.as_ref());
         Ok(KeyFile {
             kdf: "argon2id".into(),
             params,
@@ -274,21 +284,16 @@ impl KeyFile {
             ));
         }
         let kek = kek(password, &self.salt, self.params)?;
-        let cipher = Aes256Gcm::new_from_slice(&kek[..]).expect("32-byte key");
-        let mut buf = Zeroizing::new(self.wrapped[..32].to_vec());
-        let ok = cipher
-            .decrypt_in_place_detached(
-                Nonce::from_slice(&self.nonce),
-                vault_id.as_bytes(),
-                &mut buf[..],
-                Tag::from_slice(&self.wrapped[32..]),
-            )
-            .is_ok();
-        if !ok {
+        let mut buf = Zeroizing::new(self.wrapped.clone());
+        let nonce = Nonce::try_assume_unique_for_key(&self.nonce)
+            .map_err(|_| "malformed key file nonce".to_string())?;
+        let Ok(plain) =
+            aead_key(&kek).open_in_place(nonce, Aad::from(vault_id.as_bytes()), &mut buf[..])
+        else {
             return Ok(None);
-        }
+        };
         let mut k = Zeroizing::new([0u8; 32]);
-        k.copy_from_slice(&buf);
+        k.copy_from_slice(plain);
         Ok(Some(MasterKey(k)))
     }
 }
