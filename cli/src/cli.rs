@@ -46,6 +46,10 @@ pub struct GlobalArgs {
     /// No progress bar
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Read the password from the first line of standard input (used by `mount` to hand the
+    /// password to its background process without putting it in the environment)
+    #[arg(long, global = true, hide = true)]
+    pub password_stdin: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,35 @@ pub enum Command {
     /// Serve recovery points as NBD block devices
     #[command(subcommand)]
     Nbd(NbdCommand),
+    /// Mount a disk recovery point read-only through FUSE (shows disk.img)
+    #[command(
+        after_help = "By default the command returns once the mount is ready and a \
+background process serves it until `elastio umount <mountpoint>` (or `fusermount3 -u`). Root can \
+loop-mount the image: `mount -o loop,ro,noload <mountpoint>/disk.img /mnt`."
+    )]
+    Mount(MountArgs),
+    /// Unmount a mount made by `elastio mount`
+    Umount {
+        /// The mountpoint
+        mountpoint: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Recovery point id, or `latest` (the newest disk RP, of --asset if given)
+    pub rp: String,
+    /// An existing, empty directory
+    pub mountpoint: PathBuf,
+    /// With `latest`: the asset whose newest RP to mount
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Stay in the foreground until Ctrl-C or unmount
+    #[arg(long)]
+    pub foreground: bool,
+    /// Chunk cache
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub cache_size: u64,
 }
 
 #[derive(Subcommand, Debug)]

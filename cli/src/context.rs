@@ -33,6 +33,15 @@ impl Ctx {
 
     /// The password from `--password-file`, else `$ELASTIO_PASSWORD`, else a terminal prompt.
     pub fn password(&self, confirm: bool) -> Result<Vec<u8>> {
+        if self.global.password_stdin {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                bail!("no password on standard input");
+            }
+            return Ok(line.as_bytes().to_vec());
+        }
         if let Some(f) = &self.global.password_file {
             let text = std::fs::read(f)
                 .with_context(|| format!("cannot read password file {}", f.display()))?;

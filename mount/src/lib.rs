@@ -3,7 +3,8 @@
 //! * [`nbd`]: an NBD server (newstyle fixed handshake, structured replies, `base:allocation`
 //!   block status, many requests in flight per connection, replies out of order) exporting disk
 //!   RPs read-only to nbdinfo, nbdcopy, qemu, nbdfuse or the kernel's nbd client.
-//! * FUSE views arrive with their own issue.
+//! * [`fuse`]: a read-only FUSE view of a disk RP (`disk.img`, sparse-aware, EROFS on writes);
+//!   partition and file-system views come with the rest of the FUSE issue.
 //!
 //! Both sit on [`scalez::reader::DiskReader`], the one random-access reader with its chunk
 //! cache, so they share caching and verification with every other reader of a vault.
@@ -12,6 +13,7 @@
 //! authenticated by the vault; one misbehaving client can only lose its own connection; memory
 //! is bounded by the in-flight byte budget and the cache sizes, not by request sizes.
 
+pub mod fuse;
 pub mod nbd;
 pub mod overlay;
 

@@ -101,6 +101,31 @@ impl DiskReader {
         ra.queued_to.fetch_max(stop, Ordering::Relaxed);
     }
 
+    /// Bytes of the disk held in stored chunks (the rest is zeros), from a walk of the map pages
+    /// (one page per 1024 slots, never the chunks).
+    pub fn stored_bytes(&self) -> Result<u64> {
+        let cs = self.map.chunk_size as u64;
+        let size = self.map.size;
+        let mut load = |id: &ChunkId| self.page(id);
+        let mut total = 0u64;
+        MapReader {
+            root: self.map.root,
+            depth: self.map.depth,
+            slots: self.map.slots(),
+            load: &mut load,
+        }
+        .walk(&mut |first, entries| {
+            for (i, e) in entries.iter().enumerate() {
+                if e.is_some() {
+                    let slot = first + i as u64;
+                    total += cs.min(size - slot * cs);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(total)
+    }
+
     /// Whether the chunk at `slot` is in the cache (zero slots count as cached).
     pub fn is_cached(&self, slot: u64) -> Result<bool> {
         Ok(match self.chunk_id(slot)? {
@@ -357,6 +382,7 @@ mod tests {
             vec![(c, true), (c, false)]
         );
         assert_eq!(reader.extents(whole, 10, 5).unwrap(), vec![]);
+        assert_eq!(reader.stored_bytes().unwrap(), 3 * c + c / 2);
     }
 
     #[test]

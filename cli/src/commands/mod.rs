@@ -1,4 +1,5 @@
 mod block;
+mod mount;
 mod nbd;
 mod rp;
 mod vault;
@@ -17,6 +18,8 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Block(c) => block::run(&ctx, c),
         Command::Rp(c) => rp::run(&ctx, c),
         Command::Nbd(c) => nbd::run(&ctx, c),
+        Command::Mount(a) => mount::mount(&ctx, a),
+        Command::Umount { mountpoint } => mount::umount(&ctx, &mountpoint),
     }
 }
 

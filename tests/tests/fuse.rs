@@ -1,0 +1,186 @@
+//! End-to-end: `elastio mount` through the kernel's FUSE (/dev/fuse, fusermount3).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use elastio_tests::*;
+
+fn ext4_image(env: &Env, name: &str) -> PathBuf {
+    let img = env.path(name);
+    sparse_file(&img, 48 << 20);
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
+    sh(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            tree.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    img
+}
+
+/// Mounts and returns the pid of the background process.
+fn mount(env: &Env, rp: &str, mnt: &Path) -> u32 {
+    std::fs::create_dir_all(mnt).unwrap();
+    let out = env.json(&["mount", rp, mnt.to_str().unwrap()]);
+    out["pid"].as_u64().unwrap() as u32
+}
+
+fn umount(env: &Env, mnt: &Path, pid: u32) {
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.contains(") Z") {
+            break; // exited, waiting to be reaped by its (gone) parent
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mount process {pid} still running after umount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn mounted_disk_img_is_byte_exact_sparse_and_read_only() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: this test needs FUSE"
+    );
+    let env = Env::new();
+    let img = ext4_image(&env, "a.img");
+    let rp = env.backup(&img, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mnt = env.path("mnt");
+    let pid = mount(&env, &rp, &mnt);
+    let disk = mnt.join("disk.img");
+
+    assert_eq!(
+        sha256_file(&disk),
+        sha256_file(&img),
+        "disk.img is the image"
+    );
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), 48 << 20);
+    assert!(
+        meta.blocks() * 512 < 8 << 20,
+        "st_blocks counts stored data only: {}",
+        meta.blocks()
+    );
+    let f = std::fs::File::open(&disk).unwrap();
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: lseek on an fd we own.
+    let hole = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert!(
+        hole > 0 && hole < 48 << 20,
+        "SEEK_HOLE finds the first hole: {hole}"
+    );
+    // SAFETY: as above.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), hole, libc::SEEK_DATA) };
+    assert!(data > hole, "SEEK_DATA skips it: {data}");
+
+    let err = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EROFS),
+        "writes fail with EROFS"
+    );
+    let err = std::fs::write(mnt.join("new"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+    // Mounting over a busy mountpoint and an unknown RP fail fast with a message.
+    let out = env.run(&["mount", &rp, mnt.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already an elastio mount"));
+    let other = env.path("other");
+    std::fs::create_dir(&other).unwrap();
+    let started = std::time::Instant::now();
+    let out = env.run(&[
+        "mount",
+        "rp-01m80q0exmx4mr1kh8rkgkg9q4",
+        other.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed().as_secs() < 10, "fails fast");
+
+    // Root can loop-mount the image and read the files.
+    if is_root() {
+        let fsmnt = env.path("fs");
+        std::fs::create_dir(&fsmnt).unwrap();
+        sh(
+            "mount",
+            &[
+                "-o",
+                "loop,ro,noload",
+                disk.to_str().unwrap(),
+                fsmnt.to_str().unwrap(),
+            ],
+        );
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
+        let same = std::fs::read(fsmnt.join("var/log/app.log")).unwrap()
+            == std::fs::read(fixture.join("var/log/app.log")).unwrap();
+        let _ = Command::new("umount").arg(&fsmnt).status();
+        assert!(same, "a file read through FUSE + loop equals the fixture");
+    }
+    drop(f);
+    umount(&env, &mnt, pid);
+    assert!(
+        std::fs::read_dir(&mnt).unwrap().next().is_none(),
+        "the mountpoint is empty again"
+    );
+}
+
+#[test]
+fn two_mounts_at_once_while_a_backup_runs() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: this test needs FUSE"
+    );
+    let env = Env::new();
+    let a = ext4_image(&env, "a.img");
+    let b = env.path("b.img");
+    std::fs::write(&b, pseudo_random(70, 8 << 20)).unwrap();
+    let ra = env.backup(&a, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rb = env.backup(&b, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let big = env.path("big.img");
+    for i in 0..4 {
+        append_random(&big, 80 + i, 32 << 20);
+    }
+    let mut backup = env
+        .command(&["block", "backup", big.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (ma, mb) = (env.path("ma"), env.path("mb"));
+    let pa = mount(&env, &ra, &ma);
+    let pb = mount(&env, &rb, &mb);
+    assert_eq!(sha256_file(&ma.join("disk.img")), sha256_file(&a));
+    assert_eq!(sha256_file(&mb.join("disk.img")), sha256_file(&b));
+    assert!(
+        backup.wait().unwrap().success(),
+        "the backup ran alongside the mounts"
+    );
+    umount(&env, &ma, pa);
+    umount(&env, &mb, pb);
+}
