@@ -1,8 +1,8 @@
 //! FUSE view of a disk recovery point: a read-only directory holding `disk.img`, the whole disk
-//! byte for byte. Holes are reported through `st_blocks` and SEEK_DATA/SEEK_HOLE. Reads run on a
-//! small thread pool so the kernel can keep several in flight; RPs are immutable, so the kernel's
-//! page cache is kept across opens. Views of partitions and of the files inside file systems come
-//! with the rest of the FUSE issue.
+//! byte for byte, and `partN.img` for each partition of an MBR or GPT table. Holes are reported
+//! through `st_blocks` and SEEK_DATA/SEEK_HOLE. Reads run on a small thread pool so the kernel can
+//! keep several in flight; RPs are immutable, so the kernel's page cache is kept across opens.
+//! Views of the files inside file systems come with the rest of the FUSE issue.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -17,18 +17,27 @@ use fuser::{
 use scalez::reader::DiskReader;
 
 const ROOT: u64 = 1;
-const DISK: u64 = 2;
-const DISK_NAME: &str = "disk.img";
+/// `disk.img` is inode 2; partition files follow.
+const FIRST_FILE: u64 = 2;
 /// RPs never change: the kernel may cache attributes and entries for long.
 const TTL: Duration = Duration::from_secs(3600);
 /// FOPEN_KEEP_CACHE: keep the page cache across opens.
 const KEEP_CACHE: u32 = 1 << 1;
 
+/// A file of the view: a byte range of the disk.
+pub struct ViewFile {
+    pub name: String,
+    pub start: u64,
+    pub len: u64,
+    /// Bytes of stored (non-zero) chunks in the range, for `st_blocks`.
+    pub stored_bytes: u64,
+}
+
 /// What to mount.
 pub struct DiskView {
     pub reader: Arc<DiskReader>,
-    /// Bytes of stored (non-zero) chunks, for `st_blocks`.
-    pub stored_bytes: u64,
+    /// `disk.img` first, then partitions.
+    pub files: Vec<ViewFile>,
     /// The RP's creation time (shown as every timestamp).
     pub time: SystemTime,
     pub uid: u32,
@@ -41,15 +50,19 @@ struct Fs {
 }
 
 impl Fs {
+    fn file(&self, ino: u64) -> Option<&ViewFile> {
+        self.view.files.get(ino.checked_sub(FIRST_FILE)? as usize)
+    }
+
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let v = &self.view;
-        let (kind, perm, size, blocks, nlink) = match ino {
-            ROOT => (FileType::Directory, 0o555, 0, 0, 2),
-            DISK => (
+        let (kind, perm, size, blocks, nlink) = match (ino, self.file(ino)) {
+            (ROOT, _) => (FileType::Directory, 0o555, 0, 0, 2),
+            (_, Some(f)) => (
                 FileType::RegularFile,
                 0o444,
-                v.reader.size(),
-                v.stored_bytes.div_ceil(512),
+                f.len,
+                f.stored_bytes.div_ceil(512),
                 1,
             ),
             _ => return None,
@@ -82,9 +95,17 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        match (parent, name.to_str()) {
-            (ROOT, Some(DISK_NAME)) => reply.entry(&TTL, &self.attr(DISK).unwrap(), 0),
-            _ => reply.error(libc::ENOENT),
+        let found = (parent == ROOT)
+            .then(|| {
+                self.view
+                    .files
+                    .iter()
+                    .position(|f| name.to_str() == Some(&f.name))
+            })
+            .flatten();
+        match found {
+            Some(i) => reply.entry(&TTL, &self.attr(FIRST_FILE + i as u64).unwrap(), 0),
+            None => reply.error(libc::ENOENT),
         }
     }
 
@@ -96,7 +117,7 @@ impl Filesystem for Fs {
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        if ino != DISK {
+        if self.file(ino).is_none() {
             return reply.error(libc::EISDIR);
         }
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
@@ -116,16 +137,18 @@ impl Filesystem for Fs {
         _lock: Option<u64>,
         reply: ReplyData,
     ) {
-        if ino != DISK || offset < 0 {
+        let Some(f) = self.file(ino) else {
+            return reply.error(libc::EINVAL);
+        };
+        if offset < 0 {
             return reply.error(libc::EINVAL);
         }
+        let offset = (offset as u64).min(f.len);
+        let (start, size) = (f.start + offset, (size as u64).min(f.len - offset) as usize);
         let view = self.view.clone();
         let job = Box::new(move || {
-            let mut buf = Vec::with_capacity(size as usize);
-            match view
-                .reader
-                .read_append(offset as u64, size as usize, &mut buf)
-            {
+            let mut buf = Vec::with_capacity(size);
+            match view.reader.read_append(start, size, &mut buf) {
                 Ok(_) => reply.data(&buf),
                 Err(e) => {
                     tracing::error!("read of {size} bytes at {offset}: {e}");
@@ -147,10 +170,13 @@ impl Filesystem for Fs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let size = self.view.reader.size();
-        if ino != DISK || offset < 0 {
+        let Some(f) = self.file(ino) else {
+            return reply.error(libc::EINVAL);
+        };
+        if offset < 0 {
             return reply.error(libc::EINVAL);
         }
+        let (size, base) = (f.len, f.start);
         let offset = offset as u64;
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return reply.error(libc::EINVAL);
@@ -158,7 +184,7 @@ impl Filesystem for Fs {
         if offset >= size {
             return reply.error(libc::ENXIO);
         }
-        let runs = match self.view.reader.extents(offset, size - offset, 1) {
+        let runs = match self.view.reader.extents(base + offset, size - offset, 1) {
             Ok(r) => r,
             Err(_) => return reply.error(libc::EIO),
         };
@@ -185,11 +211,17 @@ impl Filesystem for Fs {
         if ino != ROOT {
             return reply.error(libc::ENOTDIR);
         }
-        let entries = [
+        let mut entries = vec![
             (ROOT, FileType::Directory, "."),
             (ROOT, FileType::Directory, ".."),
-            (DISK, FileType::RegularFile, DISK_NAME),
         ];
+        for (i, f) in self.view.files.iter().enumerate() {
+            entries.push((
+                FIRST_FILE + i as u64,
+                FileType::RegularFile,
+                f.name.as_str(),
+            ));
+        }
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as i64, *kind, name) {
                 break;

@@ -16,5 +16,6 @@
 pub mod fuse;
 pub mod nbd;
 pub mod overlay;
+pub mod partitions;
 
 pub use scalez::reader::DiskReader;

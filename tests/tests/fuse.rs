@@ -184,3 +184,94 @@ fn two_mounts_at_once_while_a_backup_runs() {
     umount(&env, &ma, pa);
     umount(&env, &mb, pb);
 }
+
+/// A disk with a partition table (GPT or MBR) holding an ext4 partition.
+fn partitioned_image(env: &Env, label: &str) -> (PathBuf, PathBuf) {
+    let part = env.path(&format!("{label}-part.img"));
+    sparse_file(&part, 40 << 20);
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
+    sh(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            tree.to_str().unwrap(),
+            part.to_str().unwrap(),
+        ],
+    );
+    let disk = env.path(&format!("{label}-disk.img"));
+    sparse_file(&disk, 64 << 20);
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["--quiet", disk.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt: fdisk)");
+    use std::io::Write;
+    writeln!(
+        sfdisk.stdin.take().unwrap(),
+        "label: {label}\nstart=2048, size=81920, type=L"
+    )
+    .unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
+    let data = std::fs::read(&part).unwrap();
+    write_at(&disk, 1 << 20, &data);
+    (disk, part)
+}
+
+#[test]
+fn partitions_appear_as_files() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: this test needs FUSE"
+    );
+    let env = Env::new();
+    for label in ["gpt", "dos"] {
+        let (disk, part) = partitioned_image(&env, label);
+        let rp = env.backup(&disk, None)["rp"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mnt = env.path(&format!("mnt-{label}"));
+        let pid = mount(&env, &rp, &mnt);
+        let names: Vec<String> = std::fs::read_dir(&mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.contains(&"part1.img".to_string()),
+            "{label}: {names:?}"
+        );
+        let p1 = mnt.join("part1.img");
+        assert_eq!(std::fs::metadata(&p1).unwrap().len(), 40 << 20);
+        assert_eq!(
+            sha256_file(&p1),
+            sha256_file(&part),
+            "{label}: part1.img is the partition"
+        );
+        assert_eq!(sha256_file(&mnt.join("disk.img")), sha256_file(&disk));
+        if is_root() {
+            let fsmnt = env.path(&format!("fs-{label}"));
+            std::fs::create_dir(&fsmnt).unwrap();
+            sh(
+                "mount",
+                &[
+                    "-o",
+                    "loop,ro,noload",
+                    p1.to_str().unwrap(),
+                    fsmnt.to_str().unwrap(),
+                ],
+            );
+            let ok = std::fs::read(fsmnt.join("home/alice/blob.bin")).ok()
+                == std::fs::read(
+                    Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../fixtures/tree/home/alice/blob.bin"),
+                )
+                .ok();
+            let _ = Command::new("umount").arg(&fsmnt).status();
+            assert!(ok, "{label}: a file inside the partition reads back");
+        }
+        umount(&env, &mnt, pid);
+    }
+}

@@ -25,6 +25,7 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("qemu-img", "qemu-utils"),
     ("qemu-io", "qemu-utils"),
     ("fusermount3", "fuse3"),
+    ("sfdisk", "fdisk"),
 ];
 
 /// Benchmark peers.

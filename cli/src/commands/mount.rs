@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mount::fuse::{serve, DiskView};
+use mount::fuse::{serve, DiskView, ViewFile};
+use mount::partitions;
 use mount::DiskReader;
 use scalez::RpKind;
 use serde_json::json;
@@ -71,13 +72,38 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     let map = rp.disk.clone().context("disk RP without a map")?;
     let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
     reader.enable_readahead(16, 2);
-    let stored_bytes = reader.stored_bytes()?;
+    let mut files = vec![ViewFile {
+        name: "disk.img".into(),
+        start: 0,
+        len: reader.size(),
+        stored_bytes: reader.stored_bytes()?,
+    }];
+    let mut read = |off: u64, buf: &mut [u8]| {
+        reader
+            .read_at(off, buf)
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+    };
+    for p in partitions::parse(reader.size(), &mut read)? {
+        let stored = reader
+            .extents(p.start, p.len, usize::MAX)?
+            .iter()
+            .filter(|(_, data)| *data)
+            .map(|(len, _)| len)
+            .sum();
+        files.push(ViewFile {
+            name: format!("part{}.img", p.number),
+            start: p.start,
+            len: p.len,
+            stored_bytes: stored,
+        });
+    }
     let time = humantime::parse_rfc3339_weak(&rp.created).unwrap_or(std::time::UNIX_EPOCH);
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let view = DiskView {
         reader,
-        stored_bytes,
+        files,
         time,
         uid,
         gid,
