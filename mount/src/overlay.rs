@@ -257,34 +257,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use scalez::catalog::{Asset, RpKind};
-    use scalez::crypto::KdfParams;
-    use scalez::store::memory::MemoryStore;
-    use scalez::VaultOptions;
 
     const CS: usize = 4096;
 
     /// A vault holding one disk RP of `disk` on a 4 KiB grid.
     fn disk_rp(disk: &[u8]) -> (Arc<Vault>, RecoveryPoint) {
-        let opts = VaultOptions {
-            chunk_size: CS as u32,
-            kdf: KdfParams {
-                memory_kib: 64,
-                iterations: 1,
-                parallelism: 1,
-            },
-            ..VaultOptions::default()
-        };
-        let vault = Arc::new(Vault::init(Arc::new(MemoryStore::new()), b"pw", opts).unwrap());
-        let session = BackupSession::new(vault.clone());
-        let mut b = MapBuilder::new(disk.len().div_ceil(CS) as u64);
-        let mut put = |p: Vec<u8>| session.store_blob(&p);
-        for chunk in disk.chunks(CS) {
-            let id = (!chunk.iter().all(|b| *b == 0)).then(|| session.store_blob(chunk).unwrap());
-            b.push(id, &mut put).unwrap();
-        }
-        let depth = b.depth();
-        let root = b.finish(&mut put).unwrap();
-        session.finish().unwrap();
+        let vault = scalez::testing::memory_vault(CS as u32);
+        let map = scalez::testing::store_disk(&vault, disk);
         let rp = RecoveryPoint {
             format: RP_FORMAT,
             id: RecoveryPointId::generate(),
@@ -301,12 +280,7 @@ mod tests {
             new_chunks: 0,
             duration_ms: 0,
             tags: Default::default(),
-            disk: Some(DiskMapRef {
-                chunk_size: CS as u32,
-                size: disk.len() as u64,
-                depth,
-                root,
-            }),
+            disk: Some(map),
         };
         vault.commit_rp(&rp).unwrap();
         (vault, rp)

@@ -46,6 +46,8 @@ pub mod pack;
 pub mod reader;
 pub mod session;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod vault;
 
 pub use catalog::{Asset, DiskMapRef, RecoveryPoint, RpKind, TagUpdate};

@@ -281,42 +281,12 @@ impl From<Error> for std::io::Error {
 mod tests {
     use super::*;
     use crate::catalog::DiskMapRef;
-    use crate::crypto::KdfParams;
-    use crate::disk_map::MapBuilder;
-    use crate::session::BackupSession;
-    use crate::store::memory::MemoryStore;
-    use crate::vault::VaultOptions;
 
     const CS: usize = 4096;
 
-    /// Stores `disk` in a fresh in-memory vault on a 4 KiB grid and returns its map.
     fn store_disk(disk: &[u8]) -> (Arc<Vault>, DiskMapRef) {
-        let opts = VaultOptions {
-            chunk_size: CS as u32,
-            kdf: KdfParams {
-                memory_kib: 64,
-                iterations: 1,
-                parallelism: 1,
-            },
-            ..VaultOptions::default()
-        };
-        let vault = Arc::new(Vault::init(Arc::new(MemoryStore::new()), b"pw", opts).unwrap());
-        let session = BackupSession::new(vault.clone());
-        let mut b = MapBuilder::new(disk.len().div_ceil(CS) as u64);
-        let mut put = |p: Vec<u8>| session.store_blob(&p);
-        for chunk in disk.chunks(CS) {
-            let id = (!chunk.iter().all(|b| *b == 0)).then(|| session.store_blob(chunk).unwrap());
-            b.push(id, &mut put).unwrap();
-        }
-        let depth = b.depth();
-        let root = b.finish(&mut put).unwrap();
-        session.finish().unwrap();
-        let map = DiskMapRef {
-            chunk_size: CS as u32,
-            size: disk.len() as u64,
-            depth,
-            root,
-        };
+        let vault = crate::testing::memory_vault(CS as u32);
+        let map = crate::testing::store_disk(&vault, disk);
         (vault, map)
     }
 

@@ -351,3 +351,25 @@ impl Drop for NbdServer {
         }
     }
 }
+
+/// `fixtures/tree`, the small directory tree the ext4 images are made from.
+pub fn fixture_tree() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree")
+}
+
+/// A sparse ext4 image of `size` bytes made from the fixture tree with `mkfs.ext4 -d`.
+pub fn ext4_image(env: &Env, name: &str, size: u64) -> PathBuf {
+    let img = env.path(name);
+    sparse_file(&img, size);
+    sh(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            fixture_tree().to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    img
+}

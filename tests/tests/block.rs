@@ -447,25 +447,10 @@ fn rp_list_show_and_tags() {
     );
 }
 
-fn fixture_tree() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree")
-}
-
 #[test]
 fn ext4_image_from_fixture_round_trips_and_fscks() {
     let env = Env::new();
-    let img = env.path("ext4.img");
-    sparse_file(&img, 32 << 20);
-    sh(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            fixture_tree().to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
+    let img = ext4_image(&env, "ext4.img", 32 << 20);
     let rp = env.backup(&img, None)["rp"]["id"]
         .as_str()
         .unwrap()

@@ -6,23 +6,6 @@ use std::process::Command;
 
 use elastio_tests::*;
 
-fn ext4_image(env: &Env, name: &str) -> PathBuf {
-    let img = env.path(name);
-    sparse_file(&img, 48 << 20);
-    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
-    sh(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            tree.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
-    img
-}
-
 /// Mounts and returns the pid of the background process.
 fn mount(env: &Env, rp: &str, mnt: &Path) -> u32 {
     std::fs::create_dir_all(mnt).unwrap();
@@ -53,7 +36,7 @@ fn mounted_disk_img_is_byte_exact_sparse_and_read_only() {
         "/dev/fuse is missing: this test needs FUSE"
     );
     let env = Env::new();
-    let img = ext4_image(&env, "a.img");
+    let img = ext4_image(&env, "a.img", 48 << 20);
     let rp = env.backup(&img, None)["rp"]["id"]
         .as_str()
         .unwrap()
@@ -130,9 +113,8 @@ fn mounted_disk_img_is_byte_exact_sparse_and_read_only() {
                 fsmnt.to_str().unwrap(),
             ],
         );
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
         let same = std::fs::read(fsmnt.join("var/log/app.log")).unwrap()
-            == std::fs::read(fixture.join("var/log/app.log")).unwrap();
+            == std::fs::read(fixture_tree().join("var/log/app.log")).unwrap();
         let _ = Command::new("umount").arg(&fsmnt).status();
         assert!(same, "a file read through FUSE + loop equals the fixture");
     }
@@ -151,7 +133,7 @@ fn two_mounts_at_once_while_a_backup_runs() {
         "/dev/fuse is missing: this test needs FUSE"
     );
     let env = Env::new();
-    let a = ext4_image(&env, "a.img");
+    let a = ext4_image(&env, "a.img", 48 << 20);
     let b = env.path("b.img");
     std::fs::write(&b, pseudo_random(70, 8 << 20)).unwrap();
     let ra = env.backup(&a, None)["rp"]["id"]
@@ -187,19 +169,7 @@ fn two_mounts_at_once_while_a_backup_runs() {
 
 /// A disk with a partition table (GPT or MBR) holding an ext4 partition.
 fn partitioned_image(env: &Env, label: &str) -> (PathBuf, PathBuf) {
-    let part = env.path(&format!("{label}-part.img"));
-    sparse_file(&part, 40 << 20);
-    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
-    sh(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            tree.to_str().unwrap(),
-            part.to_str().unwrap(),
-        ],
-    );
+    let part = ext4_image(env, &format!("{label}-part.img"), 40 << 20);
     let disk = env.path(&format!("{label}-disk.img"));
     sparse_file(&disk, 64 << 20);
     let mut sfdisk = Command::new("sfdisk")

@@ -11,20 +11,7 @@ use elastio_tests::*;
 
 /// An ext4 image made from the fixture tree (mostly holes), backed up; returns (image, rp id).
 fn ext4_rp(env: &Env) -> (PathBuf, String) {
-    let img = env.path("ext4.img");
-    sparse_file(&img, 48 << 20);
-    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
-    sh(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            tree.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
-    // Some data past the file system's metadata, and an odd tail, so reads cross many chunks.
+    let img = ext4_image(env, "ext4.img", 48 << 20);
     let rp = env.backup(&img, None)["rp"]["id"]
         .as_str()
         .unwrap()
@@ -151,7 +138,7 @@ fn nbdfuse_and_loop_mount_show_the_files() {
         .unwrap();
     let check = std::panic::catch_unwind(|| {
         assert!(mounted.success(), "loop mount of the NBD disk failed");
-        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tree");
+        let fixture = fixture_tree();
         for f in [
             "home/alice/docs/notes.md",
             "home/alice/blob.bin",
