@@ -27,6 +27,21 @@ pub struct DiskReader {
     readahead: OnceLock<ReadAhead>,
     /// Chunks being fetched right now, each with a gate that later readers wait on.
     loading: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
+    /// One chunk of zeros, shared by every zero run [`DiskReader::read_segments`] returns.
+    zeros: OnceLock<Arc<Vec<u8>>>,
+}
+
+/// A slice of a shared buffer (a cached chunk, or zeros).
+#[derive(Clone)]
+pub struct Segment {
+    pub data: Arc<Vec<u8>>,
+    pub range: std::ops::Range<usize>,
+}
+
+impl Segment {
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[self.range.clone()]
+    }
 }
 
 /// Sequential-read detection and the queue of slots to prefetch.
@@ -50,6 +65,7 @@ impl DiskReader {
             pages: Mutex::new(LruCache::new(NonZeroUsize::new(64).unwrap())),
             readahead: OnceLock::new(),
             loading: Mutex::new(HashMap::new()),
+            zeros: OnceLock::new(),
         }
     }
 
@@ -224,6 +240,37 @@ impl DiskReader {
         result
     }
 
+    /// The bytes `[offset, offset+len)` (clipped to the disk) as slices of cached chunks, without
+    /// copying: for servers that write them straight to a socket. Zero runs share one buffer.
+    pub fn read_segments(&self, offset: u64, len: usize) -> Result<Vec<Segment>> {
+        if offset >= self.map.size {
+            return Ok(Vec::new());
+        }
+        let len = len.min((self.map.size - offset) as usize);
+        let cs = self.map.chunk_size as u64;
+        self.note_read(offset / cs, (offset + len as u64).div_ceil(cs));
+        let mut out = Vec::with_capacity(len.div_ceil(cs as usize) + 1);
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done as u64;
+            let (slot, within) = (pos / cs, (pos % cs) as usize);
+            let n = (cs as usize - within).min(len - done);
+            let data = match self.slot(slot)? {
+                Some(c) => c,
+                None => self
+                    .zeros
+                    .get_or_init(|| Arc::new(vec![0u8; cs as usize]))
+                    .clone(),
+            };
+            out.push(Segment {
+                data,
+                range: within..within + n,
+            });
+            done += n;
+        }
+        Ok(out)
+    }
+
     /// Appends the bytes `[offset, offset+len)` (clipped to the disk) to `out`, copying chunks
     /// straight from the cache without zero-filling first; returns the bytes appended.
     pub fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<usize> {
@@ -318,6 +365,13 @@ mod tests {
             let want = &disk[off.min(disk.len())..(off + len).min(disk.len())];
             assert_eq!(n, want.len(), "read at {off}+{len}");
             assert_eq!(&buf[..n], want, "read at {off}+{len}");
+            let segs: Vec<u8> = reader
+                .read_segments(off as u64, len)
+                .unwrap()
+                .iter()
+                .flat_map(|s| s.bytes().to_vec())
+                .collect();
+            assert_eq!(&segs[..], want, "segments at {off}+{len}");
             let mut appended = b"head".to_vec();
             assert_eq!(
                 reader.read_append(off as u64, len, &mut appended).unwrap(),

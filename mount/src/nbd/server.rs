@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use scalez::reader::DiskReader;
+use scalez::reader::{DiskReader, Segment};
 
 use crate::overlay::Overlay;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -64,17 +64,17 @@ impl Disk {
         }
     }
 
-    /// Appends `len` bytes at `offset` to `out` (the range was checked against the size).
-    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    /// `len` bytes at `offset` (the range was checked against the size) as buffer slices.
+    fn read_segments(&self, offset: u64, len: usize) -> io::Result<Vec<Segment>> {
         match self {
-            Disk::ReadOnly(r) => r
-                .read_append(offset, len, out)
-                .map(|_| ())
-                .map_err(io::Error::from),
+            Disk::ReadOnly(r) => r.read_segments(offset, len).map_err(io::Error::from),
             Disk::Writable(o) => {
-                let start = out.len();
-                out.resize(start + len, 0);
-                o.read_at(offset, &mut out[start..])
+                let mut buf = vec![0u8; len];
+                o.read_at(offset, &mut buf)?;
+                Ok(vec![Segment {
+                    data: Arc::new(buf),
+                    range: 0..len,
+                }])
             }
         }
     }
@@ -466,53 +466,61 @@ impl Replier {
         }
     }
 
-    /// A read reply whose `data` already sits after `header_len()` reserved bytes.
-    fn header_len(self) -> usize {
-        if self.structured {
-            28
-        } else {
-            16
-        }
-    }
-
-    fn read_ok(self, mut frame: Vec<u8>, offset: u64) -> Vec<u8> {
-        let data_len = frame.len() - self.header_len();
-        if self.structured {
-            let h = chunk_header(
+    /// A successful read: the header, then `data` sent from the buffers it points into.
+    fn read_ok(self, offset: u64, data: Vec<Segment>) -> Reply {
+        let len: usize = data.iter().map(|s| s.range.len()).sum();
+        let head = if self.structured {
+            let mut h = chunk_header(
                 REPLY_FLAG_DONE,
                 REPLY_TYPE_OFFSET_DATA,
                 self.cookie,
-                8 + data_len as u32,
-            );
-            frame[..20].copy_from_slice(&h);
-            frame[20..28].copy_from_slice(&offset.to_be_bytes());
+                8 + len as u32,
+            )
+            .to_vec();
+            h.extend_from_slice(&offset.to_be_bytes());
+            h
         } else {
-            frame[..16].copy_from_slice(&simple_reply(0, self.cookie));
+            simple_reply(0, self.cookie).to_vec()
+        };
+        Reply { head, body: data }
+    }
+}
+
+/// One reply frame: header bytes, then slices of shared buffers (written without copying).
+struct Reply {
+    head: Vec<u8>,
+    body: Vec<Segment>,
+}
+
+impl From<Vec<u8>> for Reply {
+    fn from(head: Vec<u8>) -> Self {
+        Reply {
+            head,
+            body: Vec::new(),
         }
-        frame
     }
 }
 
 /// Runs `f` on the blocking pool and sends the frame it returns (an EIO reply if it panicked).
 /// `hold` (the request's share of the byte budgets) travels with the frame and is released only
 /// once the frame is written to the socket, so memory held for slow readers stays counted.
-fn reply_with(
+fn reply_with<R: Into<Reply> + Send + 'static>(
     tx: &mpsc::Sender<Frame>,
     r: Replier,
     hold: Option<Budget>,
-    f: impl FnOnce() -> Vec<u8> + Send + 'static,
+    f: impl FnOnce() -> R + Send + 'static,
 ) {
     let tx = tx.clone();
     tokio::spawn(async move {
-        let frame = tokio::task::spawn_blocking(f)
+        let frame = tokio::task::spawn_blocking(move || f().into())
             .await
-            .unwrap_or_else(|e| r.error(EIO, &e.to_string()));
+            .unwrap_or_else(|e| r.error(EIO, &e.to_string()).into());
         let _ = tx.send((frame, hold)).await;
     });
 }
 
 /// A reply on its way to the socket, with the budget it holds.
-type Frame = (Vec<u8>, Option<Budget>);
+type Frame = (Reply, Option<Budget>);
 
 /// Permits for a request's bytes: from its connection's budget and the server-wide one.
 type Budget = (OwnedSemaphorePermit, OwnedSemaphorePermit);
@@ -533,7 +541,10 @@ where
     let (tx, mut rx) = mpsc::channel::<Frame>(64);
     let writer = tokio::spawn(async move {
         while let Some((frame, hold)) = rx.recv().await {
-            wr.write_all(&frame).await?;
+            wr.write_all(&frame.head).await?;
+            for seg in &frame.body {
+                wr.write_all(seg.bytes()).await?;
+            }
             drop(hold);
         }
         wr.flush().await
@@ -561,7 +572,7 @@ where
             let send = |frame: Vec<u8>| {
                 let tx = tx.clone();
                 async move {
-                    tx.send((frame, None))
+                    tx.send((Reply::from(frame), None))
                         .await
                         .map_err(|_| io::Error::other("reply writer stopped"))
                 }
@@ -598,12 +609,9 @@ where
                     let permit = permits(req.len).await?;
                     let disk = disk.clone();
                     reply_with(&tx, r, Some(permit), move || {
-                        let mut frame = Vec::with_capacity(r.header_len() + req.len as usize);
-                        frame.resize(r.header_len(), 0);
-                        let read = disk.read_append(req.offset, req.len as usize, &mut frame);
-                        match read {
-                            Ok(()) => r.read_ok(frame, req.offset),
-                            Err(e) => io_reply(Err(e)),
+                        match disk.read_segments(req.offset, req.len as usize) {
+                            Ok(data) => r.read_ok(req.offset, data),
+                            Err(e) => io_reply(Err(e)).into(),
                         }
                     });
                 }
