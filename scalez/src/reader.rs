@@ -274,47 +274,23 @@ impl DiskReader {
     /// Appends the bytes `[offset, offset+len)` (clipped to the disk) to `out`, copying chunks
     /// straight from the cache without zero-filling first; returns the bytes appended.
     pub fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<usize> {
-        if offset >= self.map.size {
-            return Ok(0);
+        let segments = self.read_segments(offset, len)?;
+        let start = out.len();
+        for seg in &segments {
+            out.extend_from_slice(seg.bytes());
         }
-        let len = len.min((self.map.size - offset) as usize);
-        out.reserve(len);
-        let cs = self.map.chunk_size as u64;
-        self.note_read(offset / cs, (offset + len as u64).div_ceil(cs));
-        let mut done = 0;
-        while done < len {
-            let pos = offset + done as u64;
-            let (slot, within) = (pos / cs, (pos % cs) as usize);
-            let n = (cs as usize - within).min(len - done);
-            match self.slot(slot)? {
-                Some(c) => out.extend_from_slice(&c[within..within + n]),
-                None => out.resize(out.len() + n, 0),
-            }
-            done += n;
-        }
-        Ok(len)
+        Ok(out.len() - start)
     }
 
     /// Fills `buf` from `offset`; returns the bytes read (short only at the end of the disk).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        if offset >= self.map.size {
-            return Ok(0);
-        }
-        let len = buf.len().min((self.map.size - offset) as usize);
-        let cs = self.map.chunk_size as u64;
-        self.note_read(offset / cs, (offset + len as u64).div_ceil(cs));
         let mut done = 0;
-        while done < len {
-            let pos = offset + done as u64;
-            let (slot, within) = (pos / cs, (pos % cs) as usize);
-            let n = (cs as usize - within).min(len - done);
-            match self.slot(slot)? {
-                Some(c) => buf[done..done + n].copy_from_slice(&c[within..within + n]),
-                None => buf[done..done + n].fill(0),
-            }
-            done += n;
+        for seg in self.read_segments(offset, buf.len())? {
+            let bytes = seg.bytes();
+            buf[done..done + bytes.len()].copy_from_slice(bytes);
+            done += bytes.len();
         }
-        Ok(len)
+        Ok(done)
     }
 }
 
