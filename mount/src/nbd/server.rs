@@ -260,6 +260,15 @@ where
     transmission(rd, wr, shared, session).await
 }
 
+/// The option error for an export name that matches nothing.
+fn unknown_export(option: u32, name: &str) -> Vec<u8> {
+    option_error(
+        option,
+        REP_ERR_UNKNOWN,
+        &format!("no export named {name:?}"),
+    )
+}
+
 /// Option haggling. Returns the session to serve, or None when the client aborted.
 async fn negotiate<R, W>(
     rd: &mut R,
@@ -355,12 +364,7 @@ where
                     }
                 };
                 if shared.find(&name).is_none() {
-                    wr.write_all(&option_error(
-                        h.option,
-                        REP_ERR_UNKNOWN,
-                        &format!("no export named {name:?}"),
-                    ))
-                    .await?;
+                    wr.write_all(&unknown_export(h.option, &name)).await?;
                     continue;
                 }
                 let matches =
@@ -392,12 +396,7 @@ where
                     }
                 };
                 let Some(i) = shared.find(&name) else {
-                    wr.write_all(&option_error(
-                        h.option,
-                        REP_ERR_UNKNOWN,
-                        &format!("no export named {name:?}"),
-                    ))
-                    .await?;
+                    wr.write_all(&unknown_export(h.option, &name)).await?;
                     continue;
                 };
                 let e = &shared.exports[i];
