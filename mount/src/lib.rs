@@ -13,6 +13,7 @@
 //! authenticated by the vault; one misbehaving client can only lose its own connection; memory
 //! is bounded by the in-flight byte budget and the cache sizes, not by request sizes.
 
+pub mod ext4;
 pub mod fuse;
 pub mod nbd;
 pub mod overlay;
