@@ -182,6 +182,8 @@ pub enum Data {
 pub struct DirEntry {
     pub ino: u32,
     pub name: Vec<u8>,
+    /// From the entry itself where the file system records types (`filetype` feature).
+    pub kind: Option<Kind>,
 }
 
 #[derive(Debug, Clone)]
@@ -770,9 +772,21 @@ fn parse_entries(ino: u32, b: &[u8], filetype: bool, out: &mut Vec<DirEntry>) ->
         }
         let name = &b[at + 8..at + 8 + name_len];
         if entry_ino != 0 && name != b"." && name != b".." && !name.is_empty() {
+            let kind = match b[at + 7] {
+                _ if !filetype => None,
+                1 => Some(Kind::File),
+                2 => Some(Kind::Dir),
+                3 => Some(Kind::CharDevice),
+                4 => Some(Kind::BlockDevice),
+                5 => Some(Kind::Fifo),
+                6 => Some(Kind::Socket),
+                7 => Some(Kind::Symlink),
+                _ => None,
+            };
             out.push(DirEntry {
                 ino: entry_ino,
                 name: name.to_vec(),
+                kind,
             });
         }
         at += rec_len;
@@ -905,7 +919,8 @@ mod tests {
             out,
             vec![DirEntry {
                 ino: 12,
-                name: b"abc".to_vec()
+                name: b"abc".to_vec(),
+                kind: Some(Kind::File),
             }]
         );
         b[4..6].copy_from_slice(&4u16.to_le_bytes());

@@ -1,12 +1,25 @@
-//! FUSE view of a disk recovery point: a read-only directory holding `disk.img`, the whole disk
-//! byte for byte, and `partN.img` for each partition of an MBR or GPT table. Holes are reported
-//! through `st_blocks` and SEEK_DATA/SEEK_HOLE. Reads run on a small thread pool so the kernel can
-//! keep several in flight; RPs are immutable, so the kernel's page cache is kept across opens.
-//! Views of the files inside file systems come with the rest of the FUSE issue.
+//! FUSE view of a disk recovery point, read-only:
+//!
+//! * `disk.img`: the whole disk byte for byte, and `partN.img` for each partition of an MBR or
+//!   GPT table. Holes are reported through `st_blocks` and SEEK_DATA/SEEK_HOLE.
+//! * `partN/` (or `fs/` for a file system on the bare disk): the files inside each ext2/3/4 file
+//!   system, read in user space by [`crate::ext4`] with their names, sizes, modes, owners, times,
+//!   symlinks, device numbers and hard links (one inode number per inode).
+//!
+//! Inode numbers: 1 is the root, 2.. the image files, and inode `i` of file system `k` is
+//! `(k + 1) << 32 | i`. Permissions are shown but not enforced (no `default_permissions`): the
+//! mount is visible only to the user who mounted it, who holds the vault's key anyway.
+//!
+//! Reads run on a small thread pool so the kernel can keep several in flight; RPs are immutable,
+//! so entries, attributes and the page cache are kept for long.
 
-use std::ffi::OsStr;
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::num::NonZeroUsize;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{bounded, Sender};
@@ -14,7 +27,10 @@ use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEntry, ReplyLseek, ReplyOpen, Request,
 };
+use lru::LruCache;
 use scalez::reader::DiskReader;
+
+use crate::ext4::{self, Ext4, Kind};
 
 const ROOT: u64 = 1;
 /// `disk.img` is inode 2; partition files follow.
@@ -23,6 +39,8 @@ const FIRST_FILE: u64 = 2;
 const TTL: Duration = Duration::from_secs(3600);
 /// FOPEN_KEEP_CACHE: keep the page cache across opens.
 const KEEP_CACHE: u32 = 1 << 1;
+/// Parsed directories kept for lookups and readdir.
+const DIR_CACHE: usize = 1024;
 
 /// A file of the view: a byte range of the disk.
 pub struct ViewFile {
@@ -33,20 +51,125 @@ pub struct ViewFile {
     pub stored_bytes: u64,
 }
 
+/// A byte range of a disk RP as a device for the file-system reader.
+pub struct PartDev {
+    pub reader: Arc<DiskReader>,
+    pub start: u64,
+    pub len: u64,
+}
+
+impl ext4::ReadAt for PartDev {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "read at {offset} past the end of the partition ({} bytes)",
+                    self.len
+                ),
+            ));
+        }
+        let n = self.reader.read_at(self.start + offset, buf)?;
+        if n < buf.len() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+}
+
+/// A file system shown as a directory of the view.
+pub struct FsView {
+    /// The directory name (`part1`, `fs`).
+    pub name: String,
+    pub fs: Arc<Ext4<PartDev>>,
+}
+
+impl PartDev {
+    /// Opens the ext file system in this range, if there is one. Unsupported or damaged ones
+    /// are logged and left out (their image file still shows).
+    pub fn open_fs(self, name: &str) -> Option<FsView> {
+        let len = self.len;
+        match Ext4::open(self, len) {
+            Ok(Some(fs)) => Some(FsView {
+                name: name.to_string(),
+                fs: Arc::new(fs),
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("{name}: file view unavailable: {e}");
+                None
+            }
+        }
+    }
+}
+
 /// What to mount.
 pub struct DiskView {
     pub reader: Arc<DiskReader>,
     /// `disk.img` first, then partitions.
     pub files: Vec<ViewFile>,
-    /// The RP's creation time (shown as every timestamp).
+    /// File systems shown as directories.
+    pub filesystems: Vec<FsView>,
+    /// The RP's creation time (shown as every timestamp of the image files).
     pub time: SystemTime,
     pub uid: u32,
     pub gid: u32,
 }
 
+/// A directory listing with a name index for lookups.
+struct Listing {
+    entries: Vec<(u64, FileType, OsString)>,
+    by_name: HashMap<OsString, usize>,
+}
+
+/// What an open handle reads.
+enum Open {
+    Image,
+    File {
+        fs: Arc<Ext4<PartDev>>,
+        data: ext4::Data,
+        size: u64,
+    },
+}
+
 struct Fs {
     view: Arc<DiskView>,
     reads: Sender<Box<dyn FnOnce() + Send>>,
+    dirs: LruCache<u64, Arc<Listing>>,
+    open: Mutex<HashMap<u64, Arc<Open>>>,
+    next_fh: AtomicU64,
+}
+
+fn file_type(kind: Kind) -> FileType {
+    match kind {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+    }
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => libc::ENOENT,
+        _ => libc::EIO,
+    }
+}
+
+/// Splits a FUSE inode into (file system index, ext inode) for inodes inside file systems.
+fn split(ino: u64) -> Option<(usize, u32)> {
+    let k = (ino >> 32).checked_sub(1)?;
+    Some((k as usize, ino as u32))
+}
+
+fn join(k: usize, ino: u32) -> u64 {
+    (k as u64 + 1) << 32 | ino as u64
 }
 
 impl Fs {
@@ -54,10 +177,23 @@ impl Fs {
         self.view.files.get(ino.checked_sub(FIRST_FILE)? as usize)
     }
 
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
+    fn filesystem(&self, k: usize) -> Option<&Arc<Ext4<PartDev>>> {
+        self.view.filesystems.get(k).map(|v| &v.fs)
+    }
+
+    fn attr(&self, ino: u64) -> Result<FileAttr, i32> {
+        if let Some((k, i)) = split(ino) {
+            return self.fs_attr(k, i);
+        }
         let v = &self.view;
         let (kind, perm, size, blocks, nlink) = match (ino, self.file(ino)) {
-            (ROOT, _) => (FileType::Directory, 0o555, 0, 0, 2),
+            (ROOT, _) => (
+                FileType::Directory,
+                0o555,
+                0,
+                0,
+                2 + v.filesystems.len() as u32,
+            ),
             (_, Some(f)) => (
                 FileType::RegularFile,
                 0o444,
@@ -65,9 +201,9 @@ impl Fs {
                 f.stored_bytes.div_ceil(512),
                 1,
             ),
-            _ => return None,
+            _ => return Err(libc::ENOENT),
         };
-        Some(FileAttr {
+        Ok(FileAttr {
             ino,
             size,
             blocks,
@@ -85,6 +221,104 @@ impl Fs {
             flags: 0,
         })
     }
+
+    fn fs_attr(&self, k: usize, i: u32) -> Result<FileAttr, i32> {
+        let fs = self.filesystem(k).ok_or(libc::ENOENT)?;
+        let inode = fs.inode(i).map_err(|e| {
+            tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
+            errno(&e)
+        })?;
+        let kind = inode.kind().ok_or(libc::EIO)?;
+        Ok(FileAttr {
+            ino: join(k, i),
+            size: inode.size,
+            blocks: inode.blocks,
+            atime: inode.atime.to_system(),
+            mtime: inode.mtime.to_system(),
+            ctime: inode.ctime.to_system(),
+            crtime: inode.crtime.unwrap_or(inode.ctime).to_system(),
+            kind: file_type(kind),
+            perm: inode.perm(),
+            nlink: inode.links as u32,
+            uid: inode.uid,
+            gid: inode.gid,
+            rdev: inode.rdev,
+            blksize: fs.block_size() as u32,
+            flags: 0,
+        })
+    }
+
+    /// The listing of directory `ino` (cached).
+    fn listing(&mut self, ino: u64) -> Result<Arc<Listing>, i32> {
+        if let Some(l) = self.dirs.get(&ino) {
+            return Ok(l.clone());
+        }
+        let mut entries = Vec::new();
+        if ino == ROOT {
+            for (i, f) in self.view.files.iter().enumerate() {
+                entries.push((
+                    FIRST_FILE + i as u64,
+                    FileType::RegularFile,
+                    f.name.clone().into(),
+                ));
+            }
+            for (k, v) in self.view.filesystems.iter().enumerate() {
+                entries.push((
+                    join(k, v.fs.root()),
+                    FileType::Directory,
+                    v.name.clone().into(),
+                ));
+            }
+        } else {
+            let (k, i) = split(ino).ok_or(libc::ENOTDIR)?;
+            let fs = self.filesystem(k).ok_or(libc::ENOENT)?.clone();
+            let name = &self.view.filesystems[k].name;
+            let inode = fs.inode(i).map_err(|e| {
+                tracing::error!("{name}: inode {i}: {e}");
+                errno(&e)
+            })?;
+            if inode.kind() != Some(Kind::Dir) {
+                return Err(libc::ENOTDIR);
+            }
+            for e in fs.read_dir(&inode).map_err(|e| {
+                tracing::error!("{name}: directory inode {i}: {e}");
+                errno(&e)
+            })? {
+                let kind = match e.kind {
+                    Some(kind) => kind,
+                    None => match fs.inode(e.ino).ok().and_then(|n| n.kind()) {
+                        Some(kind) => kind,
+                        None => continue,
+                    },
+                };
+                let name = OsStr::from_bytes(&e.name).to_os_string();
+                entries.push((join(k, e.ino), file_type(kind), name));
+            }
+        }
+        let by_name = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, n))| (n.clone(), i))
+            .collect();
+        let listing = Arc::new(Listing { entries, by_name });
+        self.dirs.put(ino, listing.clone());
+        Ok(listing)
+    }
+
+    /// The parent of directory `ino`, for its `..` entry.
+    fn parent_hint(&self, ino: u64) -> u64 {
+        // The kernel resolves `..` itself; the number only shows in readdir.
+        match split(ino) {
+            Some((k, i)) if i == self.view.filesystems[k].fs.root() => ROOT,
+            _ => ino,
+        }
+    }
+
+    fn register(&self, open: Open) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.open.lock().unwrap().insert(fh, Arc::new(open));
+        fh
+    }
 }
 
 impl Filesystem for Fs {
@@ -95,67 +329,151 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let found = (parent == ROOT)
-            .then(|| {
-                self.view
-                    .files
-                    .iter()
-                    .position(|f| name.to_str() == Some(&f.name))
-            })
-            .flatten();
+        let found = self.listing(parent).and_then(|l| {
+            let i = *l.by_name.get(name).ok_or(libc::ENOENT)?;
+            self.attr(l.entries[i].0)
+        });
         match found {
-            Some(i) => reply.entry(&TTL, &self.attr(FIRST_FILE + i as u64).unwrap(), 0),
-            None => reply.error(libc::ENOENT),
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         match self.attr(ino) {
-            Some(a) => reply.attr(&TTL, &a),
-            None => reply.error(libc::ENOENT),
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let Some((k, i)) = split(ino) else {
+            return reply.error(libc::EINVAL);
+        };
+        let Some(fs) = self.filesystem(k) else {
+            return reply.error(libc::ENOENT);
+        };
+        match fs.inode(i).and_then(|n| fs.read_link(&n)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => {
+                tracing::error!("{}: symlink inode {i}: {e}", self.view.filesystems[k].name);
+                reply.error(errno(&e))
+            }
         }
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        if self.file(ino).is_none() {
-            return reply.error(libc::EISDIR);
-        }
         if flags & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(libc::EROFS);
         }
-        reply.opened(0, KEEP_CACHE);
+        if self.file(ino).is_some() {
+            return reply.opened(self.register(Open::Image), KEEP_CACHE);
+        }
+        let Some((k, i)) = split(ino) else {
+            return reply.error(libc::EISDIR);
+        };
+        let Some(fs) = self.filesystem(k).cloned() else {
+            return reply.error(libc::ENOENT);
+        };
+        let opened = fs.inode(i).and_then(|inode| {
+            if inode.kind() != Some(Kind::File) {
+                return Ok(None);
+            }
+            Ok(Some((fs.data(&inode)?, inode.size)))
+        });
+        match opened {
+            Ok(Some((data, size))) => {
+                reply.opened(self.register(Open::File { fs, data, size }), KEEP_CACHE)
+            }
+            Ok(None) => reply.error(libc::EISDIR),
+            Err(e) => {
+                tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.open.lock().unwrap().remove(&fh);
+        reply.ok();
     }
 
     fn read(
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         size: u32,
         _flags: i32,
         _lock: Option<u64>,
         reply: ReplyData,
     ) {
-        let Some(f) = self.file(ino) else {
-            return reply.error(libc::EINVAL);
-        };
         if offset < 0 {
             return reply.error(libc::EINVAL);
         }
-        let offset = (offset as u64).min(f.len);
-        let (start, size) = (f.start + offset, (size as u64).min(f.len - offset) as usize);
-        let view = self.view.clone();
-        let job = Box::new(move || {
-            let mut buf = Vec::with_capacity(size);
-            match view.reader.read_append(start, size, &mut buf) {
-                Ok(_) => reply.data(&buf),
-                Err(e) => {
-                    tracing::error!("read of {size} bytes at {offset}: {e}");
-                    reply.error(libc::EIO)
-                }
+        let Some(open) = self.open.lock().unwrap().get(&fh).cloned() else {
+            return reply.error(libc::EBADF);
+        };
+        let offset = offset as u64;
+        let job: Box<dyn FnOnce() + Send> = match &*open {
+            Open::Image => {
+                let Some(f) = self.file(ino) else {
+                    return reply.error(libc::EINVAL);
+                };
+                let offset = offset.min(f.len);
+                let (start, size) = (f.start + offset, (size as u64).min(f.len - offset) as usize);
+                let view = self.view.clone();
+                Box::new(move || {
+                    let mut buf = Vec::with_capacity(size);
+                    match view.reader.read_append(start, size, &mut buf) {
+                        Ok(_) => reply.data(&buf),
+                        Err(e) => {
+                            tracing::error!("read of {size} bytes at {start}: {e}");
+                            reply.error(libc::EIO)
+                        }
+                    }
+                })
             }
-        });
+            Open::File { .. } => {
+                let view = self.view.clone();
+                Box::new(move || {
+                    let Open::File {
+                        fs,
+                        data,
+                        size: len,
+                    } = &*open
+                    else {
+                        unreachable!("matched above")
+                    };
+                    let offset = offset.min(*len);
+                    let mut buf = vec![0u8; (size as u64).min(len - offset) as usize];
+                    match fs.read(data, offset, &mut buf) {
+                        Ok(()) => reply.data(&buf),
+                        Err(e) => {
+                            let name = split(ino)
+                                .and_then(|(k, _)| view.filesystems.get(k))
+                                .map_or("?", |v| v.name.as_str());
+                            tracing::error!(
+                                "{name}: inode {}: read of {} bytes at {offset}: {e}",
+                                ino as u32,
+                                buf.len()
+                            );
+                            reply.error(libc::EIO)
+                        }
+                    }
+                })
+            }
+        };
         if let Err(e) = self.reads.send(job) {
             (e.into_inner())();
         }
@@ -171,7 +489,7 @@ impl Filesystem for Fs {
         reply: ReplyLseek,
     ) {
         let Some(f) = self.file(ino) else {
-            return reply.error(libc::EINVAL);
+            return reply.error(libc::ENOSYS);
         };
         if offset < 0 {
             return reply.error(libc::EINVAL);
@@ -208,22 +526,22 @@ impl Filesystem for Fs {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        if ino != ROOT {
-            return reply.error(libc::ENOTDIR);
-        }
-        let mut entries = vec![
-            (ROOT, FileType::Directory, "."),
-            (ROOT, FileType::Directory, ".."),
+        let listing = match self.listing(ino) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [
+            (ino, FileType::Directory, OsStr::new(".")),
+            (self.parent_hint(ino), FileType::Directory, OsStr::new("..")),
         ];
-        for (i, f) in self.view.files.iter().enumerate() {
-            entries.push((
-                FIRST_FILE + i as u64,
-                FileType::RegularFile,
-                f.name.as_str(),
-            ));
-        }
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, (i + 1) as i64, *kind, name) {
+        let all = dots.into_iter().chain(
+            listing
+                .entries
+                .iter()
+                .map(|(i, k, n)| (*i, *k, n.as_os_str())),
+        );
+        for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(ino, (i + 1) as i64, kind, name) {
                 break;
             }
         }
@@ -255,6 +573,9 @@ pub fn serve(
     let fs = Fs {
         view: Arc::new(view),
         reads: tx,
+        dirs: LruCache::new(NonZeroUsize::new(DIR_CACHE).unwrap()),
+        open: Mutex::new(HashMap::new()),
+        next_fh: AtomicU64::new(1),
     };
     let options = [
         MountOption::RO,

@@ -3,8 +3,9 @@
 //! * [`nbd`]: an NBD server (newstyle fixed handshake, structured replies, `base:allocation`
 //!   block status, many requests in flight per connection, replies out of order) exporting disk
 //!   RPs read-only to nbdinfo, nbdcopy, qemu, nbdfuse or the kernel's nbd client.
-//! * [`fuse`]: a read-only FUSE view of a disk RP (`disk.img`, sparse-aware, EROFS on writes);
-//!   partition and file-system views come with the rest of the FUSE issue.
+//! * [`fuse`]: a read-only FUSE view of a disk RP: `disk.img` (sparse-aware), `partN.img` per
+//!   partition, and `partN/` (or `fs/`) with the files inside each ext2/3/4 file system, read in
+//!   user space by [`ext4`]; EROFS on writes, EIO (logged with the object name) on damaged data.
 //!
 //! Both sit on [`scalez::reader::DiskReader`], the one random-access reader with its chunk
 //! cache, so they share caching and verification with every other reader of a vault.

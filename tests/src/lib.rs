@@ -373,3 +373,103 @@ pub fn ext4_image(env: &Env, name: &str, size: u64) -> PathBuf {
     );
     img
 }
+
+/// The fixture tree plus what git cannot store: hard links, a sparse file, a file larger than a
+/// small cache, a long symlink, a FIFO and a big directory. Returns its path under `env`.
+pub fn rich_tree(env: &Env, big_len: usize) -> PathBuf {
+    let root = env.path("rich-tree");
+    sh(
+        "cp",
+        &[
+            "-a",
+            fixture_tree().to_str().unwrap(),
+            root.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(root.join("big.bin"), pseudo_random(77, big_len)).unwrap();
+    std::fs::hard_link(root.join("big.bin"), root.join("home/big.link")).unwrap();
+    std::fs::hard_link(root.join("etc/passwd"), root.join("home/passwd.2")).unwrap();
+    std::fs::hard_link(root.join("etc/passwd"), root.join("home/passwd.3")).unwrap();
+    let sparse = root.join("var/sparse.bin");
+    write_at(&sparse, 5 << 20, b"after the hole");
+    std::os::unix::fs::symlink(
+        format!("{}/../../etc/passwd", "d".repeat(120)),
+        root.join("home/long.lnk"),
+    )
+    .unwrap();
+    sh("mkfifo", &[root.join("var/fifo").to_str().unwrap()]);
+    std::fs::create_dir(root.join("many")).unwrap();
+    for i in 0..500 {
+        std::fs::write(root.join(format!("many/{i:04}.txt")), format!("file {i}\n")).unwrap();
+    }
+    std::fs::set_permissions(
+        root.join("etc/app.conf"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    root
+}
+
+/// An ext4 image of `size` bytes made from `tree` with `mkfs.ext4 -d`.
+pub fn ext4_image_of(env: &Env, name: &str, size: u64, tree: &Path) -> PathBuf {
+    let img = env.path(name);
+    sparse_file(&img, size);
+    sh(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            tree.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    img
+}
+
+/// Asserts that the tree at `got` equals `want`: names, types, sizes, modes, owners, mtimes
+/// (seconds), symlink targets, hard-link counts and contents. `lost+found` is ignored.
+pub fn assert_same_tree(got: &Path, want: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    fn names(dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "lost+found")
+            .collect();
+        v.sort();
+        v
+    }
+    let (g, w) = (names(got), names(want));
+    assert_eq!(g, w, "entries of {}", got.display());
+    for name in w {
+        let (gp, wp) = (got.join(&name), want.join(&name));
+        let (gm, wm) = (
+            std::fs::symlink_metadata(&gp).unwrap(),
+            std::fs::symlink_metadata(&wp).unwrap(),
+        );
+        let what = gp.display();
+        assert_eq!(gm.mode(), wm.mode(), "mode of {what}");
+        assert_eq!(
+            (gm.uid(), gm.gid()),
+            (wm.uid(), wm.gid()),
+            "owner of {what}"
+        );
+        assert_eq!(gm.mtime(), wm.mtime(), "mtime of {what}");
+        if gm.is_dir() {
+            assert_same_tree(&gp, &wp);
+            continue;
+        }
+        assert_eq!(gm.nlink(), wm.nlink(), "link count of {what}");
+        assert_eq!(gm.len(), wm.len(), "size of {what}");
+        if gm.file_type().is_symlink() {
+            assert_eq!(
+                std::fs::read_link(&gp).unwrap(),
+                std::fs::read_link(&wp).unwrap(),
+                "target of {what}"
+            );
+        } else if gm.is_file() {
+            assert_eq!(sha256_file(&gp), sha256_file(&wp), "content of {what}");
+        }
+    }
+}

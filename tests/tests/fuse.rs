@@ -8,8 +8,14 @@ use elastio_tests::*;
 
 /// Mounts and returns the pid of the background process.
 fn mount(env: &Env, rp: &str, mnt: &Path) -> u32 {
+    mount_with(env, rp, mnt, &[])
+}
+
+fn mount_with(env: &Env, rp: &str, mnt: &Path, extra: &[&str]) -> u32 {
     std::fs::create_dir_all(mnt).unwrap();
-    let out = env.json(&["mount", rp, mnt.to_str().unwrap()]);
+    let mut args = vec!["mount", rp, mnt.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = env.json(&args);
     out["pid"].as_u64().unwrap() as u32
 }
 
@@ -221,6 +227,8 @@ fn partitions_appear_as_files() {
             "{label}: part1.img is the partition"
         );
         assert_eq!(sha256_file(&mnt.join("disk.img")), sha256_file(&disk));
+        // The files inside, parsed in user space.
+        assert_same_tree(&mnt.join("part1"), &fixture_tree());
         if is_root() {
             let fsmnt = env.path(&format!("fs-{label}"));
             std::fs::create_dir(&fsmnt).unwrap();
@@ -244,4 +252,110 @@ fn partitions_appear_as_files() {
         }
         umount(&env, &mnt, pid);
     }
+}
+
+#[test]
+fn files_inside_the_file_system_are_browsable_and_copyable() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: this test needs FUSE"
+    );
+    let env = Env::new();
+    let tree = rich_tree(&env, 24 << 20);
+    let img = ext4_image_of(&env, "rich.img", 96 << 20, &tree);
+    let rp = env.backup(&img, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mnt = env.path("mnt");
+    // A cache far smaller than big.bin, so reading it goes through eviction.
+    let pid = mount_with(&env, &rp, &mnt, &["--cache-size", "2MiB"]);
+    let fs = mnt.join("fs");
+    assert_same_tree(&fs, &tree);
+
+    let ino = |p: &str| std::fs::metadata(fs.join(p)).unwrap().ino();
+    assert_eq!(
+        ino("big.bin"),
+        ino("home/big.link"),
+        "hard links share an inode"
+    );
+    assert_ne!(ino("big.bin"), ino("etc/passwd"));
+    let sparse = std::fs::metadata(fs.join("var/sparse.bin")).unwrap();
+    assert!(
+        sparse.blocks() * 512 < 64 << 10,
+        "a sparse file shows its allocation only: {} blocks",
+        sparse.blocks()
+    );
+    let bytes = std::fs::read(fs.join("var/sparse.bin")).unwrap();
+    assert!(
+        bytes[..5 << 20].iter().all(|&b| b == 0),
+        "holes read as zeros"
+    );
+
+    // cp -a out of the mount gives back the same tree, hard links included (cp keys them by
+    // inode number).
+    let copy = env.path("copy");
+    sh("cp", &["-a", fs.to_str().unwrap(), copy.to_str().unwrap()]);
+    assert_same_tree(&copy, &tree);
+    let copy_ino = |p: &str| std::fs::metadata(copy.join(p)).unwrap().ino();
+    assert_eq!(copy_ino("big.bin"), copy_ino("home/big.link"));
+
+    let err = std::fs::OpenOptions::new()
+        .append(true)
+        .open(fs.join("etc/passwd"))
+        .unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::EROFS),
+        "writes fail with EROFS"
+    );
+    let err = std::fs::create_dir(fs.join("new")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    umount(&env, &mnt, pid);
+
+    // Damage one byte in the middle of every pack and mount again (a fresh page cache): the
+    // damaged reads fail with EIO, logged with the object name, and the mount stays up.
+    for pack in env.packs() {
+        let len = std::fs::metadata(&pack).unwrap().len();
+        let mut b = [0u8];
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pack)
+            .unwrap();
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut b, len / 2).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], len / 2).unwrap();
+    }
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = env.json(&["mount", &rp, mnt.to_str().unwrap()]);
+    let (pid, log) = (
+        out["pid"].as_u64().unwrap() as u32,
+        PathBuf::from(out["log"].as_str().unwrap()),
+    );
+    let (mut ok, mut eio) = (0, 0);
+    for f in [
+        "big.bin",
+        "etc/passwd",
+        "home/alice/blob.bin",
+        "var/sparse.bin",
+        "README.txt",
+    ] {
+        match std::fs::read(fs.join(f)) {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{f}: {e}");
+                eio += 1
+            }
+        }
+    }
+    assert!(eio >= 1, "a damaged chunk fails the read");
+    assert!(ok >= 1, "undamaged files still read ({eio} failed)");
+    assert!(std::fs::read_dir(&fs).is_ok(), "the mount is still up");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("packs/"),
+        "the log names the object: {logged}"
+    );
+    umount(&env, &mnt, pid);
 }

@@ -1,11 +1,11 @@
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mount::fuse::{serve, DiskView, ViewFile};
+use mount::fuse::{serve, DiskView, PartDev, ViewFile};
 use mount::partitions;
 use mount::DiskReader;
 use scalez::RpKind;
@@ -84,7 +84,23 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
             .map(|_| ())
             .map_err(std::io::Error::from)
     };
-    for p in partitions::parse(reader.size(), &mut read)? {
+    let parts = partitions::parse(reader.size(), &mut read)?;
+    let mut filesystems = Vec::new();
+    if parts.is_empty() {
+        let dev = PartDev {
+            reader: reader.clone(),
+            start: 0,
+            len: reader.size(),
+        };
+        filesystems.extend(dev.open_fs("fs"));
+    }
+    for p in parts {
+        let dev = PartDev {
+            reader: reader.clone(),
+            start: p.start,
+            len: p.len,
+        };
+        filesystems.extend(dev.open_fs(&format!("part{}", p.number)));
         let stored = reader
             .extents(p.start, p.len, usize::MAX)?
             .iter()
@@ -104,6 +120,7 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     let view = DiskView {
         reader,
         files,
+        filesystems,
         time,
         uid,
         gid,
@@ -125,8 +142,17 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
         },
         || cancel.is_cancelled(),
     )
-    .with_context(|| format!("mounting {} at {}", rp.id, a.mountpoint.display()))
+    .with_context(|| format!("mounting {} at {}", rp.id, a.mountpoint.display()))?;
+    if let Some(log) = std::env::var_os(LOG_ENV) {
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
+            let _ = std::fs::remove_file(log);
+        }
+    }
+    Ok(())
 }
+
+/// Tells a detached mount process where its log is, so it can remove an empty one at exit.
+const LOG_ENV: &str = "ELASTIO_MOUNT_LOG";
 
 /// Runs this same command with `--foreground` in a new process group, hands it the password on
 /// stdin, and returns once the mount is visible (or reports the child's error).
@@ -148,11 +174,21 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
         cmd.args(["--asset", asset]);
     }
     use std::os::unix::process::CommandExt;
+    // The detached process logs (read errors name the damaged object) to a file next to other
+    // per-user runtime state; its path is printed.
+    let log_dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(std::path::PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let log_path = log_dir.join(format!("elastio-mount-{}-{}.log", a.rp, std::process::id()));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create the mount log {}", log_path.display()))?;
     let mut child = cmd
         .env_remove("ELASTIO_PASSWORD")
+        .env(LOG_ENV, &log_path)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(log)
         .process_group(0)
         .spawn()
         .context("cannot start the mount process")?;
@@ -161,15 +197,14 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
         stdin.write_all(&password)?;
         stdin.write_all(b"\n")?;
     }
-    let mut stderr = child.stderr.take().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if is_mounted(&a.mountpoint) {
             break;
         }
         if let Some(status) = child.try_wait()? {
-            let mut err = String::new();
-            let _ = stderr.read_to_string(&mut err);
+            let err = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let _ = std::fs::remove_file(&log_path);
             bail!(
                 "the mount process exited ({status}): {}",
                 err.trim().trim_start_matches("error: ")
@@ -183,13 +218,14 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     }
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
-            "rp": a.rp, "mountpoint": a.mountpoint, "pid": child.id(),
+            "rp": a.rp, "mountpoint": a.mountpoint, "pid": child.id(), "log": log_path,
         }))?,
         OutputFormat::Human => println!(
-            "mounted {} at {} (pid {}); unmount with `elastio umount {}`",
+            "mounted {} at {} (pid {}, log {}); unmount with `elastio umount {}`",
             a.rp,
             a.mountpoint.display(),
             child.id(),
+            log_path.display(),
             a.mountpoint.display()
         ),
     }
