@@ -72,11 +72,16 @@ pub enum Command {
     /// Serve recovery points as NBD block devices
     #[command(subcommand)]
     Nbd(NbdCommand),
-    /// Mount a disk recovery point read-only through FUSE (shows disk.img)
+    /// Mount a disk recovery point read-only through FUSE: the disk, its partitions and their files
     #[command(
-        after_help = "By default the command returns once the mount is ready and a \
-background process serves it until `elastio umount <mountpoint>` (or `fusermount3 -u`). Root can \
-loop-mount the image: `mount -o loop,ro,noload <mountpoint>/disk.img /mnt`."
+        after_help = "The mountpoint shows `disk.img` (the whole disk), `partN.img` for each \
+MBR/GPT partition, and `partN/` (`fs/` for a file system on the bare disk) with the files inside \
+each ext2/3/4 file system, read in user space: no root, loop device or kernel module needed. \
+Copy files out with `cp -a`. With --kernel (root), each partition is instead loop-mounted \
+read-only by the kernel's own driver at `partN/`, for file systems the built-in reader does not \
+know (XFS, NTFS, ...).\n\nBy default the command returns once the mount is ready and a \
+background process serves it until `elastio umount <mountpoint>`; its log (read errors name the \
+damaged object) is printed. Nothing is ever written to the vault."
     )]
     Mount(MountArgs),
     /// Unmount a mount made by `elastio mount`
@@ -101,6 +106,9 @@ pub struct MountArgs {
     /// Chunk cache
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Loop-mount each partition read-only with the kernel's driver instead of parsing it (root)
+    #[arg(long)]
+    pub kernel: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -84,8 +84,12 @@ impl ext4::ReadAt for PartDev {
 pub struct FsView {
     /// The directory name (`part1`, `fs`).
     pub name: String,
-    pub fs: Arc<Ext4<PartDev>>,
+    /// `None`: an empty directory, a mountpoint for the kernel's own driver (`--kernel`).
+    pub fs: Option<Arc<Ext4<PartDev>>>,
 }
+
+/// The root inode of every file system directory (ext's root inode number).
+const FS_ROOT: u32 = 2;
 
 impl PartDev {
     /// Opens the ext file system in this range, if there is one. Unsupported or damaged ones
@@ -95,7 +99,7 @@ impl PartDev {
         match Ext4::open(self, len) {
             Ok(Some(fs)) => Some(FsView {
                 name: name.to_string(),
-                fs: Arc::new(fs),
+                fs: Some(Arc::new(fs)),
             }),
             Ok(None) => None,
             Err(e) => {
@@ -178,7 +182,7 @@ impl Fs {
     }
 
     fn filesystem(&self, k: usize) -> Option<&Arc<Ext4<PartDev>>> {
-        self.view.filesystems.get(k).map(|v| &v.fs)
+        self.view.filesystems.get(k)?.fs.as_ref()
     }
 
     fn attr(&self, ino: u64) -> Result<FileAttr, i32> {
@@ -223,7 +227,16 @@ impl Fs {
     }
 
     fn fs_attr(&self, k: usize, i: u32) -> Result<FileAttr, i32> {
-        let fs = self.filesystem(k).ok_or(libc::ENOENT)?;
+        let view = self.view.filesystems.get(k).ok_or(libc::ENOENT)?;
+        let Some(fs) = &view.fs else {
+            // An empty mountpoint directory.
+            if i != FS_ROOT {
+                return Err(libc::ENOENT);
+            }
+            let mut a = self.attr(ROOT)?;
+            (a.ino, a.nlink) = (join(k, i), 2);
+            return Ok(a);
+        };
         let inode = fs.inode(i).map_err(|e| {
             tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
             errno(&e)
@@ -263,15 +276,18 @@ impl Fs {
                 ));
             }
             for (k, v) in self.view.filesystems.iter().enumerate() {
-                entries.push((
-                    join(k, v.fs.root()),
-                    FileType::Directory,
-                    v.name.clone().into(),
-                ));
+                entries.push((join(k, FS_ROOT), FileType::Directory, v.name.clone().into()));
             }
         } else {
             let (k, i) = split(ino).ok_or(libc::ENOTDIR)?;
-            let fs = self.filesystem(k).ok_or(libc::ENOENT)?.clone();
+            let view = self.view.filesystems.get(k).ok_or(libc::ENOENT)?;
+            let Some(fs) = view.fs.clone() else {
+                let listing = Arc::new(Listing {
+                    entries: Vec::new(),
+                    by_name: HashMap::new(),
+                });
+                return Ok(listing);
+            };
             let name = &self.view.filesystems[k].name;
             let inode = fs.inode(i).map_err(|e| {
                 tracing::error!("{name}: inode {i}: {e}");
@@ -309,7 +325,7 @@ impl Fs {
     fn parent_hint(&self, ino: u64) -> u64 {
         // The kernel resolves `..` itself; the number only shows in readdir.
         match split(ino) {
-            Some((k, i)) if i == self.view.filesystems[k].fs.root() => ROOT,
+            Some((_, FS_ROOT)) => ROOT,
             _ => ino,
         }
     }
@@ -551,13 +567,15 @@ impl Filesystem for Fs {
 
 /// Mounts `view` read-only at `mountpoint` and serves it until `stop()` returns true or the file
 /// system is unmounted from outside (`fusermount3 -u`, `elastio umount`). `ready` runs once the
-/// kernel has the mount.
+/// kernel has the mount (requests are served meanwhile); `before_unmount` runs before this
+/// process unmounts it (to take down mounts stacked on top).
 pub fn serve(
     view: DiskView,
     mountpoint: &Path,
     fsname: &str,
     ready: impl FnOnce(),
     stop: impl Fn() -> bool,
+    before_unmount: impl FnOnce(),
 ) -> std::io::Result<()> {
     let (tx, rx) = bounded::<Box<dyn FnOnce() + Send>>(64);
     let workers: Vec<_> = (0..4)
@@ -588,6 +606,9 @@ pub fn serve(
     ready();
     while !stop() && !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if !session.guard.is_finished() {
+        before_unmount();
     }
     // Dropping the session unmounts (if still mounted) and ends the loop; the read workers stop
     // when the file system's sender is dropped with it.

@@ -359,3 +359,37 @@ fn files_inside_the_file_system_are_browsable_and_copyable() {
     );
     umount(&env, &mnt, pid);
 }
+
+#[test]
+fn kernel_mode_loop_mounts_partitions() {
+    let env = Env::new();
+    let (disk, _) = partitioned_image(&env, "gpt");
+    let rp = env.backup(&disk, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    if !is_root() {
+        let out = env.run(&["mount", &rp, mnt.to_str().unwrap(), "--kernel"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("needs root"));
+        return;
+    }
+    let out = env.json(&["mount", &rp, mnt.to_str().unwrap(), "--kernel"]);
+    let pid = out["pid"].as_u64().unwrap() as u32;
+    assert_eq!(out["kernel_mounts"][0]["dir"], "part1", "{out}");
+    assert_eq!(out["kernel_mounts"][0]["options"], "ro,noload", "{out}");
+    // The kernel's ext4 driver shows the same tree as the fixture.
+    assert_same_tree(&mnt.join("part1"), &fixture_tree());
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mounts.contains(&format!("{} ", mnt.join("part1").display())),
+        "part1 is a kernel mount"
+    );
+    // umount takes down the loop mount first, then the FUSE mount.
+    umount(&env, &mnt, pid);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(mnt.to_str().unwrap()), "nothing left mounted");
+    assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
+}

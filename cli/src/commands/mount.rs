@@ -1,11 +1,12 @@
-use std::io::Write;
-use std::path::Path;
+use std::io::{BufRead, Write};
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mount::fuse::{serve, DiskView, PartDev, ViewFile};
+use mount::fuse::{serve, DiskView, FsView, PartDev, ViewFile};
 use mount::partitions;
 use mount::DiskReader;
 use scalez::RpKind;
@@ -16,24 +17,105 @@ use crate::commands::print_json;
 use crate::commands::rp::resolve_rp;
 use crate::context::Ctx;
 
-/// Whether `path` is a mountpoint of an elastio FUSE file system (from /proc/self/mountinfo).
+/// One line of /proc/self/mountinfo: where, what type, from what.
+struct MountLine {
+    point: PathBuf,
+    fstype: String,
+    source: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+fn mounts() -> Vec<MountLine> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let point = l.split(' ').nth(4)?;
+            let mut tail = l.split(" - ").nth(1)?.split(' ');
+            Some(MountLine {
+                point: unescape(point),
+                fstype: tail.next()?.to_string(),
+                source: tail.next()?.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Whether `path` is a mountpoint of an elastio FUSE file system (source `elastio:<rp>`).
 fn is_mounted(path: &Path) -> bool {
     let Ok(canon) = std::fs::canonicalize(path) else {
         return false;
     };
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        // "... mountpoint ... - fstype source options": ours are FUSE with source "elastio:<rp>".
-        let mut tail = l.split(" - ").nth(1).unwrap_or_default().split(' ');
-        let (fstype, source) = (
-            tail.next().unwrap_or_default(),
-            tail.next().unwrap_or_default(),
-        );
-        f.get(4).is_some_and(|m| Path::new(m) == canon)
-            && fstype.starts_with("fuse")
-            && source.starts_with("elastio:")
+    mounts().iter().any(|m| {
+        m.point == canon && m.fstype.starts_with("fuse") && m.source.starts_with("elastio:")
     })
+}
+
+/// Unmounts everything mounted below `mountpoint` (the `--kernel` loop mounts), deepest first.
+fn unmount_nested(mountpoint: &Path) -> Result<()> {
+    let canon = std::fs::canonicalize(mountpoint)?;
+    let mut nested: Vec<PathBuf> = mounts()
+        .into_iter()
+        .map(|m| m.point)
+        .filter(|p| p != &canon && p.starts_with(&canon))
+        .collect();
+    nested.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in nested {
+        let out = Command::new("umount")
+            .arg(&p)
+            .output()
+            .context("cannot run umount")?;
+        if !out.status.success() {
+            bail!(
+                "cannot unmount {} (is it busy?): {}",
+                p.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Loop-mounts `image` read-only at `dir` with the kernel's driver, trying the options that
+/// keep journaling file systems from replaying their log first. Returns the options used.
+fn kernel_mount(image: &Path, dir: &Path) -> Result<&'static str> {
+    let mut last = String::new();
+    for opts in ["ro,noload", "ro,norecovery", "ro"] {
+        let out = Command::new("mount")
+            .args(["-o", &format!("loop,{opts}")])
+            .arg(image)
+            .arg(dir)
+            .output()
+            .context("cannot run mount")?;
+        if out.status.success() {
+            return Ok(opts);
+        }
+        last = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    }
+    bail!("{last}")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 fn check_fuse(mountpoint: &Path) -> Result<()> {
@@ -64,6 +146,9 @@ fn check_fuse(mountpoint: &Path) -> Result<()> {
 
 pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     check_fuse(&a.mountpoint)?;
+    if a.kernel && !is_root() {
+        bail!("--kernel loop-mounts partitions and needs root; without it, ext2/3/4 files are shown by the built-in reader");
+    }
     if !a.foreground {
         return mount_in_background(ctx, &a);
     }
@@ -86,21 +171,36 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     };
     let parts = partitions::parse(reader.size(), &mut read)?;
     let mut filesystems = Vec::new();
+    // --kernel: (image file, directory) pairs to loop-mount once the FUSE mount is up.
+    let mut kernel_targets = Vec::new();
+    let mut add = |name: String, image: &str, start: u64, len: u64| {
+        if a.kernel {
+            filesystems.push(FsView {
+                name: name.clone(),
+                fs: None,
+            });
+            kernel_targets.push((image.to_string(), name));
+        } else {
+            let dev = PartDev {
+                reader: reader.clone(),
+                start,
+                len,
+            };
+            filesystems.extend(dev.open_fs(&name));
+        }
+    };
     if parts.is_empty() {
-        let dev = PartDev {
-            reader: reader.clone(),
-            start: 0,
-            len: reader.size(),
-        };
-        filesystems.extend(dev.open_fs("fs"));
+        add("fs".into(), "disk.img", 0, reader.size());
+    }
+    for p in &parts {
+        add(
+            format!("part{}", p.number),
+            &format!("part{}.img", p.number),
+            p.start,
+            p.len,
+        );
     }
     for p in parts {
-        let dev = PartDev {
-            reader: reader.clone(),
-            start: p.start,
-            len: p.len,
-        };
-        filesystems.extend(dev.open_fs(&format!("part{}", p.number)));
         let stored = reader
             .extents(p.start, p.len, usize::MAX)?
             .iter()
@@ -133,14 +233,36 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
         &a.mountpoint,
         &format!("elastio:{}", rp.id),
         || {
+            let mut kernel = Vec::new();
+            for (image, dir) in &kernel_targets {
+                let result = kernel_mount(&mp.join(image), &mp.join(dir));
+                if let Err(e) = &result {
+                    tracing::warn!("{dir}: the kernel could not mount {image}: {e}");
+                }
+                kernel.push(json!({
+                    "dir": dir,
+                    "image": image,
+                    "options": result.as_ref().ok(),
+                    "error": result.as_ref().err().map(|e| e.to_string()),
+                }));
+            }
             let mut out = std::io::stdout();
             let _ = match format {
-                OutputFormat::Json => writeln!(out, "{}", json!({"rp": id, "mountpoint": mp})),
+                OutputFormat::Json => writeln!(
+                    out,
+                    "{}",
+                    json!({"rp": id, "mountpoint": mp, "kernel_mounts": kernel})
+                ),
                 OutputFormat::Human => writeln!(out, "mounted {id} at {}", mp.display()),
             };
             let _ = out.flush();
         },
         || cancel.is_cancelled(),
+        || {
+            if let Err(e) = unmount_nested(&mp) {
+                tracing::warn!("{e:#}");
+            }
+        },
     )
     .with_context(|| format!("mounting {} at {}", rp.id, a.mountpoint.display()))?;
     if let Some(log) = std::env::var_os(LOG_ENV) {
@@ -165,6 +287,8 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
         ctx.vault_path()?
             .to_str()
             .context("vault path is not UTF-8")?,
+        "--output-format",
+        "json",
     ])
     .args(["mount", &a.rp])
     .arg(&a.mountpoint)
@@ -173,11 +297,14 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     if let Some(asset) = &a.asset {
         cmd.args(["--asset", asset]);
     }
+    if a.kernel {
+        cmd.arg("--kernel");
+    }
     use std::os::unix::process::CommandExt;
     // The detached process logs (read errors name the damaged object) to a file next to other
     // per-user runtime state; its path is printed.
     let log_dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(std::path::PathBuf::from)
+        .map(PathBuf::from)
         .filter(|d| d.is_dir())
         .unwrap_or_else(std::env::temp_dir);
     let log_path = log_dir.join(format!("elastio-mount-{}-{}.log", a.rp, std::process::id()));
@@ -187,7 +314,7 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
         .env_remove("ELASTIO_PASSWORD")
         .env(LOG_ENV, &log_path)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(log)
         .process_group(0)
         .spawn()
@@ -197,12 +324,19 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
         stdin.write_all(&password)?;
         stdin.write_all(b"\n")?;
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if is_mounted(&a.mountpoint) {
-            break;
-        }
-        if let Some(status) = child.try_wait()? {
+    // The child prints one JSON line once the mount (and any --kernel mounts) is ready, or
+    // exits with its error in the log.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(line) if !line.trim().is_empty() => line,
+        Ok(_) => {
+            let status = child.wait()?;
             let err = std::fs::read_to_string(&log_path).unwrap_or_default();
             let _ = std::fs::remove_file(&log_path);
             bail!(
@@ -210,24 +344,49 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
                 err.trim().trim_start_matches("error: ")
             );
         }
-        if Instant::now() > deadline {
+        Err(_) => {
             let _ = child.kill();
-            bail!("the mount did not become ready within 60 s");
+            bail!(
+                "the mount did not become ready within 120 s (log: {})",
+                log_path.display()
+            );
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    let ready: serde_json::Value =
+        serde_json::from_str(&line).context("unexpected output from the mount process")?;
+    let kernel = ready["kernel_mounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
-            "rp": a.rp, "mountpoint": a.mountpoint, "pid": child.id(), "log": log_path,
+            "rp": ready["rp"], "mountpoint": a.mountpoint, "pid": child.id(), "log": log_path,
+            "kernel_mounts": kernel,
         }))?,
-        OutputFormat::Human => println!(
-            "mounted {} at {} (pid {}, log {}); unmount with `elastio umount {}`",
-            a.rp,
-            a.mountpoint.display(),
-            child.id(),
-            log_path.display(),
-            a.mountpoint.display()
-        ),
+        OutputFormat::Human => {
+            println!(
+                "mounted {} at {} (pid {}, log {}); unmount with `elastio umount {}`",
+                ready["rp"].as_str().unwrap_or(&a.rp),
+                a.mountpoint.display(),
+                child.id(),
+                log_path.display(),
+                a.mountpoint.display()
+            );
+            for k in kernel {
+                match (k["options"].as_str(), k["error"].as_str()) {
+                    (Some(opts), _) => println!(
+                        "  {}/: {} loop-mounted ({opts})",
+                        k["dir"].as_str().unwrap_or("?"),
+                        k["image"].as_str().unwrap_or("?")
+                    ),
+                    (_, err) => eprintln!(
+                        "  {}/: not mounted: {}",
+                        k["dir"].as_str().unwrap_or("?"),
+                        err.unwrap_or("?")
+                    ),
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -236,15 +395,17 @@ pub fn umount(_ctx: &Ctx, mountpoint: &Path) -> Result<()> {
     if !is_mounted(mountpoint) {
         bail!("{} is not an elastio mount", mountpoint.display());
     }
-    let status = Command::new("fusermount3")
+    unmount_nested(mountpoint)?;
+    let out = Command::new("fusermount3")
         .arg("-u")
         .arg(mountpoint)
-        .status()
+        .output()
         .context("cannot run fusermount3")?;
-    if !status.success() {
+    if !out.status.success() {
         bail!(
-            "fusermount3 -u {} failed (is it busy?)",
-            mountpoint.display()
+            "cannot unmount {} (is it busy?): {}",
+            mountpoint.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
     println!("unmounted {}", mountpoint.display());
