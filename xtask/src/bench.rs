@@ -43,7 +43,7 @@ struct Sample {
     image_bytes: u64,
 }
 
-pub fn run(_args: &[String]) -> Result<()> {
+pub fn run(args: &[String]) -> Result<()> {
     ensure_tools(TEST_TOOLS)?;
     ensure_tools(BENCH_TOOLS)?;
     cargo(
@@ -54,6 +54,13 @@ pub fn run(_args: &[String]) -> Result<()> {
     let data = root.join("target/bench-data");
     prepare(&data)?;
     let work = root.join("target/bench");
+    if args.iter().any(|a| a == "fuse") {
+        // Only the mount figures, over the repositories of the previous full run.
+        let fuse = bench_fuse(&root, &data, &work)?;
+        let text = report_fuse(&fuse);
+        print!("{text}");
+        return Ok(());
+    }
     if work.exists() {
         fs::remove_dir_all(&work)?;
         // Deleting the previous run's repositories frees GiBs; on file systems mounted with
@@ -72,7 +79,8 @@ pub fn run(_args: &[String]) -> Result<()> {
     samples.extend(bench_restic(&data, &work, &base_sha)?);
     samples.extend(bench_borg(&data, &work, &base_sha)?);
     let nbd = bench_nbd(&root, &data, &work, &full_rp)?;
-    report(&samples, &nbd, &work)
+    let fuse = bench_fuse(&root, &data, &work)?;
+    report(&samples, &nbd, &fuse, &work)
 }
 
 fn prepare(data: &Path) -> Result<()> {
@@ -538,7 +546,7 @@ fn bench_borg(data: &Path, work: &Path, base_sha: &str) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-fn report(samples: &[Sample], nbd: &NbdFigures, work: &Path) -> Result<()> {
+fn report(samples: &[Sample], nbd: &NbdFigures, fuse: &FuseFigures, work: &Path) -> Result<()> {
     let mut text = String::new();
     let mut line = |s: String| {
         println!("{s}");
@@ -623,7 +631,18 @@ fn report(samples: &[Sample], nbd: &NbdFigures, work: &Path) -> Result<()> {
             l.ops, l.iops, l.p50_us, l.p99_us
         ));
     }
+    line(String::new());
+    for l in report_fuse(fuse).lines() {
+        line(l.to_string());
+    }
     let results = json!({
+        "fuse": {
+            "cat_image_s": fuse.cat_image, "elastio_disk_img_s": fuse.elastio_seq,
+            "restic_mount_s": fuse.restic_seq, "first_byte_s": fuse.first_byte,
+            "find_read_s": fuse.find_read, "files": fuse.files,
+            "restore_s": fuse.restore, "restore_then_read_s": fuse.restore_then_read,
+            "restic_restore_s": fuse.restic_restore,
+        },
         "nbd": {
             "nbdcopy_elastio_s": nbd.copy_elastio, "nbdcopy_nbdkit_s": nbd.copy_nbdkit,
             "random_elastio": {"iops": nbd.rand_elastio.iops, "p50_us": nbd.rand_elastio.p50_us, "p99_us": nbd.rand_elastio.p99_us},
@@ -782,4 +801,301 @@ fn bench_nbd(root: &Path, data: &Path, work: &Path, rp: &str) -> Result<NbdFigur
         rand_elastio,
         rand_nbdkit,
     })
+}
+
+struct FuseFigures {
+    /// `cat` of the original image, cold page cache.
+    cat_image: f64,
+    /// `cat` of `disk.img` through a fresh elastio mount, vault files cold.
+    elastio_seq: f64,
+    /// The same image read through `restic mount` (None when it could not run).
+    restic_seq: Option<f64>,
+    /// `elastio mount` until the first byte of a file inside the file system.
+    first_byte: f64,
+    /// `find` + `cat` of every file under the file-system directory of a fresh mount.
+    find_read: f64,
+    files: usize,
+    /// `elastio block restore` of the same RP, and (as root) that plus a loop mount and the
+    /// same find + cat over the restored image.
+    restore: f64,
+    restore_then_read: Option<f64>,
+    restic_restore: f64,
+}
+
+/// Drops the page cache of every file under `path` (clean pages; no root needed).
+fn drop_cache(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        for e in fs::read_dir(path)? {
+            drop_cache(&e?.path())?;
+        }
+    } else if path.is_file() {
+        let f = File::open(path)?;
+        // SAFETY: fadvise on an fd we own.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    Ok(())
+}
+
+/// Runs `elastio mount` in the background; returns when it is ready.
+fn elastio_mount(bin: &Path, vault: &Path, rp: &str, mnt: &Path) -> Result<()> {
+    fs::create_dir_all(mnt)?;
+    let out = Command::new(bin)
+        .args(["mount", rp])
+        .arg(mnt)
+        .env("ELASTIO_VAULT", vault)
+        .env("ELASTIO_PASSWORD", "bench")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "elastio mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn elastio_umount(bin: &Path, mnt: &Path) -> Result<()> {
+    let out = Command::new(bin).arg("umount").arg(mnt).output()?;
+    if !out.status.success() {
+        bail!(
+            "elastio umount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// `find DIR -type f | xargs cat > /dev/null`; returns (seconds, files).
+fn find_and_read(dir: &Path) -> Result<(f64, usize)> {
+    let started = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(
+            "find \"$1\" -type f -print0 | xargs -0 cat > /dev/null && find \"$1\" -type f | wc -l",
+        )
+        .arg("sh")
+        .arg(dir)
+        .output()?;
+    let secs = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "find + cat over {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let files = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    Ok((secs, files))
+}
+
+fn bench_fuse(root: &Path, data: &Path, work: &Path) -> Result<FuseFigures> {
+    println!("==> FUSE: elastio mount vs cat of the image and restic mount");
+    let bin = root.join("target/release/elastio");
+    let vault = work.join("elastio-vault");
+    let base = data.join("base.img");
+    let listed = Command::new(&bin)
+        .args(["rp", "list", "--output-format", "json"])
+        .env("ELASTIO_VAULT", &vault)
+        .env("ELASTIO_PASSWORD", "bench")
+        .output()?;
+    let rps: serde_json::Value = serde_json::from_slice(&listed.stdout)
+        .context("elastio rp list printed no JSON (run the whole bench first)")?;
+    let rp = rps
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["asset"]["name"] == "disk"))
+        .and_then(|r| r["id"].as_str())
+        .context("no RP of asset `disk` in the bench vault")?
+        .to_string();
+    let cold = || -> Result<()> {
+        // SAFETY: sync(2) has no preconditions.
+        unsafe { libc::sync() };
+        drop_cache(&vault)?;
+        drop_cache(&base)
+    };
+
+    cold()?;
+    let cat_image = timed(Command::new("cat").arg(&base).stdout(Stdio::null()))?;
+
+    // Time to first byte: from `elastio mount` to a file's first byte inside the file system.
+    let mnt = work.join("mnt-elastio");
+    cold()?;
+    let started = Instant::now();
+    elastio_mount(&bin, &vault, &rp, &mnt)?;
+    let dir = mnt.join("fs/00_usr_bin");
+    let first = fs::read_dir(&dir)
+        .with_context(|| format!("{} is missing", dir.display()))?
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .context("no file in fs/00_usr_bin")?
+        .path();
+    let mut byte = [0u8; 1];
+    File::open(&first)?.read_exact(&mut byte)?;
+    let first_byte = started.elapsed().as_secs_f64();
+    elastio_umount(&bin, &mnt)?;
+
+    cold()?;
+    elastio_mount(&bin, &vault, &rp, &mnt)?;
+    let elastio_seq = timed(
+        Command::new("cat")
+            .arg(mnt.join("disk.img"))
+            .stdout(Stdio::null()),
+    )?;
+    elastio_umount(&bin, &mnt)?;
+
+    cold()?;
+    elastio_mount(&bin, &vault, &rp, &mnt)?;
+    let (find_read, files) = find_and_read(&mnt.join("fs"))?;
+    elastio_umount(&bin, &mnt)?;
+    println!(
+        "    cat image {cat_image:.2} s, cat disk.img {elastio_seq:.2} s, first byte {first_byte:.2} s, find+cat {files} files {find_read:.2} s"
+    );
+
+    // The restore-first route: restore the image, then (root) loop-mount it and read the files.
+    let target = work.join("restore-first.img");
+    cold()?;
+    let restore = timed(
+        Command::new(&bin)
+            .args(["--quiet", "block", "restore", "--rp", &rp])
+            .arg(&target)
+            .env("ELASTIO_VAULT", &vault)
+            .env("ELASTIO_PASSWORD", "bench"),
+    )?;
+    let restore_then_read = if crate::util::is_root() {
+        let lmnt = work.join("mnt-restored");
+        fs::create_dir_all(&lmnt)?;
+        let started = Instant::now();
+        run_cmd(
+            "mount",
+            &[
+                "-o",
+                "loop,ro,noload",
+                target.to_str().unwrap(),
+                lmnt.to_str().unwrap(),
+            ],
+            &[],
+        )?;
+        let read = find_and_read(&lmnt);
+        let secs = started.elapsed().as_secs_f64();
+        run_cmd("umount", &[lmnt.to_str().unwrap()], &[])?;
+        read?;
+        Some(restore + secs)
+    } else {
+        None
+    };
+    fs::remove_file(&target)?;
+
+    // restic: its own restore of the same image, and reading it through `restic mount`.
+    let repo = work.join("restic-repo");
+    let restic = |c: &mut Command| {
+        c.env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", work.join("restic-cache"));
+    };
+    let mut c = Command::new("restic");
+    c.args(["snapshots", "--json"]);
+    restic(&mut c);
+    let snaps: serde_json::Value = serde_json::from_slice(&c.output()?.stdout)?;
+    let snap = snaps[0]["short_id"]
+        .as_str()
+        .context("no restic snapshot")?
+        .to_string();
+    let rtarget = work.join("restic-restore-fuse");
+    cold()?;
+    let mut c = Command::new("restic");
+    c.args(["--quiet", "restore", &snap, "--target"])
+        .arg(&rtarget);
+    restic(&mut c);
+    let restic_restore = timed(&mut c)?;
+    fs::remove_dir_all(&rtarget)?;
+
+    let rmnt = work.join("mnt-restic");
+    fs::create_dir_all(&rmnt)?;
+    let mut c = Command::new("restic");
+    c.args(["mount", "--allow-other=false"]).arg(&rmnt);
+    restic(&mut c);
+    cold()?;
+    let restic_seq = match c.stdout(Stdio::null()).stderr(Stdio::null()).spawn() {
+        Ok(child) => {
+            let child = Served(child);
+            let image = rmnt.join("ids").join(&snap).join("disk.img");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !image.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let secs = if image.exists() {
+                Some(timed(
+                    Command::new("cat").arg(&image).stdout(Stdio::null()),
+                )?)
+            } else {
+                println!("    restic mount did not show {}", image.display());
+                None
+            };
+            let _ = Command::new("fusermount3").arg("-u").arg(&rmnt).status();
+            drop(child);
+            secs
+        }
+        Err(e) => {
+            println!("    cannot run restic mount: {e}");
+            None
+        }
+    };
+    Ok(FuseFigures {
+        cat_image,
+        elastio_seq,
+        restic_seq,
+        first_byte,
+        find_read,
+        files,
+        restore,
+        restore_then_read,
+        restic_restore,
+    })
+}
+
+fn report_fuse(f: &FuseFigures) -> String {
+    let mib = IMAGE_SIZE as f64 / 1048576.0;
+    let mut t = String::from(
+        "FUSE (`elastio mount` of the full-backup RP; every step from a cold page cache):\n",
+    );
+    t += &format!(
+        "sequential read: cat base.img {:.2} s ({:.0} MiB/s), cat <mnt>/disk.img {:.2} s ({:.0} MiB/s): elastio/cat {:.2}\n",
+        f.cat_image,
+        mib / f.cat_image,
+        f.elastio_seq,
+        mib / f.elastio_seq,
+        f.cat_image / f.elastio_seq
+    );
+    match f.restic_seq {
+        Some(r) => {
+            t += &format!(
+                "restic mount: cat disk.img {r:.2} s ({:.0} MiB/s): elastio {:.2}x faster\n",
+                mib / r,
+                r / f.elastio_seq
+            )
+        }
+        None => t += "restic mount: not measured\n",
+    }
+    t += &format!(
+        "time from `elastio mount` to the first byte of a file inside: {:.3} s\n",
+        f.first_byte
+    );
+    t += &format!(
+        "find + cat of all {} files through the mount: {:.2} s; restore first: elastio {:.2} s ({:.2}x), restic {:.2} s ({:.2}x)\n",
+        f.files,
+        f.find_read,
+        f.restore,
+        f.restore / f.find_read,
+        f.restic_restore,
+        f.restic_restore / f.find_read
+    );
+    if let Some(r) = f.restore_then_read {
+        t += &format!(
+            "restore first, then loop-mount and find + cat the same files: {r:.2} s ({:.2}x)\n",
+            r / f.find_read
+        );
+    }
+    t
 }

@@ -156,7 +156,7 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), Some(RpKind::Disk))?;
     let map = rp.disk.clone().context("disk RP without a map")?;
     let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
-    reader.enable_readahead(16, 2);
+    reader.enable_readahead(128, 2);
     let mut files = vec![ViewFile {
         name: "disk.img".into(),
         start: 0,
