@@ -105,6 +105,23 @@ fn mounted_disk_img_is_byte_exact_sparse_and_read_only() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(started.elapsed().as_secs() < 10, "fails fast");
+    let missing = env.path("missing");
+    let out = env.run(&["mount", &rp, missing.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env
+        .command(&["mount", &rp, other.to_str().unwrap()])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fusermount3 is not installed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Root can loop-mount the image and read the files.
     if is_root() {
