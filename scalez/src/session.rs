@@ -142,31 +142,74 @@ enum Upload {
     Index { entries: Vec<(ChunkId, Location)> },
 }
 
-/// The store side of a session: runs the puts so sealing and packing continue meanwhile.
+/// The store side of a session: runs the puts so sealing and packing continue meanwhile. Packs
+/// go up on as many threads as the store asks for ([`ObjectStore::put_parallelism`]: one for a
+/// local directory, several for S3); an index object waits until every pack before it is stored.
 fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result<SessionStats> {
+    let parallel = vault.store().put_parallelism().max(1);
     let mut stats = SessionStats::default();
-    for job in rx {
-        match job {
-            Upload::Pack { key, bytes } => {
-                vault.store().put(&key, &bytes, PutMode::Create)?;
-                stats.bytes_written += bytes.len() as u64;
-                stats.packs += 1;
-            }
-            Upload::Index { entries } => {
-                let key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
-                let plain = index::encode(&entries);
-                let sealed = vault.keys().seal(&index_aad(&key), &plain, None);
-                vault.store().put(&key, &sealed, PutMode::Create)?;
-                stats.bytes_written += sealed.len() as u64;
-                stats.index_objects += 1;
-                vault.index_insert(&entries);
-                let mut c = claimed.lock().unwrap();
-                for (id, _) in &entries {
-                    c.remove(id);
+    std::thread::scope(|scope| -> Result<()> {
+        let (packs_tx, packs_rx) = bounded::<(String, Vec<u8>)>(0);
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Result<u64>>();
+        for _ in 0..parallel {
+            let (packs_rx, done_tx) = (packs_rx.clone(), done_tx.clone());
+            scope.spawn(move || {
+                for (key, bytes) in packs_rx {
+                    let r = vault.store().put(&key, &bytes, PutMode::Create);
+                    let _ = done_tx.send(r.map(|_| bytes.len() as u64).map_err(Into::into));
+                }
+            });
+        }
+        let mut outstanding = 0usize;
+        let settle = |r: Result<u64>, stats: &mut SessionStats| -> Result<()> {
+            stats.bytes_written += r?;
+            stats.packs += 1;
+            Ok(())
+        };
+        for job in rx {
+            match job {
+                Upload::Pack { key, bytes } => {
+                    while let Ok(r) = done_rx.try_recv() {
+                        outstanding -= 1;
+                        settle(r, &mut stats)?;
+                    }
+                    packs_tx
+                        .send((key, bytes))
+                        .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
+                    outstanding += 1;
+                }
+                Upload::Index { entries } => {
+                    while outstanding > 0 {
+                        let r = done_rx
+                            .recv()
+                            .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
+                        outstanding -= 1;
+                        settle(r, &mut stats)?;
+                    }
+                    let key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
+                    let plain = index::encode(&entries);
+                    let sealed = vault.keys().seal(&index_aad(&key), &plain, None);
+                    vault.store().put(&key, &sealed, PutMode::Create)?;
+                    stats.bytes_written += sealed.len() as u64;
+                    stats.index_objects += 1;
+                    vault.index_insert(&entries);
+                    let mut c = claimed.lock().unwrap();
+                    for (id, _) in &entries {
+                        c.remove(id);
+                    }
                 }
             }
         }
-    }
+        drop(packs_tx);
+        while outstanding > 0 {
+            let r = done_rx
+                .recv()
+                .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
+            outstanding -= 1;
+            settle(r, &mut stats)?;
+        }
+        Ok(())
+    })?;
     Ok(stats)
 }
 

@@ -327,21 +327,29 @@ impl Vault {
     }
 
     fn fetch_chunk(&self, id: &ChunkId, verify: Verify) -> Result<Vec<u8>> {
+        self.fetch(id, verify, false)
+    }
+
+    /// `meta`: the chunk is metadata (a map page), which a caching store may keep locally.
+    fn fetch(&self, id: &ChunkId, verify: Verify, meta: bool) -> Result<Vec<u8>> {
         let loc = self.locate(id).ok_or_else(|| Error::MissingChunk {
             location: self.location(),
             chunk: *id,
         })?;
         let key = loc.pack.key();
-        let sealed = self
-            .store
-            .get_range(&key, loc.offset as u64..loc.offset as u64 + loc.len as u64)
-            .map_err(|e| match e {
-                StoreError::BadRange { .. } => self.corrupt(
-                    &key,
-                    format!("pack is shorter than chunk {id} needs (truncated)"),
-                ),
-                e => e.into(),
-            })?;
+        let range = loc.offset as u64..loc.offset as u64 + loc.len as u64;
+        let sealed = if meta {
+            self.store.get_range_meta(&key, range)
+        } else {
+            self.store.get_range(&key, range)
+        };
+        let sealed = sealed.map_err(|e| match e {
+            StoreError::BadRange { .. } => self.corrupt(
+                &key,
+                format!("pack is shorter than chunk {id} needs (truncated)"),
+            ),
+            e => e.into(),
+        })?;
         let plain = self
             .keys
             .open(&chunk_aad(id), &sealed)
@@ -378,7 +386,7 @@ impl Vault {
     }
 
     pub fn load_page(&self, id: &ChunkId) -> Result<Page> {
-        let bytes = self.read_chunk(id)?;
+        let bytes = self.fetch(id, Verify::Rehash, true)?;
         Page::decode(&bytes).map_err(|e| {
             let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
             self.corrupt(&key, format!("map page {id}: {e}"))

@@ -4,16 +4,23 @@
 //! The vault needs only five operations, so that is all the trait has: create-only put (the
 //! building block of "the catalog entry is written once"), overwrite put, ranged get, list by
 //! prefix and delete (only prune uses it). Backends: [`local::LocalStore`] (a directory; the
-//! embedded default), [`memory::MemoryStore`] (unit tests), and later S3. Every backend must pass
-//! [`conformance::run_all`].
+//! embedded default), [`memory::MemoryStore`] (unit tests) and [`s3::S3Store`] (any S3-compatible
+//! service). Every backend must pass [`conformance::run_all`]. Wrappers add behaviour to any
+//! backend: [`retry::RetryStore`] (exponential backoff with jitter on transient failures),
+//! [`fault::FaultStore`] (injected failures and latency, to test the retry paths everywhere) and
+//! [`cache::CachedStore`] (a verified local copy of immutable metadata objects).
 //!
 //! The trait is synchronous on purpose: the backup and restore pipelines are thread pools over
 //! CPU-bound work, and FUSE callbacks are threads too. An async backend (S3) owns its runtime and
 //! blocks inside these calls; callers inside a runtime use `spawn_blocking`.
 
+pub mod cache;
 pub mod conformance;
+pub mod fault;
 pub mod local;
 pub mod memory;
+pub mod retry;
+pub mod s3;
 
 use std::fmt;
 use std::ops::Range;
@@ -53,6 +60,16 @@ pub enum StoreError {
     },
     #[error("invalid object key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
+    /// A remote store refused or failed a request (throttling, 5xx, timeouts, access denied).
+    #[error("{op} of {key} in {store} failed: {reason}")]
+    Remote {
+        store: String,
+        key: String,
+        op: &'static str,
+        reason: String,
+        /// Throttling, server errors, timeouts and dropped connections: worth retrying.
+        retryable: bool,
+    },
     #[error("i/o error on {key} in {store}: {source}")]
     Io {
         store: String,
@@ -74,6 +91,7 @@ impl StoreError {
                     | std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
             ),
+            StoreError::Remote { retryable, .. } => *retryable,
             _ => false,
         }
     }
@@ -91,10 +109,61 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
     /// Bytes `range` of the object; the range must lie inside it.
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError>;
+    /// Like [`ObjectStore::get_range`], for metadata (map pages) that a cache may keep.
+    fn get_range_meta(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        self.get_range(key, range)
+    }
     /// All objects whose key starts with `prefix`, sorted by key.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
     /// Remove an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// How many puts a writer should keep in flight (remote stores gain from parallelism).
+    fn put_parallelism(&self) -> usize {
+        1
+    }
+    /// Requests sent and retried so far (remote stores and wrappers count; local ones say 0).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+}
+
+/// Counters of a store, for summaries and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Requests sent to a remote service (every attempt counts).
+    pub requests: u64,
+    /// Attempts repeated after a transient failure.
+    pub retries: u64,
+}
+
+impl<T: ObjectStore + ?Sized> ObjectStore for std::sync::Arc<T> {
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
+        (**self).put(key, data, mode)
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        (**self).get(key)
+    }
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        (**self).get_range(key, range)
+    }
+    fn get_range_meta(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        (**self).get_range_meta(key, range)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        (**self).list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        (**self).delete(key)
+    }
+    fn put_parallelism(&self) -> usize {
+        (**self).put_parallelism()
+    }
+    fn stats(&self) -> StoreStats {
+        (**self).stats()
+    }
 }
 
 /// Rejects keys that could escape a directory or collide with temporary files.

@@ -1,0 +1,761 @@
+//! S3 backend: any S3-compatible service (AWS, Ceph RGW, moto, ...) through `aws-sdk-s3`.
+//!
+//! A vault lives under `s3://bucket/prefix`. Region, credentials and endpoint come from the
+//! standard AWS chain (environment, profile, SSO, web identity, IMDS on EC2); an explicit
+//! endpoint (`--endpoint-url`, `AWS_ENDPOINT_URL`) switches to path-style addressing, which
+//! S3-compatible stores expect.
+//!
+//! * Create-only puts use `If-None-Match: *` (HTTP 412 = someone else's object). Whether the
+//!   server honours it is probed once per process with a scratch object under `locks/`; where it
+//!   does not, a HEAD before the PUT stands in (safe for elastio's unique keys, but two writers
+//!   racing for one key could both "win" there: the message at open says so).
+//! * Objects above [`MULTIPART_THRESHOLD`] go up in parallel parts; smaller ones (every pack, at
+//!   16 MiB) in one PUT, so a backup costs about one request per pack.
+//! * Checksums are computed only where S3 requires them (`WhenRequired`): Ceph RGW rejects the
+//!   SDK's default streaming-trailer uploads. Integrity comes from the vault's AEAD anyway.
+//! * The SDK's own retries are off: [`super::retry::RetryStore`] retries every backend the same
+//!   way and counts it. Every attempt has a timeout, so a dead endpoint is a retryable error, not
+//!   a hang.
+//!
+//! The trait is synchronous; this store owns a small tokio runtime and blocks on it. Called from
+//! inside another runtime, it runs the request on a scoped helper thread instead.
+
+use std::future::Future;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::Duration;
+
+use aws_sdk_s3::config::{
+    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
+use aws_sdk_s3::Client;
+
+use super::{validate_key, ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
+
+/// Objects larger than this are uploaded in parts.
+pub const MULTIPART_THRESHOLD: usize = 64 << 20;
+const PART_SIZE: usize = 16 << 20;
+/// Packs kept in flight by a backup.
+const PUT_PARALLELISM: usize = 4;
+
+/// Where and how to reach the bucket.
+#[derive(Debug, Clone, Default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+    /// An S3-compatible endpoint (`http://127.0.0.1:7480`); `None` uses AWS's.
+    pub endpoint_url: Option<String>,
+    /// Overrides the region from the AWS chain (which defaults to `us-east-1` here).
+    pub region: Option<String>,
+    /// Server-side encryption with this KMS key for every object written.
+    pub kms_key_id: Option<String>,
+    /// Timeout of one attempt of one request.
+    pub attempt_timeout: Option<Duration>,
+}
+
+impl S3Config {
+    /// Parses `s3://bucket[/prefix]`.
+    pub fn from_url(url: &str) -> Result<S3Config, String> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{url:?} is not an s3:// URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !valid_bucket {
+            return Err(format!(
+                "{url:?}: {bucket:?} is not a valid bucket name (3-63 lowercase letters, digits, '-', '.')"
+            ));
+        }
+        let prefix = prefix.trim_matches('/').to_string();
+        if !prefix.is_empty() {
+            validate_key(&prefix).map_err(|e| format!("{url:?}: prefix: {e}"))?;
+        }
+        Ok(S3Config {
+            bucket: bucket.to_string(),
+            prefix,
+            ..S3Config::default()
+        })
+    }
+
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+const COND_UNKNOWN: u8 = 0;
+const COND_YES: u8 = 1;
+const COND_NO: u8 = 2;
+
+#[derive(Debug)]
+pub struct S3Store {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    config: S3Config,
+    conditional: AtomicU8,
+    requests: AtomicU64,
+}
+
+/// How a failed request is reported.
+struct Failure {
+    status: Option<u16>,
+    code: Option<String>,
+    reason: String,
+    retryable: bool,
+}
+
+type Response = aws_sdk_s3::config::http::HttpResponse;
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    err: &SdkError<E, Response>,
+) -> Failure {
+    match err {
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            let code = e.code().map(str::to_string);
+            let status = se_status(err);
+            let retryable = matches!(status, Some(500 | 502 | 503 | 504 | 409))
+                || matches!(
+                    code.as_deref(),
+                    Some(
+                        "SlowDown"
+                            | "Throttling"
+                            | "ThrottlingException"
+                            | "RequestTimeout"
+                            | "RequestTimeTooSkewed"
+                            | "InternalError"
+                            | "ServiceUnavailable"
+                            | "ConditionalRequestConflict"
+                    )
+                );
+            let message = e.message().unwrap_or_default();
+            Failure {
+                reason: format!(
+                    "HTTP {} {} {}",
+                    status.map_or("?".into(), |s| s.to_string()),
+                    code.as_deref().unwrap_or(""),
+                    message
+                )
+                .trim()
+                .to_string(),
+                status,
+                code,
+                retryable,
+            }
+        }
+        SdkError::TimeoutError(_) => Failure {
+            status: None,
+            code: None,
+            reason: "timed out".into(),
+            retryable: true,
+        },
+        SdkError::DispatchFailure(d) => Failure {
+            status: None,
+            code: None,
+            reason: format!("cannot reach the endpoint: {}", source_chain(err)),
+            retryable: d.is_io() || d.is_timeout() || !d.is_user(),
+        },
+        SdkError::ResponseError(_) => Failure {
+            status: se_status(err),
+            code: None,
+            reason: format!("bad response: {}", source_chain(err)),
+            retryable: true,
+        },
+        _ => Failure {
+            status: None,
+            code: None,
+            reason: source_chain(err),
+            retryable: false,
+        },
+    }
+}
+
+fn se_status<E>(err: &SdkError<E, Response>) -> Option<u16> {
+    match err {
+        SdkError::ServiceError(se) => Some(se.raw().status().as_u16()),
+        SdkError::ResponseError(re) => Some(re.raw().status().as_u16()),
+        _ => None,
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl S3Store {
+    /// Connects (no request is sent until the first operation).
+    pub fn connect(config: S3Config) -> Result<S3Store, StoreError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("elastio-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io {
+                store: config.url(),
+                key: String::new(),
+                source: e,
+            })?;
+        let endpoint = config
+            .endpoint_url
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .filter(|e| !e.is_empty());
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(r) = &config.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        if let Some(e) = &endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        let sdk = rt.block_on(loader.load());
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(config.attempt_timeout.unwrap_or(Duration::from_secs(60)))
+            .build();
+        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            .timeout_config(timeouts)
+            .force_path_style(endpoint.is_some());
+        if sdk.region().is_none() {
+            b = b.region(Region::new("us-east-1"));
+        }
+        Ok(S3Store {
+            client: Client::from_conf(b.build()),
+            rt,
+            config: S3Config {
+                endpoint_url: endpoint,
+                ..config
+            },
+            conditional: AtomicU8::new(COND_UNKNOWN),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &S3Config {
+        &self.config
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.config.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.config.prefix)
+        }
+    }
+
+    /// Runs a future to completion from synchronous code, also when called inside a runtime.
+    fn block<F: Future + Send>(&self, f: F) -> F::Output
+    where
+        F::Output: Send,
+    {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| s.spawn(|| self.rt.block_on(f)).join().unwrap())
+        } else {
+            self.rt.block_on(f)
+        }
+    }
+
+    fn count(&self, n: u64) {
+        self.requests.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn fail(&self, op: &'static str, key: &str, f: Failure) -> StoreError {
+        let store = self.location();
+        let key = key.to_string();
+        match (f.status, f.code.as_deref()) {
+            (Some(404), _) | (_, Some("NoSuchKey" | "NotFound")) => {
+                StoreError::NotFound { store, key }
+            }
+            (_, Some("NoSuchBucket")) => StoreError::Remote {
+                store,
+                key,
+                op,
+                reason: format!("bucket {} does not exist", self.config.bucket),
+                retryable: false,
+            },
+            (Some(412), _) | (_, Some("PreconditionFailed")) if op == "put" => {
+                StoreError::AlreadyExists { store, key }
+            }
+            _ => StoreError::Remote {
+                store,
+                key,
+                op,
+                reason: f.reason,
+                retryable: f.retryable,
+            },
+        }
+    }
+
+    /// Creates the bucket if it does not exist (for `vault init`).
+    pub fn ensure_bucket(&self) -> Result<(), StoreError> {
+        let bucket = self.config.bucket.clone();
+        self.count(1);
+        let head = self.block(self.client.head_bucket().bucket(&bucket).send());
+        match head {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let f = classify(&e);
+                if f.status != Some(404) && f.code.as_deref() != Some("NoSuchBucket") {
+                    return Err(self.fail("head bucket", "", f));
+                }
+            }
+        }
+        let region = self.client.config().region().map(|r| r.to_string());
+        let mut req = self.client.create_bucket().bucket(&bucket);
+        if let Some(r) = region.filter(|r| r != "us-east-1" && self.config.endpoint_url.is_none()) {
+            req = req.create_bucket_configuration(
+                aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                    .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                        r.as_str(),
+                    ))
+                    .build(),
+            );
+        }
+        self.count(1);
+        match self.block(req.send()) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let f = classify(&e);
+                if matches!(f.code.as_deref(), Some("BucketAlreadyOwnedByYou")) {
+                    return Ok(());
+                }
+                Err(self.fail("create bucket", "", f))
+            }
+        }
+    }
+
+    async fn put_once(&self, full: &str, data: &[u8], if_none_match: bool) -> Result<(), Failure> {
+        self.count(1);
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(full)
+            .body(ByteStream::from(data.to_vec()));
+        if if_none_match {
+            req = req.if_none_match("*");
+        }
+        if let Some(k) = &self.config.kms_key_id {
+            req = req
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .ssekms_key_id(k);
+        }
+        req.send().await.map(|_| ()).map_err(|e| classify(&e))
+    }
+
+    async fn put_multipart(
+        &self,
+        full: &str,
+        data: &[u8],
+        if_none_match: bool,
+    ) -> Result<(), Failure> {
+        let bucket = &self.config.bucket;
+        self.count(1);
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(bucket)
+            .key(full);
+        if let Some(k) = &self.config.kms_key_id {
+            create = create
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .ssekms_key_id(k);
+        }
+        let upload = create.send().await.map_err(|e| classify(&e))?;
+        let id = upload.upload_id().unwrap_or_default().to_string();
+        let parts = data.chunks(PART_SIZE).enumerate().map(|(i, part)| {
+            let id = id.clone();
+            async move {
+                self.count(1);
+                let n = i as i32 + 1;
+                let out = self
+                    .client
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(full)
+                    .upload_id(id)
+                    .part_number(n)
+                    .body(ByteStream::from(part.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e))?;
+                Ok::<_, Failure>(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .build(),
+                )
+            }
+        });
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        // Bounded parallelism: PUT_PARALLELISM parts at a time.
+        let parts: Vec<_> = parts.collect();
+        let mut it = parts.into_iter();
+        loop {
+            let batch: Vec<_> = it.by_ref().take(PUT_PARALLELISM).collect();
+            if batch.is_empty() {
+                break;
+            }
+            let mut set = Vec::new();
+            for f in batch {
+                set.push(f);
+            }
+            for r in join_all(set).await {
+                match r {
+                    Ok(p) => done.push(p),
+                    Err(f) => result = Err(f),
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            self.count(1);
+            let mut complete = self
+                .client
+                .complete_multipart_upload()
+                .bucket(bucket)
+                .key(full)
+                .upload_id(&id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(done))
+                        .build(),
+                );
+            if if_none_match {
+                complete = complete.if_none_match("*");
+            }
+            result = complete.send().await.map(|_| ()).map_err(|e| classify(&e));
+        }
+        if result.is_err() {
+            self.count(1);
+            let _ = self
+                .client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(full)
+                .upload_id(&id)
+                .send()
+                .await;
+        }
+        result
+    }
+
+    async fn head(&self, full: &str) -> Result<Option<u64>, Failure> {
+        self.count(1);
+        match self
+            .client
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(full)
+            .send()
+            .await
+        {
+            Ok(h) => Ok(Some(h.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) => {
+                let f = classify(&e);
+                if f.status == Some(404) {
+                    Ok(None)
+                } else {
+                    Err(f)
+                }
+            }
+        }
+    }
+
+    /// Whether the server refuses a second `If-None-Match: *` put of one key (probed once).
+    fn conditional_puts(&self) -> Result<bool, StoreError> {
+        match self.conditional.load(Ordering::Relaxed) {
+            COND_YES => return Ok(true),
+            COND_NO => return Ok(false),
+            _ => {}
+        }
+        let key = format!("locks/probe-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let full = self.full_key(&key);
+        let first = self.block(self.put_once(&full, b"probe", true));
+        first.map_err(|f| self.fail("put", &key, f))?;
+        let second = self.block(self.put_once(&full, b"probe", true));
+        let supported = match second {
+            Ok(()) => false,
+            Err(f) if f.status == Some(412) || f.code.as_deref() == Some("PreconditionFailed") => {
+                true
+            }
+            Err(f) => return Err(self.fail("put", &key, f)),
+        };
+        self.count(1);
+        let _ = self.block(
+            self.client
+                .delete_object()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .send(),
+        );
+        if !supported {
+            tracing::warn!(
+                "{} ignores If-None-Match on PUT: create-only writes fall back to HEAD + PUT",
+                self.location()
+            );
+        }
+        self.conditional.store(
+            if supported { COND_YES } else { COND_NO },
+            Ordering::Relaxed,
+        );
+        Ok(supported)
+    }
+}
+
+/// Awaits all futures (they run concurrently on this task).
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..pinned.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().map(|o| o.unwrap()).collect()
+}
+
+impl ObjectStore for S3Store {
+    fn location(&self) -> String {
+        self.config.url()
+    }
+
+    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        let conditional = mode == PutMode::Create && self.conditional_puts()?;
+        if mode == PutMode::Create && !conditional {
+            if self
+                .block(self.head(&full))
+                .map_err(|f| self.fail("head", key, f))?
+                .is_some()
+            {
+                return Err(StoreError::AlreadyExists {
+                    store: self.location(),
+                    key: key.to_string(),
+                });
+            }
+        }
+        let result = if data.len() > MULTIPART_THRESHOLD {
+            self.block(self.put_multipart(&full, data, conditional))
+        } else {
+            self.block(self.put_once(&full, data, conditional))
+        };
+        result.map_err(|f| self.fail("put", key, f))
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        self.count(1);
+        self.block(async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .send()
+                .await
+                .map_err(|e| classify(&e))?;
+            let body = out.body.collect().await.map_err(|e| Failure {
+                status: None,
+                code: None,
+                reason: format!("reading the body: {e}"),
+                retryable: true,
+            })?;
+            Ok(body.into_bytes().to_vec())
+        })
+        .map_err(|f| self.fail("get", key, f))
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        let bad_range = |size| StoreError::BadRange {
+            store: self.location(),
+            key: key.to_string(),
+            start: range.start,
+            end: range.end,
+            size,
+        };
+        if range.start >= range.end {
+            // No bytes to fetch: only existence and bounds to check.
+            let size = self
+                .block(self.head(&full))
+                .map_err(|f| self.fail("head", key, f))?
+                .ok_or_else(|| StoreError::NotFound {
+                    store: self.location(),
+                    key: key.to_string(),
+                })?;
+            return if range.start <= size && range.start == range.end {
+                Ok(Vec::new())
+            } else {
+                Err(bad_range(size))
+            };
+        }
+        self.count(1);
+        let got: Result<(Vec<u8>, Option<u64>), Failure> = self.block(async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .range(format!("bytes={}-{}", range.start, range.end - 1))
+                .send()
+                .await
+                .map_err(|e| classify(&e))?;
+            let total = out
+                .content_range()
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(|t| t.parse::<u64>().ok());
+            let body = out.body.collect().await.map_err(|e| Failure {
+                status: None,
+                code: None,
+                reason: format!("reading the body: {e}"),
+                retryable: true,
+            })?;
+            Ok((body.into_bytes().to_vec(), total))
+        });
+        match got {
+            Ok((bytes, total)) => {
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(bad_range(total.unwrap_or(range.start + bytes.len() as u64)));
+                }
+                Ok(bytes)
+            }
+            Err(f) if f.status == Some(416) || f.code.as_deref() == Some("InvalidRange") => {
+                let size = self.block(self.head(&full)).ok().flatten().unwrap_or(0);
+                Err(bad_range(size))
+            }
+            Err(f) => Err(self.fail("get", key, f)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let full = self.full_key(prefix);
+        let strip = if self.config.prefix.is_empty() {
+            0
+        } else {
+            self.config.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            self.count(1);
+            let page = self
+                .block(
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.config.bucket)
+                        .prefix(&full)
+                        .set_continuation_token(token.clone())
+                        .send(),
+                )
+                .map_err(|e| self.fail("list", prefix, classify(&e)))?;
+            for o in page.contents() {
+                let Some(k) = o.key() else { continue };
+                if k.len() < strip {
+                    continue;
+                }
+                out.push(ObjectMeta {
+                    key: k[strip..].to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        self.count(1);
+        match self.block(
+            self.client
+                .delete_object()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .send(),
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let f = classify(&e);
+                if f.status == Some(404) {
+                    return Ok(());
+                }
+                Err(self.fail("delete", key, f))
+            }
+        }
+    }
+
+    fn put_parallelism(&self) -> usize {
+        PUT_PARALLELISM
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            retries: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let c = S3Config::from_url("s3://my-bucket/some/prefix/").unwrap();
+        assert_eq!(
+            (c.bucket.as_str(), c.prefix.as_str()),
+            ("my-bucket", "some/prefix")
+        );
+        assert_eq!(c.url(), "s3://my-bucket/some/prefix");
+        let c = S3Config::from_url("s3://bkt").unwrap();
+        assert_eq!(c.prefix, "");
+        assert!(S3Config::from_url("s3://UPPER").is_err());
+        assert!(S3Config::from_url("s3://ok-bucket/../x").is_err());
+        assert!(S3Config::from_url("/local/path").is_err());
+    }
+}
