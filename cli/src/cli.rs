@@ -19,9 +19,11 @@ Exit codes:
     version,
     about = "Deduplicated, compressed, encrypted backups of disks, with instant restore",
     long_about = "elastio backs up disks (block devices, image files) into a vault: a local \
-directory or (later) an S3 bucket, deduplicated, zstd-compressed and AES-256-GCM encrypted. \
+directory or an S3 bucket (AWS or any S3-compatible store), deduplicated, zstd-compressed and AES-256-GCM encrypted. \
 Each backup is a recovery point (RP) that restores byte-exact on its own.\n\n\
-Vault: --vault, else $ELASTIO_VAULT, else ~/.local/share/elastio/vault.\n\
+Vault: --vault, else $ELASTIO_VAULT, else ~/.local/share/elastio/vault. S3 vaults \
+(s3://bucket/prefix) take region and credentials from the standard AWS chain (environment, \
+profile, SSO, IMDS); --endpoint-url selects an S3-compatible store.\n\
 Password: --password-file, else $ELASTIO_PASSWORD, else a prompt on a terminal.",
     after_help = EXIT_CODES
 )]
@@ -34,9 +36,19 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct GlobalArgs {
-    /// Vault location (a directory)
-    #[arg(long, global = true, env = "ELASTIO_VAULT", value_name = "PATH")]
+    /// Vault location: a directory, or s3://bucket[/prefix]
+    #[arg(long, global = true, env = "ELASTIO_VAULT", value_name = "PATH|URL")]
     pub vault: Option<PathBuf>,
+    /// S3-compatible endpoint for s3:// vaults (path-style addressing), e.g. http://127.0.0.1:7480
+    #[arg(long, global = true, env = "AWS_ENDPOINT_URL", value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// AWS region for s3:// vaults (default: from the AWS configuration, else us-east-1)
+    #[arg(long, global = true, env = "AWS_REGION", value_name = "REGION")]
+    pub region: Option<String>,
+    /// Encrypt objects written to an s3:// vault with this KMS key (SSE-KMS), on top of elastio's
+    /// own encryption
+    #[arg(long, global = true, env = "ELASTIO_KMS_KEY_ID", value_name = "KEY")]
+    pub kms_key_id: Option<String>,
     /// Read the vault password from the first line of this file
     #[arg(long, global = true, value_name = "FILE")]
     pub password_file: Option<PathBuf>,

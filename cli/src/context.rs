@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use scalez::store::cache::CachedStore;
+use scalez::store::fault::{FaultPlan, FaultStore};
 use scalez::store::local::LocalStore;
+use scalez::store::retry::{RetryPolicy, RetryStore};
+use scalez::store::s3::{S3Config, S3Store};
 use scalez::store::ObjectStore;
 use scalez::Vault;
 
@@ -13,22 +17,118 @@ use crate::cli::GlobalArgs;
 
 pub const PASSWORD_ENV: &str = "ELASTIO_PASSWORD";
 
+/// Injects store faults (`fail_first=N,fail_every=N,latency_ms=N`): a testing aid for the retry
+/// paths, on any backend.
+pub const FAULTS_ENV: &str = "ELASTIO_FAULTS";
+
 pub struct Ctx {
     pub global: GlobalArgs,
 }
 
+/// Where a vault lives.
+pub enum Location {
+    Local(PathBuf),
+    S3(S3Config),
+}
+
 impl Ctx {
     /// `--vault`, else `$ELASTIO_VAULT` (clap), else `~/.local/share/elastio/vault`.
-    pub fn vault_path(&self) -> Result<PathBuf> {
+    pub fn location(&self) -> Result<Location> {
         if let Some(p) = &self.global.vault {
-            if p.to_string_lossy().starts_with("s3://") {
-                bail!("S3 vaults are not supported by this build yet: use a local directory");
+            let text = p.to_string_lossy();
+            if text.starts_with("s3://") {
+                let mut c = S3Config::from_url(&text).map_err(anyhow::Error::msg)?;
+                c.endpoint_url = self.global.endpoint_url.clone();
+                c.region = self.global.region.clone();
+                c.kms_key_id = self.global.kms_key_id.clone();
+                return Ok(Location::S3(c));
             }
-            return Ok(p.clone());
+            return Ok(Location::Local(p.clone()));
         }
         let home = std::env::var_os("HOME")
             .context("cannot pick the default vault location: $HOME is not set; pass --vault")?;
-        Ok(PathBuf::from(home).join(".local/share/elastio/vault"))
+        Ok(Location::Local(
+            PathBuf::from(home).join(".local/share/elastio/vault"),
+        ))
+    }
+
+    /// The vault as given on a command line (a path or an s3:// URL), for child processes.
+    pub fn vault_arg(&self) -> Result<String> {
+        Ok(match self.location()? {
+            Location::Local(p) => p
+                .to_str()
+                .context("vault path is not UTF-8")?
+                .to_string(),
+            Location::S3(c) => c.url(),
+        })
+    }
+
+    /// Adds fault injection (if asked for) and retries around a backend.
+    fn wrap<S: ObjectStore + 'static>(&self, inner: S) -> Result<Arc<dyn ObjectStore>> {
+        let policy = RetryPolicy::default();
+        Ok(match std::env::var(FAULTS_ENV) {
+            Ok(spec) if !spec.is_empty() => {
+                let plan = FaultPlan::parse(&spec).map_err(anyhow::Error::msg)?;
+                Arc::new(RetryStore::new(FaultStore::new(inner, plan), policy))
+            }
+            _ => Arc::new(RetryStore::new(inner, policy)),
+        })
+    }
+
+    /// The store of an existing vault (local, or S3 with retries and the metadata cache).
+    pub fn store(&self) -> Result<Arc<dyn ObjectStore>> {
+        match self.location()? {
+            Location::Local(path) => {
+                if !path.exists() {
+                    return Err(scalez::Error::NotAVault {
+                        location: path.display().to_string(),
+                    }
+                    .into());
+                }
+                self.wrap(LocalStore::open(&path)?)
+            }
+            Location::S3(c) => {
+                let store = self.wrap(S3Store::connect(c)?)?;
+                let id = Vault::read_config(store.as_ref())?.vault_id;
+                Ok(Arc::new(CachedStore::new(store, &cache_dir(&id)?)))
+            }
+        }
+    }
+
+    /// The store for `vault init`: created (directory, or bucket if missing) and empty.
+    pub fn new_store(&self) -> Result<Arc<dyn ObjectStore>> {
+        match self.location()? {
+            Location::Local(path) => {
+                if path.join("config").exists() {
+                    bail!("a vault already exists at {}", path.display());
+                }
+                if let Ok(mut entries) = std::fs::read_dir(&path) {
+                    if entries.next().is_some() {
+                        bail!(
+                            "{} is not empty: choose an empty or new directory",
+                            path.display()
+                        );
+                    }
+                }
+                let store = LocalStore::create(&path)
+                    .with_context(|| format!("cannot create vault directory {}", path.display()))?;
+                self.wrap(store)
+            }
+            Location::S3(c) => {
+                let url = c.url();
+                let s3 = S3Store::connect(c)?;
+                s3.ensure_bucket()?;
+                let store = self.wrap(s3)?;
+                let existing = store.list("")?;
+                if existing.iter().any(|o| o.key == "config") {
+                    bail!("a vault already exists at {url}");
+                }
+                if !existing.is_empty() {
+                    bail!("{url} is not empty: choose an empty bucket or a new prefix");
+                }
+                Ok(store)
+            }
+        }
     }
 
     /// The password from `--password-file`, else `$ELASTIO_PASSWORD`, else a terminal prompt.
@@ -73,17 +173,7 @@ impl Ctx {
         Ok(p.into_bytes())
     }
 
-    pub fn store(&self) -> Result<Arc<dyn ObjectStore>> {
-        let path = self.vault_path()?;
-        if !path.exists() {
-            return Err(scalez::Error::NotAVault {
-                location: path.display().to_string(),
-            }
-            .into());
-        }
-        Ok(Arc::new(LocalStore::open(&path)?))
-    }
-
+    /// Opens the vault, asking for the password after checking the format.
     pub fn open_vault(&self) -> Result<Arc<Vault>> {
         let store = self.store()?;
         // Check the format before asking for a password.
@@ -91,4 +181,16 @@ impl Ctx {
         let password = self.password(false)?;
         Ok(Arc::new(Vault::open(store, &password)?))
     }
+}
+
+/// `$XDG_CACHE_HOME/elastio/<vault id>`, else `~/.cache/elastio/<vault id>`.
+fn cache_dir(vault_id: &str) -> Result<PathBuf> {
+    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(
+            std::env::var_os("HOME").context("$HOME is not set: cannot place the metadata cache")?,
+        )
+        .join(".cache"),
+    };
+    Ok(base.join("elastio").join(vault_id))
 }

@@ -282,14 +282,7 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     let password = ctx.password(false)?;
     let exe = std::env::current_exe().context("cannot find the elastio executable")?;
     let mut cmd = Command::new(exe);
-    cmd.args([
-        "--vault",
-        ctx.vault_path()?
-            .to_str()
-            .context("vault path is not UTF-8")?,
-        "--output-format",
-        "json",
-    ])
+    cmd.args(["--vault", &ctx.vault_arg()?, "--output-format", "json"])
     .args(["mount", &a.rp])
     .arg(&a.mountpoint)
     .args(["--foreground", "--password-stdin", "--quiet"])

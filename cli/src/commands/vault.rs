@@ -1,6 +1,5 @@
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use scalez::crypto::KdfParams;
-use scalez::store::local::LocalStore;
 use scalez::{Vault, VaultOptions};
 use serde_json::json;
 
@@ -17,7 +16,6 @@ pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
 }
 
 fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
-    let path = ctx.vault_path()?;
     let opts = VaultOptions {
         chunk_size: u32::try_from(a.chunk_size).context("chunk size too large")?,
         pack_size: u32::try_from(a.pack_size).context("pack size too large")?,
@@ -28,23 +26,15 @@ fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
             parallelism: 1,
         },
     };
-    if let Ok(mut entries) = std::fs::read_dir(&path) {
-        if entries.next().is_some() && !path.join("config").exists() {
-            bail!(
-                "{} is not empty and is not a vault: choose an empty or new directory",
-                path.display()
-            );
-        }
-    }
+    let store = ctx.new_store()?;
     let password = ctx.password(true)?;
-    let store = LocalStore::create(&path)
-        .with_context(|| format!("cannot create vault directory {}", path.display()))?;
-    let vault = Vault::init(std::sync::Arc::new(store), &password, opts)?;
+    let vault = Vault::init(store, &password, opts)?;
     let c = vault.config();
+    let location = vault.location();
     match ctx.global.output_format {
-        OutputFormat::Json => print_json(&json!({ "vault": path, "config": c }))?,
+        OutputFormat::Json => print_json(&json!({ "vault": location, "config": c }))?,
         OutputFormat::Human => {
-            println!("created vault {} (id {})", path.display(), c.vault_id);
+            println!("created vault {location} (id {})", c.vault_id);
             println!(
                 "  chunk size {}, pack size {}, zstd level {}",
                 bytes(c.chunk_size as u64),
