@@ -55,10 +55,7 @@ impl Ctx {
     /// The vault as given on a command line (a path or an s3:// URL), for child processes.
     pub fn vault_arg(&self) -> Result<String> {
         Ok(match self.location()? {
-            Location::Local(p) => p
-                .to_str()
-                .context("vault path is not UTF-8")?
-                .to_string(),
+            Location::Local(p) => p.to_str().context("vault path is not UTF-8")?.to_string(),
             Location::S3(c) => c.url(),
         })
     }
@@ -188,7 +185,8 @@ fn cache_dir(vault_id: &str) -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(
-            std::env::var_os("HOME").context("$HOME is not set: cannot place the metadata cache")?,
+            std::env::var_os("HOME")
+                .context("$HOME is not set: cannot place the metadata cache")?,
         )
         .join(".cache"),
     };

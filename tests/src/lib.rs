@@ -26,11 +26,43 @@ pub fn elastio_bin() -> PathBuf {
     bin
 }
 
-/// A vault in a fresh temporary directory, with a password set in the environment.
+/// A vault in a fresh temporary directory (or a fresh bucket of an S3 server), with a password
+/// set in the environment.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// A directory, or an `s3://` URL.
     pub vault: PathBuf,
     pub password: String,
+    /// The S3 endpoint of an S3 vault.
+    pub endpoint: Option<String>,
+}
+
+/// The S3 servers `cargo xtask test` started, as (name, endpoint URL): Ceph RGW and moto.
+pub fn s3_servers() -> Vec<(String, String)> {
+    let spec = std::env::var("ELASTIO_TEST_S3").unwrap_or_else(|_| {
+        panic!(
+            "ELASTIO_TEST_S3 is not set: run the tests with `cargo xtask test`, which starts \
+             Ceph RGW and moto on 127.0.0.1 (or `cargo xtask servers` and export what it prints)"
+        )
+    });
+    spec.split(',')
+        .filter_map(|p| p.split_once('='))
+        .map(|(n, u)| (n.to_string(), u.to_string()))
+        .collect()
+}
+
+/// The endpoint of one of [`s3_servers`] by name (`rgw`, `moto`).
+pub fn s3_server(name: &str) -> String {
+    s3_servers()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, u)| u)
+        .unwrap_or_else(|| panic!("no S3 server {name} in ELASTIO_TEST_S3"))
+}
+
+/// A bucket name no other test uses.
+pub fn unique_bucket() -> String {
+    format!("t-{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
 impl Default for Env {
@@ -44,10 +76,27 @@ impl Env {
     pub fn with_init_args(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let vault = dir.path().join("vault");
+        Self::init(dir, vault, None, args)
+    }
+
+    /// A vault in a new bucket of the S3 server at `endpoint`.
+    pub fn s3(endpoint: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vault = PathBuf::from(format!("s3://{}/vault", unique_bucket()));
+        Self::init(dir, vault, Some(endpoint.to_string()), &[])
+    }
+
+    fn init(
+        dir: tempfile::TempDir,
+        vault: PathBuf,
+        endpoint: Option<String>,
+        args: &[&str],
+    ) -> Self {
         let env = Env {
             dir,
             vault,
             password: "correct horse".into(),
+            endpoint,
         };
         let mut init = vec![
             "vault",
@@ -75,7 +124,13 @@ impl Env {
         c.args(args)
             .env("ELASTIO_VAULT", &self.vault)
             .env("ELASTIO_PASSWORD", &self.password)
-            .env_remove("ELASTIO_IO_ENGINE");
+            .env("XDG_CACHE_HOME", self.dir.path().join("cache"))
+            .env_remove("ELASTIO_IO_ENGINE")
+            .env_remove("ELASTIO_FAULTS");
+        match &self.endpoint {
+            Some(e) => c.env("AWS_ENDPOINT_URL", e),
+            None => c.env_remove("AWS_ENDPOINT_URL"),
+        };
         c
     }
 

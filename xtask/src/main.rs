@@ -1,6 +1,7 @@
 //! `cargo xtask test|demo|bench|deps`: the project's entry points (see README.md).
 
 mod bench;
+mod servers;
 mod util;
 
 use anyhow::{bail, Result};
@@ -12,7 +13,8 @@ usage: cargo xtask <command>
   test    install missing test tools (as root), check formatting, clippy -D warnings, all tests, docs
   demo    back up a small ext4 image into a local vault, list it, restore it and verify it
   bench   time elastio against restic and borg on the same ext4 images (release build)
-  deps    install the test tools and the benchmark peers (restic, borg) from apt";
+  deps    install the test tools and the benchmark peers (restic, borg) from apt
+  servers start the S3 test servers (Ceph RGW, moto) and print their environment";
 
 /// Commands the tests run, and the Debian package that provides each.
 pub const TEST_TOOLS: &[(&str, &str)] = &[
@@ -46,7 +48,19 @@ fn run() -> Result<()> {
         Some("bench") => bench::run(&args[1..]),
         Some("deps") => {
             ensure_tools(TEST_TOOLS)?;
+            ensure_tools(servers::SERVER_TOOLS)?;
             ensure_tools(BENCH_TOOLS)
+        }
+        Some("servers") => {
+            // Start the S3 servers and keep them up (for running single tests by hand).
+            let s = servers::start(&root_dir())?;
+            for (k, v) in servers::client_env(&s) {
+                println!("export {k}={v}");
+            }
+            println!("# Ctrl-C stops them");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
         }
         Some("-h") | Some("--help") | None => {
             println!("{USAGE}");
@@ -72,9 +86,13 @@ fn test() -> Result<()> {
         ],
         &[],
     )?;
-    // The end-to-end tests drive the real binary.
+    // The end-to-end tests drive the real binary, against local vaults and real S3 servers.
     cargo(&["build", "--locked", "-p", "elastio-cli"], &[])?;
-    cargo(&["test", "--workspace", "--locked"], &[])?;
+    let servers = servers::start(&root_dir())?;
+    let env = servers::client_env(&servers);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    cargo(&["test", "--workspace", "--locked"], &env)?;
+    drop(servers);
     cargo(
         &["doc", "--workspace", "--no-deps", "--locked"],
         &[("RUSTDOCFLAGS", "-D warnings")],

@@ -42,6 +42,7 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
     bar.finish();
     let rp = &report.rp;
     let reduction = rp.logical_size as f64 / rp.new_bytes_stored.max(1) as f64;
+    let stats = vault.store().stats();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
             "rp": rp,
@@ -50,6 +51,8 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             "packs_written": report.session.packs,
             "reduction_ratio": reduction,
             "elapsed_ms": report.elapsed.as_millis() as u64,
+            "store_requests": stats.requests,
+            "store_retries": stats.retries,
         }))?,
         OutputFormat::Human => {
             println!(
@@ -78,9 +81,20 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
                 report.engine,
                 if report.direct_io { ", O_DIRECT" } else { "" }
             );
+            print_store_stats(stats);
         }
     }
     Ok(())
+}
+
+/// Request and retry counts of remote stores (local vaults have nothing to say).
+fn print_store_stats(stats: scalez::store::StoreStats) {
+    if stats.requests > 0 || stats.retries > 0 {
+        println!(
+            "  store         {} requests, {} retried",
+            stats.requests, stats.retries
+        );
+    }
 }
 
 fn restore(ctx: &Ctx, a: BlockRestoreArgs) -> Result<()> {
@@ -95,9 +109,12 @@ fn restore(ctx: &Ctx, a: BlockRestoreArgs) -> Result<()> {
     let report = restore_block(&Arc::clone(&vault), &rp, &a.target, &opts, &bar)
         .with_context(|| format!("restore of {} to {} failed", rp.id, a.target.display()))?;
     bar.finish();
+    let stats = vault.store().stats();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
             "rp": rp.id,
+            "store_requests": stats.requests,
+            "store_retries": stats.retries,
             "target": report.target,
             "size": report.size,
             "bytes_written": report.bytes_written,
@@ -112,6 +129,7 @@ fn restore(ctx: &Ctx, a: BlockRestoreArgs) -> Result<()> {
                 report.elapsed.as_secs_f64(),
                 rate(report.size, report.elapsed)
             );
+            print_store_stats(stats);
         }
     }
     Ok(())

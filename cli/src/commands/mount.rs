@@ -283,10 +283,10 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the elastio executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(["--vault", &ctx.vault_arg()?, "--output-format", "json"])
-    .args(["mount", &a.rp])
-    .arg(&a.mountpoint)
-    .args(["--foreground", "--password-stdin", "--quiet"])
-    .args(["--cache-size", &a.cache_size.to_string()]);
+        .args(["mount", &a.rp])
+        .arg(&a.mountpoint)
+        .args(["--foreground", "--password-stdin", "--quiet"])
+        .args(["--cache-size", &a.cache_size.to_string()]);
     if let Some(asset) = &a.asset {
         cmd.args(["--asset", asset]);
     }

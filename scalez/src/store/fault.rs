@@ -75,8 +75,7 @@ impl<S: ObjectStore> FaultStore<S> {
             std::thread::sleep(self.plan.latency);
         }
         let n = self.ops.fetch_add(1, Ordering::Relaxed) + 1;
-        let fail = n <= self.plan.fail_first
-            || (self.plan.fail_every > 0 && n % self.plan.fail_every == 0);
+        let fail = n <= self.plan.fail_first || n.checked_rem(self.plan.fail_every) == Some(0);
         if fail {
             self.injected.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Remote {

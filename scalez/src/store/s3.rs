@@ -559,19 +559,22 @@ impl ObjectStore for S3Store {
         validate_key(key)?;
         let full = self.full_key(key);
         let conditional = mode == PutMode::Create && self.conditional_puts()?;
-        if mode == PutMode::Create && !conditional {
-            if self
+        // Some servers (Ceph RGW 16) honour If-None-Match on PUT but not on the completion of
+        // a multipart upload: large create-only objects are checked with a HEAD first too.
+        let multipart = data.len() > MULTIPART_THRESHOLD;
+        if mode == PutMode::Create
+            && (!conditional || multipart)
+            && self
                 .block(self.head(&full))
                 .map_err(|f| self.fail("head", key, f))?
                 .is_some()
-            {
-                return Err(StoreError::AlreadyExists {
-                    store: self.location(),
-                    key: key.to_string(),
-                });
-            }
+        {
+            return Err(StoreError::AlreadyExists {
+                store: self.location(),
+                key: key.to_string(),
+            });
         }
-        let result = if data.len() > MULTIPART_THRESHOLD {
+        let result = if multipart {
             self.block(self.put_multipart(&full, data, conditional))
         } else {
             self.block(self.put_once(&full, data, conditional))

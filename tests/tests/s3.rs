@@ -1,0 +1,379 @@
+//! S3 vaults against real S3 servers on 127.0.0.1, started by `cargo xtask test`: Ceph RGW
+//! (production S3) and moto. Every scenario runs on both.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use elastio_tests::*;
+use scalez::store::fault::{FaultPlan, FaultStore};
+use scalez::store::retry::{RetryPolicy, RetryStore};
+use scalez::store::s3::{S3Config, S3Store};
+use scalez::store::{conformance, ObjectStore, PutMode};
+
+fn store(endpoint: &str, prefix: &str) -> S3Store {
+    let s = S3Store::connect(S3Config {
+        bucket: unique_bucket(),
+        prefix: prefix.into(),
+        endpoint_url: Some(endpoint.into()),
+        attempt_timeout: Some(Duration::from_secs(20)),
+        ..S3Config::default()
+    })
+    .unwrap();
+    s.ensure_bucket().unwrap();
+    s
+}
+
+#[test]
+fn conformance_on_every_server() {
+    for (name, url) in s3_servers() {
+        let s = store(&url, "conf");
+        conformance::run_all(&s);
+        assert!(s.stats().requests > 0, "{name}: requests are counted");
+        // A store with no prefix, and keys that page past one listing page.
+        let s = store(&url, "");
+        for i in 0..1005 {
+            s.put(&format!("many/{i:05}"), b"", PutMode::Create)
+                .unwrap();
+        }
+        let listed = s.list("many/").unwrap();
+        assert_eq!(listed.len(), 1005, "{name}: listing pages");
+        assert_eq!(listed[1004].key, "many/01004");
+        // Objects above the multipart threshold.
+        let big: Vec<u8> = (0..(scalez::store::s3::MULTIPART_THRESHOLD + 3_000_000))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        s.put("big/x", &big, PutMode::Create).unwrap();
+        assert_eq!(s.get("big/x").unwrap(), big, "{name}: multipart round trip");
+        assert!(
+            matches!(
+                s.put("big/x", &big, PutMode::Create),
+                Err(scalez::store::StoreError::AlreadyExists { .. })
+            ),
+            "{name}: create-only multipart"
+        );
+        assert_eq!(
+            s.get_range("big/x", 70_000_000..70_000_010).unwrap(),
+            &big[70_000_000..70_000_010]
+        );
+    }
+}
+
+#[test]
+fn conformance_through_injected_faults() {
+    for (name, url) in s3_servers() {
+        let plan = FaultPlan {
+            fail_every: 4,
+            latency: Duration::from_millis(2),
+            ..FaultPlan::default()
+        };
+        let policy = RetryPolicy {
+            base: Duration::from_millis(2),
+            ..RetryPolicy::default()
+        };
+        let s = RetryStore::new(FaultStore::new(store(&url, "faults"), plan), policy);
+        conformance::run_all(&s);
+        assert!(s.stats().retries > 10, "{name}: {:?}", s.stats());
+    }
+}
+
+fn rp_of(v: &serde_json::Value) -> String {
+    v["rp"]["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn backup_restore_mount_and_nbd_from_s3() {
+    for (name, url) in s3_servers() {
+        let env = Env::s3(&url);
+        let img = ext4_image(&env, "a.img", 48 << 20);
+        let first = env.backup(&img, None);
+        assert!(first["store_requests"].as_u64().unwrap() > 0);
+        let rp1 = rp_of(&first);
+        let orig = env.path("orig.img");
+        sh(
+            "cp",
+            &[
+                "--sparse=always",
+                img.to_str().unwrap(),
+                orig.to_str().unwrap(),
+            ],
+        );
+        write_at(&img, 20 << 20, &pseudo_random(5, 3 << 20));
+        let rp2 = rp_of(&env.backup(&img, None));
+        let out = env.path("out.img");
+        env.restore(&rp2, &out);
+        assert_eq!(sha256_file(&out), sha256_file(&img), "{name}: restore");
+        env.restore(&rp1, &out);
+        assert_eq!(
+            sha256_file(&out),
+            sha256_file(&orig),
+            "{name}: restore of the first RP"
+        );
+
+        // NBD from the S3 vault.
+        let mut server = NbdServer::start(&env, &[&rp2], &[]);
+        let copy = env.path("nbd.img");
+        sh("nbdcopy", &[&server.uri(&rp2), copy.to_str().unwrap()]);
+        assert_eq!(sha256_file(&copy), sha256_file(&img), "{name}: nbdcopy");
+        server.stop();
+
+        // FUSE from the S3 vault: the files inside.
+        let mnt = env.path("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let m = env.json(&["mount", &rp2, mnt.to_str().unwrap()]);
+        let same = std::fs::read(mnt.join("fs/etc/passwd")).unwrap()
+            == std::fs::read(fixture_tree().join("etc/passwd")).unwrap();
+        env.ok(&["umount", mnt.to_str().unwrap()]);
+        assert!(same, "{name}: a file read through the mount");
+        assert!(m["pid"].as_u64().is_some());
+
+        // The metadata cache: index and catalog objects are kept locally after first use.
+        let cache = env.dir.path().join("cache/elastio");
+        let vault_dir = std::fs::read_dir(&cache)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        assert!(
+            vault_dir.join("index").is_dir(),
+            "{name}: index objects cached"
+        );
+        assert!(vault_dir.join("catalog").is_dir(), "{name}: catalog cached");
+    }
+}
+
+#[test]
+fn injected_throttling_is_retried_and_reported() {
+    for (name, url) in s3_servers() {
+        let env = Env::s3(&url);
+        let img = env.path("r.img");
+        std::fs::write(&img, pseudo_random(9, 20 << 20)).unwrap();
+        let out = env
+            .command(&[
+                "block",
+                "backup",
+                img.to_str().unwrap(),
+                "--output-format",
+                "json",
+            ])
+            .env("ELASTIO_FAULTS", "fail_first=3,fail_every=5,latency_ms=3")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            report["store_retries"].as_u64().unwrap() >= 3,
+            "{name}: retries counted: {report}"
+        );
+        let restored = env.path("back.img");
+        let out = env
+            .command(&[
+                "block",
+                "restore",
+                "--rp",
+                &rp_of(&report),
+                restored.to_str().unwrap(),
+            ])
+            .env("ELASTIO_FAULTS", "fail_every=6")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(sha256_file(&restored), sha256_file(&img), "{name}");
+    }
+}
+
+#[test]
+fn two_agents_back_up_into_one_vault_at_once() {
+    for (name, url) in s3_servers() {
+        let env = Env::s3(&url);
+        let (a, b) = (env.path("a.img"), env.path("b.img"));
+        std::fs::write(&a, pseudo_random(11, 24 << 20)).unwrap();
+        std::fs::write(&b, pseudo_random(12, 24 << 20)).unwrap();
+        let spawn = |p: &Path| {
+            env.command(&[
+                "block",
+                "backup",
+                p.to_str().unwrap(),
+                "--output-format",
+                "json",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+        };
+        let (ca, cb) = (spawn(&a), spawn(&b));
+        let (oa, ob) = (
+            ca.wait_with_output().unwrap(),
+            cb.wait_with_output().unwrap(),
+        );
+        for (o, img) in [(oa, &a), (ob, &b)] {
+            assert!(
+                o.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let rp = rp_of(&serde_json::from_slice(&o.stdout).unwrap());
+            let out = env.path("out.img");
+            env.restore(&rp, &out);
+            assert_eq!(sha256_file(&out), sha256_file(img), "{name}: {rp}");
+        }
+    }
+}
+
+/// A second radosgw process on the test cluster, which this test may kill and restart without
+/// disturbing the shared one.
+struct OwnGateway {
+    dir: PathBuf,
+    port: u16,
+    pid_file: PathBuf,
+}
+
+impl OwnGateway {
+    fn start(work: &Path) -> OwnGateway {
+        let dir = PathBuf::from(
+            std::env::var("ELASTIO_TEST_RGW_DIR").expect("ELASTIO_TEST_RGW_DIR (cargo xtask test)"),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let g = OwnGateway {
+            dir,
+            port,
+            pid_file: work.join("rgw.pid"),
+        };
+        g.launch();
+        g
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&self) {
+        let status = Command::new("radosgw")
+            .arg("-c")
+            .arg(self.dir.join("ceph.conf"))
+            .args(["-n", "client.rgw"])
+            .arg(format!(
+                "--rgw-frontends=beast endpoint=127.0.0.1:{}",
+                self.port
+            ))
+            .arg(format!("--pid-file={}", self.pid_file.display()))
+            .arg(format!(
+                "--admin-socket={}",
+                self.pid_file.with_extension("asok").display()
+            ))
+            .arg(format!(
+                "--log-file={}",
+                self.pid_file.with_extension("log").display()
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success(), "radosgw did not start");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "radosgw did not listen in 60 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill(&self) {
+        let pid: i32 = std::fs::read_to_string(&self.pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill(2) on the radosgw this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "radosgw still answers");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for OwnGateway {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: as in kill().
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[test]
+fn s3_server_killed_mid_backup() {
+    let work = tempfile::tempdir().unwrap();
+    let gw = OwnGateway::start(work.path());
+    let env = Env::s3(&gw.url());
+    let img = env.path("big.img");
+    for i in 0..12 {
+        append_random(&img, 40 + i, 32 << 20);
+    }
+    let started = Instant::now();
+    // Slow requests down a little so the backup is surely mid-way when the server dies.
+    let backup = env
+        .command(&["block", "backup", img.to_str().unwrap()])
+        .env("ELASTIO_FAULTS", "latency_ms=100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first pack to land, then take the server away.
+    let bucket = env.vault.to_str().unwrap()["s3://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let probe = S3Store::connect(S3Config {
+        bucket,
+        prefix: "vault".into(),
+        endpoint_url: Some(gw.url()),
+        ..S3Config::default()
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while probe.list("packs/").map(|l| l.is_empty()).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "no pack was uploaded in 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    gw.kill();
+    let out = backup.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the backup cannot succeed without its store"
+    );
+    assert!(
+        err.contains("s3://") && err.contains("packs/")
+            || err.contains("index/")
+            || err.contains("catalog/"),
+        "the error names the bucket and object: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "gave up in bounded time"
+    );
+    gw.launch();
+    let rps = env.json(&["rp", "list"]);
+    assert_eq!(rps.as_array().unwrap().len(), 0, "no partial RP is visible");
+    let report = env.backup(&img, None);
+    let out = env.path("out.img");
+    env.restore(&rp_of(&report), &out);
+    assert_eq!(sha256_file(&out), sha256_file(&img), "the rerun restores");
+}
