@@ -310,9 +310,16 @@ pub struct RestoreReport {
 }
 
 enum Job {
-    Data { slot: u64, id: ChunkId },
-    Zeros { first: u64, count: u64 },
+    /// Consecutive slots whose chunks lie next to each other in one pack: one ranged read.
+    Data(Vec<(u64, ChunkId)>),
+    Zeros {
+        first: u64,
+        count: u64,
+    },
 }
+
+/// Chunks per coalesced read (2 MiB of a disk at the default chunk size).
+const MAX_BATCH: usize = 16;
 
 /// Restores disk RP `rp` into `target` (a file, created or replaced, or a block device).
 pub fn restore_block(
@@ -492,7 +499,8 @@ fn write_chunks(
     target: &Path,
 ) -> Result<u64, AgentError> {
     let cs = map.chunk_size as u64;
-    let workers = opts.workers.max(1);
+    // Remote stores hide request latency behind more fetches in flight.
+    let workers = opts.workers.max(vault.store().read_parallelism()).max(1);
     let (tx, rx) = bounded::<Job>(workers * 8);
     let (wtx, wrx) = bounded::<(u64, Write)>(workers * 4);
     // Direct writes wait for the device: a few in flight keep it busy. Buffered writes to one
@@ -545,22 +553,20 @@ fn write_chunks(
                         if opts.cancel.is_cancelled() {
                             return Err(AgentError::Cancelled);
                         }
-                        let op = match job {
-                            Job::Data { slot, id } => (
-                                slot * cs,
-                                Write::Data(vault.read_disk_chunk(
-                                    map,
-                                    slot,
-                                    &id,
-                                    Verify::Rehash,
-                                )?),
-                            ),
+                        match job {
+                            Job::Data(batch) => {
+                                let chunks = vault.read_disk_chunks(map, &batch, Verify::Rehash)?;
+                                for ((slot, _), data) in batch.iter().zip(chunks) {
+                                    wtx.send((slot * cs, Write::Data(data)))
+                                        .map_err(|_| AgentError::Stopped)?;
+                                }
+                            }
                             Job::Zeros { first, count } => {
                                 let start = first * cs;
-                                (start, Write::Zeros((count * cs).min(map.size - start)))
+                                let op = (start, Write::Zeros((count * cs).min(map.size - start)));
+                                wtx.send(op).map_err(|_| AgentError::Stopped)?;
                             }
-                        };
-                        wtx.send(op).map_err(|_| AgentError::Stopped)?;
+                        }
                     }
                     Ok(())
                 })
@@ -607,6 +613,7 @@ fn walk_jobs(
     };
     let hung_up = || AgentError::Stopped;
     let mut zero_run: Option<(u64, u64)> = None;
+    let mut batch: Vec<(u64, ChunkId)> = Vec::new();
     let walked = reader.walk(&mut |first, entries| {
         if cancel.is_cancelled() {
             return Err(AgentError::Cancelled);
@@ -614,26 +621,45 @@ fn walk_jobs(
         for (i, e) in entries.iter().enumerate() {
             let slot = first + i as u64;
             match e {
-                None => match &mut zero_run {
-                    Some((_, n)) => *n += 1,
-                    None => zero_run = Some((slot, 1)),
-                },
+                None => {
+                    if !batch.is_empty() {
+                        tx.send(Job::Data(std::mem::take(&mut batch)))
+                            .map_err(|_| hung_up())?;
+                    }
+                    match &mut zero_run {
+                        Some((_, n)) => *n += 1,
+                        None => zero_run = Some((slot, 1)),
+                    }
+                }
                 Some(id) => {
                     if let Some((first, count)) = zero_run.take() {
                         tx.send(Job::Zeros { first, count })
                             .map_err(|_| hung_up())?;
                     }
-                    tx.send(Job::Data { slot, id: *id })
-                        .map_err(|_| hung_up())?;
+                    let extends = batch.last().is_some_and(|(s, last)| {
+                        *s + 1 == slot && batch.len() < MAX_BATCH && vault.adjacent(last, id)
+                    });
+                    if !extends && !batch.is_empty() {
+                        tx.send(Job::Data(std::mem::take(&mut batch)))
+                            .map_err(|_| hung_up())?;
+                    }
+                    batch.push((slot, *id));
                 }
             }
         }
         Ok(())
     });
-    let walked = walked.and_then(|()| match zero_run {
-        Some((first, count)) => tx.send(Job::Zeros { first, count }).map_err(|_| hung_up()),
-        None => Ok(()),
-    });
+    let walked = walked
+        .and_then(|()| match zero_run {
+            Some((first, count)) => tx.send(Job::Zeros { first, count }).map_err(|_| hung_up()),
+            None => Ok(()),
+        })
+        .and_then(|()| {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            tx.send(Job::Data(batch)).map_err(|_| hung_up())
+        });
     match walked {
         Err(AgentError::Stopped) => Ok(()),
         other => other,

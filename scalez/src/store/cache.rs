@@ -136,6 +136,9 @@ impl<S: ObjectStore> ObjectStore for CachedStore<S> {
     fn put_parallelism(&self) -> usize {
         self.inner.put_parallelism()
     }
+    fn read_parallelism(&self) -> usize {
+        self.inner.read_parallelism()
+    }
 
     fn stats(&self) -> StoreStats {
         self.inner.stats()

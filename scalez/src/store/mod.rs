@@ -121,6 +121,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn put_parallelism(&self) -> usize {
         1
     }
+    /// How many reads a reader should keep in flight to hide request latency.
+    fn read_parallelism(&self) -> usize {
+        1
+    }
     /// Requests sent and retried so far (remote stores and wrappers count; local ones say 0).
     fn stats(&self) -> StoreStats {
         StoreStats::default()
@@ -160,6 +164,9 @@ impl<T: ObjectStore + ?Sized> ObjectStore for std::sync::Arc<T> {
     }
     fn put_parallelism(&self) -> usize {
         (**self).put_parallelism()
+    }
+    fn read_parallelism(&self) -> usize {
+        (**self).read_parallelism()
     }
     fn stats(&self) -> StoreStats {
         (**self).stats()

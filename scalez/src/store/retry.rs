@@ -142,6 +142,9 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
     fn put_parallelism(&self) -> usize {
         self.inner.put_parallelism()
     }
+    fn read_parallelism(&self) -> usize {
+        self.inner.read_parallelism()
+    }
 
     fn stats(&self) -> StoreStats {
         let inner = self.inner.stats();

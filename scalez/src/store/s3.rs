@@ -40,6 +40,8 @@ pub const MULTIPART_THRESHOLD: usize = 64 << 20;
 const PART_SIZE: usize = 16 << 20;
 /// Packs kept in flight by a backup.
 const PUT_PARALLELISM: usize = 4;
+/// Reads kept in flight by a restore or a read-ahead.
+const READ_PARALLELISM: usize = 8;
 
 /// Where and how to reach the bucket.
 #[derive(Debug, Clone, Default)]
@@ -733,6 +735,10 @@ impl ObjectStore for S3Store {
 
     fn put_parallelism(&self) -> usize {
         PUT_PARALLELISM
+    }
+
+    fn read_parallelism(&self) -> usize {
+        READ_PARALLELISM
     }
 
     fn stats(&self) -> StoreStats {
