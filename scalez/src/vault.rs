@@ -37,8 +37,21 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
 pub const DEFAULT_PACK_SIZE: u32 = 16 * 1024 * 1024;
 /// zstd level: 3 costs ~8 % more CPU than 1 and stores ~5 % less on file-system images (FORMAT.md).
 pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
-/// Bytes of unrelated data a coalesced read may fetch and skip between two wanted chunks.
-pub const COALESCE_GAP: u64 = 64 * 1024;
+/// Bytes of unrelated data a coalesced read may fetch and skip.
+pub const COALESCE_GAP: u64 = 256 * 1024;
+/// Largest span of a pack one coalesced read fetches (large ranged GETs are what make S3 fast:
+/// ~170 MB/s in 256 KiB requests, ~780 MB/s in 4 MiB ones on Ceph RGW here).
+pub const COALESCE_MAX: u64 = 8 << 20;
+
+/// A byte range of one pack that a coalesced read will fetch.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRun {
+    pack: crate::ids::PackId,
+    start: u64,
+    end: u64,
+    /// Bytes of wanted chunks inside the span.
+    wanted: u64,
+}
 
 /// Parameters of a new vault.
 #[derive(Debug, Clone)]
@@ -410,16 +423,37 @@ impl Vault {
         Ok(data)
     }
 
-    /// Whether the chunks `a` then `b` can be fetched with one ranged read: same pack, `b`
-    /// starting at most [`COALESCE_GAP`] bytes after `a` ends.
-    pub fn adjacent(&self, a: &ChunkId, b: &ChunkId) -> bool {
-        match (self.locate(a), self.locate(b)) {
-            (Some(a), Some(b)) => {
-                let end = a.offset as u64 + a.len as u64;
-                a.pack == b.pack && b.offset as u64 >= end && b.offset as u64 - end <= COALESCE_GAP
-            }
-            _ => false,
+    /// Starts a coalesced read at chunk `id` (None if the chunk is not in the index).
+    pub fn run_start(&self, id: &ChunkId) -> Option<ReadRun> {
+        let l = self.locate(id)?;
+        Some(ReadRun {
+            pack: l.pack,
+            start: l.offset as u64,
+            end: l.offset as u64 + l.len as u64,
+            wanted: l.len as u64,
+        })
+    }
+
+    /// Adds chunk `id` to `run` if one ranged read can still cover them all: same pack, the
+    /// span at most [`COALESCE_MAX`] bytes, of which at most [`COALESCE_GAP`] not wanted.
+    /// Chunks need not be in order (parallel backup workers interleave them a little).
+    pub fn run_extend(&self, run: &mut ReadRun, id: &ChunkId) -> bool {
+        let Some(l) = self.locate(id) else {
+            return false;
+        };
+        let (s, e) = (l.offset as u64, l.offset as u64 + l.len as u64);
+        let (start, end) = (run.start.min(s), run.end.max(e));
+        let wanted = run.wanted + l.len as u64;
+        if l.pack != run.pack || end - start > COALESCE_MAX || end - start > wanted + COALESCE_GAP {
+            return false;
         }
+        *run = ReadRun {
+            pack: run.pack,
+            start,
+            end,
+            wanted,
+        };
+        true
     }
 
     /// Reads the chunks of several disk slots whose chunks are [`Vault::adjacent`] in one pack
@@ -431,18 +465,26 @@ impl Vault {
         slots: &[(u64, ChunkId)],
         verify: Verify,
     ) -> Result<Vec<Vec<u8>>> {
+        let coalesced = slots.len() > 1 && {
+            let mut run = self.run_start(&slots[0].1);
+            slots[1..]
+                .iter()
+                .all(|(_, id)| run.as_mut().is_some_and(|r| self.run_extend(r, id)))
+        };
         let locs: Option<Vec<Location>> = slots.iter().map(|(_, id)| self.locate(id)).collect();
-        let contiguous = slots.windows(2).all(|w| self.adjacent(&w[0].1, &w[1].1));
-        let (Some(locs), true, true) = (locs, contiguous, slots.len() > 1) else {
+        let (Some(locs), true) = (locs, coalesced) else {
             return slots
                 .iter()
                 .map(|(slot, id)| self.read_disk_chunk(map, *slot, id, verify))
                 .collect();
         };
         let key = locs[0].pack.key();
-        let start = locs[0].offset as u64;
-        let last = locs[locs.len() - 1];
-        let end = last.offset as u64 + last.len as u64;
+        let start = locs.iter().map(|l| l.offset as u64).min().unwrap_or(0);
+        let end = locs
+            .iter()
+            .map(|l| l.offset as u64 + l.len as u64)
+            .max()
+            .unwrap_or(0);
         let bytes = self
             .store
             .get_range(&key, start..end)

@@ -54,6 +54,12 @@ pub fn run(args: &[String]) -> Result<()> {
     let data = root.join("target/bench-data");
     prepare(&data)?;
     let work = root.join("target/bench");
+    if args.iter().any(|a| a == "s3") {
+        let base_sha = sha256(&data.join("base.img"))?;
+        let s3 = bench_s3(&root, &data, &work, &base_sha)?;
+        print!("{}", report_s3(&s3, None, None));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "fuse") {
         // Only the mount figures, over the repositories of the previous full run.
         let fuse = bench_fuse(&root, &data, &work)?;
@@ -80,7 +86,8 @@ pub fn run(args: &[String]) -> Result<()> {
     samples.extend(bench_borg(&data, &work, &base_sha)?);
     let nbd = bench_nbd(&root, &data, &work, &full_rp)?;
     let fuse = bench_fuse(&root, &data, &work)?;
-    report(&samples, &nbd, &fuse, &work)
+    let s3 = bench_s3(&root, &data, &work, &base_sha)?;
+    report(&samples, &nbd, &fuse, &s3, &work)
 }
 
 fn prepare(data: &Path) -> Result<()> {
@@ -546,7 +553,13 @@ fn bench_borg(data: &Path, work: &Path, base_sha: &str) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-fn report(samples: &[Sample], nbd: &NbdFigures, fuse: &FuseFigures, work: &Path) -> Result<()> {
+fn report(
+    samples: &[Sample],
+    nbd: &NbdFigures,
+    fuse: &FuseFigures,
+    s3: &S3Figures,
+    work: &Path,
+) -> Result<()> {
     let mut text = String::new();
     let mut line = |s: String| {
         println!("{s}");
@@ -635,7 +648,21 @@ fn report(samples: &[Sample], nbd: &NbdFigures, fuse: &FuseFigures, work: &Path)
     for l in report_fuse(fuse).lines() {
         line(l.to_string());
     }
+    line(String::new());
+    let local = (
+        find("elastio", "full").map(|s| s.wall.as_secs_f64()),
+        find("elastio", "restore").map(|s| s.wall.as_secs_f64()),
+    );
+    for l in report_s3(s3, local.0.zip(local.1), Some(nbd.copy_elastio)).lines() {
+        line(l.to_string());
+    }
     let results = json!({
+        "s3": {
+            "backup_s": s3.backup, "restore_s": s3.restore, "nbdcopy_s": s3.nbdcopy,
+            "restic_backup_s": s3.restic_backup, "restic_restore_s": s3.restic_restore,
+            "backup_requests": s3.backup_requests, "new_bytes": s3.new_bytes,
+            "restore_requests": s3.restore_requests,
+        },
         "fuse": {
             "cat_image_s": fuse.cat_image, "elastio_disk_img_s": fuse.elastio_seq,
             "restic_mount_s": fuse.restic_seq, "first_byte_s": fuse.first_byte,
@@ -1097,5 +1124,188 @@ fn report_fuse(f: &FuseFigures) -> String {
             r / f.find_read
         );
     }
+    t
+}
+
+struct S3Figures {
+    backup: f64,
+    restore: f64,
+    nbdcopy: f64,
+    restic_backup: f64,
+    restic_restore: f64,
+    backup_requests: u64,
+    new_bytes: u64,
+    restore_requests: u64,
+}
+
+/// elastio and restic with their repositories in Ceph RGW on loopback, on the base image.
+fn bench_s3(root: &Path, data: &Path, work: &Path, base_sha: &str) -> Result<S3Figures> {
+    println!("==> S3: elastio and restic with repositories in Ceph RGW on loopback");
+    let servers = crate::servers::start(root)?;
+    let env = crate::servers::client_env(&servers);
+    let bin = root.join("target/release/elastio");
+    let base = data.join("base.img");
+    let vault = "s3://bench-elastio/vault";
+    let elastio = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args)
+            .env("ELASTIO_VAULT", vault)
+            .env("ELASTIO_PASSWORD", "bench")
+            .env("AWS_ENDPOINT_URL", &servers.rgw_url)
+            .env("XDG_CACHE_HOME", work.join("s3-cache"));
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c
+    };
+    let _ = fs::remove_dir_all(work.join("s3-cache"));
+    measure(elastio(&["vault", "init"]).arg("--quiet"))?;
+    warm(&base)?;
+    let m = measure(&mut elastio(&[
+        "--quiet",
+        "block",
+        "backup",
+        base.to_str().unwrap(),
+        "--output-format",
+        "json",
+    ]))?;
+    let report: serde_json::Value = serde_json::from_str(&m.3)?;
+    let backup = m.0.as_secs_f64();
+    let rp = report["rp"]["id"].as_str().unwrap_or_default().to_string();
+    let backup_requests = report["store_requests"].as_u64().unwrap_or(0);
+    let new_bytes = report["rp"]["new_bytes_stored"].as_u64().unwrap_or(0);
+    let target = work.join("s3-restore.img");
+    let m = measure(&mut elastio(&[
+        "--quiet",
+        "block",
+        "restore",
+        "--rp",
+        &rp,
+        target.to_str().unwrap(),
+        "--output-format",
+        "json",
+    ]))?;
+    let restore = m.0.as_secs_f64();
+    let restore_requests = serde_json::from_str::<serde_json::Value>(&m.3)?["store_requests"]
+        .as_u64()
+        .unwrap_or(0);
+    verify(&target, base_sha, "elastio (S3)")?;
+    println!(
+        "    elastio backup {backup:.2} s ({backup_requests} requests), restore {restore:.2} s ({restore_requests} requests)"
+    );
+
+    let port = free_port()?;
+    let _server = Served(
+        elastio(&[
+            "nbd",
+            "serve",
+            &rp,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .spawn()?,
+    );
+    let uri = format!("nbd://127.0.0.1:{port}/{rp}");
+    wait_for(&uri)?;
+    let nbdcopy = timed(Command::new("nbdcopy").args([&uri, "null:"]))?;
+    drop(_server);
+
+    let repo = format!("s3:{}/bench-restic", servers.rgw_url);
+    let restic = || {
+        let mut c = Command::new("restic");
+        c.env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", work.join("restic-s3-cache"))
+            .arg("--quiet");
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        c
+    };
+    measure(restic().args(["init", "--repository-version", "2"]))?;
+    warm(&base)?;
+    let m = measure(
+        restic()
+            .args([
+                "backup",
+                "--stdin",
+                "--stdin-filename",
+                "disk.img",
+                "--compression",
+                "auto",
+                "--host",
+                "bench",
+                "--json",
+            ])
+            .stdin(stdin_of(&base)?),
+    )?;
+    let restic_backup = m.0.as_secs_f64();
+    let snap =
+        m.3.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v["snapshot_id"].as_str().map(String::from))
+            .context("restic printed no snapshot id")?;
+    let rtarget = work.join("restic-s3-restore");
+    let m = measure(restic().args(["restore", &snap, "--target", rtarget.to_str().unwrap()]))?;
+    let restic_restore = m.0.as_secs_f64();
+    verify(&rtarget.join("disk.img"), base_sha, "restic (S3)")?;
+    println!(
+        "    nbdcopy {nbdcopy:.2} s; restic backup {restic_backup:.2} s, restore {restic_restore:.2} s"
+    );
+    Ok(S3Figures {
+        backup,
+        restore,
+        nbdcopy,
+        restic_backup,
+        restic_restore,
+        backup_requests,
+        new_bytes,
+        restore_requests,
+    })
+}
+
+/// `local`: elastio's (backup, restore) seconds on a local vault in the same run; `local_nbd`:
+/// its nbdcopy seconds from a local vault.
+fn report_s3(f: &S3Figures, local: Option<(f64, f64)>, local_nbd: Option<f64>) -> String {
+    let mut t =
+        String::from("S3 (repositories in Ceph RGW on 127.0.0.1; the full backup of base.img):\n");
+    let mib = IMAGE_SIZE as f64 / 1048576.0;
+    t += &format!(
+        "elastio: backup {:.2} s ({:.0} MiB/s), restore {:.2} s ({:.0} MiB/s), nbdcopy {:.2} s\n",
+        f.backup,
+        mib / f.backup,
+        f.restore,
+        mib / f.restore,
+        f.nbdcopy
+    );
+    if let Some((b, r)) = local {
+        t += &format!(
+            "S3 vs local vault: backup {:.0} % of local speed, restore {:.0} %\n",
+            100.0 * b / f.backup,
+            100.0 * r / f.restore
+        );
+    }
+    if let Some(n) = local_nbd {
+        t += &format!(
+            "nbdcopy from an S3 vault: {:.0} % of a local vault's speed\n",
+            100.0 * n / f.nbdcopy
+        );
+    }
+    t += &format!(
+        "restic on the same RGW: backup {:.2} s, restore {:.2} s: elastio {:.2}x faster backup, {:.2}x faster restore\n",
+        f.restic_backup,
+        f.restic_restore,
+        f.restic_backup / f.backup,
+        f.restic_restore / f.restore
+    );
+    let per16 = f.new_bytes as f64 / (16.0 * 1048576.0);
+    t += &format!(
+        "requests: backup {} for {:.0} MiB new ({:.2} per 16 MiB of new data), restore {}\n",
+        f.backup_requests,
+        f.new_bytes as f64 / 1048576.0,
+        f.backup_requests as f64 / per16.max(1e-9),
+        f.restore_requests
+    );
     t
 }

@@ -1,7 +1,7 @@
 //! `cargo xtask test|demo|bench|deps`: the project's entry points (see README.md).
 
 mod bench;
-mod servers;
+pub mod servers;
 mod util;
 
 use anyhow::{bail, Result};

@@ -81,8 +81,8 @@ pub fn client_env(s: &Servers) -> Vec<(&'static str, String)> {
         ("AWS_SECRET_ACCESS_KEY", "testing".into()),
         ("AWS_REGION", "us-east-1".into()),
         ("AWS_EC2_METADATA_DISABLED", "true".into()),
-        ("AWS_CONFIG_FILE", "/nonexistent".into()),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+        ("AWS_CONFIG_FILE", "/dev/null".into()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
     ]
 }
 
