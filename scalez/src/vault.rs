@@ -456,8 +456,8 @@ impl Vault {
         true
     }
 
-    /// Reads the chunks of several disk slots whose chunks are [`Vault::adjacent`] in one pack
-    /// with a single ranged read (one request on S3 instead of one per chunk), then
+    /// Reads the chunks of several disk slots with a single ranged read when one can cover them
+    /// all (see [`Vault::run_extend`]: one request on S3 instead of one per chunk), then
     /// authenticates and decodes each. Falls back to one read per chunk otherwise.
     pub fn read_disk_chunks(
         &self,
