@@ -1,7 +1,7 @@
 //! # ScaleZ, the elastio vault engine
 //!
-//! A **vault** is one deduplication namespace in an [`store::ObjectStore`] (a local directory, or S3
-//! in a later backend). Everything a backup writes is an immutable object named by its content hash
+//! A **vault** is one deduplication namespace in an [`store::ObjectStore`] (a local directory, or
+//! an S3 bucket prefix: [`store::s3`]). Everything a backup writes is an immutable object named by its content hash
 //! or a random id; the on-store format is documented object by object in `scalez/FORMAT.md`.
 //!
 //! ## Model
@@ -27,11 +27,16 @@
 //!    re-hash each chunk to its id ([`vault::Verify`]); errors name the object.
 //! 5. Memory is bounded by configuration (channel depths, pack size, cache sizes), not by disk size;
 //!    the index costs ~50 bytes per chunk.
+//! 6. Remote stores are reached through [`store::retry::RetryStore`] (transient failures retried
+//!    with backoff; a create whose answer was lost is recognised), and read in coalesced ranged
+//!    requests ([`vault::Vault::read_disk_chunks`]): about one request per 16 MiB pack written
+//!    and per 8 MiB of disk restored. A local metadata cache ([`store::cache`]) is only an
+//!    accelerator: its files are hash-checked and everything in them is AEAD-sealed anyway.
 //!
 //! ## Concurrency
 //! | operation | may run with | why it is safe |
 //! |---|---|---|
-//! | backup | backups (any asset), restores, listing | random pack/index names; catalog is create-only |
+//! | backup | backups (any asset, any host), restores, listing | random pack/index names; catalog is create-only (`If-None-Match: *` on S3) |
 //! | restore / read | everything above | objects never change after they appear |
 //! | tag | everything above | each change is a new object; readers merge in key order |
 //! Deletion (prune) arrives in a later format revision with its own protocol.
