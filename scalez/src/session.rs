@@ -166,6 +166,17 @@ fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result
             stats.packs += 1;
             Ok(())
         };
+        // Waits for every pack in flight (before an index object that names them, and at the end).
+        let drain = |outstanding: &mut usize, stats: &mut SessionStats| -> Result<()> {
+            while *outstanding > 0 {
+                let r = done_rx
+                    .recv()
+                    .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
+                *outstanding -= 1;
+                settle(r, stats)?;
+            }
+            Ok(())
+        };
         for job in rx {
             match job {
                 Upload::Pack { key, bytes } => {
@@ -179,13 +190,7 @@ fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result
                     outstanding += 1;
                 }
                 Upload::Index { entries } => {
-                    while outstanding > 0 {
-                        let r = done_rx
-                            .recv()
-                            .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
-                        outstanding -= 1;
-                        settle(r, &mut stats)?;
-                    }
+                    drain(&mut outstanding, &mut stats)?;
                     let key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
                     let plain = index::encode(&entries);
                     let sealed = vault.keys().seal(&index_aad(&key), &plain, None);
@@ -201,14 +206,7 @@ fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result
             }
         }
         drop(packs_tx);
-        while outstanding > 0 {
-            let r = done_rx
-                .recv()
-                .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
-            outstanding -= 1;
-            settle(r, &mut stats)?;
-        }
-        Ok(())
+        drain(&mut outstanding, &mut stats)
     })?;
     Ok(stats)
 }

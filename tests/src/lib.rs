@@ -414,19 +414,7 @@ pub fn fixture_tree() -> PathBuf {
 
 /// A sparse ext4 image of `size` bytes made from the fixture tree with `mkfs.ext4 -d`.
 pub fn ext4_image(env: &Env, name: &str, size: u64) -> PathBuf {
-    let img = env.path(name);
-    sparse_file(&img, size);
-    sh(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            fixture_tree().to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
-    img
+    ext4_image_of(env, name, size, &fixture_tree())
 }
 
 /// The fixture tree plus what git cannot store: hard links, a sparse file, a file larger than a

@@ -528,6 +528,17 @@ impl S3Store {
     }
 }
 
+/// Reads a whole response body; a connection dropped half-way is worth retrying.
+async fn read_body(body: ByteStream) -> Result<Vec<u8>, Failure> {
+    let data = body.collect().await.map_err(|e| Failure {
+        status: None,
+        code: None,
+        reason: format!("reading the body: {e}"),
+        retryable: true,
+    })?;
+    Ok(data.into_bytes().to_vec())
+}
+
 /// Awaits all futures (they run concurrently on this task).
 async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
@@ -597,13 +608,7 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| classify(&e))?;
-            let body = out.body.collect().await.map_err(|e| Failure {
-                status: None,
-                code: None,
-                reason: format!("reading the body: {e}"),
-                retryable: true,
-            })?;
-            Ok(body.into_bytes().to_vec())
+            read_body(out.body).await
         })
         .map_err(|f| self.fail("get", key, f))
     }
@@ -648,13 +653,7 @@ impl ObjectStore for S3Store {
                 .content_range()
                 .and_then(|r| r.rsplit('/').next())
                 .and_then(|t| t.parse::<u64>().ok());
-            let body = out.body.collect().await.map_err(|e| Failure {
-                status: None,
-                code: None,
-                reason: format!("reading the body: {e}"),
-                retryable: true,
-            })?;
-            Ok((body.into_bytes().to_vec(), total))
+            Ok((read_body(out.body).await?, total))
         });
         match got {
             Ok((bytes, total)) => {
