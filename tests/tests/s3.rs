@@ -140,6 +140,19 @@ fn backup_restore_mount_and_nbd_from_s3() {
             "{name}: index objects cached"
         );
         assert!(vault_dir.join("catalog").is_dir(), "{name}: catalog cached");
+        // Opening with a cold cache downloads every index and catalog object; with a warm one
+        // only the listings and the few uncached objects.
+        std::fs::remove_dir_all(&cache).unwrap();
+        let cold = env.json(&["vault", "info"])["store_requests"]
+            .as_u64()
+            .unwrap();
+        let warm = env.json(&["vault", "info"])["store_requests"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            warm < cold,
+            "{name}: warm open {warm} requests, cold {cold}"
+        );
     }
 }
 

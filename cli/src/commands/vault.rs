@@ -59,6 +59,7 @@ fn info(ctx: &Ctx) -> Result<()> {
             "recovery_points": rps.len(),
             "chunks": vault.chunk_count(),
             "stored_bytes": stored,
+            "store_requests": vault.store().stats().requests,
         }))?,
         OutputFormat::Human => {
             println!("vault       {}", vault.location());
