@@ -390,3 +390,83 @@ fn s3_server_killed_mid_backup() {
     env.restore(&rp_of(&report), &out);
     assert_eq!(sha256_file(&out), sha256_file(&img), "the rerun restores");
 }
+
+/// moto does not check signatures: a fixed Authorization header names the service and region.
+fn moto_call(args: &[&str], service: &str) -> String {
+    let auth = format!(
+        "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/{service}/aws4_request, SignedHeaders=host, Signature=x"
+    );
+    let out = Command::new("curl")
+        .args(["-s", "-H", &auth])
+        .args(args)
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "curl {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sse_kms_on_every_object() {
+    let moto = s3_server("moto");
+    let created = moto_call(
+        &[
+            "-X",
+            "POST",
+            &format!("{moto}/"),
+            "-H",
+            "X-Amz-Target: TrentService.CreateKey",
+            "-H",
+            "Content-Type: application/x-amz-json-1.1",
+            "-d",
+            "{}",
+        ],
+        "kms",
+    );
+    let key: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let key = key["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    let env = Env::s3(&moto);
+    let img = env.path("k.img");
+    std::fs::write(&img, pseudo_random(21, 3 << 20)).unwrap();
+    let report = {
+        let out = env
+            .command(&[
+                "--kms-key-id",
+                &key,
+                "block",
+                "backup",
+                img.to_str().unwrap(),
+                "--output-format",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let bucket = env.vault.to_str().unwrap()["s3://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let listing = moto_call(
+        &[&format!("{moto}/{bucket}?list-type=2&prefix=vault/packs/")],
+        "s3",
+    );
+    let pack = listing
+        .split("<Key>")
+        .nth(1)
+        .and_then(|k| k.split("</Key>").next())
+        .expect("a pack in the listing");
+    let head = moto_call(&["-I", &format!("{moto}/{bucket}/{pack}")], "s3");
+    assert!(
+        head.contains("x-amz-server-side-encryption: aws:kms") && head.contains(&key),
+        "the pack is stored with SSE-KMS under the key: {head}"
+    );
+    let out = env.path("back.img");
+    env.restore(&rp_of(&report), &out);
+    assert_eq!(sha256_file(&out), sha256_file(&img));
+}
