@@ -285,14 +285,34 @@ impl S3Store {
         let store = self.location();
         let key = key.to_string();
         match (f.status, f.code.as_deref()) {
-            (Some(404), _) | (_, Some("NoSuchKey" | "NotFound")) => {
-                StoreError::NotFound { store, key }
-            }
             (_, Some("NoSuchBucket")) => StoreError::Remote {
                 store,
                 key,
                 op,
                 reason: format!("bucket {} does not exist", self.config.bucket),
+                retryable: false,
+            },
+            (Some(404), _) | (_, Some("NoSuchKey" | "NotFound")) => {
+                StoreError::NotFound { store, key }
+            }
+            (Some(403), _) => StoreError::Remote {
+                store,
+                key,
+                op,
+                reason: format!(
+                    "{}: access denied (check the AWS credentials, the region and the bucket policy)",
+                    f.reason
+                ),
+                retryable: false,
+            },
+            (Some(301), _) => StoreError::Remote {
+                store,
+                key,
+                op,
+                reason: format!(
+                    "{}: the bucket is in another region (set --region or AWS_REGION)",
+                    f.reason
+                ),
                 retryable: false,
             },
             (Some(412), _) | (_, Some("PreconditionFailed")) if op == "put" => {
@@ -318,7 +338,7 @@ impl S3Store {
             Err(e) => {
                 let f = classify(&e);
                 if f.status != Some(404) && f.code.as_deref() != Some("NoSuchBucket") {
-                    return Err(self.fail("head bucket", "", f));
+                    return Err(self.fail("check", "(bucket)", f));
                 }
             }
         }
@@ -341,7 +361,7 @@ impl S3Store {
                 if matches!(f.code.as_deref(), Some("BucketAlreadyOwnedByYou")) {
                     return Ok(());
                 }
-                Err(self.fail("create bucket", "", f))
+                Err(self.fail("creation", "(bucket)", f))
             }
         }
     }
