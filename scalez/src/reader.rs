@@ -522,6 +522,62 @@ mod tests {
     }
 
     #[test]
+    fn coalesced_reads_return_each_slot_in_any_order() {
+        let cs = CS;
+        let disk: Vec<u8> = (0..40u32).flat_map(|i| vec![i as u8 + 1; cs]).collect();
+        let (vault, map) = store_disk(&disk);
+        let reader = DiskReader::new(vault.clone(), map.clone(), cs);
+        let mut slots: Vec<(u64, ChunkId)> = (0..40)
+            .map(|s| (s, reader.chunk_id(s).unwrap().unwrap()))
+            .collect();
+        // Reverse and interleave: one span still covers them (same pack, nothing skipped).
+        slots.reverse();
+        slots.swap(3, 17);
+        let mut run = vault.run_start(&slots[0].1).unwrap();
+        assert!(slots[1..]
+            .iter()
+            .all(|(_, id)| vault.run_extend(&mut run, id)));
+        let chunks = vault
+            .read_disk_chunks(&map, &slots, Verify::Rehash)
+            .unwrap();
+        for ((slot, _), data) in slots.iter().zip(chunks) {
+            assert_eq!(data, vec![*slot as u8 + 1; cs], "slot {slot}");
+        }
+    }
+
+    #[test]
+    fn interleaved_sequential_streams_each_prefetch() {
+        let cs = CS;
+        let disk: Vec<u8> = (0..200u32)
+            .flat_map(|i| vec![(i % 250) as u8 + 1; cs])
+            .collect();
+        let (vault, map) = store_disk(&disk);
+        let reader = Arc::new(DiskReader::new(vault, map, 200 * cs));
+        reader.enable_readahead(8, 2);
+        let mut buf = vec![0u8; cs];
+        // Two readers, one from slot 0 and one from slot 100, their reads interleaved (like two
+        // connections of nbdcopy); the second stream also skips ahead a little.
+        for (a, b) in [(0u64, 100u64), (1, 101), (2, 103)] {
+            reader.read_at(a * cs as u64, &mut buf).unwrap();
+            reader.read_at(b * cs as u64, &mut buf).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(3..8).chain(104..110).all(|s| reader.is_cached(s).unwrap()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read-ahead did not follow both streams"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(
+            !reader.is_cached(60).unwrap(),
+            "nothing between the streams"
+        );
+        reader.read_at(105 * cs as u64, &mut buf).unwrap();
+        assert_eq!(buf, vec![106u8; cs]);
+    }
+
+    #[test]
     fn sequential_reads_prefetch_ahead() {
         let cs = CS;
         let disk: Vec<u8> = (0..64u8).flat_map(|i| vec![i + 1; cs]).collect();
