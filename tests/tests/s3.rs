@@ -120,7 +120,28 @@ fn backup_restore_mount_and_nbd_from_s3() {
         // FUSE from the S3 vault: the files inside.
         let mnt = env.path("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let m = env.json(&["mount", &rp2, mnt.to_str().unwrap()]);
+        // The endpoint as a flag, not in the environment: the background process needs it too.
+        let m = {
+            let out = env
+                .command(&[
+                    "--endpoint-url",
+                    &url,
+                    "mount",
+                    &rp2,
+                    mnt.to_str().unwrap(),
+                    "--output-format",
+                    "json",
+                ])
+                .env_remove("AWS_ENDPOINT_URL")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        };
         let same = std::fs::read(mnt.join("fs/etc/passwd")).unwrap()
             == std::fs::read(fixture_tree().join("etc/passwd")).unwrap();
         env.ok(&["umount", mnt.to_str().unwrap()]);

@@ -293,6 +293,17 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     if a.kernel {
         cmd.arg("--kernel");
     }
+    // Where an S3 vault is and how to reach it, as given to this process.
+    let g = &ctx.global;
+    for (flag, value) in [
+        ("--endpoint-url", &g.endpoint_url),
+        ("--region", &g.region),
+        ("--kms-key-id", &g.kms_key_id),
+    ] {
+        if let Some(v) = value {
+            cmd.args([flag, v]);
+        }
+    }
     use std::os::unix::process::CommandExt;
     // The detached process logs (read errors name the damaged object) to a file next to other
     // per-user runtime state; its path is printed.
