@@ -151,6 +151,19 @@ impl Env {
         String::from_utf8(out.stdout).expect("utf-8 output")
     }
 
+    /// Runs a command made with [`Env::command`] (and adjusted by the caller), asserts success
+    /// and parses its JSON stdout.
+    pub fn json_of(cmd: &mut Command) -> serde_json::Value {
+        let out = cmd.output().expect("run elastio");
+        assert!(
+            out.status.success(),
+            "elastio failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json output")
+    }
+
     /// Runs with `--output-format json` and parses stdout.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();

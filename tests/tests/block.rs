@@ -585,18 +585,10 @@ fn golden_vault_of_format_1_still_restores() {
     let run = |args: &[&str]| {
         let mut a = args.to_vec();
         a.extend(["--output-format", "json"]);
-        let out = env
-            .command(&a)
-            .env("ELASTIO_VAULT", &vault)
-            .env("ELASTIO_PASSWORD", "golden")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+        let mut c = env.command(&a);
+        c.env("ELASTIO_VAULT", &vault)
+            .env("ELASTIO_PASSWORD", "golden");
+        Env::json_of(&mut c)
     };
     let rps = run(&["rp", "list"]);
     assert_eq!(rps[0]["id"], "rp-01m80q0exmx4mr1kh8rkgkg9q4");

@@ -121,27 +121,18 @@ fn backup_restore_mount_and_nbd_from_s3() {
         let mnt = env.path("mnt");
         std::fs::create_dir(&mnt).unwrap();
         // The endpoint as a flag, not in the environment: the background process needs it too.
-        let m = {
-            let out = env
-                .command(&[
-                    "--endpoint-url",
-                    &url,
-                    "mount",
-                    &rp2,
-                    mnt.to_str().unwrap(),
-                    "--output-format",
-                    "json",
-                ])
-                .env_remove("AWS_ENDPOINT_URL")
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-        };
+        let m = Env::json_of(
+            env.command(&[
+                "--endpoint-url",
+                &url,
+                "mount",
+                &rp2,
+                mnt.to_str().unwrap(),
+                "--output-format",
+                "json",
+            ])
+            .env_remove("AWS_ENDPOINT_URL"),
+        );
         let same = std::fs::read(mnt.join("fs/etc/passwd")).unwrap()
             == std::fs::read(fixture_tree().join("etc/passwd")).unwrap();
         env.ok(&["umount", mnt.to_str().unwrap()]);
@@ -448,26 +439,13 @@ fn sse_kms_on_every_object() {
     let env = Env::s3(&moto);
     let img = env.path("k.img");
     std::fs::write(&img, pseudo_random(21, 3 << 20)).unwrap();
-    let report = {
-        let out = env
-            .command(&[
-                "--kms-key-id",
-                &key,
-                "block",
-                "backup",
-                img.to_str().unwrap(),
-                "--output-format",
-                "json",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
-    };
+    let report = env.json(&[
+        "--kms-key-id",
+        &key,
+        "block",
+        "backup",
+        img.to_str().unwrap(),
+    ]);
     let bucket = env.vault.to_str().unwrap()["s3://".len()..]
         .split('/')
         .next()
