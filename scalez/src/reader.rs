@@ -47,6 +47,9 @@ impl Segment {
 /// local ones keep jobs small so the threads share the work evenly.
 const GROUP_REMOTE: u64 = 64;
 const GROUP_LOCAL: u64 = 4;
+/// Slots a demand miss on a remote store fetches together (1 MiB of disk at the default chunk
+/// size: a ranged GET of that size costs about as much as one of a single chunk).
+const DEMAND_GROUP: u64 = 8;
 /// Groups a sequential stream is kept fetched ahead (at least). Measured with nbdcopy from an
 /// RGW vault: 3 groups starve the fetch threads, 16 overflow a 256 MiB cache with 4 streams.
 const RA_GROUPS: u64 = 8;
@@ -345,6 +348,12 @@ impl DiskReader {
         };
         if let Some(c) = self.chunks.lock().unwrap().get(&id) {
             return Ok(Some(c.clone()));
+        }
+        if self.vault.store().read_parallelism() > 1 {
+            // Remote store: a miss fetches its aligned neighbourhood in one coalesced request,
+            // so clients with many small reads in flight (nbdcopy) cost a request per MiB, not
+            // per chunk. A failure here is retried below for this chunk alone.
+            let _ = self.prefetch_group(slot / DEMAND_GROUP, DEMAND_GROUP);
         }
         // Single flight: one thread fetches and decodes a chunk, others wanting it wait for it
         // (read-ahead and parallel requests would otherwise decode the same chunk twice).
