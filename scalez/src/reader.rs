@@ -92,10 +92,11 @@ impl DiskReader {
         }
     }
 
-    /// Turns on read-ahead: when a read starts where the previous one ended (at chunk
-    /// granularity), the next `window`
-    /// chunks are fetched and decoded into the cache by `threads` background threads. The threads
-    /// hold only a weak reference and stop when the reader is dropped.
+    /// Turns on read-ahead: when a read continues one of the recent sequential streams (see
+    /// `note_read`), the next `window` slots of that stream are fetched and decoded into the
+    /// cache by `threads` background threads, a group of slots at a time (more threads, larger
+    /// groups and a wider window on remote stores). The threads hold only a weak reference and
+    /// stop when the reader is dropped.
     pub fn enable_readahead(self: &Arc<Self>, window: u64, threads: usize) {
         // Remote stores: more fetches in flight, each a coalesced read of many chunks.
         let remote = self.vault.store().read_parallelism() > 1;
