@@ -4,9 +4,9 @@ mod bench;
 pub mod servers;
 mod util;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
-use util::{cargo, ensure_tools, root_dir};
+use util::{cargo, ensure_tools, root_dir, run_cmd};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -91,6 +91,13 @@ fn test() -> Result<()> {
     let servers = servers::start(&root_dir())?;
     let env = servers::client_env(&servers);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // The AWS emulator's own semantics first: the EBS tests rely on them.
+    let emulator_tests = root_dir().join("xtask/servers/test_aws_emulator.py");
+    run_cmd(
+        servers.python.to_str().context("venv path is not UTF-8")?,
+        &[emulator_tests.to_str().context("path is not UTF-8")?],
+        &[],
+    )?;
     cargo(&["test", "--workspace", "--locked"], &env)?;
     drop(servers);
     cargo(

@@ -1,6 +1,9 @@
 //! The real S3 servers the tests and benchmarks talk to, on 127.0.0.1: Ceph RGW (a production
 //! S3 implementation; a throw-away single-node cluster with an in-memory OSD) and moto (a quick
 //! S3/EC2/EBS emulator in a Python venv). Installed on first use; stopped when dropped.
+//!
+//! The EBS tests start their own AWS emulators (`servers/aws-emulator.py`: moto plus an EBS direct
+//! API that follows the AWS documentation), one per test, since each injects its own faults.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -26,6 +29,8 @@ pub struct Servers {
     pub rgw_url: String,
     pub rgw_dir: PathBuf,
     pub moto_url: String,
+    /// The venv's python, which has moto and boto3 (runs the AWS emulator).
+    pub python: PathBuf,
     moto: Child,
 }
 
@@ -77,6 +82,14 @@ pub fn client_env(s: &Servers) -> Vec<(&'static str, String)> {
             format!("rgw={},moto={}", s.rgw_url, s.moto_url),
         ),
         ("ELASTIO_TEST_RGW_DIR", s.rgw_dir.display().to_string()),
+        ("ELASTIO_TEST_PYTHON", s.python.display().to_string()),
+        (
+            "ELASTIO_TEST_AWS_EMULATOR",
+            crate::util::root_dir()
+                .join("xtask/servers/aws-emulator.py")
+                .display()
+                .to_string(),
+        ),
         ("AWS_ACCESS_KEY_ID", "testing".into()),
         ("AWS_SECRET_ACCESS_KEY", "testing".into()),
         ("AWS_REGION", "us-east-1".into()),
@@ -115,6 +128,7 @@ pub fn start(root: &Path) -> Result<Servers> {
         rgw_url: format!("http://127.0.0.1:{rgw_port}"),
         rgw_dir,
         moto_url,
+        python: moto_bin.with_file_name("python"),
         moto,
     };
     if !out.status.success() {
