@@ -28,6 +28,21 @@ pub enum AgentError {
     },
     #[error("recovery point {rp} is a {kind} recovery point, not a disk")]
     NotADisk { rp: String, kind: String },
+    /// An AWS call failed for good; `what` names the operation and the volume, snapshot or block.
+    #[error("{what}: {reason}")]
+    Aws {
+        what: String,
+        code: Option<String>,
+        reason: String,
+    },
+    #[error("block {index} of snapshot {snapshot} failed its SHA-256 checksum {attempts} times in a row (the data EBS sent does not match the checksum it sent)")]
+    BlockChecksum {
+        snapshot: String,
+        index: u64,
+        attempts: u32,
+    },
+    #[error("{0}")]
+    Ebs(String),
     #[error("i/o engine: {0}")]
     Engine(String),
     #[error("interrupted")]

@@ -17,7 +17,9 @@
 //! * A restore into a file writes a temporary sibling and renames it over the target only when
 //!   complete and fsynced: a failed restore never leaves a target that looks complete.
 
+pub mod aws;
 pub mod block;
+pub mod ebs;
 pub mod error;
 pub mod pipeline;
 pub mod progress;

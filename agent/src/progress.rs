@@ -6,6 +6,8 @@ pub trait Progress: Send + Sync {
     fn start(&self, _total: u64) {}
     /// `bytes` more of the total are done.
     fn advance(&self, _bytes: u64) {}
+    /// A stage of the operation worth telling the user about (e.g. "snapshot snap-1 40%").
+    fn message(&self, _msg: &str) {}
 }
 
 /// Discards progress.

@@ -78,6 +78,9 @@ pub enum Command {
     /// Back up and restore block devices and disk images
     #[command(subcommand)]
     Block(BlockCommand),
+    /// Back up EBS volumes and snapshots through the EBS direct APIs; restore to new snapshots
+    #[command(subcommand)]
+    Ebs(EbsCommand),
     /// List, show and tag recovery points
     #[command(subcommand)]
     Rp(RpCommand),
@@ -264,6 +267,91 @@ pub struct BlockRestoreArgs {
     /// Overwrite an existing target file or device
     #[arg(long)]
     pub force: bool,
+}
+
+/// Where EC2 and the EBS direct APIs are, and how hard to drive them.
+#[derive(Args, Debug, Clone)]
+pub struct AwsArgs {
+    /// Endpoint for EC2 and EBS (an emulator); default: the AWS configuration
+    /// (AWS_ENDPOINT_URL_EC2, AWS_ENDPOINT_URL_EBS, AWS_ENDPOINT_URL) or the public endpoints
+    #[arg(long, env = "ELASTIO_AWS_ENDPOINT_URL", value_name = "URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// Block requests (GetSnapshotBlock / PutSnapshotBlock) in flight
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+    /// Block requests per second at most (AWS allows 1000 per snapshot)
+    #[arg(long, default_value_t = 1000.0)]
+    pub max_rate: f64,
+    /// Per-attempt timeout of each AWS request, in seconds
+    #[arg(long, default_value_t = 30)]
+    pub request_timeout: u64,
+    /// How often to poll a pending snapshot or volume, in milliseconds
+    #[arg(long, default_value_t = 1000, hide = true)]
+    pub poll_ms: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EbsCommand {
+    /// Snapshot a volume and back the snapshot up (incrementally when the last one still exists)
+    #[command(after_help = "The snapshot is tagged elastio:created-by, elastio:volume-id and \
+elastio:vault. After the recovery point is committed, older snapshots this tool made of the \
+volume for this vault are deleted (--keep-snapshots keeps them); the newest stays so the next \
+backup only reads the blocks that changed (ListChangedBlocks). Every block is checked against \
+its SHA-256 checksum. The RP records the snapshot as tag ebs:snapshot-id.")]
+    Backup(EbsBackupArgs),
+    /// Back up an existing snapshot (incremental against the asset's previous RP when EBS
+    /// relates the two snapshots)
+    ImportSnapshot(EbsImportArgs),
+    /// Write a disk recovery point to a new EBS snapshot, and optionally a volume
+    Restore(EbsRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EbsBackupArgs {
+    /// The volume to back up (vol-...)
+    #[arg(long)]
+    pub volume_id: String,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Keep the older snapshots this tool made of the volume
+    #[arg(long)]
+    pub keep_snapshots: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EbsImportArgs {
+    /// The snapshot to back up (snap-...)
+    #[arg(long)]
+    pub snapshot_id: String,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EbsRestoreArgs {
+    /// Recovery point id, or `latest` (the newest disk RP, of --asset if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the asset (volume id) whose newest RP to restore
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Also create a volume from the new snapshot
+    #[arg(long, requires = "availability_zone")]
+    pub create_volume: bool,
+    /// Availability zone of the new volume
+    #[arg(long, value_name = "AZ")]
+    pub availability_zone: Option<String>,
+    /// Type of the new volume (gp3, gp2, io2, st1, ...; default: the EC2 default)
+    #[arg(long, value_name = "TYPE")]
+    pub volume_type: Option<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }
 
 #[derive(Subcommand, Debug)]

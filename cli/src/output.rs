@@ -50,22 +50,23 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-/// A progress bar on stderr when it is a terminal, else nothing.
-pub struct Bar(Option<ProgressBar>);
+/// A progress bar on stderr when it is a terminal, else nothing (stage messages are then printed
+/// as lines on stderr unless quiet).
+pub struct Bar(Option<ProgressBar>, bool, std::sync::Mutex<String>);
 
 impl Bar {
     pub fn new(quiet: bool) -> Self {
         if quiet || !std::io::stderr().is_terminal() {
-            return Bar(None);
+            return Bar(None, quiet, Default::default());
         }
         let pb = ProgressBar::new(0);
         pb.set_style(
             ProgressStyle::with_template(
-                "{bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                "{bar:40.cyan/blue} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
             )
             .expect("valid template"),
         );
-        Bar(Some(pb))
+        Bar(Some(pb), quiet, Default::default())
     }
 
     pub fn finish(&self) {
@@ -84,6 +85,19 @@ impl agent::Progress for Bar {
     fn advance(&self, n: u64) {
         if let Some(pb) = &self.0 {
             pb.inc(n);
+        }
+    }
+    fn message(&self, msg: &str) {
+        match &self.0 {
+            Some(pb) => pb.set_message(msg.to_string()),
+            None if !self.1 => {
+                let mut last = self.2.lock().unwrap();
+                if *last != msg {
+                    eprintln!("{msg}");
+                    *last = msg.to_string();
+                }
+            }
+            None => {}
         }
     }
 }

@@ -1,4 +1,5 @@
 mod block;
+mod ebs;
 mod mount;
 mod nbd;
 mod rp;
@@ -16,6 +17,7 @@ pub fn run(args: Cli) -> Result<()> {
     match args.command {
         Command::Vault(c) => vault::run(&ctx, c),
         Command::Block(c) => block::run(&ctx, c),
+        Command::Ebs(c) => ebs::run(&ctx, c),
         Command::Rp(c) => rp::run(&ctx, c),
         Command::Nbd(c) => nbd::run(&ctx, c),
         Command::Mount(a) => mount::mount(&ctx, a),
