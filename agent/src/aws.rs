@@ -78,10 +78,8 @@ where
         SdkError::ServiceError(se) => {
             let code = se.err().code().map(str::to_string);
             let status = se.raw().status().as_u16();
-            let throttled = code
-                .as_deref()
-                .is_some_and(|c| THROTTLE_CODES.contains(&c))
-                || status == 429;
+            let throttled =
+                code.as_deref().is_some_and(|c| THROTTLE_CODES.contains(&c)) || status == 429;
             let transient = code
                 .as_deref()
                 .is_some_and(|c| TRANSIENT_CODES.contains(&c))
@@ -98,10 +96,9 @@ where
             }
         }
         SdkError::TimeoutError(_) => Failure::transient("request timed out".into()),
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => Failure::transient(format!(
-            "{}",
-            aws_sdk_ebs::error::DisplayErrorContext(&err)
-        )),
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Failure::transient(format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&err)))
+        }
         _ => Failure {
             code: None,
             reason: format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&err)),
@@ -319,14 +316,19 @@ mod tests {
 
         let stats = CallStats::default();
         let err = rt
-            .block_on(call(&stats, None, &|| "GetSnapshotBlock of snap-1".into(), || async {
-                Err::<(), _>(Failure {
-                    code: Some("ValidationException".into()),
-                    reason: "bad token".into(),
-                    retryable: false,
-                    throttled: false,
-                })
-            }))
+            .block_on(call(
+                &stats,
+                None,
+                &|| "GetSnapshotBlock of snap-1".into(),
+                || async {
+                    Err::<(), _>(Failure {
+                        code: Some("ValidationException".into()),
+                        reason: "bad token".into(),
+                        retryable: false,
+                        throttled: false,
+                    })
+                },
+            ))
             .unwrap_err();
         assert_eq!(stats.get(), (1, 0, 0));
         assert!(err.to_string().contains("snap-1"), "{err}");

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ec2::types::{Filter, ResourceType, SnapshotState, Tag, TagSpecification, VolumeState};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use scalez::catalog::RP_FORMAT;
 use scalez::disk_map::MapBuilder;
 use scalez::reader::DiskReader;
@@ -41,7 +42,6 @@ use scalez::{
     SessionStats, Vault,
 };
 use sha2::{Digest, Sha256};
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::Semaphore;
 
 use crate::aws::{call, classify, Aws, CallStats, Failure, RateLimiter};
@@ -81,6 +81,8 @@ pub struct EbsOptions {
     pub keep_snapshots: bool,
     /// How often to poll a snapshot's state.
     pub poll: Duration,
+    /// Blocks per list page (100..=10000; AWS's maximum unless testing paging).
+    pub page_size: i32,
     pub cancel: Cancel,
 }
 
@@ -93,6 +95,7 @@ impl Default for EbsOptions {
             workers: crate::pipeline::default_workers(),
             keep_snapshots: false,
             poll: Duration::from_secs(1),
+            page_size: MAX_PAGE,
             cancel: Cancel::new(),
         }
     }
@@ -131,6 +134,7 @@ pub struct EbsBackupReport {
 }
 
 struct Ctx {
+    page_size: i32,
     aws_calls: CallStats,
     block_calls: CallStats,
     checksum_mismatches: AtomicU64,
@@ -138,8 +142,9 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn new(rate: f64) -> Ctx {
+    fn new(rate: f64, page_size: i32) -> Ctx {
         Ctx {
+            page_size: page_size.clamp(100, MAX_PAGE),
             aws_calls: CallStats::default(),
             block_calls: CallStats::default(),
             checksum_mismatches: AtomicU64::new(0),
@@ -209,7 +214,10 @@ async fn describe_snapshot(
         id: id.to_string(),
         volume_id: s.volume_id().unwrap_or_default().to_string(),
         size_gib: s.volume_size().unwrap_or(0).max(0) as u64,
-        state: s.state().map(|s| s.as_str().to_string()).unwrap_or_default(),
+        state: s
+            .state()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
         progress: s.progress().unwrap_or_default().to_string(),
     }))
 }
@@ -267,7 +275,7 @@ pub fn backup_volume(
     progress: &dyn Progress,
 ) -> Result<EbsBackupReport, AgentError> {
     let started = Instant::now();
-    let ctx = Ctx::new(opts.rate);
+    let ctx = Ctx::new(opts.rate, opts.page_size);
     let vault_id = vault.config().vault_id.clone();
     let snapshot_id = aws.rt.block_on(async {
         let what = || format!("DescribeVolumes {volume_id}");
@@ -320,8 +328,7 @@ pub fn backup_volume(
         ))?;
         let snapshot_wait = waited.elapsed();
         let asset = volume_asset(&aws.region, volume_id);
-        read_snapshot(vault, aws, &ctx, &info, asset, opts, progress)
-            .map(|r| (r, snapshot_wait))
+        read_snapshot(vault, aws, &ctx, &info, asset, opts, progress).map(|r| (r, snapshot_wait))
     })();
     let (mut report, snapshot_wait) = match result {
         Ok(r) => r,
@@ -388,7 +395,7 @@ pub fn import_snapshot(
     progress: &dyn Progress,
 ) -> Result<EbsBackupReport, AgentError> {
     let started = Instant::now();
-    let ctx = Ctx::new(opts.rate);
+    let ctx = Ctx::new(opts.rate, opts.page_size);
     let info = aws.rt.block_on(async {
         let info = describe_snapshot(aws, &ctx, snapshot_id)
             .await?
@@ -440,7 +447,7 @@ async fn list_page(
                 .list_changed_blocks()
                 .first_snapshot_id(base)
                 .second_snapshot_id(snapshot)
-                .max_results(MAX_PAGE)
+                .max_results(ctx.page_size)
                 .set_next_token(token.clone())
                 .send()
                 .await
@@ -460,7 +467,7 @@ async fn list_page(
                 .ebs
                 .list_snapshot_blocks()
                 .snapshot_id(snapshot)
-                .max_results(MAX_PAGE)
+                .max_results(ctx.page_size)
                 .set_next_token(token.clone())
                 .send()
                 .await
@@ -507,7 +514,7 @@ fn read_snapshot(
     let started = Instant::now();
     let created = scalez::vault::now_rfc3339();
     let cs = vault.config().chunk_size as usize;
-    if cs > EBS_BLOCK || EBS_BLOCK % cs != 0 {
+    if cs > EBS_BLOCK || (EBS_BLOCK / cs) * cs != EBS_BLOCK {
         return Err(AgentError::Ebs(format!(
             "this vault's chunk size ({cs} bytes) does not divide the EBS block size ({EBS_BLOCK}); \
              back up EBS volumes into a vault made with a chunk size of at most 512 KiB"
@@ -530,7 +537,7 @@ fn read_snapshot(
     };
     if let Some(b) = base.clone() {
         let exists = aws.rt.block_on(describe_snapshot(aws, ctx, &b))?;
-        if exists.map_or(true, |s| s.state != SnapshotState::Completed.as_str()) {
+        if exists.is_none_or(|s| s.state != SnapshotState::Completed.as_str()) {
             progress.message(&format!("previous snapshot {b} is gone: full read"));
             base = None;
         }
@@ -541,10 +548,7 @@ fn read_snapshot(
             match list_page(aws, ctx, &info.id, Some(b), None).await {
                 Ok(p) => return Ok((p, true)),
                 Err(AgentError::Aws { code: Some(c), .. }) if c == "ValidationException" => {
-                    progress.message(&format!(
-                        "EBS cannot diff {b} and {}: full read",
-                        info.id
-                    ));
+                    progress.message(&format!("EBS cannot diff {b} and {}: full read", info.id));
                 }
                 Err(e) => return Err(e),
             }
@@ -620,21 +624,24 @@ fn read_snapshot(
             });
         }
         drop(work_rx);
-        let dispatched = aws.rt.block_on(dispatch(Dispatch {
-            aws,
-            ctx,
-            snapshot: &info.id,
-            base: base.as_deref(),
-            blocks_total,
-            concurrency: opts.concurrency.max(1),
-            cancel: &opts.cancel,
-            window: &window,
-            listed: &listed,
-            fetched: &fetched,
-            per_block,
-            res_tx: &res_tx,
-            work_tx,
-        }, first_page));
+        let dispatched = aws.rt.block_on(dispatch(
+            Dispatch {
+                aws,
+                ctx,
+                snapshot: &info.id,
+                base: base.as_deref(),
+                blocks_total,
+                concurrency: opts.concurrency.max(1),
+                cancel: &opts.cancel,
+                window: &window,
+                listed: &listed,
+                fetched: &fetched,
+                per_block,
+                res_tx: &res_tx,
+                work_tx,
+            },
+            first_page,
+        ));
         if let Err(e) = &dispatched {
             let _ = res_tx.send(Err(AgentError::Ebs(e.to_string())));
         }
@@ -771,7 +778,9 @@ async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
                         .res_tx
                         .send(Ok((my_seq, b.index, vec![None; d.per_block as usize])));
                 }
-                Some(token) => in_flight.push(fetch_block(d.aws, d.ctx, d.snapshot, my_seq, b.index, token)),
+                Some(token) => in_flight.push(fetch_block(
+                    d.aws, d.ctx, d.snapshot, my_seq, b.index, token,
+                )),
             }
         }
         let next = match next_result {
@@ -944,7 +953,7 @@ pub fn restore_to_snapshot(
         rp: rp.id.to_string(),
         kind: rp.kind.to_string(),
     })?;
-    let ctx = Ctx::new(opts.ebs.rate);
+    let ctx = Ctx::new(opts.ebs.rate, opts.ebs.page_size);
     let size_gib = map.size.div_ceil(GIB).max(1);
     let blocks = map.size.div_ceil(EBS_BLOCK as u64);
     let client_token = format!("elastio-{}-{:016x}", rp.id, rand::random::<u64>());
@@ -1181,5 +1190,7 @@ async fn wait_volume(aws: &Aws, ctx: &Ctx, id: &str, poll: Duration) -> Result<(
             _ => tokio::time::sleep(poll).await,
         }
     }
-    Err(AgentError::Ebs(format!("volume {id} did not become available")))
+    Err(AgentError::Ebs(format!(
+        "volume {id} did not become available"
+    )))
 }

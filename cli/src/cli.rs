@@ -288,16 +288,21 @@ pub struct AwsArgs {
     /// How often to poll a pending snapshot or volume, in milliseconds
     #[arg(long, default_value_t = 1000, hide = true)]
     pub poll_ms: u64,
+    /// Blocks per list page (AWS's maximum by default; smaller to test paging)
+    #[arg(long, default_value_t = 10000, hide = true, value_parser = clap::value_parser!(i32).range(100..=10000))]
+    pub page_size: i32,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum EbsCommand {
     /// Snapshot a volume and back the snapshot up (incrementally when the last one still exists)
-    #[command(after_help = "The snapshot is tagged elastio:created-by, elastio:volume-id and \
+    #[command(
+        after_help = "The snapshot is tagged elastio:created-by, elastio:volume-id and \
 elastio:vault. After the recovery point is committed, older snapshots this tool made of the \
 volume for this vault are deleted (--keep-snapshots keeps them); the newest stays so the next \
 backup only reads the blocks that changed (ListChangedBlocks). Every block is checked against \
-its SHA-256 checksum. The RP records the snapshot as tag ebs:snapshot-id.")]
+its SHA-256 checksum. The RP records the snapshot as tag ebs:snapshot-id."
+    )]
     Backup(EbsBackupArgs),
     /// Back up an existing snapshot (incremental against the asset's previous RP when EBS
     /// relates the two snapshots)

@@ -529,3 +529,150 @@ pub fn assert_same_tree(got: &Path, want: &Path) {
         }
     }
 }
+
+/// An AWS emulator of our own (`xtask/servers/aws-emulator.py`: moto plus a faithful EBS direct
+/// API) on a free 127.0.0.1 port, stopped when dropped. One per test, since tests inject faults.
+pub struct AwsEmulator {
+    pub url: String,
+    child: std::process::Child,
+}
+
+impl AwsEmulator {
+    pub fn start() -> Self {
+        let (python, script) = match (
+            std::env::var("ELASTIO_TEST_PYTHON"),
+            std::env::var("ELASTIO_TEST_AWS_EMULATOR"),
+        ) {
+            (Ok(p), Ok(s)) => (p, s),
+            _ => panic!(
+                "ELASTIO_TEST_PYTHON / ELASTIO_TEST_AWS_EMULATOR are not set: run the tests with \
+                 `cargo xtask test` (or `cargo xtask servers` and export what it prints)"
+            ),
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(python)
+            .args([script.as_str(), "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the AWS emulator");
+        let emu = AwsEmulator {
+            url: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while emu.try_control("GET", "config", None).is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the AWS emulator did not start within 60 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        emu.config(serde_json::json!({"snapshot_seconds": 0.3}));
+        emu
+    }
+
+    fn try_control(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Option<serde_json::Value> {
+        let mut c = Command::new("curl");
+        c.args([
+            "-sf",
+            "-X",
+            method,
+            &format!("{}/_emulator/{path}", self.url),
+        ]);
+        if let Some(b) = body {
+            c.args(["-d", &b.to_string()]);
+        }
+        let out = c.output().expect("curl");
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn control(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> serde_json::Value {
+        self.try_control(method, path, body)
+            .unwrap_or_else(|| panic!("emulator control call {method} {path} failed"))
+    }
+
+    /// Changes fault injection: `latency_ms`, `throttle_rate`, `corrupt_index`, `corrupt_first`,
+    /// `snapshot_seconds`.
+    pub fn config(&self, settings: serde_json::Value) {
+        self.control("POST", "config", Some(&settings));
+    }
+
+    /// An EC2 volume whose data is the image file at `image` (read at each snapshot).
+    pub fn volume(&self, image: &Path) -> String {
+        let body = serde_json::json!({"image": image});
+        let v = self.control("POST", "volumes", Some(&body));
+        v["VolumeId"].as_str().expect("volume id").to_string()
+    }
+
+    /// Calls per EBS action since the last reset (`GetSnapshotBlock`, `ListChangedBlocks`, ...).
+    pub fn stats(&self) -> serde_json::Value {
+        self.control("GET", "stats", None)
+    }
+
+    pub fn calls(&self, action: &str) -> u64 {
+        self.stats()[action].as_u64().unwrap_or(0)
+    }
+
+    pub fn reset_stats(&self) {
+        self.control("POST", "stats/reset", None);
+    }
+
+    /// An EC2 Query API call (`Action=...&...`); the emulator does not check signatures.
+    pub fn ec2(&self, query: &str) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-H",
+                "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/ec2/aws4_request, SignedHeaders=host, Signature=x",
+                "-d",
+                &format!("{query}&Version=2016-11-15"),
+                &self.url,
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs an `elastio` command from `env` against this emulator (fast polling).
+    pub fn command(&self, env: &Env, args: &[&str]) -> Command {
+        let mut c = env.command(args);
+        c.env("ELASTIO_AWS_ENDPOINT_URL", &self.url)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .args(["--poll-ms", "100"]);
+        c
+    }
+
+    /// Runs with `--output-format json`, asserts success and parses stdout.
+    pub fn json(&self, env: &Env, args: &[&str]) -> serde_json::Value {
+        let mut c = self.command(env, args);
+        c.args(["--output-format", "json"]);
+        Env::json_of(&mut c)
+    }
+}
+
+impl Drop for AwsEmulator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -2,8 +2,8 @@ use std::time::Duration;
 
 use agent::aws::{Aws, AwsConfig};
 use agent::ebs::{
-    backup_volume, import_snapshot, restore_to_snapshot, CreateVolume, EbsBackupReport,
-    EbsOptions, EbsRestoreOptions,
+    backup_volume, import_snapshot, restore_to_snapshot, CreateVolume, EbsBackupReport, EbsOptions,
+    EbsRestoreOptions,
 };
 use anyhow::{Context, Result};
 use scalez::RpKind;
@@ -33,7 +33,7 @@ fn connect(ctx: &Ctx, a: &AwsArgs) -> Result<Aws> {
 }
 
 fn options(a: &AwsArgs, tags: &[String]) -> Result<EbsOptions> {
-    if !(a.max_rate > 0.0) {
+    if !a.max_rate.is_finite() || a.max_rate <= 0.0 {
         anyhow::bail!("--max-rate must be a positive number of requests per second");
     }
     Ok(EbsOptions {
@@ -41,6 +41,7 @@ fn options(a: &AwsArgs, tags: &[String]) -> Result<EbsOptions> {
         concurrency: a.concurrency as usize,
         rate: a.max_rate,
         poll: Duration::from_millis(a.poll_ms.max(10)),
+        page_size: a.page_size,
         cancel: crate::cancel_token(),
         ..EbsOptions::default()
     })

@@ -1,0 +1,259 @@
+//! EBS volumes and snapshots against the AWS emulator (moto + a faithful EBS direct API, see
+//! `xtask/servers/aws-emulator.py`), each test with its own emulator on 127.0.0.1.
+
+use std::path::{Path, PathBuf};
+
+use elastio_tests::*;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: u64 = 512 * 1024;
+
+/// A 1 GiB volume image: 20 MiB of data at the start, 3 MiB at 600 MiB, zeros elsewhere.
+fn volume_image(env: &Env) -> PathBuf {
+    let img = env.path("vol.img");
+    sparse_file(&img, 1 << 30);
+    write_at(&img, 0, &pseudo_random(1, 20 * MIB as usize));
+    write_at(&img, 600 * MIB, &pseudo_random(2, 3 * MIB as usize));
+    img
+}
+
+/// 512 KiB blocks of `path` that are not all zeros.
+fn data_blocks(path: &Path) -> u64 {
+    let data = std::fs::read(path).unwrap();
+    data.chunks(BLOCK as usize)
+        .filter(|b| b.iter().any(|x| *x != 0))
+        .count() as u64
+}
+
+fn rp_id(report: &serde_json::Value) -> String {
+    report["rp"]["id"].as_str().expect("rp id").to_string()
+}
+
+fn restored(env: &Env, rp: &str, name: &str) -> PathBuf {
+    let out = env.path(name);
+    env.ok(&["block", "restore", "--rp", rp, out.to_str().unwrap()]);
+    out
+}
+
+#[test]
+fn full_then_incremental_reads_only_changed_blocks() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let img = volume_image(&env);
+    let vol = emu.volume(&img);
+    let blocks = data_blocks(&img);
+    assert_eq!(blocks, 46);
+
+    // Pages of 100 blocks: the 46 data blocks are listed in one page, the paging is exercised on
+    // the incremental below with its own small page.
+    let full = emu.json(
+        &env,
+        &["ebs", "backup", "--volume-id", &vol, "--page-size", "100"],
+    );
+    assert_eq!(full["incremental"], false);
+    assert_eq!(full["blocks_read"], blocks);
+    assert_eq!(emu.calls("GetSnapshotBlock"), blocks, "{}", emu.stats());
+    assert_eq!(emu.calls("ListSnapshotBlocks"), 1);
+    let first_snap = full["snapshot_id"].as_str().unwrap().to_string();
+    assert_eq!(full["rp"]["tags"]["ebs:snapshot-id"], first_snap.as_str());
+    assert_eq!(full["rp"]["asset"]["name"], vol.as_str());
+    let full_rp = rp_id(&full);
+    assert_eq!(
+        sha256_file(&restored(&env, &full_rp, "full.img")),
+        sha256_file(&img)
+    );
+
+    // Change a few blocks: one rewritten, one new, one zeroed; and 150 new blocks so the changed
+    // list spans two pages of 100.
+    write_at(&img, 3 * BLOCK + 17, b"changed");
+    write_at(&img, 900 * MIB, &pseudo_random(3, 4096));
+    write_at(&img, 601 * MIB, &vec![0u8; BLOCK as usize]);
+    write_at(&img, 300 * MIB, &pseudo_random(4, 150 * BLOCK as usize));
+    emu.reset_stats();
+    let inc = emu.json(
+        &env,
+        &["ebs", "backup", "--volume-id", &vol, "--page-size", "100"],
+    );
+    assert_eq!(inc["incremental"], true);
+    assert_eq!(inc["base_snapshot_id"], first_snap.as_str());
+    assert_eq!(inc["rp"]["parent"], full_rp.as_str());
+    // 153 changed blocks listed; the zeroed one needs no read.
+    assert_eq!(inc["blocks_listed"], 153);
+    assert_eq!(inc["blocks_read"], 152);
+    assert_eq!(emu.calls("GetSnapshotBlock"), 152, "{}", emu.stats());
+    assert_eq!(emu.calls("ListChangedBlocks"), 2, "two pages");
+    assert_eq!(emu.calls("ListSnapshotBlocks"), 0);
+    assert_eq!(inc["deleted_snapshots"], serde_json::json!([first_snap]));
+    let inc_rp = rp_id(&inc);
+    assert_eq!(
+        sha256_file(&restored(&env, &inc_rp, "inc.img")),
+        sha256_file(&img)
+    );
+    // The older RP still restores as it was.
+    let before = restored(&env, &full_rp, "full-again.img");
+    assert_ne!(sha256_file(&before), sha256_file(&img));
+
+    // The RP is a disk RP like any other: NBD serves it byte-exact.
+    let nbd = NbdServer::start(&env, &[&inc_rp], &[]);
+    let copy = env.path("nbd.img");
+    sh("nbdcopy", &[&nbd.uri(&inc_rp), copy.to_str().unwrap()]);
+    assert_eq!(sha256_file(&copy), sha256_file(&img));
+}
+
+#[test]
+fn a_deleted_base_snapshot_means_a_full_read() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let img = env.path("small.img");
+    sparse_file(&img, 1 << 30);
+    write_at(&img, 0, &pseudo_random(5, 2 * MIB as usize));
+    let vol = emu.volume(&img);
+    let first = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    let snap = first["snapshot_id"].as_str().unwrap();
+    let gone = emu.ec2(&format!("Action=DeleteSnapshot&SnapshotId={snap}"));
+    assert!(gone.contains("DeleteSnapshotResponse"), "{gone}");
+    write_at(&img, 5 * MIB, b"more");
+    emu.reset_stats();
+    let second = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    assert_eq!(second["incremental"], false);
+    assert_eq!(second["blocks_read"], 5);
+    assert_eq!(emu.calls("ListChangedBlocks"), 0);
+    assert_eq!(
+        sha256_file(&restored(&env, &rp_id(&second), "out.img")),
+        sha256_file(&img)
+    );
+}
+
+#[test]
+fn restore_to_a_snapshot_and_a_volume() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let img = volume_image(&env);
+    let blocks = data_blocks(&img);
+    let rp = rp_id(&env.backup(&img, None));
+
+    emu.reset_stats();
+    let r = emu.json(
+        &env,
+        &[
+            "ebs",
+            "restore",
+            "--rp",
+            &rp,
+            "--create-volume",
+            "--availability-zone",
+            "us-east-1a",
+            "--volume-type",
+            "gp3",
+        ],
+    );
+    // Zero blocks are skipped; the emulator refuses a wrong checksum, length or block count.
+    assert_eq!(r["blocks_written"], blocks);
+    assert_eq!(emu.calls("PutSnapshotBlock"), blocks);
+    assert_eq!(emu.calls("CompleteSnapshot"), 1);
+    let snap = r["snapshot_id"].as_str().unwrap().to_string();
+    let vol = r["volume_id"].as_str().unwrap().to_string();
+    let described = emu.ec2(&format!("Action=DescribeVolumes&VolumeId.1={vol}"));
+    assert!(
+        described.contains(&snap),
+        "volume made from the snapshot: {described}"
+    );
+
+    // The snapshot's blocks equal the RP...
+    let imported = emu.json(&env, &["ebs", "import-snapshot", "--snapshot-id", &snap]);
+    assert_eq!(imported["blocks_read"], blocks);
+    assert_eq!(
+        sha256_file(&restored(&env, &rp_id(&imported), "snap.img")),
+        sha256_file(&img)
+    );
+    // ...and so does the volume made from it.
+    let backed = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    assert_eq!(
+        sha256_file(&restored(&env, &rp_id(&backed), "from-volume.img")),
+        sha256_file(&img)
+    );
+}
+
+#[test]
+fn throttling_is_retried_and_reported() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let img = volume_image(&env);
+    let vol = emu.volume(&img);
+    emu.config(serde_json::json!({"throttle_rate": 0.3}));
+    let r = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    let calls = &r["calls"];
+    assert!(calls["throttled"].as_u64().unwrap() > 0, "{calls}");
+    assert!(calls["retries"].as_u64().unwrap() >= calls["throttled"].as_u64().unwrap());
+    assert!(emu.calls("Throttled") > 0);
+    let rp = rp_id(&r);
+
+    // Restoring into a new snapshot under the same throttling works too.
+    let back = emu.json(&env, &["ebs", "restore", "--rp", &rp]);
+    assert!(back["calls"]["throttled"].as_u64().unwrap() > 0, "{back}");
+    emu.config(serde_json::json!({"throttle_rate": 0.0}));
+    let snap = back["snapshot_id"].as_str().unwrap();
+    let imported = emu.json(&env, &["ebs", "import-snapshot", "--snapshot-id", snap]);
+    assert_eq!(
+        sha256_file(&restored(&env, &rp_id(&imported), "out.img")),
+        sha256_file(&img)
+    );
+}
+
+#[test]
+fn a_bad_checksum_is_refetched_then_fails_naming_the_block() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let img = volume_image(&env);
+    let vol = emu.volume(&img);
+
+    // Two bad answers: fetched again, the backup succeeds and counts them.
+    emu.config(serde_json::json!({"corrupt_first": 2}));
+    let ok = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    assert_eq!(ok["calls"]["checksum_mismatches"], 2);
+    let first_snap = ok["snapshot_id"].as_str().unwrap().to_string();
+
+    // Block 5 always bad: the backup fails naming the snapshot and block; no RP, and the
+    // snapshot it made is deleted while the previous one stays for the next incremental.
+    write_at(&img, 5 * BLOCK, b"new data in block 5");
+    emu.config(serde_json::json!({"corrupt_index": 5}));
+    let out = emu
+        .command(&env, &["ebs", "backup", "--volume-id", &vol])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("block 5 of snapshot snap-"), "{err}");
+    assert!(err.contains("checksum"), "{err}");
+    let rps = env.json(&["rp", "list"]);
+    assert_eq!(rps.as_array().unwrap().len(), 1, "{rps}");
+    let snaps = emu.ec2(&format!(
+        "Action=DescribeSnapshots&Filter.1.Name=tag:elastio:volume-id&Filter.1.Value.1={vol}"
+    ));
+    assert_eq!(snaps.matches("<snapshotId>").count(), 1, "{snaps}");
+    assert!(snaps.contains(&first_snap));
+
+    emu.config(serde_json::json!({"corrupt_index": null}));
+    let again = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    assert_eq!(again["incremental"], true);
+    assert_eq!(
+        sha256_file(&restored(&env, &rp_id(&again), "out.img")),
+        sha256_file(&img)
+    );
+}
+
+#[test]
+fn unknown_volume_is_a_clear_error() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let out = emu
+        .command(
+            &env,
+            &["ebs", "backup", "--volume-id", "vol-0123456789abcdef0"],
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vol-0123456789abcdef0"), "{err}");
+}
