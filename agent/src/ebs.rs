@@ -133,16 +133,16 @@ pub struct EbsBackupReport {
     pub elapsed: Duration,
 }
 
-struct Ctx {
+pub(crate) struct Ctx {
     page_size: i32,
-    aws_calls: CallStats,
+    pub(crate) aws_calls: CallStats,
     block_calls: CallStats,
     checksum_mismatches: AtomicU64,
     limiter: RateLimiter,
 }
 
 impl Ctx {
-    fn new(rate: f64, page_size: i32) -> Ctx {
+    pub(crate) fn new(rate: f64, page_size: i32) -> Ctx {
         Ctx {
             page_size: page_size.clamp(100, MAX_PAGE),
             aws_calls: CallStats::default(),
@@ -152,7 +152,7 @@ impl Ctx {
         }
     }
 
-    fn calls(&self) -> EbsCalls {
+    pub(crate) fn calls(&self) -> EbsCalls {
         let (oc, or, ot) = self.aws_calls.get();
         let (bc, br, bt) = self.block_calls.get();
         EbsCalls {
@@ -165,7 +165,7 @@ impl Ctx {
     }
 }
 
-fn ec2_tag(k: &str, v: &str) -> Tag {
+pub(crate) fn ec2_tag(k: &str, v: &str) -> Tag {
     Tag::builder().key(k).value(v).build()
 }
 
@@ -187,7 +187,7 @@ pub struct SnapshotInfo {
     pub progress: String,
 }
 
-async fn describe_snapshot(
+pub(crate) async fn describe_snapshot(
     aws: &Aws,
     ctx: &Ctx,
     id: &str,
@@ -223,7 +223,7 @@ async fn describe_snapshot(
 }
 
 /// Polls until the snapshot is `completed`; `error` or disappearance fail.
-async fn wait_snapshot(
+pub(crate) async fn wait_snapshot(
     aws: &Aws,
     ctx: &Ctx,
     id: &str,
@@ -251,7 +251,7 @@ async fn wait_snapshot(
     }
 }
 
-async fn delete_snapshot(aws: &Aws, ctx: &Ctx, id: &str) -> Result<(), AgentError> {
+pub(crate) async fn delete_snapshot(aws: &Aws, ctx: &Ctx, id: &str) -> Result<(), AgentError> {
     let what = || format!("DeleteSnapshot {id}");
     call(&ctx.aws_calls, None, &what, || async {
         aws.ec2
@@ -342,47 +342,62 @@ pub fn backup_volume(
     };
     report.snapshot_wait = snapshot_wait;
     if !opts.keep_snapshots {
-        report.deleted_snapshots = aws.rt.block_on(async {
-            let what = || format!("DescribeSnapshots of {volume_id}");
-            let out = call(&ctx.aws_calls, None, &what, || async {
-                aws.ec2
-                    .describe_snapshots()
-                    .owner_ids("self")
-                    .filters(
-                        Filter::builder()
-                            .name(format!("tag:{TAG_VOLUME}"))
-                            .values(volume_id)
-                            .build(),
-                    )
-                    .filters(
-                        Filter::builder()
-                            .name(format!("tag:{TAG_VAULT}"))
-                            .values(&vault_id)
-                            .build(),
-                    )
-                    .send()
-                    .await
-                    .map_err(classify)
-            })
-            .await?;
-            let mut deleted = Vec::new();
-            for s in out.snapshots() {
-                let Some(id) = s.snapshot_id() else { continue };
-                let ours = s
-                    .tags()
-                    .iter()
-                    .any(|t| t.key() == Some(TAG_CREATED_BY) && t.value() == Some("elastio"));
-                if id != snapshot_id && ours {
-                    delete_snapshot(aws, &ctx, id).await?;
-                    deleted.push(id.to_string());
-                }
-            }
-            Ok::<_, AgentError>(deleted)
-        })?;
+        report.deleted_snapshots = aws.rt.block_on(prune_snapshots(
+            aws,
+            &ctx,
+            volume_id,
+            &vault_id,
+            &snapshot_id,
+        ))?;
     }
     report.calls = ctx.calls();
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Deletes the snapshots this tool made of `volume_id` for vault `vault_id`, except `keep`.
+pub(crate) async fn prune_snapshots(
+    aws: &Aws,
+    ctx: &Ctx,
+    volume_id: &str,
+    vault_id: &str,
+    keep: &str,
+) -> Result<Vec<String>, AgentError> {
+    let what = || format!("DescribeSnapshots of {volume_id}");
+    let out = call(&ctx.aws_calls, None, &what, || async {
+        aws.ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_VOLUME}"))
+                    .values(volume_id)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_VAULT}"))
+                    .values(vault_id)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(classify)
+    })
+    .await?;
+    let mut deleted = Vec::new();
+    for s in out.snapshots() {
+        let Some(id) = s.snapshot_id() else { continue };
+        let ours = s
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some(TAG_CREATED_BY) && t.value() == Some("elastio"));
+        if id != keep && ours {
+            delete_snapshot(aws, ctx, id).await?;
+            deleted.push(id.to_string());
+        }
+    }
+    Ok(deleted)
 }
 
 /// Backs up an existing snapshot (made by anyone): incremental against the asset's previous RP
@@ -502,7 +517,7 @@ fn check_block_size(size: Option<i32>) -> Result<(), Failure> {
 /// Result of one listed block: its sequence number, index and the chunk ids of its slots.
 type BlockIds = (u64, u64, Vec<Option<ChunkId>>);
 
-fn read_snapshot(
+pub(crate) fn read_snapshot(
     vault: &Arc<Vault>,
     aws: &Aws,
     ctx: &Ctx,
@@ -682,6 +697,7 @@ fn read_snapshot(
             depth,
             root,
         }),
+        instance: None,
     };
     vault.commit_rp(&rp)?;
     Ok(EbsBackupReport {
@@ -1169,7 +1185,12 @@ async fn put_block(
     Ok(true)
 }
 
-async fn wait_volume(aws: &Aws, ctx: &Ctx, id: &str, poll: Duration) -> Result<(), AgentError> {
+pub(crate) async fn wait_volume(
+    aws: &Aws,
+    ctx: &Ctx,
+    id: &str,
+    poll: Duration,
+) -> Result<(), AgentError> {
     for _ in 0..3600 {
         let what = || format!("DescribeVolumes {id}");
         let out = call(&ctx.aws_calls, None, &what, || async {

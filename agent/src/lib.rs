@@ -20,6 +20,7 @@
 pub mod aws;
 pub mod block;
 pub mod ebs;
+pub mod ec2;
 pub mod error;
 pub mod pipeline;
 pub mod progress;

@@ -206,6 +206,7 @@ pub fn backup_block(
             depth,
             root,
         }),
+        instance: None,
     };
     vault.commit_rp(&rp)?;
     Ok(BackupReport {

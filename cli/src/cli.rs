@@ -81,6 +81,9 @@ pub enum Command {
     /// Back up EBS volumes and snapshots through the EBS direct APIs; restore to new snapshots
     #[command(subcommand)]
     Ebs(EbsCommand),
+    /// Back up EC2 instances (all attached volumes, crash-consistent) and recreate them
+    #[command(subcommand)]
+    Ec2(Ec2Command),
     /// List, show and tag recovery points
     #[command(subcommand)]
     Rp(RpCommand),
@@ -355,6 +358,53 @@ pub struct EbsRestoreArgs {
     /// Type of the new volume (gp3, gp2, io2, st1, ...; default: the EC2 default)
     #[arg(long, value_name = "TYPE")]
     pub volume_type: Option<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Ec2Command {
+    /// Snapshot every attached EBS volume at once (CreateSnapshots) and back each one up
+    #[command(
+        after_help = "Creates one disk RP per volume (asset = the volume id, tags \
+ec2:instance-id and ec2:device, incremental like `ebs backup`) and then an instance RP that \
+records the instance type, AZ, image, tags and device names with the volume RPs."
+    )]
+    Backup(Ec2BackupArgs),
+    /// Recreate the volumes of an instance RP (and with --launch, the instance)
+    Restore(Ec2RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct Ec2BackupArgs {
+    /// The instance to back up (i-...)
+    #[arg(long)]
+    pub instance_id: String,
+    /// Tag the recovery points (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Keep the older snapshots this tool made of the volumes
+    #[arg(long)]
+    pub keep_snapshots: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct Ec2RestoreArgs {
+    /// Instance recovery point id, or `latest` (of --asset, the instance id, if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the instance id whose newest RP to restore
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Create the volumes here instead of the instance's recorded AZ
+    #[arg(long, value_name = "AZ")]
+    pub availability_zone: Option<String>,
+    /// Also launch an instance of the recorded type and image, with the restored volumes
+    /// attached at the recorded device names
+    #[arg(long)]
+    pub launch: bool,
     #[command(flatten)]
     pub aws: AwsArgs,
 }

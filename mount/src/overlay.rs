@@ -247,6 +247,7 @@ pub fn save_as_rp(
         duration_ms: started.elapsed().as_millis() as u64,
         tags,
         disk: Some(DiskMapRef { root, depth, ..map }),
+        instance: None,
     };
     vault.commit_rp(&rp)?;
     Ok(rp)
@@ -281,6 +282,7 @@ mod tests {
             duration_ms: 0,
             tags: Default::default(),
             disk: Some(map),
+            instance: None,
         };
         vault.commit_rp(&rp).unwrap();
         (vault, rp)

@@ -20,6 +20,8 @@ pub enum RpKind {
     Disk,
     File,
     Stream,
+    /// An EC2 instance: its shape and one disk RP per attached volume ([`InstanceRecord`]).
+    Instance,
 }
 
 impl std::fmt::Display for RpKind {
@@ -28,6 +30,7 @@ impl std::fmt::Display for RpKind {
             RpKind::Disk => "disk",
             RpKind::File => "file",
             RpKind::Stream => "stream",
+            RpKind::Instance => "instance",
         })
     }
 }
@@ -39,7 +42,10 @@ impl std::str::FromStr for RpKind {
             "disk" | "block" => Ok(RpKind::Disk),
             "file" => Ok(RpKind::File),
             "stream" => Ok(RpKind::Stream),
-            _ => Err(format!("unknown RP type {s:?} (disk, file or stream)")),
+            "instance" => Ok(RpKind::Instance),
+            _ => Err(format!(
+                "unknown RP type {s:?} (disk, file, stream or instance)"
+            )),
         }
     }
 }
@@ -87,6 +93,34 @@ pub struct RecoveryPoint {
     pub duration_ms: u64,
     pub tags: BTreeMap<String, String>,
     pub disk: Option<DiskMapRef>,
+    /// Instance RPs only: what is needed to recreate the instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<InstanceRecord>,
+}
+
+/// The shape of a backed-up EC2 instance and the disk RPs of its volumes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub instance_id: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+    pub image_id: Option<String>,
+    pub root_device_name: Option<String>,
+    pub subnet_id: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    pub volumes: Vec<InstanceVolume>,
+}
+
+/// One attached volume of an instance RP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceVolume {
+    pub device_name: String,
+    pub volume_id: String,
+    pub volume_type: Option<String>,
+    pub size_gib: u64,
+    pub delete_on_termination: bool,
+    /// The volume's disk RP.
+    pub rp: RecoveryPointId,
 }
 
 /// A later change to an RP's tags (`tags/<rp-id>/<ulid>`).

@@ -55,7 +55,9 @@ pub mod store;
 pub mod testing;
 pub mod vault;
 
-pub use catalog::{Asset, DiskMapRef, RecoveryPoint, RpKind, TagUpdate};
+pub use catalog::{
+    Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpKind, TagUpdate,
+};
 pub use error::{Error, Result};
 pub use ids::{ChunkId, PackId, RecoveryPointId};
 pub use session::{BackupSession, SessionStats};

@@ -741,6 +741,7 @@ mod tests {
                 depth: 0,
                 root,
             }),
+            instance: None,
         };
         vault.commit_rp(&rp).unwrap();
         assert!(

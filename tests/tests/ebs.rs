@@ -257,3 +257,119 @@ fn unknown_volume_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vol-0123456789abcdef0"), "{err}");
 }
+
+/// The text of the first `<tag>...</tag>` in `xml`.
+fn xml_field(xml: &str, tag: &str) -> String {
+    let open = format!("<{tag}>");
+    let start = xml
+        .find(&open)
+        .unwrap_or_else(|| panic!("no <{tag}> in {xml}"))
+        + open.len();
+    let end = xml[start..].find('<').unwrap() + start;
+    xml[start..end].to_string()
+}
+
+#[test]
+fn ec2_instance_with_three_volumes_backs_up_and_relaunches() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let run = emu.ec2(
+        "Action=RunInstances&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&InstanceType=t3.micro\
+         &Placement.AvailabilityZone=us-east-1a&TagSpecification.1.ResourceType=instance\
+         &TagSpecification.1.Tag.1.Key=Name&TagSpecification.1.Tag.1.Value=web-1",
+    );
+    let instance = xml_field(&run, "instanceId");
+    let root_vol = xml_field(&run, "volumeId");
+    let root_img = env.path("root.img");
+    sparse_file(&root_img, 64 * MIB);
+    write_at(&root_img, 0, &pseudo_random(10, 8 * MIB as usize));
+    let body = serde_json::json!({"volume_id": root_vol, "image": root_img});
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "-d",
+            &body.to_string(),
+            &format!("{}/_emulator/volumes", emu.url),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut images = vec![("/dev/sda1".to_string(), root_vol.clone(), root_img)];
+    for (i, dev) in ["/dev/sdf", "/dev/sdg"].iter().enumerate() {
+        let img = env.path(&format!("data{i}.img"));
+        sparse_file(&img, 1 << 30);
+        write_at(
+            &img,
+            (i as u64 + 1) * 100 * MIB,
+            &pseudo_random(20 + i as u64, 5 * MIB as usize),
+        );
+        let vol = emu.volume(&img);
+        let attached = emu.ec2(&format!(
+            "Action=AttachVolume&VolumeId={vol}&InstanceId={instance}&Device={dev}"
+        ));
+        assert!(
+            attached.contains("attaching") || attached.contains("attached"),
+            "{attached}"
+        );
+        images.push((dev.to_string(), vol, img));
+    }
+
+    let b = emu.json(&env, &["ec2", "backup", "--instance-id", &instance]);
+    assert_eq!(b["rp"]["kind"], "instance");
+    let rec = &b["rp"]["instance"];
+    assert_eq!(rec["instance_type"], "t3.micro");
+    assert_eq!(rec["availability_zone"], "us-east-1a");
+    assert_eq!(rec["tags"]["Name"], "web-1");
+    let vols = rec["volumes"].as_array().unwrap();
+    assert_eq!(vols.len(), 3, "{rec}");
+    // One snapshot set: every volume RP comes from its own snapshot of the same CreateSnapshots.
+    assert_eq!(
+        emu.calls("GetSnapshotBlock"),
+        16 + 10 + 10,
+        "{}",
+        emu.stats()
+    );
+    let mut roots = std::collections::BTreeMap::new();
+    for (dev, vol, img) in &images {
+        let v = vols
+            .iter()
+            .find(|v| v["device_name"] == dev.as_str())
+            .unwrap_or_else(|| panic!("no {dev} in {rec}"));
+        assert_eq!(v["volume_id"], vol.as_str());
+        let rp = v["rp"].as_str().unwrap();
+        let shown = env.json(&["rp", "show", rp]);
+        assert_eq!(shown["tags"]["ec2:instance-id"], instance.as_str());
+        assert_eq!(shown["tags"]["ec2:device"], dev.as_str());
+        roots.insert(dev.clone(), shown["disk"]["root"].clone());
+        // Each volume RP restores to its volume's data (the root volume is 8 GiB: compare the
+        // image's part).
+        if dev == "/dev/sdf" {
+            assert_eq!(
+                sha256_file(&restored(&env, rp, "sdf.img")),
+                sha256_file(img)
+            );
+        }
+    }
+
+    let r = emu.json(&env, &["ec2", "restore", "--rp", &rp_id(&b), "--launch"]);
+    let new_instance = r["instance_id"].as_str().unwrap().to_string();
+    assert_ne!(new_instance, instance);
+    let described = emu.ec2(&format!(
+        "Action=DescribeInstances&InstanceId.1={new_instance}"
+    ));
+    assert!(described.contains("<name>running</name>"), "{described}");
+    let restored_vols = r["volumes"].as_array().unwrap();
+    assert_eq!(restored_vols.len(), 3);
+    for v in restored_vols {
+        let new_vol = v["volume_id"].as_str().unwrap();
+        let dev = v["device"].as_str().unwrap();
+        assert!(
+            described.contains(new_vol),
+            "{new_vol} attached to {new_instance}: {described}"
+        );
+        // Same data: a backup of the new volume has the same map root (chunk ids are content
+        // hashes, so equal roots mean equal disks).
+        let again = emu.json(&env, &["ebs", "backup", "--volume-id", new_vol]);
+        assert_eq!(again["rp"]["disk"]["root"], roots[dev], "{dev}");
+    }
+}

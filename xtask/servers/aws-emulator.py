@@ -7,8 +7,9 @@ validation, EC2 snapshots without data); this launcher models what elastio relie
 
 * Blocks are 524288 bytes; a volume of N GiB has N * 2048 block indexes.
 * Volume data: `POST /_emulator/volumes {"image": PATH}` creates an EC2 volume backed by a local
-  image file (read when a snapshot is taken, so tests change a volume by writing the file). A volume
-  created from a snapshot holds that snapshot's blocks.
+  image file (read when a snapshot is taken, so tests change a volume by writing the file);
+  with `"volume_id"` it backs an existing volume (an instance's root volume) instead. A volume
+  created from a snapshot holds that snapshot's blocks; other volumes read as zeros.
 * EC2 CreateSnapshot / CreateSnapshots copy the volume's current data (all-zero blocks are not
   stored, as on AWS) and stay `pending`, with progress, for `snapshot_seconds` before `completed`.
 * Lineage: snapshots of one volume, volumes made from them and snapshots started with
@@ -519,6 +520,14 @@ def control(req):
     if path == "/volumes" and req.method == "POST":
         args = json.loads(req.get_data())
         image = os.path.abspath(args["image"])
+        if args.get("volume_id"):
+            # Back an existing volume (e.g. an instance's root volume) with the image.
+            with LOCK:
+                vol = VOLS.get(args["volume_id"])
+                if vol is None:
+                    return json_response(404, {"Message": f"no volume {args['volume_id']}"})
+                vol.image = image
+            return json_response(200, {"VolumeId": args["volume_id"]})
         region = args.get("region", "us-east-1")
         size = max(1, -(-os.path.getsize(image) // (1 << 30)))
         backend = ec2_backends[DEFAULT_ACCOUNT_ID][region]

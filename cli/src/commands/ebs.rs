@@ -23,7 +23,7 @@ pub fn run(ctx: &Ctx, cmd: EbsCommand) -> Result<()> {
     }
 }
 
-fn connect(ctx: &Ctx, a: &AwsArgs) -> Result<Aws> {
+pub fn connect(ctx: &Ctx, a: &AwsArgs) -> Result<Aws> {
     let cfg = AwsConfig {
         region: ctx.global.region.clone(),
         endpoint_url: a.aws_endpoint_url.clone(),
@@ -32,7 +32,7 @@ fn connect(ctx: &Ctx, a: &AwsArgs) -> Result<Aws> {
     Ok(Aws::connect(&cfg)?)
 }
 
-fn options(a: &AwsArgs, tags: &[String]) -> Result<EbsOptions> {
+pub fn options(a: &AwsArgs, tags: &[String]) -> Result<EbsOptions> {
     if !a.max_rate.is_finite() || a.max_rate <= 0.0 {
         anyhow::bail!("--max-rate must be a positive number of requests per second");
     }
@@ -71,71 +71,80 @@ fn import(ctx: &Ctx, a: EbsImportArgs) -> Result<()> {
 }
 
 fn print_backup(ctx: &Ctx, r: &EbsBackupReport) -> Result<()> {
-    let rp = &r.rp;
-    let read_s = r.read_elapsed.as_secs_f64().max(1e-9);
     match ctx.global.output_format {
-        OutputFormat::Json => print_json(&json!({
-            "rp": rp,
-            "snapshot_id": r.snapshot_id,
-            "base_snapshot_id": r.base_snapshot,
-            "incremental": r.base_snapshot.is_some(),
-            "blocks_listed": r.blocks_listed,
-            "blocks_read": r.blocks_read,
-            "calls": r.calls,
-            "deleted_snapshots": r.deleted_snapshots,
-            "snapshot_wait_ms": r.snapshot_wait.as_millis() as u64,
-            "read_ms": r.read_elapsed.as_millis() as u64,
-            "block_requests_per_s": r.calls.block_requests as f64 / read_s,
-            "elapsed_ms": r.elapsed.as_millis() as u64,
-        })),
+        OutputFormat::Json => print_json(&backup_json(r)),
         OutputFormat::Human => {
-            println!(
-                "created {} (disk {} on {}) from snapshot {}",
-                rp.id, rp.asset.name, rp.asset.host, r.snapshot_id
-            );
-            if let Some(p) = &rp.parent {
-                println!("  parent        {p}");
-            }
-            match &r.base_snapshot {
-                Some(b) => println!(
-                    "  read          incremental: {} changed blocks since {b}, {} read",
-                    r.blocks_listed, r.blocks_read
-                ),
-                None => println!(
-                    "  read          full: {} blocks listed, {} read",
-                    r.blocks_listed, r.blocks_read
-                ),
-            }
-            println!("  volume size   {}", bytes(rp.logical_size));
-            println!(
-                "  new stored    {} ({} new chunks)",
-                bytes(rp.new_bytes_stored),
-                rp.new_chunks
-            );
-            println!(
-                "  requests      {} block, {} other; {} retried ({} throttled, {} bad checksums)",
-                r.calls.block_requests,
-                r.calls.other_requests,
-                r.calls.retries,
-                r.calls.throttled,
-                r.calls.checksum_mismatches
-            );
-            println!(
-                "  time          {:.2} s (snapshot {:.2} s, read {:.2} s: {}, {:.0} blocks/s)",
-                r.elapsed.as_secs_f64(),
-                r.snapshot_wait.as_secs_f64(),
-                r.read_elapsed.as_secs_f64(),
-                rate(rp.bytes_read, r.read_elapsed),
-                r.blocks_read as f64 / read_s
-            );
-            if !r.deleted_snapshots.is_empty() {
-                println!(
-                    "  deleted       older snapshots {}",
-                    r.deleted_snapshots.join(", ")
-                );
-            }
+            print_backup_human(r);
             Ok(())
         }
+    }
+}
+
+pub fn backup_json(r: &EbsBackupReport) -> serde_json::Value {
+    let read_s = r.read_elapsed.as_secs_f64().max(1e-9);
+    json!({
+        "rp": r.rp,
+        "snapshot_id": r.snapshot_id,
+        "base_snapshot_id": r.base_snapshot,
+        "incremental": r.base_snapshot.is_some(),
+        "blocks_listed": r.blocks_listed,
+        "blocks_read": r.blocks_read,
+        "calls": r.calls,
+        "deleted_snapshots": r.deleted_snapshots,
+        "snapshot_wait_ms": r.snapshot_wait.as_millis() as u64,
+        "read_ms": r.read_elapsed.as_millis() as u64,
+        "block_requests_per_s": r.calls.block_requests as f64 / read_s,
+        "elapsed_ms": r.elapsed.as_millis() as u64,
+    })
+}
+
+pub fn print_backup_human(r: &EbsBackupReport) {
+    let rp = &r.rp;
+    let read_s = r.read_elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "created {} (disk {} on {}) from snapshot {}",
+        rp.id, rp.asset.name, rp.asset.host, r.snapshot_id
+    );
+    if let Some(p) = &rp.parent {
+        println!("  parent        {p}");
+    }
+    match &r.base_snapshot {
+        Some(b) => println!(
+            "  read          incremental: {} changed blocks since {b}, {} read",
+            r.blocks_listed, r.blocks_read
+        ),
+        None => println!(
+            "  read          full: {} blocks listed, {} read",
+            r.blocks_listed, r.blocks_read
+        ),
+    }
+    println!("  volume size   {}", bytes(rp.logical_size));
+    println!(
+        "  new stored    {} ({} new chunks)",
+        bytes(rp.new_bytes_stored),
+        rp.new_chunks
+    );
+    println!(
+        "  requests      {} block, {} other; {} retried ({} throttled, {} bad checksums)",
+        r.calls.block_requests,
+        r.calls.other_requests,
+        r.calls.retries,
+        r.calls.throttled,
+        r.calls.checksum_mismatches
+    );
+    println!(
+        "  time          {:.2} s (snapshot {:.2} s, read {:.2} s: {}, {:.0} blocks/s)",
+        r.elapsed.as_secs_f64(),
+        r.snapshot_wait.as_secs_f64(),
+        r.read_elapsed.as_secs_f64(),
+        rate(rp.bytes_read, r.read_elapsed),
+        r.blocks_read as f64 / read_s
+    );
+    if !r.deleted_snapshots.is_empty() {
+        println!(
+            "  deleted       older snapshots {}",
+            r.deleted_snapshots.join(", ")
+        );
     }
 }
 

@@ -1,5 +1,6 @@
 mod block;
 mod ebs;
+mod ec2;
 mod mount;
 mod nbd;
 mod rp;
@@ -18,6 +19,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Vault(c) => vault::run(&ctx, c),
         Command::Block(c) => block::run(&ctx, c),
         Command::Ebs(c) => ebs::run(&ctx, c),
+        Command::Ec2(c) => ec2::run(&ctx, c),
         Command::Rp(c) => rp::run(&ctx, c),
         Command::Nbd(c) => nbd::run(&ctx, c),
         Command::Mount(a) => mount::mount(&ctx, a),

@@ -1,0 +1,108 @@
+use agent::ebs::EbsRestoreOptions;
+use agent::ec2::{backup_instance, restore_instance, Ec2RestoreOptions};
+use anyhow::{Context, Result};
+use scalez::RpKind;
+use serde_json::json;
+
+use crate::cli::{Ec2BackupArgs, Ec2Command, Ec2RestoreArgs, OutputFormat};
+use crate::commands::ebs::{backup_json, connect, options, print_backup_human};
+use crate::commands::print_json;
+use crate::commands::rp::resolve_rp;
+use crate::context::Ctx;
+use crate::output::{bytes, Bar};
+
+pub fn run(ctx: &Ctx, cmd: Ec2Command) -> Result<()> {
+    match cmd {
+        Ec2Command::Backup(a) => backup(ctx, a),
+        Ec2Command::Restore(a) => restore(ctx, a),
+    }
+}
+
+fn backup(ctx: &Ctx, a: Ec2BackupArgs) -> Result<()> {
+    let mut opts = options(&a.aws, &a.tags)?;
+    opts.keep_snapshots = a.keep_snapshots;
+    let vault = ctx.open_vault()?;
+    let aws = connect(ctx, &a.aws)?;
+    let bar = Bar::new(ctx.global.quiet);
+    let r = backup_instance(&vault, &aws, &a.instance_id, &opts, &bar)
+        .with_context(|| format!("backup of EC2 instance {} failed", a.instance_id))?;
+    bar.finish();
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({
+            "rp": r.rp,
+            "volumes": r.volumes.iter().map(|(device, v)| {
+                let mut j = backup_json(v);
+                j["device"] = json!(device);
+                j
+            }).collect::<Vec<_>>(),
+            "elapsed_ms": r.elapsed.as_millis() as u64,
+        })),
+        OutputFormat::Human => {
+            println!(
+                "created {} (instance {} on {}, {} volumes, {})",
+                r.rp.id,
+                r.rp.asset.name,
+                r.rp.asset.host,
+                r.volumes.len(),
+                bytes(r.rp.logical_size)
+            );
+            for (device, v) in &r.volumes {
+                println!("{device}:");
+                print_backup_human(v);
+            }
+            println!("  total time    {:.2} s", r.elapsed.as_secs_f64());
+            Ok(())
+        }
+    }
+}
+
+fn restore(ctx: &Ctx, a: Ec2RestoreArgs) -> Result<()> {
+    let ebs = options(&a.aws, &[])?;
+    let vault = ctx.open_vault()?;
+    let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), Some(RpKind::Instance))?;
+    let aws = connect(ctx, &a.aws)?;
+    let opts = Ec2RestoreOptions {
+        ebs: EbsRestoreOptions {
+            ebs,
+            kms_key_id: ctx.global.kms_key_id.clone(),
+            create_volume: None,
+        },
+        availability_zone: a.availability_zone,
+        launch: a.launch,
+    };
+    let bar = Bar::new(ctx.global.quiet);
+    let r = restore_instance(&vault, &aws, &rp, &opts, &bar)
+        .with_context(|| format!("restore of instance RP {} failed", rp.id))?;
+    bar.finish();
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({
+            "rp": rp.id,
+            "instance_id": r.instance_id,
+            "volumes": r.volumes.iter().map(|(device, old, v)| json!({
+                "device": device,
+                "original_volume_id": old,
+                "snapshot_id": v.snapshot_id,
+                "volume_id": v.volume_id,
+                "blocks_written": v.blocks_written,
+                "calls": v.calls,
+            })).collect::<Vec<_>>(),
+            "elapsed_ms": r.elapsed.as_millis() as u64,
+        })),
+        OutputFormat::Human => {
+            println!("restored instance RP {} ({})", rp.id, rp.asset.name);
+            for (device, old, v) in &r.volumes {
+                println!(
+                    "  {device:<12} {old} -> volume {} (snapshot {}, {} blocks)",
+                    v.volume_id.as_deref().unwrap_or("-"),
+                    v.snapshot_id,
+                    v.blocks_written
+                );
+            }
+            if let Some(i) = &r.instance_id {
+                println!("  instance     {i} (running, volumes attached)");
+            }
+            println!("  time         {:.2} s", r.elapsed.as_secs_f64());
+            Ok(())
+        }
+    }
+}
