@@ -9,6 +9,12 @@
 //!   calling thread assembles the disk map in order. Restore = the calling thread walks the map,
 //!   N workers fetch, verify and write chunks with positional writes.
 //!
+//! * [`ebs`] and [`ec2`]: EBS volumes and EC2 instances without an agent on them. Snapshots are
+//!   read through the EBS direct APIs (full, or only the blocks `ListChangedBlocks` reports, the
+//!   rest taken from the parent RP's map) into ordinary disk RPs, and RPs are written back as new
+//!   snapshots and volumes. [`aws`] holds the call discipline: rate limit, per-attempt timeout,
+//!   retries with backoff and jitter, counted for the summaries.
+//!
 //! ## Invariants
 //! * Memory is bounded by queue depths and block sizes (see [`pipeline::BackupOptions`]), never by
 //!   the size of the disk.
@@ -16,6 +22,10 @@
 //!   leaves no visible RP.
 //! * A restore into a file writes a temporary sibling and renames it over the target only when
 //!   complete and fsynced: a failed restore never leaves a target that looks complete.
+//! * EBS: every block read is checked against the SHA-256 checksum EBS sends; blocks in memory are
+//!   bounded by a window of twice the request concurrency whatever order requests finish in. A
+//!   failed backup deletes the snapshot it made and commits nothing; a failed restore deletes the
+//!   pending snapshot instead of completing it.
 
 pub mod aws;
 pub mod block;

@@ -60,6 +60,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", report_s3(&s3, None, None));
         return Ok(());
     }
+    if args.iter().any(|a| a == "ebs") {
+        let ebs = bench_ebs(&root, &data, &work)?;
+        print!("{}", report_ebs(&ebs));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "fuse") {
         // Only the mount figures, over the repositories of the previous full run.
         let fuse = bench_fuse(&root, &data, &work)?;
@@ -87,7 +92,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let nbd = bench_nbd(&root, &data, &work, &full_rp)?;
     let fuse = bench_fuse(&root, &data, &work)?;
     let s3 = bench_s3(&root, &data, &work, &base_sha)?;
-    report(&samples, &nbd, &fuse, &s3, &work)
+    let ebs = bench_ebs(&root, &data, &work)?;
+    report(&samples, &nbd, &fuse, &s3, &ebs, &work)
 }
 
 fn prepare(data: &Path) -> Result<()> {
@@ -558,6 +564,7 @@ fn report(
     nbd: &NbdFigures,
     fuse: &FuseFigures,
     s3: &S3Figures,
+    ebs: &EbsFigures,
     work: &Path,
 ) -> Result<()> {
     let mut text = String::new();
@@ -656,12 +663,23 @@ fn report(
     for l in report_s3(s3, local.0.zip(local.1), Some(nbd.copy_elastio)).lines() {
         line(l.to_string());
     }
+    line(String::new());
+    for l in report_ebs(ebs).lines() {
+        line(l.to_string());
+    }
     let results = json!({
         "s3": {
             "backup_s": s3.backup, "restore_s": s3.restore, "nbdcopy_s": s3.nbdcopy,
             "restic_backup_s": s3.restic_backup, "restic_restore_s": s3.restic_restore,
             "backup_requests": s3.backup_requests, "new_bytes": s3.new_bytes,
             "restore_requests": s3.restore_requests,
+        },
+        "ebs": {
+            "latency_ms": ebs.latency_ms, "configured_rate": ebs.rate, "concurrency": ebs.concurrency,
+            "blocks": ebs.blocks, "read_s": ebs.read_s, "requests_per_s": ebs.requests_per_s,
+            "mib_per_s": ebs.mib_per_s, "cpu_cores": ebs.cpu_cores, "rss_mib": ebs.rss_mib,
+            "changed_blocks": ebs.changed_blocks, "incremental_listed": ebs.incremental_listed,
+            "incremental_gets": ebs.incremental_gets, "incremental_s": ebs.incremental_s,
         },
         "fuse": {
             "cat_image_s": fuse.cat_image, "elastio_disk_img_s": fuse.elastio_seq,
@@ -1308,4 +1326,190 @@ fn report_s3(f: &S3Figures, local: Option<(f64, f64)>, local_nbd: Option<f64>) -
         f.restore_requests
     );
     t
+}
+
+struct EbsFigures {
+    rate: f64,
+    latency_ms: u64,
+    concurrency: u64,
+    blocks: u64,
+    read_s: f64,
+    requests_per_s: f64,
+    mib_per_s: f64,
+    cpu_cores: f64,
+    rss_mib: f64,
+    changed_blocks: u64,
+    incremental_gets: u64,
+    incremental_listed: u64,
+    incremental_s: f64,
+}
+
+/// EBS direct API reads against the AWS emulator with injected per-call latency: a full read
+/// at a configured request rate, then an incremental after changing ~1 % of the blocks.
+fn bench_ebs(root: &Path, data: &Path, work: &Path) -> Result<EbsFigures> {
+    const RATE: f64 = 250.0;
+    const LATENCY_MS: u64 = 20;
+    const CONCURRENCY: u64 = 64;
+    println!("==> EBS: full and incremental snapshot reads from the AWS emulator ({LATENCY_MS} ms per call)");
+    let python = crate::servers::moto_venv(root)?.with_file_name("python");
+    let dir = work.join("ebs");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let _emulator = Served(
+        Command::new(&python)
+            .arg(root.join("xtask/servers/aws-emulator.py"))
+            .args(["-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start the AWS emulator")?,
+    );
+    let control = |path: &str, body: &str| -> Result<serde_json::Value> {
+        let out = Command::new("curl")
+            .args(["-sf", "-d", body, &format!("{url}/_emulator/{path}")])
+            .output()?;
+        if !out.status.success() {
+            bail!("emulator control {path} failed");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while control("config", "{}").is_err() {
+        if Instant::now() > deadline {
+            bail!("the AWS emulator did not start");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let img = dir.join("vol.img");
+    run_cmd(
+        "cp",
+        &[
+            "--sparse=always",
+            data.join("base.img").to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+        &[],
+    )?;
+    let vol = control("volumes", &json!({"image": img}).to_string())?["VolumeId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    control(
+        "config",
+        &json!({"latency_ms": LATENCY_MS, "snapshot_seconds": 1}).to_string(),
+    )?;
+    let bin = root.join("target/release/elastio");
+    let vault = dir.join("vault");
+    let elastio = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args)
+            .env("ELASTIO_VAULT", &vault)
+            .env("ELASTIO_PASSWORD", "bench")
+            .env("ELASTIO_AWS_ENDPOINT_URL", &url)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/dev/null");
+        c
+    };
+    measure(elastio(&["vault", "init"]).arg("--quiet"))?;
+    let backup = |extra: &[&str]| -> Result<(serde_json::Value, f64, f64, f64)> {
+        let mut args = vec![
+            "--quiet",
+            "ebs",
+            "backup",
+            "--volume-id",
+            &vol,
+            "--output-format",
+            "json",
+            "--poll-ms",
+            "200",
+        ];
+        args.extend_from_slice(extra);
+        let m = measure(&mut elastio(&args))?;
+        Ok((serde_json::from_str(&m.3)?, m.0.as_secs_f64(), m.1, m.2))
+    };
+    let rate = RATE.to_string();
+    let conc = CONCURRENCY.to_string();
+    let (full, _, cpu, rss) = backup(&["--max-rate", &rate, "--concurrency", &conc])?;
+    let read_s = full["read_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+    let blocks = full["blocks_read"].as_u64().unwrap_or(0);
+    let requests = full["calls"]["block_requests"].as_u64().unwrap_or(0);
+    println!(
+        "    full: {blocks} blocks in {read_s:.2} s ({:.0} requests/s of {RATE} configured)",
+        requests as f64 / read_s
+    );
+
+    // ~1 % of the blocks rewritten, spread over the volume.
+    let f = OpenOptions::new().write(true).open(&img)?;
+    let total_blocks = fs::metadata(&img)?.len() / (512 << 10);
+    let changed = total_blocks / 100;
+    for i in 0..changed {
+        let block = (i * 97 + 13) % total_blocks;
+        let buf: Vec<u8> = (0..(512 << 10))
+            .map(|j| (j as u64 ^ i ^ 0x5a) as u8)
+            .collect();
+        f.write_all_at(&buf, block * (512 << 10))?;
+    }
+    f.sync_all()?;
+    drop(f);
+    control("stats/reset", "")?;
+    let (inc, inc_wall, _, _) = backup(&["--max-rate", &rate, "--concurrency", &conc])?;
+    let gets = emulator_gets(&url)?;
+    println!(
+        "    incremental: {} changed blocks listed, {gets} GetSnapshotBlock calls in {inc_wall:.2} s",
+        inc["blocks_listed"]
+    );
+    Ok(EbsFigures {
+        rate: RATE,
+        latency_ms: LATENCY_MS,
+        concurrency: CONCURRENCY,
+        blocks,
+        read_s,
+        requests_per_s: requests as f64 / read_s.max(1e-9),
+        mib_per_s: blocks as f64 * 0.5 / read_s.max(1e-9),
+        cpu_cores: cpu / read_s.max(1e-9),
+        rss_mib: rss,
+        changed_blocks: changed,
+        incremental_gets: gets,
+        incremental_listed: inc["blocks_listed"].as_u64().unwrap_or(0),
+        incremental_s: inc_wall,
+    })
+}
+
+/// GetSnapshotBlock calls the emulator served since its stats were reset.
+fn emulator_gets(url: &str) -> Result<u64> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("{url}/_emulator/stats")])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v["GetSnapshotBlock"].as_u64().unwrap_or(0))
+}
+
+fn report_ebs(f: &EbsFigures) -> String {
+    let mut s = String::new();
+    s += &format!(
+        "EBS direct API (AWS emulator, {} ms per call, --max-rate {} --concurrency {}):\n",
+        f.latency_ms, f.rate, f.concurrency
+    );
+    s += &format!(
+        "  full read        {} blocks in {:.2} s: {:.0} requests/s = {:.0} % of the configured rate (bar >= 90 %), {:.0} MiB/s\n",
+        f.blocks,
+        f.read_s,
+        f.requests_per_s,
+        100.0 * f.requests_per_s / f.rate,
+        f.mib_per_s
+    );
+    s += &format!(
+        "                   CPU {:.2} cores during the read (bar <= 2), peak RSS {:.0} MiB\n",
+        f.cpu_cores, f.rss_mib
+    );
+    s += &format!(
+        "  incremental      {} blocks rewritten: {} listed changed, {} GetSnapshotBlock calls, {:.2} s\n",
+        f.changed_blocks, f.incremental_listed, f.incremental_gets, f.incremental_s
+    );
+    s
 }

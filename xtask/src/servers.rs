@@ -54,7 +54,7 @@ fn wait_http(url: &str, what: &str, secs: u64) -> Result<()> {
 }
 
 /// The moto venv under `target/`, created (and moto installed) on first use.
-fn moto_venv(root: &Path) -> Result<PathBuf> {
+pub fn moto_venv(root: &Path) -> Result<PathBuf> {
     let venv = root.join("target/test-servers/venv");
     let bin = venv.join("bin/moto_server");
     if bin.exists() {
