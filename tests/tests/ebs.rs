@@ -373,3 +373,34 @@ fn ec2_instance_with_three_volumes_backs_up_and_relaunches() {
         assert_eq!(again["rp"]["disk"]["root"], roots[dev], "{dev}");
     }
 }
+
+#[test]
+fn files_of_an_ebs_volume_are_browsable_through_fuse() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let tree = rich_tree(&env, 3 << 20);
+    let img = ext4_image_of(&env, "ext4.img", 1 << 30, &tree);
+    let vol = emu.volume(&img);
+    let b = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    let rp = rp_id(&b);
+    let mnt = env.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = env.json(&["mount", "latest", "--asset", &vol, mnt.to_str().unwrap()]);
+    assert_eq!(m["rp"], rp.as_str(), "{m}");
+    let pid = m["pid"].as_u64().unwrap();
+    let same = std::panic::catch_unwind(|| {
+        assert_same_tree(&mnt.join("fs"), &tree);
+        assert_eq!(sha256_file(&mnt.join("disk.img")), sha256_file(&img));
+    });
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(std::time::Instant::now() < deadline, "mount still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    same.unwrap();
+}
