@@ -102,11 +102,44 @@ background process serves it until `elastio umount <mountpoint>`; its log (read 
 damaged object) is printed. Nothing is ever written to the vault."
     )]
     Mount(MountArgs),
+    /// Verify the vault: index, packs, catalog, maps (and with --read-data, every chunk)
+    #[command(
+        after_help = "Without --read-data, check reads every index object, each pack's \
+trailer (one ranged read per pack), every catalog entry and every map page, and verifies that \
+every chunk a recovery point needs is indexed in a pack that exists, is long enough and agrees \
+with the index. --read-data also reads, authenticates and re-hashes every chunk; \
+--read-data-subset reads a fixed share of the packs (the same ones each run).\n\nEach problem \
+names the damaged object and the recovery points it affects. Exit code 0: healthy; 3: damaged."
+    )]
+    Check(CheckArgs),
     /// Unmount a mount made by `elastio mount`
     Umount {
         /// The mountpoint
         mountpoint: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Also read and verify every chunk
+    #[arg(long, conflicts_with = "read_data_subset")]
+    pub read_data: bool,
+    /// Read and verify the chunks of this share of the packs, e.g. 10%
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub read_data_subset: Option<f64>,
+}
+
+/// Parses `10%` or `10` as 0.10.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("invalid percentage {s:?}"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(format!("percentage {s:?} is not between 0 and 100"));
+    }
+    Ok(v / 100.0)
 }
 
 #[derive(Args, Debug)]

@@ -42,6 +42,7 @@
 //! Deletion (prune) arrives in a later format revision with its own protocol.
 
 pub mod catalog;
+pub mod check;
 pub mod crypto;
 pub mod disk_map;
 pub mod error;

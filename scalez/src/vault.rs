@@ -102,6 +102,9 @@ pub struct Vault {
     keys: Keys,
     config: VaultConfig,
     index: RwLock<Index>,
+    /// Index objects that could not be read at open (key, reason): their chunks are missing from
+    /// the index, so only the RPs that need them fail; `check` reports them.
+    damaged_index: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -183,6 +186,7 @@ impl Vault {
             keys,
             config,
             index: RwLock::new(Index::new()),
+            damaged_index: Default::default(),
         })
     }
 
@@ -236,6 +240,7 @@ impl Vault {
             keys,
             config,
             index: RwLock::new(Index::new()),
+            damaged_index: Default::default(),
         };
         vault.load_index()?;
         Ok(vault)
@@ -276,21 +281,54 @@ impl Vault {
         serde_json::from_value(c.clone()).map_err(|e| corrupt(e.to_string()))
     }
 
+    /// Merges every index object. One that fails authentication or decoding is skipped (and
+    /// recorded, see [`Vault::damaged_index`]) rather than making the whole vault unreadable: RPs
+    /// that do not need its chunks still restore. Store errors (unreachable, denied) still fail.
     fn load_index(&self) -> Result<()> {
         let mut index = self.index.write().unwrap();
         for obj in self.store.list("index/")? {
-            let sealed = self.store.get(&obj.key)?;
-            let plain = self
+            let sealed = match self.store.get(&obj.key) {
+                Ok(s) => s,
+                Err(e) if e.is_not_found() => continue, // deleted since the listing
+                Err(e) => return Err(e.into()),
+            };
+            let entries = self
                 .keys
                 .open(&index_aad(&obj.key), &sealed)
-                .map_err(|e| self.corrupt(&obj.key, e.to_string()))?;
-            let entries =
-                index::decode(&plain).map_err(|e| self.corrupt(&obj.key, e.to_string()))?;
-            for (id, loc) in entries {
-                index.insert(id, loc);
+                .map_err(|e| e.to_string())
+                .and_then(|plain| index::decode(&plain).map_err(|e| e.to_string()));
+            match entries {
+                Ok(entries) => {
+                    for (id, loc) in entries {
+                        index.insert(id, loc);
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        "{}: index object {} is damaged ({reason}); its chunks are unavailable",
+                        self.location(),
+                        obj.key
+                    );
+                    self.damaged_index
+                        .lock()
+                        .unwrap()
+                        .push((obj.key.clone(), reason));
+                }
             }
         }
         Ok(())
+    }
+
+    /// Index objects that could not be read when the vault was opened: (key, reason).
+    pub fn damaged_index(&self) -> Vec<(String, String)> {
+        self.damaged_index.lock().unwrap().clone()
+    }
+
+    /// Calls `f` for every (chunk, location) of the merged index, in no particular order.
+    pub fn for_each_index_entry(&self, mut f: impl FnMut(ChunkId, Location)) {
+        for (id, loc) in self.index.read().unwrap().iter() {
+            f(id, loc);
+        }
     }
 
     pub(crate) fn corrupt(&self, key: &str, detail: impl Into<String>) -> Error {
@@ -369,7 +407,7 @@ impl Vault {
     }
 
     /// Authenticates, decompresses and (if asked) re-hashes one sealed chunk.
-    fn open_chunk(
+    pub(crate) fn open_chunk(
         &self,
         id: &ChunkId,
         key: &str,
@@ -523,7 +561,7 @@ impl Vault {
         Ok(())
     }
 
-    fn read_rp(&self, key: &str, id: &RecoveryPointId) -> Result<RecoveryPoint> {
+    pub(crate) fn read_rp(&self, key: &str, id: &RecoveryPointId) -> Result<RecoveryPoint> {
         let sealed = match self.store.get(key) {
             Ok(s) => s,
             Err(e) if e.is_not_found() => {

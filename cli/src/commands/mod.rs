@@ -1,4 +1,5 @@
 mod block;
+mod check;
 mod ebs;
 mod ec2;
 mod mount;
@@ -23,6 +24,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Rp(c) => rp::run(&ctx, c),
         Command::Nbd(c) => nbd::run(&ctx, c),
         Command::Mount(a) => mount::mount(&ctx, a),
+        Command::Check(a) => check::run(&ctx, a),
         Command::Umount { mountpoint } => mount::umount(&ctx, &mountpoint),
     }
 }
