@@ -583,7 +583,7 @@ pub(crate) fn read_snapshot(
     };
     progress.start(size);
 
-    let session = BackupSession::new(vault.clone());
+    let mut session = BackupSession::new(vault.clone())?;
     let workers = opts.workers.max(1);
     // Blocks between the oldest one not yet in the map and the newest one requested: bounds the
     // blocks held in memory (fetched, waiting for a worker or for an earlier block).
@@ -699,7 +699,7 @@ pub(crate) fn read_snapshot(
         }),
         instance: None,
     };
-    vault.commit_rp(&rp)?;
+    session.commit(&rp)?;
     Ok(EbsBackupReport {
         rp,
         snapshot_id: info.id.clone(),
@@ -716,7 +716,7 @@ pub(crate) fn read_snapshot(
 }
 
 /// The packer's own error explains a "session stopped" from the workers.
-fn fail_session(e: AgentError, session: BackupSession) -> AgentError {
+fn fail_session(e: AgentError, mut session: BackupSession) -> AgentError {
     match (e, session.finish()) {
         (AgentError::Vault(scalez::Error::SessionFailed(_)), Err(real)) => real.into(),
         (e, _) => e,
@@ -896,7 +896,7 @@ fn collect(
         pending.insert(seq, (index, ids));
         while let Some((index, ids)) = pending.remove(&next_seq) {
             let first = index * per_block;
-            fill(parent, next_slot..first, &mut builder, &mut store)?;
+            fill(parent, next_slot..first, session, &mut builder, &mut store)?;
             for id in ids {
                 builder.push(id, &mut store)?;
             }
@@ -909,7 +909,7 @@ fn collect(
     if !pending.is_empty() {
         return Err(AgentError::Stopped);
     }
-    fill(parent, next_slot..slots, &mut builder, &mut store)?;
+    fill(parent, next_slot..slots, session, &mut builder, &mut store)?;
     progress.advance((slots - next_slot) * cs);
     let depth = builder.depth();
     Ok((depth, builder.finish(&mut store)?))
@@ -919,6 +919,7 @@ fn collect(
 fn fill(
     parent: Option<&DiskReader>,
     range: std::ops::Range<u64>,
+    session: &BackupSession,
     builder: &mut MapBuilder,
     store: &mut impl FnMut(Vec<u8>) -> scalez::Result<ChunkId>,
 ) -> Result<(), AgentError> {
@@ -927,6 +928,10 @@ fn fill(
             Some(p) => p.chunk_id(slot)?,
             None => None,
         };
+        if let Some(id) = &id {
+            // Kept from the parent RP: prune must know this RP relies on it.
+            session.note_reference(id)?;
+        }
         builder.push(id, store)?;
     }
     Ok(())

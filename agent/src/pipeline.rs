@@ -133,7 +133,7 @@ pub fn backup_block(
     let workers = opts.workers.max(1);
     progress.start(src.size);
 
-    let session = BackupSession::new(vault.clone());
+    let mut session = BackupSession::new(vault.clone())?;
     let bytes_read = AtomicU64::new(0);
     // Blocks alive at once: the reads in flight, two queued per worker, one being hashed per worker.
     let pool = BufPool::new(QUEUE_DEPTH as usize + workers * 3, block_size);
@@ -208,7 +208,7 @@ pub fn backup_block(
         }),
         instance: None,
     };
-    vault.commit_rp(&rp)?;
+    session.commit(&rp)?;
     Ok(BackupReport {
         rp,
         engine,

@@ -189,7 +189,7 @@ pub fn save_as_rp(
     let map = base.disk.clone().expect("a disk RP");
     let cs = map.chunk_size as u64;
     let dirty: BTreeSet<u64> = overlay.dirty.lock().unwrap().clone();
-    let session = BackupSession::new(vault.clone());
+    let mut session = BackupSession::new(vault.clone())?;
     let mut builder = MapBuilder::new(map.slots());
     let mut store = |page: Vec<u8>| session.store_blob(&page);
     let mut load =
@@ -219,6 +219,10 @@ pub fn save_as_rp(
                     Some(session.store_blob(&buf)?)
                 }
             } else {
+                if let Some(id) = entry {
+                    // Kept from the base RP: prune must know this RP relies on it.
+                    session.note_reference(id)?;
+                }
                 *entry
             };
             builder.push(id, &mut store)?;
@@ -249,7 +253,7 @@ pub fn save_as_rp(
         disk: Some(DiskMapRef { root, depth, ..map }),
         instance: None,
     };
-    vault.commit_rp(&rp)?;
+    session.commit(&rp)?;
     Ok(rp)
 }
 

@@ -60,9 +60,17 @@ impl PackId {
 
     pub fn from_key(key: &str) -> Option<Self> {
         let name = key.strip_prefix("packs/")?.split('/').nth(1)?;
+        Self::from_hex(name)
+    }
+
+    pub fn from_hex(name: &str) -> Option<Self> {
         let mut out = [0u8; 16];
         hex::decode_to_slice(name, &mut out).ok()?;
         Some(PackId(out))
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
     }
 }
 

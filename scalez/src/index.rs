@@ -70,6 +70,12 @@ impl Index {
 
     /// Adds an entry; the first location of a chunk wins (duplicates from racing writers are
     /// harmless, both copies are valid).
+    /// Points `id` at `loc` even if it is already indexed elsewhere.
+    pub fn replace(&mut self, id: ChunkId, loc: Location) {
+        self.chunks.remove(&id);
+        self.insert(id, loc);
+    }
+
     pub fn insert(&mut self, id: ChunkId, loc: Location) {
         let next = self.packs.len() as u32;
         let pack = *self.pack_numbers.entry(loc.pack).or_insert_with(|| next);

@@ -46,6 +46,7 @@ pub mod check;
 pub mod crypto;
 pub mod disk_map;
 pub mod error;
+pub mod gc;
 pub mod ids;
 pub mod index;
 pub mod pack;

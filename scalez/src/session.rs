@@ -16,8 +16,10 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::catalog::RecoveryPoint;
 use crate::error::{Error, Result};
-use crate::ids::ChunkId;
+use crate::gc::{self, Lease};
+use crate::ids::{ChunkId, PackId};
 use crate::index::{self, Location};
 use crate::pack::{chunk_aad, PackBuilder};
 use crate::store::PutMode;
@@ -48,10 +50,20 @@ pub struct BackupSession {
     tx: Option<Sender<(ChunkId, Vec<u8>)>>,
     packer: Option<JoinHandle<Result<SessionStats>>>,
     sealed_bytes: AtomicU64,
+    /// Held until the catalog entry is written (see [`crate::gc`]).
+    lease: Option<Lease>,
+    /// Packs condemned by prune plans: never deduplicated against.
+    condemned: HashSet<PackId>,
+    /// Packs holding chunks this session references without storing them.
+    referenced: Mutex<HashSet<PackId>>,
 }
 
 impl BackupSession {
-    pub fn new(vault: Arc<Vault>) -> Self {
+    /// Starts a session: writes its lease and loads the prune plans (see [`crate::gc`]).
+    pub fn new(vault: Arc<Vault>) -> Result<Self> {
+        let lease = Lease::acquire(&vault)?;
+        let condemned = gc::condemned_packs(&gc::read_plans(&vault)?);
+        vault.set_condemned(&condemned);
         let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(32);
         let v = vault.clone();
         let claimed = Claimed::default();
@@ -66,13 +78,39 @@ impl BackupSession {
                 packer.finish()
             })
             .expect("spawn packer thread");
-        BackupSession {
+        Ok(BackupSession {
             vault,
             claimed,
             tx: Some(tx),
             packer: Some(packer),
             sealed_bytes: AtomicU64::new(0),
+            lease: Some(lease),
+            condemned,
+            referenced: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The vault's copy of `id` this session may reference (None: store it), recording its pack.
+    fn existing(&self, id: &ChunkId) -> bool {
+        match self.vault.locate(id) {
+            Some(loc) if !self.condemned.contains(&loc.pack) => {
+                self.referenced.lock().unwrap().insert(loc.pack);
+                true
+            }
+            _ => false,
         }
+    }
+
+    /// Records that the RP being written references chunk `id` without storing it (e.g. a slot
+    /// taken from the parent RP's map). Fails if the vault no longer has it usable.
+    pub fn note_reference(&self, id: &ChunkId) -> Result<()> {
+        if self.existing(id) || self.claimed.lock().unwrap().contains(id) {
+            return Ok(());
+        }
+        Err(Error::MissingChunk {
+            location: self.vault.location(),
+            chunk: *id,
+        })
     }
 
     pub fn vault(&self) -> &Arc<Vault> {
@@ -81,7 +119,7 @@ impl BackupSession {
 
     /// Stores `plaintext` under `id` unless it is already stored. Returns whether it was new.
     pub fn store_chunk(&self, id: ChunkId, plaintext: &[u8]) -> Result<bool> {
-        if self.vault.has_chunk(&id) || !self.claimed.lock().unwrap().insert(id) {
+        if self.existing(&id) || !self.claimed.lock().unwrap().insert(id) {
             return Ok(false);
         }
         let sealed = self.vault.keys().seal(
@@ -113,14 +151,67 @@ impl BackupSession {
         self.sealed_bytes.load(Ordering::Relaxed)
     }
 
-    /// Flushes everything. After `Ok`, every chunk stored is durable and indexed.
-    pub fn finish(mut self) -> Result<SessionStats> {
+    /// Flushes everything and checks that the RP may be committed ([`crate::gc`] B3). After
+    /// `Ok`, every chunk stored is durable and indexed; commit with [`BackupSession::commit`].
+    pub fn finish(&mut self) -> Result<SessionStats> {
         drop(self.tx.take());
-        self.packer
+        let stats = self
+            .packer
             .take()
-            .expect("finished once")
+            .ok_or_else(|| Error::SessionFailed("session already finished".into()))?
             .join()
-            .map_err(|_| Error::SessionFailed("the pack writer panicked".into()))?
+            .map_err(|_| Error::SessionFailed("the pack writer panicked".into()))??;
+        self.check_commit()?;
+        Ok(stats)
+    }
+
+    /// B3: the lease is fresh, no plan condemns a pack this session references, and those packs
+    /// still exist.
+    fn check_commit(&self) -> Result<()> {
+        let lease = self.lease.as_ref().expect("lease held until commit");
+        let again = "a concurrent prune may have removed data it relies on; run the backup again";
+        if !lease.fresh() {
+            return Err(Error::SessionFailed(format!(
+                "this backup's lease {} was not refreshed for over half its TTL ({:?}): {again}",
+                lease.key(),
+                gc::lease_ttl() / 2
+            )));
+        }
+        let referenced = self.referenced.lock().unwrap();
+        if referenced.is_empty() {
+            return Ok(());
+        }
+        let condemned = gc::condemned_packs(&gc::read_plans(&self.vault)?);
+        if let Some(p) = referenced.iter().find(|p| condemned.contains(p)) {
+            return Err(Error::SessionFailed(format!(
+                "prune condemned pack {} while this backup was running: {again}",
+                p.key()
+            )));
+        }
+        let listed: HashSet<PackId> = self
+            .vault
+            .store()
+            .list("packs/")?
+            .iter()
+            .filter_map(|o| PackId::from_key(&o.key))
+            .collect();
+        if let Some(p) = referenced.iter().find(|p| !listed.contains(p)) {
+            return Err(Error::SessionFailed(format!(
+                "pack {} is gone from the vault: {again}",
+                p.key()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the RP's catalog entry (B4) and releases the lease.
+    pub fn commit(mut self, rp: &RecoveryPoint) -> Result<()> {
+        if self.packer.is_some() {
+            return Err(Error::SessionFailed("commit before finish".into()));
+        }
+        self.vault.commit_rp(rp)?;
+        drop(self.lease.take());
+        Ok(())
     }
 }
 

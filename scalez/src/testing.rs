@@ -27,7 +27,7 @@ pub fn memory_vault(chunk_size: u32) -> Arc<Vault> {
 /// Stores `disk` in `vault` on its chunk grid (zero chunks are not stored) and returns its map.
 pub fn store_disk(vault: &Arc<Vault>, disk: &[u8]) -> DiskMapRef {
     let cs = vault.config().chunk_size as usize;
-    let session = BackupSession::new(vault.clone());
+    let mut session = BackupSession::new(vault.clone()).expect("session");
     let mut b = MapBuilder::new(disk.len().div_ceil(cs) as u64);
     let mut put = |p: Vec<u8>| session.store_blob(&p);
     for chunk in disk.chunks(cs) {

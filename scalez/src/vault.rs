@@ -105,6 +105,7 @@ pub struct Vault {
     /// Index objects that could not be read at open (key, reason): their chunks are missing from
     /// the index, so only the RPs that need them fail; `check` reports them.
     damaged_index: std::sync::Mutex<Vec<(String, String)>>,
+    condemned: RwLock<std::collections::HashSet<crate::ids::PackId>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -187,6 +188,7 @@ impl Vault {
             config,
             index: RwLock::new(Index::new()),
             damaged_index: Default::default(),
+            condemned: Default::default(),
         })
     }
 
@@ -241,6 +243,7 @@ impl Vault {
             config,
             index: RwLock::new(Index::new()),
             damaged_index: Default::default(),
+            condemned: Default::default(),
         };
         vault.load_index()?;
         Ok(vault)
@@ -368,10 +371,24 @@ impl Vault {
     }
 
     pub(crate) fn index_insert(&self, entries: &[(ChunkId, Location)]) {
+        let condemned = self.condemned.read().unwrap();
         let mut index = self.index.write().unwrap();
         for (id, loc) in entries {
-            index.insert(*id, *loc);
+            // A new copy of a chunk whose old one is in a condemned pack replaces it.
+            if index
+                .get(id)
+                .is_some_and(|old| condemned.contains(&old.pack))
+            {
+                index.replace(*id, *loc);
+            } else {
+                index.insert(*id, *loc);
+            }
         }
+    }
+
+    /// Records the packs prune plans condemn (see [`crate::gc`]).
+    pub(crate) fn set_condemned(&self, packs: &std::collections::HashSet<crate::ids::PackId>) {
+        *self.condemned.write().unwrap() = packs.clone();
     }
 
     /// Fetches, authenticates, decompresses and re-hashes one chunk (or map page).
@@ -680,7 +697,7 @@ mod tests {
         let mem = MemoryStore::new();
         let store: Arc<dyn ObjectStore> = Arc::new(mem.clone());
         let vault = Arc::new(Vault::init(store.clone(), b"pw", opts()).unwrap());
-        let session = BackupSession::new(vault.clone());
+        let mut session = BackupSession::new(vault.clone()).unwrap();
         // Incompressible so that 40 x 100 kB spill over 1 MiB packs.
         let chunks: Vec<Vec<u8>> = (0..40)
             .map(|_| (0..100_000).map(|_| rand::random::<u8>()).collect())
@@ -747,7 +764,7 @@ mod tests {
     fn catalog_and_tags() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let vault = Arc::new(Vault::init(store, b"pw", opts()).unwrap());
-        let session = BackupSession::new(vault.clone());
+        let mut session = BackupSession::new(vault.clone()).unwrap();
         let mut b = MapBuilder::new(3);
         let mut put = |p: Vec<u8>| session.store_blob(&p);
         let data = vec![5u8; 1000];
