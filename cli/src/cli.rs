@@ -112,11 +112,56 @@ with the index. --read-data also reads, authenticates and re-hashes every chunk;
 names the damaged object and the recovery points it affects. Exit code 0: healthy; 3: damaged."
     )]
     Check(CheckArgs),
+    /// Apply a retention policy and reclaim the space of deleted recovery points
+    #[command(
+        after_help = "Retention is applied per asset (and RP type): --keep-last N keeps \
+the N newest; --keep-daily N keeps the newest RP of each of the N most recent days that have one \
+(likewise hourly, weekly (ISO weeks), monthly, yearly, all in UTC); --keep-tag keeps RPs with \
+that tag. An RP is kept if any rule keeps it; volume RPs of a kept instance RP are kept. Without \
+any --keep option nothing is deleted and prune only collects garbage (data of RPs deleted with \
+`rp delete`, leftovers of interrupted backups).\n\nSafe with backups running at the same time \
+(in this or other processes or hosts): prune writes a plan of the packs it will delete, waits \
+for backups that were running to finish, and spares anything they turned out to need. Backups \
+that started earlier and deduplicated against condemned data fail before committing and can be \
+rerun. Packs whose live data is below --repack-below are rewritten."
+    )]
+    Prune(PruneArgs),
     /// Unmount a mount made by `elastio mount`
     Umount {
         /// The mountpoint
         mountpoint: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<usize>,
+    /// Keep RPs with this tag (repeatable)
+    #[arg(long = "keep-tag", value_name = "KEY=VALUE")]
+    pub keep_tags: Vec<String>,
+    /// Apply the policy only to this asset (exact name or a substring); others are kept
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Show what would be deleted and reclaimed; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rewrite packs whose live data is below this share, e.g. 50%
+    #[arg(long, default_value = "50%", value_parser = parse_percent)]
+    pub repack_below: f64,
+    /// Longest wait for backups that were running, in seconds (default: the lease TTL + 60)
+    #[arg(long, value_name = "SECS")]
+    pub max_wait: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -450,6 +495,12 @@ pub enum RpCommand {
     Show { rp: String },
     /// Add, change or remove tags of a recovery point
     Tag(RpTagArgs),
+    /// Delete recovery points (their data is freed by the next `elastio prune`)
+    Delete {
+        /// Recovery point ids
+        #[arg(required = true)]
+        rps: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug)]

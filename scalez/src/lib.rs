@@ -50,6 +50,7 @@ pub mod gc;
 pub mod ids;
 pub mod index;
 pub mod pack;
+pub mod prune;
 pub mod reader;
 pub mod session;
 pub mod store;

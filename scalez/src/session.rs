@@ -139,6 +139,24 @@ impl BackupSession {
         Ok(true)
     }
 
+    /// Stores an already sealed chunk again, even if the vault has it (prune moving live chunks
+    /// out of a pack it will delete). Sealed chunks do not depend on their pack, so the bytes are
+    /// copied as they are. Returns false if this session already stored `id`.
+    pub fn store_sealed(&self, id: ChunkId, sealed: Vec<u8>) -> Result<bool> {
+        if !self.claimed.lock().unwrap().insert(id) {
+            return Ok(false);
+        }
+        self.sealed_bytes
+            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
+        let tx = self.tx.as_ref().expect("session not finished");
+        if tx.send((id, sealed)).is_err() {
+            return Err(Error::SessionFailed(
+                "the pack writer stopped; see the error at the end".into(),
+            ));
+        }
+        Ok(true)
+    }
+
     /// Hashes and stores a blob (used for map pages); returns its id.
     pub fn store_blob(&self, plaintext: &[u8]) -> Result<ChunkId> {
         let id = self.vault.keys().chunk_id(plaintext);

@@ -106,6 +106,8 @@ pub struct Vault {
     /// the index, so only the RPs that need them fail; `check` reports them.
     damaged_index: std::sync::Mutex<Vec<(String, String)>>,
     condemned: RwLock<std::collections::HashSet<crate::ids::PackId>>,
+    /// Index objects merged so far (a refresh reads only new ones).
+    loaded_index: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -189,6 +191,7 @@ impl Vault {
             index: RwLock::new(Index::new()),
             damaged_index: Default::default(),
             condemned: Default::default(),
+            loaded_index: Default::default(),
         })
     }
 
@@ -244,8 +247,9 @@ impl Vault {
             index: RwLock::new(Index::new()),
             damaged_index: Default::default(),
             condemned: Default::default(),
+            loaded_index: Default::default(),
         };
-        vault.load_index()?;
+        vault.refresh()?;
         Ok(vault)
     }
 
@@ -288,8 +292,13 @@ impl Vault {
     /// recorded, see [`Vault::damaged_index`]) rather than making the whole vault unreadable: RPs
     /// that do not need its chunks still restore. Store errors (unreachable, denied) still fail.
     fn load_index(&self) -> Result<()> {
+        let condemned = self.condemned.read().unwrap().clone();
+        let mut loaded = self.loaded_index.lock().unwrap();
         let mut index = self.index.write().unwrap();
         for obj in self.store.list("index/")? {
+            if loaded.contains(&obj.key) {
+                continue;
+            }
             let sealed = match self.store.get(&obj.key) {
                 Ok(s) => s,
                 Err(e) if e.is_not_found() => continue, // deleted since the listing
@@ -302,8 +311,17 @@ impl Vault {
                 .and_then(|plain| index::decode(&plain).map_err(|e| e.to_string()));
             match entries {
                 Ok(entries) => {
+                    loaded.insert(obj.key.clone());
                     for (id, loc) in entries {
-                        index.insert(id, loc);
+                        // A copy outside condemned packs wins (prune repacked the chunk).
+                        let old = index.get(&id);
+                        if old.is_some_and(|o| {
+                            condemned.contains(&o.pack) && !condemned.contains(&loc.pack)
+                        }) {
+                            index.replace(id, loc);
+                        } else {
+                            index.insert(id, loc);
+                        }
                     }
                 }
                 Err(reason) => {
@@ -320,6 +338,22 @@ impl Vault {
             }
         }
         Ok(())
+    }
+
+    /// Re-reads the prune plans and merges index objects written since the last load, so chunks
+    /// prune moved out of condemned packs are found in their new packs.
+    pub fn refresh(&self) -> Result<()> {
+        let plans = crate::gc::read_plans(self)?;
+        let condemned = crate::gc::condemned_packs(&plans);
+        let grew = *self.condemned.read().unwrap() != condemned;
+        if grew {
+            // Entries already merged may point at packs condemned since: rebuild, so that
+            // copies outside condemned packs win everywhere.
+            *self.index.write().unwrap() = Index::new();
+            self.loaded_index.lock().unwrap().clear();
+        }
+        *self.condemned.write().unwrap() = condemned;
+        self.load_index()
     }
 
     /// Index objects that could not be read when the vault was opened: (key, reason).
@@ -400,8 +434,20 @@ impl Vault {
         self.fetch(id, verify, false)
     }
 
-    /// `meta`: the chunk is metadata (a map page), which a caching store may keep locally.
+    /// `meta`: the chunk is metadata (a map page), which a caching store may keep locally. A
+    /// pack that vanished (prune moved its live chunks elsewhere) triggers one [`Vault::refresh`]
+    /// and a second attempt at the chunk's new location.
     fn fetch(&self, id: &ChunkId, verify: Verify, meta: bool) -> Result<Vec<u8>> {
+        match self.fetch_once(id, verify, meta) {
+            Err(Error::Store(e)) if e.is_not_found() => {
+                self.refresh()?;
+                self.fetch_once(id, verify, meta)
+            }
+            r => r,
+        }
+    }
+
+    fn fetch_once(&self, id: &ChunkId, verify: Verify, meta: bool) -> Result<Vec<u8>> {
         let loc = self.locate(id).ok_or_else(|| Error::MissingChunk {
             location: self.location(),
             chunk: *id,
@@ -515,6 +561,21 @@ impl Vault {
     /// all (see [`Vault::run_extend`]: one request on S3 instead of one per chunk), then
     /// authenticates and decodes each. Falls back to one read per chunk otherwise.
     pub fn read_disk_chunks(
+        &self,
+        map: &catalog::DiskMapRef,
+        slots: &[(u64, ChunkId)],
+        verify: Verify,
+    ) -> Result<Vec<Vec<u8>>> {
+        match self.read_disk_chunks_once(map, slots, verify) {
+            Err(Error::Store(e)) if e.is_not_found() => {
+                self.refresh()?;
+                self.read_disk_chunks_once(map, slots, verify)
+            }
+            r => r,
+        }
+    }
+
+    fn read_disk_chunks_once(
         &self,
         map: &catalog::DiskMapRef,
         slots: &[(u64, ChunkId)],

@@ -4,6 +4,7 @@ mod ebs;
 mod ec2;
 mod mount;
 mod nbd;
+mod prune;
 mod rp;
 mod vault;
 
@@ -25,6 +26,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Nbd(c) => nbd::run(&ctx, c),
         Command::Mount(a) => mount::mount(&ctx, a),
         Command::Check(a) => check::run(&ctx, a),
+        Command::Prune(a) => prune::run(&ctx, a),
         Command::Umount { mountpoint } => mount::umount(&ctx, &mountpoint),
     }
 }

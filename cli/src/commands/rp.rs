@@ -11,6 +11,7 @@ pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
         RpCommand::List(a) => list(ctx, a),
         RpCommand::Show { rp } => show(ctx, &rp),
         RpCommand::Tag(a) => tag(ctx, a),
+        RpCommand::Delete { rps } => delete(ctx, &rps),
     }
 }
 
@@ -181,6 +182,27 @@ fn tag(ctx: &Ctx, a: RpTagArgs) -> Result<()> {
         OutputFormat::Json => print_json(&rp),
         OutputFormat::Human => {
             print_rp(&rp);
+            Ok(())
+        }
+    }
+}
+
+fn delete(ctx: &Ctx, specs: &[String]) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    // Resolve every id first: nothing is deleted if one is wrong.
+    let rps = specs
+        .iter()
+        .map(|s| resolve_rp(&vault, s, None, None))
+        .collect::<Result<Vec<_>>>()?;
+    let ids: Vec<_> = rps.iter().map(|r| r.id.clone()).collect();
+    scalez::prune::delete_rps(&vault, &ids)?;
+    match ctx.global.output_format {
+        OutputFormat::Json => crate::commands::print_json(&serde_json::json!({ "deleted": ids })),
+        OutputFormat::Human => {
+            for rp in &rps {
+                println!("deleted {} ({} {})", rp.id, rp.kind, rp.asset.name);
+            }
+            println!("run `elastio prune` to reclaim their space");
             Ok(())
         }
     }

@@ -1,0 +1,592 @@
+//! Retention (which RPs to keep) and prune (reclaiming the space of the others), following the
+//! protocol in [`crate::gc`].
+//!
+//! Space is reclaimed per pack: a pack none of whose chunks is referenced is deleted; a pack
+//! whose referenced chunks are less than `repack_below` of its bytes has them copied (sealed
+//! bytes as they are) into new packs first, then is deleted too. Memory: the set of referenced
+//! chunk ids (~50 bytes per referenced chunk) and a few numbers per pack; index objects are
+//! streamed one at a time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::catalog::{RecoveryPoint, RpKind};
+use crate::disk_map::{MapReader, Page};
+use crate::error::{Error, Result};
+use crate::gc::{self, Plan};
+use crate::ids::{ChunkId, PackId, RecoveryPointId};
+use crate::index::{self, Location};
+use crate::session::BackupSession;
+use crate::store::PutMode;
+use crate::vault::{index_aad, Vault};
+
+/// How many RPs to keep per asset. Empty: keep everything (prune then only collects garbage).
+#[derive(Debug, Clone, Default)]
+pub struct Retention {
+    pub keep_last: Option<usize>,
+    pub keep_hourly: Option<usize>,
+    pub keep_daily: Option<usize>,
+    pub keep_weekly: Option<usize>,
+    pub keep_monthly: Option<usize>,
+    pub keep_yearly: Option<usize>,
+    /// RPs with any of these tags are kept.
+    pub keep_tags: Vec<(String, String)>,
+}
+
+impl Retention {
+    pub fn is_empty(&self) -> bool {
+        self.keep_last.is_none()
+            && self.keep_hourly.is_none()
+            && self.keep_daily.is_none()
+            && self.keep_weekly.is_none()
+            && self.keep_monthly.is_none()
+            && self.keep_yearly.is_none()
+            && self.keep_tags.is_empty()
+    }
+}
+
+/// A retention decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub rp: String,
+    pub kind: String,
+    pub asset: String,
+    pub created: String,
+    pub keep: bool,
+    /// Why it is kept ("last 3", "daily 2026-11-22", "tag k=v", "volume of instance RP ...").
+    pub reasons: Vec<String>,
+}
+
+/// The bucket of an RFC 3339 UTC time for a period: hour, day, ISO week, month, year.
+fn bucket(created: &str, period: &str) -> String {
+    let date = created.get(..10).unwrap_or(created);
+    match period {
+        "hourly" => created.get(..13).unwrap_or(created).to_string(),
+        "daily" => date.to_string(),
+        "monthly" => created.get(..7).unwrap_or(created).to_string(),
+        "yearly" => created.get(..4).unwrap_or(created).to_string(),
+        _ => {
+            // ISO week: days since 1970-01-05 (a Monday) / 7.
+            let days = days_from_civil(date).unwrap_or(0);
+            format!("w{}", (days - 4).div_euclid(7))
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a `YYYY-MM-DD` date (proleptic Gregorian).
+fn days_from_civil(date: &str) -> Option<i64> {
+    let y: i64 = date.get(..4)?.parse().ok()?;
+    let m: i64 = date.get(5..7)?.parse().ok()?;
+    let d: i64 = date.get(8..10)?.parse().ok()?;
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146097 + doe - 719468)
+}
+
+/// Applies `policy` per (kind, asset) to the RPs `asset` selects (all when None); RPs of other
+/// assets are kept untouched. Volume RPs of a kept instance RP are kept.
+pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&str>) -> Vec<Decision> {
+    let mut groups: BTreeMap<(String, String, String), Vec<&RecoveryPoint>> = BTreeMap::new();
+    for rp in rps {
+        groups
+            .entry((
+                rp.kind.to_string(),
+                rp.asset.host.clone(),
+                rp.asset.name.clone(),
+            ))
+            .or_default()
+            .push(rp);
+    }
+    let mut reasons: HashMap<RecoveryPointId, Vec<String>> = HashMap::new();
+    for ((_, _, name), mut group) in groups {
+        let selected = asset.is_none_or(|a| name == a || name.contains(a));
+        if !selected || policy.is_empty() {
+            for rp in group {
+                reasons
+                    .entry(rp.id.clone())
+                    .or_default()
+                    .push(if selected { "no policy" } else { "other asset" }.into());
+            }
+            continue;
+        }
+        group.sort_by(|a, b| b.id.cmp(&a.id)); // newest first
+        if let Some(n) = policy.keep_last {
+            for rp in group.iter().take(n) {
+                reasons
+                    .entry(rp.id.clone())
+                    .or_default()
+                    .push(format!("last {n}"));
+            }
+        }
+        for (period, n) in [
+            ("hourly", policy.keep_hourly),
+            ("daily", policy.keep_daily),
+            ("weekly", policy.keep_weekly),
+            ("monthly", policy.keep_monthly),
+            ("yearly", policy.keep_yearly),
+        ] {
+            let Some(n) = n else { continue };
+            let mut seen = BTreeSet::new();
+            for rp in &group {
+                if seen.len() == n {
+                    break;
+                }
+                let b = bucket(&rp.created, period);
+                if seen.insert(b.clone()) {
+                    reasons
+                        .entry(rp.id.clone())
+                        .or_default()
+                        .push(format!("{period} {b}"));
+                }
+            }
+        }
+        for rp in &group {
+            for (k, v) in &policy.keep_tags {
+                if rp.tags.get(k) == Some(v) {
+                    reasons
+                        .entry(rp.id.clone())
+                        .or_default()
+                        .push(format!("tag {k}={v}"));
+                }
+            }
+        }
+    }
+    // An instance RP that stays keeps its volumes.
+    for rp in rps {
+        if rp.kind == RpKind::Instance && reasons.contains_key(&rp.id) {
+            for v in rp.instance.iter().flat_map(|i| &i.volumes) {
+                reasons
+                    .entry(v.rp.clone())
+                    .or_default()
+                    .push(format!("volume of instance RP {}", rp.id));
+            }
+        }
+    }
+    rps.iter()
+        .map(|rp| {
+            let r = reasons.remove(&rp.id).unwrap_or_default();
+            Decision {
+                rp: rp.id.to_string(),
+                kind: rp.kind.to_string(),
+                asset: rp.asset.name.clone(),
+                created: rp.created.clone(),
+                keep: !r.is_empty(),
+                reasons: r,
+            }
+        })
+        .collect()
+}
+
+/// Deletes RPs' catalog entries and tag updates. Their data stays until the next prune.
+pub fn delete_rps(vault: &Vault, ids: &[RecoveryPointId]) -> Result<()> {
+    for id in ids {
+        // The catalog entry first: once it is gone the RP is invisible.
+        vault.store().delete(&id.catalog_key())?;
+        for t in vault.store().list(&id.tags_prefix())? {
+            vault.store().delete(&t.key)?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    pub retention: Retention,
+    pub asset: Option<String>,
+    pub dry_run: bool,
+    /// Packs whose live bytes are below this fraction are repacked.
+    pub repack_below: f64,
+    /// How long to wait for backups that were running when the plan was written; past it the
+    /// deletion is left to the next prune.
+    pub max_wait: Duration,
+}
+
+impl Default for PruneOptions {
+    fn default() -> Self {
+        PruneOptions {
+            retention: Retention::default(),
+            asset: None,
+            dry_run: false,
+            repack_below: 0.5,
+            max_wait: gc::lease_ttl() + Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub decisions: Vec<Decision>,
+    pub rps_deleted: usize,
+    pub packs_before: usize,
+    pub bytes_before: u64,
+    /// Bytes of chunks no remaining RP references (what a perfect prune would free).
+    pub reclaimable_bytes: u64,
+    pub packs_deleted: usize,
+    pub bytes_deleted: u64,
+    pub packs_repacked: usize,
+    /// Live chunk bytes copied out of repacked packs.
+    pub bytes_copied: u64,
+    pub packs_written: u64,
+    pub index_objects_rewritten: usize,
+    pub stale_leases_removed: usize,
+    /// Packs a backup that finished during the prune turned out to need.
+    pub packs_spared: usize,
+    pub plan: Option<String>,
+    /// Set when deletion was postponed (a backup still running past `max_wait`).
+    pub postponed: Option<String>,
+    pub waited_ms: u64,
+    pub elapsed_ms: u64,
+}
+
+/// The chunks (map pages included) every RP in `rps` references, added to `into`.
+fn referenced_chunks(
+    vault: &Vault,
+    rps: &[RecoveryPoint],
+    into: &mut HashSet<ChunkId>,
+) -> Result<()> {
+    for rp in rps {
+        let Some(map) = &rp.disk else { continue };
+        let mut pages: Vec<ChunkId> = Vec::new();
+        let mut load = |id: &ChunkId| -> Result<Arc<Page>> {
+            pages.push(*id);
+            Ok(Arc::new(vault.load_page(id)?))
+        };
+        let mut reader = MapReader {
+            root: map.root,
+            depth: map.depth,
+            slots: map.slots(),
+            load: &mut load,
+        };
+        reader.walk(&mut |_, entries| {
+            into.extend(entries.iter().flatten().copied());
+            Ok(())
+        })?;
+        into.extend(pages);
+    }
+    Ok(())
+}
+
+/// Per pack: sealed bytes of distinct chunks, and of those referenced.
+#[derive(Default, Clone, Copy)]
+struct Usage {
+    total: u64,
+    live: u64,
+}
+
+/// Applies retention, then reclaims unreferenced data. See [`crate::gc`] for the protocol.
+pub fn prune(
+    vault: &Arc<Vault>,
+    opts: &PruneOptions,
+    progress: &dyn Fn(&str),
+) -> Result<PruneReport> {
+    let started = Instant::now();
+    let store = vault.store().clone();
+    let mut report = PruneReport {
+        dry_run: opts.dry_run,
+        ..PruneReport::default()
+    };
+
+    // P1: retention.
+    let rps = vault.list_rps()?;
+    report.decisions = select(&rps, &opts.retention, opts.asset.as_deref());
+    let forget: Vec<RecoveryPointId> = report
+        .decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .filter_map(|d| d.rp.parse().ok())
+        .collect();
+    let keep: Vec<RecoveryPoint> = rps
+        .into_iter()
+        .filter(|rp| !forget.contains(&rp.id))
+        .collect();
+    let known: HashSet<RecoveryPointId> = keep.iter().map(|r| r.id.clone()).collect();
+    if !opts.dry_run {
+        progress(&format!("deleting {} recovery points", forget.len()));
+        delete_rps(vault, &forget)?;
+    }
+    report.rps_deleted = forget.len();
+
+    progress("finding referenced chunks");
+    let mut referenced = HashSet::new();
+    referenced_chunks(vault, &keep, &mut referenced)?;
+
+    // Pack usage from every index object (each listed entry once per pack).
+    let listed: HashMap<PackId, u64> = store
+        .list("packs/")?
+        .into_iter()
+        .filter_map(|o| PackId::from_key(&o.key).map(|p| (p, o.size)))
+        .collect();
+    report.packs_before = listed.len();
+    report.bytes_before = listed.values().sum();
+    let index_keys: Vec<String> = store.list("index/")?.into_iter().map(|o| o.key).collect();
+    let read_index = |key: &str| -> Result<Option<Vec<(ChunkId, Location)>>> {
+        let sealed = match store.get(key) {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let plain = vault
+            .keys()
+            .open(&index_aad(key), &sealed)
+            .map_err(|e| vault.corrupt(key, e.to_string()))?;
+        Ok(Some(
+            index::decode(&plain).map_err(|e| vault.corrupt(key, e.to_string()))?,
+        ))
+    };
+    let mut usage: HashMap<PackId, Usage> = HashMap::new();
+    let mut seen_in_pack: HashSet<(PackId, ChunkId)> = HashSet::new();
+    for key in &index_keys {
+        let Some(entries) = read_index(key)? else {
+            continue;
+        };
+        for (id, loc) in entries {
+            if !seen_in_pack.insert((loc.pack, id)) {
+                continue;
+            }
+            let u = usage.entry(loc.pack).or_default();
+            u.total += loc.len as u64;
+            if referenced.contains(&id) {
+                u.live += loc.len as u64;
+            }
+        }
+    }
+    drop(seen_in_pack);
+    // Dead: listed packs no index names (interrupted backups) or with nothing referenced.
+    let mut dead: Vec<PackId> = listed
+        .keys()
+        .filter(|p| usage.get(p).is_none_or(|u| u.live == 0))
+        .copied()
+        .collect();
+    dead.sort();
+    let mut repack: Vec<PackId> = usage
+        .iter()
+        .filter(|(p, u)| {
+            listed.contains_key(p)
+                && u.live > 0
+                && (u.live as f64) < opts.repack_below * u.total as f64
+        })
+        .map(|(p, _)| *p)
+        .collect();
+    repack.sort();
+    report.reclaimable_bytes = listed
+        .iter()
+        .map(|(p, size)| match usage.get(p) {
+            Some(u) => size.saturating_sub(u.live),
+            None => *size,
+        })
+        .sum();
+    if opts.dry_run {
+        report.packs_deleted = dead.len() + repack.len();
+        report.packs_repacked = repack.len();
+        report.bytes_deleted = dead.iter().chain(&repack).map(|p| listed[p]).sum();
+        report.bytes_copied = repack.iter().map(|p| usage[p].live).sum();
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+
+    // Repack: copy the live chunks of mostly-dead packs into new packs (indexed) first.
+    if !repack.is_empty() {
+        progress(&format!("repacking {} packs", repack.len()));
+        let repack_set: HashSet<PackId> = repack.iter().copied().collect();
+        let mut session = BackupSession::new(vault.clone())?;
+        let mut copied: HashSet<ChunkId> = HashSet::new();
+        // The live entries of each repacked pack, one index object at a time.
+        let mut live: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
+        for key in &index_keys {
+            let Some(entries) = read_index(key)? else {
+                continue;
+            };
+            for (id, loc) in entries {
+                if repack_set.contains(&loc.pack) && referenced.contains(&id) {
+                    live.entry(loc.pack).or_default().push((id, loc));
+                }
+            }
+        }
+        for pack in &repack {
+            let Some(entries) = live.remove(pack) else {
+                continue;
+            };
+            let bytes = store.get(&pack.key())?;
+            for (id, loc) in entries {
+                if !copied.insert(id) {
+                    continue;
+                }
+                let end = loc.offset as usize + loc.len as usize;
+                let sealed = bytes.get(loc.offset as usize..end).ok_or_else(|| {
+                    vault.corrupt(&pack.key(), "shorter than its index says (truncated)")
+                })?;
+                // Verify before copying: never spread damaged data.
+                vault.open_chunk(
+                    &id,
+                    &pack.key(),
+                    &loc,
+                    sealed,
+                    crate::vault::Verify::AeadOnly,
+                )?;
+                report.bytes_copied += sealed.len() as u64;
+                session.store_sealed(id, sealed.to_vec())?;
+            }
+        }
+        let stats = session.finish()?;
+        report.packs_written = stats.packs;
+        drop(session); // releases the lease: the plan must not wait for ourselves
+        report.packs_repacked = repack.len();
+    }
+
+    // P2: the plan.
+    let mut condemned: Vec<PackId> = dead.iter().chain(&repack).copied().collect();
+    condemned.sort();
+    condemned.dedup();
+    let leases = gc::read_leases(vault)?;
+    let live_sessions: Vec<String> = leases
+        .iter()
+        .filter(|(_, b)| gc::is_live(b))
+        .map(|(k, _)| k.clone())
+        .collect();
+    // Stale leases belong to dead (or frozen: B3 refuses them) sessions.
+    for (key, body) in &leases {
+        if !gc::is_live(body) {
+            store.delete(key)?;
+            report.stale_leases_removed += 1;
+        }
+    }
+    if condemned.is_empty() {
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        return Ok(report);
+    }
+    let plan = Plan {
+        created_ms: gc::now_ms(),
+        condemned: condemned.iter().map(PackId::hex).collect(),
+        sessions: live_sessions.clone(),
+    };
+    let plan_key = gc::write_plan(vault, &plan)?;
+    report.plan = Some(plan_key.clone());
+
+    // P3: wait for the sessions that were running.
+    let waited = Instant::now();
+    if !live_sessions.is_empty() {
+        progress(&format!(
+            "waiting for {} running backups to finish",
+            live_sessions.len()
+        ));
+    }
+    loop {
+        let leases = gc::read_leases(vault)?;
+        let running: Vec<&String> = leases
+            .iter()
+            .filter(|(k, b)| live_sessions.contains(k) && gc::is_live(b))
+            .map(|(k, _)| k)
+            .collect();
+        if running.is_empty() {
+            break;
+        }
+        if waited.elapsed() > opts.max_wait {
+            report.postponed = Some(format!(
+                "backup session {} is still running; the next prune deletes the condemned packs",
+                running[0]
+            ));
+            report.waited_ms = waited.elapsed().as_millis() as u64;
+            report.elapsed_ms = started.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+        std::thread::sleep(Duration::from_millis(200).min(gc::lease_ttl() / 8));
+    }
+    report.waited_ms = waited.elapsed().as_millis() as u64;
+
+    // P4: RPs committed since P1 keep what they reference.
+    vault.refresh()?;
+    let condemned_set: HashSet<PackId> = condemned.iter().copied().collect();
+    let new_rps: Vec<RecoveryPoint> = vault
+        .list_rps()?
+        .into_iter()
+        .filter(|rp| !known.contains(&rp.id))
+        .collect();
+    let mut spared: HashSet<PackId> = HashSet::new();
+    if !new_rps.is_empty() {
+        let mut needed = HashSet::new();
+        referenced_chunks(vault, &new_rps, &mut needed)?;
+        for id in needed {
+            match vault.locate(&id) {
+                Some(loc) if condemned_set.contains(&loc.pack) => {
+                    spared.insert(loc.pack);
+                }
+                None => {
+                    return Err(Error::SessionFailed(format!(
+                        "recovery point committed during prune references chunk {id}, which is \
+                         in no index object; nothing was deleted"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+    report.packs_spared = spared.len();
+
+    // P5: delete, then drop the deleted packs from the index objects.
+    progress(&format!(
+        "deleting {} packs",
+        condemned.len() - spared.len()
+    ));
+    let deleted: HashSet<PackId> = condemned
+        .iter()
+        .filter(|p| !spared.contains(p))
+        .copied()
+        .collect();
+    for p in &deleted {
+        store.delete(&p.key())?;
+        report.packs_deleted += 1;
+        report.bytes_deleted += listed.get(p).copied().unwrap_or(0);
+    }
+    for key in &index_keys {
+        let Some(entries) = read_index(key)? else {
+            continue;
+        };
+        if !entries.iter().any(|(_, l)| deleted.contains(&l.pack)) {
+            continue;
+        }
+        let keep: Vec<(ChunkId, Location)> = entries
+            .into_iter()
+            .filter(|(_, l)| !deleted.contains(&l.pack))
+            .collect();
+        if !keep.is_empty() {
+            let new_key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
+            let sealed = vault
+                .keys()
+                .seal(&index_aad(&new_key), &index::encode(&keep), None);
+            store.put(&new_key, &sealed, PutMode::Create)?;
+        }
+        store.delete(key)?;
+        report.index_objects_rewritten += 1;
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_days_and_iso_weeks() {
+        assert_eq!(days_from_civil("1970-01-01"), Some(0));
+        assert_eq!(days_from_civil("2000-03-01"), Some(11017));
+        // 2026-11-22 is a Sunday, 2026-11-23 a Monday: different ISO weeks.
+        let sun = bucket("2026-11-22T10:00:00.000Z", "weekly");
+        let mon = bucket("2026-11-23T10:00:00.000Z", "weekly");
+        let prev_mon = bucket("2026-11-16T00:00:00.000Z", "weekly");
+        assert_ne!(sun, mon);
+        assert_eq!(sun, prev_mon);
+        assert_eq!(
+            bucket("2026-11-22T10:59:00.000Z", "hourly"),
+            "2026-11-22T10"
+        );
+    }
+}
