@@ -19,6 +19,8 @@ use crate::ids::{ChunkId, PackId};
 pub const INDEX_MAGIC: &[u8; 4] = b"EZIX";
 const INDEX_VERSION: u8 = 1;
 const ENTRY_LEN: usize = 44;
+/// High bit of a slot's length: prune's mark. Sealed chunks are far below 2 GiB.
+const MARK: u32 = 1 << 31;
 
 /// Location of a sealed chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,18 +66,40 @@ impl Index {
         self.chunks.get(id).map(|s| Location {
             pack: self.packs[s.pack as usize],
             offset: s.offset,
-            len: s.len,
+            len: s.len & !MARK,
         })
     }
 
-    /// Adds an entry; the first location of a chunk wins (duplicates from racing writers are
-    /// harmless, both copies are valid).
+    /// Marks `id` (prune's "referenced" bit, kept in the entry so marking costs no memory).
+    /// False if `id` is not indexed.
+    pub fn mark(&mut self, id: &ChunkId) -> bool {
+        match self.chunks.get_mut(id) {
+            Some(s) => {
+                s.len |= MARK;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_marked(&self, id: &ChunkId) -> bool {
+        self.chunks.get(id).is_some_and(|s| s.len & MARK != 0)
+    }
+
+    pub fn clear_marks(&mut self) {
+        for s in self.chunks.values_mut() {
+            s.len &= !MARK;
+        }
+    }
+
     /// Points `id` at `loc` even if it is already indexed elsewhere.
     pub fn replace(&mut self, id: ChunkId, loc: Location) {
         self.chunks.remove(&id);
         self.insert(id, loc);
     }
 
+    /// Adds an entry; the first location of a chunk wins (duplicates from racing writers are
+    /// harmless, both copies are valid).
     pub fn insert(&mut self, id: ChunkId, loc: Location) {
         let next = self.packs.len() as u32;
         let pack = *self.pack_numbers.entry(loc.pack).or_insert_with(|| next);

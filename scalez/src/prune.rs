@@ -3,9 +3,9 @@
 //!
 //! Space is reclaimed per pack: a pack none of whose chunks is referenced is deleted; a pack
 //! whose referenced chunks are less than `repack_below` of its bytes has them copied (sealed
-//! bytes as they are) into new packs first, then is deleted too. Memory: the set of referenced
-//! chunk ids (~50 bytes per referenced chunk) and a few numbers per pack; index objects are
-//! streamed one at a time.
+//! bytes as they are) into new packs first, then is deleted too. Memory: the vault's index (the
+//! "referenced" mark is a bit inside each entry, so it costs nothing more) and a few numbers per
+//! pack; index objects are streamed one at a time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -246,6 +246,36 @@ pub struct PruneReport {
     pub elapsed_ms: u64,
 }
 
+/// Marks the chunks (map pages included) every RP in `rps` references. A referenced chunk that is
+/// not indexed means a damaged vault: prune refuses to go on.
+fn mark_referenced(vault: &Vault, rps: &[RecoveryPoint]) -> Result<()> {
+    let mark = |id: &ChunkId| -> Result<()> {
+        if vault.mark(id) {
+            Ok(())
+        } else {
+            Err(Error::MissingChunk {
+                location: vault.location(),
+                chunk: *id,
+            })
+        }
+    };
+    for rp in rps {
+        let Some(map) = &rp.disk else { continue };
+        let mut load = |id: &ChunkId| -> Result<Arc<Page>> {
+            mark(id)?;
+            Ok(Arc::new(vault.load_page(id)?))
+        };
+        let mut reader = MapReader {
+            root: map.root,
+            depth: map.depth,
+            slots: map.slots(),
+            load: &mut load,
+        };
+        reader.walk(&mut |_, entries| entries.iter().flatten().try_for_each(mark))?;
+    }
+    Ok(())
+}
+
 /// The chunks (map pages included) every RP in `rps` references, added to `into`.
 fn referenced_chunks(
     vault: &Vault,
@@ -315,8 +345,8 @@ pub fn prune(
     report.rps_deleted = forget.len();
 
     progress("finding referenced chunks");
-    let mut referenced = HashSet::new();
-    referenced_chunks(vault, &keep, &mut referenced)?;
+    vault.clear_marks();
+    mark_referenced(vault, &keep)?;
 
     // Pack usage from every index object (each listed entry once per pack).
     let listed: HashMap<PackId, u64> = store
@@ -341,24 +371,21 @@ pub fn prune(
             index::decode(&plain).map_err(|e| vault.corrupt(key, e.to_string()))?,
         ))
     };
+    // (A chunk listed twice for one pack, by two index objects, is counted twice: rare, and it
+    // only nudges the repack decision.)
     let mut usage: HashMap<PackId, Usage> = HashMap::new();
-    let mut seen_in_pack: HashSet<(PackId, ChunkId)> = HashSet::new();
     for key in &index_keys {
         let Some(entries) = read_index(key)? else {
             continue;
         };
         for (id, loc) in entries {
-            if !seen_in_pack.insert((loc.pack, id)) {
-                continue;
-            }
             let u = usage.entry(loc.pack).or_default();
             u.total += loc.len as u64;
-            if referenced.contains(&id) {
+            if vault.is_marked(&id) {
                 u.live += loc.len as u64;
             }
         }
     }
-    drop(seen_in_pack);
     // Dead: listed packs no index names (interrupted backups) or with nothing referenced.
     let mut dead: Vec<PackId> = listed
         .keys()
@@ -405,7 +432,7 @@ pub fn prune(
                 continue;
             };
             for (id, loc) in entries {
-                if repack_set.contains(&loc.pack) && referenced.contains(&id) {
+                if repack_set.contains(&loc.pack) && vault.is_marked(&id) {
                     live.entry(loc.pack).or_default().push((id, loc));
                 }
             }

@@ -420,6 +420,19 @@ impl Vault {
         }
     }
 
+    /// Marks chunk `id` as referenced (prune); false if it is not indexed.
+    pub(crate) fn mark(&self, id: &ChunkId) -> bool {
+        self.index.write().unwrap().mark(id)
+    }
+
+    pub(crate) fn is_marked(&self, id: &ChunkId) -> bool {
+        self.index.read().unwrap().is_marked(id)
+    }
+
+    pub(crate) fn clear_marks(&self) {
+        self.index.write().unwrap().clear_marks()
+    }
+
     /// Records the packs prune plans condemn (see [`crate::gc`]).
     pub(crate) fn set_condemned(&self, packs: &std::collections::HashSet<crate::ids::PackId>) {
         *self.condemned.write().unwrap() = packs.clone();
