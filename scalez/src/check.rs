@@ -153,6 +153,19 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
         );
     }
 
+    // Prune plans must open: backups rely on them to avoid condemned packs.
+    for obj in store.list(crate::gc::PLANS)? {
+        let key = obj.key;
+        if let Err(e) = store.get(&key).map_err(Error::from).and_then(|sealed| {
+            vault
+                .keys()
+                .open(&format!("plan:{key}").into_bytes(), &sealed)
+                .map_err(|e| vault.corrupt(&key, e.to_string()))
+        }) {
+            problems.add(&key, format!("damaged prune plan: {e}"));
+        }
+    }
+
     // Packs: sizes from the listing, then the index against them.
     progress("checking packs against the index");
     let listed: HashMap<PackId, u64> = store

@@ -254,6 +254,16 @@ pub fn write_plan(vault: &Vault, plan: &Plan) -> Result<String> {
 /// Every plan, oldest first. A plan that does not open is an error: ignoring it could let a
 /// backup deduplicate against a deleted pack.
 pub fn read_plans(vault: &Vault) -> Result<Vec<(String, Plan)>> {
+    read_plans_with(vault, false)
+}
+
+/// Like [`read_plans`], but a damaged plan is skipped with a warning (readers: plans only steer
+/// them to the surviving copy of a chunk; `check` reports the damage).
+pub fn read_plans_lenient(vault: &Vault) -> Result<Vec<(String, Plan)>> {
+    read_plans_with(vault, true)
+}
+
+fn read_plans_with(vault: &Vault, lenient: bool) -> Result<Vec<(String, Plan)>> {
     let mut keys = vault.store().list(PLANS)?;
     keys.sort_by(|a, b| a.key.cmp(&b.key));
     let mut out = Vec::new();
@@ -263,13 +273,19 @@ pub fn read_plans(vault: &Vault) -> Result<Vec<(String, Plan)>> {
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e.into()),
         };
-        let plain = vault
+        let plan = vault
             .keys()
             .open(&plan_aad(&obj.key), &sealed)
-            .map_err(|e| vault.corrupt(&obj.key, e.to_string()))?;
-        let plan: Plan =
-            serde_json::from_slice(&plain).map_err(|e| vault.corrupt(&obj.key, e.to_string()))?;
-        out.push((obj.key, plan));
+            .map_err(|e| vault.corrupt(&obj.key, e.to_string()))
+            .and_then(|plain| {
+                serde_json::from_slice::<Plan>(&plain)
+                    .map_err(|e| vault.corrupt(&obj.key, e.to_string()))
+            });
+        match plan {
+            Ok(plan) => out.push((obj.key, plan)),
+            Err(e) if lenient => tracing::warn!("skipping a damaged prune plan: {e}"),
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
 }

@@ -343,7 +343,7 @@ impl Vault {
     /// Re-reads the prune plans and merges index objects written since the last load, so chunks
     /// prune moved out of condemned packs are found in their new packs.
     pub fn refresh(&self) -> Result<()> {
-        let plans = crate::gc::read_plans(self)?;
+        let plans = crate::gc::read_plans_lenient(self)?;
         let condemned = crate::gc::condemned_packs(&plans);
         let grew = *self.condemned.read().unwrap() != condemned;
         if grew {
