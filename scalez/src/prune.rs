@@ -203,6 +203,9 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// Packs whose live bytes are below this fraction are repacked.
     pub repack_below: f64,
+    /// Share of the reclaimable bytes prune may leave unreclaimed in partly used packs; more
+    /// packs are repacked (most garbage first) until that holds.
+    pub max_unused: f64,
     /// How long to wait for backups that were running when the plan was written; past it the
     /// deletion is left to the next prune.
     pub max_wait: Duration,
@@ -215,6 +218,7 @@ impl Default for PruneOptions {
             asset: None,
             dry_run: false,
             repack_below: 0.5,
+            max_unused: 0.1,
             max_wait: gc::lease_ttl() + Duration::from_secs(60),
         }
     }
@@ -393,23 +397,34 @@ pub fn prune(
         .copied()
         .collect();
     dead.sort();
-    let mut repack: Vec<PackId> = usage
-        .iter()
-        .filter(|(p, u)| {
-            listed.contains_key(p)
-                && u.live > 0
-                && (u.live as f64) < opts.repack_below * u.total as f64
-        })
-        .map(|(p, _)| *p)
-        .collect();
-    repack.sort();
-    report.reclaimable_bytes = listed
+    // Repack packs whose live share is under `repack_below`, then, most garbage first, more
+    // until what stays unreferenced in partly used packs is within `max_unused` of what is
+    // reclaimable.
+    // Dead packs free their whole size; partly used ones their unreferenced chunk bytes (the
+    // pack framing of a live pack is not garbage).
+    let reclaimable: u64 = listed
         .iter()
         .map(|(p, size)| match usage.get(p) {
-            Some(u) => size.saturating_sub(u.live),
-            None => *size,
+            Some(u) if u.live > 0 => u.total.saturating_sub(u.live),
+            _ => *size,
         })
         .sum();
+    let mut partial: Vec<(PackId, u64, f64)> = usage
+        .iter()
+        .filter(|(p, u)| listed.contains_key(p) && u.live > 0 && u.total > u.live)
+        .map(|(p, u)| (*p, u.total - u.live, u.live as f64 / u.total as f64))
+        .collect();
+    partial.sort_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)));
+    let mut left: u64 = partial.iter().map(|(_, dead, _)| dead).sum();
+    let mut repack: Vec<PackId> = Vec::new();
+    for (p, dead, share) in &partial {
+        if *share < opts.repack_below || left as f64 > opts.max_unused * reclaimable as f64 {
+            repack.push(*p);
+            left -= dead;
+        }
+    }
+    repack.sort();
+    report.reclaimable_bytes = reclaimable;
     if opts.dry_run {
         report.packs_deleted = dead.len() + repack.len();
         report.packs_repacked = repack.len();

@@ -25,6 +25,7 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
         asset: a.asset,
         dry_run: a.dry_run,
         repack_below: a.repack_below,
+        max_unused: a.max_unused,
         max_wait: a
             .max_wait
             .map(Duration::from_secs)
