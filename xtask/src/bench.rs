@@ -60,6 +60,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", report_s3(&s3, None, None));
         return Ok(());
     }
+    if args.iter().any(|a| a == "prune") {
+        let p = bench_prune(&root, &data, &work)?;
+        print!("{}", report_prune(&p));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "ebs") {
         let ebs = bench_ebs(&root, &data, &work)?;
         print!("{}", report_ebs(&ebs));
@@ -93,7 +98,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let fuse = bench_fuse(&root, &data, &work)?;
     let s3 = bench_s3(&root, &data, &work, &base_sha)?;
     let ebs = bench_ebs(&root, &data, &work)?;
-    report(&samples, &nbd, &fuse, &s3, &ebs, &work)
+    let prune = bench_prune(&root, &data, &work)?;
+    report(&samples, &nbd, &fuse, &s3, &ebs, &prune, &work)
 }
 
 fn prepare(data: &Path) -> Result<()> {
@@ -565,6 +571,7 @@ fn report(
     fuse: &FuseFigures,
     s3: &S3Figures,
     ebs: &EbsFigures,
+    prune: &PruneFigures,
     work: &Path,
 ) -> Result<()> {
     let mut text = String::new();
@@ -667,12 +674,23 @@ fn report(
     for l in report_ebs(ebs).lines() {
         line(l.to_string());
     }
+    line(String::new());
+    for l in report_prune(prune).lines() {
+        line(l.to_string());
+    }
     let results = json!({
         "s3": {
             "backup_s": s3.backup, "restore_s": s3.restore, "nbdcopy_s": s3.nbdcopy,
             "restic_backup_s": s3.restic_backup, "restic_restore_s": s3.restic_restore,
             "backup_requests": s3.backup_requests, "new_bytes": s3.new_bytes,
             "restore_requests": s3.restore_requests,
+        },
+        "prune": {
+            "elastio_before": prune.elastio_before, "elastio_after": prune.elastio_after,
+            "reclaimable": prune.reclaimable, "left_reclaimable": prune.left_reclaimable,
+            "elastio_s": prune.elastio_s, "elastio_rss_mib": prune.elastio_rss,
+            "restic_before": prune.restic_before, "restic_after": prune.restic_after,
+            "restic_s": prune.restic_s, "restic_rss_mib": prune.restic_rss,
         },
         "ebs": {
             "latency_ms": ebs.latency_ms, "configured_rate": ebs.rate, "concurrency": ebs.concurrency,
@@ -1516,6 +1534,155 @@ fn report_ebs(f: &EbsFigures) -> String {
     s += &format!(
         "  incremental      {} blocks rewritten: {} listed changed, {} GetSnapshotBlock calls, {:.2} s\n",
         f.changed_blocks, f.incremental_listed, f.incremental_gets, f.incremental_s
+    );
+    s
+}
+
+struct PruneFigures {
+    elastio_before: u64,
+    elastio_after: u64,
+    reclaimable: u64,
+    left_reclaimable: u64,
+    elastio_s: f64,
+    elastio_rss: f64,
+    restic_before: u64,
+    restic_after: u64,
+    restic_s: f64,
+    restic_rss: f64,
+}
+
+/// Two backups of one disk (changed.img, then third.img, which shares 93 % of it); the older is
+/// deleted and its space reclaimed, by elastio prune and by restic forget --prune.
+fn bench_prune(root: &Path, data: &Path, work: &Path) -> Result<PruneFigures> {
+    println!("==> prune: two RPs of one disk, the older deleted");
+    let dir = work.join("prune");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let bin = root.join("target/release/elastio");
+    let vault = dir.join("vault");
+    let elastio = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args)
+            .env("ELASTIO_VAULT", &vault)
+            .env("ELASTIO_PASSWORD", "bench");
+        c
+    };
+    measure(elastio(&["vault", "init"]).arg("--quiet"))?;
+    for img in ["changed.img", "third.img"] {
+        let p = data.join(img);
+        measure(&mut elastio(&[
+            "--quiet",
+            "block",
+            "backup",
+            p.to_str().unwrap(),
+            "--asset-name",
+            "disk",
+        ]))?;
+    }
+    let elastio_before = dir_bytes(&vault);
+    let m = measure(&mut elastio(&[
+        "prune",
+        "--keep-last",
+        "1",
+        "--output-format",
+        "json",
+    ]))?;
+    let r: serde_json::Value = serde_json::from_str(&m.3)?;
+    let reclaimable = r["reclaimable_bytes"].as_u64().unwrap_or(0);
+    let elastio_after = dir_bytes(&vault);
+    let dry = measure(&mut elastio(&["prune", "--dry-run", "--output-format", "json"]))?;
+    let left_reclaimable = serde_json::from_str::<serde_json::Value>(&dry.3)?["reclaimable_bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    let check = measure(&mut elastio(&["check", "--quiet"]));
+    if check.is_err() {
+        bail!("check failed after prune");
+    }
+    println!(
+        "    elastio: {} -> {} MiB in {:.2} s (reclaimable {} MiB, left {} MiB)",
+        elastio_before >> 20,
+        elastio_after >> 20,
+        m.0.as_secs_f64(),
+        reclaimable >> 20,
+        left_reclaimable >> 20
+    );
+
+    let repo = dir.join("restic");
+    let cache = dir.join("restic-cache");
+    let restic = || {
+        let mut c = Command::new("restic");
+        c.env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", &cache)
+            .arg("--quiet");
+        c
+    };
+    measure(restic().args(["init", "--repository-version", "2"]))?;
+    for img in ["changed.img", "third.img"] {
+        let p = data.join(img);
+        measure(
+            restic()
+                .args([
+                    "backup",
+                    "--stdin",
+                    "--stdin-filename",
+                    "disk.img",
+                    "--compression",
+                    "auto",
+                    "--host",
+                    "bench",
+                ])
+                .stdin(stdin_of(&p)?),
+        )?;
+    }
+    let restic_before = dir_bytes(&repo);
+    let rm = measure(restic().args(["forget", "--keep-last", "1", "--prune"]))?;
+    let restic_after = dir_bytes(&repo);
+    println!(
+        "    restic: {} -> {} MiB in {:.2} s",
+        restic_before >> 20,
+        restic_after >> 20,
+        rm.0.as_secs_f64()
+    );
+    Ok(PruneFigures {
+        elastio_before,
+        elastio_after,
+        reclaimable,
+        left_reclaimable,
+        elastio_s: m.0.as_secs_f64(),
+        elastio_rss: m.2,
+        restic_before,
+        restic_after,
+        restic_s: rm.0.as_secs_f64(),
+        restic_rss: rm.2,
+    })
+}
+
+fn report_prune(f: &PruneFigures) -> String {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let reclaimed = 1.0 - f.left_reclaimable as f64 / f.reclaimable.max(1) as f64;
+    let mut s = String::from("prune (changed.img then third.img as one disk; the older RP deleted):\n");
+    s += &format!(
+        "  elastio prune --keep-last 1       {:>7.0} -> {:>7.0} MiB  {:>6.2} s  RSS {:>5.0} MiB  reclaimed {:.0} % of {:.0} MiB reclaimable (bar >= 90 %)\n",
+        mib(f.elastio_before),
+        mib(f.elastio_after),
+        f.elastio_s,
+        f.elastio_rss,
+        100.0 * reclaimed,
+        mib(f.reclaimable)
+    );
+    s += &format!(
+        "  restic forget --keep-last 1 --prune {:>5.0} -> {:>7.0} MiB  {:>6.2} s  RSS {:>5.0} MiB\n",
+        mib(f.restic_before),
+        mib(f.restic_after),
+        f.restic_s,
+        f.restic_rss
+    );
+    s += &format!(
+        "  ratio restic/elastio: time {:.2}x, RSS {:.2}x, size after {:.2}x\n",
+        f.restic_s / f.elastio_s.max(1e-9),
+        f.restic_rss / f.elastio_rss.max(1e-9),
+        f.restic_after as f64 / f.elastio_after.max(1) as f64
     );
     s
 }
