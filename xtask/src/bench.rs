@@ -1590,7 +1590,12 @@ fn bench_prune(root: &Path, data: &Path, work: &Path) -> Result<PruneFigures> {
     let r: serde_json::Value = serde_json::from_str(&m.3)?;
     let reclaimable = r["reclaimable_bytes"].as_u64().unwrap_or(0);
     let elastio_after = dir_bytes(&vault);
-    let dry = measure(&mut elastio(&["prune", "--dry-run", "--output-format", "json"]))?;
+    let dry = measure(&mut elastio(&[
+        "prune",
+        "--dry-run",
+        "--output-format",
+        "json",
+    ]))?;
     let left_reclaimable = serde_json::from_str::<serde_json::Value>(&dry.3)?["reclaimable_bytes"]
         .as_u64()
         .unwrap_or(0);
@@ -1661,7 +1666,8 @@ fn bench_prune(root: &Path, data: &Path, work: &Path) -> Result<PruneFigures> {
 fn report_prune(f: &PruneFigures) -> String {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let reclaimed = 1.0 - f.left_reclaimable as f64 / f.reclaimable.max(1) as f64;
-    let mut s = String::from("prune (changed.img then third.img as one disk; the older RP deleted):\n");
+    let mut s =
+        String::from("prune (changed.img then third.img as one disk; the older RP deleted):\n");
     s += &format!(
         "  elastio prune --keep-last 1       {:>7.0} -> {:>7.0} MiB  {:>6.2} s  RSS {:>5.0} MiB  reclaimed {:.0} % of {:.0} MiB reclaimable (bar >= 90 %)\n",
         mib(f.elastio_before),
