@@ -295,10 +295,14 @@ impl Vault {
         let condemned = self.condemned.read().unwrap().clone();
         let mut loaded = self.loaded_index.lock().unwrap();
         let mut index = self.index.write().unwrap();
-        for obj in self.store.list("index/")? {
-            if loaded.contains(&obj.key) {
-                continue;
-            }
+        let objects: Vec<_> = self
+            .store
+            .list("index/")?
+            .into_iter()
+            .filter(|o| !loaded.contains(&o.key))
+            .collect();
+        let mut bulk = index.bulk(objects.iter().map(|o| o.size).sum());
+        for obj in objects {
             let sealed = match self.store.get(&obj.key) {
                 Ok(s) => s,
                 Err(e) if e.is_not_found() => continue, // deleted since the listing
@@ -313,15 +317,7 @@ impl Vault {
                 Ok(entries) => {
                     loaded.insert(obj.key.clone());
                     for (id, loc) in entries {
-                        // A copy outside condemned packs wins (prune repacked the chunk).
-                        let old = index.get(&id);
-                        if old.is_some_and(|o| {
-                            condemned.contains(&o.pack) && !condemned.contains(&loc.pack)
-                        }) {
-                            index.replace(id, loc);
-                        } else {
-                            index.insert(id, loc);
-                        }
+                        index.bulk_push(&mut bulk, id, loc);
                     }
                 }
                 Err(reason) => {
@@ -337,7 +333,14 @@ impl Vault {
                 }
             }
         }
+        // A copy outside condemned packs wins (prune repacked the chunk).
+        index.add_bulk(bulk, &|p| condemned.contains(p));
         Ok(())
+    }
+
+    /// Bytes the in-memory index holds (see [`crate::index`] for the bound).
+    pub fn index_memory_bytes(&self) -> usize {
+        self.index.read().unwrap().memory_bytes()
     }
 
     /// Re-reads the prune plans and merges index objects written since the last load, so chunks
@@ -730,7 +733,7 @@ impl Vault {
     }
 }
 
-pub(crate) fn index_aad(key: &str) -> Vec<u8> {
+pub fn index_aad(key: &str) -> Vec<u8> {
     format!("index:{key}").into_bytes()
 }
 

@@ -19,6 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -60,6 +61,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", report_s3(&s3, None, None));
         return Ok(());
     }
+    if args.iter().any(|a| a == "index") {
+        let i = bench_index(&root, &work)?;
+        print!("{}", report_index(&i));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "prune") {
         let p = bench_prune(&root, &data, &work)?;
         print!("{}", report_prune(&p));
@@ -99,7 +105,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let s3 = bench_s3(&root, &data, &work, &base_sha)?;
     let ebs = bench_ebs(&root, &data, &work)?;
     let prune = bench_prune(&root, &data, &work)?;
-    report(&samples, &nbd, &fuse, &s3, &ebs, &prune, &work)
+    let index = bench_index(&root, &work)?;
+    report(&samples, &nbd, &fuse, &s3, (&ebs, &prune, &index), &work)
 }
 
 fn prepare(data: &Path) -> Result<()> {
@@ -570,8 +577,7 @@ fn report(
     nbd: &NbdFigures,
     fuse: &FuseFigures,
     s3: &S3Figures,
-    ebs: &EbsFigures,
-    prune: &PruneFigures,
+    (ebs, prune, index): (&EbsFigures, &PruneFigures, &IndexFigures),
     work: &Path,
 ) -> Result<()> {
     let mut text = String::new();
@@ -678,12 +684,20 @@ fn report(
     for l in report_prune(prune).lines() {
         line(l.to_string());
     }
+    line(String::new());
+    for l in report_index(index).lines() {
+        line(l.to_string());
+    }
     let results = json!({
         "s3": {
             "backup_s": s3.backup, "restore_s": s3.restore, "nbdcopy_s": s3.nbdcopy,
             "restic_backup_s": s3.restic_backup, "restic_restore_s": s3.restic_restore,
             "backup_requests": s3.backup_requests, "new_bytes": s3.new_bytes,
             "restore_requests": s3.restore_requests,
+        },
+        "index": {
+            "chunks": index.chunks, "open_s": index.open_s, "rss_empty_mib": index.rss_empty,
+            "rss_mib": index.rss, "index_memory_bytes": index.index_bytes,
         },
         "prune": {
             "elastio_before": prune.elastio_before, "elastio_after": prune.elastio_after,
@@ -1691,4 +1705,90 @@ fn report_prune(f: &PruneFigures) -> String {
         f.restic_after as f64 / f.elastio_after.max(1) as f64
     );
     s
+}
+
+struct IndexFigures {
+    chunks: u64,
+    open_s: f64,
+    rss_empty: f64,
+    rss: f64,
+    index_bytes: u64,
+}
+
+/// Opening a vault whose index lists 10 million chunks: resident memory per chunk. The index
+/// objects are synthesised (packs are not needed to open a vault) in the shape backups write:
+/// 4096 entries per object, 128 chunks per pack.
+fn bench_index(root: &Path, work: &Path) -> Result<IndexFigures> {
+    use scalez::index::{encode, Location};
+    use scalez::store::{local::LocalStore, ObjectStore, PutMode};
+    const CHUNKS: u64 = 10_000_000;
+    println!("==> index: opening a vault of {CHUNKS} chunks");
+    let dir = work.join("index-vault");
+    let _ = fs::remove_dir_all(&dir);
+    let bin = root.join("target/release/elastio");
+    let elastio = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args)
+            .env("ELASTIO_VAULT", &dir)
+            .env("ELASTIO_PASSWORD", "bench");
+        c
+    };
+    measure(elastio(&["vault", "init"]).arg("--quiet"))?;
+    let empty = measure(&mut elastio(&["vault", "info", "--output-format", "json"]))?;
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(&dir)?);
+    let vault = scalez::Vault::open(store.clone(), b"bench")?;
+    let mut n = 0u64;
+    while n < CHUNKS {
+        let count = 4096.min(CHUNKS - n);
+        let mut entries = Vec::with_capacity(count as usize);
+        let mut pack = scalez::PackId::random();
+        for i in 0..count {
+            if i % 128 == 0 {
+                pack = scalez::PackId::random();
+            }
+            let id = scalez::ChunkId(*blake3::hash(&(n + i).to_le_bytes()).as_bytes());
+            entries.push((
+                id,
+                Location {
+                    pack,
+                    offset: 8 + (i % 128) as u32 * 60_000,
+                    len: 60_000,
+                },
+            ));
+        }
+        let key = format!("index/{:032x}", n);
+        let sealed = vault
+            .keys()
+            .seal(&scalez::vault::index_aad(&key), &encode(&entries), None);
+        store.put(&key, &sealed, PutMode::Create)?;
+        n += count;
+    }
+    drop(vault);
+    let m = measure(&mut elastio(&["vault", "info", "--output-format", "json"]))?;
+    let info: serde_json::Value = serde_json::from_str(&m.3)?;
+    if info["chunks"].as_u64() != Some(CHUNKS) {
+        bail!("vault info reports {} chunks", info["chunks"]);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    Ok(IndexFigures {
+        chunks: CHUNKS,
+        open_s: m.0.as_secs_f64(),
+        rss_empty: empty.2,
+        rss: m.2,
+        index_bytes: info["index_memory_bytes"].as_u64().unwrap_or(0),
+    })
+}
+
+fn report_index(f: &IndexFigures) -> String {
+    // The whole process's peak (Argon2's 64 MiB included) over the chunk count: an upper bound.
+    let per = f.rss * (1 << 20) as f64 / f.chunks as f64;
+    format!(
+        "index: opening a vault of {} chunks takes {:.1} s; peak RSS {:.0} MiB ({:.0} MiB for an empty vault) = {:.1} bytes per chunk for the whole process (bar <= 64); the index itself {:.1} bytes per chunk\n",
+        f.chunks,
+        f.open_s,
+        f.rss,
+        f.rss_empty,
+        per,
+        f.index_bytes as f64 / f.chunks as f64
+    )
 }

@@ -58,6 +58,7 @@ fn info(ctx: &Ctx) -> Result<()> {
             "config": c,
             "recovery_points": rps.len(),
             "chunks": vault.chunk_count(),
+            "index_memory_bytes": vault.index_memory_bytes(),
             "stored_bytes": stored,
             "store_requests": vault.store().stats().requests,
         }))?,
@@ -70,7 +71,11 @@ fn info(ctx: &Ctx) -> Result<()> {
             println!("pack size   {}", bytes(c.pack_size as u64));
             println!("zstd level  {}", c.zstd_level);
             println!("RPs         {}", rps.len());
-            println!("chunks      {}", vault.chunk_count());
+            println!(
+                "chunks      {} (index in memory: {})",
+                vault.chunk_count(),
+                bytes(vault.index_memory_bytes() as u64)
+            );
             println!("stored      {}", bytes(stored));
         }
     }
