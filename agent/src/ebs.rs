@@ -698,6 +698,7 @@ pub(crate) fn read_snapshot(
             root,
         }),
         instance: None,
+        stream: None,
     };
     session.commit(&rp)?;
     Ok(EbsBackupReport {

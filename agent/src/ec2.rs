@@ -269,6 +269,7 @@ pub fn backup_instance(
         tags: rp_tags,
         disk: None,
         instance: Some(record),
+        stream: None,
     };
     vault.commit_rp(&rp)?;
     if !opts.keep_snapshots {

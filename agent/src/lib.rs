@@ -9,6 +9,8 @@
 //!   calling thread assembles the disk map in order. Restore = the calling thread walks the map,
 //!   N workers fetch, verify and write chunks with positional writes.
 //!
+//! * [`stream`]: streams of unknown length (stdin, a file) in content-defined chunks, restored
+//!   in order to any writer.
 //! * [`ebs`] and [`ec2`]: EBS volumes and EC2 instances without an agent on them. Snapshots are
 //!   read through the EBS direct APIs (full, or only the blocks `ListChangedBlocks` reports, the
 //!   rest taken from the parent RP's map) into ordinary disk RPs, and RPs are written back as new
@@ -34,6 +36,7 @@ pub mod ec2;
 pub mod error;
 pub mod pipeline;
 pub mod progress;
+pub mod stream;
 
 pub use error::AgentError;
 pub use progress::{Cancel, NoProgress, Progress};

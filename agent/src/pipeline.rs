@@ -207,6 +207,7 @@ pub fn backup_block(
             root,
         }),
         instance: None,
+        stream: None,
     };
     session.commit(&rp)?;
     Ok(BackupReport {

@@ -78,6 +78,9 @@ pub enum Command {
     /// Back up and restore block devices and disk images
     #[command(subcommand)]
     Block(BlockCommand),
+    /// Back up a stream (stdin or a file) and restore it byte-exact
+    #[command(subcommand)]
+    Stream(StreamCommand),
     /// Back up EBS volumes and snapshots through the EBS direct APIs; restore to new snapshots
     #[command(subcommand)]
     Ebs(EbsCommand),
@@ -489,6 +492,49 @@ pub struct Ec2RestoreArgs {
     pub launch: bool,
     #[command(flatten)]
     pub aws: AwsArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// Read standard input (or --from-file) to its end into a new stream RP
+    #[command(
+        after_help = "Content-defined chunks (FastCDC, 256 KiB / 1 MiB / 4 MiB min / \
+average / max), so the next backup of a similar stream stores only what changed even when \
+bytes were inserted. Memory stays bounded whatever the stream's length. Example: \
+`pg_dump db | elastio stream backup --stream-name db --tag kind=dump`."
+    )]
+    Backup(StreamBackupArgs),
+    /// Write a stream RP to standard output (or --to-file)
+    Restore(StreamRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StreamBackupArgs {
+    /// Name of the stream (the asset its RPs are listed under)
+    #[arg(long)]
+    pub stream_name: String,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Read this file instead of standard input
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamRestoreArgs {
+    /// Recovery point id, or `latest` (the newest stream RP, of --stream-name if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the stream whose newest RP to restore
+    #[arg(long)]
+    pub stream_name: Option<String>,
+    /// Write this file (created; replaced only with --force) instead of standard output
+    #[arg(long, value_name = "FILE")]
+    pub to_file: Option<PathBuf>,
+    /// Overwrite an existing --to-file
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -252,6 +252,7 @@ pub fn save_as_rp(
         tags,
         disk: Some(DiskMapRef { root, depth, ..map }),
         instance: None,
+        stream: None,
     };
     session.commit(&rp)?;
     Ok(rp)
@@ -287,6 +288,7 @@ mod tests {
             tags: Default::default(),
             disk: Some(map),
             instance: None,
+            stream: None,
         };
         vault.commit_rp(&rp).unwrap();
         (vault, rp)

@@ -96,6 +96,19 @@ pub struct RecoveryPoint {
     /// Instance RPs only: what is needed to recreate the instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<InstanceRecord>,
+    /// Stream RPs only: where the chunk list is ([`crate::stream_map`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamRef>,
+}
+
+/// Where a stream RP's chunk list lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRef {
+    /// Stream length in bytes.
+    pub size: u64,
+    pub chunks: u64,
+    /// The root blob listing the manifests (None: an empty stream).
+    pub root: Option<ChunkId>,
 }
 
 /// The shape of a backed-up EC2 instance and the disk RPs of its volumes.

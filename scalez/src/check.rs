@@ -346,7 +346,6 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
                 }
             }
         }
-        let Some(map) = &rp.disk else { continue };
         let check_chunk = |id: &ChunkId, problems: &mut Problems| match vault.locate(id) {
             None => {
                 problems.add(
@@ -362,6 +361,25 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
                 }
             }
         };
+        if let Some(s) = &rp.stream {
+            let mut refs = 0u64;
+            let walked = crate::stream_map::for_each_chunk(vault, s, &mut |id| {
+                refs += 1;
+                check_chunk(id, &mut problems);
+                Ok(())
+            });
+            if let Err(e) = walked {
+                let object = match &e {
+                    Error::Corrupt { key, .. } => key.clone(),
+                    Error::MissingChunk { .. } => UNINDEXED.to_string(),
+                    _ => format!("stream map of {}", rp.id),
+                };
+                problems.add(&object, format!("stream map unreadable: {e}"));
+                problems.affect(&object, &rp.id);
+            }
+            report.chunk_references += refs;
+        }
+        let Some(map) = &rp.disk else { continue };
         // A page that does not load is recorded and read as empty, so the walk goes on and the
         // RP is still attributed to every other damaged object it needs.
         let mut page_errors: Vec<Error> = Vec::new();

@@ -61,12 +61,13 @@ pub mod prune;
 pub mod reader;
 pub mod session;
 pub mod store;
+pub mod stream_map;
 #[doc(hidden)]
 pub mod testing;
 pub mod vault;
 
 pub use catalog::{
-    Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpKind, TagUpdate,
+    Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpKind, StreamRef, TagUpdate,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkId, PackId, RecoveryPointId};

@@ -264,6 +264,9 @@ fn mark_referenced(vault: &Vault, rps: &[RecoveryPoint]) -> Result<()> {
         }
     };
     for rp in rps {
+        if let Some(s) = &rp.stream {
+            crate::stream_map::for_each_chunk(vault, s, &mut |id| mark(id))?;
+        }
         let Some(map) = &rp.disk else { continue };
         let mut load = |id: &ChunkId| -> Result<Arc<Page>> {
             mark(id)?;

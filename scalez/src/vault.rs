@@ -874,6 +874,7 @@ mod tests {
                 root,
             }),
             instance: None,
+            stream: None,
         };
         vault.commit_rp(&rp).unwrap();
         assert!(

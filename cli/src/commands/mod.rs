@@ -6,6 +6,7 @@ mod mount;
 mod nbd;
 mod prune;
 mod rp;
+mod stream;
 mod vault;
 
 use anyhow::Result;
@@ -20,6 +21,7 @@ pub fn run(args: Cli) -> Result<()> {
     match args.command {
         Command::Vault(c) => vault::run(&ctx, c),
         Command::Block(c) => block::run(&ctx, c),
+        Command::Stream(c) => stream::run(&ctx, c),
         Command::Ebs(c) => ebs::run(&ctx, c),
         Command::Ec2(c) => ec2::run(&ctx, c),
         Command::Rp(c) => rp::run(&ctx, c),

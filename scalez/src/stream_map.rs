@@ -1,0 +1,135 @@
+//! Stream maps: the ordered list of content-defined chunks of a stream RP.
+//!
+//! ```text
+//! manifest blob = "EZSM" ‖ count u32 ‖ count × (chunk id (32) ‖ length u32)     (≤ 1024 entries)
+//! root blob     = "EZSR" ‖ count u32 ‖ count × manifest id (32)
+//! ```
+//! Both are stored as ordinary chunks (sealed, packed, indexed, deduplicated). The catalog entry
+//! holds the root id, the stream size and the chunk count ([`crate::catalog::StreamRef`]).
+
+use crate::catalog::StreamRef;
+use crate::error::{Error, Result};
+use crate::ids::ChunkId;
+use crate::vault::Vault;
+
+/// Entries per manifest blob (36 KiB).
+pub const MANIFEST_ENTRIES: usize = 1024;
+const MANIFEST_MAGIC: &[u8; 4] = b"EZSM";
+const ROOT_MAGIC: &[u8; 4] = b"EZSR";
+
+pub fn encode_manifest(entries: &[(ChunkId, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + entries.len() * 36);
+    out.extend_from_slice(MANIFEST_MAGIC);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (id, len) in entries {
+        out.extend_from_slice(&id.0);
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    out
+}
+
+pub fn encode_root(manifests: &[ChunkId]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + manifests.len() * 32);
+    out.extend_from_slice(ROOT_MAGIC);
+    out.extend_from_slice(&(manifests.len() as u32).to_le_bytes());
+    for id in manifests {
+        out.extend_from_slice(&id.0);
+    }
+    out
+}
+
+fn header(data: &[u8], magic: &[u8; 4], entry: usize) -> Option<usize> {
+    if data.len() < 8 || &data[..4] != magic {
+        return None;
+    }
+    let n = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
+    (data.len() == 8 + n.checked_mul(entry)?).then_some(n)
+}
+
+pub fn decode_manifest(data: &[u8]) -> Option<Vec<(ChunkId, u32)>> {
+    let n = header(data, MANIFEST_MAGIC, 36)?;
+    Some(
+        data[8..]
+            .chunks_exact(36)
+            .take(n)
+            .map(|e| {
+                (
+                    ChunkId(e[..32].try_into().unwrap()),
+                    u32::from_le_bytes(e[32..].try_into().unwrap()),
+                )
+            })
+            .collect(),
+    )
+}
+
+pub fn decode_root(data: &[u8]) -> Option<Vec<ChunkId>> {
+    let n = header(data, ROOT_MAGIC, 32)?;
+    Some(
+        data[8..]
+            .chunks_exact(32)
+            .take(n)
+            .map(|e| ChunkId(e.try_into().unwrap()))
+            .collect(),
+    )
+}
+
+/// The manifest ids of a stream (empty for an empty stream).
+pub fn manifests(vault: &Vault, s: &StreamRef) -> Result<Vec<ChunkId>> {
+    let Some(root) = &s.root else {
+        return Ok(Vec::new());
+    };
+    let data = vault.read_chunk(root)?;
+    decode_root(&data).ok_or_else(|| Error::Corrupt {
+        location: vault.location(),
+        key: format!("chunk {root}"),
+        detail: "not a stream root".into(),
+    })
+}
+
+/// The (chunk, length) entries of one manifest.
+pub fn manifest(vault: &Vault, id: &ChunkId) -> Result<Vec<(ChunkId, u32)>> {
+    let data = vault.read_chunk(id)?;
+    decode_manifest(&data).ok_or_else(|| Error::Corrupt {
+        location: vault.location(),
+        key: format!("chunk {id}"),
+        detail: "not a stream manifest".into(),
+    })
+}
+
+/// Calls `f` for every chunk a stream references: the root, each manifest, each data chunk.
+pub fn for_each_chunk(
+    vault: &Vault,
+    s: &StreamRef,
+    f: &mut dyn FnMut(&ChunkId) -> Result<()>,
+) -> Result<()> {
+    let Some(root) = &s.root else { return Ok(()) };
+    f(root)?;
+    for m in manifests(vault, s)? {
+        f(&m)?;
+        for (id, _) in manifest(vault, &m)? {
+            f(&id)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_rejects() {
+        let entries: Vec<(ChunkId, u32)> =
+            (0..5u8).map(|i| (ChunkId([i; 32]), i as u32 * 7)).collect();
+        let m = encode_manifest(&entries);
+        assert_eq!(decode_manifest(&m).unwrap(), entries);
+        let ids: Vec<ChunkId> = entries.iter().map(|e| e.0).collect();
+        let r = encode_root(&ids);
+        assert_eq!(decode_root(&r).unwrap(), ids);
+        assert!(decode_root(&m).is_none());
+        assert!(decode_manifest(&m[..m.len() - 1]).is_none());
+        let mut bad = m.clone();
+        bad[4] = 200;
+        assert!(decode_manifest(&bad).is_none());
+    }
+}
