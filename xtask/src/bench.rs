@@ -61,6 +61,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", report_s3(&s3, None, None));
         return Ok(());
     }
+    if args.iter().any(|a| a == "stream") {
+        let f = bench_stream(&root, &data, &work)?;
+        print!("{}", report_stream(&f));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "index") {
         let i = bench_index(&root, &work)?;
         print!("{}", report_index(&i));
@@ -106,7 +111,15 @@ pub fn run(args: &[String]) -> Result<()> {
     let ebs = bench_ebs(&root, &data, &work)?;
     let prune = bench_prune(&root, &data, &work)?;
     let index = bench_index(&root, &work)?;
-    report(&samples, &nbd, &fuse, &s3, (&ebs, &prune, &index), &work)
+    let stream = bench_stream(&root, &data, &work)?;
+    report(
+        &samples,
+        &nbd,
+        &fuse,
+        &s3,
+        (&ebs, &prune, &index, &stream),
+        &work,
+    )
 }
 
 fn prepare(data: &Path) -> Result<()> {
@@ -577,7 +590,7 @@ fn report(
     nbd: &NbdFigures,
     fuse: &FuseFigures,
     s3: &S3Figures,
-    (ebs, prune, index): (&EbsFigures, &PruneFigures, &IndexFigures),
+    (ebs, prune, index, stream): (&EbsFigures, &PruneFigures, &IndexFigures, &StreamFigures),
     work: &Path,
 ) -> Result<()> {
     let mut text = String::new();
@@ -688,12 +701,22 @@ fn report(
     for l in report_index(index).lines() {
         line(l.to_string());
     }
+    line(String::new());
+    for l in report_stream(stream).lines() {
+        line(l.to_string());
+    }
     let results = json!({
         "s3": {
             "backup_s": s3.backup, "restore_s": s3.restore, "nbdcopy_s": s3.nbdcopy,
             "restic_backup_s": s3.restic_backup, "restic_restore_s": s3.restic_restore,
             "backup_requests": s3.backup_requests, "new_bytes": s3.new_bytes,
             "restore_requests": s3.restore_requests,
+        },
+        "stream": {
+            "bytes": stream.bytes, "elastio_s": stream.elastio_s, "elastio_stored": stream.elastio_stored,
+            "elastio_rss_mib": stream.elastio_rss, "restic_s": stream.restic_s,
+            "restic_stored": stream.restic_stored, "restic_rss_mib": stream.restic_rss,
+            "elastio_restore_s": stream.elastio_restore_s,
         },
         "index": {
             "chunks": index.chunks, "open_s": index.open_s, "rss_empty_mib": index.rss_empty,
@@ -1791,4 +1814,162 @@ fn report_index(f: &IndexFigures) -> String {
         per,
         f.index_bytes as f64 / f.chunks as f64
     )
+}
+
+struct StreamFigures {
+    bytes: u64,
+    elastio_s: f64,
+    elastio_stored: u64,
+    elastio_rss: f64,
+    elastio_restore_s: f64,
+    restic_s: f64,
+    restic_stored: u64,
+    restic_rss: f64,
+}
+
+/// 512 MiB of JSON lines (generated once into the bench data directory), like a log or a topic's
+/// messages.
+fn json_lines_file(data: &Path) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+    let path = data.join("stream.jsonl");
+    if path.exists() {
+        return Ok(path);
+    }
+    let tmp = data.join("stream.jsonl.tmp");
+    let mut w = std::io::BufWriter::new(File::create(&tmp)?);
+    let (mut x, mut i, mut written) = (0x9E37_79B9_7F4A_7C15u64, 0u64, 0u64);
+    while written < 512 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let line = format!(
+            "{{\"ts\":{},\"seq\":{i},\"user\":\"user-{}\",\"event\":\"{}\",\"amount\":{}.{:02},\"tags\":[\"t{}\",\"t{}\"]}}\n",
+            1_700_000_000_000u64 + i * 37,
+            x % 50_000,
+            ["view", "click", "buy", "refund", "login"][(x % 5) as usize],
+            x % 10_000,
+            x % 100,
+            (x >> 8) % 50,
+            (x >> 16) % 50
+        );
+        w.write_all(line.as_bytes())?;
+        written += line.len() as u64;
+        i += 1;
+    }
+    w.flush()?;
+    drop(w);
+    fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn bench_stream(root: &Path, data: &Path, work: &Path) -> Result<StreamFigures> {
+    println!("==> stream: 512 MiB of JSON lines from stdin, elastio and restic --stdin");
+    let file = json_lines_file(data)?;
+    let bytes = fs::metadata(&file)?.len();
+    let want = sha256(&file)?;
+    let dir = work.join("stream");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let bin = root.join("target/release/elastio");
+    let vault = dir.join("vault");
+    let elastio = |args: &[&str]| {
+        let mut c = Command::new(&bin);
+        c.args(args)
+            .env("ELASTIO_VAULT", &vault)
+            .env("ELASTIO_PASSWORD", "bench");
+        c
+    };
+    measure(elastio(&["vault", "init"]).arg("--quiet"))?;
+    warm(&file)?;
+    let e = measure(
+        elastio(&["--quiet", "stream", "backup", "--stream-name", "events"])
+            .stdin(stdin_of(&file)?),
+    )?;
+    let elastio_stored = dir_bytes(&vault);
+    let out = dir.join("restored.jsonl");
+    let r = measure(&mut elastio(&[
+        "--quiet",
+        "stream",
+        "restore",
+        "--rp",
+        "latest",
+        "--to-file",
+        out.to_str().unwrap(),
+    ]))?;
+    verify(&out, &want, "elastio stream")?;
+    let _ = fs::remove_file(&out);
+
+    let repo = dir.join("restic");
+    let cache = dir.join("restic-cache");
+    let restic = || {
+        let mut c = Command::new("restic");
+        c.env("RESTIC_REPOSITORY", &repo)
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", &cache)
+            .arg("--quiet");
+        c
+    };
+    measure(restic().args(["init", "--repository-version", "2"]))?;
+    warm(&file)?;
+    let rs = measure(
+        restic()
+            .args([
+                "backup",
+                "--stdin",
+                "--stdin-filename",
+                "events.jsonl",
+                "--compression",
+                "auto",
+                "--host",
+                "bench",
+            ])
+            .stdin(stdin_of(&file)?),
+    )?;
+    let restic_stored = dir_bytes(&repo);
+    println!(
+        "    elastio {:.2} s, {} MiB stored; restic {:.2} s, {} MiB stored",
+        e.0.as_secs_f64(),
+        elastio_stored >> 20,
+        rs.0.as_secs_f64(),
+        restic_stored >> 20
+    );
+    Ok(StreamFigures {
+        bytes,
+        elastio_s: e.0.as_secs_f64(),
+        elastio_stored,
+        elastio_rss: e.2,
+        elastio_restore_s: r.0.as_secs_f64(),
+        restic_s: rs.0.as_secs_f64(),
+        restic_stored,
+        restic_rss: rs.2,
+    })
+}
+
+fn report_stream(f: &StreamFigures) -> String {
+    let mibs = |s: f64| f.bytes as f64 / (1 << 20) as f64 / s.max(1e-9);
+    let mut s = format!(
+        "stream backup from stdin ({:.0} MiB of JSON lines):\n",
+        f.bytes as f64 / (1 << 20) as f64
+    );
+    s += &format!(
+        "  elastio stream backup   {:>6.2} s  {:>6.0} MiB/s  stored {:>5.0} MiB  RSS {:>4.0} MiB  (restore {:.2} s)\n",
+        f.elastio_s,
+        mibs(f.elastio_s),
+        f.elastio_stored as f64 / (1 << 20) as f64,
+        f.elastio_rss,
+        f.elastio_restore_s
+    );
+    s += &format!(
+        "  restic backup --stdin   {:>6.2} s  {:>6.0} MiB/s  stored {:>5.0} MiB  RSS {:>4.0} MiB\n",
+        f.restic_s,
+        mibs(f.restic_s),
+        f.restic_stored as f64 / (1 << 20) as f64,
+        f.restic_rss
+    );
+    s += &format!(
+        "  throughput elastio/restic {:.2}x (bar >= 2), stored elastio/restic {:.2} (bar <= 1)\n",
+        f.restic_s / f.elastio_s.max(1e-9),
+        f.elastio_stored as f64 / f.restic_stored.max(1) as f64
+    );
+    s
 }
