@@ -1967,7 +1967,7 @@ fn report_stream(f: &StreamFigures) -> String {
         f.restic_rss
     );
     s += &format!(
-        "  throughput elastio/restic {:.2}x (bar >= 2), stored elastio/restic {:.2} (bar <= 1)\n",
+        "  throughput elastio/restic {:.2}x (bar >= 2), stored elastio/restic {:.3} (bar <= 1)\n",
         f.restic_s / f.elastio_s.max(1e-9),
         f.elastio_stored as f64 / f.restic_stored.max(1) as f64
     );
