@@ -93,7 +93,8 @@ pub enum Command {
     /// Serve recovery points as NBD block devices
     #[command(subcommand)]
     Nbd(NbdCommand),
-    /// Mount a disk recovery point read-only through FUSE: the disk, its partitions and their files
+    /// Mount a disk recovery point read-only through FUSE (the disk, its partitions and their
+    /// files), or a stream recovery point (one file)
     #[command(
         after_help = "The mountpoint shows `disk.img` (the whole disk), `partN.img` for each \
 MBR/GPT partition, and `partN/` (`fs/` for a file system on the bare disk) with the files inside \
@@ -196,7 +197,8 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// Recovery point id, or `latest` (the newest disk RP, of --asset if given)
+    /// Recovery point id, or `latest` (the newest disk RP; with --asset, the newest RP of that
+    /// asset, e.g. a stream)
     pub rp: String,
     /// An existing, empty directory
     pub mountpoint: PathBuf,

@@ -1,4 +1,5 @@
-//! FUSE view of a disk recovery point, read-only:
+//! FUSE view of a disk or stream recovery point, read-only (a stream RP shows as one file named
+//! after the stream, read through [`StreamReader`]). For a disk RP:
 //!
 //! * `disk.img`: the whole disk byte for byte, and `partN.img` for each partition of an MBR or
 //!   GPT table. Holes are reported through `st_blocks` and SEEK_DATA/SEEK_HOLE.
@@ -29,6 +30,7 @@ use fuser::{
 };
 use lru::LruCache;
 use scalez::reader::DiskReader;
+use scalez::stream_map::StreamReader;
 
 use crate::ext4::{self, Ext4, Kind};
 
@@ -110,9 +112,61 @@ impl PartDev {
     }
 }
 
+/// What the image files of a view read from: a disk RP ([`DiskReader`]) or a stream RP
+/// ([`StreamReader`]).
+pub trait ImageSource: Send + Sync {
+    fn size(&self) -> u64;
+    /// Preferred I/O size (`st_blksize`).
+    fn block_size(&self) -> u32;
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> scalez::Result<usize>;
+    /// Whether a read would be served from memory (answered inline, not on the pool).
+    fn is_range_cached(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+    /// Data (`true`) and zero runs from `offset`, for SEEK_DATA/SEEK_HOLE.
+    fn extents(
+        &self,
+        _offset: u64,
+        len: u64,
+        _max_runs: usize,
+    ) -> scalez::Result<Vec<(u64, bool)>> {
+        Ok(vec![(len, true)])
+    }
+}
+
+impl ImageSource for DiskReader {
+    fn size(&self) -> u64 {
+        DiskReader::size(self)
+    }
+    fn block_size(&self) -> u32 {
+        self.chunk_size()
+    }
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> scalez::Result<usize> {
+        DiskReader::read_append(self, offset, len, out)
+    }
+    fn is_range_cached(&self, offset: u64, len: u64) -> bool {
+        DiskReader::is_range_cached(self, offset, len).unwrap_or(false)
+    }
+    fn extents(&self, offset: u64, len: u64, max_runs: usize) -> scalez::Result<Vec<(u64, bool)>> {
+        DiskReader::extents(self, offset, len, max_runs)
+    }
+}
+
+impl ImageSource for StreamReader {
+    fn size(&self) -> u64 {
+        StreamReader::size(self)
+    }
+    fn block_size(&self) -> u32 {
+        1 << 20
+    }
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> scalez::Result<usize> {
+        StreamReader::read_append(self, offset, len, out)
+    }
+}
+
 /// What to mount.
 pub struct DiskView {
-    pub reader: Arc<DiskReader>,
+    pub reader: Arc<dyn ImageSource>,
     /// `disk.img` first, then partitions.
     pub files: Vec<ViewFile>,
     /// File systems shown as directories.
@@ -221,7 +275,7 @@ impl Fs {
             uid: v.uid,
             gid: v.gid,
             rdev: 0,
-            blksize: v.reader.chunk_size(),
+            blksize: v.reader.block_size(),
             flags: 0,
         })
     }
@@ -449,10 +503,7 @@ impl Filesystem for Fs {
                 let offset = offset.min(f.len);
                 let (start, size) = (f.start + offset, (size as u64).min(f.len - offset) as usize);
                 let view = self.view.clone();
-                let cached = view
-                    .reader
-                    .is_range_cached(start, size as u64)
-                    .unwrap_or(false);
+                let cached = view.reader.is_range_cached(start, size as u64);
                 let job = Box::new(move || {
                     let mut buf = Vec::with_capacity(size);
                     match view.reader.read_append(start, size, &mut buf) {

@@ -113,6 +113,88 @@ pub fn for_each_chunk(
     Ok(())
 }
 
+/// Random access to a stream RP (for mounts): the chunk list is loaded once (44 bytes per chunk)
+/// and decoded chunks are kept in a small LRU cache.
+pub struct StreamReader {
+    vault: std::sync::Arc<Vault>,
+    size: u64,
+    /// (start offset, chunk, length), in stream order.
+    chunks: Vec<(u64, ChunkId, u32)>,
+    cache: std::sync::Mutex<lru::LruCache<usize, std::sync::Arc<Vec<u8>>>>,
+}
+
+impl StreamReader {
+    /// `cache_bytes` bounds the decoded chunks kept (at least two).
+    pub fn open(vault: std::sync::Arc<Vault>, s: &StreamRef, cache_bytes: usize) -> Result<Self> {
+        let mut chunks = Vec::with_capacity(s.chunks as usize);
+        let mut at = 0u64;
+        for m in manifests(&vault, s)? {
+            for (id, len) in manifest(&vault, &m)? {
+                chunks.push((at, id, len));
+                at += len as u64;
+            }
+        }
+        if at != s.size {
+            return Err(Error::Corrupt {
+                location: vault.location(),
+                key: "stream map".into(),
+                detail: format!("chunks add up to {at} bytes, the RP says {}", s.size),
+            });
+        }
+        let n = (cache_bytes / (1 << 20)).max(2);
+        Ok(StreamReader {
+            vault,
+            size: s.size,
+            chunks,
+            cache: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(n).unwrap(),
+            )),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn chunk(&self, i: usize) -> Result<std::sync::Arc<Vec<u8>>> {
+        if let Some(c) = self.cache.lock().unwrap().get(&i) {
+            return Ok(c.clone());
+        }
+        let (_, id, len) = self.chunks[i];
+        let data = self.vault.read_chunk(&id)?;
+        if data.len() != len as usize {
+            return Err(Error::Corrupt {
+                location: self.vault.location(),
+                key: format!("chunk {id}"),
+                detail: format!("{} bytes, the stream map says {len}", data.len()),
+            });
+        }
+        let data = std::sync::Arc::new(data);
+        self.cache.lock().unwrap().put(i, data.clone());
+        Ok(data)
+    }
+
+    /// Appends up to `len` bytes from `offset` (fewer at the end of the stream).
+    pub fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<usize> {
+        let end = offset.saturating_add(len as u64).min(self.size);
+        let mut pos = offset;
+        let mut i = match self.chunks.binary_search_by(|(s, _, _)| s.cmp(&offset)) {
+            Ok(i) => i,
+            Err(i) => i.saturating_sub(1),
+        };
+        while pos < end && i < self.chunks.len() {
+            let (start, _, clen) = self.chunks[i];
+            let data = self.chunk(i)?;
+            let from = (pos - start) as usize;
+            let to = ((end - start) as usize).min(clen as usize);
+            out.extend_from_slice(&data[from..to]);
+            pos = start + to as u64;
+            i += 1;
+        }
+        Ok((pos - offset.min(pos)) as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,3 +243,52 @@ fn an_empty_stream_round_trips() {
     assert_eq!(r["rp"]["logical_size"], 0);
     assert!(restored(&env, r["rp"]["id"].as_str().unwrap()).is_empty());
 }
+
+#[test]
+fn a_stream_rp_mounts_as_one_file() {
+    use std::os::unix::fs::FileExt;
+    let env = Env::new();
+    let data = json_lines(9, 20 << 20);
+    let r = backup_bytes(&env, "orders", &data, &[]);
+    let rp = r["rp"]["id"].as_str().unwrap().to_string();
+    let mnt = env.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = env.json(&[
+        "mount",
+        "latest",
+        "--asset",
+        "orders",
+        mnt.to_str().unwrap(),
+    ]);
+    assert_eq!(m["rp"], rp.as_str(), "{m}");
+    let pid = m["pid"].as_u64().unwrap();
+    let result = std::panic::catch_unwind(|| {
+        let file = mnt.join("orders");
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), data.len() as u64);
+        assert!(std::fs::read(&file).unwrap() == data, "whole file differs");
+        // Random reads, across chunk boundaries.
+        let f = std::fs::File::open(&file).unwrap();
+        for (i, off) in [0u64, 1, 1 << 20, 7_654_321, data.len() as u64 - 10]
+            .iter()
+            .enumerate()
+        {
+            let mut buf = vec![0u8; 300_000.min(data.len() - *off as usize)];
+            f.read_exact_at(&mut buf, *off).unwrap();
+            assert!(
+                buf == data[*off as usize..*off as usize + buf.len()],
+                "read {i} at {off}"
+            );
+        }
+    });
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(std::time::Instant::now() < deadline, "mount still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    result.unwrap();
+}

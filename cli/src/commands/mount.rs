@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mount::fuse::{serve, DiskView, FsView, PartDev, ViewFile};
+use mount::fuse::{serve, DiskView, FsView, ImageSource, PartDev, ViewFile};
 use mount::partitions;
 use mount::DiskReader;
 use scalez::RpKind;
@@ -153,7 +153,19 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
         return mount_in_background(ctx, &a);
     }
     let vault = ctx.open_vault()?;
-    let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), Some(RpKind::Disk))?;
+    // `latest` means the newest disk RP, unless --asset names the asset (a stream, say).
+    let kind = (a.rp == "latest" && a.asset.is_none()).then_some(RpKind::Disk);
+    let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), kind)?;
+    if rp.kind == RpKind::Stream {
+        return mount_stream(ctx, &a, &vault, &rp);
+    }
+    if rp.kind != RpKind::Disk {
+        bail!(
+            "recovery point {} is a {} recovery point: only disk and stream RPs can be mounted",
+            rp.id,
+            rp.kind
+        );
+    }
     let map = rp.disk.clone().context("disk RP without a map")?;
     let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
     reader.enable_readahead(128, 2);
@@ -218,13 +230,69 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let view = DiskView {
-        reader,
+        reader: reader as Arc<dyn ImageSource>,
         files,
         filesystems,
         time,
         uid,
         gid,
     };
+    serve_view(ctx, &a, &rp, view, kernel_targets)
+}
+
+/// A stream RP: one file named after the stream.
+fn mount_stream(
+    ctx: &Ctx,
+    a: &MountArgs,
+    vault: &Arc<scalez::Vault>,
+    rp: &scalez::RecoveryPoint,
+) -> Result<()> {
+    let s = rp
+        .stream
+        .clone()
+        .context("stream RP without a stream map")?;
+    let reader = Arc::new(scalez::stream_map::StreamReader::open(
+        vault.clone(),
+        &s,
+        a.cache_size as usize,
+    )?);
+    // The stream's name as a file name: no slashes, not empty, not a dot entry.
+    let mut name: String = rp
+        .asset
+        .name
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
+    if name.is_empty() || name == "." || name == ".." {
+        name = "stream".into();
+    }
+    let time = humantime::parse_rfc3339_weak(&rp.created).unwrap_or(std::time::UNIX_EPOCH);
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let view = DiskView {
+        files: vec![ViewFile {
+            name,
+            start: 0,
+            len: s.size,
+            stored_bytes: s.size,
+        }],
+        reader: reader as Arc<dyn ImageSource>,
+        filesystems: Vec::new(),
+        time,
+        uid,
+        gid,
+    };
+    serve_view(ctx, a, rp, view, Vec::new())
+}
+
+/// Serves `view` until unmounted; reports readiness (a JSON line for the background parent).
+fn serve_view(
+    ctx: &Ctx,
+    a: &MountArgs,
+    rp: &scalez::RecoveryPoint,
+    view: DiskView,
+    kernel_targets: Vec<(String, String)>,
+) -> Result<()> {
     let cancel = crate::cancel_token();
     let format = ctx.global.output_format;
     let (id, mp) = (rp.id.to_string(), a.mountpoint.clone());
