@@ -666,8 +666,8 @@ pub(crate) fn read_snapshot(
     });
     let read_elapsed = started.elapsed();
     let (depth, root) = match (dispatched, collected) {
-        (Err(e), _) => return Err(fail_session(e, session)),
-        (_, Err(e)) => return Err(fail_session(e, session)),
+        (Err(e), _) => return Err(crate::pipeline::session_cause(e, session)),
+        (_, Err(e)) => return Err(crate::pipeline::session_cause(e, session)),
         (Ok(()), Ok(m)) => m,
     };
     let stats = session.finish()?;
@@ -714,14 +714,6 @@ pub(crate) fn read_snapshot(
         read_elapsed,
         elapsed: started.elapsed(),
     })
-}
-
-/// The packer's own error explains a "session stopped" from the workers.
-fn fail_session(e: AgentError, mut session: BackupSession) -> AgentError {
-    match (e, session.finish()) {
-        (AgentError::Vault(scalez::Error::SessionFailed(_)), Err(real)) => real.into(),
-        (e, _) => e,
-    }
 }
 
 struct Dispatch<'a> {

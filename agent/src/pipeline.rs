@@ -70,14 +70,16 @@ pub struct BackupReport {
 
 /// This host's name, recorded with every asset.
 pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes into buf.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return "unknown".into();
+    scalez::gc::hostname()
+}
+
+/// The error to report when a backup stage failed: the packer's own error explains a "session
+/// stopped" from the workers.
+pub(crate) fn session_cause(e: AgentError, mut session: BackupSession) -> AgentError {
+    match (e, session.finish()) {
+        (AgentError::Vault(scalez::Error::SessionFailed(_)), Err(real)) => real.into(),
+        (e, _) => e,
     }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// The asset a block source is recorded as: its canonical path on this host.
@@ -178,13 +180,7 @@ pub fn backup_block(
     };
     let (engine, (depth, root)) = match outcome {
         Ok(x) => x,
-        Err(e) => {
-            // The packer's own error explains a "session stopped" from the workers.
-            return Err(match (e, session.finish()) {
-                (AgentError::Vault(scalez::Error::SessionFailed(_)), Err(real)) => real.into(),
-                (e, _) => e,
-            });
-        }
+        Err(e) => return Err(session_cause(e, session)),
     };
     let stats = session.finish()?;
     let rp = RecoveryPoint {

@@ -134,12 +134,7 @@ pub fn backup_stream(
     };
     let (root, chunks) = match outcome {
         Ok(r) => r,
-        Err(e) => {
-            return Err(match (e, session.finish()) {
-                (AgentError::Vault(scalez::Error::SessionFailed(_)), Err(real)) => real.into(),
-                (e, _) => e,
-            })
-        }
+        Err(e) => return Err(crate::pipeline::session_cause(e, session)),
     };
     let stats = session.finish()?;
     let size = size.load(Ordering::Relaxed);

@@ -97,6 +97,20 @@ impl Problems {
     }
 }
 
+/// Object named by problems with chunks that are in no readable index object.
+const UNINDEXED: &str = "index";
+
+/// Records an unreadable part of an RP's map, named by its object (the pack holding it).
+fn map_problem(problems: &mut Problems, e: &Error, rp: &RecoveryPointId, what: &str) {
+    let object = match e {
+        Error::Corrupt { key, .. } => key.clone(),
+        Error::MissingChunk { .. } => UNINDEXED.to_string(),
+        _ => format!("{what} of {rp}"),
+    };
+    problems.add(&object, format!("{what} unreadable: {e}"));
+    problems.affect(&object, rp);
+}
+
 /// Whether `pack` is in the subset of packs a fraction selects.
 fn selected(pack: &PackId, fraction: f64) -> bool {
     let h = blake3::hash(&pack.0);
@@ -332,7 +346,6 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
         }
     }
     let known: BTreeSet<&RecoveryPointId> = rps.iter().map(|r| &r.id).collect();
-    const UNINDEXED: &str = "index";
     for rp in &rps {
         if rp.kind == RpKind::Instance {
             for v in rp.instance.iter().flat_map(|i| &i.volumes) {
@@ -369,13 +382,7 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
                 Ok(())
             });
             if let Err(e) = walked {
-                let object = match &e {
-                    Error::Corrupt { key, .. } => key.clone(),
-                    Error::MissingChunk { .. } => UNINDEXED.to_string(),
-                    _ => format!("stream map of {}", rp.id),
-                };
-                problems.add(&object, format!("stream map unreadable: {e}"));
-                problems.affect(&object, &rp.id);
+                map_problem(&mut problems, &e, &rp.id, "stream map");
             }
             report.chunk_references += refs;
         }
@@ -415,13 +422,7 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
         page_errors.extend(walked.err());
         for e in page_errors {
             // Named by its object (the pack holding the page).
-            let object = match &e {
-                Error::Corrupt { key, .. } => key.clone(),
-                Error::MissingChunk { .. } => UNINDEXED.to_string(),
-                _ => format!("map of {}", rp.id),
-            };
-            problems.add(&object, format!("map page unreadable: {e}"));
-            problems.affect(&object, &rp.id);
+            map_problem(&mut problems, &e, &rp.id, "map page");
         }
         report.chunk_references += refs;
     }

@@ -197,7 +197,8 @@ impl Drop for Lease {
     }
 }
 
-fn hostname() -> String {
+/// This host's name (leases record it; the agent records it with every asset).
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };

@@ -366,6 +366,25 @@ fn measure(cmd: &mut Command) -> Result<(Duration, f64, f64, String)> {
     Ok((wall, cpu, ru.ru_maxrss as f64 / 1024.0, out))
 }
 
+/// The release binary on a local bench vault (password "bench").
+fn elastio_cmd(bin: &Path, vault: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
+    c.args(args)
+        .env("ELASTIO_VAULT", vault)
+        .env("ELASTIO_PASSWORD", "bench");
+    c
+}
+
+/// restic on a bench repository (password "bench"), quiet.
+fn restic_cmd(repo: &Path, cache: &Path) -> Command {
+    let mut c = Command::new("restic");
+    c.env("RESTIC_REPOSITORY", repo)
+        .env("RESTIC_PASSWORD", "bench")
+        .env("RESTIC_CACHE_DIR", cache)
+        .arg("--quiet");
+    c
+}
+
 fn stdin_of(path: &Path) -> Result<Stdio> {
     Ok(Stdio::from(File::open(path)?))
 }
@@ -488,14 +507,7 @@ fn bench_restic(data: &Path, work: &Path, base_sha: &str) -> Result<Vec<Sample>>
     println!("==> restic");
     let repo = work.join("restic-repo");
     let cache = work.join("restic-cache");
-    let cmd = || {
-        let mut c = Command::new("restic");
-        c.env("RESTIC_REPOSITORY", &repo)
-            .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", &cache)
-            .arg("--quiet");
-        c
-    };
+    let cmd = || restic_cmd(&repo, &cache);
     measure(cmd().args(["init", "--repository-version", "2"]))?;
     let mut out = Vec::new();
     let record = |out: &mut Vec<Sample>, step, m, img: &str| {
@@ -1597,13 +1609,7 @@ fn bench_prune(root: &Path, data: &Path, work: &Path) -> Result<PruneFigures> {
     fs::create_dir_all(&dir)?;
     let bin = root.join("target/release/elastio");
     let vault = dir.join("vault");
-    let elastio = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.args(args)
-            .env("ELASTIO_VAULT", &vault)
-            .env("ELASTIO_PASSWORD", "bench");
-        c
-    };
+    let elastio = |args: &[&str]| elastio_cmd(&bin, &vault, args);
     measure(elastio(&["vault", "init"]).arg("--quiet"))?;
     for img in ["changed.img", "third.img"] {
         let p = data.join(img);
@@ -1651,14 +1657,7 @@ fn bench_prune(root: &Path, data: &Path, work: &Path) -> Result<PruneFigures> {
 
     let repo = dir.join("restic");
     let cache = dir.join("restic-cache");
-    let restic = || {
-        let mut c = Command::new("restic");
-        c.env("RESTIC_REPOSITORY", &repo)
-            .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", &cache)
-            .arg("--quiet");
-        c
-    };
+    let restic = || restic_cmd(&repo, &cache);
     measure(restic().args(["init", "--repository-version", "2"]))?;
     for img in ["changed.img", "third.img"] {
         let p = data.join(img);
@@ -1749,13 +1748,7 @@ fn bench_index(root: &Path, work: &Path) -> Result<IndexFigures> {
     let dir = work.join("index-vault");
     let _ = fs::remove_dir_all(&dir);
     let bin = root.join("target/release/elastio");
-    let elastio = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.args(args)
-            .env("ELASTIO_VAULT", &dir)
-            .env("ELASTIO_PASSWORD", "bench");
-        c
-    };
+    let elastio = |args: &[&str]| elastio_cmd(&bin, &dir, args);
     measure(elastio(&["vault", "init"]).arg("--quiet"))?;
     let empty = measure(&mut elastio(&["vault", "info", "--output-format", "json"]))?;
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(&dir)?);
@@ -1872,13 +1865,7 @@ fn bench_stream(root: &Path, data: &Path, work: &Path) -> Result<StreamFigures> 
     fs::create_dir_all(&dir)?;
     let bin = root.join("target/release/elastio");
     let vault = dir.join("vault");
-    let elastio = |args: &[&str]| {
-        let mut c = Command::new(&bin);
-        c.args(args)
-            .env("ELASTIO_VAULT", &vault)
-            .env("ELASTIO_PASSWORD", "bench");
-        c
-    };
+    let elastio = |args: &[&str]| elastio_cmd(&bin, &vault, args);
     measure(elastio(&["vault", "init"]).arg("--quiet"))?;
     warm(&file)?;
     let e = measure(
@@ -1901,14 +1888,7 @@ fn bench_stream(root: &Path, data: &Path, work: &Path) -> Result<StreamFigures> 
 
     let repo = dir.join("restic");
     let cache = dir.join("restic-cache");
-    let restic = || {
-        let mut c = Command::new("restic");
-        c.env("RESTIC_REPOSITORY", &repo)
-            .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", &cache)
-            .arg("--quiet");
-        c
-    };
+    let restic = || restic_cmd(&repo, &cache);
     measure(restic().args(["init", "--repository-version", "2"]))?;
     warm(&file)?;
     let rs = measure(
