@@ -699,6 +699,7 @@ pub(crate) fn read_snapshot(
         }),
         instance: None,
         stream: None,
+        tree: None,
     };
     session.commit(&rp)?;
     Ok(EbsBackupReport {

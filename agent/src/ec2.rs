@@ -270,6 +270,7 @@ pub fn backup_instance(
         disk: None,
         instance: Some(record),
         stream: None,
+        tree: None,
     };
     vault.commit_rp(&rp)?;
     if !opts.keep_snapshots {

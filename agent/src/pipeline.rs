@@ -204,6 +204,7 @@ pub fn backup_block(
         }),
         instance: None,
         stream: None,
+        tree: None,
     };
     session.commit(&rp)?;
     Ok(BackupReport {

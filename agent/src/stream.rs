@@ -154,6 +154,7 @@ pub fn backup_stream(
         disk: None,
         instance: None,
         stream: Some(StreamRef { size, chunks, root }),
+        tree: None,
     };
     session.commit(&rp)?;
     Ok(StreamReport {

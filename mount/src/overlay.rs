@@ -253,6 +253,7 @@ pub fn save_as_rp(
         disk: Some(DiskMapRef { root, depth, ..map }),
         instance: None,
         stream: None,
+        tree: None,
     };
     session.commit(&rp)?;
     Ok(rp)
@@ -289,6 +290,7 @@ mod tests {
             disk: Some(map),
             instance: None,
             stream: None,
+            tree: None,
         };
         vault.commit_rp(&rp).unwrap();
         (vault, rp)

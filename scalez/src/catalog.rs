@@ -99,6 +99,23 @@ pub struct RecoveryPoint {
     /// Stream RPs only: where the chunk list is ([`crate::stream_map`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamRef>,
+    /// File RPs only: where the file tree is ([`crate::tree`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<TreeRef>,
+}
+
+/// Where a file RP's tree lives, and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeRef {
+    /// The tree stream (records of [`crate::tree`]) as a stream map.
+    pub stream: StreamRef,
+    /// The source paths as given (absolute).
+    pub sources: Vec<String>,
+    pub entries: u64,
+    pub files: u64,
+    pub dirs: u64,
+    /// Sum of regular-file sizes.
+    pub file_bytes: u64,
 }
 
 /// Where a stream RP's chunk list lives.

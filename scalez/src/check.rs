@@ -386,6 +386,18 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
             }
             report.chunk_references += refs;
         }
+        if let Some(t) = &rp.tree {
+            let mut refs = 0u64;
+            let walked = crate::tree::for_each_chunk(vault, &t.stream, &mut |id| {
+                refs += 1;
+                check_chunk(id, &mut problems);
+                Ok(())
+            });
+            if let Err(e) = walked {
+                map_problem(&mut problems, &e, &rp.id, "file tree");
+            }
+            report.chunk_references += refs;
+        }
         let Some(map) = &rp.disk else { continue };
         // A page that does not load is recorded and read as empty, so the walk goes on and the
         // RP is still attributed to every other damaged object it needs.

@@ -6,7 +6,7 @@
 //!
 //! ## Model
 //! * Sources are cut into **chunks**: a fixed grid for disks (chunk size is a vault parameter),
-//!   content-defined for files and streams (later). All-zero disk chunks are never stored.
+//!   content-defined for files and streams (FastCDC). All-zero disk chunks are never stored.
 //! * A chunk's id is BLAKE3 keyed with a vault secret ([`crypto`]); its payload is zstd then
 //!   AES-256-GCM, sealed with its id as associated data.
 //! * Sealed chunks are appended to **packs** ([`pack`]); **index** objects ([`index`]) map chunk ids
@@ -64,10 +64,12 @@ pub mod store;
 pub mod stream_map;
 #[doc(hidden)]
 pub mod testing;
+pub mod tree;
 pub mod vault;
 
 pub use catalog::{
     Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpKind, StreamRef, TagUpdate,
+    TreeRef,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkId, PackId, RecoveryPointId};

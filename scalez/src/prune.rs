@@ -267,6 +267,9 @@ fn mark_referenced(vault: &Vault, rps: &[RecoveryPoint]) -> Result<()> {
         if let Some(s) = &rp.stream {
             crate::stream_map::for_each_chunk(vault, s, &mut |id| mark(id))?;
         }
+        if let Some(t) = &rp.tree {
+            crate::tree::for_each_chunk(vault, &t.stream, &mut |id| mark(id))?;
+        }
         let Some(map) = &rp.disk else { continue };
         let mut load = |id: &ChunkId| -> Result<Arc<Page>> {
             mark(id)?;

@@ -875,6 +875,7 @@ mod tests {
             }),
             instance: None,
             stream: None,
+            tree: None,
         };
         vault.commit_rp(&rp).unwrap();
         assert!(

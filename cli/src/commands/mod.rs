@@ -2,6 +2,7 @@ mod block;
 mod check;
 mod ebs;
 mod ec2;
+mod file;
 mod mount;
 mod nbd;
 mod prune;
@@ -21,6 +22,7 @@ pub fn run(args: Cli) -> Result<()> {
     match args.command {
         Command::Vault(c) => vault::run(&ctx, c),
         Command::Block(c) => block::run(&ctx, c),
+        Command::File(c) => file::run(&ctx, c),
         Command::Stream(c) => stream::run(&ctx, c),
         Command::Ebs(c) => ebs::run(&ctx, c),
         Command::Ec2(c) => ec2::run(&ctx, c),
