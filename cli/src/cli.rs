@@ -96,15 +96,17 @@ pub enum Command {
     /// Serve recovery points as NBD block devices
     #[command(subcommand)]
     Nbd(NbdCommand),
-    /// Mount a disk recovery point read-only through FUSE (the disk, its partitions and their
-    /// files), or a stream recovery point (one file)
+    /// Mount a recovery point read-only through FUSE: a disk (the disk, its partitions and their
+    /// files), a file RP (its tree) or a stream (one file)
     #[command(
         after_help = "The mountpoint shows `disk.img` (the whole disk), `partN.img` for each \
 MBR/GPT partition, and `partN/` (`fs/` for a file system on the bare disk) with the files inside \
 each ext2/3/4 file system, read in user space: no root, loop device or kernel module needed. \
 Copy files out with `cp -a`. With --kernel (root), each partition is instead loop-mounted \
 read-only by the kernel's own driver at `partN/`, for file systems the built-in reader does not \
-know (XFS, NTFS, ...).\n\nBy default the command returns once the mount is ready and a \
+know (XFS, NTFS, ...). A file RP shows the paths it backed up under their absolute paths (`/etc` \
+as `etc/`), with modes, owners, times, symlinks, hard links and extended attributes; a stream RP \
+shows one file named after the stream.\n\nBy default the command returns once the mount is ready and a \
 background process serves it until `elastio umount <mountpoint>`; its log (read errors name the \
 damaged object) is printed. Nothing is ever written to the vault."
     )]
@@ -201,7 +203,7 @@ fn parse_percent(s: &str) -> Result<f64, String> {
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// Recovery point id, or `latest` (the newest disk RP; with --asset, the newest RP of that
-    /// asset, e.g. a stream)
+    /// asset, e.g. a stream or file paths)
     pub rp: String,
     /// An existing, empty directory
     pub mountpoint: PathBuf,

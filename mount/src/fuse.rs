@@ -644,7 +644,36 @@ pub fn serve(
     stop: impl Fn() -> bool,
     before_unmount: impl FnOnce(),
 ) -> std::io::Result<()> {
-    let (tx, rx) = bounded::<Box<dyn FnOnce() + Send>>(64);
+    serve_fs(
+        |reads| Fs {
+            view: Arc::new(view),
+            reads,
+            dirs: LruCache::new(NonZeroUsize::new(DIR_CACHE).unwrap()),
+            open: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        },
+        mountpoint,
+        fsname,
+        ready,
+        stop,
+        before_unmount,
+    )
+}
+
+/// A job for the read pool of a mount.
+pub(crate) type ReadJob = Box<dyn FnOnce() + Send>;
+
+/// The mount loop of every view: a pool of 4 read threads (the file system gets the sender),
+/// mount, `ready`, wait for `stop` or an outside unmount, `before_unmount`, unmount.
+pub(crate) fn serve_fs<F: Filesystem + Send + 'static>(
+    make: impl FnOnce(Sender<ReadJob>) -> F,
+    mountpoint: &Path,
+    fsname: &str,
+    ready: impl FnOnce(),
+    stop: impl Fn() -> bool,
+    before_unmount: impl FnOnce(),
+) -> std::io::Result<()> {
+    let (tx, rx) = bounded::<ReadJob>(64);
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let rx = rx.clone();
@@ -655,13 +684,7 @@ pub fn serve(
             })
         })
         .collect();
-    let fs = Fs {
-        view: Arc::new(view),
-        reads: tx,
-        dirs: LruCache::new(NonZeroUsize::new(DIR_CACHE).unwrap()),
-        open: Mutex::new(HashMap::new()),
-        next_fh: AtomicU64::new(1),
-    };
+    let fs = make(tx);
     let options = [
         MountOption::RO,
         MountOption::FSName(fsname.to_string()),

@@ -6,6 +6,9 @@
 //! * [`fuse`]: a read-only FUSE view of a disk RP: `disk.img` (sparse-aware), `partN.img` per
 //!   partition, and `partN/` (or `fs/`) with the files inside each ext2/3/4 file system, read in
 //!   user space by [`ext4`]; EROFS on writes, EIO (logged with the object name) on damaged data.
+//!   Stream RPs show as one file.
+//! * [`tree_view`]: a file RP as the tree it backed up (metadata, symlinks, hard links, xattrs,
+//!   holes), read through the chunks its tree lists.
 //!
 //! Both sit on [`scalez::reader::DiskReader`], the one random-access reader with its chunk
 //! cache, so they share caching and verification with every other reader of a vault.
@@ -19,5 +22,6 @@ pub mod fuse;
 pub mod nbd;
 pub mod overlay;
 pub mod partitions;
+pub mod tree_view;
 
 pub use scalez::reader::DiskReader;

@@ -595,3 +595,49 @@ fn a_file_changing_while_read_is_reported() {
     assert_eq!(again["files_read"], 1, "{again}");
     assert!(again["changed_while_read"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_file_rp_mounts_as_its_tree() {
+    let env = Env::new();
+    let root = file_fixture(&env);
+    let b = backup(&env, &[&root], &[]);
+    let rp = b["rp"]["id"].as_str().unwrap().to_string();
+    let mnt = env.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = env.json(&["mount", &rp, mnt.to_str().unwrap()]);
+    let pid = m["pid"].as_u64().unwrap();
+    let result = std::panic::catch_unwind(|| {
+        let seen = under(&mnt, &root);
+        // Same names, types, modes, owners, times (ns), sizes, device numbers, hard-link
+        // groups, symlink targets, xattrs, contents and holes as the source.
+        assert_trees_equal(&seen, &root);
+        // Random reads across chunk boundaries and through the hole of the sparse file.
+        use std::os::unix::fs::FileExt;
+        let want = std::fs::read(root.join("big.bin")).unwrap();
+        let f = std::fs::File::open(seen.join("big.bin")).unwrap();
+        for off in [0usize, 1, 131_071, 524_288 + 17, want.len() - 5] {
+            let mut buf = vec![0u8; 700_000.min(want.len() - off)];
+            f.read_exact_at(&mut buf, off as u64).unwrap();
+            assert!(buf == want[off..off + buf.len()], "read at {off}");
+        }
+        let s = std::fs::File::open(seen.join("var/sparse.bin")).unwrap();
+        let mut buf = vec![1u8; 4096];
+        s.read_exact_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "hole reads as zeros");
+        assert!(
+            std::fs::write(seen.join("etc/passwd"), b"x").is_err(),
+            "read-only"
+        );
+    });
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(std::time::Instant::now() < deadline, "mount still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    result.unwrap();
+}

@@ -13,6 +13,8 @@
 //! third, restore of the full backup (sha256 verified). elastio also times an unchanged re-backup.
 //! Each step reports wall and CPU seconds, peak RSS (wait4), and the repository size after it.
 
+mod files;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -66,6 +68,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", report_stream(&f));
         return Ok(());
     }
+    if args.iter().any(|a| a == "files") {
+        let f = files::bench_files(&root, &work)?;
+        print!("{}", files::report_files(&f));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "index") {
         let i = bench_index(&root, &work)?;
         print!("{}", report_index(&i));
@@ -112,12 +119,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let prune = bench_prune(&root, &data, &work)?;
     let index = bench_index(&root, &work)?;
     let stream = bench_stream(&root, &data, &work)?;
+    let files = files::bench_files(&root, &work)?;
     report(
         &samples,
         &nbd,
         &fuse,
         &s3,
-        (&ebs, &prune, &index, &stream),
+        (&ebs, &prune, &index, &stream, &files),
         &work,
     )
 }
@@ -602,7 +610,13 @@ fn report(
     nbd: &NbdFigures,
     fuse: &FuseFigures,
     s3: &S3Figures,
-    (ebs, prune, index, stream): (&EbsFigures, &PruneFigures, &IndexFigures, &StreamFigures),
+    (ebs, prune, index, stream, files): (
+        &EbsFigures,
+        &PruneFigures,
+        &IndexFigures,
+        &StreamFigures,
+        &files::FileFigures,
+    ),
     work: &Path,
 ) -> Result<()> {
     let mut text = String::new();
@@ -717,7 +731,12 @@ fn report(
     for l in report_stream(stream).lines() {
         line(l.to_string());
     }
+    line(String::new());
+    for l in files::report_files(files).lines() {
+        line(l.to_string());
+    }
     let results = json!({
+        "files": files::files_json(files),
         "s3": {
             "backup_s": s3.backup, "restore_s": s3.restore, "nbdcopy_s": s3.nbdcopy,
             "restic_backup_s": s3.restic_backup, "restic_restore_s": s3.restic_restore,

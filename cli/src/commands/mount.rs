@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use mount::fuse::{serve, DiskView, FsView, ImageSource, PartDev, ViewFile};
 use mount::partitions;
+use mount::tree_view::{serve_tree, TreeView};
 use mount::DiskReader;
 use scalez::RpKind;
 use serde_json::json;
@@ -159,9 +160,14 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     if rp.kind == RpKind::Stream {
         return mount_stream(ctx, &a, &vault, &rp);
     }
+    if rp.kind == RpKind::File {
+        let view = TreeView::load(vault.clone(), &rp, a.cache_size as usize)
+            .with_context(|| format!("cannot read the file tree of {}", rp.id))?;
+        return serve_view(ctx, &a, &rp, View::Tree(view), Vec::new());
+    }
     if rp.kind != RpKind::Disk {
         bail!(
-            "recovery point {} is a {} recovery point: only disk and stream RPs can be mounted",
+            "recovery point {} is a {} recovery point: only disk, file and stream RPs can be mounted",
             rp.id,
             rp.kind
         );
@@ -237,7 +243,7 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
         uid,
         gid,
     };
-    serve_view(ctx, &a, &rp, view, kernel_targets)
+    serve_view(ctx, &a, &rp, View::Disk(view), kernel_targets)
 }
 
 /// A stream RP: one file named after the stream.
@@ -282,7 +288,15 @@ fn mount_stream(
         uid,
         gid,
     };
-    serve_view(ctx, a, rp, view, Vec::new())
+    serve_view(ctx, a, rp, View::Disk(view), Vec::new())
+}
+
+/// What a mount shows.
+enum View {
+    /// A disk or stream RP: image files (and file systems inside them).
+    Disk(DiskView),
+    /// A file RP: its tree.
+    Tree(TreeView),
 }
 
 /// Serves `view` until unmounted; reports readiness (a JSON line for the background parent).
@@ -290,48 +304,48 @@ fn serve_view(
     ctx: &Ctx,
     a: &MountArgs,
     rp: &scalez::RecoveryPoint,
-    view: DiskView,
+    view: View,
     kernel_targets: Vec<(String, String)>,
 ) -> Result<()> {
     let cancel = crate::cancel_token();
     let format = ctx.global.output_format;
     let (id, mp) = (rp.id.to_string(), a.mountpoint.clone());
-    serve(
-        view,
-        &a.mountpoint,
-        &format!("elastio:{}", rp.id),
-        || {
-            let mut kernel = Vec::new();
-            for (image, dir) in &kernel_targets {
-                let result = kernel_mount(&mp.join(image), &mp.join(dir));
-                if let Err(e) = &result {
-                    tracing::warn!("{dir}: the kernel could not mount {image}: {e}");
-                }
-                kernel.push(json!({
-                    "dir": dir,
-                    "image": image,
-                    "options": result.as_ref().ok(),
-                    "error": result.as_ref().err().map(|e| e.to_string()),
-                }));
+    let fsname = format!("elastio:{}", rp.id);
+    let ready = || {
+        let mut kernel = Vec::new();
+        for (image, dir) in &kernel_targets {
+            let result = kernel_mount(&mp.join(image), &mp.join(dir));
+            if let Err(e) = &result {
+                tracing::warn!("{dir}: the kernel could not mount {image}: {e}");
             }
-            let mut out = std::io::stdout();
-            let _ = match format {
-                OutputFormat::Json => writeln!(
-                    out,
-                    "{}",
-                    json!({"rp": id, "mountpoint": mp, "kernel_mounts": kernel})
-                ),
-                OutputFormat::Human => writeln!(out, "mounted {id} at {}", mp.display()),
-            };
-            let _ = out.flush();
-        },
-        || cancel.is_cancelled(),
-        || {
-            if let Err(e) = unmount_nested(&mp) {
-                tracing::warn!("{e:#}");
-            }
-        },
-    )
+            kernel.push(json!({
+                "dir": dir,
+                "image": image,
+                "options": result.as_ref().ok(),
+                "error": result.as_ref().err().map(|e| e.to_string()),
+            }));
+        }
+        let mut out = std::io::stdout();
+        let _ = match format {
+            OutputFormat::Json => writeln!(
+                out,
+                "{}",
+                json!({"rp": id, "mountpoint": mp, "kernel_mounts": kernel})
+            ),
+            OutputFormat::Human => writeln!(out, "mounted {id} at {}", mp.display()),
+        };
+        let _ = out.flush();
+    };
+    let stop = || cancel.is_cancelled();
+    let before_unmount = || {
+        if let Err(e) = unmount_nested(&mp) {
+            tracing::warn!("{e:#}");
+        }
+    };
+    match view {
+        View::Disk(v) => serve(v, &a.mountpoint, &fsname, ready, stop, before_unmount),
+        View::Tree(v) => serve_tree(v, &a.mountpoint, &fsname, ready, stop, before_unmount),
+    }
     .with_context(|| format!("mounting {} at {}", rp.id, a.mountpoint.display()))?;
     if let Some(log) = std::env::var_os(LOG_ENV) {
         if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
