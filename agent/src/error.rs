@@ -43,6 +43,8 @@ pub enum AgentError {
     },
     #[error("{0}")]
     Ebs(String),
+    #[error("{0}")]
+    Kafka(String),
     #[error("i/o engine: {0}")]
     Engine(String),
     #[error("interrupted")]

@@ -11,6 +11,10 @@
 //!
 //! * [`stream`]: streams of unknown length (stdin, a file) in content-defined chunks, restored
 //!   in order to any writer.
+//! * [`file`] and [`file_restore`]: directory trees (metadata, hard links, xattrs, holes),
+//!   incremental by size/mtime/ctime/inode, restored without ever writing through a symlink.
+//! * [`kafka`]: a Kafka topic as a stream RP per run, resuming where the last one ended (tags),
+//!   produced back in per-partition order.
 //! * [`ebs`] and [`ec2`]: EBS volumes and EC2 instances without an agent on them. Snapshots are
 //!   read through the EBS direct APIs (full, or only the blocks `ListChangedBlocks` reports, the
 //!   rest taken from the parent RP's map) into ordinary disk RPs, and RPs are written back as new
@@ -37,6 +41,7 @@ pub mod error;
 pub mod file;
 pub mod file_restore;
 pub mod fsx;
+pub mod kafka;
 pub mod pipeline;
 pub mod progress;
 pub mod stream;

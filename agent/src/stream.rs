@@ -70,6 +70,19 @@ pub fn backup_stream(
     opts: &StreamOptions,
     progress: &dyn Progress,
 ) -> Result<StreamReport, AgentError> {
+    backup_stream_with(vault, source, name, opts, progress, &BTreeMap::new)
+}
+
+/// [`backup_stream`], adding the tags `late_tags` returns once `source` has been read to its
+/// end (e.g. where a consumed topic ended).
+pub fn backup_stream_with(
+    vault: &Arc<Vault>,
+    source: impl Read + Send,
+    name: &str,
+    opts: &StreamOptions,
+    progress: &dyn Progress,
+    late_tags: &dyn Fn() -> BTreeMap<String, String>,
+) -> Result<StreamReport, AgentError> {
     let started = Instant::now();
     let created = scalez::vault::now_rfc3339();
     let asset = stream_asset(name);
@@ -150,7 +163,11 @@ pub fn backup_stream(
         new_bytes_stored: stats.bytes_written,
         new_chunks: stats.new_chunks,
         duration_ms: started.elapsed().as_millis() as u64,
-        tags: opts.tags.clone(),
+        tags: {
+            let mut t = opts.tags.clone();
+            t.extend(late_tags());
+            t
+        },
         disk: None,
         instance: None,
         stream: Some(StreamRef { size, chunks, root }),

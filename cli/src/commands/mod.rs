@@ -3,6 +3,7 @@ mod check;
 mod ebs;
 mod ec2;
 mod file;
+mod kafka;
 mod mount;
 mod nbd;
 mod prune;
@@ -24,6 +25,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Block(c) => block::run(&ctx, c),
         Command::File(c) => file::run(&ctx, c),
         Command::Stream(c) => stream::run(&ctx, c),
+        Command::Kafka(c) => kafka::run(&ctx, c),
         Command::Ebs(c) => ebs::run(&ctx, c),
         Command::Ec2(c) => ec2::run(&ctx, c),
         Command::Rp(c) => rp::run(&ctx, c),
