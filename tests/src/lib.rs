@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
+pub mod kafka;
+
 /// The `elastio` binary: `$ELASTIO_BIN`, else `target/<profile>/elastio` next to this test.
 pub fn elastio_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ELASTIO_BIN") {

@@ -1,6 +1,7 @@
 //! `cargo xtask test|demo|bench|deps`: the project's entry points (see README.md).
 
 mod bench;
+mod kafka_e2e;
 pub mod servers;
 mod util;
 
@@ -14,7 +15,9 @@ usage: cargo xtask <command>
   demo    back up a small ext4 image into a local vault, list it, restore it and verify it
   bench   time elastio against restic and borg on the same ext4 images (release build)
   deps    install the test tools and the benchmark peers (restic, borg) from apt
-  servers start the S3 test servers (Ceph RGW, moto) and print their environment";
+  servers start the S3 test servers (Ceph RGW, moto) and print their environment
+  e2e-kafka  the Kafka scenario against tansu, a real Kafka-compatible broker (builds it once,
+             ~40 min, into target/tools/)";
 
 /// Commands the tests run, and the Debian package that provides each.
 pub const TEST_TOOLS: &[(&str, &str)] = &[
@@ -45,6 +48,7 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(),
         Some("demo") => demo(),
+        Some("e2e-kafka") => kafka_e2e::run(),
         Some("bench") => bench::run(&args[1..]),
         Some("deps") => {
             ensure_tools(TEST_TOOLS)?;
