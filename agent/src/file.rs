@@ -1,6 +1,8 @@
 //! File-tree backups: walk, read changed files in parallel, store a tree ([`scalez::tree`]).
 //!
 //! Backup:
+//! Steps 1-3 overlap: the walk runs on its own thread and reading starts with the first file.
+//!
 //! 1. **Walk** each source (lstat only, never following symlinks; `--exclude` globs,
 //!    `--one-file-system`), recording metadata, xattrs, user and group names. The ancestors of
 //!    each source are recorded too, so a restore recreates `usr/share/...` under the target.
@@ -228,7 +230,8 @@ struct Walker<'a> {
     excludes: Excludes,
     one_fs: bool,
     names: fsx::Names,
-    out: Vec<Walked>,
+    out: crossbeam_channel::Sender<Walked>,
+    count: usize,
     unreadable: Vec<String>,
     next_message: usize,
     cancel: &'a Cancel,
@@ -236,7 +239,7 @@ struct Walker<'a> {
 }
 
 impl Walker<'_> {
-    fn add(&mut self, abs: &Path, md: &std::fs::Metadata) -> Option<usize> {
+    fn add(&mut self, abs: &Path, md: &std::fs::Metadata) -> Option<()> {
         let mut e = entry_from(rel_bytes(abs), md, &mut self.names)?;
         if e.kind == EntryKind::Symlink {
             match std::fs::read_link(abs) {
@@ -252,12 +255,15 @@ impl Walker<'_> {
                 .unreadable
                 .push(format!("{} (extended attributes): {err}", abs.display())),
         }
-        self.out.push(Walked {
-            entry: e,
-            abs: abs.to_path_buf(),
-            blocks: md.blocks(),
-        });
-        Some(self.out.len() - 1)
+        self.count += 1;
+        // The receiver stops only on an error of its own, which it reports.
+        self.out
+            .send(Walked {
+                entry: e,
+                abs: abs.to_path_buf(),
+                blocks: md.blocks(),
+            })
+            .ok()
     }
 
     fn walk(
@@ -311,6 +317,53 @@ impl Walker<'_> {
         }
         Ok(())
     }
+}
+
+/// Walks every source (sorted, so the walk is in tree order), with its ancestors first.
+fn walk_sources(walker: &mut Walker<'_>, sources: &[PathBuf]) -> Result<(), AgentError> {
+    let mut sorted: Vec<&PathBuf> = sources.iter().collect();
+    sorted.sort_by(|a, b| tree_order(&rel_bytes(a), &rel_bytes(b)));
+    for src in sorted {
+        let md = std::fs::symlink_metadata(src).map_err(|e| AgentError::Source {
+            path: src.clone(),
+            source: e,
+        })?;
+        let mut ancestors: Vec<&Path> = src.ancestors().skip(1).collect();
+        ancestors.reverse();
+        for a in ancestors.into_iter().filter(|a| *a != Path::new("/")) {
+            let amd = std::fs::symlink_metadata(a).map_err(|e| AgentError::Source {
+                path: a.into(),
+                source: e,
+            })?;
+            walker.add(a, &amd);
+        }
+        if src == Path::new("/") {
+            // The root itself has no name in a tree: record its children.
+            let mut children = Vec::new();
+            for d in std::fs::read_dir(src).map_err(|e| AgentError::Source {
+                path: src.clone(),
+                source: e,
+            })? {
+                let d = d.map_err(|e| AgentError::Source {
+                    path: src.clone(),
+                    source: e,
+                })?;
+                children.push(d.path());
+            }
+            children.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+            for p in children {
+                if walker.excludes.excluded(&p) {
+                    continue;
+                }
+                if let Ok(cmd) = std::fs::symlink_metadata(&p) {
+                    walker.walk(&p, &cmd, md.dev())?;
+                }
+            }
+        } else {
+            walker.walk(src, &md, md.dev())?;
+        }
+    }
+    Ok(())
 }
 
 /// Pre-order comparison of relative paths: component by component.
@@ -501,184 +554,127 @@ pub fn backup_files(
         .collect::<Result<_, _>>()?;
     let asset = file_asset(&sources);
 
-    // 1. Walk.
-    let mut walker = Walker {
-        excludes: Excludes::new(&opts.excludes)?,
-        one_fs: opts.one_file_system,
-        names: fsx::Names::default(),
-        out: Vec::new(),
-        unreadable: Vec::new(),
-        next_message: 20_000,
-        cancel: &opts.cancel,
-        progress,
-    };
-    for src in &sources {
-        let md = std::fs::symlink_metadata(src).map_err(|e| AgentError::Source {
-            path: src.clone(),
-            source: e,
-        })?;
-        let mut ancestors: Vec<&Path> = src.ancestors().skip(1).collect();
-        ancestors.reverse();
-        for a in ancestors.into_iter().filter(|a| *a != Path::new("/")) {
-            let amd = std::fs::symlink_metadata(a).map_err(|e| AgentError::Source {
-                path: a.into(),
-                source: e,
-            })?;
-            walker.add(a, &amd);
-        }
-        if src == Path::new("/") {
-            // The root itself has no name in a tree: record its children.
-            for d in std::fs::read_dir(src).map_err(|e| AgentError::Source {
-                path: src.clone(),
-                source: e,
-            })? {
-                let p = d
-                    .map_err(|e| AgentError::Source {
-                        path: src.clone(),
-                        source: e,
-                    })?
-                    .path();
-                if walker.excludes.excluded(&p) {
-                    continue;
-                }
-                if let Ok(cmd) = std::fs::symlink_metadata(&p) {
-                    walker.walk(&p, &cmd, md.dev())?;
-                }
-            }
-        } else {
-            walker.walk(src, &md, md.dev())?;
-        }
-    }
-    let Walker {
-        out: mut walked,
-        unreadable,
-        ..
-    } = walker;
-    walked.sort_by(|a, b| tree_order(&a.entry.path, &b.entry.path));
-    walked.dedup_by(|b, a| a.entry.path == b.entry.path);
-
-    // Hard links: the first path (in tree order) of an inode is the source of the others.
-    let mut first_of: HashMap<(u64, u64), usize> = HashMap::new();
-    let mut link_of: Vec<Option<usize>> = vec![None; walked.len()];
-    for (i, w) in walked.iter_mut().enumerate() {
-        let e = &w.entry;
-        if e.kind != EntryKind::Dir && e.nlink > 1 {
-            match first_of.get(&(e.dev, e.inode)) {
-                Some(&f) => link_of[i] = Some(f),
-                None => {
-                    first_of.insert((e.dev, e.inode), i);
-                }
-            }
-        }
-    }
-    for i in 0..walked.len() {
-        if let Some(f) = link_of[i] {
-            walked[i].entry.hardlink = walked[f].entry.path.clone();
-        }
-    }
-
-    // 2. Match against the parent.
+    // The parent RP's regular files, matched while walking.
     let mut session = BackupSession::new(vault.clone())?;
     let parent_rp = vault.latest_rp(RpKind::File, &asset)?;
     let mut parent_files: HashMap<Vec<u8>, Entry> = HashMap::new();
-    if let Some(t) = parent_rp.as_ref().and_then(|rp| rp.tree.as_ref()) {
-        progress.message("loading the parent RP's tree");
-        for e in tree::TreeReader::open(
-            vault,
-            &t.stream,
-            &parent_rp.as_ref().unwrap().id.to_string(),
-        )? {
-            let e = e?;
-            if e.kind == EntryKind::File && e.flags & (FLAG_CHANGED | FLAG_UNREADABLE) == 0 {
-                parent_files.insert(e.path.clone(), e);
+    if let Some(rp) = &parent_rp {
+        if let Some(t) = &rp.tree {
+            progress.message("loading the parent RP's tree");
+            for e in tree::TreeReader::open(vault, &t.stream, &rp.id.to_string())? {
+                let e = e?;
+                if e.kind == EntryKind::File && e.flags & (FLAG_CHANGED | FLAG_UNREADABLE) == 0 {
+                    parent_files.insert(e.path.clone(), e);
+                }
             }
         }
     }
-    let mut jobs: Vec<usize> = Vec::new();
+
+    // 1. Walk (one thread) → 2. match against the parent (this thread) → 3. read changed files
+    // (N threads), all at once: reading starts with the first file found.
+    let mut walked: Vec<Walked> = Vec::new();
     let mut files = 0u64;
     let mut files_unchanged = 0u64;
-    let mut total = 0u64;
-    for (i, w) in walked.iter_mut().enumerate() {
-        let e = &mut w.entry;
-        if e.kind != EntryKind::File {
-            continue;
-        }
-        files += 1;
-        if link_of[i].is_some() {
-            continue;
-        }
-        let reused = parent_files.remove(&e.path).filter(|p| {
-            p.size == e.size
-                && p.mtime_ns == e.mtime_ns
-                && p.ctime_ns == e.ctime_ns
-                && p.inode == e.inode
-                && p.chunks
-                    .iter()
-                    .all(|(id, _)| session.note_reference(id).is_ok())
-        });
-        match reused {
-            Some(p) => {
-                e.chunks = p.chunks;
-                e.extents = p.extents;
-                e.flags |= p.flags & FLAG_SPARSE;
-                files_unchanged += 1;
-            }
-            None => {
-                total += e.size;
-                jobs.push(i);
-            }
-        }
-    }
-    drop(parent_files);
-
-    // 3. Read.
-    progress.start(total);
-    let mut changed = Vec::new();
-    let mut unreadable = unreadable;
-    let mut bytes_read = 0u64;
-    let files_read = jobs.len() as u64;
+    let mut files_read = 0u64;
+    let mut linked: HashMap<(u64, u64), usize> = HashMap::new();
     let workers = opts.workers.max(1);
-    let read = {
-        let (jtx, jrx) = bounded::<(usize, PathBuf, (u64, i64, i64), u64)>(workers * 4);
-        let (rtx, rrx) = bounded::<ReadResult>(workers * 4);
+    let excludes = Excludes::new(&opts.excludes)?;
+    progress.start(0);
+    let (wtx, wrx) = bounded::<Walked>(4096);
+    let (jtx, jrx) = bounded::<(usize, PathBuf, (u64, i64, i64), u64)>(workers * 4);
+    // Unbounded: results are small, and this thread must never block on a full channel while
+    // the readers block on it.
+    let (rtx, rrx) = crossbeam_channel::unbounded::<ReadResult>();
+    let scoped = std::thread::scope(|s| -> Result<(Vec<String>, Vec<ReadResult>), AgentError> {
         let session = &session;
-        let walked_ref = &walked;
-        std::thread::scope(|s| -> Result<Vec<ReadResult>, AgentError> {
-            for _ in 0..workers {
-                let (jrx, rtx) = (jrx.clone(), rtx.clone());
-                s.spawn(move || {
-                    for (index, abs, expect, blocks) in jrx {
-                        let outcome = read_file(session, &abs, expect, blocks, progress);
-                        if rtx.send(ReadResult { index, outcome }).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            drop((jrx, rtx));
-            let feeder = s.spawn(move || {
-                for &i in &jobs {
-                    if opts.cancel.is_cancelled() {
-                        return Err(AgentError::Cancelled);
-                    }
-                    let w = &walked_ref[i];
-                    let e = &w.entry;
-                    let job = (i, w.abs.clone(), (e.size, e.mtime_ns, e.ctime_ns), w.blocks);
-                    if jtx.send(job).is_err() {
-                        return Err(AgentError::Stopped);
+        for _ in 0..workers {
+            let (jrx, rtx) = (jrx.clone(), rtx.clone());
+            s.spawn(move || {
+                for (index, abs, expect, blocks) in jrx {
+                    let outcome = read_file(session, &abs, expect, blocks, progress);
+                    if rtx.send(ReadResult { index, outcome }).is_err() {
+                        return;
                     }
                 }
-                Ok(())
             });
-            let results: Vec<ReadResult> = rrx.iter().collect();
-            feeder.join().unwrap_or(Err(AgentError::Panicked))?;
-            Ok(results)
-        })
-    };
-    let results = match read {
+        }
+        drop((jrx, rtx));
+        let walker = {
+            let sources = &sources;
+            let cancel = &opts.cancel;
+            s.spawn(move || -> Result<Vec<String>, AgentError> {
+                let mut walker = Walker {
+                    excludes,
+                    one_fs: opts.one_file_system,
+                    names: fsx::Names::default(),
+                    out: wtx,
+                    count: 0,
+                    unreadable: Vec::new(),
+                    next_message: 20_000,
+                    cancel,
+                    progress,
+                };
+                walk_sources(&mut walker, sources)?;
+                Ok(walker.unreadable)
+            })
+        };
+        let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        for w in wrx {
+            // Overlapping sources (`/usr /usr/share`) meet the same paths twice.
+            if !seen.insert(w.entry.path.clone()) {
+                continue;
+            }
+            let i = walked.len();
+            walked.push(w);
+            let w = &mut walked[i];
+            let e = &mut w.entry;
+            if e.kind != EntryKind::File {
+                continue;
+            }
+            files += 1;
+            if e.nlink > 1 {
+                // Other paths of an inode already seen take its data after reading.
+                if linked.contains_key(&(e.dev, e.inode)) {
+                    continue;
+                }
+                linked.insert((e.dev, e.inode), i);
+            }
+            let reused = parent_files.remove(&e.path).filter(|p| {
+                p.size == e.size
+                    && p.mtime_ns == e.mtime_ns
+                    && p.ctime_ns == e.ctime_ns
+                    && p.inode == e.inode
+                    && p.chunks
+                        .iter()
+                        .all(|(id, _)| session.note_reference(id).is_ok())
+            });
+            match reused {
+                Some(p) => {
+                    e.chunks = p.chunks;
+                    e.extents = p.extents;
+                    e.flags |= p.flags & FLAG_SPARSE;
+                    files_unchanged += 1;
+                }
+                None => {
+                    files_read += 1;
+                    let job = (i, w.abs.clone(), (e.size, e.mtime_ns, e.ctime_ns), w.blocks);
+                    if jtx.send(job).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(jtx);
+        let unreadable = walker.join().unwrap_or(Err(AgentError::Panicked))?;
+        Ok((unreadable, rrx.iter().collect()))
+    });
+    drop(parent_files);
+    let (mut unreadable, results) = match scoped {
         Ok(r) => r,
         Err(e) => return Err(crate::pipeline::session_cause(e, session)),
     };
+    let mut changed = Vec::new();
+    let mut bytes_read = 0u64;
     let mut outcomes = Vec::with_capacity(results.len());
     for r in results {
         match r.outcome {
@@ -721,39 +717,42 @@ pub fn backup_files(
             }
         }
     }
+    // The data of each hard-linked inode is with the path that was read (or reused).
+    let data_of: HashMap<(u64, u64), usize> = linked;
     walked.retain(|w| w.entry.flags & 0x80 == 0);
     let mut entries: Vec<Entry> = walked.into_iter().map(|w| w.entry).collect();
-    // Hard links carry their source's data (so restoring one path alone still has it).
-    let index: HashMap<Vec<u8>, usize> = entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.kind == EntryKind::File && e.hardlink.is_empty() && e.nlink > 1)
-        .map(|(i, e)| (e.path.clone(), i))
-        .collect();
-    for i in 0..entries.len() {
-        if entries[i].hardlink.is_empty() {
-            continue;
+    entries.sort_by(|a, b| tree_order(&a.path, &b.path));
+    // Hard links: the first path of an inode in tree order is the source of the others; every
+    // path carries the data (so restoring one path alone still has it).
+    let mut groups: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        if e.kind == EntryKind::File && e.nlink > 1 && data_of.contains_key(&(e.dev, e.inode)) {
+            groups.entry((e.dev, e.inode)).or_default().push(i);
         }
-        match index.get(&entries[i].hardlink) {
-            Some(&f) if entries[i].kind == EntryKind::File => {
-                let (src, dst) = if f < i {
-                    let (a, b) = entries.split_at_mut(i);
-                    (&a[f], &mut b[0])
-                } else {
-                    continue;
-                };
-                dst.chunks = src.chunks.clone();
-                dst.extents = src.extents.clone();
-                dst.flags = src.flags;
-                dst.size = src.size;
+    }
+    for members in groups.values() {
+        let Some(&with_data) = members.iter().find(|&&i| {
+            !entries[i].chunks.is_empty()
+                || entries[i].size == 0
+                || entries[i].flags & FLAG_UNREADABLE != 0
+        }) else {
+            continue;
+        };
+        let src = entries[with_data].clone();
+        let first_path = entries[members[0]].path.clone();
+        for &m in members {
+            let e = &mut entries[m];
+            if m != with_data {
+                e.chunks = src.chunks.clone();
+                e.extents = src.extents.clone();
+                e.flags = src.flags;
+                e.size = src.size;
+                e.mtime_ns = src.mtime_ns;
+                e.ctime_ns = src.ctime_ns;
             }
-            // Source vanished, or a hard-linked special file: keep it standalone.
-            _ if entries[i].kind == EntryKind::File => {
-                entries[i].hardlink.clear();
-                entries[i].size = 0;
-                entries[i].flags |= FLAG_UNREADABLE;
+            if m != members[0] {
+                e.hardlink = first_path.clone();
             }
-            _ => {}
         }
     }
 
