@@ -130,6 +130,17 @@ fn restore(ctx: &Ctx, a: FileRestoreArgs) -> Result<()> {
     let report = restore_files(&vault, &rp, &a.target, &opts, &bar)
         .with_context(|| format!("restore of {} to {} failed", rp.id, a.target.display()))?;
     bar.finish();
+    if report.entries == 0 && !a.includes.is_empty() {
+        anyhow::bail!(
+            "no path of {} matches --include {} (paths are as backed up, e.g. {})",
+            rp.id,
+            a.includes.join(", "),
+            rp.tree
+                .as_ref()
+                .and_then(|t| t.sources.first())
+                .map_or("/etc", String::as_str)
+        );
+    }
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
             "rp": rp.id,

@@ -140,6 +140,19 @@ fn print_rp(rp: &RecoveryPoint) {
             d.root.map_or("- (all zeros)".into(), |r| r.to_hex())
         );
     }
+    if let Some(s) = &rp.stream {
+        println!("stream        {} in {} chunks", bytes(s.size), s.chunks);
+    }
+    if let Some(t) = &rp.tree {
+        println!("sources       {}", t.sources.join(" "));
+        println!(
+            "paths         {} ({} files, {} directories, {} in files)",
+            t.entries,
+            t.files,
+            t.dirs,
+            bytes(t.file_bytes)
+        );
+    }
     if rp.tags.is_empty() {
         println!("tags          -");
     }
