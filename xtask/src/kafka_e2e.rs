@@ -60,7 +60,7 @@ pub fn run() -> Result<()> {
         "==> tansu broker on 127.0.0.1:{port} (data and log in {})",
         dir.display()
     );
-    let _broker = Broker(
+    let mut broker = Broker(
         Command::new(&tansu)
             .args([
                 "broker",
@@ -69,8 +69,9 @@ pub fn run() -> Result<()> {
                 "--advertised-listener-url",
                 &url,
             ])
-            .arg("--storage-engine")
-            .arg(format!("sqlite://{}", dir.join("tansu.db").display()))
+            // A path relative to the working directory (an absolute one gets the working
+            // directory prepended again).
+            .args(["--storage-engine", "sqlite://tansu.db"])
             .current_dir(&dir)
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -78,7 +79,14 @@ pub fn run() -> Result<()> {
             .with_context(|| format!("cannot start {}", tansu.display()))?,
     );
     let deadline = Instant::now() + Duration::from_secs(60);
+    let log_path = dir.join("tansu.log");
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = broker.0.try_wait()? {
+            bail!(
+                "tansu exited ({status}):\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
         if Instant::now() > deadline {
             bail!(
                 "tansu did not listen on {port} within 60 s (log: {})",
