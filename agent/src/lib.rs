@@ -11,7 +11,7 @@
 //!
 //! * [`stream`]: streams of unknown length (stdin, a file) in content-defined chunks, restored
 //!   in order to any writer.
-//! * [`file`] and [`file_restore`]: directory trees (metadata, hard links, xattrs, holes),
+//! * [`mod@file`] and [`file_restore`]: directory trees (metadata, hard links, xattrs, holes),
 //!   incremental by size/mtime/ctime/inode, restored without ever writing through a symlink.
 //! * [`kafka`]: a Kafka topic as a stream RP per run, resuming where the last one ended (tags),
 //!   produced back in per-partition order.
