@@ -171,9 +171,10 @@ pub struct PruneArgs {
     /// Rewrite packs whose live data is below this share, e.g. 50%
     #[arg(long, default_value = "50%", value_parser = parse_percent)]
     pub repack_below: f64,
-    /// Leave at most this much unreferenced data in partly used packs, as a share of the live
-    /// data (more packs are rewritten, most garbage first, until it holds)
-    #[arg(long, default_value = "10%", value_parser = parse_percent)]
+    /// Leave at most this share of the reclaimable space unreclaimed in partly used packs
+    /// (more packs are rewritten, most garbage first, until it holds; up to 1 MiB may always
+    /// stay)
+    #[arg(long, default_value = "5%", value_parser = parse_percent)]
     pub max_unused: f64,
     /// Longest wait for backups that were running, in seconds (default: the lease TTL + 60)
     #[arg(long, value_name = "SECS")]

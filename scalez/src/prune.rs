@@ -203,10 +203,10 @@ pub struct PruneOptions {
     pub dry_run: bool,
     /// Packs whose live bytes are below this fraction are repacked.
     pub repack_below: f64,
-    /// Unreferenced bytes prune may leave in partly used packs, as a share of the live bytes;
-    /// more packs are repacked (most garbage first) until that holds. Relative to what stays
-    /// (not to what is reclaimable) so that a second prune right after the first has nothing
-    /// to do.
+    /// Share of the reclaimable bytes prune may leave unreclaimed in partly used packs; more
+    /// packs are repacked (most garbage first) until that holds. Up to [`MIN_REPACK_GAIN`]
+    /// bytes may always stay, so a prune right after a prune (whose leftover is below that)
+    /// has nothing to do instead of repacking the last few chunks over and over.
     pub max_unused: f64,
     /// How long to wait for backups that were running when the plan was written; past it the
     /// deletion is left to the next prune.
@@ -220,7 +220,7 @@ impl Default for PruneOptions {
             asset: None,
             dry_run: false,
             repack_below: 0.5,
-            max_unused: 0.1,
+            max_unused: 0.05,
             max_wait: gc::lease_ttl() + Duration::from_secs(60),
         }
     }
@@ -406,8 +406,8 @@ pub fn prune(
         .collect();
     dead.sort();
     // Repack packs whose live share is under `repack_below`, then, most garbage first, more
-    // until what stays unreferenced in partly used packs is within `max_unused` of the live
-    // bytes.
+    // until what stays unreferenced in partly used packs is within `max_unused` of what is
+    // reclaimable (or under MIN_REPACK_GAIN).
     // Dead packs free their whole size; partly used ones their unreferenced chunk bytes (the
     // pack framing of a live pack is not garbage).
     let reclaimable: u64 = listed
@@ -422,12 +422,7 @@ pub fn prune(
         .filter(|(p, u)| listed.contains_key(p) && u.live > 0 && u.total > u.live)
         .map(|(p, u)| (*p, u.total - u.live, u.live as f64 / u.total as f64))
         .collect();
-    let live: u64 = usage
-        .iter()
-        .filter(|(p, _)| listed.contains_key(p))
-        .map(|(_, u)| u.live)
-        .sum();
-    let repack = choose_repack(partial, live, opts.repack_below, opts.max_unused);
+    let repack = choose_repack(partial, reclaimable, opts.repack_below, opts.max_unused);
     report.reclaimable_bytes = reclaimable;
     if opts.dry_run {
         report.packs_deleted = dead.len() + repack.len();
@@ -616,12 +611,15 @@ pub fn prune(
     Ok(report)
 }
 
+/// Unreferenced bytes in partly used packs that are never worth rewriting packs for.
+pub const MIN_REPACK_GAIN: u64 = 1 << 20;
+
 /// Which partly used packs (pack, unreferenced bytes, live share) to repack: those under
 /// `repack_below`, then the most garbage-laden until the unreferenced bytes left are within
-/// `max_unused` of the `live` bytes. Sorted by pack id.
+/// `max_unused` of `reclaimable` or under [`MIN_REPACK_GAIN`]. Sorted by pack id.
 fn choose_repack(
     mut partial: Vec<(PackId, u64, f64)>,
-    live: u64,
+    reclaimable: u64,
     repack_below: f64,
     max_unused: f64,
 ) -> Vec<PackId> {
@@ -629,7 +627,9 @@ fn choose_repack(
     let mut left: u64 = partial.iter().map(|(_, dead, _)| dead).sum();
     let mut repack: Vec<PackId> = Vec::new();
     for (p, dead, share) in &partial {
-        if *share < repack_below || left as f64 > max_unused * live as f64 {
+        if *share < repack_below
+            || (left as f64 > max_unused * reclaimable as f64 && left > MIN_REPACK_GAIN)
+        {
             repack.push(*p);
             left -= dead;
         }
@@ -645,18 +645,33 @@ mod tests {
     #[test]
     fn repack_choice_settles() {
         let p = |i: u8| PackId([i; 16]);
-        // 3 packs of 1000 bytes: 40 %, 80 % and 99 % live.
-        let partial = vec![(p(1), 600, 0.4), (p(2), 200, 0.8), (p(3), 10, 0.99)];
-        let live = 400 + 800 + 990;
-        // Under 50 % goes; then 210 unreferenced bytes left is within 10 % of 2190 live.
-        assert_eq!(choose_repack(partial.clone(), live, 0.5, 0.1), vec![p(1)]);
-        // A stricter bound takes the next most garbage-laden pack too.
-        assert_eq!(choose_repack(partial, live, 0.5, 0.05), vec![p(1), p(2)]);
-        // What a prune leaves, the next prune leaves too (no garbage made in between).
-        let after = vec![(p(2), 200, 0.8), (p(3), 10, 0.99)];
-        assert!(choose_repack(after, 800 + 990 + 400, 0.5, 0.1).is_empty());
-        // A pack with a little garbage and nothing else: kept.
-        assert!(choose_repack(vec![(p(4), 4147, 0.99)], 400_000, 0.5, 0.1).is_empty());
+        let mib = 1u64 << 20;
+        // Packs 40 %, 80 %, 95 % and 99 % live, with 60, 20, 5 and 1 MiB of garbage.
+        let partial = vec![
+            (p(1), 60 * mib, 0.4),
+            (p(2), 20 * mib, 0.8),
+            (p(3), 5 * mib, 0.95),
+            (p(4), mib, 0.99),
+        ];
+        // Under 50 % goes; then the most garbage first until at most 10 % of 86 MiB stays.
+        assert_eq!(
+            choose_repack(partial.clone(), 86 * mib, 0.5, 0.1),
+            vec![p(1), p(2)]
+        );
+        assert_eq!(
+            choose_repack(partial.clone(), 86 * mib, 0.5, 0.05),
+            vec![p(1), p(2), p(3)]
+        );
+        assert_eq!(choose_repack(partial, 86 * mib, 0.5, 0.5), vec![p(1)]);
+        // What is left under MIN_REPACK_GAIN is not worth rewriting: a prune right after a
+        // prune has nothing to do.
+        assert!(choose_repack(vec![(p(4), mib, 0.99)], mib, 0.5, 0.1).is_empty());
+        assert!(choose_repack(vec![(p(5), 4147, 0.99)], 4147, 0.5, 0.1).is_empty());
+        // Above it, the rule applies again.
+        assert_eq!(
+            choose_repack(vec![(p(6), 3 * mib, 0.9)], 3 * mib, 0.5, 0.1),
+            vec![p(6)]
+        );
     }
 
     #[test]
