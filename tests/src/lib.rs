@@ -468,6 +468,20 @@ pub fn rich_tree(env: &Env, big_len: usize) -> PathBuf {
     root
 }
 
+/// `elastio umount`s `mnt` and waits (up to 10 s) for the background mount process `pid` to end.
+pub fn unmount_and_wait(env: &Env, mnt: &Path, pid: u64) {
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(std::time::Instant::now() < deadline, "mount still running");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// An ext4 image of `size` bytes made from `tree` with `mkfs.ext4 -d`.
 pub fn ext4_image_of(env: &Env, name: &str, size: u64, tree: &Path) -> PathBuf {
     let img = env.path(name);

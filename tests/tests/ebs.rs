@@ -392,15 +392,6 @@ fn files_of_an_ebs_volume_are_browsable_through_fuse() {
         assert_same_tree(&mnt.join("fs"), &tree);
         assert_eq!(sha256_file(&mnt.join("disk.img")), sha256_file(&img));
     });
-    env.ok(&["umount", mnt.to_str().unwrap()]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z")
-    {
-        assert!(std::time::Instant::now() < deadline, "mount still running");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    unmount_and_wait(&env, &mnt, pid);
     same.unwrap();
 }

@@ -167,6 +167,20 @@ fn backup(env: &Env, paths: &[&Path], extra: &[&str]) -> serde_json::Value {
     env.json(&args)
 }
 
+/// `elastio file restore --rp RP --target TARGET [extra...]`, which must succeed.
+fn restore(env: &Env, rp: &str, target: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "file",
+        "restore",
+        "--rp",
+        rp,
+        "--target",
+        target.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    env.ok(&args);
+}
+
 /// `root` as it appears under a restore target (`/tmp/x/tree` → `target/tmp/x/tree`).
 fn under(target: &Path, root: &Path) -> PathBuf {
     target.join(root.strip_prefix("/").unwrap())
@@ -182,14 +196,7 @@ fn every_file_type_and_its_metadata_round_trips() {
     assert!(b["unreadable"].as_array().unwrap().is_empty(), "{b}");
 
     let target = env.path("restored");
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        &rp,
-        "--target",
-        target.to_str().unwrap(),
-    ]);
+    restore(&env, &rp, &target, &[]);
     let got = under(&target, &root);
     assert_trees_equal(&got, &root);
     // The sparse file kept its hole.
@@ -223,15 +230,7 @@ fn every_file_type_and_its_metadata_round_trips() {
     std::fs::write(&outside, b"must not change").unwrap();
     std::fs::remove_file(got.join("etc/app.conf")).unwrap();
     std::os::unix::fs::symlink(&outside, got.join("etc/app.conf")).unwrap();
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        &rp,
-        "--target",
-        target.to_str().unwrap(),
-        "--overwrite",
-    ]);
+    restore(&env, &rp, &target, &["--overwrite"]);
     assert_eq!(std::fs::read(&outside).unwrap(), b"must not change");
     assert_trees_equal(&got, &root);
 }
@@ -262,16 +261,7 @@ fn sub_path_restore_and_unchanged_files_are_not_read_again() {
     let rp = third["rp"]["id"].as_str().unwrap();
     let target = env.path("sub");
     let inc = root.join("many");
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        rp,
-        "--target",
-        target.to_str().unwrap(),
-        "--include",
-        inc.to_str().unwrap(),
-    ]);
+    restore(&env, rp, &target, &["--include", inc.to_str().unwrap()]);
     let got = under(&target, &root);
     assert_trees_equal(&got.join("many"), &root.join("many"));
     assert_eq!(
@@ -291,16 +281,7 @@ fn sub_path_restore_and_unchanged_files_are_not_read_again() {
     // A hard link restored alone still has its data.
     let target2 = env.path("one-link");
     let link = root.join("home/passwd.3");
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        rp,
-        "--target",
-        target2.to_str().unwrap(),
-        "--include",
-        link.to_str().unwrap(),
-    ]);
+    restore(&env, rp, &target2, &["--include", link.to_str().unwrap()]);
     assert_eq!(
         std::fs::read(under(&target2, &link)).unwrap(),
         std::fs::read(&link).unwrap()
@@ -318,14 +299,7 @@ fn sub_path_restore_and_unchanged_files_are_not_read_again() {
         ],
     );
     let target3 = env.path("excluded");
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        ex["rp"]["id"].as_str().unwrap(),
-        "--target",
-        target3.to_str().unwrap(),
-    ]);
+    restore(&env, ex["rp"]["id"].as_str().unwrap(), &target3, &[]);
     let got3 = under(&target3, &root);
     assert!(!got3.join("var").exists());
     assert!(got3.join("many").is_dir());
@@ -336,14 +310,7 @@ fn sub_path_restore_and_unchanged_files_are_not_read_again() {
     env.ok(&["prune", "--keep-last", "1"]);
     env.ok(&["check", "--read-data"]);
     let target4 = env.path("after-prune");
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        ex["rp"]["id"].as_str().unwrap(),
-        "--target",
-        target4.to_str().unwrap(),
-    ]);
+    restore(&env, ex["rp"]["id"].as_str().unwrap(), &target4, &[]);
     assert_trees_equal(&under(&target4, &root), &got3);
 }
 
@@ -364,14 +331,7 @@ fn an_insert_at_the_start_of_a_big_file_stores_little() {
         "1-byte insert stored {new} new bytes"
     );
     let target = env.path("r");
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        "latest",
-        "--target",
-        target.to_str().unwrap(),
-    ]);
+    restore(&env, "latest", &target, &[]);
     assert_eq!(
         sha256_file(&under(&target, &dir).join("big.bin")),
         sha256_file(&dir.join("big.bin"))
@@ -535,15 +495,7 @@ fn a_tampered_tree_cannot_write_outside_the_target() {
         0,
         "followed a planted symlink"
     );
-    env.ok(&[
-        "file",
-        "restore",
-        "--rp",
-        &rp,
-        "--target",
-        t2.to_str().unwrap(),
-        "--overwrite",
-    ]);
+    restore(&env, &rp, &t2, &["--overwrite"]);
     assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
     assert!(t2.join("a").is_dir() && !t2.join("a").is_symlink());
     assert_eq!(
@@ -629,15 +581,6 @@ fn a_file_rp_mounts_as_its_tree() {
             "read-only"
         );
     });
-    env.ok(&["umount", mnt.to_str().unwrap()]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z")
-    {
-        assert!(std::time::Instant::now() < deadline, "mount still running");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    unmount_and_wait(&env, &mnt, pid);
     result.unwrap();
 }

@@ -280,15 +280,6 @@ fn a_stream_rp_mounts_as_one_file() {
             );
         }
     });
-    env.ok(&["umount", mnt.to_str().unwrap()]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z")
-    {
-        assert!(std::time::Instant::now() < deadline, "mount still running");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    unmount_and_wait(&env, &mnt, pid);
     result.unwrap();
 }
