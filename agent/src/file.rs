@@ -50,6 +50,10 @@ pub const MIN_CHUNK: u32 = 128 * 1024;
 pub const AVG_CHUNK: u32 = 512 * 1024;
 pub const MAX_CHUNK: u32 = 2 * 1024 * 1024;
 
+/// Internal mark (never stored: such entries are dropped before the tree is written) of a file
+/// deleted between the walk and its read.
+const VANISHED: u8 = 0x80;
+
 /// Reads of a file that keeps changing before it is recorded as [`FLAG_CHANGED`].
 const READ_ATTEMPTS: u32 = 3;
 
@@ -708,7 +712,7 @@ pub fn backup_files(
             }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 // Deleted since the walk: gone from this RP too.
-                w.entry.flags |= FLAG_UNREADABLE | 0x80;
+                w.entry.flags |= VANISHED;
             }
             Err(err) => {
                 unreadable.push(format!("{}: {err}", w.abs.display()));
@@ -719,7 +723,7 @@ pub fn backup_files(
     }
     // The data of each hard-linked inode is with the path that was read (or reused).
     let data_of: HashMap<(u64, u64), usize> = linked;
-    walked.retain(|w| w.entry.flags & 0x80 == 0);
+    walked.retain(|w| w.entry.flags & VANISHED == 0);
     let mut entries: Vec<Entry> = walked.into_iter().map(|w| w.entry).collect();
     entries.sort_by(|a, b| tree_order(&a.path, &b.path));
     // Hard links: the first path of an inode in tree order is the source of the others; every
