@@ -20,6 +20,14 @@ use std::io;
 pub trait ReadAt: Send + Sync {
     /// Fills `buf` from `offset`; reading past the end is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Appends `len` bytes from `offset` to `out`. The default zero-fills then reads; devices
+    /// that can copy straight into spare capacity override it.
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let start = out.len();
+        out.resize(start + len, 0);
+        self.read_at(offset, &mut out[start..])
+    }
 }
 
 impl ReadAt for std::fs::File {
@@ -688,6 +696,33 @@ impl<R: ReadAt> Ext4<R> {
                     match run.disk {
                         Some(at) => self.dev.read_at(at, piece)?,
                         None => piece.fill(0),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Like [`Ext4::read`], appending `len` bytes to `out` without zero-filling data runs first
+    /// (a FUSE read of 1 MiB otherwise clears the buffer it then overwrites).
+    pub fn read_append(
+        &self,
+        data: &Data,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        match data {
+            Data::Inline(_) => {
+                let start = out.len();
+                out.resize(start + len, 0);
+                self.read(data, offset, &mut out[start..])
+            }
+            Data::Extents(ext) => {
+                for run in runs(ext, self.sb.block_size, offset, len as u64) {
+                    match run.disk {
+                        Some(at) => self.dev.read_append(at, run.len as usize, out)?,
+                        None => out.resize(out.len() + run.len as usize, 0),
                     }
                 }
                 Ok(())

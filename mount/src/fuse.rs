@@ -60,10 +60,11 @@ pub struct PartDev {
     pub len: u64,
 }
 
-impl ext4::ReadAt for PartDev {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+impl PartDev {
+    /// Fails unless `[offset, offset + len)` lies inside the partition.
+    fn check_range(&self, offset: u64, len: usize) -> std::io::Result<()> {
         if offset
-            .checked_add(buf.len() as u64)
+            .checked_add(len as u64)
             .is_none_or(|end| end > self.len)
         {
             return Err(std::io::Error::new(
@@ -74,8 +75,22 @@ impl ext4::ReadAt for PartDev {
                 ),
             ));
         }
-        let n = self.reader.read_at(self.start + offset, buf)?;
-        if n < buf.len() {
+        Ok(())
+    }
+}
+
+impl ext4::ReadAt for PartDev {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.check_range(offset, buf.len())?;
+        if self.reader.read_at(self.start + offset, buf)? < buf.len() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+        self.check_range(offset, len)?;
+        if self.reader.read_append(self.start + offset, len, out)? < len {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         Ok(())
@@ -534,8 +549,8 @@ impl Filesystem for Fs {
                     let Open::File { fs, data, .. } = &*open else {
                         unreachable!("matched above")
                     };
-                    let mut buf = vec![0u8; size as usize];
-                    match fs.read(data, offset, &mut buf) {
+                    let mut buf = Vec::with_capacity(size as usize);
+                    match fs.read_append(data, offset, size as usize, &mut buf) {
                         Ok(()) => reply.data(&buf),
                         Err(e) => {
                             let name = split(ino)

@@ -123,24 +123,24 @@ impl Keys {
 
     /// Reverses [`Keys::seal`]; fails if any byte of `sealed` or the `aad` differs.
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        self.open_in_place(aad, &mut sealed.to_vec())
+    }
+
+    /// Like [`Keys::open`], decrypting inside `sealed` (which is left holding the compressed
+    /// plaintext): readers that own the fetched bytes skip a copy of them.
+    pub fn open_in_place(&self, aad: &[u8], sealed: &mut [u8]) -> Result<Vec<u8>, CryptoError> {
         if sealed.len() < SEAL_OVERHEAD {
             return Err(CryptoError::Malformed("shorter than nonce, codec and tag"));
         }
-        let (nonce, rest) = sealed.split_at(NONCE_LEN);
-        let mut body = rest.to_vec();
+        let (nonce, body) = sealed.split_at_mut(NONCE_LEN);
         let nonce =
             Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Malformed("nonce"))?;
-        let plain_len = self
+        let body = self
             .data
-            .open_in_place(nonce, Aad::from(aad), &mut body)
-            .map_err(|_| CryptoError::Authentication)?
-            .len();
-        body.truncate(plain_len);
+            .open_in_place(nonce, Aad::from(aad), body)
+            .map_err(|_| CryptoError::Authentication)?;
         match body[0] {
-            CODEC_RAW => {
-                body.remove(0);
-                Ok(body)
-            }
+            CODEC_RAW => Ok(body[1..].to_vec()),
             CODEC_ZSTD => {
                 if body.len() < 5 {
                     return Err(CryptoError::Malformed("zstd body without length"));

@@ -555,6 +555,31 @@ mod tests {
         }
     }
 
+    /// Chunks are decrypted in place in the fetched range: a chunk that two slots share (or one
+    /// slot listed twice) must still come back as plaintext for each.
+    #[test]
+    fn coalesced_reads_return_a_shared_chunk_for_each_slot() {
+        let cs = CS;
+        let disk: Vec<u8> = (0..6u32)
+            .flat_map(|i| vec![if i % 2 == 0 { 7 } else { i as u8 }; cs])
+            .collect();
+        let (vault, map) = store_disk(&disk);
+        let reader = DiskReader::new(vault.clone(), map.clone(), cs);
+        let mut slots: Vec<(u64, ChunkId)> = (0..6)
+            .map(|s| (s, reader.chunk_id(s).unwrap().unwrap()))
+            .collect();
+        slots.push(slots[1]);
+        assert_eq!(slots[0].1, slots[2].1, "slots 0, 2 and 4 share a chunk");
+        let chunks = vault
+            .read_disk_chunks(&map, &slots, Verify::Rehash)
+            .unwrap();
+        assert_eq!(chunks.len(), slots.len());
+        for ((slot, _), data) in slots.iter().zip(chunks) {
+            let want = disk[*slot as usize * cs..(*slot as usize + 1) * cs].to_vec();
+            assert_eq!(data, want, "slot {slot}");
+        }
+    }
+
     #[test]
     fn interleaved_sequential_streams_each_prefetch() {
         let cs = CS;

@@ -1,6 +1,6 @@
 //! A vault: config, keys, index, catalog, and chunk reads. See FORMAT.md for the objects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -475,14 +475,14 @@ impl Vault {
         } else {
             self.store.get_range(&key, range)
         };
-        let sealed = sealed.map_err(|e| match e {
+        let mut sealed = sealed.map_err(|e| match e {
             StoreError::BadRange { .. } => self.corrupt(
                 &key,
                 format!("pack is shorter than chunk {id} needs (truncated)"),
             ),
             e => e.into(),
         })?;
-        self.open_chunk(id, &key, &loc, &sealed, verify)
+        self.open_chunk_in_place(id, &key, &loc, &mut sealed, verify)
     }
 
     /// Authenticates, decompresses and (if asked) re-hashes one sealed chunk.
@@ -494,9 +494,21 @@ impl Vault {
         sealed: &[u8],
         verify: Verify,
     ) -> Result<Vec<u8>> {
+        self.open_chunk_in_place(id, key, loc, &mut sealed.to_vec(), verify)
+    }
+
+    /// [`Vault::open_chunk`] decrypting inside `sealed`, for callers that own the fetched bytes.
+    fn open_chunk_in_place(
+        &self,
+        id: &ChunkId,
+        key: &str,
+        loc: &Location,
+        sealed: &mut [u8],
+        verify: Verify,
+    ) -> Result<Vec<u8>> {
         let plain = self
             .keys
-            .open(&chunk_aad(id), sealed)
+            .open_in_place(&chunk_aad(id), sealed)
             .map_err(|e| self.corrupt(key, format!("chunk {id} at offset {}: {e}", loc.offset)))?;
         if verify == Verify::Rehash && self.keys.chunk_id(&plain) != *id {
             return Err(self.corrupt(key, format!("chunk {id} content does not match its id")));
@@ -617,7 +629,7 @@ impl Vault {
             .map(|l| l.offset as u64 + l.len as u64)
             .max()
             .unwrap_or(0);
-        let bytes = self
+        let mut bytes = self
             .store
             .get_range(&key, start..end)
             .map_err(|e| match e {
@@ -626,13 +638,31 @@ impl Vault {
                 }
                 e => e.into(),
             })?;
+        // Chunks are decrypted where they lie in the fetched range. A chunk listed twice (the
+        // same content at two slots) is opened once and its plaintext kept for the repeat.
+        let mut seen = HashSet::new();
+        let repeated: HashSet<u32> = locs
+            .iter()
+            .filter(|l| !seen.insert(l.offset))
+            .map(|l| l.offset)
+            .collect();
+        let mut opened: HashMap<u32, Vec<u8>> = HashMap::new();
         slots
             .iter()
             .zip(&locs)
             .map(|((slot, id), loc)| {
-                let at = (loc.offset as u64 - start) as usize;
-                let sealed = &bytes[at..at + loc.len as usize];
-                let plain = self.open_chunk(id, &key, loc, sealed, verify)?;
+                let plain = match opened.get(&loc.offset) {
+                    Some(p) => p.clone(),
+                    None => {
+                        let at = (loc.offset as u64 - start) as usize;
+                        let sealed = &mut bytes[at..at + loc.len as usize];
+                        let p = self.open_chunk_in_place(id, &key, loc, sealed, verify)?;
+                        if repeated.contains(&loc.offset) {
+                            opened.insert(loc.offset, p.clone());
+                        }
+                        p
+                    }
+                };
                 self.check_slot_len(map, *slot, id, plain)
             })
             .collect()

@@ -43,7 +43,9 @@ osd max object size = 134217728
 client mount timeout = 30
 rados mon op timeout = 30
 [client.rgw]
-rgw frontends = beast endpoint=127.0.0.1:$RGW_PORT
+# tcp_nodelay: without it beast holds the tail of each response for the client's delayed ACK,
+# about 40 ms per request (an S3 vault open took 0.42 s instead of 0.15 s).
+rgw frontends = beast endpoint=127.0.0.1:$RGW_PORT tcp_nodelay=1
 rgw dns name = localhost
 rgw enable usage log = false
 rgw thread pool size = 64
