@@ -41,6 +41,34 @@ const FIRST_FILE: u64 = 2;
 const TTL: Duration = Duration::from_secs(3600);
 /// FOPEN_KEEP_CACHE: keep the page cache across opens.
 const KEEP_CACHE: u32 = 1 << 1;
+/// The largest read the kernel sends (`max_readahead` in `init` sets max_pages to match).
+const MAX_READ: usize = 1 << 20;
+/// Replies for holes come from here: no allocation, no copy in user space.
+static ZEROS: [u8; MAX_READ] = [0; MAX_READ];
+/// Preferred I/O size of image files: `cat`/`cp` then read a whole FUSE request per call.
+const IMAGE_BLKSIZE: u32 = MAX_READ as u32;
+
+thread_local! {
+    /// Each thread's reply buffer, reused across reads: a fresh 1 MiB allocation per read costs
+    /// page faults on every request.
+    static REPLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's reply buffer, emptied and able to hold `size` bytes.
+fn with_reply_buffer<T>(size: usize, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    REPLY.with(|b| {
+        let mut b = b.borrow_mut();
+        b.clear();
+        b.reserve(size);
+        let out = f(&mut b);
+        // Keep up to one maximal request; release anything an odd larger read grew it to.
+        if b.capacity() > MAX_READ {
+            *b = Vec::new();
+        }
+        out
+    })
+}
+
 /// Parsed directories kept for lookups and readdir.
 const DIR_CACHE: usize = 1024;
 
@@ -290,7 +318,7 @@ impl Fs {
             uid: v.uid,
             gid: v.gid,
             rdev: 0,
-            blksize: v.reader.block_size(),
+            blksize: v.reader.block_size().max(IMAGE_BLKSIZE),
             flags: 0,
         })
     }
@@ -409,7 +437,7 @@ impl Fs {
 impl Filesystem for Fs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         // Large reads: up to 1 MiB of read-ahead per request where the kernel allows it.
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_readahead(MAX_READ as u32);
         Ok(())
     }
 
@@ -520,14 +548,24 @@ impl Filesystem for Fs {
                 let view = self.view.clone();
                 let cached = view.reader.is_range_cached(start, size as u64);
                 let job = Box::new(move || {
-                    let mut buf = Vec::with_capacity(size);
-                    match view.reader.read_append(start, size, &mut buf) {
-                        Ok(_) => reply.data(&buf),
-                        Err(e) => {
-                            tracing::error!("read of {size} bytes at {start}: {e}");
-                            reply.error(libc::EIO)
-                        }
+                    // A hole (half of a typical disk image) needs no buffer at all.
+                    let hole = size <= ZEROS.len()
+                        && matches!(
+                            view.reader.extents(start, size as u64, 1).as_deref(),
+                            Ok([(_, false)])
+                        );
+                    if hole {
+                        return reply.data(&ZEROS[..size]);
                     }
+                    with_reply_buffer(size, |buf| {
+                        match view.reader.read_append(start, size, buf) {
+                            Ok(_) => reply.data(buf),
+                            Err(e) => {
+                                tracing::error!("read of {size} bytes at {start}: {e}");
+                                reply.error(libc::EIO)
+                            }
+                        }
+                    })
                 });
                 (job, cached)
             }
@@ -549,20 +587,21 @@ impl Filesystem for Fs {
                     let Open::File { fs, data, .. } = &*open else {
                         unreachable!("matched above")
                     };
-                    let mut buf = Vec::with_capacity(size as usize);
-                    match fs.read_append(data, offset, size as usize, &mut buf) {
-                        Ok(()) => reply.data(&buf),
-                        Err(e) => {
-                            let name = split(ino)
-                                .and_then(|(k, _)| view.filesystems.get(k))
-                                .map_or("?", |v| v.name.as_str());
-                            tracing::error!(
-                                "{name}: inode {}: read of {size} bytes at {offset}: {e}",
-                                ino as u32
-                            );
-                            reply.error(libc::EIO)
+                    with_reply_buffer(size as usize, |buf| {
+                        match fs.read_append(data, offset, size as usize, buf) {
+                            Ok(()) => reply.data(buf),
+                            Err(e) => {
+                                let name = split(ino)
+                                    .and_then(|(k, _)| view.filesystems.get(k))
+                                    .map_or("?", |v| v.name.as_str());
+                                tracing::error!(
+                                    "{name}: inode {}: read of {size} bytes at {offset}: {e}",
+                                    ino as u32
+                                );
+                                reply.error(libc::EIO)
+                            }
                         }
-                    }
+                    })
                 });
                 (job, cached)
             }

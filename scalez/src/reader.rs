@@ -28,7 +28,13 @@ pub struct DiskReader {
     loading: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
     /// One chunk of zeros, shared by every zero run [`DiskReader::read_segments`] returns.
     zeros: OnceLock<Arc<Vec<u8>>>,
+    /// Buffers of chunks the cache evicted (and nobody else held), decoded into again: a
+    /// fresh buffer per chunk costs page faults on every decode.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
+
+/// Evicted chunk buffers kept for reuse (8 MiB at the default chunk size).
+const SPARE_MAX: usize = 64;
 
 /// A slice of a shared buffer (a cached chunk, or zeros).
 #[derive(Clone)]
@@ -89,7 +95,36 @@ impl DiskReader {
             readahead: OnceLock::new(),
             loading: Mutex::new(HashMap::new()),
             zeros: OnceLock::new(),
+            spare: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Up to `n` recycled buffers.
+    fn take_spare(&self, n: usize) -> Vec<Vec<u8>> {
+        let mut spare = self.spare.lock().unwrap();
+        let keep = spare.len().saturating_sub(n);
+        spare.split_off(keep)
+    }
+
+    /// Returns unused or evicted buffers to the pool, up to its bound.
+    fn give_spare(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let mut spare = self.spare.lock().unwrap();
+        for b in bufs {
+            if spare.len() >= SPARE_MAX {
+                break;
+            }
+            spare.push(b);
+        }
+    }
+
+    /// Caches `data` under `id`; the buffer of the chunk this evicts, if nobody still holds it.
+    fn cache_put(
+        cache: &mut LruCache<ChunkId, Arc<Vec<u8>>>,
+        id: ChunkId,
+        data: Arc<Vec<u8>>,
+    ) -> Option<Vec<u8>> {
+        let (_, old) = cache.push(id, data)?;
+        Arc::try_unwrap(old).ok()
     }
 
     /// Turns on read-ahead: when a read continues one of the recent sequential streams (see
@@ -186,15 +221,17 @@ impl DiskReader {
         if run.is_empty() {
             return Ok(());
         }
+        let mut spare = self.take_spare(run.len());
         let result = self
             .vault
-            .read_disk_chunks(&self.map, &run, Verify::AeadOnly)
+            .read_disk_chunks_with(&self.map, &run, Verify::AeadOnly, &mut spare)
             .map(|chunks| {
                 let mut cache = self.chunks.lock().unwrap();
                 for ((_, id), data) in run.iter().zip(chunks) {
-                    cache.put(*id, Arc::new(data));
+                    spare.extend(Self::cache_put(&mut cache, *id, Arc::new(data)));
                 }
             });
+        self.give_spare(spare);
         let mut loading = self.loading.lock().unwrap();
         for (_, id) in &run {
             if loading.get(id).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
@@ -369,14 +406,24 @@ impl DiskReader {
         let cached = self.chunks.lock().unwrap().get(&id).cloned();
         let result = match cached {
             Some(c) => Ok(Some(c)),
-            None => self
-                .vault
-                .read_disk_chunk(&self.map, slot, &id, Verify::AeadOnly)
-                .map(|d| {
+            None => {
+                let mut spare = self.take_spare(1);
+                let read = self.vault.read_disk_chunk_with(
+                    &self.map,
+                    slot,
+                    &id,
+                    Verify::AeadOnly,
+                    &mut spare,
+                );
+                let read = read.map(|d| {
                     let d = Arc::new(d);
-                    self.chunks.lock().unwrap().put(id, d.clone());
+                    let evicted = Self::cache_put(&mut self.chunks.lock().unwrap(), id, d.clone());
+                    spare.extend(evicted);
                     Some(d)
-                }),
+                });
+                self.give_spare(spare);
+                read
+            }
         };
         let mut loading = self.loading.lock().unwrap();
         if loading.get(&id).is_some_and(|g| Arc::ptr_eq(g, &gate)) && Arc::strong_count(&gate) == 2

@@ -443,27 +443,46 @@ impl Vault {
 
     /// Fetches, authenticates, decompresses and re-hashes one chunk (or map page).
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        self.fetch_chunk(id, Verify::Rehash)
+        self.fetch_chunk(id, Verify::Rehash, &mut Vec::new())
     }
 
-    fn fetch_chunk(&self, id: &ChunkId, verify: Verify) -> Result<Vec<u8>> {
-        self.fetch(id, verify, false)
+    fn fetch_chunk(
+        &self,
+        id: &ChunkId,
+        verify: Verify,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        self.fetch(id, verify, false, spare)
     }
 
     /// `meta`: the chunk is metadata (a map page), which a caching store may keep locally. A
     /// pack that vanished (prune moved its live chunks elsewhere) triggers one [`Vault::refresh`]
     /// and a second attempt at the chunk's new location.
-    fn fetch(&self, id: &ChunkId, verify: Verify, meta: bool) -> Result<Vec<u8>> {
-        match self.fetch_once(id, verify, meta) {
+    ///
+    /// `spare`: recycled buffers; the plaintext goes into one of them when there is one.
+    fn fetch(
+        &self,
+        id: &ChunkId,
+        verify: Verify,
+        meta: bool,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        match self.fetch_once(id, verify, meta, spare) {
             Err(Error::Store(e)) if e.is_not_found() => {
                 self.refresh()?;
-                self.fetch_once(id, verify, meta)
+                self.fetch_once(id, verify, meta, spare)
             }
             r => r,
         }
     }
 
-    fn fetch_once(&self, id: &ChunkId, verify: Verify, meta: bool) -> Result<Vec<u8>> {
+    fn fetch_once(
+        &self,
+        id: &ChunkId,
+        verify: Verify,
+        meta: bool,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         let loc = self.locate(id).ok_or_else(|| Error::MissingChunk {
             location: self.location(),
             chunk: *id,
@@ -482,7 +501,8 @@ impl Vault {
             ),
             e => e.into(),
         })?;
-        self.open_chunk_in_place(id, &key, &loc, &mut sealed, verify)
+        let out = spare.pop().unwrap_or_default();
+        self.open_chunk_in_place(id, &key, &loc, &mut sealed, verify, out)
     }
 
     /// Authenticates, decompresses and (if asked) re-hashes one sealed chunk.
@@ -494,10 +514,11 @@ impl Vault {
         sealed: &[u8],
         verify: Verify,
     ) -> Result<Vec<u8>> {
-        self.open_chunk_in_place(id, key, loc, &mut sealed.to_vec(), verify)
+        self.open_chunk_in_place(id, key, loc, &mut sealed.to_vec(), verify, Vec::new())
     }
 
-    /// [`Vault::open_chunk`] decrypting inside `sealed`, for callers that own the fetched bytes.
+    /// [`Vault::open_chunk`] decrypting inside `sealed`, for callers that own the fetched bytes,
+    /// into `out` (a recycled buffer, or empty).
     fn open_chunk_in_place(
         &self,
         id: &ChunkId,
@@ -505,10 +526,11 @@ impl Vault {
         loc: &Location,
         sealed: &mut [u8],
         verify: Verify,
+        out: Vec<u8>,
     ) -> Result<Vec<u8>> {
         let plain = self
             .keys
-            .open_in_place(&chunk_aad(id), sealed)
+            .open_in_place_into(&chunk_aad(id), sealed, out)
             .map_err(|e| self.corrupt(key, format!("chunk {id} at offset {}: {e}", loc.offset)))?;
         if verify == Verify::Rehash && self.keys.chunk_id(&plain) != *id {
             return Err(self.corrupt(key, format!("chunk {id} content does not match its id")));
@@ -525,7 +547,20 @@ impl Vault {
         id: &ChunkId,
         verify: Verify,
     ) -> Result<Vec<u8>> {
-        let data = self.fetch_chunk(id, verify)?;
+        self.read_disk_chunk_with(map, slot, id, verify, &mut Vec::new())
+    }
+
+    /// [`Vault::read_disk_chunk`] decoding into one of the `spare` buffers when there is one
+    /// (readers that recycle evicted chunks skip faulting in fresh memory for every chunk).
+    pub fn read_disk_chunk_with(
+        &self,
+        map: &catalog::DiskMapRef,
+        slot: u64,
+        id: &ChunkId,
+        verify: Verify,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let data = self.fetch_chunk(id, verify, spare)?;
         self.check_slot_len(map, slot, id, data)
     }
 
@@ -594,10 +629,21 @@ impl Vault {
         slots: &[(u64, ChunkId)],
         verify: Verify,
     ) -> Result<Vec<Vec<u8>>> {
-        match self.read_disk_chunks_once(map, slots, verify) {
+        self.read_disk_chunks_with(map, slots, verify, &mut Vec::new())
+    }
+
+    /// [`Vault::read_disk_chunks`] decoding into the `spare` buffers while they last.
+    pub fn read_disk_chunks_with(
+        &self,
+        map: &catalog::DiskMapRef,
+        slots: &[(u64, ChunkId)],
+        verify: Verify,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>> {
+        match self.read_disk_chunks_once(map, slots, verify, spare) {
             Err(Error::Store(e)) if e.is_not_found() => {
                 self.refresh()?;
-                self.read_disk_chunks_once(map, slots, verify)
+                self.read_disk_chunks_once(map, slots, verify, spare)
             }
             r => r,
         }
@@ -608,6 +654,7 @@ impl Vault {
         map: &catalog::DiskMapRef,
         slots: &[(u64, ChunkId)],
         verify: Verify,
+        spare: &mut Vec<Vec<u8>>,
     ) -> Result<Vec<Vec<u8>>> {
         let coalesced = slots.len() > 1 && {
             let mut run = self.run_start(&slots[0].1);
@@ -619,7 +666,7 @@ impl Vault {
         let (Some(locs), true) = (locs, coalesced) else {
             return slots
                 .iter()
-                .map(|(slot, id)| self.read_disk_chunk(map, *slot, id, verify))
+                .map(|(slot, id)| self.read_disk_chunk_with(map, *slot, id, verify, spare))
                 .collect();
         };
         let key = locs[0].pack.key();
@@ -656,7 +703,8 @@ impl Vault {
                     None => {
                         let at = (loc.offset as u64 - start) as usize;
                         let sealed = &mut bytes[at..at + loc.len as usize];
-                        let p = self.open_chunk_in_place(id, &key, loc, sealed, verify)?;
+                        let out = spare.pop().unwrap_or_default();
+                        let p = self.open_chunk_in_place(id, &key, loc, sealed, verify, out)?;
                         if repeated.contains(&loc.offset) {
                             opened.insert(loc.offset, p.clone());
                         }
@@ -669,7 +717,7 @@ impl Vault {
     }
 
     pub fn load_page(&self, id: &ChunkId) -> Result<Page> {
-        let bytes = self.fetch(id, Verify::Rehash, true)?;
+        let bytes = self.fetch(id, Verify::Rehash, true, &mut Vec::new())?;
         Page::decode(&bytes).map_err(|e| {
             let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
             self.corrupt(&key, format!("map page {id}: {e}"))

@@ -560,15 +560,21 @@ impl S3Store {
     }
 }
 
-/// Reads a whole response body; a connection dropped half-way is worth retrying.
-async fn read_body(body: ByteStream) -> Result<Vec<u8>, Failure> {
-    let data = body.collect().await.map_err(|e| Failure {
+/// Reads a whole response body into one buffer as it arrives (`ByteStream::collect` would gather
+/// the pieces, then copy them twice more into a `Vec`); `len` is the expected size, when known.
+/// A connection dropped half-way is worth retrying.
+async fn read_body(mut body: ByteStream, len: Option<u64>) -> Result<Vec<u8>, Failure> {
+    let failed = |e: &dyn std::fmt::Display| Failure {
         status: None,
         code: None,
         reason: format!("reading the body: {e}"),
         retryable: true,
-    })?;
-    Ok(data.into_bytes().to_vec())
+    };
+    let mut out = Vec::with_capacity(len.unwrap_or(0).min(MULTIPART_THRESHOLD as u64) as usize);
+    while let Some(piece) = body.try_next().await.map_err(|e| failed(&e))? {
+        out.extend_from_slice(&piece);
+    }
+    Ok(out)
 }
 
 /// Awaits all futures (they run concurrently on this task).
@@ -640,7 +646,8 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
                 .map_err(|e| classify(&e))?;
-            read_body(out.body).await
+            let len = out.content_length().and_then(|n| u64::try_from(n).ok());
+            read_body(out.body, len).await
         })
         .map_err(|f| self.fail("get", key, f))
     }
@@ -685,7 +692,10 @@ impl ObjectStore for S3Store {
                 .content_range()
                 .and_then(|r| r.rsplit('/').next())
                 .and_then(|t| t.parse::<u64>().ok());
-            Ok((read_body(out.body).await?, total))
+            Ok((
+                read_body(out.body, Some(range.end - range.start)).await?,
+                total,
+            ))
         });
         match got {
             Ok((bytes, total)) => {
