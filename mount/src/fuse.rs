@@ -45,8 +45,8 @@ const KEEP_CACHE: u32 = 1 << 1;
 const MAX_READ: usize = 1 << 20;
 /// Replies for holes come from here: no allocation, no copy in user space.
 static ZEROS: [u8; MAX_READ] = [0; MAX_READ];
-/// Preferred I/O size of image files: `cat`/`cp` then read a whole FUSE request per call.
-const IMAGE_BLKSIZE: u32 = MAX_READ as u32;
+/// `st_blksize` of every file: `cat` and `cp` then read a whole FUSE request per call.
+const PREFERRED_IO: u32 = MAX_READ as u32;
 
 thread_local! {
     /// Each thread's reply buffer, reused across reads: a fresh 1 MiB allocation per read costs
@@ -318,7 +318,7 @@ impl Fs {
             uid: v.uid,
             gid: v.gid,
             rdev: 0,
-            blksize: v.reader.block_size().max(IMAGE_BLKSIZE),
+            blksize: v.reader.block_size().max(PREFERRED_IO),
             flags: 0,
         })
     }
@@ -353,7 +353,7 @@ impl Fs {
             uid: inode.uid,
             gid: inode.gid,
             rdev: inode.rdev,
-            blksize: fs.block_size() as u32,
+            blksize: PREFERRED_IO,
             flags: 0,
         })
     }
