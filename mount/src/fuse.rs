@@ -54,6 +54,16 @@ thread_local! {
     static REPLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Whether `[start, start + size)` is all zeros by the map (answered from [`ZEROS`]). Only one
+/// run is asked for: it covers the request only if no data follows within it.
+fn is_hole(reader: &dyn ImageSource, start: u64, size: usize) -> bool {
+    size <= ZEROS.len()
+        && matches!(
+            reader.extents(start, size as u64, 1).as_deref(),
+            Ok([(n, false)]) if *n == size as u64
+        )
+}
+
 /// Runs `f` with this thread's reply buffer, emptied and able to hold `size` bytes.
 fn with_reply_buffer<T>(size: usize, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     REPLY.with(|b| {
@@ -549,12 +559,7 @@ impl Filesystem for Fs {
                 let cached = view.reader.is_range_cached(start, size as u64);
                 let job = Box::new(move || {
                     // A hole (half of a typical disk image) needs no buffer at all.
-                    let hole = size <= ZEROS.len()
-                        && matches!(
-                            view.reader.extents(start, size as u64, 1).as_deref(),
-                            Ok([(_, false)])
-                        );
-                    if hole {
+                    if is_hole(view.reader.as_ref(), start, size) {
                         return reply.data(&ZEROS[..size]);
                     }
                     with_reply_buffer(size, |buf| {
@@ -782,5 +787,33 @@ fn widen_readahead(mountpoint: &Path) {
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
         tracing::debug!("cannot raise read-ahead ({path}): {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request that starts in a hole and runs into data is not a hole (a reply of zeros for
+    /// it corrupted disk.img once).
+    #[test]
+    fn only_requests_wholly_inside_a_hole_are_holes() {
+        let cs = 4096usize;
+        // Slots: data, zeros, zeros, data.
+        let mut disk = vec![0u8; 4 * cs];
+        disk[..cs].fill(7);
+        disk[3 * cs..].fill(9);
+        let vault = scalez::testing::memory_vault(cs as u32);
+        let map = scalez::testing::store_disk(&vault, &disk);
+        let reader = DiskReader::new(vault, map, 4 * cs);
+        assert!(is_hole(&reader, cs as u64, 2 * cs));
+        assert!(is_hole(&reader, cs as u64 + 100, cs));
+        assert!(!is_hole(&reader, cs as u64, 3 * cs), "hole then data");
+        assert!(!is_hole(&reader, 0, 2 * cs), "data then hole");
+        assert!(!is_hole(&reader, 2 * cs as u64, 2 * cs), "hole then data");
+        assert!(
+            !is_hole(&reader, cs as u64, ZEROS.len() + 1),
+            "larger than ZEROS"
+        );
     }
 }

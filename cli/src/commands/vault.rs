@@ -23,7 +23,7 @@ fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
         kdf: KdfParams {
             memory_kib: a.kdf_memory_mib.saturating_mul(1024),
             iterations: a.kdf_iterations,
-            parallelism: 1,
+            parallelism: KdfParams::default().parallelism,
         },
     };
     let store = ctx.new_store()?;
