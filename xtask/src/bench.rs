@@ -1074,7 +1074,12 @@ fn bench_fuse(root: &Path, data: &Path, work: &Path) -> Result<FuseFigures> {
             .arg(mnt.join("disk.img"))
             .stdout(Stdio::null()),
     )?;
+    // Untimed: what was read must be the image (mostly from the page cache by now).
+    let through_mount = sha256(&mnt.join("disk.img"));
     elastio_umount(&bin, &mnt)?;
+    if through_mount? != sha256(&base)? {
+        bail!("disk.img read through the mount differs from base.img");
+    }
 
     cold()?;
     elastio_mount(&bin, &vault, &rp, &mnt)?;
