@@ -467,10 +467,16 @@ impl Vault {
         meta: bool,
         spare: &mut Vec<Vec<u8>>,
     ) -> Result<Vec<u8>> {
-        match self.fetch_once(id, verify, meta, spare) {
+        self.after_refresh(|| self.fetch_once(id, verify, meta, &mut *spare))
+    }
+
+    /// Runs `read`, and once more after a [`Vault::refresh`] if an object it needed is gone (a
+    /// prune moved the live chunks of a pack elsewhere since the index was read).
+    fn after_refresh<T>(&self, mut read: impl FnMut() -> Result<T>) -> Result<T> {
+        match read() {
             Err(Error::Store(e)) if e.is_not_found() => {
                 self.refresh()?;
-                self.fetch_once(id, verify, meta, spare)
+                read()
             }
             r => r,
         }
@@ -640,13 +646,7 @@ impl Vault {
         verify: Verify,
         spare: &mut Vec<Vec<u8>>,
     ) -> Result<Vec<Vec<u8>>> {
-        match self.read_disk_chunks_once(map, slots, verify, spare) {
-            Err(Error::Store(e)) if e.is_not_found() => {
-                self.refresh()?;
-                self.read_disk_chunks_once(map, slots, verify, spare)
-            }
-            r => r,
-        }
+        self.after_refresh(|| self.read_disk_chunks_once(map, slots, verify, &mut *spare))
     }
 
     fn read_disk_chunks_once(
