@@ -3,17 +3,18 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use scalez::catalog::RP_FORMAT;
 use scalez::disk_map::{MapBuilder, MapReader, Page};
-use scalez::vault::Verify;
+use scalez::vault::{FetchedChunks, Verify};
 use scalez::{
     Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RecoveryPointId, RpKind,
     SessionStats, Vault,
@@ -317,11 +318,12 @@ enum Job {
     },
 }
 
-/// Chunks per coalesced read from a remote store (8 MiB of a disk at the default chunk size:
-/// large ranged GETs are several times faster than small ones). Local reads gain nothing from
-/// coalescing and keep small jobs, which spread better over the workers.
+/// Chunks per coalesced read from a remote store (8 MiB of a disk at the default chunk size).
 const MAX_BATCH_REMOTE: usize = 64;
-const MAX_BATCH_LOCAL: usize = 1;
+/// Most plaintext one restore job decodes from a remote store.
+const JOB_BYTES: usize = 8 << 20;
+/// Plaintext per restore job from a local store.
+const LOCAL_JOB_BYTES: usize = 1 << 20;
 /// Slots whose chunks are sorted by pack position before being cut into coalesced reads.
 const WINDOW: usize = 1024;
 
@@ -487,12 +489,26 @@ fn open_direct(path: &Path) -> Option<File> {
 }
 
 enum Write {
-    Data(Vec<u8>),
-    Zeros(u64),
+    /// A job's chunks, decoded in disk order into one aligned buffer. `runs`: the disk offset
+    /// and buffer range of each stretch of consecutive slots (one write each).
+    Data {
+        buf: AlignedBuf,
+        runs: Vec<(u64, Range<usize>)>,
+    },
+    Zeros {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Walks the map on this thread; `opts.workers` threads fetch, verify and decode chunks; writer
 /// threads write them (see `writers` below for how many).
+///
+/// Workers decode each job straight into an aligned buffer from a fixed pool, laid out in disk
+/// order, and the writers write it from there (O_DIRECT when the target allows it) and hand it
+/// back: no copy of the plaintext, no fresh memory per chunk, one write per stretch of
+/// consecutive slots. Memory in flight: `opts.workers + writers + 1` buffers of one job each (at
+/// most [`JOB_BYTES`]), plus the sealed bytes of each fetch in flight.
 fn write_chunks(
     vault: &Arc<Vault>,
     map: &DiskMapRef,
@@ -505,79 +521,68 @@ fn write_chunks(
     let cs = map.chunk_size as u64;
     // Remote stores hide request latency behind more fetches in flight.
     let workers = opts.workers.max(vault.store().read_parallelism()).max(1);
+    let max_batch = max_batch(vault, map.chunk_size as usize);
     let (tx, rx) = bounded::<Job>(workers * 8);
-    let (wtx, wrx) = bounded::<(u64, Write)>(workers * 4);
     // Direct writes wait for the device: a few in flight keep it busy. Buffered writes to one
     // file contend on its inode lock, so they get a single writer.
     let writers = if direct.is_some() { 3 } else { 1 };
+    // Workers take a buffer once their chunks have arrived, so fetches in flight hold none:
+    // about one per core decoding, one per writer, and one spare.
+    let buffers = opts.workers.max(1) + writers + 1;
+    let (free_tx, free_rx) = bounded::<AlignedBuf>(buffers);
+    for _ in 0..buffers {
+        let _ = free_tx.send(AlignedBuf::new(max_batch * cs as usize));
+    }
+    let (wtx, wrx) = bounded::<Write>(buffers);
+    // Set by a writer that gives up, so that workers waiting for a buffer stop too.
+    let stop = AtomicBool::new(false);
+    let slot_len = |slot: u64| cs.min(map.size - slot * cs) as usize;
     let (walked, worked, wrote) = std::thread::scope(|s| {
         let writers: Vec<_> = (0..writers)
             .map(|_| {
-                let wrx = wrx.clone();
+                let (wrx, free_tx, stop) = (wrx.clone(), free_tx.clone(), &stop);
                 s.spawn(move || -> Result<u64, AgentError> {
-                    let terr = |source| AgentError::Target {
+                    let r = write_all(wrx, free_tx, (file, direct), zero_fill, progress);
+                    if r.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    r.map_err(|source| AgentError::Target {
                         path: target.to_path_buf(),
                         source,
-                    };
-                    let mut written = 0;
-                    let mut aligned = AlignedBuf::new(cs as usize);
-                    for (offset, op) in wrx {
-                        let len = match op {
-                            Write::Data(data) => {
-                                let whole = offset % ALIGN as u64 == 0 && data.len() % ALIGN == 0;
-                                match direct {
-                                    Some(d) if whole => {
-                                        aligned.set_len(data.len());
-                                        aligned.copy_from_slice(&data);
-                                        d.write_all_at(&aligned, offset).map_err(terr)?;
-                                    }
-                                    _ => file.write_all_at(&data, offset).map_err(terr)?,
-                                }
-                                written += data.len() as u64;
-                                data.len() as u64
-                            }
-                            Write::Zeros(len) => {
-                                if zero_fill {
-                                    zero_range(file, offset, len).map_err(terr)?;
-                                }
-                                len
-                            }
-                        };
-                        progress.advance(len);
-                    }
-                    Ok(written)
+                    })
                 })
             })
             .collect();
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                let (rx, wtx) = (rx.clone(), wtx.clone());
+                let (rx, wtx, free_rx, stop) = (rx.clone(), wtx.clone(), free_rx.clone(), &stop);
                 s.spawn(move || -> Result<(), AgentError> {
                     for job in rx {
                         if opts.cancel.is_cancelled() {
                             return Err(AgentError::Cancelled);
                         }
-                        match job {
+                        let write = match job {
                             Job::Data(batch) => {
-                                let chunks = vault.read_disk_chunks(map, &batch, Verify::Rehash)?;
-                                for ((slot, _), data) in batch.iter().zip(chunks) {
-                                    wtx.send((slot * cs, Write::Data(data)))
-                                        .map_err(|_| AgentError::Stopped)?;
-                                }
+                                let fetched = vault.fetch_disk_chunks(&batch)?;
+                                let mut buf = take_buffer(&free_rx, stop)?;
+                                let runs =
+                                    decode_job(vault, map, &batch, fetched, &mut buf, slot_len)?;
+                                Write::Data { buf, runs }
                             }
                             Job::Zeros { first, count } => {
-                                let start = first * cs;
-                                let op = (start, Write::Zeros((count * cs).min(map.size - start)));
-                                wtx.send(op).map_err(|_| AgentError::Stopped)?;
+                                let offset = first * cs;
+                                let len = (count * cs).min(map.size - offset);
+                                Write::Zeros { offset, len }
                             }
-                        }
+                        };
+                        wtx.send(write).map_err(|_| AgentError::Stopped)?;
                     }
                     Ok(())
                 })
             })
             .collect();
-        drop((rx, wtx, wrx));
-        let walked = walk_jobs(vault, map, tx, &opts.cancel);
+        drop((rx, wtx, wrx, free_tx, free_rx));
+        let walked = walk_jobs(vault, map, tx, max_batch, &opts.cancel);
         let worked = join_all(handles);
         let mut wrote = Ok(0);
         for w in writers {
@@ -599,12 +604,121 @@ fn write_chunks(
     }
 }
 
+/// Slots per job. Remote stores: up to 64 chunks (8 MiB at the default chunk size) and at most
+/// [`JOB_BYTES`] of plaintext, fetched with one ranged read (large ranged GETs are several times
+/// faster than small ones). Local stores: [`LOCAL_JOB_BYTES`], which keeps writes large and jobs
+/// small enough to spread over the workers.
+fn max_batch(vault: &Vault, chunk_size: usize) -> usize {
+    let (chunks, bytes) = if vault.store().read_parallelism() > 1 {
+        (MAX_BATCH_REMOTE, JOB_BYTES)
+    } else {
+        (usize::MAX, LOCAL_JOB_BYTES)
+    };
+    chunks.min(bytes / chunk_size.max(1)).max(1)
+}
+
+/// A free buffer from the pool; gives up when a writer has failed (its queued buffers may never
+/// come back).
+fn take_buffer(free: &Receiver<AlignedBuf>, stop: &AtomicBool) -> Result<AlignedBuf, AgentError> {
+    loop {
+        match free.recv_timeout(Duration::from_millis(100)) {
+            Ok(buf) => return Ok(buf),
+            Err(_) if stop.load(Ordering::Relaxed) => return Err(AgentError::Stopped),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                return Err(AgentError::Stopped)
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
+/// Decodes the fetched chunks of `batch` into `buf`, laid out in disk order; returns the stretches of
+/// consecutive slots as (disk offset, range of `buf`).
+fn decode_job(
+    vault: &Vault,
+    map: &DiskMapRef,
+    batch: &[(u64, ChunkId)],
+    fetched: FetchedChunks,
+    buf: &mut AlignedBuf,
+    slot_len: impl Fn(u64) -> usize,
+) -> Result<Vec<(u64, Range<usize>)>, AgentError> {
+    let cs = map.chunk_size as u64;
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&i| batch[i].0);
+    let total = batch.iter().map(|(slot, _)| slot_len(*slot)).sum();
+    if buf.capacity() < total {
+        *buf = AlignedBuf::new(total);
+    }
+    buf.set_len(total);
+    let mut runs: Vec<(u64, Range<usize>)> = Vec::new();
+    let mut pieces: Vec<Option<&mut [u8]>> = (0..batch.len()).map(|_| None).collect();
+    let mut rest: &mut [u8] = buf;
+    let mut at = 0;
+    for &i in &order {
+        let (slot, len) = (batch[i].0, slot_len(batch[i].0));
+        match runs.last_mut() {
+            Some((offset, r)) if *offset + r.len() as u64 == slot * cs => r.end += len,
+            _ => runs.push((slot * cs, at..at + len)),
+        }
+        let (piece, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        pieces[i] = Some(piece);
+        rest = tail;
+        at += len;
+    }
+    let mut dst: Vec<&mut [u8]> = pieces.into_iter().map(|p| p.expect("placed")).collect();
+    vault.open_disk_chunks_to(map, batch, fetched, Verify::Rehash, &mut dst)?;
+    Ok(runs)
+}
+
+/// One writer: writes what the workers decoded and returns each buffer to the pool.
+fn write_all(
+    wrx: Receiver<Write>,
+    free: Sender<AlignedBuf>,
+    (file, direct): (&File, Option<&File>),
+    zero_fill: bool,
+    progress: &dyn Progress,
+) -> io::Result<u64> {
+    let mut written = 0;
+    for op in wrx {
+        match op {
+            Write::Data { buf, runs } => {
+                for (offset, r) in runs {
+                    let data = &buf[r.clone()];
+                    // The aligned front goes through O_DIRECT; a short tail (the last slot of a
+                    // disk whose size is not a multiple of 4 KiB) through the page cache.
+                    let mut done = 0;
+                    if let Some(d) = direct {
+                        if offset % ALIGN as u64 == 0 && r.start % ALIGN == 0 {
+                            done = data.len() / ALIGN * ALIGN;
+                            d.write_all_at(&data[..done], offset)?;
+                        }
+                    }
+                    if done < data.len() {
+                        file.write_all_at(&data[done..], offset + done as u64)?;
+                    }
+                    written += data.len() as u64;
+                    progress.advance(data.len() as u64);
+                }
+                let _ = free.send(buf);
+            }
+            Write::Zeros { offset, len } => {
+                if zero_fill {
+                    zero_range(file, offset, len)?;
+                }
+                progress.advance(len);
+            }
+        }
+    }
+    Ok(written)
+}
+
 /// Sends a job per stored chunk and per run of zero slots. A closed channel means a worker
 /// failed; the worker's error is reported, so this returns Ok and stops walking.
 fn walk_jobs(
     vault: &Vault,
     map: &DiskMapRef,
     tx: Sender<Job>,
+    max_batch: usize,
     cancel: &Cancel,
 ) -> Result<(), AgentError> {
     let mut load =
@@ -620,11 +734,6 @@ fn walk_jobs(
     let mut pending: Vec<(u64, ChunkId)> = Vec::new();
     // Writes are positioned, so chunks can be fetched in any order: each window of slots is
     // sorted by where its chunks sit in the packs and cut into coalesced reads.
-    let max_batch = if vault.store().read_parallelism() > 1 {
-        MAX_BATCH_REMOTE
-    } else {
-        MAX_BATCH_LOCAL
-    };
     let flush = |pending: &mut Vec<(u64, ChunkId)>| -> Result<(), AgentError> {
         let mut located: Vec<_> = pending
             .drain(..)

@@ -141,21 +141,59 @@ impl Keys {
         mut out: Vec<u8>,
     ) -> Result<Vec<u8>, CryptoError> {
         out.clear();
+        match self.open_body(aad, sealed)? {
+            Body::Raw(raw) => out.extend_from_slice(raw),
+            Body::Zstd { frame, raw_len } => {
+                out.reserve_exact(raw_len);
+                if decompress(frame, &mut out)? != raw_len {
+                    return Err(CryptoError::Malformed("decompressed length mismatch"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like [`Keys::open_in_place`], writing the plaintext to the front of `out` and returning
+    /// its length: a restore decodes chunks straight into the aligned buffer it writes from. A
+    /// plaintext longer than `out` is an error.
+    pub fn open_in_place_to(
+        &self,
+        aad: &[u8],
+        sealed: &mut [u8],
+        out: &mut [u8],
+    ) -> Result<usize, CryptoError> {
+        let too_long = CryptoError::Malformed("plaintext longer than the space for it");
+        match self.open_body(aad, sealed)? {
+            Body::Raw(raw) => {
+                out.get_mut(..raw.len())
+                    .ok_or(too_long)?
+                    .copy_from_slice(raw);
+                Ok(raw.len())
+            }
+            Body::Zstd { frame, raw_len } => {
+                let out = out.get_mut(..raw_len).ok_or(too_long)?;
+                if decompress(frame, out)? != raw_len {
+                    return Err(CryptoError::Malformed("decompressed length mismatch"));
+                }
+                Ok(raw_len)
+            }
+        }
+    }
+
+    /// Authenticates and decrypts `sealed` in place and splits the body by its codec.
+    fn open_body<'a>(&self, aad: &[u8], sealed: &'a mut [u8]) -> Result<Body<'a>, CryptoError> {
         if sealed.len() < SEAL_OVERHEAD {
             return Err(CryptoError::Malformed("shorter than nonce, codec and tag"));
         }
         let (nonce, body) = sealed.split_at_mut(NONCE_LEN);
         let nonce =
             Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::Malformed("nonce"))?;
-        let body = self
+        let body: &'a [u8] = self
             .data
             .open_in_place(nonce, Aad::from(aad), body)
             .map_err(|_| CryptoError::Authentication)?;
         match body[0] {
-            CODEC_RAW => {
-                out.extend_from_slice(&body[1..]);
-                Ok(out)
-            }
+            CODEC_RAW => Ok(Body::Raw(&body[1..])),
             CODEC_ZSTD => {
                 if body.len() < 5 {
                     return Err(CryptoError::Malformed("zstd body without length"));
@@ -164,15 +202,24 @@ impl Keys {
                 if raw_len > MAX_PLAINTEXT {
                     return Err(CryptoError::Malformed("declared length too large"));
                 }
-                let out = decompress(&body[5..], raw_len, out)?;
-                if out.len() != raw_len {
-                    return Err(CryptoError::Malformed("decompressed length mismatch"));
-                }
-                Ok(out)
+                Ok(Body::Zstd {
+                    frame: &body[5..],
+                    raw_len,
+                })
             }
             _ => Err(CryptoError::Malformed("unknown codec")),
         }
     }
+}
+
+/// An authenticated, decrypted body.
+enum Body<'a> {
+    Raw(&'a [u8]),
+    /// `raw_len`: the plaintext length the sealer declared (at most [`MAX_PLAINTEXT`]).
+    Zstd {
+        frame: &'a [u8],
+        raw_len: usize,
+    },
 }
 
 thread_local! {
@@ -185,9 +232,12 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Decompresses into `out` (empty) with this thread's reusable context (creating one per chunk
-/// cost ~5 % of a restore).
-fn decompress(frame: &[u8], raw_len: usize, mut out: Vec<u8>) -> Result<Vec<u8>, CryptoError> {
+/// Decompresses into `out` (a Vec's spare capacity, or a slice) with this thread's reusable
+/// context (creating one per chunk cost ~5 % of a restore); returns the bytes written.
+fn decompress<C: zstd::zstd_safe::WriteBuf + ?Sized>(
+    frame: &[u8],
+    out: &mut C,
+) -> Result<usize, CryptoError> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
@@ -196,12 +246,10 @@ fn decompress(frame: &[u8], raw_len: usize, mut out: Vec<u8>) -> Result<Vec<u8>,
                     .map_err(|e| CryptoError::Decompress(e.to_string()))?,
             );
         }
-        out.reserve_exact(raw_len);
         d.as_mut()
             .unwrap()
-            .decompress_to_buffer(frame, &mut out)
-            .map_err(|e| CryptoError::Decompress(e.to_string()))?;
-        Ok(out)
+            .decompress_to_buffer(frame, out)
+            .map_err(|e| CryptoError::Decompress(e.to_string()))
     })
 }
 

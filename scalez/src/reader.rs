@@ -628,6 +628,49 @@ mod tests {
     }
 
     #[test]
+    fn chunks_decode_into_caller_slices_and_tampering_names_the_pack() {
+        let cs = CS;
+        let disk: Vec<u8> = (0..6u32)
+            .flat_map(|i| vec![if i % 2 == 0 { 7 } else { i as u8 }; cs])
+            .chain(vec![9u8; cs / 2])
+            .collect();
+        let (vault, store) = crate::testing::memory_vault_and_store(cs as u32);
+        let map = crate::testing::store_disk(&vault, &disk);
+        let reader = DiskReader::new(vault.clone(), map.clone(), cs);
+        // Out of disk order, with slots 0, 2 and 4 sharing one chunk and a short last slot.
+        let slots: Vec<(u64, ChunkId)> = [6u64, 4, 1, 0, 3, 2, 5]
+            .iter()
+            .map(|&s| (s, reader.chunk_id(s).unwrap().unwrap()))
+            .collect();
+        let len = |s: u64| if s == 6 { cs / 2 } else { cs };
+        let mut bufs: Vec<Vec<u8>> = slots.iter().map(|(s, _)| vec![0xEE; len(*s)]).collect();
+        let mut dst: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        vault
+            .read_disk_chunks_to(&map, &slots, Verify::Rehash, &mut dst)
+            .unwrap();
+        for ((slot, _), data) in slots.iter().zip(&bufs) {
+            let at = *slot as usize * cs;
+            assert_eq!(data[..], disk[at..at + len(*slot)], "slot {slot}");
+        }
+
+        // One flipped byte in slot 3's chunk fails the batch and names the pack.
+        let loc = vault.locate(&slots[4].1).unwrap();
+        store.tamper(&loc.pack.key(), |d| d[loc.offset as usize + 20] ^= 1);
+        let mut dst: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        match vault.read_disk_chunks_to(&map, &slots, Verify::Rehash, &mut dst) {
+            Err(crate::Error::Corrupt { key, .. }) => assert_eq!(key, loc.pack.key()),
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        // A chunk the index does not know is named.
+        let unknown = vault.keys().chunk_id(b"never stored");
+        let mut one = vec![0u8; cs];
+        match vault.read_disk_chunks_to(&map, &[(1, unknown)], Verify::Rehash, &mut [&mut one]) {
+            Err(crate::Error::MissingChunk { chunk, .. }) => assert_eq!(chunk, unknown),
+            other => panic!("expected a missing chunk, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn interleaved_sequential_streams_each_prefetch() {
         let cs = CS;
         let disk: Vec<u8> = (0..200u32)

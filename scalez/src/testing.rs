@@ -12,6 +12,11 @@ use crate::vault::{Vault, VaultOptions};
 
 /// A fresh in-memory vault with the given chunk size and a cheap KDF.
 pub fn memory_vault(chunk_size: u32) -> Arc<Vault> {
+    memory_vault_and_store(chunk_size).0
+}
+
+/// [`memory_vault`] and its store (for tests that tamper with objects).
+pub fn memory_vault_and_store(chunk_size: u32) -> (Arc<Vault>, Arc<MemoryStore>) {
     let opts = VaultOptions {
         chunk_size,
         kdf: KdfParams {
@@ -21,7 +26,9 @@ pub fn memory_vault(chunk_size: u32) -> Arc<Vault> {
         },
         ..VaultOptions::default()
     };
-    Arc::new(Vault::init(Arc::new(MemoryStore::new()), b"pw", opts).expect("init"))
+    let store = Arc::new(MemoryStore::new());
+    let vault = Vault::init(store.clone(), b"pw", opts).expect("init");
+    (Arc::new(vault), store)
 }
 
 /// Stores `disk` in `vault` on its chunk grid (zero chunks are not stored) and returns its map.

@@ -43,6 +43,21 @@ pub const COALESCE_GAP: u64 = 256 * 1024;
 /// ~170 MB/s in 256 KiB requests, ~780 MB/s in 4 MiB ones on Ceph RGW here).
 pub const COALESCE_MAX: u64 = 8 << 20;
 
+/// Sealed disk chunks fetched by [`Vault::fetch_disk_chunks`], to be opened by
+/// [`Vault::open_disk_chunks_to`].
+pub struct FetchedChunks {
+    /// One range holds every chunk; otherwise one range per slot.
+    coalesced: bool,
+    ranges: Vec<FetchedRange>,
+    locs: Vec<Location>,
+}
+
+struct FetchedRange {
+    key: String,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
 /// A byte range of one pack that a coalesced read will fetch.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadRun {
@@ -581,16 +596,17 @@ impl Vault {
         let cs = map.chunk_size as u64;
         let want = cs.min(map.size.saturating_sub(slot * cs)) as usize;
         if data.len() != want {
-            let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
-            return Err(self.corrupt(
-                &key,
-                format!(
-                    "chunk {id} has {} bytes, disk slot {slot} needs {want}",
-                    data.len()
-                ),
-            ));
+            return Err(self.slot_len_error(slot, id, data.len(), want));
         }
         Ok(data)
+    }
+
+    fn slot_len_error(&self, slot: u64, id: &ChunkId, have: usize, want: usize) -> Error {
+        let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
+        self.corrupt(
+            &key,
+            format!("chunk {id} has {have} bytes, disk slot {slot} needs {want}"),
+        )
     }
 
     /// Starts a coalesced read at chunk `id` (None if the chunk is not in the index).
@@ -714,6 +730,125 @@ impl Vault {
                 self.check_slot_len(map, *slot, id, plain)
             })
             .collect()
+    }
+
+    /// [`Vault::read_disk_chunks`] writing each slot's plaintext into `dst` (one slice per slot,
+    /// each exactly the slot's length) instead of returning buffers: a restore decodes straight
+    /// into the aligned buffer it writes from, with no copy and no fresh memory per chunk.
+    pub fn read_disk_chunks_to(
+        &self,
+        map: &catalog::DiskMapRef,
+        slots: &[(u64, ChunkId)],
+        verify: Verify,
+        dst: &mut [&mut [u8]],
+    ) -> Result<()> {
+        let fetched = self.fetch_disk_chunks(slots)?;
+        self.open_disk_chunks_to(map, slots, fetched, verify, dst)
+    }
+
+    /// The first half of [`Vault::read_disk_chunks_to`]: fetches the sealed chunks of `slots`,
+    /// with one ranged read when one can cover them all (see [`Vault::run_extend`]), else one
+    /// per chunk. A restore fetches before it takes a buffer to decode into, so buffers are not
+    /// held while requests are in flight.
+    pub fn fetch_disk_chunks(&self, slots: &[(u64, ChunkId)]) -> Result<FetchedChunks> {
+        self.after_refresh(|| {
+            let locs = slots
+                .iter()
+                .map(|(_, id)| {
+                    self.locate(id).ok_or_else(|| Error::MissingChunk {
+                        location: self.location(),
+                        chunk: *id,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let coalesced = !slots.is_empty() && {
+                let mut run = self.run_start(&slots[0].1);
+                slots[1..]
+                    .iter()
+                    .all(|(_, id)| run.as_mut().is_some_and(|r| self.run_extend(r, id)))
+            };
+            let ranges = if coalesced {
+                vec![self.fetch_range(&locs)?]
+            } else {
+                locs.iter()
+                    .map(|l| self.fetch_range(std::slice::from_ref(l)))
+                    .collect::<Result<_>>()?
+            };
+            Ok(FetchedChunks {
+                coalesced,
+                ranges,
+                locs,
+            })
+        })
+    }
+
+    /// One ranged read covering the chunks at `locs` (all in one pack).
+    fn fetch_range(&self, locs: &[Location]) -> Result<FetchedRange> {
+        let key = locs[0].pack.key();
+        let start = locs.iter().map(|l| l.offset as u64).min().unwrap_or(0);
+        let end = locs
+            .iter()
+            .map(|l| l.offset as u64 + l.len as u64)
+            .max()
+            .unwrap_or(0);
+        let bytes = self
+            .store
+            .get_range(&key, start..end)
+            .map_err(|e| match e {
+                StoreError::BadRange { .. } => {
+                    self.corrupt(&key, "pack is shorter than its index says (truncated)")
+                }
+                e => e.into(),
+            })?;
+        Ok(FetchedRange { key, start, bytes })
+    }
+
+    /// The second half of [`Vault::read_disk_chunks_to`]: authenticates each chunk where it lies
+    /// in the fetched bytes and decodes it into its slot's slice of `dst`.
+    pub fn open_disk_chunks_to(
+        &self,
+        map: &catalog::DiskMapRef,
+        slots: &[(u64, ChunkId)],
+        mut fetched: FetchedChunks,
+        verify: Verify,
+        dst: &mut [&mut [u8]],
+    ) -> Result<()> {
+        assert_eq!(slots.len(), dst.len(), "one destination per slot");
+        assert_eq!(slots.len(), fetched.locs.len(), "fetched for these slots");
+        let cs = map.chunk_size as u64;
+        // A chunk listed twice (the same content at two slots) is opened once, then copied.
+        let mut first_at: HashMap<u32, usize> = HashMap::new();
+        for (i, ((slot, id), loc)) in slots.iter().zip(&fetched.locs).enumerate() {
+            let want = cs.min(map.size.saturating_sub(slot * cs)) as usize;
+            assert_eq!(
+                dst[i].len(),
+                want,
+                "the destination of slot {slot} is its length"
+            );
+            if let Some(&j) = first_at.get(&loc.offset).filter(|_| fetched.coalesced) {
+                let (done, rest) = dst.split_at_mut(i);
+                rest[0].copy_from_slice(done[j]);
+                continue;
+            }
+            first_at.insert(loc.offset, i);
+            let range = &mut fetched.ranges[if fetched.coalesced { 0 } else { i }];
+            let at = (loc.offset as u64 - range.start) as usize;
+            let sealed = &mut range.bytes[at..at + loc.len as usize];
+            let key = &range.key;
+            let n = self
+                .keys
+                .open_in_place_to(&chunk_aad(id), sealed, dst[i])
+                .map_err(|e| {
+                    self.corrupt(key, format!("chunk {id} at offset {}: {e}", loc.offset))
+                })?;
+            if n != want {
+                return Err(self.slot_len_error(*slot, id, n, want));
+            }
+            if verify == Verify::Rehash && self.keys.chunk_id(dst[i]) != *id {
+                return Err(self.corrupt(key, format!("chunk {id} content does not match its id")));
+            }
+        }
+        Ok(())
     }
 
     pub fn load_page(&self, id: &ChunkId) -> Result<Page> {
