@@ -13,6 +13,8 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+
 use super::{ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
 
 const CACHED_PREFIXES: [&str; 3] = ["index/", "catalog/", "tags/"];
@@ -87,6 +89,14 @@ impl<S: ObjectStore> ObjectStore for CachedStore<S> {
 
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
         self.inner.put(key, data, mode)?;
+        if cacheable(key) {
+            self.save(key, data);
+        }
+        Ok(())
+    }
+
+    fn put_bytes(&self, key: &str, data: &Bytes, mode: PutMode) -> Result<(), StoreError> {
+        self.inner.put_bytes(key, data, mode)?;
         if cacheable(key) {
             self.save(key, data);
         }

@@ -6,6 +6,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use super::{ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
 
 /// What to inject. Counters are over every operation of the store.
@@ -90,14 +92,9 @@ impl<S: ObjectStore> FaultStore<S> {
     }
 }
 
-impl<S: ObjectStore> ObjectStore for FaultStore<S> {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-
-    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
-        self.before("put", key)?;
-        self.inner.put(key, data, mode)?;
+impl<S: ObjectStore> FaultStore<S> {
+    /// The injected loss of the first put's answer (the object is stored, the reply is not).
+    fn after_put(&self, key: &str) -> Result<(), StoreError> {
         if self.plan.lose_first_put_answer && !self.lost_put.swap(true, Ordering::Relaxed) {
             self.injected.fetch_add(1, Ordering::Relaxed);
             return Err(StoreError::Remote {
@@ -109,6 +106,24 @@ impl<S: ObjectStore> ObjectStore for FaultStore<S> {
             });
         }
         Ok(())
+    }
+}
+
+impl<S: ObjectStore> ObjectStore for FaultStore<S> {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
+        self.before("put", key)?;
+        self.inner.put(key, data, mode)?;
+        self.after_put(key)
+    }
+
+    fn put_bytes(&self, key: &str, data: &Bytes, mode: PutMode) -> Result<(), StoreError> {
+        self.before("put", key)?;
+        self.inner.put_bytes(key, data, mode)?;
+        self.after_put(key)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod retry;
 pub mod s3;
 
+use bytes::Bytes;
 use std::fmt;
 use std::ops::Range;
 
@@ -106,6 +107,11 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     /// Where this store lives, for messages (`/var/backups/vault`, `s3://bucket/prefix`).
     fn location(&self) -> String;
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError>;
+    /// [`ObjectStore::put`] of bytes the caller gives up: a remote store sends them without
+    /// copying them first (a pack is 16 MiB, and several are in flight).
+    fn put_bytes(&self, key: &str, data: &Bytes, mode: PutMode) -> Result<(), StoreError> {
+        self.put(key, data, mode)
+    }
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError>;
     /// Bytes `range` of the object; the range must lie inside it.
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError>;
@@ -146,6 +152,9 @@ impl<T: ObjectStore + ?Sized> ObjectStore for std::sync::Arc<T> {
     }
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
         (**self).put(key, data, mode)
+    }
+    fn put_bytes(&self, key: &str, data: &Bytes, mode: PutMode) -> Result<(), StoreError> {
+        (**self).put_bytes(key, data, mode)
     }
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
         (**self).get(key)

@@ -8,6 +8,8 @@
 //! succeeded; otherwise someone else won the race and `AlreadyExists` is the right answer.
 
 use std::ops::Range;
+
+use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -90,15 +92,20 @@ impl<S: ObjectStore> RetryStore<S> {
     }
 }
 
-impl<S: ObjectStore> ObjectStore for RetryStore<S> {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-
-    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
+impl<S: ObjectStore> RetryStore<S> {
+    /// Retries `put` (one attempt of storing `data` at `key`). A create-only put that finds
+    /// the object after a failed attempt succeeds if the stored bytes are `data`: an earlier
+    /// attempt stored it and only its answer was lost.
+    fn put_with(
+        &self,
+        key: &str,
+        data: &[u8],
+        mode: PutMode,
+        mut put: impl FnMut() -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut failed_once = false;
         let result = self.run("put", key, || {
-            let r = self.inner.put(key, data, mode);
+            let r = put();
             if r.as_ref().is_err_and(|e| e.is_retryable()) {
                 failed_once = true;
             }
@@ -117,6 +124,20 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
             }
             other => other,
         }
+    }
+}
+
+impl<S: ObjectStore> ObjectStore for RetryStore<S> {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
+        self.put_with(key, data, mode, || self.inner.put(key, data, mode))
+    }
+
+    fn put_bytes(&self, key: &str, data: &Bytes, mode: PutMode) -> Result<(), StoreError> {
+        self.put_with(key, data, mode, || self.inner.put_bytes(key, data, mode))
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {

@@ -35,6 +35,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use aws_sdk_s3::Client;
 
@@ -371,14 +372,14 @@ impl S3Store {
         }
     }
 
-    async fn put_once(&self, full: &str, data: &[u8], if_none_match: bool) -> Result<(), Failure> {
+    async fn put_once(&self, full: &str, data: &Bytes, if_none_match: bool) -> Result<(), Failure> {
         self.count(1);
         let mut req = self
             .client
             .put_object()
             .bucket(&self.config.bucket)
             .key(full)
-            .body(ByteStream::from(data.to_vec()));
+            .body(ByteStream::from(data.clone()));
         if if_none_match {
             req = req.if_none_match("*");
         }
@@ -398,7 +399,7 @@ impl S3Store {
     async fn put_multipart(
         &self,
         full: &str,
-        data: &[u8],
+        data: &Bytes,
         if_none_match: bool,
     ) -> Result<(), Failure> {
         let bucket = &self.config.bucket;
@@ -415,7 +416,8 @@ impl S3Store {
         }
         let upload = create.send().await.map_err(|e| classify(&e))?;
         let id = upload.upload_id().unwrap_or_default().to_string();
-        let parts = data.chunks(PART_SIZE).enumerate().map(|(i, part)| {
+        let parts = (0..data.len().div_ceil(PART_SIZE)).map(|i| {
+            let part = data.slice(i * PART_SIZE..data.len().min((i + 1) * PART_SIZE));
             let id = id.clone();
             async move {
                 self.count(1);
@@ -427,7 +429,7 @@ impl S3Store {
                     .key(full)
                     .upload_id(id)
                     .part_number(n)
-                    .body(ByteStream::from(part.to_vec()))
+                    .body(ByteStream::from(part))
                     .customize()
                     .disable_payload_signing()
                     .send()
@@ -528,9 +530,9 @@ impl S3Store {
         }
         let key = format!("locks/probe-{}", hex::encode(rand::random::<[u8; 8]>()));
         let full = self.full_key(&key);
-        let first = self.block(self.put_once(&full, b"probe", true));
+        let first = self.block(self.put_once(&full, &Bytes::from_static(b"probe"), true));
         first.map_err(|f| self.fail("put", &key, f))?;
-        let second = self.block(self.put_once(&full, b"probe", true));
+        let second = self.block(self.put_once(&full, &Bytes::from_static(b"probe"), true));
         let supported = match second {
             Ok(()) => false,
             Err(f) if f.status == Some(412) || f.code.as_deref() == Some("PreconditionFailed") => {
@@ -607,6 +609,11 @@ impl ObjectStore for S3Store {
     }
 
     fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
+        self.put_bytes(key, &Bytes::copy_from_slice(data), mode)
+    }
+
+    /// Sends `data` as it is: the request body shares it (no copy of a 16 MiB pack).
+    fn put_bytes(&self, key: &str, data: &Bytes, mode: PutMode) -> Result<(), StoreError> {
         validate_key(key)?;
         let full = self.full_key(key);
         let conditional = mode == PutMode::Create && self.conditional_puts()?;
