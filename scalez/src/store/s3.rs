@@ -35,9 +35,9 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use bytes::Bytes;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use aws_sdk_s3::Client;
+use bytes::Bytes;
 
 use super::{validate_key, ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
 
