@@ -685,22 +685,11 @@ impl Vault {
                 .map(|(slot, id)| self.read_disk_chunk_with(map, *slot, id, verify, spare))
                 .collect();
         };
-        let key = locs[0].pack.key();
-        let start = locs.iter().map(|l| l.offset as u64).min().unwrap_or(0);
-        let end = locs
-            .iter()
-            .map(|l| l.offset as u64 + l.len as u64)
-            .max()
-            .unwrap_or(0);
-        let mut bytes = self
-            .store
-            .get_range(&key, start..end)
-            .map_err(|e| match e {
-                StoreError::BadRange { .. } => {
-                    self.corrupt(&key, "pack is shorter than its index says (truncated)")
-                }
-                e => e.into(),
-            })?;
+        let FetchedRange {
+            key,
+            start,
+            mut bytes,
+        } = self.fetch_range(&locs)?;
         // Chunks are decrypted where they lie in the fetched range. A chunk listed twice (the
         // same content at two slots) is opened once and its plaintext kept for the repeat.
         let mut seen = HashSet::new();
