@@ -6,8 +6,10 @@
 //!   and never read.
 //! * [`pipeline`]: disk backup and restore. Backup = one reader thread → N worker threads (zero
 //!   check, keyed hash, dedup check, compress + encrypt) → the vault's packer thread, while the
-//!   calling thread assembles the disk map in order. Restore = the calling thread walks the map,
-//!   N workers fetch, verify and write chunks with positional writes.
+//!   calling thread assembles the disk map in order. Restore = the calling thread walks the map
+//!   and cuts it into jobs (coalesced reads); N workers fetch each job, then decode and verify it
+//!   straight into an aligned buffer from a fixed pool, laid out in disk order; writer threads
+//!   write each run of consecutive slots with one positional (O_DIRECT when allowed) write.
 //!
 //! * [`stream`]: streams of unknown length (stdin, a file) in content-defined chunks, restored
 //!   in order to any writer.
