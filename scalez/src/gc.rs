@@ -136,12 +136,15 @@ impl Lease {
                 .spawn(move || {
                     let period = lease_ttl() / 4;
                     let (lock, cv) = &*stop;
-                    let mut stopped = lock.lock().unwrap();
                     loop {
-                        stopped = cv.wait_timeout(stopped, period).unwrap().0;
+                        // The flag is checked before waiting: a drop that came before this
+                        // thread first ran must not leave it (and the drop) waiting a period.
+                        let stopped = lock.lock().unwrap();
+                        let (stopped, _) = cv.wait_timeout_while(stopped, period, |s| !*s).unwrap();
                         if *stopped {
                             return;
                         }
+                        drop(stopped);
                         let now = now_ms();
                         let body = LeaseBody {
                             heartbeat_ms: now,
@@ -298,4 +301,30 @@ pub fn condemned_packs(plans: &[(String, Plan)]) -> HashSet<PackId> {
         .flat_map(|(_, p)| &p.condemned)
         .filter_map(|h| PackId::from_hex(h))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lease dropped right after it was taken (a tiny backup) must not wait for its heartbeat
+    /// thread's period (150 s by default): the stop flag is seen even if it came first.
+    #[test]
+    fn a_lease_dropped_at_once_is_released_at_once() {
+        let vault = crate::testing::memory_vault(4096);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..50 {
+                let lease = Lease::acquire(&vault).unwrap();
+                drop(lease);
+            }
+            assert!(
+                vault.store().list(LEASES).unwrap().is_empty(),
+                "leases deleted"
+            );
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("50 leases taken and dropped within a minute");
+    }
 }
