@@ -632,8 +632,8 @@ fn take_buffer(free: &Receiver<AlignedBuf>, stop: &AtomicBool) -> Result<Aligned
     }
 }
 
-/// Decodes the fetched chunks of `batch` into `buf`, laid out in disk order; returns the stretches of
-/// consecutive slots as (disk offset, range of `buf`).
+/// Decodes the fetched chunks of `batch` into `buf`, laid out in disk order; returns the
+/// stretches of consecutive slots as (disk offset, range of `buf`).
 fn decode_job(
     vault: &Vault,
     map: &DiskMapRef,
