@@ -8,10 +8,10 @@
 //! succeeded; otherwise someone else won the race and `AlreadyExists` is the right answer.
 
 use std::ops::Range;
-
-use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use super::{ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
 
@@ -90,9 +90,7 @@ impl<S: ObjectStore> RetryStore<S> {
             }
         }
     }
-}
 
-impl<S: ObjectStore> RetryStore<S> {
     /// Retries `put` (one attempt of storing `data` at `key`). A create-only put that finds
     /// the object after a failed attempt succeeds if the stored bytes are `data`: an earlier
     /// attempt stored it and only its answer was lost.
