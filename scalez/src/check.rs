@@ -22,12 +22,12 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::catalog::{RecoveryPoint, RpKind};
-use crate::disk_map::{MapReader, Page};
 use crate::error::{Error, Result};
 use crate::ids::{ChunkId, PackId, RecoveryPointId};
 use crate::index::Location;
 use crate::pack;
 use crate::vault::{Vault, Verify};
+use crate::walk;
 
 /// How much chunk data to read.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -313,14 +313,21 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
     // Catalog, tags and maps.
     progress("checking recovery points");
     let mut rps: Vec<RecoveryPoint> = Vec::new();
-    let catalog = store.list("catalog/")?;
-    report.rps = catalog.len();
-    for obj in catalog {
+    for obj in store.list("catalog/")? {
         let name = obj.key.trim_start_matches("catalog/");
-        let Ok(id) = name.parse::<RecoveryPointId>() else {
-            problems.add(&obj.key, "catalog entry with a malformed name");
+        let Some(id) = RecoveryPointId::from_object_name(name) else {
+            problems.add(
+                &obj.key,
+                if name.parse::<RecoveryPointId>().is_ok() {
+                    "catalog object under a non-canonical spelling of an RP id (a planted copy?); \
+                     listing and prune ignore it"
+                } else {
+                    "catalog object with a malformed name; listing and prune ignore it"
+                },
+            );
             continue;
         };
+        report.rps += 1;
         match vault.read_rp(&obj.key, &id) {
             Ok(rp) => rps.push(rp),
             Err(e) => {
@@ -333,6 +340,15 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
         let Some((rp, _)) = obj.key.trim_start_matches("tags/").split_once('/') else {
             continue;
         };
+        let canonical = RecoveryPointId::from_object_name(rp)
+            .is_some_and(|id| crate::vault::is_canonical_tag_key(&obj.key, &id));
+        if !canonical {
+            problems.add(
+                &obj.key,
+                "tag object with a non-canonical name (a planted copy?); listing ignores it",
+            );
+            continue;
+        }
         if let Err(e) = store.get(&obj.key).map_err(Error::from).and_then(|sealed| {
             vault
                 .keys()
@@ -374,67 +390,31 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
                 }
             }
         };
-        if let Some(s) = &rp.stream {
-            let mut refs = 0u64;
-            let walked = crate::stream_map::for_each_chunk(vault, s, &mut |id| {
-                refs += 1;
-                check_chunk(id, &mut problems);
-                Ok(())
-            });
-            if let Err(e) = walked {
-                map_problem(&mut problems, &e, &rp.id, "stream map");
-            }
-            report.chunk_references += refs;
-        }
-        if let Some(t) = &rp.tree {
-            let mut refs = 0u64;
-            let walked = crate::tree::for_each_chunk(vault, &t.stream, &mut |id| {
-                refs += 1;
-                check_chunk(id, &mut problems);
-                Ok(())
-            });
-            if let Err(e) = walked {
-                map_problem(&mut problems, &e, &rp.id, "file tree");
-            }
-            report.chunk_references += refs;
-        }
-        let Some(map) = &rp.disk else { continue };
-        // A page that does not load is recorded and read as empty, so the walk goes on and the
-        // RP is still attributed to every other damaged object it needs.
-        let mut page_errors: Vec<Error> = Vec::new();
-        let mut load = |id: &ChunkId| -> std::result::Result<Arc<Page>, Error> {
-            match vault.load_page(id) {
-                Ok(p) => Ok(Arc::new(p)),
-                Err(e) => {
-                    page_errors.push(e);
-                    Ok(Arc::new(Page {
-                        level: 0,
-                        entries: Vec::new(),
-                    }))
-                }
-            }
+        // Damaged parts are recorded and skipped, so the RP is attributed to every damaged
+        // object it needs (named by its object: the pack holding it).
+        let what = match rp.kind {
+            RpKind::Disk => "map page",
+            RpKind::Stream => "stream map",
+            RpKind::File => "file tree",
+            RpKind::Instance => "instance record",
         };
-        let mut reader = MapReader {
-            root: map.root,
-            depth: map.depth,
-            slots: map.slots(),
-            load: &mut load,
-        };
-        if let Some(root) = &map.root {
-            check_chunk(root, &mut problems);
-        }
+        let mut damaged: Vec<Error> = Vec::new();
         let mut refs = 0u64;
-        let walked = reader.walk(&mut |_, entries| {
-            for id in entries.iter().flatten() {
+        walk::for_each_chunk(
+            vault,
+            rp,
+            &mut |e| {
+                damaged.push(e);
+                Ok(())
+            },
+            &mut |id| {
                 refs += 1;
                 check_chunk(id, &mut problems);
-            }
-            Ok(())
-        });
-        page_errors.extend(walked.err());
-        for e in page_errors {
-            // Named by its object (the pack holding the page).
-            map_problem(&mut problems, &e, &rp.id, "map page");
+                Ok(())
+            },
+        )?;
+        for e in damaged {
+            map_problem(&mut problems, &e, &rp.id, what);
         }
         report.chunk_references += refs;
     }

@@ -58,9 +58,12 @@ impl PackId {
         format!("packs/{}/{}", &h[..2], h)
     }
 
+    /// The pack an object key names, only if the key is exactly the one [`PackId::key`] writes
+    /// (lower-case hex in its own fan-out directory): a planted copy under another spelling is
+    /// not a pack.
     pub fn from_key(key: &str) -> Option<Self> {
         let name = key.strip_prefix("packs/")?.split('/').nth(1)?;
-        Self::from_hex(name)
+        Self::from_hex(name).filter(|p| p.key() == key)
     }
 
     pub fn from_hex(name: &str) -> Option<Self> {
@@ -109,6 +112,15 @@ impl RecoveryPointId {
 
     pub fn tags_prefix(&self) -> String {
         format!("tags/{}/", self.0)
+    }
+
+    /// The RP an object name (`catalog/<name>`) stands for, only if the name is exactly the
+    /// canonical spelling of its id. User input may be in any case ([`FromStr`]), object names
+    /// may not: a copy of `catalog/rp-<id>` under another spelling authenticates (the sealed
+    /// body is bound to the canonical id), so accepting it would list the RP twice, and prune
+    /// would then delete the canonical entry as the "duplicate".
+    pub fn from_object_name(name: &str) -> Option<Self> {
+        name.parse::<Self>().ok().filter(|id| id.0 == name)
     }
 }
 
@@ -174,5 +186,34 @@ mod tests {
     fn pack_key_roundtrip() {
         let p = PackId::random();
         assert_eq!(PackId::from_key(&p.key()), Some(p));
+        // Another spelling of the same id is not a pack.
+        assert_eq!(PackId::from_key(&p.key().to_ascii_uppercase()), None);
+        let h = p.hex();
+        assert_eq!(
+            PackId::from_key(&format!("packs/{}/{h}", &h[..2].to_ascii_uppercase())),
+            None
+        );
+        assert_eq!(
+            PackId::from_key(&format!("packs/00/{h}")).filter(|_| &h[..2] != "00"),
+            None
+        );
+    }
+
+    #[test]
+    fn object_names_must_be_canonical() {
+        let id = RecoveryPointId::generate();
+        assert_eq!(
+            RecoveryPointId::from_object_name(id.as_str()),
+            Some(id.clone())
+        );
+        let upper = format!("rp-{}", id.as_str()[3..].to_ascii_uppercase());
+        // The CLI accepts any case, object names only the canonical one.
+        assert_eq!(upper.parse::<RecoveryPointId>().unwrap(), id);
+        assert_eq!(RecoveryPointId::from_object_name(&upper), None);
+        assert_eq!(
+            RecoveryPointId::from_object_name("RP-01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+            None
+        );
+        assert_eq!(RecoveryPointId::from_object_name("junk"), None);
     }
 }

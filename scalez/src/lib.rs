@@ -66,6 +66,7 @@ pub mod stream_map;
 pub mod testing;
 pub mod tree;
 pub mod vault;
+pub mod walk;
 
 pub use catalog::{
     Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpKind, StreamRef, TagUpdate,

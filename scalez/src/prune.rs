@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::catalog::{RecoveryPoint, RpKind};
-use crate::disk_map::{MapReader, Page};
 use crate::error::{Error, Result};
 use crate::gc::{self, Plan};
 use crate::ids::{ChunkId, PackId, RecoveryPointId};
@@ -22,6 +21,7 @@ use crate::index::{self, Location};
 use crate::session::BackupSession;
 use crate::store::PutMode;
 use crate::vault::{index_aad, Vault};
+use crate::walk;
 
 /// How many RPs to keep per asset. Empty: keep everything (prune then only collects garbage).
 #[derive(Debug, Clone, Default)]
@@ -45,6 +45,42 @@ impl Retention {
             && self.keep_monthly.is_none()
             && self.keep_yearly.is_none()
             && self.keep_tags.is_empty()
+    }
+}
+
+/// The tag that protects an RP: kept by every prune whatever the policy, and refused by
+/// `rp delete` unless forced. Set and cleared like any tag (`rp protect` / `rp unprotect`), so
+/// the change is an immutable, authenticated object like every other tag update.
+pub const PROTECTED_TAG: &str = "elastio.protected";
+
+/// Whether `rp` is protected from prune and deletion.
+pub fn is_protected(rp: &RecoveryPoint) -> bool {
+    rp.tags.contains_key(PROTECTED_TAG)
+}
+
+/// Which assets a prune applies its policy to. Names match exactly; a pattern only when asked
+/// for (a substring match once pruned `db-archive` with `--asset db`).
+#[derive(Debug, Clone)]
+pub enum AssetFilter {
+    Exact(String),
+    /// A glob (`*`, `?`, `[...]`) over the whole asset name.
+    Glob(globset::GlobMatcher),
+}
+
+impl AssetFilter {
+    pub fn glob(pattern: &str) -> Result<Self> {
+        let g = globset::GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .build()
+            .map_err(|e| Error::InvalidParameter(format!("asset pattern {pattern:?}: {e}")))?;
+        Ok(AssetFilter::Glob(g.compile_matcher()))
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            AssetFilter::Exact(a) => a == name,
+            AssetFilter::Glob(g) => g.is_match(name),
+        }
     }
 }
 
@@ -90,9 +126,21 @@ fn days_from_civil(date: &str) -> Option<i64> {
     Some(era * 146097 + doe - 719468)
 }
 
+/// What retention decided: one decision per RP, and the groups (kind, host, asset) the policy
+/// selected but would leave without any RP.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub decisions: Vec<Decision>,
+    /// "<kind> RPs of <asset> on <host>", for every group that would be emptied.
+    pub emptied: Vec<String>,
+}
+
 /// Applies `policy` per (kind, asset) to the RPs `asset` selects (all when None); RPs of other
-/// assets are kept untouched. Volume RPs of a kept instance RP are kept.
-pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&str>) -> Vec<Decision> {
+/// assets are kept untouched. Volume RPs of a kept instance RP are kept, and so are protected
+/// RPs ([`PROTECTED_TAG`]).
+pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&AssetFilter>) -> Selection {
+    // The groups the policy applies to, checked for emptiness once every rule has run.
+    let mut selected_groups = Vec::new();
     let mut groups: BTreeMap<(String, String, String), Vec<&RecoveryPoint>> = BTreeMap::new();
     for rp in rps {
         groups
@@ -105,8 +153,8 @@ pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&str>) ->
             .push(rp);
     }
     let mut reasons: HashMap<RecoveryPointId, Vec<String>> = HashMap::new();
-    for ((_, _, name), mut group) in groups {
-        let selected = asset.is_none_or(|a| name == a || name.contains(a));
+    for ((kind, host, name), mut group) in groups {
+        let selected = asset.is_none_or(|a| a.matches(&name));
         if !selected || policy.is_empty() {
             for rp in group {
                 reasons
@@ -148,6 +196,12 @@ pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&str>) ->
             }
         }
         for rp in &group {
+            if is_protected(rp) {
+                reasons
+                    .entry(rp.id.clone())
+                    .or_default()
+                    .push("protected".into());
+            }
             for (k, v) in &policy.keep_tags {
                 if rp.tags.get(k) == Some(v) {
                     reasons
@@ -157,6 +211,10 @@ pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&str>) ->
                 }
             }
         }
+        selected_groups.push((
+            format!("{kind} RPs of {name} on {host}"),
+            group.iter().map(|rp| rp.id.clone()).collect::<Vec<_>>(),
+        ));
     }
     // An instance RP that stays keeps its volumes.
     for rp in rps {
@@ -169,7 +227,13 @@ pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&str>) ->
             }
         }
     }
-    rps.iter()
+    let emptied = selected_groups
+        .into_iter()
+        .filter(|(_, ids)| !ids.iter().any(|id| reasons.contains_key(id)))
+        .map(|(what, _)| what)
+        .collect();
+    let decisions = rps
+        .iter()
         .map(|rp| {
             let r = reasons.remove(&rp.id).unwrap_or_default();
             Decision {
@@ -181,7 +245,8 @@ pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&str>) ->
                 reasons: r,
             }
         })
-        .collect()
+        .collect();
+    Selection { decisions, emptied }
 }
 
 /// Deletes RPs' catalog entries and tag updates. Their data stays until the next prune.
@@ -199,7 +264,10 @@ pub fn delete_rps(vault: &Vault, ids: &[RecoveryPointId]) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct PruneOptions {
     pub retention: Retention,
-    pub asset: Option<String>,
+    pub asset: Option<AssetFilter>,
+    /// Go on even when the policy would leave an asset without any RP (refused otherwise: a
+    /// `--keep-daily 0` or a typo must not wipe a vault).
+    pub allow_empty: bool,
     pub dry_run: bool,
     /// Packs whose live bytes are below this fraction are repacked.
     pub repack_below: f64,
@@ -218,6 +286,7 @@ impl Default for PruneOptions {
         PruneOptions {
             retention: Retention::default(),
             asset: None,
+            allow_empty: false,
             dry_run: false,
             repack_below: 0.5,
             max_unused: 0.05,
@@ -255,7 +324,7 @@ pub struct PruneReport {
 /// Marks the chunks (map pages included) every RP in `rps` references. A referenced chunk that is
 /// not indexed means a damaged vault: prune refuses to go on.
 fn mark_referenced(vault: &Vault, rps: &[RecoveryPoint]) -> Result<()> {
-    let mark = |id: &ChunkId| -> Result<()> {
+    let mut mark = |id: &ChunkId| -> Result<()> {
         if vault.mark(id) {
             Ok(())
         } else {
@@ -266,54 +335,39 @@ fn mark_referenced(vault: &Vault, rps: &[RecoveryPoint]) -> Result<()> {
         }
     };
     for rp in rps {
-        if let Some(s) = &rp.stream {
-            crate::stream_map::for_each_chunk(vault, s, &mut |id| mark(id))?;
-        }
-        if let Some(t) = &rp.tree {
-            crate::tree::for_each_chunk(vault, &t.stream, &mut |id| mark(id))?;
-        }
-        let Some(map) = &rp.disk else { continue };
-        let mut load = |id: &ChunkId| -> Result<Arc<Page>> {
-            mark(id)?;
-            Ok(Arc::new(vault.load_page(id)?))
-        };
-        let mut reader = MapReader {
-            root: map.root,
-            depth: map.depth,
-            slots: map.slots(),
-            load: &mut load,
-        };
-        reader.walk(&mut |_, entries| entries.iter().flatten().try_for_each(mark))?;
+        walk::for_each_chunk(vault, rp, &mut walk::stop_on_damage, &mut mark)?;
     }
     Ok(())
 }
 
-/// The chunks (map pages included) every RP in `rps` references, added to `into`.
-fn referenced_chunks(
+/// The condemned packs that RPs committed since the plan's retention step need (P4): the same
+/// walk as the mark step, so every kind of RP keeps what it references.
+fn packs_to_spare(
     vault: &Vault,
-    rps: &[RecoveryPoint],
-    into: &mut HashSet<ChunkId>,
-) -> Result<()> {
-    for rp in rps {
-        let Some(map) = &rp.disk else { continue };
-        let mut pages: Vec<ChunkId> = Vec::new();
-        let mut load = |id: &ChunkId| -> Result<Arc<Page>> {
-            pages.push(*id);
-            Ok(Arc::new(vault.load_page(id)?))
-        };
-        let mut reader = MapReader {
-            root: map.root,
-            depth: map.depth,
-            slots: map.slots(),
-            load: &mut load,
-        };
-        reader.walk(&mut |_, entries| {
-            into.extend(entries.iter().flatten().copied());
-            Ok(())
-        })?;
-        into.extend(pages);
+    new_rps: &[RecoveryPoint],
+    condemned: &HashSet<PackId>,
+) -> Result<HashSet<PackId>> {
+    let mut spared = HashSet::new();
+    for rp in new_rps {
+        walk::for_each_chunk(
+            vault,
+            rp,
+            &mut walk::stop_on_damage,
+            &mut |id| match vault.locate(id) {
+                Some(loc) if condemned.contains(&loc.pack) => {
+                    spared.insert(loc.pack);
+                    Ok(())
+                }
+                Some(_) => Ok(()),
+                None => Err(Error::SessionFailed(format!(
+                    "recovery point {} committed during prune references chunk {id}, which \
+                     is in no index object; nothing was deleted",
+                    rp.id
+                ))),
+            },
+        )?;
     }
-    Ok(())
+    Ok(spared)
 }
 
 /// Per pack: sealed bytes of distinct chunks, and of those referenced.
@@ -338,7 +392,27 @@ pub fn prune(
 
     // P1: retention.
     let rps = vault.list_rps()?;
-    report.decisions = select(&rps, &opts.retention, opts.asset.as_deref());
+    let ids: HashSet<&RecoveryPointId> = rps.iter().map(|r| &r.id).collect();
+    if ids.len() != rps.len() {
+        // list_rps only returns canonical names, so this cannot happen; if it ever does, a
+        // duplicate would be "deleted" through the canonical name.
+        return Err(Error::InvalidParameter(
+            "the catalog lists a recovery point twice; nothing was deleted (run check)".into(),
+        ));
+    }
+    let selection = select(&rps, &opts.retention, opts.asset.as_ref());
+    if !selection.emptied.is_empty() && !opts.allow_empty {
+        return Err(Error::InvalidParameter(format!(
+            "the retention policy keeps no recovery point of {}{}; nothing was deleted \
+             (give --allow-empty to delete them all)",
+            selection.emptied[..selection.emptied.len().min(3)].join(", "),
+            match selection.emptied.len() {
+                n if n > 3 => format!(" and {} more", n - 3),
+                _ => String::new(),
+            }
+        )));
+    }
+    report.decisions = selection.decisions;
     let forget: Vec<RecoveryPointId> = report
         .decisions
         .iter()
@@ -550,25 +624,7 @@ pub fn prune(
         .into_iter()
         .filter(|rp| !known.contains(&rp.id))
         .collect();
-    let mut spared: HashSet<PackId> = HashSet::new();
-    if !new_rps.is_empty() {
-        let mut needed = HashSet::new();
-        referenced_chunks(vault, &new_rps, &mut needed)?;
-        for id in needed {
-            match vault.locate(&id) {
-                Some(loc) if condemned_set.contains(&loc.pack) => {
-                    spared.insert(loc.pack);
-                }
-                None => {
-                    return Err(Error::SessionFailed(format!(
-                        "recovery point committed during prune references chunk {id}, which is \
-                         in no index object; nothing was deleted"
-                    )))
-                }
-                _ => {}
-            }
-        }
-    }
+    let spared = packs_to_spare(vault, &new_rps, &condemned_set)?;
     report.packs_spared = spared.len();
 
     // P5: delete, then drop the deleted packs from the index objects.

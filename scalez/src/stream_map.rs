@@ -96,23 +96,6 @@ pub fn manifest(vault: &Vault, id: &ChunkId) -> Result<Vec<(ChunkId, u32)>> {
     })
 }
 
-/// Calls `f` for every chunk a stream references: the root, each manifest, each data chunk.
-pub fn for_each_chunk(
-    vault: &Vault,
-    s: &StreamRef,
-    f: &mut dyn FnMut(&ChunkId) -> Result<()>,
-) -> Result<()> {
-    let Some(root) = &s.root else { return Ok(()) };
-    f(root)?;
-    for m in manifests(vault, s)? {
-        f(&m)?;
-        for (id, _) in manifest(vault, &m)? {
-            f(&id)?;
-        }
-    }
-    Ok(())
-}
-
 /// Random access to a stream RP (for mounts): the chunk list is loaded once (44 bytes per chunk)
 /// and decoded chunks are kept in a small LRU cache.
 pub struct StreamReader {

@@ -528,21 +528,6 @@ impl Iterator for TreeReader<'_> {
     }
 }
 
-/// Calls `f` for every chunk a file tree references: its stream map, its records' chunks.
-pub fn for_each_chunk(
-    vault: &Vault,
-    tree: &StreamRef,
-    f: &mut dyn FnMut(&ChunkId) -> Result<()>,
-) -> Result<()> {
-    stream_map::for_each_chunk(vault, tree, f)?;
-    for e in TreeReader::open(vault, tree, "a file RP")? {
-        for (id, _) in &e?.chunks {
-            f(id)?;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

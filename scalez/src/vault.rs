@@ -878,6 +878,10 @@ impl Vault {
             return Err(self.corrupt(key, format!("holds recovery point {}", rp.id)));
         }
         for t in self.store.list(&id.tags_prefix())? {
+            if !is_canonical_tag_key(&t.key, id) {
+                tracing::warn!(key = %t.key, "ignoring a tag object whose name is not canonical");
+                continue;
+            }
             let sealed = self.store.get(&t.key)?;
             let plain = self
                 .keys
@@ -899,10 +903,12 @@ impl Vault {
         let mut out = Vec::new();
         for obj in self.store.list("catalog/")? {
             let name = obj.key.trim_start_matches("catalog/");
-            let id: RecoveryPointId =
-                name.parse().map_err(|e: crate::ids::BadRecoveryPointId| {
-                    self.corrupt(&obj.key, e.to_string())
-                })?;
+            // Only this engine names catalog entries, always canonically: anything else was
+            // planted (or is junk) and is ignored here; `check` reports it.
+            let Some(id) = RecoveryPointId::from_object_name(name) else {
+                tracing::warn!(key = %obj.key, "ignoring a catalog object whose name is not a canonical RP id");
+                continue;
+            };
             out.push(self.read_rp(&obj.key, &id)?);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -933,6 +939,17 @@ impl Vault {
         self.store.put(&key, &sealed, PutMode::Create)?;
         self.get_rp(id)
     }
+}
+
+/// Whether `key` is a name [`Vault::update_tags`] writes for `rp`: `tags/<rp>/<lower-case ulid>`.
+pub(crate) fn is_canonical_tag_key(key: &str, rp: &RecoveryPointId) -> bool {
+    key.strip_prefix(&rp.tags_prefix())
+        .and_then(|u| {
+            ulid::Ulid::from_string(u)
+                .ok()
+                .filter(|p| p.to_string().to_ascii_lowercase() == u)
+        })
+        .is_some()
 }
 
 pub fn index_aad(key: &str) -> Vec<u8> {
