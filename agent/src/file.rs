@@ -435,15 +435,43 @@ fn stat_times(md: &std::fs::Metadata) -> (u64, i64, i64) {
     )
 }
 
+/// Test hook: called with each file's path just before a reader opens it (see
+/// [`set_before_read_hook`]).
+type BeforeRead = Box<dyn Fn(&Path) + Send + Sync>;
+static BEFORE_READ: std::sync::OnceLock<BeforeRead> = std::sync::OnceLock::new();
+
+/// For race tests only: runs `hook` with each file's path just before it is opened for
+/// reading, i.e. inside the window between the walk and the read. Process-wide, set once.
+#[doc(hidden)]
+pub fn set_before_read_hook(hook: BeforeRead) {
+    let _ = BEFORE_READ.set(hook);
+}
+
+/// Reads the file the walk found at `abs`. `identity` is the walk's (st_dev, st_ino): the
+/// file opened must be that inode, or its data is not stored (a parent directory swapped for
+/// a symlink since the walk would otherwise store another file, say /etc/shadow, under the
+/// walked path).
 fn read_file(
     session: &BackupSession,
     abs: &Path,
     expect: (u64, i64, i64),
     blocks: u64,
+    identity: (u64, u64),
     progress: &dyn Progress,
 ) -> Result<std::io::Result<ReadFile>, scalez::Error> {
+    if let Some(hook) = BEFORE_READ.get() {
+        hook(abs);
+    }
     let vault_error = std::cell::RefCell::new(None);
-    let r = read_file_inner(session, abs, expect, blocks, progress, &vault_error);
+    let r = read_file_inner(
+        session,
+        abs,
+        expect,
+        blocks,
+        identity,
+        progress,
+        &vault_error,
+    );
     match vault_error.into_inner() {
         Some(e) => Err(e),
         None => Ok(r),
@@ -455,6 +483,7 @@ fn read_file_inner(
     abs: &Path,
     expect: (u64, i64, i64),
     blocks: u64,
+    identity: (u64, u64),
     progress: &dyn Progress,
     vault_error: &std::cell::RefCell<Option<scalez::Error>>,
 ) -> std::io::Result<ReadFile> {
@@ -472,7 +501,14 @@ fn read_file_inner(
     loop {
         attempt += 1;
         let file = fsx::open_read_nofollow(abs)?;
-        let before = stat_times(&file.metadata()?);
+        let md = file.metadata()?;
+        if (md.dev(), md.ino()) != identity {
+            return Err(std::io::Error::other(
+                "replaced between the walk and the read (another file is at this path now); \
+                 recorded without data",
+            ));
+        }
+        let before = stat_times(&md);
         let size = before.0;
         let extents = if blocks * 512 < size {
             fsx::data_regions(&file, size).filter(|r| r.len() != 1 || r[0] != (0, size))
@@ -585,7 +621,7 @@ pub fn backup_files(
     let excludes = Excludes::new(&opts.excludes)?;
     progress.start(0);
     let (wtx, wrx) = bounded::<Walked>(4096);
-    let (jtx, jrx) = bounded::<(usize, PathBuf, (u64, i64, i64), u64)>(workers * 4);
+    let (jtx, jrx) = bounded::<(usize, PathBuf, (u64, i64, i64), u64, (u64, u64))>(workers * 4);
     // Unbounded: results are small, and this thread must never block on a full channel while
     // the readers block on it.
     let (rtx, rrx) = crossbeam_channel::unbounded::<ReadResult>();
@@ -594,8 +630,8 @@ pub fn backup_files(
         for _ in 0..workers {
             let (jrx, rtx) = (jrx.clone(), rtx.clone());
             s.spawn(move || {
-                for (index, abs, expect, blocks) in jrx {
-                    let outcome = read_file(session, &abs, expect, blocks, progress);
+                for (index, abs, expect, blocks, identity) in jrx {
+                    let outcome = read_file(session, &abs, expect, blocks, identity, progress);
                     if rtx.send(ReadResult { index, outcome }).is_err() {
                         return;
                     }
@@ -661,7 +697,13 @@ pub fn backup_files(
                 }
                 None => {
                     files_read += 1;
-                    let job = (i, w.abs.clone(), (e.size, e.mtime_ns, e.ctime_ns), w.blocks);
+                    let job = (
+                        i,
+                        w.abs.clone(),
+                        (e.size, e.mtime_ns, e.ctime_ns),
+                        w.blocks,
+                        (e.dev, e.inode),
+                    );
                     if jtx.send(job).is_err() {
                         break;
                     }

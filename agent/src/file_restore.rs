@@ -247,18 +247,30 @@ fn write_file(vault: &Vault, dir: &OwnedFd, e: &Entry, as_root: bool) -> Done {
 }
 
 /// Owner (root only), mode and times of a non-regular entry just created as `name` in `dir`.
+/// Owner and mode are changed through a descriptor of the created inode ([`fsx::Node`]): the
+/// target directory may be writable by someone who swaps the name for a link to another file
+/// between the creation and these calls.
 fn apply_meta_at(dir: &OwnedFd, name: &[u8], e: &Entry, as_root: bool, warnings: &mut Vec<String>) {
     let fd = dir.as_raw_fd();
+    let node = match fsx::Node::open_at(fd, name, e.kind.mode_bits()) {
+        Ok(n) => n,
+        Err(err) => {
+            warnings.push(format!("{}: metadata not restored: {err}", show(&e.path)));
+            return;
+        }
+    };
     if as_root {
-        if let Err(err) = fsx::chown_at(fd, name, e.uid, e.gid) {
+        if let Err(err) = node.chown(e.uid, e.gid) {
             warnings.push(format!("{}: owner: {err}", show(&e.path)));
         }
     }
     if e.kind != EntryKind::Symlink {
-        if let Err(err) = fsx::chmod_at(fd, name, e.mode) {
+        if let Err(err) = node.chmod(e.mode) {
             warnings.push(format!("{}: mode: {err}", show(&e.path)));
         }
     }
+    // Times through the name with AT_SYMLINK_NOFOLLOW: a swapped name gets a timestamp at
+    // worst, never a mode or an owner.
     if let Err(err) = fsx::utimes_at(fd, name, e.mtime_ns) {
         warnings.push(format!("{}: times: {err}", show(&e.path)));
     }
@@ -502,5 +514,51 @@ mod tests {
         assert!(selected(b"anything", &[]));
         assert_eq!(include_path("/usr/share/").unwrap(), b"usr/share");
         assert!(include_path("../etc").is_err());
+    }
+
+    /// The window between creating a node and giving it its metadata, made deterministic: the
+    /// name is swapped for a symlink (then a hard link) to a victim file before the metadata
+    /// is applied, as another user of a writable target directory could. The victim keeps its
+    /// mode. (Before the metadata went through a pinned descriptor, `fchmodat` followed the
+    /// symlink and made the victim 0666.)
+    #[test]
+    fn a_node_swapped_before_its_metadata_is_applied_is_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("shadow");
+        std::fs::write(&victim, b"secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let target = tmp.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        let dir = fsx::open_dir_path(&target).unwrap();
+        let mut e = Entry::new(b"fifo".to_vec(), EntryKind::Fifo);
+        e.mode = 0o666;
+        for swap in ["symlink", "hardlink"] {
+            fsx::mknod_at(dir.as_raw_fd(), b"fifo", libc::S_IFIFO | 0o600, 0).unwrap();
+            std::fs::remove_file(target.join("fifo")).unwrap();
+            match swap {
+                "symlink" => std::os::unix::fs::symlink(&victim, target.join("fifo")).unwrap(),
+                _ => std::fs::hard_link(&victim, target.join("fifo")).unwrap(),
+            }
+            let mut warnings = Vec::new();
+            apply_meta_at(&dir, b"fifo", &e, false, &mut warnings);
+            let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{swap}: the victim's mode is unchanged");
+            assert!(
+                warnings.iter().any(|w| w.contains("replaced")),
+                "{swap}: {warnings:?}"
+            );
+            std::fs::remove_file(target.join("fifo")).unwrap();
+        }
+        // Not swapped: the mode is applied.
+        fsx::mknod_at(dir.as_raw_fd(), b"fifo", libc::S_IFIFO | 0o600, 0).unwrap();
+        let mut warnings = Vec::new();
+        apply_meta_at(&dir, b"fifo", &e, false, &mut warnings);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let mode = std::fs::metadata(target.join("fifo"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o666);
     }
 }

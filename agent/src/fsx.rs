@@ -135,10 +135,65 @@ pub fn chown_at(dir: RawFd, name: &[u8], uid: u32, gid: u32) -> io::Result<()> {
         .map(|_| ())
 }
 
-/// Mode of `name`; callers never pass a symlink (Linux cannot chmod one).
-pub fn chmod_at(dir: RawFd, name: &[u8], mode: u32) -> io::Result<()> {
-    let c = cstr(name)?;
-    check(unsafe { libc::fchmodat(dir, c.as_ptr(), mode as libc::mode_t, 0) }).map(|_| ())
+/// A node just created in `dir` (by `mknodat` or `symlinkat`), pinned by an `O_PATH |
+/// O_NOFOLLOW` descriptor so its metadata is changed on that inode and never through a name
+/// another user could swap in the meantime (for a symlink to /etc/shadow, or a hard link to
+/// it). Opening checks that the inode is of the type just created and has one link.
+pub struct Node {
+    fd: OwnedFd,
+}
+
+impl Node {
+    /// Opens `name` in `dir`; `kind` is the expected `S_IFMT` bits.
+    pub fn open_at(dir: RawFd, name: &[u8], kind: u32) -> io::Result<Node> {
+        let c = cstr(name)?;
+        // SAFETY: a NUL-terminated name and a directory fd the caller owns; the result is
+        // checked and wrapped at once.
+        let fd = check(unsafe {
+            libc::openat(
+                dir,
+                c.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: fstat writes into a zeroed stat of the right type.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+        if st.st_mode & libc::S_IFMT != kind || st.st_nlink != 1 {
+            return Err(io::Error::other(
+                "replaced while being restored (another user changed the target directory)",
+            ));
+        }
+        Ok(Node { fd })
+    }
+
+    /// Owner of the pinned inode (`AT_EMPTY_PATH` on the descriptor).
+    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
+        // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names the fd's own inode.
+        check(unsafe {
+            libc::fchownat(
+                self.fd.as_raw_fd(),
+                c"".as_ptr(),
+                uid,
+                gid,
+                libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// Mode of the pinned inode (not a symlink: Linux cannot chmod one). `fchmod` refuses
+    /// `O_PATH` descriptors, so this goes through the descriptor's `/proc/self/fd` entry, which
+    /// resolves to the inode itself, not to a name; without /proc it fails (never falls back
+    /// to the name).
+    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+        let path = cstr(format!("/proc/self/fd/{}", self.fd.as_raw_fd()).as_bytes())?;
+        // SAFETY: a NUL-terminated path; fchmodat does not keep it.
+        check(unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), mode as libc::mode_t, 0) })
+            .map(|_| ())
+    }
 }
 
 fn timespec(ns: i64) -> libc::timespec {

@@ -64,7 +64,7 @@ fn race(
 ) -> (RecoveryPoint, scalez::prune::PruneReport) {
     let v = vault(dir);
     let first = backup(&v);
-    delete_rps(&v, &[first.id.clone()]).unwrap();
+    delete_rps(&v, std::slice::from_ref(&first.id)).unwrap();
     let v = reopen(dir);
     let raced: Mutex<Option<RecoveryPoint>> = Mutex::new(None);
     let report = prune(&v, &PruneOptions::default(), &|stage| {
@@ -120,7 +120,7 @@ fn a_file_backup_committed_during_prune_keeps_its_packs() {
     let (rp, report) = race(tmp.path(), &|v| {
         backup_files(
             v,
-            &[src.clone()],
+            std::slice::from_ref(&src),
             &FileBackupOptions::default(),
             &NoProgress,
         )

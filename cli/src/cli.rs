@@ -131,7 +131,9 @@ the N newest; --keep-daily N keeps the newest RP of each of the N most recent da
 (likewise hourly, weekly (ISO weeks), monthly, yearly, all in UTC); --keep-tag keeps RPs with \
 that tag. An RP is kept if any rule keeps it; volume RPs of a kept instance RP are kept. Without \
 any --keep option nothing is deleted and prune only collects garbage (data of RPs deleted with \
-`rp delete`, leftovers of interrupted backups).\n\nSafe with backups running at the same time \
+`rp delete`, leftovers of interrupted backups). Protected RPs (`elastio rp protect`) are always \
+kept. A policy that would keep no RP of an asset is refused unless --allow-empty is given. \
+--asset matches one asset exactly; --asset-glob takes a pattern.\n\nSafe with backups running at the same time \
 (in this or other processes or hosts): prune writes a plan of the packs it will delete, waits \
 for backups that were running to finish, and spares anything they turned out to need. Backups \
 that started earlier and deduplicated against condemned data fail before committing and can be \
@@ -162,9 +164,15 @@ pub struct PruneArgs {
     /// Keep RPs with this tag (repeatable)
     #[arg(long = "keep-tag", value_name = "KEY=VALUE")]
     pub keep_tags: Vec<String>,
-    /// Apply the policy only to this asset (exact name or a substring); others are kept
-    #[arg(long)]
+    /// Apply the policy only to this asset (its exact name); others are kept
+    #[arg(long, conflicts_with = "asset_glob")]
     pub asset: Option<String>,
+    /// Apply the policy only to assets whose whole name matches this glob, e.g. '/dev/sd*'
+    #[arg(long, value_name = "PATTERN")]
+    pub asset_glob: Option<String>,
+    /// Go on even if the policy keeps no RP of some asset (refused otherwise)
+    #[arg(long)]
+    pub allow_empty: bool,
     /// Show what would be deleted and reclaimed; change nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -681,8 +689,31 @@ pub enum RpCommand {
     /// Add, change or remove tags of a recovery point
     Tag(RpTagArgs),
     /// Delete recovery points (their data is freed by the next `elastio prune`)
+    #[command(
+        after_help = "Protected RPs (`elastio rp protect`) are refused unless --force is \
+given.\n\nExample:\n  elastio rp delete rp-01m80mb7eb9rts308j4hc4b1xn"
+    )]
     Delete {
         /// Recovery point ids
+        #[arg(required = true)]
+        rps: Vec<String>,
+        /// Delete protected RPs too
+        #[arg(long)]
+        force: bool,
+    },
+    /// Protect recovery points: every prune keeps them and `rp delete` refuses them
+    #[command(
+        after_help = "Protection is the tag elastio.protected; `elastio rp unprotect` \
+removes it.\n\nExample:\n  elastio rp protect rp-01m80mb7eb9rts308j4hc4b1xn"
+    )]
+    Protect {
+        /// Recovery point ids (or `latest`)
+        #[arg(required = true)]
+        rps: Vec<String>,
+    },
+    /// Remove the protection of recovery points
+    Unprotect {
+        /// Recovery point ids (or `latest`)
         #[arg(required = true)]
         rps: Vec<String>,
     },

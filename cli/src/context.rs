@@ -12,6 +12,7 @@ use scalez::store::retry::{RetryPolicy, RetryStore};
 use scalez::store::s3::{S3Config, S3Store};
 use scalez::store::ObjectStore;
 use scalez::Vault;
+use zeroize::Zeroizing;
 
 use crate::cli::GlobalArgs;
 
@@ -129,45 +130,52 @@ impl Ctx {
     }
 
     /// The password from `--password-file`, else `$ELASTIO_PASSWORD`, else a terminal prompt.
-    pub fn password(&self, confirm: bool) -> Result<Vec<u8>> {
+    /// Empty passwords are refused from every source; every copy is wiped when dropped.
+    pub fn password(&self, confirm: bool) -> Result<Zeroizing<Vec<u8>>> {
         if self.global.password_stdin {
-            let mut line = String::new();
+            let mut line = Zeroizing::new(String::new());
             std::io::stdin().read_line(&mut line)?;
-            let line = line.trim_end_matches(['\n', '\r']);
-            if line.is_empty() {
+            let trimmed = line.trim_end_matches(['\n', '\r']);
+            if trimmed.is_empty() {
                 bail!("no password on standard input");
             }
-            return Ok(line.as_bytes().to_vec());
+            return Ok(Zeroizing::new(trimmed.as_bytes().to_vec()));
         }
         if let Some(f) = &self.global.password_file {
-            let text = std::fs::read(f)
-                .with_context(|| format!("cannot read password file {}", f.display()))?;
+            let text = Zeroizing::new(
+                std::fs::read(f)
+                    .with_context(|| format!("cannot read password file {}", f.display()))?,
+            );
+            warn_if_readable_by_others(f);
             let line = text.split(|b| *b == b'\n').next().unwrap_or(&[]);
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             if line.is_empty() {
                 bail!("password file {} is empty", f.display());
             }
-            return Ok(line.to_vec());
+            return Ok(Zeroizing::new(line.to_vec()));
         }
         if let Some(p) = std::env::var_os(PASSWORD_ENV) {
-            return Ok(p.into_encoded_bytes());
+            if p.is_empty() {
+                bail!("{PASSWORD_ENV} is set but empty: an empty password is refused");
+            }
+            return Ok(Zeroizing::new(p.into_encoded_bytes()));
         }
         if !std::io::stdin().is_terminal() {
             bail!(
                 "no vault password: set {PASSWORD_ENV}, pass --password-file, or run on a terminal"
             );
         }
-        let p = rpassword::prompt_password("vault password: ")?;
+        let p = Zeroizing::new(rpassword::prompt_password("vault password: ")?);
         if confirm {
-            let again = rpassword::prompt_password("repeat password: ")?;
-            if again != p {
+            let again = Zeroizing::new(rpassword::prompt_password("repeat password: ")?);
+            if *again != *p {
                 bail!("the passwords do not match");
             }
         }
         if p.is_empty() {
             bail!("empty password");
         }
-        Ok(p.into_bytes())
+        Ok(Zeroizing::new(p.as_bytes().to_vec()))
     }
 
     /// Opens the vault, asking for the password after checking the format.
@@ -191,4 +199,21 @@ fn cache_dir(vault_id: &str) -> Result<PathBuf> {
         .join(".cache"),
     };
     Ok(base.join("elastio").join(vault_id))
+}
+
+/// A password file others can read is a leaked password: say so (the command goes on, as ssh
+/// does for keys only when it would refuse; here refusing would break existing setups).
+fn warn_if_readable_by_others(f: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(f) {
+        let mode = m.permissions().mode();
+        if mode & 0o077 != 0 {
+            eprintln!(
+                "warning: password file {} is accessible by group or others (mode {:o}); \
+                 chmod 600 it",
+                f.display(),
+                mode & 0o777
+            );
+        }
+    }
 }

@@ -697,6 +697,198 @@ fn choose_repack(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{Asset, TagUpdate, RP_FORMAT};
+    use crate::store::ObjectStore;
+
+    /// A disk RP of `asset` (one stored chunk) committed to `vault`, created `created`.
+    fn disk_rp(vault: &Arc<Vault>, asset: &str, created: &str, seed: u8) -> RecoveryPoint {
+        let map = crate::testing::store_disk(vault, &vec![seed; 4096]);
+        let rp = RecoveryPoint {
+            format: RP_FORMAT,
+            id: RecoveryPointId::generate(),
+            kind: RpKind::Disk,
+            asset: Asset {
+                name: asset.into(),
+                host: "h".into(),
+            },
+            created: created.into(),
+            parent: None,
+            logical_size: map.size,
+            bytes_read: 0,
+            new_bytes_stored: 0,
+            new_chunks: 0,
+            duration_ms: 0,
+            tags: BTreeMap::new(),
+            disk: Some(map),
+            instance: None,
+            stream: None,
+            tree: None,
+        };
+        vault.commit_rp(&rp).unwrap();
+        std::thread::sleep(Duration::from_millis(2)); // distinct, ordered ids
+        rp
+    }
+
+    fn kept(s: &Selection) -> Vec<(String, bool)> {
+        s.decisions
+            .iter()
+            .map(|d| (d.asset.clone(), d.keep))
+            .collect()
+    }
+
+    #[test]
+    fn assets_match_exactly_unless_a_pattern_is_asked_for() {
+        let v = crate::testing::memory_vault(4096);
+        let rps: Vec<RecoveryPoint> = ["db", "db-archive", "/dev/sda", "/dev/sda1"]
+            .iter()
+            .enumerate()
+            .flat_map(|(i, a)| {
+                let a = *a;
+                let v = &v;
+                (0..2).map(move |j| disk_rp(v, a, "2026-11-30T10:00:00.000Z", (i * 2 + j) as u8))
+            })
+            .collect();
+        let last1 = Retention {
+            keep_last: Some(1),
+            ..Retention::default()
+        };
+        // `--asset db` prunes db only (a substring match also pruned db-archive).
+        let s = select(&rps, &last1, Some(&AssetFilter::Exact("db".into())));
+        let deleted: Vec<&str> = s
+            .decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .map(|d| d.asset.as_str())
+            .collect();
+        assert_eq!(deleted, vec!["db"]);
+        let s = select(&rps, &last1, Some(&AssetFilter::Exact("/dev/sda".into())));
+        assert_eq!(s.decisions.iter().filter(|d| !d.keep).count(), 1);
+        assert!(s
+            .decisions
+            .iter()
+            .filter(|d| d.asset == "/dev/sda1")
+            .all(|d| d.keep));
+        // A glob applies to the whole name.
+        let s = select(&rps, &last1, Some(&AssetFilter::glob("/dev/sd*").unwrap()));
+        assert_eq!(s.decisions.iter().filter(|d| !d.keep).count(), 2);
+        let s = select(&rps, &last1, Some(&AssetFilter::glob("db").unwrap()));
+        assert_eq!(s.decisions.iter().filter(|d| !d.keep).count(), 1);
+        assert!(s.emptied.is_empty());
+        assert_eq!(kept(&s).len(), 8);
+    }
+
+    #[test]
+    fn a_policy_that_keeps_nothing_is_refused_and_protected_rps_stay() {
+        let v = crate::testing::memory_vault(4096);
+        let a: Vec<RecoveryPoint> = (0..3)
+            .map(|i| disk_rp(&v, "a", "2026-11-30T10:00:00.000Z", i))
+            .collect();
+        let b = disk_rp(&v, "b", "2026-11-30T10:00:00.000Z", 9);
+        let zero_daily = Retention {
+            keep_daily: Some(0),
+            ..Retention::default()
+        };
+        let s = select(&v.list_rps().unwrap(), &zero_daily, None);
+        assert_eq!(s.emptied.len(), 2, "{:?}", s.emptied);
+        let opts = PruneOptions {
+            retention: zero_daily.clone(),
+            ..PruneOptions::default()
+        };
+        let err = prune(&v, &opts, &|_| {}).unwrap_err().to_string();
+        assert!(err.contains("keeps no recovery point"), "{err}");
+        assert!(err.contains("--allow-empty"), "{err}");
+        assert_eq!(v.list_rps().unwrap().len(), 4, "nothing was deleted");
+
+        // Protected RPs are kept by any policy, so the asset is not emptied.
+        let protect = TagUpdate {
+            set: [(PROTECTED_TAG.to_string(), "true".to_string())].into(),
+            remove: Vec::new(),
+        };
+        v.update_tags(&a[0].id, &protect).unwrap();
+        v.update_tags(&b.id, &protect).unwrap();
+        let r = prune(&v, &opts, &|_| {}).unwrap();
+        assert_eq!(r.rps_deleted, 2);
+        let left: Vec<RecoveryPointId> = v.list_rps().unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(left, vec![a[0].id.clone(), b.id.clone()]);
+        assert!(r
+            .decisions
+            .iter()
+            .filter(|d| d.keep)
+            .all(|d| d.reasons == vec!["protected".to_string()]));
+
+        // Given explicitly, an emptying policy goes on.
+        v.update_tags(
+            &b.id,
+            &TagUpdate {
+                set: BTreeMap::new(),
+                remove: vec![PROTECTED_TAG.into()],
+            },
+        )
+        .unwrap();
+        let r = prune(
+            &v,
+            &PruneOptions {
+                allow_empty: true,
+                ..opts
+            },
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(r.rps_deleted, 1);
+        assert_eq!(v.list_rps().unwrap().len(), 1);
+    }
+
+    /// An upper-case copy of a catalog entry authenticates (the sealed body is bound to the
+    /// lower-cased id). It used to be listed as a second RP, and prune, deciding the "older
+    /// duplicate" was surplus, deleted the canonical entry: `--keep-last 2` over three RPs
+    /// and one alias deleted two. Now the alias is ignored, check names it, and prune
+    /// deletes exactly one RP.
+    #[test]
+    fn a_non_canonical_catalog_copy_is_ignored_and_reported() {
+        let (v, store) = crate::testing::memory_vault_and_store(4096);
+        let rps: Vec<RecoveryPoint> = (0..3)
+            .map(|i| disk_rp(&v, "a", "2026-11-30T10:00:00.000Z", i))
+            .collect();
+        let newest = &rps[2].id;
+        let alias = format!("catalog/rp-{}", newest.as_str()[3..].to_ascii_uppercase());
+        let body = store.get(&newest.catalog_key()).unwrap();
+        store
+            .put(&alias, &body, crate::store::PutMode::Create)
+            .unwrap();
+        let listed: Vec<RecoveryPointId> =
+            v.list_rps().unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(listed, rps.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
+
+        let report = crate::check::check(&v, crate::check::DataCheck::None, &|_| {}).unwrap();
+        assert!(
+            report.problems.iter().any(|p| p.object == alias),
+            "{:?}",
+            report.problems
+        );
+        assert_eq!(report.rps, 3);
+
+        let opts = PruneOptions {
+            retention: Retention {
+                keep_last: Some(2),
+                ..Retention::default()
+            },
+            ..PruneOptions::default()
+        };
+        let r = prune(&v, &opts, &|_| {}).unwrap();
+        assert_eq!(r.rps_deleted, 1);
+        let left: Vec<RecoveryPointId> = v.list_rps().unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(left, vec![rps[1].id.clone(), rps[2].id.clone()]);
+        // A tag object under a non-canonical name is ignored too.
+        let tag_alias = format!("{}JUNK", newest.tags_prefix());
+        store
+            .put(&tag_alias, b"junk", crate::store::PutMode::Create)
+            .unwrap();
+        assert_eq!(
+            v.list_rps().unwrap().len(),
+            2,
+            "junk tags do not break listing"
+        );
+    }
 
     #[test]
     fn repack_choice_settles() {

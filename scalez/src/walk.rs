@@ -73,7 +73,7 @@ pub fn for_each_chunk(
         };
         reader.walk(&mut |_, entries| {
             let mut chunk = chunk.borrow_mut();
-            entries.iter().flatten().try_for_each(|id| (chunk)(id))
+            entries.iter().flatten().try_for_each(&mut **chunk)
         })?;
     }
     if let Some(s) = &rp.stream {

@@ -318,3 +318,74 @@ fn killed_backups_and_prunes_leave_a_sound_vault() {
     verify_listed(&env, &created);
     check_clean(&env);
 }
+
+/// Retention that cannot surprise (each of these deleted data on the first release):
+/// `--keep-daily 0` wiped every RP with exit 0; `--asset db` also pruned `db-archive`; an RP
+/// tagged as the README showed was deleted anyway; `ELASTIO_PASSWORD=` made a vault with an
+/// empty password.
+#[test]
+fn retention_refuses_surprises_and_protects_rps() {
+    let env = Env::new();
+    let db = env.path("db");
+    let archive = env.path("db-archive");
+    std::fs::write(&db, pseudo_random(7, MIB)).unwrap();
+    std::fs::write(&archive, pseudo_random(8, MIB)).unwrap();
+    let db_rps: Vec<String> = (0..2).map(|_| rp_of(&env.backup(&db, None))).collect();
+    let archive_rp = rp_of(&env.backup(&archive, None));
+
+    for policy in [["--keep-daily", "0"], ["--keep-last", "0"]] {
+        let out = env.run(&["prune", policy[0], policy[1]]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{policy:?} must be refused");
+        assert!(err.contains("--allow-empty"), "{err}");
+        assert_eq!(listed(&env).len(), 3, "nothing deleted by {policy:?}");
+    }
+
+    // Exact asset names: `--asset <db>` leaves db-archive alone, whatever its name shares.
+    let db_name = db.to_str().unwrap();
+    let r = env.json(&["prune", "--keep-last", "1", "--asset", db_name]);
+    assert_eq!(r["rps_deleted"], 1);
+    let left = listed(&env);
+    assert!(
+        left.contains(&db_rps[1]) && left.contains(&archive_rp),
+        "{left:?}"
+    );
+
+    // Protected RPs survive any policy and `rp delete` without --force.
+    env.ok(&["rp", "protect", &archive_rp]);
+    let out = env.run(&["rp", "delete", &archive_rp]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("protected"));
+    let r = env.json(&[
+        "prune",
+        "--keep-last",
+        "0",
+        "--allow-empty",
+        "--asset-glob",
+        &format!("{}*", db_name),
+    ]);
+    assert_eq!(
+        r["rps_deleted"], 1,
+        "db's RP goes, the protected one stays: {r:#}"
+    );
+    assert_eq!(listed(&env), vec![archive_rp.clone()]);
+    env.ok(&["rp", "unprotect", &archive_rp]);
+    env.ok(&["rp", "delete", &archive_rp]);
+    assert!(listed(&env).is_empty());
+
+    // An empty password is refused from the environment too.
+    let fresh = env.path("fresh-vault");
+    let out = env
+        .command(&["vault", "init"])
+        .env("ELASTIO_VAULT", &fresh)
+        .env("ELASTIO_PASSWORD", "")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!fresh.join("config").exists());
+}

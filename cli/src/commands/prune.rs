@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use scalez::prune::{prune, PruneOptions, Retention};
+use scalez::prune::{prune, AssetFilter, PruneOptions, Retention};
 
 use crate::cli::{OutputFormat, PruneArgs};
 use crate::commands::print_json;
@@ -22,7 +22,12 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
             keep_yearly: a.keep_yearly,
             keep_tags,
         },
-        asset: a.asset,
+        asset: match (a.asset, a.asset_glob) {
+            (Some(name), _) => Some(AssetFilter::Exact(name)),
+            (None, Some(pattern)) => Some(AssetFilter::glob(&pattern)?),
+            (None, None) => None,
+        },
+        allow_empty: a.allow_empty,
         dry_run: a.dry_run,
         repack_below: a.repack_below,
         max_unused: a.max_unused,

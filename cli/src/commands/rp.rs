@@ -11,7 +11,9 @@ pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
         RpCommand::List(a) => list(ctx, a),
         RpCommand::Show { rp } => show(ctx, &rp),
         RpCommand::Tag(a) => tag(ctx, a),
-        RpCommand::Delete { rps } => delete(ctx, &rps),
+        RpCommand::Delete { rps, force } => delete(ctx, &rps, force),
+        RpCommand::Protect { rps } => protect(ctx, &rps, true),
+        RpCommand::Unprotect { rps } => protect(ctx, &rps, false),
     }
 }
 
@@ -200,13 +202,23 @@ fn tag(ctx: &Ctx, a: RpTagArgs) -> Result<()> {
     }
 }
 
-fn delete(ctx: &Ctx, specs: &[String]) -> Result<()> {
+fn delete(ctx: &Ctx, specs: &[String], force: bool) -> Result<()> {
     let vault = ctx.open_vault()?;
-    // Resolve every id first: nothing is deleted if one is wrong.
+    // Resolve every id first: nothing is deleted if one is wrong or protected.
     let rps = specs
         .iter()
         .map(|s| resolve_rp(&vault, s, None, None))
         .collect::<Result<Vec<_>>>()?;
+    if let Some(rp) = rps.iter().find(|rp| scalez::prune::is_protected(rp)) {
+        if !force {
+            bail!(
+                "recovery point {} is protected; nothing was deleted (`elastio rp unprotect {}` \
+                 first, or --force)",
+                rp.id,
+                rp.id
+            );
+        }
+    }
     let ids: Vec<_> = rps.iter().map(|r| r.id.clone()).collect();
     scalez::prune::delete_rps(&vault, &ids)?;
     match ctx.global.output_format {
@@ -216,6 +228,41 @@ fn delete(ctx: &Ctx, specs: &[String]) -> Result<()> {
                 println!("deleted {} ({} {})", rp.id, rp.kind, rp.asset.name);
             }
             println!("run `elastio prune` to reclaim their space");
+            Ok(())
+        }
+    }
+}
+
+/// Sets or clears the protection tag of RPs (resolved first: all or nothing).
+fn protect(ctx: &Ctx, specs: &[String], on: bool) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let rps = specs
+        .iter()
+        .map(|s| resolve_rp(&vault, s, None, None))
+        .collect::<Result<Vec<_>>>()?;
+    let tag = scalez::prune::PROTECTED_TAG.to_string();
+    let mut done = Vec::new();
+    for rp in rps {
+        let update = if on {
+            TagUpdate {
+                set: [(tag.clone(), "true".to_string())].into(),
+                remove: Vec::new(),
+            }
+        } else {
+            TagUpdate {
+                set: Default::default(),
+                remove: vec![tag.clone()],
+            }
+        };
+        done.push(vault.update_tags(&rp.id, &update)?);
+    }
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&done),
+        OutputFormat::Human => {
+            let verb = if on { "protected" } else { "unprotected" };
+            for rp in &done {
+                println!("{verb} {} ({} {})", rp.id, rp.kind, rp.asset.name);
+            }
             Ok(())
         }
     }

@@ -1,0 +1,126 @@
+//! Paths swapped by another user while elastio (often root) works on them. Deterministic: the
+//! file backup's test hook swaps a parent directory for a symlink inside the window between the
+//! walk and the read; restore targets are planted before the restore starts. Real local vaults.
+//! One test binary of its own: the backup hook is process-wide.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use agent::file::{backup_files, set_before_read_hook, FileBackupOptions};
+use agent::file_restore::{restore_files, FileRestoreOptions};
+use agent::pipeline::{backup_block, restore_block, BackupOptions, RestoreOptions};
+use agent::progress::NoProgress;
+use scalez::crypto::KdfParams;
+use scalez::store::local::LocalStore;
+use scalez::store::ObjectStore;
+use scalez::{Vault, VaultOptions};
+
+fn vault(dir: &Path) -> Arc<Vault> {
+    std::fs::create_dir_all(dir.join("vault")).unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.join("vault")).unwrap());
+    let opts = VaultOptions {
+        chunk_size: 64 * 1024,
+        kdf: KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        },
+        ..VaultOptions::default()
+    };
+    Arc::new(Vault::init(store, b"pw", opts).unwrap())
+}
+
+/// A parent directory replaced by a symlink to a directory holding a secret, after the walk saw
+/// the user's file and before a reader opens it. The backup used to open the path again and
+/// store the secret under the user's name, unflagged. Now the opened inode must be the walked
+/// one: the file is recorded without data and reported.
+#[test]
+fn a_parent_swapped_for_a_symlink_between_walk_and_read_stores_nothing_of_the_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("home");
+    std::fs::create_dir_all(src.join("docs")).unwrap();
+    std::fs::write(src.join("docs/notes.txt"), b"the user's notes").unwrap();
+    std::fs::write(src.join("other.txt"), b"untouched").unwrap();
+    let secret_dir = tmp.path().join("etc");
+    std::fs::create_dir(&secret_dir).unwrap();
+    std::fs::write(
+        secret_dir.join("notes.txt"),
+        b"root:SECRET-HASH:19000::::::",
+    )
+    .unwrap();
+
+    let docs = src.join("docs");
+    let moved = src.join("docs.moved");
+    let secret = secret_dir.clone();
+    set_before_read_hook(Box::new(move |p: &Path| {
+        if p.ends_with("docs/notes.txt") && !moved.exists() {
+            std::fs::rename(&docs, &moved).unwrap();
+            std::os::unix::fs::symlink(&secret, &docs).unwrap();
+        }
+    }));
+
+    let v = vault(tmp.path());
+    let r = backup_files(
+        &v,
+        std::slice::from_ref(&src),
+        &FileBackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(
+        r.unreadable.iter().any(|p| p.contains("notes.txt")),
+        "the swapped file is reported: {:?} / {:?}",
+        r.unreadable,
+        r.changed
+    );
+    let out = tmp.path().join("restored");
+    restore_files(&v, &r.rp, &out, &FileRestoreOptions::default(), &NoProgress).unwrap();
+    let root = out.join(src.strip_prefix("/").unwrap());
+    let notes = std::fs::read(root.join("docs/notes.txt")).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&notes).contains("SECRET"),
+        "the secret was stored under the user's path"
+    );
+    assert_eq!(std::fs::read(root.join("other.txt")).unwrap(), b"untouched");
+}
+
+/// `block restore --force` onto a symlink: it used to follow it (to a block device, or here to
+/// a file the user does not own) and overwrite the target. Only links under /dev to a block
+/// device are followed now; anything else is refused and left as it was.
+#[test]
+fn a_block_restore_does_not_follow_a_planted_symlink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    std::fs::write(&img, vec![0x5a; 256 * 1024]).unwrap();
+    let v = vault(tmp.path());
+    let rp = backup_block(&v, &img, &BackupOptions::default(), &NoProgress)
+        .unwrap()
+        .rp;
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let target = tmp.path().join("restore.img");
+    std::os::unix::fs::symlink(&victim, &target).unwrap();
+    let force = RestoreOptions {
+        force: true,
+        ..RestoreOptions::default()
+    };
+    let err = restore_block(&v, &rp, &target, &force, &NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("symlink"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(&target)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // A regular file is still replaced with --force (by rename: never written through).
+    std::fs::remove_file(&target).unwrap();
+    std::fs::write(&target, b"old").unwrap();
+    restore_block(&v, &rp, &target, &force, &NoProgress).unwrap();
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+}
