@@ -140,17 +140,21 @@ fn read_trailer(
         .checked_sub(tlen)
         .filter(|s| *s >= 8)
         .ok_or("trailer length points outside the pack")?;
+    if tlen > MAX_TRAILER {
+        return Err(format!(
+            "trailer of {tlen} bytes is larger than any pack's (at most {MAX_TRAILER})"
+        ));
+    }
     let trailer = store
         .get_range(&key, start..size - 8)
         .map_err(|e| e.to_string())?;
-    // read_entries wants a framed pack: rebuild a minimal one around the trailer.
-    let mut framed = Vec::with_capacity(trailer.len() + 16 + start as usize);
-    framed.extend_from_slice(b"EZPACK01");
-    framed.resize(start as usize, 0);
-    framed.extend_from_slice(&trailer);
-    framed.extend_from_slice(&tail);
-    pack::read_entries(vault.keys(), pack, &framed).map_err(|e| e.to_string())
+    pack::read_trailer(vault.keys(), pack, &trailer, start).map_err(|e| e.to_string())
 }
+
+/// A trailer lists at most one 40-byte entry per 64 bytes of a pack of at most 1 GiB (chunks
+/// are never empty once sealed): well under 1 GiB; anything larger is damage, not a reason
+/// to allocate.
+const MAX_TRAILER: u64 = 1 << 30;
 
 /// Checks `vault`; `progress` gets a line per stage.
 pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Result<CheckReport> {
@@ -262,8 +266,22 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
             .collect();
         to_read.sort_by_key(PackId::key);
         progress(&format!("reading {} packs", to_read.len()));
+        let max_pack = vault.config().max_pack_object();
         for pack in to_read {
             let key = pack.key();
+            let size = listed.get(&pack).copied().unwrap_or(0);
+            if size > max_pack {
+                // Never read whole into memory: a planted sparse object could be any size.
+                problems.add(
+                    &key,
+                    format!(
+                        "oversize pack: {size} bytes, larger than any pack of this vault \
+                         (at most {max_pack}); not read"
+                    ),
+                );
+                bad_packs.insert(pack, key);
+                continue;
+            }
             let bytes = match store.get(&key) {
                 Ok(b) => b,
                 Err(e) => {

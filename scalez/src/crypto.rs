@@ -301,7 +301,35 @@ pub struct KeyFile {
     pub created: String,
 }
 
+impl KdfParams {
+    /// Caps checked before any hashing, on unwrap (key files are unauthenticated: a planted
+    /// one with `iterations = 2^32-1` hung every open) and on wrap (so no vault is made that
+    /// this code would refuse to open): at most 1 GiB of memory, 64 passes, 16 lanes, and
+    /// 4 GiB-passes of work in all (a few seconds here; the default is 192 MiB-passes).
+    pub fn check(&self) -> Result<(), String> {
+        let work = self.memory_kib as u64 * self.iterations as u64;
+        if self.memory_kib > 1 << 20
+            || self.iterations == 0
+            || self.iterations > 64
+            || self.parallelism == 0
+            || self.parallelism > 16
+            || work > 4 << 20
+        {
+            return Err(format!(
+                "Argon2 parameters out of bounds ({} KiB, {} passes, {} lanes; at most 1 GiB, \
+                 64 passes, 16 lanes and 4 GiB-passes in all)",
+                self.memory_kib, self.iterations, self.parallelism
+            ));
+        }
+        Ok(())
+    }
+}
+
 fn kek(password: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>, String> {
+    p.check()?;
+    if salt.len() < 8 || salt.len() > 64 {
+        return Err(format!("salt of {} bytes (8 to 64)", salt.len()));
+    }
     let params = argon2::Params::new(p.memory_kib, p.iterations, p.parallelism, Some(32))
         .map_err(|e| e.to_string())?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);

@@ -134,7 +134,19 @@ pub fn read_entries(keys: &Keys, pack: &PackId, data: &[u8]) -> Result<Vec<PackE
     if tstart < PACK_MAGIC.len() {
         return Err(PackError::OutOfBounds);
     }
-    let plain = keys.open(&trailer_aad(pack), &data[tstart..n - 8])?;
+    read_trailer(keys, pack, &data[tstart..n - 8], tstart as u64)
+}
+
+/// Decodes a pack's sealed trailer alone (`sealed`: the bytes between the last chunk and the
+/// 8-byte tail), given where it starts in the pack: what `check` reads with two ranged reads
+/// instead of the whole pack.
+pub fn read_trailer(
+    keys: &Keys,
+    pack: &PackId,
+    sealed: &[u8],
+    tstart: u64,
+) -> Result<Vec<PackEntry>, PackError> {
+    let plain = keys.open(&trailer_aad(pack), sealed)?;
     if plain.len() % ENTRY_LEN != 0 {
         return Err(PackError::OutOfBounds);
     }
@@ -147,7 +159,7 @@ pub fn read_entries(keys: &Keys, pack: &PackId, data: &[u8]) -> Result<Vec<PackE
         })
         .collect();
     if entries.iter().any(|e| {
-        (e.offset as usize) < PACK_MAGIC.len() || e.offset as usize + e.len as usize > tstart
+        (e.offset as u64) < PACK_MAGIC.len() as u64 || e.offset as u64 + e.len as u64 > tstart
     }) {
         return Err(PackError::OutOfBounds);
     }

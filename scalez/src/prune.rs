@@ -529,6 +529,13 @@ pub fn prune(
             let Some(entries) = live.remove(pack) else {
                 continue;
             };
+            let size = listed.get(pack).copied().unwrap_or(0);
+            if size > vault.config().max_pack_object() {
+                return Err(vault.corrupt(
+                    &pack.key(),
+                    format!("oversize pack ({size} bytes); nothing was deleted (run check)"),
+                ));
+            }
             let bytes = store.get(&pack.key())?;
             for (id, loc) in entries {
                 if !copied.insert(id) {

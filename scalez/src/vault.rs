@@ -100,6 +100,16 @@ pub struct VaultConfig {
     pub created: String,
 }
 
+impl VaultConfig {
+    /// The largest pack object this vault's writers make: a pack is closed once it reaches
+    /// `pack_size`, so it holds at most one more chunk (≤ 4 MiB of stream data, sealed) and a
+    /// trailer (≤ 40 bytes per chunk). Twice the pack size plus 64 MiB bounds all of it;
+    /// readers never load a larger object whole (a planted sparse object could be any size).
+    pub fn max_pack_object(&self) -> u64 {
+        2 * self.pack_size as u64 + (64 << 20)
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct ConfigObject {
     config: VaultConfig,
@@ -217,29 +227,48 @@ impl Vault {
         let location = store.location();
         let key_objects = store.list("keys/")?;
         let mut master = None;
+        // Key files are not authenticated until one unwraps: a damaged or planted one (junk,
+        // absurd KDF parameters, any size) is skipped and reported, never fatal, so one bad
+        // object cannot lock everyone out.
+        let mut damaged: Vec<(String, String)> = Vec::new();
         for k in &key_objects {
+            if k.size > MAX_KEY_FILE {
+                damaged.push((k.key.clone(), format!("{} bytes: not a key file", k.size)));
+                continue;
+            }
             let raw = store.get(&k.key)?;
-            let kf: KeyFile = serde_json::from_slice(&raw).map_err(|e| Error::Corrupt {
-                location: location.clone(),
-                key: k.key.clone(),
-                detail: format!("not a key file: {e}"),
-            })?;
-            let unwrapped = kf
-                .unwrap_key(password, &config.vault_id)
-                .map_err(|detail| Error::Corrupt {
-                    location: location.clone(),
-                    key: k.key.clone(),
-                    detail,
-                })?;
-            if let Some(m) = unwrapped {
-                master = Some(m);
-                break;
+            let unwrapped = serde_json::from_slice::<KeyFile>(&raw)
+                .map_err(|e| format!("not a key file: {e}"))
+                .and_then(|kf| kf.unwrap_key(password, &config.vault_id));
+            match unwrapped {
+                Ok(Some(m)) => {
+                    master = Some(m);
+                    break;
+                }
+                Ok(None) => {}
+                Err(detail) => damaged.push((k.key.clone(), detail)),
             }
         }
-        let master = master.ok_or(Error::WrongPassword {
-            location: location.clone(),
-            keys: key_objects.len(),
-        })?;
+        for (key, detail) in &damaged {
+            tracing::warn!("{location}: skipping key file {key}: {detail}");
+        }
+        let master = match master {
+            Some(m) => m,
+            None if damaged.len() == key_objects.len() && !damaged.is_empty() => {
+                let (key, detail) = damaged.swap_remove(0);
+                return Err(Error::Corrupt {
+                    location: location.clone(),
+                    key,
+                    detail: format!("{detail} (and no other key file is usable)"),
+                });
+            }
+            None => {
+                return Err(Error::WrongPassword {
+                    location: location.clone(),
+                    keys: key_objects.len() - damaged.len(),
+                })
+            }
+        };
         let keys = Keys::derive(&master);
         let raw: ConfigObject =
             serde_json::from_slice(&store.get(CONFIG_KEY)?).map_err(|e| Error::Corrupt {
@@ -316,6 +345,19 @@ impl Vault {
             .into_iter()
             .filter(|o| !loaded.contains(&o.key))
             .collect();
+        // Listing sizes are unauthenticated: an object over the cap is damage (never read or
+        // allocated for), and the pre-sizing only counts objects under it.
+        let (objects, oversize): (Vec<_>, Vec<_>) = objects
+            .into_iter()
+            .partition(|o| o.size <= MAX_INDEX_OBJECT);
+        for obj in oversize {
+            let reason = format!(
+                "{} bytes: larger than any index object (at most {MAX_INDEX_OBJECT}); not read",
+                obj.size
+            );
+            tracing::warn!("{}: index object {}: {reason}", self.location(), obj.key);
+            self.damaged_index.lock().unwrap().push((obj.key, reason));
+        }
         let mut bulk = index.bulk(objects.iter().map(|o| o.size).sum());
         for obj in objects {
             let sealed = match self.store.get(&obj.key) {
@@ -952,6 +994,15 @@ pub(crate) fn is_canonical_tag_key(key: &str, rp: &RecoveryPointId) -> bool {
         .is_some()
 }
 
+/// Key files are ~300 bytes of JSON; anything over this is not one (and is not read).
+const MAX_KEY_FILE: u64 = 64 << 10;
+
+/// The largest index object a reader accepts. Writers flush an index object every 8 packs or
+/// 4096 entries (checked per pack), so even 8 packs of 1 GiB of 4 KiB chunks stay under
+/// 8 × 262144 × 44 bytes ≈ 92 MiB; 256 MiB leaves room without letting a planted object
+/// allocate without bound.
+pub const MAX_INDEX_OBJECT: u64 = 256 << 20;
+
 pub fn index_aad(key: &str) -> Vec<u8> {
     format!("index:{key}").into_bytes()
 }
@@ -1126,5 +1177,90 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not found"));
+    }
+
+    /// A vault on a real directory, with one disk of incompressible data stored.
+    fn local_vault(dir: &std::path::Path) -> (Arc<dyn ObjectStore>, Arc<Vault>) {
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(crate::store::local::LocalStore::open(dir).unwrap());
+        let vault = Arc::new(Vault::init(store.clone(), b"pw", opts()).unwrap());
+        let disk: Vec<u8> = (0..(1 << 20)).map(|_| rand::random::<u8>()).collect();
+        crate::testing::store_disk(&vault, &disk);
+        (store, vault)
+    }
+
+    /// Planted key files: junk JSON, absurd Argon2 parameters (2^32-1 passes hung every open),
+    /// an oversized object. Each used to make the vault unopenable; now they are skipped.
+    #[test]
+    fn damaged_or_absurd_key_files_are_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = local_vault(tmp.path());
+        store.put("keys/0", b"junk", PutMode::Create).unwrap();
+        let mut absurd: serde_json::Value = serde_json::from_slice(
+            &store
+                .get(&store.list("keys/").unwrap().last().unwrap().key)
+                .unwrap(),
+        )
+        .unwrap();
+        absurd["params"]["iterations"] = u32::MAX.into();
+        store
+            .put(
+                "keys/1",
+                &serde_json::to_vec(&absurd).unwrap(),
+                PutMode::Create,
+            )
+            .unwrap();
+        std::fs::File::create(tmp.path().join("keys/2"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let started = std::time::Instant::now();
+        // (Listing order puts the planted ones first.)
+        Vault::open(store.clone(), b"pw").expect("opens past the planted key files");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        assert!(matches!(
+            Vault::open(store, b"wrong"),
+            Err(Error::WrongPassword { keys: 1, .. })
+        ));
+    }
+
+    /// A planted 1 TiB sparse object under index/ aborted every open (the index was pre-sized
+    /// from listing sizes); a real pack made 1 TiB long, its authentic trailer kept at the end,
+    /// aborted `check` (which zero-filled a buffer the size of the pack). Both are reported as
+    /// damaged now, and nothing is allocated for them.
+    #[test]
+    fn huge_planted_objects_are_damage_not_allocations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = local_vault(tmp.path());
+        std::fs::File::create(tmp.path().join("index/ffff"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let vault = Arc::new(Vault::open(store.clone(), b"pw").unwrap());
+        assert!(vault
+            .damaged_index()
+            .iter()
+            .any(|(k, why)| k == "index/ffff" && why.contains("larger than any index object")));
+        std::fs::remove_file(tmp.path().join("index/ffff")).unwrap();
+
+        let pack = store.list("packs/").unwrap()[0].key.clone();
+        let path = tmp.path().join(&pack);
+        let bytes = std::fs::read(&path).unwrap();
+        let tlen = u32::from_le_bytes(bytes[bytes.len() - 8..bytes.len() - 4].try_into().unwrap());
+        let tail = &bytes[bytes.len() - 8 - tlen as usize..];
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let huge = 1u64 << 40;
+        f.set_len(huge).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, tail, huge - tail.len() as u64).unwrap();
+        drop(f);
+        let vault = Arc::new(Vault::open(store, b"pw").unwrap());
+        let r = crate::check::check(&vault, crate::check::DataCheck::All, &|_| {}).unwrap();
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.object == pack && p.problem.contains("oversize")),
+            "{:?}",
+            r.problems
+        );
     }
 }
