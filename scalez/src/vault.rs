@@ -951,7 +951,13 @@ impl Vault {
                 tracing::warn!(key = %obj.key, "ignoring a catalog object whose name is not a canonical RP id");
                 continue;
             };
-            out.push(self.read_rp(&obj.key, &id)?);
+            match self.read_rp(&obj.key, &id) {
+                Ok(rp) => out.push(rp),
+                // Deleted (rp delete, prune) between the listing and the read: gone, not
+                // damage. Backups list the catalog to find their parent while prunes run.
+                Err(Error::RpNotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)

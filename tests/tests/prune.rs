@@ -107,39 +107,85 @@ fn retention_deletes_per_asset_and_prune_reclaims_the_space() {
     check_clean(&env);
 }
 
-/// Rounds of 4 backups and a prune at once; returns the RPs reported created with the sha256 of
-/// their image.
-fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String, String> {
-    let imgs: Vec<PathBuf> = (0..4)
+/// What a racing backup made, to check it restores: the kind and the sha256 of its content
+/// (a disk image, a stream, or a file tree's files in name order).
+#[derive(Clone, Debug)]
+struct Made {
+    kind: &'static str,
+    sha: String,
+}
+
+/// The sha256 of `dir`'s files (a.bin, b.bin) concatenated.
+fn tree_sha(dir: &Path) -> String {
+    let mut all = std::fs::read(dir.join("a.bin")).unwrap();
+    all.extend(std::fs::read(dir.join("b.bin")).unwrap());
+    let p = dir.with_extension("concat");
+    std::fs::write(&p, &all).unwrap();
+    sha256_file(&p)
+}
+
+/// Rounds of block, file and stream backups and a prune (`--keep-last 2`) at once; returns the
+/// RPs reported created. Content cycles with period 3, so each round's backups deduplicate
+/// against data of the RP that round's prune expires: exactly the data prune condemns.
+fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String, Made> {
+    let imgs: Vec<PathBuf> = (0..2)
         .map(|i| {
             let p = env.path(&format!("disk{i}.img"));
             std::fs::write(&p, pseudo_random(100 + i, size)).unwrap();
             p
         })
         .collect();
+    let tree = env.path("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("a.bin"), pseudo_random(200, size)).unwrap();
+    let stream_src = env.path("stream.bin");
     let mut created = BTreeMap::new();
+    let (mut retried, mut spared) = (0, 0);
     for round in 0..rounds {
-        let mut shas = Vec::new();
+        let variant = round % 3;
+        let mut expect = Vec::new();
         for (i, img) in imgs.iter().enumerate() {
-            if round > 0 {
-                mutate(img, round * 10 + i as u64, 2);
-            }
-            shas.push(sha256_file(img));
+            mutate(img, variant * 10 + i as u64 + 1, 2);
+            expect.push(Made {
+                kind: "disk",
+                sha: sha256_file(img),
+            });
         }
-        let backups: Vec<Child> = imgs
+        std::fs::write(tree.join("b.bin"), pseudo_random(300 + variant, size / 2)).unwrap();
+        expect.push(Made {
+            kind: "file",
+            sha: tree_sha(&tree),
+        });
+        let mut stream = pseudo_random(400, size);
+        stream.extend(pseudo_random(500 + variant, size / 2));
+        std::fs::write(&stream_src, &stream).unwrap();
+        expect.push(Made {
+            kind: "stream",
+            sha: sha256_file(&stream_src),
+        });
+        let mut commands: Vec<Vec<&str>> = imgs
             .iter()
-            .map(|img| {
-                env.command(&[
-                    "block",
-                    "backup",
-                    img.to_str().unwrap(),
-                    "--output-format",
-                    "json",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
+            .map(|img| vec!["block", "backup", img.to_str().unwrap()])
+            .collect();
+        commands.push(vec!["file", "backup", tree.to_str().unwrap()]);
+        commands.push(vec![
+            "stream",
+            "backup",
+            "--stream-name",
+            "orders",
+            "--from-file",
+            stream_src.to_str().unwrap(),
+        ]);
+        let backups: Vec<Child> = commands
+            .iter()
+            .map(|args| {
+                let mut a = args.clone();
+                a.extend(["--output-format", "json"]);
+                env.command(&a)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
             })
             .collect();
         let prune = env
@@ -156,16 +202,21 @@ fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String,
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        for (child, sha) in backups.into_iter().zip(shas) {
+        for (child, made) in backups.into_iter().zip(expect) {
             let out = child.wait_with_output().unwrap();
             if out.status.success() {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                created.insert(rp_of(&v), sha);
+                created.insert(rp_of(&v), made);
             } else {
                 // Allowed only for the documented reason: a concurrent prune condemned data
                 // the backup deduplicated against.
                 let err = String::from_utf8_lossy(&out.stderr);
-                assert!(err.contains("run the backup again"), "backup failed: {err}");
+                assert!(
+                    err.contains("run the backup again"),
+                    "{} backup failed: {err}",
+                    made.kind
+                );
+                retried += 1;
             }
         }
         let out = prune.wait_with_output().unwrap();
@@ -174,20 +225,59 @@ fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String,
             "prune failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        spared += r["packs_spared"].as_u64().unwrap_or(0);
     }
+    eprintln!(
+        "{} RPs made, {retried} backups told to run again, {spared} packs spared",
+        created.len()
+    );
     created
 }
 
-/// Every RP still listed that a backup reported restores to the image it was made from.
-fn verify_listed(env: &Env, created: &BTreeMap<String, String>) -> usize {
-    let out = env.path("verify.img");
-    let mut n = 0;
+/// Every RP still listed that a backup reported restores to what it was made from; returns
+/// how many of each kind were checked.
+fn verify_listed(env: &Env, created: &BTreeMap<String, Made>) -> BTreeMap<&'static str, usize> {
+    let mut n = BTreeMap::new();
     for rp in listed(env) {
-        if let Some(sha) = created.get(&rp) {
-            env.restore(&rp, &out);
-            assert_eq!(&sha256_file(&out), sha, "{rp}");
-            n += 1;
-        }
+        let Some(made) = created.get(&rp) else {
+            continue;
+        };
+        let got = match made.kind {
+            "disk" => {
+                let out = env.path("verify.img");
+                env.restore(&rp, &out);
+                sha256_file(&out)
+            }
+            "stream" => {
+                let out = env.path("verify.stream");
+                env.ok(&[
+                    "stream",
+                    "restore",
+                    "--rp",
+                    &rp,
+                    "--to-file",
+                    out.to_str().unwrap(),
+                    "--force",
+                ]);
+                sha256_file(&out)
+            }
+            _ => {
+                let target = env.path(&format!("verify-{rp}"));
+                env.ok(&[
+                    "file",
+                    "restore",
+                    "--rp",
+                    &rp,
+                    "--target",
+                    target.to_str().unwrap(),
+                ]);
+                let tree = env.path("tree");
+                tree_sha(&target.join(tree.strip_prefix("/").unwrap()))
+            }
+        };
+        assert_eq!(got, made.sha, "{} RP {rp} restores byte-exact", made.kind);
+        *n.entry(made.kind).or_default() += 1;
     }
     n
 }
@@ -195,24 +285,32 @@ fn verify_listed(env: &Env, created: &BTreeMap<String, String>) -> usize {
 #[test]
 fn backups_and_prune_at_the_same_time_local() {
     let env = Env::new();
-    let created = backups_racing_prune(&env, 4, 6 * MIB);
+    let created = backups_racing_prune(&env, 5, 4 * MIB);
     assert!(
-        created.len() >= 12,
-        "most backups succeed: {}",
+        created.len() >= 15,
+        "most of 20 backups succeed: {}",
         created.len()
     );
     let n = verify_listed(&env, &created);
-    assert!(n >= 8, "two kept per asset at least: {n}");
+    for kind in ["disk", "file", "stream"] {
+        assert!(n.get(kind).copied().unwrap_or(0) >= 1, "{kind}: {n:?}");
+    }
+    assert!(
+        n.values().sum::<usize>() >= 6,
+        "two kept per asset at least: {n:?}"
+    );
     check_clean(&env);
 }
 
 #[test]
 fn backups_and_prune_at_the_same_time_s3() {
     let env = Env::s3(&s3_server("rgw"));
-    let created = backups_racing_prune(&env, 2, 4 * MIB);
-    assert!(created.len() >= 6, "{}", created.len());
+    let created = backups_racing_prune(&env, 4, 2 * MIB);
+    assert!(created.len() >= 10, "{}", created.len());
     let n = verify_listed(&env, &created);
-    assert!(n >= 6, "{n}");
+    for kind in ["disk", "file", "stream"] {
+        assert!(n.get(kind).copied().unwrap_or(0) >= 1, "{kind}: {n:?}");
+    }
     check_clean(&env);
 }
 
@@ -272,7 +370,7 @@ fn killed_backups_and_prunes_leave_a_sound_vault() {
             String::from_utf8_lossy(&out.stderr)
         );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        created.insert(rp_of(&v), sha);
+        created.insert(rp_of(&v), Made { kind: "disk", sha });
         // ...and a prune killed somewhere in its run.
         let child = with_ttl(env.command(&["prune", "--keep-last", "3", "--max-wait", "10", "-q"]))
             .stdout(Stdio::null())
