@@ -107,7 +107,10 @@ MBR/GPT partition, and `partN/` (`fs/` for a file system on the bare disk) with 
 each ext2/3/4 file system, read in user space: no root, loop device or kernel module needed. \
 Copy files out with `cp -a`. With --kernel (root), each partition is instead loop-mounted \
 read-only by the kernel's own driver at `partN/`, for file systems the built-in reader does not \
-know (XFS, NTFS, ...). A file RP shows the paths it backed up under their absolute paths (`/etc` \
+know (XFS, NTFS, ...). Risk: the kernel then parses the image's bytes in ring 0, and a disk from a \
+compromised host can be crafted to exploit a file system driver; only use --kernel on images you \
+trust. Its mounts use the type blkid detects (ext2/3/4, xfs, btrfs, vfat, ntfs; never a probe of \
+every driver) and nosuid,nodev,noexec. A file RP shows the paths it backed up under their absolute paths (`/etc` \
 as `etc/`), with modes, owners, times, symlinks, hard links and extended attributes; a stream RP \
 shows one file named after the stream.\n\nBy default the command returns once the mount is ready and a \
 background process serves it until `elastio umount <mountpoint>`; its log (read errors name the \
@@ -228,7 +231,8 @@ pub struct MountArgs {
     /// Chunk cache
     #[arg(long, default_value = "256MiB", value_parser = parse_size)]
     pub cache_size: u64,
-    /// Loop-mount each partition read-only with the kernel's driver instead of parsing it (root)
+    /// Loop-mount each partition read-only with the kernel's driver instead of parsing it (root;
+    /// the kernel parses untrusted bytes: see below)
     #[arg(long)]
     pub kernel: bool,
 }

@@ -30,20 +30,34 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Creates the overlay's (unlinked) sparse file in `dir`.
+    /// Creates the overlay's sparse file in `dir`, nameless: `O_TMPFILE` (mode 0600), so the
+    /// writes to the disk (often secrets) are never reachable by a name. Where the file
+    /// system lacks `O_TMPFILE`, a 0600 file under a random name, created exclusively without
+    /// following symlinks and unlinked at once.
     pub fn create(base: Arc<DiskReader>, dir: &Path) -> io::Result<Self> {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let path = dir.join(format!(
-            ".elastio-overlay-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let file = OpenOptions::new()
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = match OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
-            .open(&path)?;
-        std::fs::remove_file(&path)?;
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+        {
+            Ok(f) => f,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+                let path = dir.join(format!(".elastio-overlay-{:032x}", rand::random::<u128>()));
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&path)?;
+                std::fs::remove_file(&path)?;
+                f
+            }
+            Err(e) => return Err(e),
+        };
         file.set_len(base.size())?;
         Ok(Overlay {
             cs: base.chunk_size() as u64,
@@ -310,6 +324,22 @@ mod tests {
             }),
             (0..size, 1..3 * CS as u64).prop_map(move |(o, n)| Op::Zero(o, n.min(size - o))),
         ]
+    }
+
+    /// The overlay holds what a client writes to the disk (often secrets): it used to be a
+    /// 0644 file with a predictable name in /tmp until unlinked. Now it never has a name, and
+    /// its mode is 0600.
+    #[test]
+    fn the_overlay_file_is_nameless_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (vault, rp) = disk_rp(&vec![7u8; 2 * CS]);
+        let reader = Arc::new(DiskReader::new(vault, rp.disk.clone().unwrap(), 1 << 20));
+        let dir = tempfile::tempdir().unwrap();
+        let overlay = Overlay::create(reader, dir.path()).unwrap();
+        overlay.write_at(0, b"secret").unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let mode = overlay.file.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     proptest! {

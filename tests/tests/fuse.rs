@@ -374,6 +374,12 @@ fn files_inside_the_file_system_are_browsable_and_copyable() {
         logged.contains("packs/"),
         "the log names the object: {logged}"
     );
+    // The log (it names RPs and objects) is private: 0600 in a 0700 directory of this user's
+    // (it was a predictable name in /tmp, created through any symlink planted there).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&log), 0o600, "{}", log.display());
+    assert_eq!(mode(log.parent().unwrap()), 0o700, "{}", log.display());
     umount(&env, &mnt, pid);
 }
 
@@ -396,14 +402,23 @@ fn kernel_mode_loop_mounts_partitions() {
     let out = env.json(&["mount", &rp, mnt.to_str().unwrap(), "--kernel"]);
     let pid = out["pid"].as_u64().unwrap() as u32;
     assert_eq!(out["kernel_mounts"][0]["dir"], "part1", "{out}");
-    assert_eq!(out["kernel_mounts"][0]["options"], "ro,noload", "{out}");
+    // The detected type, never the kernel's probing; a hostile image's setuid files and
+    // device nodes are inert (the first release mounted with neither).
+    assert_eq!(
+        out["kernel_mounts"][0]["options"], "-t ext4 -o ro,noload,nosuid,nodev,noexec",
+        "{out}"
+    );
     // The kernel's ext4 driver shows the same tree as the fixture.
     assert_same_tree(&mnt.join("part1"), &fixture_tree());
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(
-        mounts.contains(&format!("{} ", mnt.join("part1").display())),
-        "part1 is a kernel mount"
-    );
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&format!("{} ", mnt.join("part1").display())))
+        .expect("part1 is a kernel mount");
+    for opt in ["nosuid", "nodev", "noexec"] {
+        assert!(line.contains(opt), "{opt}: {line}");
+    }
+    assert!(line.contains(" - ext4 "), "{line}");
     // umount takes down the loop mount first, then the FUSE mount.
     umount(&env, &mnt, pid);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

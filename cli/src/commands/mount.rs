@@ -1,5 +1,6 @@
 use std::io::{BufRead, Write};
 use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -95,19 +96,50 @@ fn unmount_nested(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loop-mounts `image` read-only at `dir` with the kernel's driver, trying the options that
-/// keep journaling file systems from replaying their log first. Returns the options used.
-fn kernel_mount(image: &Path, dir: &Path) -> Result<&'static str> {
+/// File systems `--kernel` hands to the kernel. Each is a kernel parser of untrusted bytes
+/// running in ring 0, so only the common, well-fuzzed ones, named explicitly (no probing of
+/// every driver the kernel has).
+const KERNEL_TYPES: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "ntfs3", "ntfs",
+];
+
+/// The file system type of `image` as blkid reads it (probing its superblocks, no mounting).
+fn detect_fs_type(image: &Path) -> Result<String> {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "TYPE"])
+        .arg(image)
+        .output()
+        .context("cannot run blkid (util-linux)")?;
+    let t = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if t.is_empty() {
+        bail!("no known file system found by blkid");
+    }
+    if !KERNEL_TYPES.contains(&t.as_str()) {
+        bail!(
+            "file system type {t:?} is not one --kernel mounts ({})",
+            KERNEL_TYPES.join(", ")
+        );
+    }
+    Ok(t)
+}
+
+/// Loop-mounts `image` read-only at `dir` with the kernel's driver for its detected type
+/// (`-t`), `nosuid,nodev,noexec` (a hostile image's setuid binaries and device nodes are inert),
+/// trying the options that keep journaling file systems from replaying their log first.
+/// Returns the options used.
+fn kernel_mount(image: &Path, dir: &Path) -> Result<String> {
+    let fstype = detect_fs_type(image)?;
     let mut last = String::new();
     for opts in ["ro,noload", "ro,norecovery", "ro"] {
+        let opts = format!("{opts},nosuid,nodev,noexec");
         let out = Command::new("mount")
-            .args(["-o", &format!("loop,{opts}")])
+            .args(["-t", &fstype, "-o", &format!("loop,{opts}")])
             .arg(image)
             .arg(dir)
             .output()
             .context("cannot run mount")?;
         if out.status.success() {
-            return Ok(opts);
+            return Ok(format!("-t {fstype} -o {opts}"));
         }
         last = String::from_utf8_lossy(&out.stderr).trim().to_string();
     }
@@ -355,6 +387,35 @@ fn serve_view(
     Ok(())
 }
 
+/// A 0700 directory only this user can write, for mount logs (they name RPs and objects):
+/// `$XDG_RUNTIME_DIR/elastio`, else `/tmp/elastio-<uid>`. The latter is in a directory anyone
+/// can write, so it is created 0700 and then checked with lstat: a directory, ours, 0700 (not
+/// a symlink or a directory someone planted to read or redirect our logs).
+fn private_log_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(d) if d.is_absolute() && d.is_dir() => d.join("elastio"),
+        _ => std::env::temp_dir().join(format!("elastio-{uid}")),
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let m = std::fs::symlink_metadata(&dir)
+        .with_context(|| format!("cannot stat {}", dir.display()))?;
+    if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+        bail!(
+            "{} is not a private directory of this user (a directory, owned by uid {uid}, mode \
+             0700); remove it or set XDG_RUNTIME_DIR",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
 /// Tells a detached mount process where its log is, so it can remove an empty one at exit.
 const LOG_ENV: &str = "ELASTIO_MOUNT_LOG";
 
@@ -389,12 +450,19 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     use std::os::unix::process::CommandExt;
     // The detached process logs (read errors name the damaged object) to a file next to other
     // per-user runtime state; its path is printed.
-    let log_dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .filter(|d| d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    let log_path = log_dir.join(format!("elastio-mount-{}-{}.log", a.rp, std::process::id()));
-    let log = std::fs::File::create(&log_path)
+    let log_dir = private_log_dir()?;
+    let log_path = log_dir.join(format!(
+        "mount-{}-{}-{:08x}.log",
+        a.rp.replace('/', "_"),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&log_path)
         .with_context(|| format!("cannot create the mount log {}", log_path.display()))?;
     let mut child = cmd
         .env_remove("ELASTIO_PASSWORD")
