@@ -20,6 +20,7 @@ pub mod fault;
 pub mod local;
 pub mod memory;
 pub mod retry;
+#[cfg(feature = "s3")]
 pub mod s3;
 
 use bytes::Bytes;
