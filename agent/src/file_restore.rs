@@ -277,6 +277,7 @@ fn apply_meta_at(dir: &OwnedFd, name: &[u8], e: &Entry, as_root: bool, warnings:
 }
 
 /// Restores file RP `rp` into `target` (created if missing).
+#[allow(unsafe_code)]
 pub fn restore_files(
     vault: &Arc<Vault>,
     rp: &RecoveryPoint,
@@ -297,6 +298,7 @@ pub fn restore_files(
         path: target.into(),
         source: e,
     })?);
+    // SAFETY: geteuid has no preconditions.
     let as_root = unsafe { libc::geteuid() } == 0;
     progress.start(if opts.includes.is_empty() {
         t.file_bytes

@@ -477,6 +477,7 @@ fn rand_u32() -> u32 {
 // BLKZEROOUT = _IO(0x12, 127)
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
+#[allow(unsafe_code)]
 fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let range = [offset, len];
     // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer.

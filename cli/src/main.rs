@@ -18,6 +18,7 @@ pub fn cancel_token() -> agent::Cancel {
     CANCEL.get_or_init(agent::Cancel::new).clone()
 }
 
+#[allow(unsafe_code)]
 extern "C" fn on_signal(_: libc::c_int) {
     match CANCEL.get() {
         // A second signal, or one before any operation started: stop now.
@@ -27,6 +28,7 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
+#[allow(unsafe_code)]
 fn install_signal_handlers() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only does an atomic load/store or _exit, both async-signal-safe.

@@ -201,6 +201,7 @@ impl Drop for Lease {
 }
 
 /// This host's name (leases record it; the agent records it with every asset).
+#[allow(unsafe_code)] // gethostname(2)
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.

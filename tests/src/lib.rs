@@ -306,6 +306,7 @@ pub fn append_random(path: &Path, seed: u64, len: usize) {
 }
 
 /// True when running as root (loop devices need it).
+#[allow(unsafe_code)]
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -398,6 +399,7 @@ impl NbdServer {
     }
 
     /// Stops the server with SIGINT and returns its exit code.
+    #[allow(unsafe_code)]
     pub fn stop(&mut self) -> Option<i32> {
         // SAFETY: plain kill(2) on our child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };

@@ -288,6 +288,7 @@ fn start_big_backup(env: &Env, seed: u64) -> (PathBuf, std::process::Child) {
 }
 
 /// Sends `signal` to `child` once `ready()` holds; false if the child ended first.
+#[allow(unsafe_code)]
 fn signal_when(child: &mut std::process::Child, signal: i32, ready: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !ready() {

@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use elastio_tests::*;
 
+#[allow(unsafe_code)]
 fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let n = CString::new(name).unwrap();
+    // SAFETY: NUL-terminated path and name (CString); the value pointer and length come from one slice.
     let r = unsafe {
         libc::lsetxattr(
             p.as_ptr(),
@@ -26,9 +28,11 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     assert_eq!(r, 0, "setxattr {name} on {}", path.display());
 }
 
+#[allow(unsafe_code)]
 fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let p = CString::new(path.as_os_str().as_bytes()).unwrap();
     let mut names = vec![0u8; 65536];
+    // SAFETY: a NUL-terminated path and name; the kernel writes at most the length passed into the buffer (or nothing for a null one).
     let n = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     assert!(n >= 0, "listxattr {}", path.display());
     let mut out = Vec::new();
@@ -38,6 +42,7 @@ fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     {
         let c = CString::new(name).unwrap();
         let mut v = vec![0u8; 65536];
+        // SAFETY: a NUL-terminated path and name; the kernel writes at most the length passed into the buffer (or nothing for a null one).
         let m = unsafe { libc::lgetxattr(p.as_ptr(), c.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
         assert!(m >= 0);
         v.truncate(m as usize);

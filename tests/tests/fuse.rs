@@ -36,6 +36,7 @@ fn umount(env: &Env, mnt: &Path, pid: u32) {
 }
 
 #[test]
+#[allow(unsafe_code)]
 fn mounted_disk_img_is_byte_exact_sparse_and_read_only() {
     assert!(
         Path::new("/dev/fuse").exists(),

@@ -314,6 +314,7 @@ fn backups_and_prune_at_the_same_time_s3() {
     check_clean(&env);
 }
 
+#[allow(unsafe_code)]
 fn kill_after(mut child: Child, after: Duration) -> bool {
     let deadline = Instant::now() + after;
     while Instant::now() < deadline {

@@ -314,6 +314,7 @@ impl OwnGateway {
         }
     }
 
+    #[allow(unsafe_code)]
     fn kill(&self) {
         let pid: i32 = std::fs::read_to_string(&self.pid_file)
             .unwrap()
@@ -331,6 +332,7 @@ impl OwnGateway {
 }
 
 impl Drop for OwnGateway {
+    #[allow(unsafe_code)]
     fn drop(&mut self) {
         if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
             if let Ok(pid) = pid.trim().parse::<i32>() {

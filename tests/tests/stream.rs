@@ -77,6 +77,7 @@ fn restored(env: &Env, rp: &str) -> Vec<u8> {
 }
 
 #[test]
+#[allow(unsafe_code)]
 fn a_gibibyte_from_a_pipe_with_bounded_memory() {
     let env = Env::new();
     const LEN: u64 = 1 << 30;

@@ -46,6 +46,7 @@ struct Sample {
     image_bytes: u64,
 }
 
+#[allow(unsafe_code)]
 pub fn run(args: &[String]) -> Result<()> {
     ensure_tools(TEST_TOOLS)?;
     ensure_tools(BENCH_TOOLS)?;
@@ -219,6 +220,7 @@ fn prepare(data: &Path) -> Result<()> {
 }
 
 /// Data extents of a sparse file.
+#[allow(unsafe_code)]
 fn extents(f: &File, size: u64) -> Result<Vec<(u64, u64)>> {
     let fd = f.as_raw_fd();
     let mut out = Vec::new();
@@ -335,6 +337,7 @@ fn copy_prefix(src: &Path, dst: &Path, len: u64) -> Result<()> {
 
 /// Runs a command to completion, measuring wall time, CPU time and peak RSS of the child
 /// (`wait4` rusage: user + system seconds, `ru_maxrss`).
+#[allow(unsafe_code)]
 fn measure(cmd: &mut Command) -> Result<(Duration, f64, f64, String)> {
     // Start every step with no dirty data pending, so no tool pays for another's writeback
     // (or, on file systems mounted with `discard`, for the previous step's deletions).
@@ -886,6 +889,7 @@ fn random_reads(uri: &str, size: u64) -> Result<Latency> {
     })
 }
 
+#[allow(unsafe_code)]
 fn bench_nbd(root: &Path, data: &Path, work: &Path, rp: &str) -> Result<NbdFigures> {
     println!("==> NBD: elastio nbd serve vs nbdkit file");
     let base = data.join("base.img");
@@ -954,6 +958,7 @@ struct FuseFigures {
 }
 
 /// Drops the page cache of every file under `path` (clean pages; no root needed).
+#[allow(unsafe_code)]
 fn drop_cache(path: &Path) -> Result<()> {
     if path.is_dir() {
         for e in fs::read_dir(path)? {
@@ -1022,6 +1027,7 @@ fn find_and_read(dir: &Path) -> Result<(f64, usize)> {
     Ok((secs, files))
 }
 
+#[allow(unsafe_code)]
 fn bench_fuse(root: &Path, data: &Path, work: &Path) -> Result<FuseFigures> {
     println!("==> FUSE: elastio mount vs cat of the image and restic mount");
     let bin = root.join("target/release/elastio");

@@ -147,6 +147,7 @@ pub fn start(root: &Path) -> Result<Servers> {
 }
 
 /// Stops the daemons of a cluster made by ceph-rgw.sh (their pid files are in DIR/run).
+#[allow(unsafe_code)]
 fn stop_ceph(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir.join("run")) else {
         return;

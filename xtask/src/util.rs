@@ -46,6 +46,7 @@ pub fn have(cmd: &str) -> bool {
     })
 }
 
+#[allow(unsafe_code)]
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

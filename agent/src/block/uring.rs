@@ -1,4 +1,6 @@
 //! The io_uring read loop: up to `depth` block reads in flight into aligned buffers.
+// io_uring submissions: the kernel reads and writes buffers the ring owns.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::unix::io::AsRawFd;

@@ -146,6 +146,7 @@ fn kernel_mount(image: &Path, dir: &Path) -> Result<String> {
     bail!("{last}")
 }
 
+#[allow(unsafe_code)]
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -177,6 +178,7 @@ fn check_fuse(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
+#[allow(unsafe_code)]
 pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     check_fuse(&a.mountpoint)?;
     if a.kernel && !is_root() {
@@ -279,6 +281,7 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
 }
 
 /// A stream RP: one file named after the stream.
+#[allow(unsafe_code)]
 fn mount_stream(
     ctx: &Ctx,
     a: &MountArgs,
@@ -391,6 +394,7 @@ fn serve_view(
 /// `$XDG_RUNTIME_DIR/elastio`, else `/tmp/elastio-<uid>`. The latter is in a directory anyone
 /// can write, so it is created 0700 and then checked with lstat: a directory, ours, 0700 (not
 /// a symlink or a directory someone planted to read or redirect our logs).
+#[allow(unsafe_code)]
 fn private_log_dir() -> Result<PathBuf> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     // SAFETY: getuid has no preconditions.
