@@ -34,6 +34,11 @@
 //!    requests ([`vault::Vault::read_disk_chunks`]): about one request per 16 MiB pack written
 //!    and per 8 MiB of disk restored. A local metadata cache ([`store::cache`]) is only an
 //!    accelerator: its files are hash-checked and everything in them is AEAD-sealed anyway.
+//! 7. Anyone with write access to the store can plant objects: names that are not canonical are
+//!    ignored, listing sizes are capped before anything is allocated, unauthenticated key files
+//!    are skipped when damaged and their KDF cost is capped before hashing (see FORMAT.md).
+//! 8. What an RP references is defined once, by [`walk`]: prune's mark and spare steps and check
+//!    all use it, so they cannot disagree about what must be kept.
 //!
 //! ## Concurrency
 //! | operation | may run with | why it is safe |
