@@ -2,16 +2,43 @@
 //!
 //! Per connection, one task reads requests and one task writes replies; each request runs in its
 //! own task (reads go through `spawn_blocking`, since the vault reader is synchronous), so many
-//! requests are in flight and replies go out in completion order, each as one whole frame. Reads
-//! take permits from a server-wide budget of in-flight bytes, which bounds memory whatever clients
-//! send. Anything malformed ends only the offending connection.
+//! requests are in flight and replies go out in completion order, each as one whole frame.
+//! Anything malformed ends only the offending connection.
+//!
+//! Invariants (each a limit in [`ServerOptions`], so memory and connection slots are bounded
+//! whatever clients send, including clients that send and never read):
+//! * **Every request is paid for before it is processed.** After its 28-byte header is read, a
+//!   request takes a request slot of its connection (`connection_requests`, default 128) and
+//!   permits for its cost in bytes from its connection's budget (`connection_bytes`, 48 MiB) and
+//!   from the server-wide one (`inflight_bytes`, 256 MiB). The cost is [`REQUEST_COST`] plus the
+//!   bytes the request brings or the reply may carry: a READ's length, a WRITE's payload,
+//!   BLOCK_STATUS's largest reply. Permits travel with the reply and are released only once it is
+//!   written to the socket. Until then the reader does not read the next request: a connection at
+//!   its cap gets TCP backpressure, never an unbounded queue.
+//! * **No connection can take the whole budget.** A connection's byte budget is well under the
+//!   server's: five connections that never read their replies hold at most 240 MiB of 256 MiB,
+//!   so other clients are still served; past that, requests wait until the write timeout drops
+//!   a stalled connection.
+//! * **Requests have bounded work.** READ and WRITE at most [`MAX_REQUEST`] (32 MiB, advertised);
+//!   BLOCK_STATUS looks at most [`MAX_BLOCK_STATUS`] (1 GiB) and answers with at most
+//!   [`MAX_EXTENTS`] descriptors (the spec lets a server describe less than asked); CACHE is a
+//!   hint and prefetches at most [`MAX_CACHE`] (32 MiB) of what it names.
+//! * **Every connection ends.** The handshake must finish within `handshake_timeout` (10 s); a
+//!   connection with no request in flight and no traffic for `idle_timeout` (10 min) is closed,
+//!   and so is one whose replies make no progress into the socket for `write_timeout` (60 s: a
+//!   client that sends but never reads). Silent or stuck clients so cannot hold the connection
+//!   limit (`max_connections`) forever.
+//! * Export sizes need not be a multiple of 512: such an export advertises a minimum block size
+//!   of 1, so clients neither round its size nor refuse the unaligned tail.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use scalez::reader::{DiskReader, Segment};
 
@@ -27,8 +54,16 @@ use super::proto::*;
 pub const MAX_REQUEST: u32 = 32 << 20;
 /// Option data larger than this closes the connection (real clients send a few hundred bytes).
 const MAX_OPTION_DATA: u32 = 64 << 10;
-/// Extents per block-status reply.
-const MAX_EXTENTS: usize = 4096;
+/// Extents per block-status reply (a reply of at most 32 KiB).
+pub const MAX_EXTENTS: usize = 4096;
+/// Bytes one BLOCK_STATUS looks at: longer requests are answered for their first 1 GiB, which the
+/// spec allows (the client asks again from where the reply ended).
+pub const MAX_BLOCK_STATUS: u64 = 1 << 30;
+/// Bytes one CACHE prefetches: it is only a hint, the rest of a longer range is ignored.
+pub const MAX_CACHE: u64 = 32 << 20;
+/// What every request costs in the byte budgets besides its data: its task, reply header and
+/// bookkeeping, rounded up generously, so that requests without payload are paid for too.
+pub const REQUEST_COST: u32 = 4096;
 /// The only metadata context, `base:allocation`.
 const CONTEXT_ID: u32 = 1;
 
@@ -95,11 +130,25 @@ impl Disk {
     }
 }
 
+/// Limits of a [`Server`]; see the module documentation for what each guarantees.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
+    /// Connections served at once (handshakes included); more are closed right away.
     pub max_connections: usize,
-    /// Bytes of read data in flight across all connections.
+    /// Bytes in flight across all connections: request payloads, reply data and
+    /// [`REQUEST_COST`] per request.
     pub inflight_bytes: usize,
+    /// Bytes one connection may have in flight (raised to fit one largest request).
+    pub connection_bytes: usize,
+    /// Requests one connection may have in flight.
+    pub connection_requests: usize,
+    /// Time a client has from connecting to finishing option negotiation.
+    pub handshake_timeout: Option<Duration>,
+    /// A connection with no request in flight that sends nothing for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// A connection whose socket accepts no reply bytes for this long (the client does not read)
+    /// is closed.
+    pub write_timeout: Option<Duration>,
 }
 
 impl Default for ServerOptions {
@@ -107,6 +156,26 @@ impl Default for ServerOptions {
         ServerOptions {
             max_connections: 64,
             inflight_bytes: 256 << 20,
+            connection_bytes: 48 << 20,
+            connection_requests: 128,
+            handshake_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(600)),
+            write_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl ServerOptions {
+    /// The limits actually applied: every budget fits at least one largest request.
+    fn effective(&self) -> ServerOptions {
+        let largest = (MAX_REQUEST + REQUEST_COST) as usize;
+        let connection_bytes = self.connection_bytes.max(largest);
+        ServerOptions {
+            max_connections: self.max_connections.max(1),
+            inflight_bytes: self.inflight_bytes.max(connection_bytes),
+            connection_bytes,
+            connection_requests: self.connection_requests.max(1),
+            ..self.clone()
         }
     }
 }
@@ -122,8 +191,6 @@ pub struct Server {
     opts: ServerOptions,
 }
 
-const PERMIT: usize = 1 << 20;
-
 impl Server {
     pub fn new(exports: Vec<Export>, opts: ServerOptions) -> Self {
         let mut by_name = HashMap::new();
@@ -136,7 +203,7 @@ impl Server {
         Server {
             exports: Arc::new(exports),
             by_name: Arc::new(by_name),
-            opts,
+            opts: opts.effective(),
         }
     }
 
@@ -148,19 +215,20 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let conns = Arc::new(Semaphore::new(self.opts.max_connections));
-        let budget = Arc::new(Semaphore::new(
-            (self.opts.inflight_bytes / PERMIT).max((MAX_REQUEST as usize) / PERMIT),
-        ));
         let shared = Arc::new(Shared {
             exports: self.exports.clone(),
             by_name: self.by_name.clone(),
-            budget,
+            budget: Arc::new(Semaphore::new(self.opts.inflight_bytes)),
+            opts: self.opts.clone(),
         });
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         match listen {
             Listen::Tcp(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!("{}", exposed_warning(&addr));
+                }
                 ready(&l.local_addr()?.to_string());
                 loop {
                     tokio::select! {
@@ -197,10 +265,20 @@ impl Server {
     }
 }
 
+/// What to tell the operator when `addr` can be reached from other machines.
+pub fn exposed_warning(addr: &SocketAddr) -> String {
+    format!(
+        "listening on {addr}, which is not a loopback address: NBD has no authentication here, \
+         anyone who can reach this address can read the exports (and write them if writable)"
+    )
+}
+
 struct Shared {
     exports: Arc<Vec<Export>>,
     by_name: Arc<HashMap<String, usize>>,
+    /// Bytes in flight across all connections.
     budget: Arc<Semaphore>,
+    opts: ServerOptions,
 }
 
 impl Shared {
@@ -248,13 +326,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    wr.write_all(&greeting()).await?;
-    let client_flags = rd.read_u32().await?;
-    if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
-        return Err(io::Error::other("client does not speak fixed newstyle"));
-    }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
-    let Some(session) = negotiate(&mut rd, &mut wr, shared, no_zeroes).await? else {
+    let handshake = async {
+        wr.write_all(&greeting()).await?;
+        let client_flags = rd.read_u32().await?;
+        if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
+            return Err(io::Error::other("client does not speak fixed newstyle"));
+        }
+        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        negotiate(&mut rd, &mut wr, shared, no_zeroes).await
+    };
+    let session = match shared.opts.handshake_timeout {
+        Some(t) => tokio::time::timeout(t, handshake).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("handshake not finished within {t:?}"),
+            )
+        })??,
+        None => handshake.await?,
+    };
+    let Some(session) = session else {
         return Ok(());
     };
     transmission(rd, wr, shared, session).await
@@ -406,7 +496,11 @@ where
                 ))
                 .await?;
                 if infos.contains(&INFO_BLOCK_SIZE) {
-                    let d = info_block_size(512, e.disk.reader().chunk_size(), MAX_REQUEST);
+                    let d = info_block_size(
+                        min_block_size(e.disk.size()),
+                        e.disk.reader().chunk_size(),
+                        MAX_REQUEST,
+                    );
                     wr.write_all(&reply(REP_INFO, &d)).await?;
                 }
                 if infos.contains(&INFO_NAME) {
@@ -438,6 +532,17 @@ where
                 .await?;
             }
         }
+    }
+}
+
+/// The minimum block size to advertise: 512 (what clients assume without one) when the size is a
+/// multiple of it, else 1 — a client rounds the size down to its minimum block size and refuses
+/// requests not aligned to it, so 512 would hide or break the tail of such an export.
+fn min_block_size(size: u64) -> u32 {
+    if size % 512 == 0 {
+        512
+    } else {
+        1
     }
 }
 
@@ -501,12 +606,12 @@ impl From<Vec<u8>> for Reply {
 }
 
 /// Runs `f` on the blocking pool and sends the frame it returns (an EIO reply if it panicked).
-/// `hold` (the request's share of the byte budgets) travels with the frame and is released only
-/// once the frame is written to the socket, so memory held for slow readers stays counted.
+/// `hold` (the request's slot and byte permits) travels with the frame and is released only once
+/// the frame is written to the socket, so memory held for slow readers stays counted.
 fn reply_with<R: Into<Reply> + Send + 'static>(
     tx: &mpsc::Sender<Frame>,
     r: Replier,
-    hold: Option<Budget>,
+    hold: Hold,
     f: impl FnOnce() -> R + Send + 'static,
 ) {
     let tx = tx.clone();
@@ -518,14 +623,148 @@ fn reply_with<R: Into<Reply> + Send + 'static>(
     });
 }
 
-/// A reply on its way to the socket, with the budget it holds.
-type Frame = (Reply, Option<Budget>);
+/// A reply on its way to the socket, with what its request holds.
+type Frame = (Reply, Hold);
 
-/// Permits for a request's bytes: from its connection's budget and the server-wide one.
-type Budget = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+/// What one request holds until its reply is written: a request slot of its connection and its
+/// cost in bytes from the connection's and the server's budgets.
+struct Hold {
+    _slot: OwnedSemaphorePermit,
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+}
 
-/// Bytes of request data one connection may have in flight (replies not yet written included).
-const CONNECTION_BUDGET: usize = 64 << 20;
+/// One connection's limits and the time of its last traffic.
+struct Conn {
+    slots: Arc<Semaphore>,
+    max_requests: usize,
+    bytes: Arc<Semaphore>,
+    server: Arc<Semaphore>,
+    start: Instant,
+    /// Milliseconds after `start` when a request was last read or a reply last written.
+    last: AtomicU64,
+}
+
+impl Conn {
+    fn new(opts: &ServerOptions, server: Arc<Semaphore>) -> Self {
+        Conn {
+            slots: Arc::new(Semaphore::new(opts.connection_requests)),
+            max_requests: opts.connection_requests,
+            bytes: Arc::new(Semaphore::new(opts.connection_bytes)),
+            server,
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits for a request slot and `cost` bytes of both budgets. The connection's own limits
+    /// come first, so a connection at its cap waits there and leaves the server budget to others.
+    async fn hold(&self, cost: u32) -> io::Result<Hold> {
+        let slot = self.slots.clone().acquire_owned().await;
+        let connection = self.bytes.clone().acquire_many_owned(cost).await;
+        let server = self.server.clone().acquire_many_owned(cost).await;
+        match (slot, connection, server) {
+            (Ok(_slot), Ok(_connection), Ok(_server)) => Ok(Hold {
+                _slot,
+                _connection,
+                _server,
+            }),
+            _ => Err(io::Error::other("request budget closed")),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.max_requests - self.slots.available_permits()
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Time since the last request read or reply written.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// What a request costs in the byte budgets: [`REQUEST_COST`] plus the bytes it brings or its
+/// reply may carry. Requests that will be refused cost only the fixed part.
+fn request_cost(req: &Request) -> u32 {
+    let data = match req.kind {
+        CMD_READ | CMD_WRITE if req.len <= MAX_REQUEST => req.len,
+        CMD_BLOCK_STATUS if req.flags & CMD_FLAG_REQ_ONE != 0 => 8,
+        CMD_BLOCK_STATUS => 8 * MAX_EXTENTS as u32,
+        _ => 0,
+    };
+    REQUEST_COST + data
+}
+
+fn timed_out(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+/// Reads the next request header; false when the client closed the connection between requests.
+/// Fails when `idle` passes with no request in flight and no traffic either way.
+async fn read_request<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    h: &mut [u8; REQUEST_LEN],
+    conn: &Conn,
+    idle: Option<Duration>,
+) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < REQUEST_LEN {
+        let n = match idle {
+            None => rd.read(&mut h[filled..]).await?,
+            Some(idle) => {
+                // Wake when the connection would become idle; while requests are in flight, look
+                // again a little later. `read` is cancel-safe: a timer that wins loses no bytes.
+                let wait = idle.saturating_sub(conn.quiet_for()).max(idle / 16);
+                tokio::select! {
+                    n = rd.read(&mut h[filled..]) => n?,
+                    _ = tokio::time::sleep(wait) => {
+                        if conn.in_flight() == 0 && conn.quiet_for() >= idle {
+                            return Err(timed_out(format!("idle for {idle:?}")));
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        if n == 0 {
+            return match filled {
+                0 => Ok(false),
+                _ => Err(io::ErrorKind::UnexpectedEof.into()),
+            };
+        }
+        filled += n;
+    }
+    conn.touch();
+    Ok(true)
+}
+
+/// Writes all of `buf`, failing when the socket takes no byte for `stall`: the client has stopped
+/// reading its replies.
+async fn write_progress<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
+    stall: Option<Duration>,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = match stall {
+            Some(t) => tokio::time::timeout(t, wr.write(buf))
+                .await
+                .map_err(|_| timed_out(format!("the client read no reply for {t:?}")))??,
+            None => wr.write(buf).await?,
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
 
 async fn transmission<R, W>(
     mut rd: R,
@@ -537,178 +776,212 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Frame>(64);
-    let writer = tokio::spawn(async move {
+    let opts = &shared.opts;
+    let conn = Arc::new(Conn::new(opts, shared.budget.clone()));
+    // Never full: every frame holds a request slot, and there are as many slots as places.
+    let (tx, mut rx) = mpsc::channel::<Frame>(opts.connection_requests);
+    let stall = opts.write_timeout;
+    let writer_conn = conn.clone();
+    let mut writer = tokio::spawn(async move {
         while let Some((frame, hold)) = rx.recv().await {
-            wr.write_all(&frame.head).await?;
+            write_progress(&mut wr, &frame.head, stall).await?;
             for seg in &frame.body {
-                wr.write_all(seg.bytes()).await?;
+                write_progress(&mut wr, seg.bytes(), stall).await?;
             }
+            writer_conn.touch();
             drop(hold);
         }
-        wr.flush().await
+        match stall {
+            Some(t) => tokio::time::timeout(t, wr.flush())
+                .await
+                .map_err(|_| timed_out(format!("the client read no reply for {t:?}")))?,
+            None => wr.flush().await,
+        }
     });
     let disk = shared.exports[s.export].disk.clone();
-    let size = disk.size();
-    let conn_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / PERMIT));
-    let result: io::Result<()> = async {
-        loop {
-            let mut h = [0u8; REQUEST_LEN];
-            match rd.read_exact(&mut h).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let req = parse_request(&h).map_err(io::Error::other)?;
-            let r = Replier {
-                structured: s.structured,
-                cookie: req.cookie,
+    let requests = serve_requests(&mut rd, tx, &conn, disk, &s, opts.idle_timeout);
+    tokio::pin!(requests);
+    let result = tokio::select! {
+        r = &mut requests => r,
+        // The writer stops early only on an error (the client is gone or does not read): close
+        // the connection now, whatever the reader was waiting for.
+        w = &mut writer => {
+            let e = match w {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => io::Error::other("reply writer stopped"),
+                Err(e) => io::Error::other(e),
             };
-            let in_range = req
-                .offset
-                .checked_add(req.len as u64)
-                .is_some_and(|end| end <= size);
-            let send = |frame: Vec<u8>| {
-                let tx = tx.clone();
-                async move {
-                    tx.send((Reply::from(frame), None))
-                        .await
-                        .map_err(|_| io::Error::other("reply writer stopped"))
-                }
-            };
-            let io_reply = move |res: io::Result<()>| match res {
-                Ok(()) => r.ok(),
-                Err(e) => {
-                    tracing::error!("request {} at {}: {e}", req.kind, req.offset);
-                    r.error(EIO, &e.to_string())
-                }
-            };
-            let permits = |len: u32| {
-                let n = (len as usize).div_ceil(PERMIT).max(1) as u32;
-                let (conn, global) = (conn_budget.clone(), shared.budget.clone());
-                async move {
-                    let c = conn.acquire_many_owned(n).await.map_err(io::Error::other)?;
-                    let g = global
-                        .acquire_many_owned(n)
-                        .await
-                        .map_err(io::Error::other)?;
-                    io::Result::Ok((c, g))
-                }
-            };
-            match req.kind {
-                CMD_READ => {
-                    if req.len > MAX_REQUEST {
-                        send(r.error(EINVAL, "read larger than the maximum block size")).await?;
-                        continue;
-                    }
-                    if !in_range {
-                        send(r.error(EINVAL, "read past the end of the export")).await?;
-                        continue;
-                    }
-                    let permit = permits(req.len).await?;
-                    let disk = disk.clone();
-                    reply_with(&tx, r, Some(permit), move || {
-                        match disk.read_segments(req.offset, req.len as usize) {
-                            Ok(data) => r.read_ok(req.offset, data),
-                            Err(e) => io_reply(Err(e)).into(),
-                        }
-                    });
-                }
-                CMD_WRITE => {
-                    if req.len > MAX_REQUEST {
-                        return Err(io::Error::other(
-                            "write payload larger than the maximum block size",
-                        ));
-                    }
-                    let permit = permits(req.len).await?;
-                    let mut data = vec![0u8; req.len as usize];
-                    rd.read_exact(&mut data).await?;
-                    match &disk {
-                        Disk::ReadOnly(_) => {
-                            send(r.error(EPERM, "the export is read-only")).await?
-                        }
-                        Disk::Writable(_) if !in_range => {
-                            send(r.error(ENOSPC, "write past the end of the export")).await?
-                        }
-                        Disk::Writable(o) => {
-                            let o = o.clone();
-                            reply_with(&tx, r, Some(permit), move || {
-                                io_reply(o.write_at(req.offset, &data))
-                            });
-                        }
-                    }
-                }
-                CMD_TRIM | CMD_WRITE_ZEROES => match &disk {
-                    Disk::ReadOnly(_) => send(r.error(EPERM, "the export is read-only")).await?,
-                    Disk::Writable(_) if !in_range => {
-                        send(r.error(ENOSPC, "request past the end of the export")).await?
-                    }
-                    Disk::Writable(o) => {
-                        let o = o.clone();
-                        reply_with(&tx, r, None, move || {
-                            io_reply(o.zero(req.offset, req.len as u64))
-                        });
-                    }
-                },
-                CMD_FLUSH => match &disk {
-                    Disk::ReadOnly(_) => send(r.ok()).await?,
-                    Disk::Writable(o) => {
-                        let o = o.clone();
-                        reply_with(&tx, r, None, move || io_reply(o.flush()));
-                    }
-                },
-                CMD_CACHE => {
-                    if !in_range {
-                        send(r.error(EINVAL, "cache request past the end")).await?;
-                        continue;
-                    }
-                    let reader = disk.reader().clone();
-                    reply_with(&tx, r, None, move || {
-                        io_reply(
-                            prefetch(&reader, req.offset, req.len as u64).map_err(io::Error::from),
-                        )
-                    });
-                }
-                CMD_BLOCK_STATUS => {
-                    if !s.allocation_context {
-                        send(r.error(EINVAL, "no metadata context was negotiated")).await?;
-                        continue;
-                    }
-                    if req.offset >= size || req.len == 0 {
-                        send(r.error(EINVAL, "block status past the end")).await?;
-                        continue;
-                    }
-                    let disk = disk.clone();
-                    reply_with(&tx, r, None, move || {
-                        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                            1
-                        } else {
-                            MAX_EXTENTS
-                        };
-                        match disk.extents(req.offset, req.len as u64, max) {
-                            Ok(runs) => {
-                                let d: Vec<(u32, u32)> = runs
-                                    .into_iter()
-                                    .map(|(len, data)| {
-                                        (len as u32, if data { 0 } else { STATE_HOLE | STATE_ZERO })
-                                    })
-                                    .collect();
-                                chunk_block_status(req.cookie, CONTEXT_ID, &d)
-                            }
-                            Err(e) => io_reply(Err(e)),
-                        }
-                    });
-                }
-                CMD_DISC => return Ok(()),
-                _ => send(r.error(EINVAL, "unknown command")).await?,
-            }
+            return Err(e);
         }
-    }
-    .await;
-    // Let in-flight replies finish, then close.
-    drop(tx);
+    };
+    // The request loop is over and has dropped its sender: let in-flight replies finish, then
+    // close.
     let written = writer.await.map_err(io::Error::other)?;
     result.and(written)
+}
+
+/// The transmission phase's request loop: reads, pays for and dispatches requests until the
+/// client disconnects.
+async fn serve_requests<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    tx: mpsc::Sender<Frame>,
+    conn: &Conn,
+    disk: Disk,
+    s: &Session,
+    idle: Option<Duration>,
+) -> io::Result<()> {
+    let size = disk.size();
+    let send = |frame: Vec<u8>, hold: Hold| {
+        let tx = tx.clone();
+        async move {
+            tx.send((Reply::from(frame), hold))
+                .await
+                .map_err(|_| io::Error::other("reply writer stopped"))
+        }
+    };
+    loop {
+        let mut h = [0u8; REQUEST_LEN];
+        if !read_request(rd, &mut h, conn, idle).await? {
+            return Ok(());
+        }
+        let req = parse_request(&h).map_err(io::Error::other)?;
+        let r = Replier {
+            structured: s.structured,
+            cookie: req.cookie,
+        };
+        match req.kind {
+            CMD_DISC => return Ok(()),
+            CMD_WRITE if req.len > MAX_REQUEST => {
+                // Its payload cannot be skipped without reading it: close.
+                return Err(io::Error::other(
+                    "write payload larger than the maximum block size",
+                ));
+            }
+            _ => {}
+        }
+        // Nothing more is read from this client until the request is paid for.
+        let hold = conn.hold(request_cost(&req)).await?;
+        let in_range = req
+            .offset
+            .checked_add(req.len as u64)
+            .is_some_and(|end| end <= size);
+        let io_reply = move |res: io::Result<()>| match res {
+            Ok(()) => r.ok(),
+            Err(e) => {
+                tracing::error!("request {} at {}: {e}", req.kind, req.offset);
+                r.error(EIO, &e.to_string())
+            }
+        };
+        match req.kind {
+            CMD_READ => {
+                if req.len > MAX_REQUEST {
+                    send(
+                        r.error(EINVAL, "read larger than the maximum block size"),
+                        hold,
+                    )
+                    .await?;
+                    continue;
+                }
+                if !in_range {
+                    send(r.error(EINVAL, "read past the end of the export"), hold).await?;
+                    continue;
+                }
+                let disk = disk.clone();
+                reply_with(&tx, r, hold, move || {
+                    match disk.read_segments(req.offset, req.len as usize) {
+                        Ok(data) => r.read_ok(req.offset, data),
+                        Err(e) => io_reply(Err(e)).into(),
+                    }
+                });
+            }
+            CMD_WRITE => {
+                let mut data = vec![0u8; req.len as usize];
+                match idle {
+                    Some(t) => tokio::time::timeout(t, rd.read_exact(&mut data))
+                        .await
+                        .map_err(|_| timed_out(format!("write payload stalled for {t:?}")))??,
+                    None => rd.read_exact(&mut data).await?,
+                };
+                conn.touch();
+                match &disk {
+                    Disk::ReadOnly(_) => {
+                        send(r.error(EPERM, "the export is read-only"), hold).await?
+                    }
+                    Disk::Writable(_) if !in_range => {
+                        send(r.error(ENOSPC, "write past the end of the export"), hold).await?
+                    }
+                    Disk::Writable(o) => {
+                        let o = o.clone();
+                        reply_with(&tx, r, hold, move || {
+                            io_reply(o.write_at(req.offset, &data))
+                        });
+                    }
+                }
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => match &disk {
+                Disk::ReadOnly(_) => send(r.error(EPERM, "the export is read-only"), hold).await?,
+                Disk::Writable(_) if !in_range => {
+                    send(r.error(ENOSPC, "request past the end of the export"), hold).await?
+                }
+                Disk::Writable(o) => {
+                    let o = o.clone();
+                    reply_with(&tx, r, hold, move || {
+                        io_reply(o.zero(req.offset, req.len as u64))
+                    });
+                }
+            },
+            CMD_FLUSH => match &disk {
+                Disk::ReadOnly(_) => send(r.ok(), hold).await?,
+                Disk::Writable(o) => {
+                    let o = o.clone();
+                    reply_with(&tx, r, hold, move || io_reply(o.flush()));
+                }
+            },
+            CMD_CACHE => {
+                if !in_range {
+                    send(r.error(EINVAL, "cache request past the end"), hold).await?;
+                    continue;
+                }
+                let reader = disk.reader().clone();
+                let len = (req.len as u64).min(MAX_CACHE);
+                reply_with(&tx, r, hold, move || {
+                    io_reply(prefetch(&reader, req.offset, len).map_err(io::Error::from))
+                });
+            }
+            CMD_BLOCK_STATUS => {
+                if !s.allocation_context {
+                    send(r.error(EINVAL, "no metadata context was negotiated"), hold).await?;
+                    continue;
+                }
+                if req.offset >= size || req.len == 0 {
+                    send(r.error(EINVAL, "block status past the end"), hold).await?;
+                    continue;
+                }
+                let disk = disk.clone();
+                reply_with(&tx, r, hold, move || {
+                    let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        1
+                    } else {
+                        MAX_EXTENTS
+                    };
+                    let len = (req.len as u64).min(MAX_BLOCK_STATUS);
+                    match disk.extents(req.offset, len, max) {
+                        Ok(runs) => {
+                            let d: Vec<(u32, u32)> = runs
+                                .into_iter()
+                                .map(|(len, data)| {
+                                    (len as u32, if data { 0 } else { STATE_HOLE | STATE_ZERO })
+                                })
+                                .collect();
+                            chunk_block_status(req.cookie, CONTEXT_ID, &d)
+                        }
+                        Err(e) => io_reply(Err(e)),
+                    }
+                });
+            }
+            _ => send(r.error(EINVAL, "unknown command"), hold).await?,
+        }
+    }
 }
 
 /// Reads a range into the reader's cache (NBD_CMD_CACHE).
@@ -724,17 +997,24 @@ fn prefetch(reader: &DiskReader, offset: u64, len: u64) -> scalez::Result<()> {
 }
 
 /// Serves the transmission phase only, on a socket whose handshake already happened elsewhere:
-/// the kernel's nbd client after `NBD_SET_SOCK` (simple replies, no metadata contexts).
+/// the kernel's nbd client after `NBD_SET_SOCK` (simple replies, no metadata contexts). The
+/// kernel is trusted to read its replies and may leave a device unused for days: no timeouts.
 pub async fn serve_kernel<S>(stream: S, export: Export) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let opts = ServerOptions {
+        handshake_timeout: None,
+        idle_timeout: None,
+        write_timeout: None,
+        ..ServerOptions::default()
+    }
+    .effective();
     let shared = Arc::new(Shared {
         exports: Arc::new(vec![export]),
         by_name: Arc::new(HashMap::new()),
-        budget: Arc::new(Semaphore::new(
-            ServerOptions::default().inflight_bytes / PERMIT,
-        )),
+        budget: Arc::new(Semaphore::new(opts.inflight_bytes)),
+        opts,
     });
     let (rd, wr) = tokio::io::split(stream);
     let session = Session {
