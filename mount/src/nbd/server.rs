@@ -1031,3 +1031,293 @@ impl Export {
         self.disk.flags()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The server's limits, against raw clients on 127.0.0.1 that misbehave on purpose. Each test
+    //! failed on the server before the limits existed (commit df046ba), as its comment says.
+
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    const DISK: usize = 32 << 20;
+    /// Bytes at the start of the test disk that hold data; the rest is a hole.
+    const DATA: usize = 1 << 20;
+
+    fn disk_bytes() -> Vec<u8> {
+        let mut d = vec![0u8; DISK];
+        for (i, b) in d[..DATA].iter_mut().enumerate() {
+            *b = (i % 251) as u8 | 1;
+        }
+        d
+    }
+
+    /// A server on 127.0.0.1:0 exporting `disk` as "disk", on its own runtime; stops when dropped.
+    struct TestServer {
+        addr: String,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestServer {
+        fn start(disk: &[u8], opts: ServerOptions) -> Self {
+            let vault = scalez::testing::memory_vault(64 << 10);
+            let map = scalez::testing::store_disk(&vault, disk);
+            let export = Export {
+                name: "disk".into(),
+                aliases: Vec::new(),
+                description: String::new(),
+                disk: Disk::ReadOnly(Arc::new(DiskReader::new(vault, map, 8 << 20))),
+            };
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let listen = Listen::Tcp("127.0.0.1:0".parse().unwrap());
+                let ready = move |a: &str| addr_tx.send(a.to_string()).unwrap();
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                rt.block_on(Server::new(vec![export], opts).run(listen, ready, shutdown))
+                    .unwrap();
+                rt.shutdown_background();
+            });
+            let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            TestServer {
+                addr,
+                stop: Some(stop),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            let _ = self.thread.take().unwrap().join();
+        }
+    }
+
+    /// A client speaking fixed newstyle, NBD_OPT_GO and simple replies.
+    struct Client(TcpStream);
+
+    impl Client {
+        fn connect(addr: &str) -> Self {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            Client(s)
+        }
+
+        fn go(addr: &str) -> Self {
+            let mut c = Self::connect(addr);
+            let mut greeting = [0u8; 18];
+            c.0.read_exact(&mut greeting).unwrap();
+            c.0.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+                .unwrap();
+            let mut data = 4u32.to_be_bytes().to_vec();
+            data.extend_from_slice(b"disk");
+            data.extend_from_slice(&0u16.to_be_bytes());
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend_from_slice(&OPT_GO.to_be_bytes());
+            m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            m.extend_from_slice(&data);
+            c.0.write_all(&m).unwrap();
+            loop {
+                let mut h = [0u8; 20];
+                c.0.read_exact(&mut h).unwrap();
+                let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+                let mut d = vec![0u8; len as usize];
+                c.0.read_exact(&mut d).unwrap();
+                match kind {
+                    REP_ACK => return c,
+                    REP_INFO => {}
+                    other => panic!("option reply {other:#x}"),
+                }
+            }
+        }
+
+        fn request(&mut self, kind: u16, cookie: u64, offset: u64, len: u32) {
+            let r = Request {
+                flags: 0,
+                kind,
+                cookie,
+                offset,
+                len,
+            };
+            self.0.write_all(&encode_request(&r)).unwrap();
+        }
+
+        fn read(&mut self, cookie: u64, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+            self.request(CMD_READ, cookie, offset, len);
+            let mut h = [0u8; 16];
+            self.0.read_exact(&mut h)?;
+            assert_eq!(h, simple_reply(0, cookie), "reply header");
+            let mut d = vec![0u8; len as usize];
+            self.0.read_exact(&mut d)?;
+            Ok(d)
+        }
+
+        /// Whether the server closed the connection (reads until end of file, an error or 10 s).
+        fn closed_by_server(&mut self) -> bool {
+            let mut b = vec![0u8; 1 << 20];
+            loop {
+                match self.0.read(&mut b) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                    Err(_) => return false,
+                }
+            }
+        }
+    }
+
+    /// Four clients pipeline 32 MiB reads and never read the replies; a fifth client's 4 KiB
+    /// reads are still answered quickly. Before, each connection could hold 64 MiB of the 256 MiB
+    /// server budget: the four took all of it and the fifth client's first read was never
+    /// answered (this test then failed on its 10 s read timeout).
+    #[test]
+    fn a_fifth_client_is_served_while_four_never_read() {
+        let disk = disk_bytes();
+        let server = TestServer::start(&disk, ServerOptions::default());
+        let hogs: Vec<Client> = (0..4)
+            .map(|_| {
+                let mut c = Client::go(&server.addr);
+                for i in 0..40 {
+                    c.request(CMD_READ, i, 0, MAX_REQUEST);
+                }
+                c
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let mut c = Client::go(&server.addr);
+        let mut times = Vec::new();
+        for i in 0..200u64 {
+            let off = (i * 4096 * 37) % (DATA as u64 - 4096);
+            let t = Instant::now();
+            let got = c.read(i, off, 4096).expect("the fifth client is answered");
+            times.push(t.elapsed());
+            assert_eq!(got, &disk[off as usize..off as usize + 4096]);
+        }
+        times.sort();
+        let p99 = times[times.len() * 99 / 100];
+        println!("fifth client: p99 of 4 KiB reads {p99:?} beside four clients that never read");
+        assert!(p99 <= Duration::from_millis(100), "p99 {p99:?}");
+        drop(hogs);
+    }
+
+    /// Clients that connect and send nothing are dropped after the handshake timeout, so they
+    /// cannot hold the connection limit. Before, there was no timeout: with the limit full of
+    /// silent clients no one else could connect, ever (this test failed on `closed_by_server`).
+    #[test]
+    fn silent_handshakes_are_dropped_and_free_the_connection_limit() {
+        let opts = ServerOptions {
+            max_connections: 4,
+            handshake_timeout: Some(Duration::from_millis(300)),
+            ..ServerOptions::default()
+        };
+        let server = TestServer::start(&disk_bytes(), opts);
+        let mut silent: Vec<Client> = (0..4).map(|_| Client::connect(&server.addr)).collect();
+        // The limit is full: a fifth connection is closed at once, without a greeting.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut over = Client::connect(&server.addr);
+        let mut b = [0u8; 18];
+        assert!(
+            matches!(over.0.read(&mut b), Ok(0) | Err(_)),
+            "over the limit"
+        );
+        let t = Instant::now();
+        for c in &mut silent {
+            assert!(c.closed_by_server(), "a silent client is disconnected");
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let mut c = Client::go(&server.addr);
+        assert_eq!(c.read(1, 0, 4096).unwrap(), &disk_bytes()[..4096]);
+    }
+
+    /// A connection with nothing in flight that sends nothing is closed after the idle timeout;
+    /// one that keeps sending requests is not. Before, idle connections stayed forever.
+    #[test]
+    fn idle_connections_are_closed_busy_ones_are_not() {
+        let opts = ServerOptions {
+            idle_timeout: Some(Duration::from_millis(400)),
+            ..ServerOptions::default()
+        };
+        let disk = disk_bytes();
+        let server = TestServer::start(&disk, opts);
+        let mut idle = Client::go(&server.addr);
+        idle.read(1, 0, 4096).unwrap();
+        let mut busy = Client::go(&server.addr);
+        for i in 0..12 {
+            assert_eq!(busy.read(i, 4096, 4096).unwrap(), &disk[4096..8192]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(idle.closed_by_server());
+        assert_eq!(busy.read(99, 0, 512).unwrap(), &disk[..512]);
+    }
+
+    /// A client that pipelines reads and never reads the replies is dropped once its replies make
+    /// no progress for the write timeout, which returns its budget. Before, it stayed forever.
+    #[test]
+    fn clients_that_never_read_are_dropped_after_the_write_timeout() {
+        let opts = ServerOptions {
+            write_timeout: Some(Duration::from_millis(300)),
+            ..ServerOptions::default()
+        };
+        let server = TestServer::start(&disk_bytes(), opts);
+        let mut hog = Client::go(&server.addr);
+        for i in 0..10 {
+            hog.request(CMD_READ, i, 0, MAX_REQUEST);
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(hog.closed_by_server(), "the hog was disconnected");
+    }
+
+    /// FLUSH and CACHE are paid for like reads: a client that sends them without reading replies
+    /// is stopped by backpressure after a bounded number. Before, only READ and WRITE took
+    /// permits and the server read (and queued a reply task for) every request it got, so all
+    /// 2 M requests were sent.
+    #[test]
+    fn requests_without_payload_are_budgeted_too() {
+        let server = TestServer::start(&disk_bytes(), ServerOptions::default());
+        let mut c = Client::go(&server.addr);
+        c.0.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        // Unanswered FLUSH and CACHE requests, 28 bytes each: the server stops reading once its
+        // request slots are taken and the socket buffers fill, so the writes stall.
+        let batch: Vec<u8> = (0..1000u64)
+            .flat_map(|i| {
+                let kind = if i % 2 == 0 { CMD_FLUSH } else { CMD_CACHE };
+                let r = Request {
+                    flags: 0,
+                    kind,
+                    cookie: i,
+                    offset: 0,
+                    len: 4096,
+                };
+                encode_request(&r)
+            })
+            .collect();
+        let mut sent = 0u64;
+        while sent < 2_000_000 {
+            if c.0.write_all(&batch).is_err() {
+                break;
+            }
+            sent += 1000;
+        }
+        println!("the server stopped reading after about {sent} requests");
+        assert!(sent < 2_000_000, "the server kept reading {sent} requests");
+    }
+
+    #[test]
+    fn unaligned_sizes_advertise_a_minimum_block_size_of_one() {
+        assert_eq!(min_block_size(1 << 20), 512);
+        assert_eq!(min_block_size((1 << 20) + 1), 1);
+        assert_eq!(min_block_size(1000), 1);
+    }
+}
