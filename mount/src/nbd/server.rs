@@ -539,7 +539,7 @@ where
 /// multiple of it, else 1 — a client rounds the size down to its minimum block size and refuses
 /// requests not aligned to it, so 512 would hide or break the tail of such an export.
 fn min_block_size(size: u64) -> u32 {
-    if size % 512 == 0 {
+    if size.is_multiple_of(512) {
         512
     } else {
         1
