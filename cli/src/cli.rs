@@ -287,6 +287,15 @@ pub struct NbdServeArgs {
     /// Connections served at once; more are closed right away
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
+    /// Time a client has to finish the NBD handshake before it is disconnected
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: std::time::Duration,
+    /// A client with no request in flight that sends nothing for this long is disconnected
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// A client that reads none of its replies for this long is disconnected
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub write_timeout: std::time::Duration,
     #[command(flatten)]
     pub export: ExportArgs,
 }

@@ -15,7 +15,9 @@
 //!
 //! Invariants: a recovery point is never modified through this crate; every byte served was
 //! authenticated by the vault; one misbehaving client can only lose its own connection; memory
-//! is bounded by the in-flight byte budget and the cache sizes, not by request sizes.
+//! is bounded by the in-flight byte budgets (every NBD request is paid for before it is read
+//! further, per connection and server-wide) and the cache sizes, not by request sizes or counts;
+//! no NBD connection lives forever without progress (handshake, idle and write timeouts).
 
 pub mod ext4;
 pub mod fuse;

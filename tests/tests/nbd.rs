@@ -534,3 +534,226 @@ fn attach_without_the_nbd_module_says_what_to_do() {
         "{err}"
     );
 }
+
+/// Fixed newstyle, structured replies, `base:allocation` and NBD_OPT_GO on a raw socket.
+fn structured_client(addr: &str, export: &str) -> RawClient {
+    let mut c = RawClient::connect(addr);
+    c.0.write_all(&3u32.to_be_bytes()).unwrap();
+    c.send_option(8, &[]);
+    assert_eq!(c.option_reply().0, 1, "structured replies acknowledged");
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.extend_from_slice(&15u32.to_be_bytes());
+    d.extend_from_slice(b"base:allocation");
+    c.send_option(10, &d);
+    assert_eq!(c.option_reply().0, 4, "base:allocation selected");
+    assert_eq!(c.option_reply().0, 1);
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.send_option(7, &d);
+    while c.option_reply().0 != 1 {}
+    c
+}
+
+/// A client pipelines up to a million BLOCK_STATUS requests and never reads a reply: the server
+/// stops reading from it (backpressure) and its memory stays under 128 MiB. Before, BLOCK_STATUS
+/// took no budget: the server read every request, spawned a task and queued a reply for each,
+/// and grew past 1.5 GiB (this test failed on the RSS bound, with all 1 M requests sent).
+#[test]
+fn a_block_status_flood_that_is_never_read_costs_bounded_memory() {
+    const LIMIT: u64 = 1_000_000;
+    let env = Env::new();
+    let (img, rp) = ext4_rp(&env);
+    let data = std::fs::read(&img).unwrap();
+    let server = NbdServer::start(&env, &[&rp], &[]);
+    let before = server.rss();
+    let c = structured_client(&server.addr, &rp);
+    let mut flood = c.0.try_clone().unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        while sent < LIMIT {
+            let mut batch = Vec::with_capacity(28 * 1000);
+            for i in sent..sent + 1000 {
+                batch.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                batch.extend_from_slice(&0u16.to_be_bytes());
+                batch.extend_from_slice(&7u16.to_be_bytes());
+                batch.extend_from_slice(&i.to_be_bytes());
+                batch.extend_from_slice(&0u64.to_be_bytes());
+                batch.extend_from_slice(&u32::MAX.to_be_bytes());
+            }
+            if flood.write_all(&batch).is_err() {
+                break; // the server stopped reading: backpressure
+            }
+            sent += 1000;
+        }
+        sent
+    });
+    let mut peak = 0;
+    while !sender.is_finished() {
+        peak = peak.max(server.rss());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = sender.join().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    peak = peak.max(server.rss());
+    println!(
+        "BLOCK_STATUS flood: {sent} requests sent before backpressure; server RSS {} MiB \
+         before, peak {} MiB",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(peak <= 128 << 20, "server RSS {peak} bytes under the flood");
+    assert!(sent < LIMIT, "the server read all {sent} requests");
+    // Others are still served.
+    let (mut other, _) = RawClient::go(&server.addr, &rp);
+    assert_eq!(other.read(1, 8192, 4096).unwrap(), &data[8192..12288]);
+    drop(c);
+}
+
+/// An export whose size is not a multiple of 512 is copied byte-exact by nbdcopy and qemu-img
+/// and reported with its exact size. Before, the server advertised a minimum block size of 512:
+/// nbdcopy failed with "nbd_block_status: request is unaligned" and qemu-img rounded the size
+/// down to a multiple of 512.
+#[test]
+fn an_export_of_unaligned_size_copies_byte_exact() {
+    let env = Env::new();
+    let size: usize = (5 << 20) + 1234;
+    let mut disk = pseudo_random(7, size);
+    disk[1 << 20..3 << 20].fill(0); // a hole, so block status has more than one extent
+    let img = env.path("odd.img");
+    std::fs::write(&img, &disk).unwrap();
+    let rp = env.backup(&img, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let server = NbdServer::start(&env, &[&rp], &[]);
+    let uri = server.uri(&rp);
+
+    let info: serde_json::Value = serde_json::from_str(&sh("nbdinfo", &["--json", &uri])).unwrap();
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], size as u64, "{info}");
+    assert_eq!(export["block_size_minimum"], 1, "{info}");
+    let map = sh("nbdinfo", &["--map", &uri]);
+    assert!(map.contains("hole,zero") && map.contains("data"), "{map}");
+
+    let copy = env.path("nbdcopy.img");
+    sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(&img),
+        "nbdcopy is byte-exact"
+    );
+
+    // qemu counts sizes in 512-byte sectors, for local files too: it reports the export exactly
+    // as it reports the image file itself (rounded up, the tail read as zeros), where a minimum
+    // block size of 512 made it round the export down and lose the tail.
+    let qsize = |target: &str| {
+        let info: serde_json::Value = serde_json::from_str(&sh(
+            "qemu-img",
+            &["info", "--output=json", "-f", "raw", target],
+        ))
+        .unwrap();
+        info["virtual-size"].as_u64().unwrap()
+    };
+    assert_eq!(qsize(&uri), qsize(img.to_str().unwrap()));
+    assert_eq!(qsize(&uri), size.next_multiple_of(512) as u64);
+    sh(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &uri,
+            img.to_str().unwrap(),
+        ],
+    );
+    let converted = env.path("qemu.img");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            converted.to_str().unwrap(),
+        ],
+    );
+    let got = std::fs::read(&converted).unwrap();
+    assert_eq!(
+        got.len(),
+        size.next_multiple_of(512),
+        "qemu's sector padding"
+    );
+    assert!(got[size..].iter().all(|b| *b == 0), "the padding is zeros");
+    assert!(got[..size] == disk[..], "qemu-img convert is byte-exact");
+}
+
+/// Listening on an address other machines can reach is allowed, with a warning that the export is
+/// unauthenticated (in the ready report and the log). Only 127.0.0.1 is ever connected to.
+#[test]
+fn a_non_loopback_listen_address_is_warned_about() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let img = env.path("d.img");
+    std::fs::write(&img, pseudo_random(3, 1 << 20)).unwrap();
+    let rp = env.backup(&img, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut child = env
+        .command(&[
+            "nbd",
+            "serve",
+            &rp,
+            "--listen",
+            "0.0.0.0:0",
+            "--output-format",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let port = ready["listen"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap();
+    let mut server = NbdServer {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+    };
+    let warning = ready["warning"].as_str().unwrap_or_default().to_string();
+    assert!(
+        warning.contains("unauthenticated") && warning.contains("anyone who can reach"),
+        "{ready}"
+    );
+    assert_eq!(server.stop(), Some(0));
+    let mut log = String::new();
+    server
+        .child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("WARN") && log.contains("unauthenticated"),
+        "{log}"
+    );
+}

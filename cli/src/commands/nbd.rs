@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mount::nbd::{attach, Disk, Export, Listen, Server, ServerOptions};
+use mount::nbd::{attach, server, Disk, Export, Listen, Server, ServerOptions};
 use mount::overlay::{save_as_rp, Overlay};
 use mount::DiskReader;
 use scalez::{RecoveryPoint, RpKind, Vault};
@@ -118,6 +118,9 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
         exports,
         ServerOptions {
             max_connections: a.max_connections,
+            handshake_timeout: Some(a.handshake_timeout),
+            idle_timeout: Some(a.idle_timeout),
+            write_timeout: Some(a.write_timeout),
             ..ServerOptions::default()
         },
     );
@@ -126,6 +129,11 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
         None => Listen::Tcp(a.listen),
     };
     let unix = a.unix.clone();
+    // The server logs this too; say it where the user looks for the address as well.
+    let exposed = match (&a.unix, a.listen.ip().is_loopback()) {
+        (None, false) => Some(server::exposed_warning(&a.listen)),
+        _ => None,
+    };
     let format = ctx.global.output_format;
     let ready = move |addr: &str| {
         let uri = |name: &str| match &unix {
@@ -139,11 +147,18 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
                     .iter()
                     .map(|(n, asset, size)| json!({"name": n, "asset": asset, "size": size, "uri": uri(n)}))
                     .collect();
-                let _ = writeln!(out, "{}", json!({"listen": addr, "exports": list}));
+                let mut ready = json!({"listen": addr, "exports": list});
+                if let Some(w) = &exposed {
+                    ready["warning"] = json!(w);
+                }
+                let _ = writeln!(out, "{ready}");
             }
             OutputFormat::Human => {
                 for (n, asset, size) in &names {
                     let _ = writeln!(out, "export {n} ({asset}, {}): {}", bytes(*size), uri(n));
+                }
+                if let Some(w) = &exposed {
+                    let _ = writeln!(out, "warning: {w}");
                 }
                 let _ = writeln!(out, "serving on {addr}; press Ctrl-C to stop");
             }

@@ -2,16 +2,43 @@
 //!
 //! Per connection, one task reads requests and one task writes replies; each request runs in its
 //! own task (reads go through `spawn_blocking`, since the vault reader is synchronous), so many
-//! requests are in flight and replies go out in completion order, each as one whole frame. Reads
-//! take permits from a server-wide budget of in-flight bytes, which bounds memory whatever clients
-//! send. Anything malformed ends only the offending connection.
+//! requests are in flight and replies go out in completion order, each as one whole frame.
+//! Anything malformed ends only the offending connection.
+//!
+//! Invariants (each a limit in [`ServerOptions`], so memory and connection slots are bounded
+//! whatever clients send, including clients that send and never read):
+//! * **Every request is paid for before it is processed.** After its 28-byte header is read, a
+//!   request takes a request slot of its connection (`connection_requests`, default 128) and
+//!   permits for its cost in bytes from its connection's budget (`connection_bytes`, 48 MiB) and
+//!   from the server-wide one (`inflight_bytes`, 256 MiB). The cost is [`REQUEST_COST`] plus the
+//!   bytes the request brings or the reply may carry: a READ's length, a WRITE's payload,
+//!   BLOCK_STATUS's largest reply. Permits travel with the reply and are released only once it is
+//!   written to the socket. Until then the reader does not read the next request: a connection at
+//!   its cap gets TCP backpressure, never an unbounded queue.
+//! * **No connection can take the whole budget.** A connection's byte budget is well under the
+//!   server's: five connections that never read their replies hold at most 240 MiB of 256 MiB,
+//!   so other clients are still served; past that, requests wait until the write timeout drops
+//!   a stalled connection.
+//! * **Requests have bounded work.** READ and WRITE at most [`MAX_REQUEST`] (32 MiB, advertised);
+//!   BLOCK_STATUS looks at most [`MAX_BLOCK_STATUS`] (1 GiB) and answers with at most
+//!   [`MAX_EXTENTS`] descriptors (the spec lets a server describe less than asked); CACHE is a
+//!   hint and prefetches at most [`MAX_CACHE`] (32 MiB) of what it names.
+//! * **Every connection ends.** The handshake must finish within `handshake_timeout` (10 s); a
+//!   connection with no request in flight and no traffic for `idle_timeout` (10 min) is closed,
+//!   and so is one whose replies make no progress into the socket for `write_timeout` (60 s: a
+//!   client that sends but never reads). Silent or stuck clients so cannot hold the connection
+//!   limit (`max_connections`) forever.
+//! * Export sizes need not be a multiple of 512: such an export advertises a minimum block size
+//!   of 1, so clients neither round its size nor refuse the unaligned tail.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use scalez::reader::{DiskReader, Segment};
 
@@ -27,8 +54,16 @@ use super::proto::*;
 pub const MAX_REQUEST: u32 = 32 << 20;
 /// Option data larger than this closes the connection (real clients send a few hundred bytes).
 const MAX_OPTION_DATA: u32 = 64 << 10;
-/// Extents per block-status reply.
-const MAX_EXTENTS: usize = 4096;
+/// Extents per block-status reply (a reply of at most 32 KiB).
+pub const MAX_EXTENTS: usize = 4096;
+/// Bytes one BLOCK_STATUS looks at: longer requests are answered for their first 1 GiB, which the
+/// spec allows (the client asks again from where the reply ended).
+pub const MAX_BLOCK_STATUS: u64 = 1 << 30;
+/// Bytes one CACHE prefetches: it is only a hint, the rest of a longer range is ignored.
+pub const MAX_CACHE: u64 = 32 << 20;
+/// What every request costs in the byte budgets besides its data: its task, reply header and
+/// bookkeeping, rounded up generously, so that requests without payload are paid for too.
+pub const REQUEST_COST: u32 = 4096;
 /// The only metadata context, `base:allocation`.
 const CONTEXT_ID: u32 = 1;
 
@@ -95,11 +130,25 @@ impl Disk {
     }
 }
 
+/// Limits of a [`Server`]; see the module documentation for what each guarantees.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
+    /// Connections served at once (handshakes included); more are closed right away.
     pub max_connections: usize,
-    /// Bytes of read data in flight across all connections.
+    /// Bytes in flight across all connections: request payloads, reply data and
+    /// [`REQUEST_COST`] per request.
     pub inflight_bytes: usize,
+    /// Bytes one connection may have in flight (raised to fit one largest request).
+    pub connection_bytes: usize,
+    /// Requests one connection may have in flight.
+    pub connection_requests: usize,
+    /// Time a client has from connecting to finishing option negotiation.
+    pub handshake_timeout: Option<Duration>,
+    /// A connection with no request in flight that sends nothing for this long is closed.
+    pub idle_timeout: Option<Duration>,
+    /// A connection whose socket accepts no reply bytes for this long (the client does not read)
+    /// is closed.
+    pub write_timeout: Option<Duration>,
 }
 
 impl Default for ServerOptions {
@@ -107,6 +156,26 @@ impl Default for ServerOptions {
         ServerOptions {
             max_connections: 64,
             inflight_bytes: 256 << 20,
+            connection_bytes: 48 << 20,
+            connection_requests: 128,
+            handshake_timeout: Some(Duration::from_secs(10)),
+            idle_timeout: Some(Duration::from_secs(600)),
+            write_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl ServerOptions {
+    /// The limits actually applied: every budget fits at least one largest request.
+    fn effective(&self) -> ServerOptions {
+        let largest = (MAX_REQUEST + REQUEST_COST) as usize;
+        let connection_bytes = self.connection_bytes.max(largest);
+        ServerOptions {
+            max_connections: self.max_connections.max(1),
+            inflight_bytes: self.inflight_bytes.max(connection_bytes),
+            connection_bytes,
+            connection_requests: self.connection_requests.max(1),
+            ..self.clone()
         }
     }
 }
@@ -122,8 +191,6 @@ pub struct Server {
     opts: ServerOptions,
 }
 
-const PERMIT: usize = 1 << 20;
-
 impl Server {
     pub fn new(exports: Vec<Export>, opts: ServerOptions) -> Self {
         let mut by_name = HashMap::new();
@@ -136,7 +203,7 @@ impl Server {
         Server {
             exports: Arc::new(exports),
             by_name: Arc::new(by_name),
-            opts,
+            opts: opts.effective(),
         }
     }
 
@@ -148,19 +215,20 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let conns = Arc::new(Semaphore::new(self.opts.max_connections));
-        let budget = Arc::new(Semaphore::new(
-            (self.opts.inflight_bytes / PERMIT).max((MAX_REQUEST as usize) / PERMIT),
-        ));
         let shared = Arc::new(Shared {
             exports: self.exports.clone(),
             by_name: self.by_name.clone(),
-            budget,
+            budget: Arc::new(Semaphore::new(self.opts.inflight_bytes)),
+            opts: self.opts.clone(),
         });
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         match listen {
             Listen::Tcp(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!("{}", exposed_warning(&addr));
+                }
                 ready(&l.local_addr()?.to_string());
                 loop {
                     tokio::select! {
@@ -197,10 +265,20 @@ impl Server {
     }
 }
 
+/// What to tell the operator when `addr` can be reached from other machines.
+pub fn exposed_warning(addr: &SocketAddr) -> String {
+    format!(
+        "listening on {addr}, which is not a loopback address: the NBD exports are \
+         unauthenticated, readable (and, if writable, writable) by anyone who can reach it"
+    )
+}
+
 struct Shared {
     exports: Arc<Vec<Export>>,
     by_name: Arc<HashMap<String, usize>>,
+    /// Bytes in flight across all connections.
     budget: Arc<Semaphore>,
+    opts: ServerOptions,
 }
 
 impl Shared {
@@ -248,13 +326,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    wr.write_all(&greeting()).await?;
-    let client_flags = rd.read_u32().await?;
-    if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
-        return Err(io::Error::other("client does not speak fixed newstyle"));
-    }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
-    let Some(session) = negotiate(&mut rd, &mut wr, shared, no_zeroes).await? else {
+    let handshake = async {
+        wr.write_all(&greeting()).await?;
+        let client_flags = rd.read_u32().await?;
+        if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
+            return Err(io::Error::other("client does not speak fixed newstyle"));
+        }
+        let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+        negotiate(&mut rd, &mut wr, shared, no_zeroes).await
+    };
+    let session = match shared.opts.handshake_timeout {
+        Some(t) => tokio::time::timeout(t, handshake).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("handshake not finished within {t:?}"),
+            )
+        })??,
+        None => handshake.await?,
+    };
+    let Some(session) = session else {
         return Ok(());
     };
     transmission(rd, wr, shared, session).await
@@ -406,7 +496,11 @@ where
                 ))
                 .await?;
                 if infos.contains(&INFO_BLOCK_SIZE) {
-                    let d = info_block_size(512, e.disk.reader().chunk_size(), MAX_REQUEST);
+                    let d = info_block_size(
+                        min_block_size(e.disk.size()),
+                        e.disk.reader().chunk_size(),
+                        MAX_REQUEST,
+                    );
                     wr.write_all(&reply(REP_INFO, &d)).await?;
                 }
                 if infos.contains(&INFO_NAME) {
@@ -438,6 +532,17 @@ where
                 .await?;
             }
         }
+    }
+}
+
+/// The minimum block size to advertise: 512 (what clients assume without one) when the size is a
+/// multiple of it, else 1 — a client rounds the size down to its minimum block size and refuses
+/// requests not aligned to it, so 512 would hide or break the tail of such an export.
+fn min_block_size(size: u64) -> u32 {
+    if size.is_multiple_of(512) {
+        512
+    } else {
+        1
     }
 }
 
@@ -501,12 +606,12 @@ impl From<Vec<u8>> for Reply {
 }
 
 /// Runs `f` on the blocking pool and sends the frame it returns (an EIO reply if it panicked).
-/// `hold` (the request's share of the byte budgets) travels with the frame and is released only
-/// once the frame is written to the socket, so memory held for slow readers stays counted.
+/// `hold` (the request's slot and byte permits) travels with the frame and is released only once
+/// the frame is written to the socket, so memory held for slow readers stays counted.
 fn reply_with<R: Into<Reply> + Send + 'static>(
     tx: &mpsc::Sender<Frame>,
     r: Replier,
-    hold: Option<Budget>,
+    hold: Hold,
     f: impl FnOnce() -> R + Send + 'static,
 ) {
     let tx = tx.clone();
@@ -518,14 +623,148 @@ fn reply_with<R: Into<Reply> + Send + 'static>(
     });
 }
 
-/// A reply on its way to the socket, with the budget it holds.
-type Frame = (Reply, Option<Budget>);
+/// A reply on its way to the socket, with what its request holds.
+type Frame = (Reply, Hold);
 
-/// Permits for a request's bytes: from its connection's budget and the server-wide one.
-type Budget = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+/// What one request holds until its reply is written: a request slot of its connection and its
+/// cost in bytes from the connection's and the server's budgets.
+struct Hold {
+    _slot: OwnedSemaphorePermit,
+    _connection: OwnedSemaphorePermit,
+    _server: OwnedSemaphorePermit,
+}
 
-/// Bytes of request data one connection may have in flight (replies not yet written included).
-const CONNECTION_BUDGET: usize = 64 << 20;
+/// One connection's limits and the time of its last traffic.
+struct Conn {
+    slots: Arc<Semaphore>,
+    max_requests: usize,
+    bytes: Arc<Semaphore>,
+    server: Arc<Semaphore>,
+    start: Instant,
+    /// Milliseconds after `start` when a request was last read or a reply last written.
+    last: AtomicU64,
+}
+
+impl Conn {
+    fn new(opts: &ServerOptions, server: Arc<Semaphore>) -> Self {
+        Conn {
+            slots: Arc::new(Semaphore::new(opts.connection_requests)),
+            max_requests: opts.connection_requests,
+            bytes: Arc::new(Semaphore::new(opts.connection_bytes)),
+            server,
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits for a request slot and `cost` bytes of both budgets. The connection's own limits
+    /// come first, so a connection at its cap waits there and leaves the server budget to others.
+    async fn hold(&self, cost: u32) -> io::Result<Hold> {
+        let slot = self.slots.clone().acquire_owned().await;
+        let connection = self.bytes.clone().acquire_many_owned(cost).await;
+        let server = self.server.clone().acquire_many_owned(cost).await;
+        match (slot, connection, server) {
+            (Ok(_slot), Ok(_connection), Ok(_server)) => Ok(Hold {
+                _slot,
+                _connection,
+                _server,
+            }),
+            _ => Err(io::Error::other("request budget closed")),
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.max_requests - self.slots.available_permits()
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last.store(now, Ordering::Relaxed);
+    }
+
+    /// Time since the last request read or reply written.
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// What a request costs in the byte budgets: [`REQUEST_COST`] plus the bytes it brings or its
+/// reply may carry. Requests that will be refused cost only the fixed part.
+fn request_cost(req: &Request) -> u32 {
+    let data = match req.kind {
+        CMD_READ | CMD_WRITE if req.len <= MAX_REQUEST => req.len,
+        CMD_BLOCK_STATUS if req.flags & CMD_FLAG_REQ_ONE != 0 => 8,
+        CMD_BLOCK_STATUS => 8 * MAX_EXTENTS as u32,
+        _ => 0,
+    };
+    REQUEST_COST + data
+}
+
+fn timed_out(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what)
+}
+
+/// Reads the next request header; false when the client closed the connection between requests.
+/// Fails when `idle` passes with no request in flight and no traffic either way.
+async fn read_request<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    h: &mut [u8; REQUEST_LEN],
+    conn: &Conn,
+    idle: Option<Duration>,
+) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < REQUEST_LEN {
+        let n = match idle {
+            None => rd.read(&mut h[filled..]).await?,
+            Some(idle) => {
+                // Wake when the connection would become idle; while requests are in flight, look
+                // again a little later. `read` is cancel-safe: a timer that wins loses no bytes.
+                let wait = idle.saturating_sub(conn.quiet_for()).max(idle / 16);
+                tokio::select! {
+                    n = rd.read(&mut h[filled..]) => n?,
+                    _ = tokio::time::sleep(wait) => {
+                        if conn.in_flight() == 0 && conn.quiet_for() >= idle {
+                            return Err(timed_out(format!("idle for {idle:?}")));
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        if n == 0 {
+            return match filled {
+                0 => Ok(false),
+                _ => Err(io::ErrorKind::UnexpectedEof.into()),
+            };
+        }
+        filled += n;
+    }
+    conn.touch();
+    Ok(true)
+}
+
+/// Writes all of `buf`, failing when the socket takes no byte for `stall`: the client has stopped
+/// reading its replies.
+async fn write_progress<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut buf: &[u8],
+    stall: Option<Duration>,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = match stall {
+            Some(t) => tokio::time::timeout(t, wr.write(buf))
+                .await
+                .map_err(|_| timed_out(format!("the client read no reply for {t:?}")))??,
+            None => wr.write(buf).await?,
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
 
 async fn transmission<R, W>(
     mut rd: R,
@@ -537,178 +776,212 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::channel::<Frame>(64);
-    let writer = tokio::spawn(async move {
+    let opts = &shared.opts;
+    let conn = Arc::new(Conn::new(opts, shared.budget.clone()));
+    // Never full: every frame holds a request slot, and there are as many slots as places.
+    let (tx, mut rx) = mpsc::channel::<Frame>(opts.connection_requests);
+    let stall = opts.write_timeout;
+    let writer_conn = conn.clone();
+    let mut writer = tokio::spawn(async move {
         while let Some((frame, hold)) = rx.recv().await {
-            wr.write_all(&frame.head).await?;
+            write_progress(&mut wr, &frame.head, stall).await?;
             for seg in &frame.body {
-                wr.write_all(seg.bytes()).await?;
+                write_progress(&mut wr, seg.bytes(), stall).await?;
             }
+            writer_conn.touch();
             drop(hold);
         }
-        wr.flush().await
+        match stall {
+            Some(t) => tokio::time::timeout(t, wr.flush())
+                .await
+                .map_err(|_| timed_out(format!("the client read no reply for {t:?}")))?,
+            None => wr.flush().await,
+        }
     });
     let disk = shared.exports[s.export].disk.clone();
-    let size = disk.size();
-    let conn_budget = Arc::new(Semaphore::new(CONNECTION_BUDGET / PERMIT));
-    let result: io::Result<()> = async {
-        loop {
-            let mut h = [0u8; REQUEST_LEN];
-            match rd.read_exact(&mut h).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
-            }
-            let req = parse_request(&h).map_err(io::Error::other)?;
-            let r = Replier {
-                structured: s.structured,
-                cookie: req.cookie,
+    let requests = serve_requests(&mut rd, tx, &conn, disk, &s, opts.idle_timeout);
+    tokio::pin!(requests);
+    let result = tokio::select! {
+        r = &mut requests => r,
+        // The writer stops early only on an error (the client is gone or does not read): close
+        // the connection now, whatever the reader was waiting for.
+        w = &mut writer => {
+            let e = match w {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => io::Error::other("reply writer stopped"),
+                Err(e) => io::Error::other(e),
             };
-            let in_range = req
-                .offset
-                .checked_add(req.len as u64)
-                .is_some_and(|end| end <= size);
-            let send = |frame: Vec<u8>| {
-                let tx = tx.clone();
-                async move {
-                    tx.send((Reply::from(frame), None))
-                        .await
-                        .map_err(|_| io::Error::other("reply writer stopped"))
-                }
-            };
-            let io_reply = move |res: io::Result<()>| match res {
-                Ok(()) => r.ok(),
-                Err(e) => {
-                    tracing::error!("request {} at {}: {e}", req.kind, req.offset);
-                    r.error(EIO, &e.to_string())
-                }
-            };
-            let permits = |len: u32| {
-                let n = (len as usize).div_ceil(PERMIT).max(1) as u32;
-                let (conn, global) = (conn_budget.clone(), shared.budget.clone());
-                async move {
-                    let c = conn.acquire_many_owned(n).await.map_err(io::Error::other)?;
-                    let g = global
-                        .acquire_many_owned(n)
-                        .await
-                        .map_err(io::Error::other)?;
-                    io::Result::Ok((c, g))
-                }
-            };
-            match req.kind {
-                CMD_READ => {
-                    if req.len > MAX_REQUEST {
-                        send(r.error(EINVAL, "read larger than the maximum block size")).await?;
-                        continue;
-                    }
-                    if !in_range {
-                        send(r.error(EINVAL, "read past the end of the export")).await?;
-                        continue;
-                    }
-                    let permit = permits(req.len).await?;
-                    let disk = disk.clone();
-                    reply_with(&tx, r, Some(permit), move || {
-                        match disk.read_segments(req.offset, req.len as usize) {
-                            Ok(data) => r.read_ok(req.offset, data),
-                            Err(e) => io_reply(Err(e)).into(),
-                        }
-                    });
-                }
-                CMD_WRITE => {
-                    if req.len > MAX_REQUEST {
-                        return Err(io::Error::other(
-                            "write payload larger than the maximum block size",
-                        ));
-                    }
-                    let permit = permits(req.len).await?;
-                    let mut data = vec![0u8; req.len as usize];
-                    rd.read_exact(&mut data).await?;
-                    match &disk {
-                        Disk::ReadOnly(_) => {
-                            send(r.error(EPERM, "the export is read-only")).await?
-                        }
-                        Disk::Writable(_) if !in_range => {
-                            send(r.error(ENOSPC, "write past the end of the export")).await?
-                        }
-                        Disk::Writable(o) => {
-                            let o = o.clone();
-                            reply_with(&tx, r, Some(permit), move || {
-                                io_reply(o.write_at(req.offset, &data))
-                            });
-                        }
-                    }
-                }
-                CMD_TRIM | CMD_WRITE_ZEROES => match &disk {
-                    Disk::ReadOnly(_) => send(r.error(EPERM, "the export is read-only")).await?,
-                    Disk::Writable(_) if !in_range => {
-                        send(r.error(ENOSPC, "request past the end of the export")).await?
-                    }
-                    Disk::Writable(o) => {
-                        let o = o.clone();
-                        reply_with(&tx, r, None, move || {
-                            io_reply(o.zero(req.offset, req.len as u64))
-                        });
-                    }
-                },
-                CMD_FLUSH => match &disk {
-                    Disk::ReadOnly(_) => send(r.ok()).await?,
-                    Disk::Writable(o) => {
-                        let o = o.clone();
-                        reply_with(&tx, r, None, move || io_reply(o.flush()));
-                    }
-                },
-                CMD_CACHE => {
-                    if !in_range {
-                        send(r.error(EINVAL, "cache request past the end")).await?;
-                        continue;
-                    }
-                    let reader = disk.reader().clone();
-                    reply_with(&tx, r, None, move || {
-                        io_reply(
-                            prefetch(&reader, req.offset, req.len as u64).map_err(io::Error::from),
-                        )
-                    });
-                }
-                CMD_BLOCK_STATUS => {
-                    if !s.allocation_context {
-                        send(r.error(EINVAL, "no metadata context was negotiated")).await?;
-                        continue;
-                    }
-                    if req.offset >= size || req.len == 0 {
-                        send(r.error(EINVAL, "block status past the end")).await?;
-                        continue;
-                    }
-                    let disk = disk.clone();
-                    reply_with(&tx, r, None, move || {
-                        let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                            1
-                        } else {
-                            MAX_EXTENTS
-                        };
-                        match disk.extents(req.offset, req.len as u64, max) {
-                            Ok(runs) => {
-                                let d: Vec<(u32, u32)> = runs
-                                    .into_iter()
-                                    .map(|(len, data)| {
-                                        (len as u32, if data { 0 } else { STATE_HOLE | STATE_ZERO })
-                                    })
-                                    .collect();
-                                chunk_block_status(req.cookie, CONTEXT_ID, &d)
-                            }
-                            Err(e) => io_reply(Err(e)),
-                        }
-                    });
-                }
-                CMD_DISC => return Ok(()),
-                _ => send(r.error(EINVAL, "unknown command")).await?,
-            }
+            return Err(e);
         }
-    }
-    .await;
-    // Let in-flight replies finish, then close.
-    drop(tx);
+    };
+    // The request loop is over and has dropped its sender: let in-flight replies finish, then
+    // close.
     let written = writer.await.map_err(io::Error::other)?;
     result.and(written)
+}
+
+/// The transmission phase's request loop: reads, pays for and dispatches requests until the
+/// client disconnects.
+async fn serve_requests<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    tx: mpsc::Sender<Frame>,
+    conn: &Conn,
+    disk: Disk,
+    s: &Session,
+    idle: Option<Duration>,
+) -> io::Result<()> {
+    let size = disk.size();
+    let send = |frame: Vec<u8>, hold: Hold| {
+        let tx = tx.clone();
+        async move {
+            tx.send((Reply::from(frame), hold))
+                .await
+                .map_err(|_| io::Error::other("reply writer stopped"))
+        }
+    };
+    loop {
+        let mut h = [0u8; REQUEST_LEN];
+        if !read_request(rd, &mut h, conn, idle).await? {
+            return Ok(());
+        }
+        let req = parse_request(&h).map_err(io::Error::other)?;
+        let r = Replier {
+            structured: s.structured,
+            cookie: req.cookie,
+        };
+        match req.kind {
+            CMD_DISC => return Ok(()),
+            CMD_WRITE if req.len > MAX_REQUEST => {
+                // Its payload cannot be skipped without reading it: close.
+                return Err(io::Error::other(
+                    "write payload larger than the maximum block size",
+                ));
+            }
+            _ => {}
+        }
+        // Nothing more is read from this client until the request is paid for.
+        let hold = conn.hold(request_cost(&req)).await?;
+        let in_range = req
+            .offset
+            .checked_add(req.len as u64)
+            .is_some_and(|end| end <= size);
+        let io_reply = move |res: io::Result<()>| match res {
+            Ok(()) => r.ok(),
+            Err(e) => {
+                tracing::error!("request {} at {}: {e}", req.kind, req.offset);
+                r.error(EIO, &e.to_string())
+            }
+        };
+        match req.kind {
+            CMD_READ => {
+                if req.len > MAX_REQUEST {
+                    send(
+                        r.error(EINVAL, "read larger than the maximum block size"),
+                        hold,
+                    )
+                    .await?;
+                    continue;
+                }
+                if !in_range {
+                    send(r.error(EINVAL, "read past the end of the export"), hold).await?;
+                    continue;
+                }
+                let disk = disk.clone();
+                reply_with(&tx, r, hold, move || {
+                    match disk.read_segments(req.offset, req.len as usize) {
+                        Ok(data) => r.read_ok(req.offset, data),
+                        Err(e) => io_reply(Err(e)).into(),
+                    }
+                });
+            }
+            CMD_WRITE => {
+                let mut data = vec![0u8; req.len as usize];
+                match idle {
+                    Some(t) => tokio::time::timeout(t, rd.read_exact(&mut data))
+                        .await
+                        .map_err(|_| timed_out(format!("write payload stalled for {t:?}")))??,
+                    None => rd.read_exact(&mut data).await?,
+                };
+                conn.touch();
+                match &disk {
+                    Disk::ReadOnly(_) => {
+                        send(r.error(EPERM, "the export is read-only"), hold).await?
+                    }
+                    Disk::Writable(_) if !in_range => {
+                        send(r.error(ENOSPC, "write past the end of the export"), hold).await?
+                    }
+                    Disk::Writable(o) => {
+                        let o = o.clone();
+                        reply_with(&tx, r, hold, move || {
+                            io_reply(o.write_at(req.offset, &data))
+                        });
+                    }
+                }
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => match &disk {
+                Disk::ReadOnly(_) => send(r.error(EPERM, "the export is read-only"), hold).await?,
+                Disk::Writable(_) if !in_range => {
+                    send(r.error(ENOSPC, "request past the end of the export"), hold).await?
+                }
+                Disk::Writable(o) => {
+                    let o = o.clone();
+                    reply_with(&tx, r, hold, move || {
+                        io_reply(o.zero(req.offset, req.len as u64))
+                    });
+                }
+            },
+            CMD_FLUSH => match &disk {
+                Disk::ReadOnly(_) => send(r.ok(), hold).await?,
+                Disk::Writable(o) => {
+                    let o = o.clone();
+                    reply_with(&tx, r, hold, move || io_reply(o.flush()));
+                }
+            },
+            CMD_CACHE => {
+                if !in_range {
+                    send(r.error(EINVAL, "cache request past the end"), hold).await?;
+                    continue;
+                }
+                let reader = disk.reader().clone();
+                let len = (req.len as u64).min(MAX_CACHE);
+                reply_with(&tx, r, hold, move || {
+                    io_reply(prefetch(&reader, req.offset, len).map_err(io::Error::from))
+                });
+            }
+            CMD_BLOCK_STATUS => {
+                if !s.allocation_context {
+                    send(r.error(EINVAL, "no metadata context was negotiated"), hold).await?;
+                    continue;
+                }
+                if req.offset >= size || req.len == 0 {
+                    send(r.error(EINVAL, "block status past the end"), hold).await?;
+                    continue;
+                }
+                let disk = disk.clone();
+                reply_with(&tx, r, hold, move || {
+                    let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        1
+                    } else {
+                        MAX_EXTENTS
+                    };
+                    let len = (req.len as u64).min(MAX_BLOCK_STATUS);
+                    match disk.extents(req.offset, len, max) {
+                        Ok(runs) => {
+                            let d: Vec<(u32, u32)> = runs
+                                .into_iter()
+                                .map(|(len, data)| {
+                                    (len as u32, if data { 0 } else { STATE_HOLE | STATE_ZERO })
+                                })
+                                .collect();
+                            chunk_block_status(req.cookie, CONTEXT_ID, &d)
+                        }
+                        Err(e) => io_reply(Err(e)),
+                    }
+                });
+            }
+            _ => send(r.error(EINVAL, "unknown command"), hold).await?,
+        }
+    }
 }
 
 /// Reads a range into the reader's cache (NBD_CMD_CACHE).
@@ -724,17 +997,24 @@ fn prefetch(reader: &DiskReader, offset: u64, len: u64) -> scalez::Result<()> {
 }
 
 /// Serves the transmission phase only, on a socket whose handshake already happened elsewhere:
-/// the kernel's nbd client after `NBD_SET_SOCK` (simple replies, no metadata contexts).
+/// the kernel's nbd client after `NBD_SET_SOCK` (simple replies, no metadata contexts). The
+/// kernel is trusted to read its replies and may leave a device unused for days: no timeouts.
 pub async fn serve_kernel<S>(stream: S, export: Export) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let opts = ServerOptions {
+        handshake_timeout: None,
+        idle_timeout: None,
+        write_timeout: None,
+        ..ServerOptions::default()
+    }
+    .effective();
     let shared = Arc::new(Shared {
         exports: Arc::new(vec![export]),
         by_name: Arc::new(HashMap::new()),
-        budget: Arc::new(Semaphore::new(
-            ServerOptions::default().inflight_bytes / PERMIT,
-        )),
+        budget: Arc::new(Semaphore::new(opts.inflight_bytes)),
+        opts,
     });
     let (rd, wr) = tokio::io::split(stream);
     let session = Session {
@@ -749,5 +1029,295 @@ impl Export {
     /// Transmission flags this export advertises.
     pub fn flags(&self) -> u16 {
         self.disk.flags()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The server's limits, against raw clients on 127.0.0.1 that misbehave on purpose. Each test
+    //! failed on the server before the limits existed (commit df046ba), as its comment says.
+
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    const DISK: usize = 32 << 20;
+    /// Bytes at the start of the test disk that hold data; the rest is a hole.
+    const DATA: usize = 1 << 20;
+
+    fn disk_bytes() -> Vec<u8> {
+        let mut d = vec![0u8; DISK];
+        for (i, b) in d[..DATA].iter_mut().enumerate() {
+            *b = (i % 251) as u8 | 1;
+        }
+        d
+    }
+
+    /// A server on 127.0.0.1:0 exporting `disk` as "disk", on its own runtime; stops when dropped.
+    struct TestServer {
+        addr: String,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestServer {
+        fn start(disk: &[u8], opts: ServerOptions) -> Self {
+            let vault = scalez::testing::memory_vault(64 << 10);
+            let map = scalez::testing::store_disk(&vault, disk);
+            let export = Export {
+                name: "disk".into(),
+                aliases: Vec::new(),
+                description: String::new(),
+                disk: Disk::ReadOnly(Arc::new(DiskReader::new(vault, map, 8 << 20))),
+            };
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let listen = Listen::Tcp("127.0.0.1:0".parse().unwrap());
+                let ready = move |a: &str| addr_tx.send(a.to_string()).unwrap();
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                rt.block_on(Server::new(vec![export], opts).run(listen, ready, shutdown))
+                    .unwrap();
+                rt.shutdown_background();
+            });
+            let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            TestServer {
+                addr,
+                stop: Some(stop),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for TestServer {
+        fn drop(&mut self) {
+            let _ = self.stop.take().unwrap().send(());
+            let _ = self.thread.take().unwrap().join();
+        }
+    }
+
+    /// A client speaking fixed newstyle, NBD_OPT_GO and simple replies.
+    struct Client(TcpStream);
+
+    impl Client {
+        fn connect(addr: &str) -> Self {
+            let s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            Client(s)
+        }
+
+        fn go(addr: &str) -> Self {
+            let mut c = Self::connect(addr);
+            let mut greeting = [0u8; 18];
+            c.0.read_exact(&mut greeting).unwrap();
+            c.0.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+                .unwrap();
+            let mut data = 4u32.to_be_bytes().to_vec();
+            data.extend_from_slice(b"disk");
+            data.extend_from_slice(&0u16.to_be_bytes());
+            let mut m = IHAVEOPT.to_be_bytes().to_vec();
+            m.extend_from_slice(&OPT_GO.to_be_bytes());
+            m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            m.extend_from_slice(&data);
+            c.0.write_all(&m).unwrap();
+            loop {
+                let mut h = [0u8; 20];
+                c.0.read_exact(&mut h).unwrap();
+                let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+                let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+                let mut d = vec![0u8; len as usize];
+                c.0.read_exact(&mut d).unwrap();
+                match kind {
+                    REP_ACK => return c,
+                    REP_INFO => {}
+                    other => panic!("option reply {other:#x}"),
+                }
+            }
+        }
+
+        fn request(&mut self, kind: u16, cookie: u64, offset: u64, len: u32) {
+            let r = Request {
+                flags: 0,
+                kind,
+                cookie,
+                offset,
+                len,
+            };
+            self.0.write_all(&encode_request(&r)).unwrap();
+        }
+
+        fn read(&mut self, cookie: u64, offset: u64, len: u32) -> io::Result<Vec<u8>> {
+            self.request(CMD_READ, cookie, offset, len);
+            let mut h = [0u8; 16];
+            self.0.read_exact(&mut h)?;
+            assert_eq!(h, simple_reply(0, cookie), "reply header");
+            let mut d = vec![0u8; len as usize];
+            self.0.read_exact(&mut d)?;
+            Ok(d)
+        }
+
+        /// Whether the server closed the connection (reads until end of file, an error or 10 s).
+        fn closed_by_server(&mut self) -> bool {
+            let mut b = vec![0u8; 1 << 20];
+            loop {
+                match self.0.read(&mut b) {
+                    Ok(0) => return true,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                    Err(_) => return false,
+                }
+            }
+        }
+    }
+
+    /// Four clients pipeline 32 MiB reads and never read the replies; a fifth client's 4 KiB
+    /// reads are still answered quickly. Before, each connection could hold 64 MiB of the 256 MiB
+    /// server budget: the four took all of it and the fifth client's first read was never
+    /// answered (this test then failed on its 10 s read timeout).
+    #[test]
+    fn a_fifth_client_is_served_while_four_never_read() {
+        let disk = disk_bytes();
+        let server = TestServer::start(&disk, ServerOptions::default());
+        let hogs: Vec<Client> = (0..4)
+            .map(|_| {
+                let mut c = Client::go(&server.addr);
+                for i in 0..40 {
+                    c.request(CMD_READ, i, 0, MAX_REQUEST);
+                }
+                c
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        let mut c = Client::go(&server.addr);
+        let mut times = Vec::new();
+        for i in 0..200u64 {
+            let off = (i * 4096 * 37) % (DATA as u64 - 4096);
+            let t = Instant::now();
+            let got = c.read(i, off, 4096).expect("the fifth client is answered");
+            times.push(t.elapsed());
+            assert_eq!(got, &disk[off as usize..off as usize + 4096]);
+        }
+        times.sort();
+        let p99 = times[times.len() * 99 / 100];
+        println!("fifth client: p99 of 4 KiB reads {p99:?} beside four clients that never read");
+        assert!(p99 <= Duration::from_millis(100), "p99 {p99:?}");
+        drop(hogs);
+    }
+
+    /// Clients that connect and send nothing are dropped after the handshake timeout, so they
+    /// cannot hold the connection limit. Before, there was no timeout: with the limit full of
+    /// silent clients no one else could connect, ever (this test failed on `closed_by_server`).
+    #[test]
+    fn silent_handshakes_are_dropped_and_free_the_connection_limit() {
+        let opts = ServerOptions {
+            max_connections: 4,
+            handshake_timeout: Some(Duration::from_millis(300)),
+            ..ServerOptions::default()
+        };
+        let server = TestServer::start(&disk_bytes(), opts);
+        let mut silent: Vec<Client> = (0..4).map(|_| Client::connect(&server.addr)).collect();
+        // The limit is full: a fifth connection is closed at once, without a greeting.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut over = Client::connect(&server.addr);
+        let mut b = [0u8; 18];
+        assert!(
+            matches!(over.0.read(&mut b), Ok(0) | Err(_)),
+            "over the limit"
+        );
+        let t = Instant::now();
+        for c in &mut silent {
+            assert!(c.closed_by_server(), "a silent client is disconnected");
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let mut c = Client::go(&server.addr);
+        assert_eq!(c.read(1, 0, 4096).unwrap(), &disk_bytes()[..4096]);
+    }
+
+    /// A connection with nothing in flight that sends nothing is closed after the idle timeout;
+    /// one that keeps sending requests is not. Before, idle connections stayed forever.
+    #[test]
+    fn idle_connections_are_closed_busy_ones_are_not() {
+        let opts = ServerOptions {
+            idle_timeout: Some(Duration::from_millis(400)),
+            ..ServerOptions::default()
+        };
+        let disk = disk_bytes();
+        let server = TestServer::start(&disk, opts);
+        let mut idle = Client::go(&server.addr);
+        idle.read(1, 0, 4096).unwrap();
+        let mut busy = Client::go(&server.addr);
+        for i in 0..12 {
+            assert_eq!(busy.read(i, 4096, 4096).unwrap(), &disk[4096..8192]);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(idle.closed_by_server());
+        assert_eq!(busy.read(99, 0, 512).unwrap(), &disk[..512]);
+    }
+
+    /// A client that pipelines reads and never reads the replies is dropped once its replies make
+    /// no progress for the write timeout, which returns its budget. Before, it stayed forever.
+    #[test]
+    fn clients_that_never_read_are_dropped_after_the_write_timeout() {
+        let opts = ServerOptions {
+            write_timeout: Some(Duration::from_millis(300)),
+            ..ServerOptions::default()
+        };
+        let server = TestServer::start(&disk_bytes(), opts);
+        let mut hog = Client::go(&server.addr);
+        for i in 0..10 {
+            hog.request(CMD_READ, i, 0, MAX_REQUEST);
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(hog.closed_by_server(), "the hog was disconnected");
+    }
+
+    /// CACHE is paid for like a read: a client that sends CACHE requests without reading the
+    /// replies is stopped by backpressure after a bounded number. Before, only READ and WRITE
+    /// took permits: the server read every CACHE and spawned a task for it, so all 1 M were read
+    /// (this test failed; FLUSH on a read-only export did block, on the reply channel).
+    #[test]
+    fn requests_without_payload_are_budgeted_too() {
+        const LIMIT: u64 = 1_000_000;
+        let server = TestServer::start(&disk_bytes(), ServerOptions::default());
+        let mut c = Client::go(&server.addr);
+        c.0.set_write_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        // The server stops reading once the connection's request slots are taken and the socket
+        // buffers fill, so the writes stall.
+        let batch: Vec<u8> = (0..1000u64)
+            .flat_map(|i| {
+                let r = Request {
+                    flags: 0,
+                    kind: CMD_CACHE,
+                    cookie: i,
+                    offset: (i % 16) << 16,
+                    len: 4096,
+                };
+                encode_request(&r)
+            })
+            .collect();
+        let mut sent = 0u64;
+        while sent < LIMIT {
+            if c.0.write_all(&batch).is_err() {
+                break;
+            }
+            sent += 1000;
+        }
+        println!("the server stopped reading after about {sent} requests");
+        assert!(sent < LIMIT, "the server kept reading: {sent} requests");
+    }
+
+    #[test]
+    fn unaligned_sizes_advertise_a_minimum_block_size_of_one() {
+        assert_eq!(min_block_size(1 << 20), 512);
+        assert_eq!(min_block_size((1 << 20) + 1), 1);
+        assert_eq!(min_block_size(1000), 1);
     }
 }
