@@ -278,10 +278,11 @@ pub struct NbdServeArgs {
     /// Recovery points to export (ids, or `latest` for the newest disk RP)
     #[arg(required = true)]
     pub rps: Vec<String>,
-    /// TCP address to listen on
-    #[arg(long, default_value = "127.0.0.1:10809", conflicts_with = "unix")]
-    pub listen: std::net::SocketAddr,
-    /// Listen on a Unix socket instead of TCP
+    /// TCP address to listen on [default: 127.0.0.1:10809; with --writable, a private Unix
+    /// socket unless this is given]
+    #[arg(long, conflicts_with = "unix")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Listen on a Unix socket instead of TCP (created mode 0600: only this user connects)
     #[arg(long, value_name = "PATH")]
     pub unix: Option<PathBuf>,
     /// Connections served at once; more are closed right away

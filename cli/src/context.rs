@@ -217,3 +217,34 @@ fn warn_if_readable_by_others(f: &std::path::Path) {
         }
     }
 }
+
+/// A 0700 directory only this user can write, for mount logs (they name RPs and objects) and
+/// the Unix sockets of writable NBD exports:
+/// `$XDG_RUNTIME_DIR/elastio`, else `/tmp/elastio-<uid>`. The latter is in a directory anyone
+/// can write, so it is created 0700 and then checked with lstat: a directory, ours, 0700 (not
+/// a symlink or a directory someone planted to read or redirect our logs or sockets).
+#[allow(unsafe_code)]
+pub fn private_runtime_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
+        Some(d) if d.is_absolute() && d.is_dir() => d.join("elastio"),
+        _ => std::env::temp_dir().join(format!("elastio-{uid}")),
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let m = std::fs::symlink_metadata(&dir)
+        .with_context(|| format!("cannot stat {}", dir.display()))?;
+    if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+        bail!(
+            "{} is not a private directory of this user (a directory, owned by uid {uid}, mode \
+             0700); remove it or set XDG_RUNTIME_DIR",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}

@@ -757,3 +757,49 @@ fn a_non_loopback_listen_address_is_warned_about() {
         "{log}"
     );
 }
+
+/// `--writable` without an address listens on a private Unix socket (mode 0600 in a 0700
+/// directory of this user's): write access to a disk is not handed to every local user over
+/// loopback TCP, as it was.
+#[test]
+#[allow(unsafe_code)] // kill(2) to stop the server
+fn a_writable_export_defaults_to_a_private_unix_socket() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let (_, rp) = ext4_rp(&env);
+    let runtime = env.path("run");
+    std::fs::create_dir(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut child = env
+        .command(&["nbd", "serve", &rp, "--writable", "--output-format", "json"])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let ready: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let socket = std::path::PathBuf::from(ready["listen"].as_str().unwrap());
+    assert!(socket.starts_with(runtime.join("elastio")), "{ready}");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&socket), 0o600);
+    assert_eq!(mode(socket.parent().unwrap()), 0o700);
+    let uri = ready["exports"][0]["uri"].as_str().unwrap().to_string();
+    assert!(uri.starts_with("nbd+unix://"), "{uri}");
+    let out = std::process::Command::new("nbdinfo")
+        .args(["--size", &uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().unwrap().success());
+    assert!(!socket.exists(), "the socket is removed on exit");
+}

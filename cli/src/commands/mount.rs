@@ -390,36 +390,6 @@ fn serve_view(
     Ok(())
 }
 
-/// A 0700 directory only this user can write, for mount logs (they name RPs and objects):
-/// `$XDG_RUNTIME_DIR/elastio`, else `/tmp/elastio-<uid>`. The latter is in a directory anyone
-/// can write, so it is created 0700 and then checked with lstat: a directory, ours, 0700 (not
-/// a symlink or a directory someone planted to read or redirect our logs).
-#[allow(unsafe_code)]
-fn private_log_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    // SAFETY: getuid has no preconditions.
-    let uid = unsafe { libc::getuid() };
-    let dir = match std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from) {
-        Some(d) if d.is_absolute() && d.is_dir() => d.join("elastio"),
-        _ => std::env::temp_dir().join(format!("elastio-{uid}")),
-    };
-    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
-    }
-    let m = std::fs::symlink_metadata(&dir)
-        .with_context(|| format!("cannot stat {}", dir.display()))?;
-    if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
-        bail!(
-            "{} is not a private directory of this user (a directory, owned by uid {uid}, mode \
-             0700); remove it or set XDG_RUNTIME_DIR",
-            dir.display()
-        );
-    }
-    Ok(dir)
-}
-
 /// Tells a detached mount process where its log is, so it can remove an empty one at exit.
 const LOG_ENV: &str = "ELASTIO_MOUNT_LOG";
 
@@ -454,7 +424,7 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     use std::os::unix::process::CommandExt;
     // The detached process logs (read errors name the damaged object) to a file next to other
     // per-user runtime state; its path is printed.
-    let log_dir = private_log_dir()?;
+    let log_dir = crate::context::private_runtime_dir()?;
     let log_path = log_dir.join(format!(
         "mount-{}-{}-{:08x}.log",
         a.rp.replace('/', "_"),

@@ -23,6 +23,12 @@ pub fn run(ctx: &Ctx, cmd: NbdCommand) -> Result<()> {
 
 type Overlays = Vec<(RecoveryPoint, Arc<Overlay>)>;
 
+/// Where `nbd serve` listens without --listen (and without --writable).
+const DEFAULT_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    10809,
+));
+
 /// One export per RP spec, with an overlay each when writable.
 fn build_exports(
     vault: &Arc<Vault>,
@@ -124,14 +130,23 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
             ..ServerOptions::default()
         },
     );
-    let listen = match &a.unix {
-        Some(p) => Listen::Unix(p.clone()),
-        None => Listen::Tcp(a.listen),
+    // A writable export hands out write access to a disk: by default only to this user,
+    // through a 0600 Unix socket in a private directory, unless an address is asked for.
+    let unix = match (&a.unix, a.listen, a.export.writable) {
+        (Some(p), _, _) => Some(p.clone()),
+        (None, None, true) => Some(
+            crate::context::private_runtime_dir()?.join(format!("nbd-{}.sock", std::process::id())),
+        ),
+        _ => None,
     };
-    let unix = a.unix.clone();
+    let tcp = a.listen.unwrap_or(DEFAULT_LISTEN);
+    let listen = match &unix {
+        Some(p) => Listen::Unix(p.clone()),
+        None => Listen::Tcp(tcp),
+    };
     // The server logs this too; say it where the user looks for the address as well.
-    let exposed = match (&a.unix, a.listen.ip().is_loopback()) {
-        (None, false) => Some(server::exposed_warning(&a.listen)),
+    let exposed = match (&unix, tcp.ip().is_loopback()) {
+        (None, false) => Some(server::exposed_warning(&tcp)),
         _ => None,
     };
     let format = ctx.global.output_format;

@@ -243,8 +243,7 @@ impl Server {
                 }
             }
             Listen::Unix(path) => {
-                let _ = std::fs::remove_file(&path);
-                let l = tokio::net::UnixListener::bind(&path)?;
+                let l = bind_private_unix(&path)?;
                 ready(&path.display().to_string());
                 loop {
                     tokio::select! {
@@ -1030,6 +1029,41 @@ impl Export {
     pub fn flags(&self) -> u16 {
         self.disk.flags()
     }
+}
+
+/// A Unix socket at `path` that only this user can connect to (mode 0600). It is bound inside a
+/// fresh 0700 directory beside `path`, made 0600 there, and only then renamed into place, so
+/// no other user can connect in between (binding at `path` directly leaves it at the umask's
+/// mode until a chmod). An existing socket at `path` (a previous run's) is replaced; anything
+/// else there is refused.
+pub fn bind_private_unix(path: &std::path::Path) -> io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let staging = parent.join(format!(".elastio-sock-{:016x}", rand::random::<u64>()));
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let result = (|| {
+        let tmp = staging.join("s");
+        let l = tokio::net::UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    result
 }
 
 #[cfg(test)]
