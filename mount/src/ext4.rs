@@ -394,7 +394,9 @@ impl<R: ReadAt> Ext4<R> {
         }
         let log = le32(&b, 0x18);
         if log > 6 {
-            return Err(corrupt(format!("block size 2^{} is invalid", 10 + log)));
+            return Err(corrupt(format!(
+                "block size 2^(10 + {log}) is invalid (1 KiB to 64 KiB)"
+            )));
         }
         let incompat = le32(&b, 0x60);
         let rev = le32(&b, 0x4c);

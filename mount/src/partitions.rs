@@ -312,11 +312,11 @@ mod tests {
             h[..8].copy_from_slice(GPT_SIGNATURE);
             h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
             h[12..16].copy_from_slice(&92u32.to_le_bytes());
-            h[24..32].copy_from_slice(&(my as u64).to_le_bytes());
-            h[32..40].copy_from_slice(&(other as u64).to_le_bytes());
+            h[24..32].copy_from_slice(&my.to_le_bytes());
+            h[32..40].copy_from_slice(&other.to_le_bytes());
             h[40..48].copy_from_slice(&(2 + table_sectors).to_le_bytes());
             h[48..56].copy_from_slice(&(last - table_sectors - 1).to_le_bytes());
-            h[72..80].copy_from_slice(&(entries_lba as u64).to_le_bytes());
+            h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
             h[80..84].copy_from_slice(&count.to_le_bytes());
             h[84..88].copy_from_slice(&128u32.to_le_bytes());
             h[88..92].copy_from_slice(&crc32fast::hash(&entries).to_le_bytes());

@@ -453,6 +453,19 @@ fn inode_table_offset_overflow() {
     others_still_readable(&fs);
 }
 
+// ---- found by the fuzzer (fuzz/, `cargo xtask fuzz`) ----------------------------------
+
+/// Found by the `ext4` fuzz target: an s_log_block_size near 2^32 overflowed `10 + log` in
+/// the error message (a panic in debug builds); now it is an error.
+#[test]
+fn fuzz_huge_log_block_size() {
+    let img = fixture("fuzz-ext4-log-block-size.img");
+    let e = Ext4::open(&img[..], img.len() as u64)
+        .err()
+        .expect("open must fail");
+    assert!(e.to_string().contains("block size"), "{e}");
+}
+
 // ---- replay of every checked-in hostile image -------------------------------------------
 
 /// Every image under fixtures/hostile/ (including fuzzer finds): walking it recursively with
