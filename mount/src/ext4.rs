@@ -473,7 +473,7 @@ impl<R: ReadAt> Ext4<R> {
             return true;
         }
         if self.sb.compat & COMPAT_SPARSE_SUPER2 != 0 {
-            return self.sb.backup_bgs.contains(&(g as u32));
+            return u32::try_from(g).is_ok_and(|g| self.sb.backup_bgs.contains(&g));
         }
         if self.sb.ro_compat & RO_COMPAT_SPARSE_SUPER == 0 || g == 1 {
             return true;
@@ -898,6 +898,7 @@ impl<R: ReadAt> Ext4<R> {
             )));
         }
         let data = self.data(inode)?;
+        // Within `limit` (a block or two): no truncation.
         let mut buf = vec![0u8; inode.size as usize];
         self.read(&data, 0, &mut buf)?;
         Ok(buf)
@@ -970,7 +971,7 @@ impl<R: ReadAt> Ext4<R> {
             0
         };
         if !inode.inline() && inode.blocks.saturating_sub(ea_blocks) == 0 {
-            let n = (inode.size as usize).min(INLINE_BLOCK);
+            let n = inode.size.min(INLINE_BLOCK as u64) as usize;
             return Ok(inode.block[..n].to_vec());
         }
         self.read_all(inode, self.sb.block_size.max(4096))
