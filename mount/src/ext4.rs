@@ -9,11 +9,29 @@
 //! entries), symlinks are fast (in the inode) or stored in a block, and small files or
 //! directories may be inline in the inode (`inline_data`).
 //!
-//! Invariants: nothing is ever written; every on-disk number is bounds-checked before use, so a
-//! damaged or hostile image gives an `InvalidData` error naming the inode, never a panic or an
-//! unbounded allocation. The journal is not replayed (like `mount -o ro,noload`): a file system
-//! captured while mounted shows its last checkpointed state.
+//! Invariants: nothing is ever written; every on-disk number is bounds-checked with checked
+//! arithmetic before use, so a damaged or hostile image gives an `InvalidData` error (carrying an
+//! [`Error`]) naming the inode, never a panic or an unbounded allocation. The journal is not
+//! replayed (like `mount -o ro,noload`): a file system captured while mounted shows its last
+//! checkpointed state.
+//!
+//! Budgets (each an invariant; exceeding one is an [`Error::Budget`] for that one inode, the rest
+//! of the file system stays readable):
+//!
+//! * open: the geometry is validated as the kernel does (block size 1..64 KiB, blocks and inodes
+//!   per group within `8..=8 * block_size`, inode size a power of two in `128..=block_size`,
+//!   `s_inodes_count` equal to groups × inodes per group) and the group count is at most
+//!   [`MAX_GROUPS`] and what the device can hold, so memory at open is at most 8 bytes a group.
+//! * a file's block map: at most [`MAX_MAP_NODES`] extent-tree or indirect blocks are visited
+//!   (never more than the file's size in blocks can need, nor the file system's block count),
+//!   each at most once (a node reached twice is a corrupt tree, not a loop of reads), extent
+//!   trees at most [`MAX_EXTENT_DEPTH`] deep; the list has at most [`MAX_EXTENTS`] entries.
+//! * inline data: never more than the inode can hold (60 bytes of `i_block` plus its
+//!   `system.data` attribute); a larger `i_size` is an error.
+//! * a directory listing: at most [`MAX_DIR_BYTES`] of blocks scanned (a block at a time),
+//!   [`MAX_DIR_ENTRIES`] entries and [`MAX_DIR_NAME_BYTES`] bytes of names.
 
+use std::collections::HashSet;
 use std::io;
 
 /// Random access to the bytes of one file system (a partition or a whole disk).
@@ -33,6 +51,24 @@ pub trait ReadAt: Send + Sync {
 impl ReadAt for std::fs::File {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+/// An image in memory (tests, fuzzing).
+impl ReadAt for [u8] {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|at| self.get(at..at.checked_add(buf.len())?))
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for &T {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
     }
 }
 
@@ -73,8 +109,71 @@ const INLINE_BLOCK: usize = 60;
 const XATTR_MAGIC: u32 = 0xea02_0000;
 /// `system.` name index of the in-inode attribute that holds the rest of inline data.
 const XATTR_INDEX_SYSTEM: u8 = 7;
-/// Bound on a directory read into memory at once.
-const MAX_DIR_BYTES: u64 = 256 << 20;
+/// At most this many block groups (8 bytes of memory each): 128 TiB with 4 KiB blocks.
+pub const MAX_GROUPS: u64 = 1 << 20;
+/// Extent-tree or indirect blocks visited to map one file: with 4 KiB blocks, a fully
+/// fragmented file of 256 GiB through indirect blocks, far more for extent trees.
+pub const MAX_MAP_NODES: u64 = 1 << 16;
+/// Extents kept for one file (24 bytes each).
+pub const MAX_EXTENTS: usize = 1 << 20;
+/// Directory blocks scanned for one listing.
+pub const MAX_DIR_BYTES: u64 = 64 << 20;
+/// Entries of one directory listing.
+pub const MAX_DIR_ENTRIES: usize = 1 << 20;
+/// Bytes of names in one directory listing.
+pub const MAX_DIR_NAME_BYTES: usize = 32 << 20;
+
+/// Why an image could not be read, for the one object concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image contradicts the format (or this reader's understanding of it).
+    #[error("ext4: {0}")]
+    Corrupt(String),
+    /// Reading the object would take more work or memory than its budget allows.
+    #[error("ext4: inode {ino}: more than {limit} {what}")]
+    Budget { ino: u32, what: Budget, limit: u64 },
+}
+
+/// Which budget an object exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// Extent-tree or indirect blocks visited to map the file.
+    MapNodes,
+    /// Extents in the file's block map.
+    Extents,
+    /// Directory bytes scanned.
+    DirBytes,
+    /// Entries in a directory.
+    DirEntries,
+    /// Bytes of names in a directory.
+    DirNameBytes,
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Budget::MapNodes => "block-map nodes (extent-tree or indirect blocks)",
+            Budget::Extents => "extents",
+            Budget::DirBytes => "directory bytes",
+            Budget::DirEntries => "directory entries",
+            Budget::DirNameBytes => "bytes of directory entry names",
+        })
+    }
+}
+
+impl Error {
+    /// The [`Error`] inside an error returned by this module, if it carries one.
+    pub fn of(e: &io::Error) -> Option<&Error> {
+        e.get_ref()?.downcast_ref()
+    }
+}
+
+fn over_budget(ino: u32, what: Budget, limit: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        Error::Budget { ino, what, limit },
+    )
+}
 
 fn le16(b: &[u8], i: usize) -> u16 {
     u16::from_le_bytes([b[i], b[i + 1]])
@@ -85,7 +184,7 @@ fn le32(b: &[u8], i: usize) -> u32 {
 }
 
 fn corrupt(what: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("ext4: {what}"))
+    io::Error::new(io::ErrorKind::InvalidData, Error::Corrupt(what.to_string()))
 }
 
 /// The kind of an inode, from its mode.
@@ -212,6 +311,67 @@ struct Super {
     label: String,
 }
 
+impl Super {
+    /// Checks the geometry as the kernel does at mount and returns the number of block groups.
+    fn validate(&self, size: u64) -> io::Result<u64> {
+        let bs = self.block_size;
+        let bad = |what: String| Err(corrupt(format!("superblock: {what}")));
+        if !(8..=8 * bs).contains(&self.blocks_per_group) {
+            return bad(format!(
+                "{} blocks per group (must be 8..={})",
+                self.blocks_per_group,
+                8 * bs
+            ));
+        }
+        let inodes_per_block = bs / self.inode_size.max(1);
+        if !(128..=bs).contains(&self.inode_size) || !self.inode_size.is_power_of_two() {
+            return bad(format!("inode size {} is invalid", self.inode_size));
+        }
+        if !(inodes_per_block..=8 * bs).contains(&u64::from(self.inodes_per_group)) {
+            return bad(format!(
+                "{} inodes per group is invalid",
+                self.inodes_per_group
+            ));
+        }
+        if self.desc_size > 1024
+            || !self.desc_size.is_power_of_two()
+            || (self.incompat & INCOMPAT_64BIT != 0 && self.desc_size < 64)
+        {
+            return bad(format!(
+                "group descriptor size {} is invalid",
+                self.desc_size
+            ));
+        }
+        // The first data block is 1 with 1 KiB blocks (the boot block and superblock share
+        // block 0 otherwise) and 0 with larger ones.
+        if self.first_data_block != u64::from(bs == 1024) || self.blocks <= self.first_data_block {
+            return bad(format!(
+                "first data block {} of {} blocks",
+                self.first_data_block, self.blocks
+            ));
+        }
+        if self.blocks.checked_mul(bs).is_none_or(|end| end > size) {
+            return bad(format!(
+                "the file system ({} blocks of {bs}) is larger than its device ({size} bytes)",
+                self.blocks
+            ));
+        }
+        let groups = (self.blocks - self.first_data_block).div_ceil(self.blocks_per_group);
+        // Every group's descriptor is stored on the device, so a device of `size` bytes holds
+        // at most size / desc_size of them.
+        if groups > MAX_GROUPS || groups.saturating_mul(self.desc_size) > size {
+            return bad(format!("{groups} block groups is too many"));
+        }
+        if groups.checked_mul(u64::from(self.inodes_per_group)) != Some(u64::from(self.inodes)) {
+            return bad(format!(
+                "{} inodes is not {groups} groups of {}",
+                self.inodes, self.inodes_per_group
+            ));
+        }
+        Ok(groups)
+    }
+}
+
 /// A mounted-for-reading ext file system.
 pub struct Ext4<R> {
     dev: R,
@@ -234,7 +394,9 @@ impl<R: ReadAt> Ext4<R> {
         }
         let log = le32(&b, 0x18);
         if log > 6 {
-            return Err(corrupt(format!("block size 2^{} is invalid", 10 + log)));
+            return Err(corrupt(format!(
+                "block size 2^(10 + {log}) is invalid (1 KiB to 64 KiB)"
+            )));
         }
         let incompat = le32(&b, 0x60);
         let rev = le32(&b, 0x4c);
@@ -282,24 +444,7 @@ impl<R: ReadAt> Ext4<R> {
                 .trim_end_matches('\0')
                 .to_string(),
         };
-        if sb.blocks_per_group == 0
-            || sb.inodes_per_group == 0
-            || sb.inode_size < 128
-            || !sb.inode_size.is_power_of_two()
-            || sb.inode_size > sb.block_size
-            || sb.desc_size > 1024
-            || !sb.desc_size.is_power_of_two()
-            || sb.blocks <= sb.first_data_block
-        {
-            return Err(corrupt("superblock fields out of range"));
-        }
-        if sb.blocks.saturating_mul(sb.block_size) > size {
-            return Err(corrupt(format!(
-                "the file system ({} blocks of {}) is larger than its device ({size} bytes)",
-                sb.blocks, sb.block_size
-            )));
-        }
-        let groups = (sb.blocks - sb.first_data_block).div_ceil(sb.blocks_per_group);
+        let groups = sb.validate(size)?;
         let mut fs = Ext4 {
             dev,
             sb,
@@ -328,7 +473,7 @@ impl<R: ReadAt> Ext4<R> {
             return true;
         }
         if self.sb.compat & COMPAT_SPARSE_SUPER2 != 0 {
-            return self.sb.backup_bgs.contains(&(g as u32));
+            return u32::try_from(g).is_ok_and(|g| self.sb.backup_bgs.contains(&g));
         }
         if self.sb.ro_compat & RO_COMPAT_SPARSE_SUPER == 0 || g == 1 {
             return true;
@@ -378,11 +523,12 @@ impl<R: ReadAt> Ext4<R> {
                 "block {block} is past the end of the file system"
             )));
         }
+        // block < blocks and blocks * block_size fits (checked at open).
         self.dev.read_at(block * self.sb.block_size, buf)
     }
 
-    /// Reads inode `ino`.
-    pub fn inode(&self, ino: u32) -> io::Result<Inode> {
+    /// Where inode `ino` is stored on the device (for tools and tests that patch images).
+    pub fn inode_offset(&self, ino: u32) -> io::Result<u64> {
         if ino == 0 || ino > self.sb.inodes {
             return Err(corrupt(format!("inode number {ino} out of range")));
         }
@@ -394,11 +540,25 @@ impl<R: ReadAt> Ext4<R> {
             .inode_tables
             .get(g as usize)
             .ok_or_else(|| corrupt(format!("inode {ino}: group {g} out of range")))?;
-        let offset = table
+        // The end of the file system fits in a u64 (checked at open); the table may not.
+        let fs_end = self.sb.blocks * self.sb.block_size;
+        table
             .checked_mul(self.sb.block_size)
-            .and_then(|t| t.checked_add(i as u64 * self.sb.inode_size))
-            .filter(|&o| o + self.sb.inode_size <= self.sb.blocks * self.sb.block_size)
-            .ok_or_else(|| corrupt(format!("inode {ino}: inode table out of range")))?;
+            .and_then(|t| t.checked_add(u64::from(i) * self.sb.inode_size))
+            .filter(|&o| {
+                o.checked_add(self.sb.inode_size)
+                    .is_some_and(|end| end <= fs_end)
+            })
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "inode {ino}: inode table of group {g} (block {table}) out of range"
+                ))
+            })
+    }
+
+    /// Reads inode `ino`.
+    pub fn inode(&self, ino: u32) -> io::Result<Inode> {
+        let offset = self.inode_offset(ino)?;
         let mut b = vec![0u8; self.sb.inode_size as usize];
         self.dev.read_at(offset, &mut b)?;
         Ok(self.parse_inode(ino, &b))
@@ -482,37 +642,67 @@ impl<R: ReadAt> Ext4<R> {
         if inode.inline() {
             return Ok(Data::Inline(self.inline_data(inode)?));
         }
-        let max_blocks = inode.size.div_ceil(self.sb.block_size);
-        let mut out = Vec::new();
-        if inode.flags & FL_EXTENTS != 0 {
-            self.walk_extents(
-                inode.ino,
-                &inode.block,
-                MAX_EXTENT_DEPTH + 1,
-                max_blocks,
-                &mut out,
-            )?;
+        let bs = self.sb.block_size;
+        // The largest logical block a map can address: 2^32 for extent trees (32-bit logical
+        // block numbers), 12 + p + p^2 + p^3 for indirect maps of p pointers a block. Keeps
+        // every `block * block_size` below 2^59.
+        let per = bs / 4;
+        let addressable = if inode.flags & FL_EXTENTS != 0 {
+            1 << 32
         } else {
-            self.walk_indirect(inode, max_blocks, &mut out)?;
+            12 + per + per * per + per * per * per
+        };
+        let max_blocks = inode.size.div_ceil(bs).min(addressable);
+        // Nodes a valid map of max_blocks blocks can need: for an extent tree, at each level
+        // disjoint subtrees each covering a block (at most depth × blocks); for an indirect map,
+        // one pointer block per per - 1 blocks plus the three roots.
+        let needed = if inode.flags & FL_EXTENTS != 0 {
+            max_blocks.saturating_mul(u64::from(MAX_EXTENT_DEPTH))
+        } else {
+            max_blocks.div_ceil(per - 1) + 3
+        };
+        let mut walk = MapWalk {
+            ino: inode.ino,
+            max_blocks,
+            fs_blocks: self.sb.blocks,
+            node_budget: needed.min(self.sb.blocks).min(MAX_MAP_NODES),
+            seen: HashSet::new(),
+            out: Vec::new(),
+        };
+        if inode.flags & FL_EXTENTS != 0 {
+            let root_depth = extent_header(inode.ino, &inode.block)?.1;
+            if root_depth > MAX_EXTENT_DEPTH {
+                return Err(corrupt(format!(
+                    "inode {}: extent tree {root_depth} levels deep (at most {MAX_EXTENT_DEPTH})",
+                    inode.ino
+                )));
+            }
+            self.walk_extents(&mut walk, &inode.block, root_depth)?;
+        } else {
+            self.walk_indirect(&mut walk, inode)?;
         }
-        Ok(Data::Extents(out))
+        Ok(Data::Extents(walk.out))
     }
 
+    /// The inline data of `inode`: `i_block` then the `system.data` attribute, never more than
+    /// those hold (an `i_size` beyond them is corrupt, not a request to allocate).
     fn inline_data(&self, inode: &Inode) -> io::Result<Vec<u8>> {
-        let size = inode.size as usize;
-        let mut data = inode.block[..size.min(INLINE_BLOCK)].to_vec();
-        if size > INLINE_BLOCK {
-            let rest = self
-                .inode_xattr(inode, XATTR_INDEX_SYSTEM, b"data")
-                .ok_or_else(|| {
-                    corrupt(format!(
-                        "inode {}: inline data attribute missing",
-                        inode.ino
-                    ))
-                })?;
-            data.extend_from_slice(&rest[..rest.len().min(size - INLINE_BLOCK)]);
-        }
-        data.resize(size, 0);
+        let rest = self
+            .inode_xattr(inode, XATTR_INDEX_SYSTEM, b"data")
+            .unwrap_or_default();
+        let capacity = INLINE_BLOCK + rest.len();
+        let size = usize::try_from(inode.size)
+            .ok()
+            .filter(|&n| n <= capacity)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "inode {}: {} bytes of inline data but the inode holds at most {capacity}",
+                    inode.ino, inode.size
+                ))
+            })?;
+        let mut data = Vec::with_capacity(size);
+        data.extend_from_slice(&inode.block[..size.min(INLINE_BLOCK)]);
+        data.extend_from_slice(&rest[..size - data.len()]);
         Ok(data)
     }
 
@@ -540,140 +730,93 @@ impl<R: ReadAt> Ext4<R> {
         None
     }
 
-    fn walk_extents(
-        &self,
-        ino: u32,
-        node: &[u8],
-        depth_left: u16,
-        max_blocks: u64,
-        out: &mut Vec<Extent>,
-    ) -> io::Result<()> {
+    /// Walks the extent-tree node `node` (the inode's `i_block` or a tree block) of `depth`.
+    fn walk_extents(&self, walk: &mut MapWalk, node: &[u8], depth: u16) -> io::Result<()> {
+        let ino = walk.ino;
         let bad = |what: &str| corrupt(format!("inode {ino}: {what} in the extent tree"));
-        if node.len() < 12 || le16(node, 0) != EXTENT_MAGIC {
-            return Err(bad("bad magic"));
-        }
-        let (entries, depth) = (le16(node, 2) as usize, le16(node, 6));
-        if depth >= depth_left || 12 + entries * 12 > node.len() {
-            return Err(bad("bad header"));
+        let (entries, node_depth) = extent_header(ino, node)?;
+        if node_depth != depth {
+            return Err(bad("a node of the wrong depth"));
         }
         let mut child = Vec::new();
         for e in node[12..12 + entries * 12].chunks_exact(12) {
-            let logical = le32(e, 0) as u64;
+            let logical = u64::from(le32(e, 0));
+            if logical >= walk.max_blocks {
+                // Past the end of the file (preallocated with KEEP_SIZE): nothing to read.
+                continue;
+            }
             if depth == 0 {
-                let raw = le16(e, 4) as u64;
-                let physical = (le16(e, 6) as u64) << 32 | le32(e, 8) as u64;
+                let raw = u64::from(le16(e, 4));
+                let physical = u64::from(le16(e, 6)) << 32 | u64::from(le32(e, 8));
                 // Lengths above 32768 mark preallocated (uninitialized) extents: zeros.
-                if raw > 32768 || raw == 0 || logical >= max_blocks {
+                if raw > 32768 || raw == 0 {
                     continue;
                 }
-                let len = raw.min(max_blocks - logical);
-                if physical
-                    .checked_add(len)
-                    .is_none_or(|end| end > self.sb.blocks)
-                {
-                    return Err(bad("extent past the end of the file system"));
-                }
-                if out
-                    .last()
-                    .is_some_and(|l: &Extent| l.logical + l.len > logical)
-                {
-                    return Err(bad("overlapping extents"));
-                }
-                match out.last_mut() {
-                    Some(l) if l.logical + l.len == logical && l.physical + l.len == physical => {
-                        l.len += len
-                    }
-                    _ => out.push(Extent {
-                        logical,
-                        physical,
-                        len,
-                    }),
-                }
+                walk.push(logical, physical, raw)?;
             } else {
-                let leaf = (le16(e, 8) as u64) << 32 | le32(e, 4) as u64;
+                let block = u64::from(le16(e, 8)) << 32 | u64::from(le32(e, 4));
+                walk.visit(block)?;
                 if child.is_empty() {
                     child = vec![0u8; self.sb.block_size as usize];
                 }
-                self.read_block(leaf, &mut child)?;
-                self.walk_extents(ino, &child, depth, max_blocks, out)?;
+                self.read_block(block, &mut child)?;
+                self.walk_extents(walk, &child, depth - 1)?;
             }
         }
         Ok(())
     }
 
-    fn walk_indirect(
-        &self,
-        inode: &Inode,
-        max_blocks: u64,
-        out: &mut Vec<Extent>,
-    ) -> io::Result<()> {
+    fn walk_indirect(&self, walk: &mut MapWalk, inode: &Inode) -> io::Result<()> {
         let per = self.sb.block_size / 4;
-        let ptrs: Vec<u64> = (0..15).map(|i| le32(&inode.block, i * 4) as u64).collect();
-        let mut push = |logical: u64, physical: u64| -> io::Result<()> {
-            if physical == 0 || logical >= max_blocks {
-                return Ok(());
+        let ptr = |i: usize| u64::from(le32(&inode.block, i * 4));
+        for i in 0..12 {
+            let p = ptr(i);
+            if p != 0 && (i as u64) < walk.max_blocks {
+                walk.push(i as u64, p, 1)?;
             }
-            if physical >= self.sb.blocks {
-                return Err(corrupt(format!(
-                    "inode {}: block pointer past the end",
-                    inode.ino
-                )));
-            }
-            match out.last_mut() {
-                Some(l) if l.logical + l.len == logical && l.physical + l.len == physical => {
-                    l.len += 1
-                }
-                _ => out.push(Extent {
-                    logical,
-                    physical,
-                    len: 1,
-                }),
-            }
-            Ok(())
-        };
-        for (i, &p) in ptrs[..12].iter().enumerate() {
-            push(i as u64, p)?;
         }
         // Single, double and triple indirect trees cover the blocks after the direct ones.
         let mut base = 12u64;
-        for (level, &root) in ptrs[12..].iter().enumerate() {
-            let span = per.pow(level as u32 + 1);
-            if base >= max_blocks {
+        for level in 0..3u32 {
+            if base >= walk.max_blocks {
                 break;
             }
+            let root = ptr(12 + level as usize);
             if root != 0 {
-                self.walk_indirect_block(root, level as u32, base, max_blocks, &mut push)?;
+                self.walk_indirect_block(walk, root, level, base)?;
             }
-            base += span;
+            base += per.pow(level + 1);
         }
         Ok(())
     }
 
+    /// Walks pointer block `block` whose entries each cover `per^level` blocks from `base`.
     fn walk_indirect_block(
         &self,
+        walk: &mut MapWalk,
         block: u64,
         level: u32,
         base: u64,
-        max_blocks: u64,
-        push: &mut dyn FnMut(u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
+        walk.visit(block)?;
         let per = self.sb.block_size / 4;
         let mut buf = vec![0u8; self.sb.block_size as usize];
         self.read_block(block, &mut buf)?;
+        // per^3 <= 2^42 and base < 2^43: no overflow.
         let span = per.pow(level);
-        for i in 0..per {
-            let logical = base + i * span;
-            if logical >= max_blocks {
+        for (i, p) in buf.chunks_exact(4).enumerate() {
+            let logical = base + i as u64 * span;
+            if logical >= walk.max_blocks {
                 break;
             }
-            let p = le32(&buf, i as usize * 4) as u64;
+            let p = u64::from(le32(p, 0));
             if p == 0 {
                 continue;
             }
             if level == 0 {
-                push(logical, p)?;
+                walk.push(logical, p, 1)?;
             } else {
-                self.walk_indirect_block(p, level - 1, logical, max_blocks, push)?;
+                self.walk_indirect_block(walk, p, level - 1, logical)?;
             }
         }
         Ok(())
@@ -684,7 +827,7 @@ impl<R: ReadAt> Ext4<R> {
         match data {
             Data::Inline(d) => {
                 buf.fill(0);
-                let start = (offset as usize).min(d.len());
+                let start = usize::try_from(offset).map_or(d.len(), |o| o.min(d.len()));
                 let n = (d.len() - start).min(buf.len());
                 buf[..n].copy_from_slice(&d[start..start + n]);
                 Ok(())
@@ -755,6 +898,7 @@ impl<R: ReadAt> Ext4<R> {
             )));
         }
         let data = self.data(inode)?;
+        // Within `limit` (a block or two): no truncation.
         let mut buf = vec![0u8; inode.size as usize];
         self.read(&data, 0, &mut buf)?;
         Ok(buf)
@@ -782,9 +926,36 @@ impl<R: ReadAt> Ext4<R> {
             parse_entries(inode.ino, &data[split..], filetype, &mut out)?;
             return Ok(out);
         }
-        let bytes = self.read_all(inode, MAX_DIR_BYTES)?;
-        for block in bytes.chunks(self.sb.block_size as usize) {
-            parse_entries(inode.ino, block, filetype, &mut out)?;
+        if inode.size > MAX_DIR_BYTES {
+            return Err(over_budget(inode.ino, Budget::DirBytes, MAX_DIR_BYTES));
+        }
+        // A block at a time: memory is what the entries take, within their budgets.
+        let data = self.data(inode)?;
+        let bs = self.sb.block_size;
+        let mut block = vec![0u8; bs as usize];
+        let mut name_bytes = 0usize;
+        let mut at = 0;
+        while at < inode.size {
+            let n = (inode.size - at).min(bs) as usize;
+            self.read(&data, at, &mut block[..n])?;
+            let before = out.len();
+            parse_entries(inode.ino, &block[..n], filetype, &mut out)?;
+            name_bytes += out[before..].iter().map(|e| e.name.len()).sum::<usize>();
+            if out.len() > MAX_DIR_ENTRIES {
+                return Err(over_budget(
+                    inode.ino,
+                    Budget::DirEntries,
+                    MAX_DIR_ENTRIES as u64,
+                ));
+            }
+            if name_bytes > MAX_DIR_NAME_BYTES {
+                return Err(over_budget(
+                    inode.ino,
+                    Budget::DirNameBytes,
+                    MAX_DIR_NAME_BYTES as u64,
+                ));
+            }
+            at += bs;
         }
         Ok(out)
     }
@@ -800,10 +971,95 @@ impl<R: ReadAt> Ext4<R> {
             0
         };
         if !inode.inline() && inode.blocks.saturating_sub(ea_blocks) == 0 {
-            let n = (inode.size as usize).min(INLINE_BLOCK);
+            let n = inode.size.min(INLINE_BLOCK as u64) as usize;
             return Ok(inode.block[..n].to_vec());
         }
         self.read_all(inode, self.sb.block_size.max(4096))
+    }
+}
+
+/// The number of entries and the depth of an extent-tree node, checked against its size.
+fn extent_header(ino: u32, node: &[u8]) -> io::Result<(usize, u16)> {
+    if node.len() < 12 || le16(node, 0) != EXTENT_MAGIC {
+        return Err(corrupt(format!(
+            "inode {ino}: bad magic in the extent tree"
+        )));
+    }
+    let entries = usize::from(le16(node, 2));
+    if 12 + entries * 12 > node.len() {
+        return Err(corrupt(format!(
+            "inode {ino}: {entries} entries overflow an extent-tree node"
+        )));
+    }
+    Ok((entries, le16(node, 6)))
+}
+
+/// The state of mapping one file's blocks, with its budgets.
+struct MapWalk {
+    ino: u32,
+    /// Blocks of the file (past them nothing is read); at most 2^48.
+    max_blocks: u64,
+    fs_blocks: u64,
+    /// Tree or pointer blocks that may still be visited.
+    node_budget: u64,
+    /// Blocks visited as nodes: a block reached twice makes the map a DAG (or a loop).
+    seen: HashSet<u64>,
+    out: Vec<Extent>,
+}
+
+impl MapWalk {
+    /// Accounts for reading map node `block`.
+    fn visit(&mut self, block: u64) -> io::Result<()> {
+        let limit = self.node_budget_limit();
+        self.node_budget = self
+            .node_budget
+            .checked_sub(1)
+            .ok_or_else(|| over_budget(self.ino, Budget::MapNodes, limit))?;
+        if !self.seen.insert(block) {
+            return Err(corrupt(format!(
+                "inode {}: block {block} appears twice in the block map",
+                self.ino
+            )));
+        }
+        Ok(())
+    }
+
+    fn node_budget_limit(&self) -> u64 {
+        self.node_budget + self.seen.len() as u64
+    }
+
+    /// Adds `len` blocks from file block `logical` (< max_blocks) at `physical`, clipped to the
+    /// file; extents come in increasing logical order.
+    fn push(&mut self, logical: u64, physical: u64, len: u64) -> io::Result<()> {
+        let len = len.min(self.max_blocks - logical);
+        if physical
+            .checked_add(len)
+            .is_none_or(|end| end > self.fs_blocks)
+        {
+            return Err(corrupt(format!(
+                "inode {}: block {physical} of the block map is past the end of the file system",
+                self.ino
+            )));
+        }
+        let full = self.out.len() >= MAX_EXTENTS;
+        match self.out.last_mut() {
+            Some(l) if l.logical + l.len > logical => {
+                return Err(corrupt(format!(
+                    "inode {}: overlapping extents at file block {logical}",
+                    self.ino
+                )))
+            }
+            Some(l) if l.logical + l.len == logical && l.physical + l.len == physical => {
+                l.len += len
+            }
+            _ if full => return Err(over_budget(self.ino, Budget::Extents, MAX_EXTENTS as u64)),
+            _ => self.out.push(Extent {
+                logical,
+                physical,
+                len,
+            }),
+        }
+        Ok(())
     }
 }
 

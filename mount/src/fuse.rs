@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,8 +78,9 @@ fn with_reply_buffer<T>(size: usize, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     })
 }
 
-/// Parsed directories kept for lookups and readdir.
-const DIR_CACHE: usize = 1024;
+/// Parsed directories kept for lookups and readdir, by their estimated size in memory (a hostile
+/// directory is within the ext4 listing budgets, but a thousand of them are not).
+const DIR_CACHE_BYTES: usize = 256 << 20;
 
 /// A file of the view: a byte range of the disk.
 pub struct ViewFile {
@@ -236,6 +236,56 @@ struct Listing {
     by_name: HashMap<OsString, usize>,
 }
 
+impl Listing {
+    /// Memory the listing holds, roughly: each entry, its name twice and a map slot.
+    fn weight(&self) -> usize {
+        let per_entry = 2 * std::mem::size_of::<(u64, FileType, OsString)>() + 16;
+        self.entries
+            .iter()
+            .map(|(_, _, n)| per_entry + 2 * n.len())
+            .sum()
+    }
+}
+
+/// Listings kept, bounded by their total [`Listing::weight`].
+struct DirCache {
+    lru: LruCache<u64, (Arc<Listing>, usize)>,
+    bytes: usize,
+    limit: usize,
+}
+
+impl DirCache {
+    fn new(limit: usize) -> Self {
+        DirCache {
+            lru: LruCache::unbounded(),
+            bytes: 0,
+            limit,
+        }
+    }
+
+    fn get(&mut self, ino: u64) -> Option<Arc<Listing>> {
+        self.lru.get(&ino).map(|(l, _)| l.clone())
+    }
+
+    /// Keeps `listing` unless it alone exceeds the limit, dropping the least recently used.
+    fn put(&mut self, ino: u64, listing: Arc<Listing>) {
+        let weight = listing.weight();
+        if weight > self.limit {
+            return;
+        }
+        if let Some((_, old)) = self.lru.put(ino, (listing, weight)) {
+            self.bytes -= old;
+        }
+        self.bytes += weight;
+        while self.bytes > self.limit {
+            match self.lru.pop_lru() {
+                Some((_, (_, w))) => self.bytes -= w,
+                None => break,
+            }
+        }
+    }
+}
+
 /// What an open handle reads.
 enum Open {
     Image,
@@ -246,12 +296,38 @@ enum Open {
     },
 }
 
-struct Fs {
+/// The state of a mount that the session thread and the read workers share.
+struct Shared {
     view: Arc<DiskView>,
-    reads: Sender<Box<dyn FnOnce() + Send>>,
-    dirs: LruCache<u64, Arc<Listing>>,
+    dirs: Mutex<DirCache>,
     open: Mutex<HashMap<u64, Arc<Open>>>,
     next_fh: AtomicU64,
+}
+
+/// The FUSE session's file system. Work that parses image metadata at length (listing a
+/// directory, mapping a file's blocks at open) runs on the read workers, so the session thread
+/// keeps answering other requests meanwhile; the ext4 budgets bound each such job.
+struct Fs {
+    shared: Arc<Shared>,
+    reads: Sender<ReadJob>,
+}
+
+impl std::ops::Deref for Fs {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+impl Fs {
+    /// Runs `job` on a read worker (here if the pool is gone).
+    fn offload(&self, job: impl FnOnce(&Shared) + Send + 'static) {
+        let shared = self.shared.clone();
+        let job: ReadJob = Box::new(move || job(&shared));
+        if let Err(e) = self.reads.send(job) {
+            (e.into_inner())();
+        }
+    }
 }
 
 fn file_type(kind: Kind) -> FileType {
@@ -283,7 +359,7 @@ fn join(k: usize, ino: u32) -> u64 {
     (k as u64 + 1) << 32 | ino as u64
 }
 
-impl Fs {
+impl Shared {
     fn file(&self, ino: u64) -> Option<&ViewFile> {
         self.view.files.get(ino.checked_sub(FIRST_FILE)? as usize)
     }
@@ -369,9 +445,9 @@ impl Fs {
     }
 
     /// The listing of directory `ino` (cached).
-    fn listing(&mut self, ino: u64) -> Result<Arc<Listing>, i32> {
-        if let Some(l) = self.dirs.get(&ino) {
-            return Ok(l.clone());
+    fn listing(&self, ino: u64) -> Result<Arc<Listing>, i32> {
+        if let Some(l) = self.cached_listing(ino) {
+            return Ok(l);
         }
         let mut entries = Vec::new();
         if ino == ROOT {
@@ -424,8 +500,67 @@ impl Fs {
             .map(|(i, (_, _, n))| (n.clone(), i))
             .collect();
         let listing = Arc::new(Listing { entries, by_name });
-        self.dirs.put(ino, listing.clone());
+        self.dirs.lock().unwrap().put(ino, listing.clone());
         Ok(listing)
+    }
+
+    /// The listing of `ino` if it is cached (the image root's is cheap to build, so it counts).
+    fn cached_listing(&self, ino: u64) -> Option<Arc<Listing>> {
+        self.dirs.lock().unwrap().get(ino)
+    }
+
+    fn lookup(&self, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let found = self.listing(parent).and_then(|l| {
+            let i = *l.by_name.get(name).ok_or(libc::ENOENT)?;
+            self.attr(l.entries[i].0)
+        });
+        match found {
+            Ok(a) => reply.entry(&TTL, &a, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, ino: u64, offset: i64, mut reply: ReplyDirectory) {
+        let listing = match self.listing(ino) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [
+            (ino, FileType::Directory, OsStr::new(".")),
+            (self.parent_hint(ino), FileType::Directory, OsStr::new("..")),
+        ];
+        let all = dots.into_iter().chain(
+            listing
+                .entries
+                .iter()
+                .map(|(i, k, n)| (*i, *k, n.as_os_str())),
+        );
+        for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(ino, (i + 1) as i64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// Opens ext file `i` of file system `k`: maps its blocks (bounded by the ext4 budgets).
+    fn open_file(&self, k: usize, i: u32, fs: Arc<Ext4<PartDev>>, reply: ReplyOpen) {
+        let opened = fs.inode(i).and_then(|inode| {
+            if inode.kind() != Some(Kind::File) {
+                return Ok(None);
+            }
+            Ok(Some((fs.data(&inode)?, inode.size)))
+        });
+        match opened {
+            Ok(Some((data, size))) => {
+                reply.opened(self.register(Open::File { fs, data, size }), KEEP_CACHE)
+            }
+            Ok(None) => reply.error(libc::EISDIR),
+            Err(e) => {
+                tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
+                reply.error(errno(&e))
+            }
+        }
     }
 
     /// The parent of directory `ino`, for its `..` entry.
@@ -452,14 +587,12 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let found = self.listing(parent).and_then(|l| {
-            let i = *l.by_name.get(name).ok_or(libc::ENOENT)?;
-            self.attr(l.entries[i].0)
-        });
-        match found {
-            Ok(a) => reply.entry(&TTL, &a, 0),
-            Err(e) => reply.error(e),
+        // The view's root and cached listings answer here; a directory to parse goes to a worker.
+        if parent == ROOT || self.cached_listing(parent).is_some() {
+            return self.shared.lookup(parent, name, reply);
         }
+        let name = name.to_os_string();
+        self.offload(move |s| s.lookup(parent, &name, reply));
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
@@ -498,22 +631,7 @@ impl Filesystem for Fs {
         let Some(fs) = self.filesystem(k).cloned() else {
             return reply.error(libc::ENOENT);
         };
-        let opened = fs.inode(i).and_then(|inode| {
-            if inode.kind() != Some(Kind::File) {
-                return Ok(None);
-            }
-            Ok(Some((fs.data(&inode)?, inode.size)))
-        });
-        match opened {
-            Ok(Some((data, size))) => {
-                reply.opened(self.register(Open::File { fs, data, size }), KEEP_CACHE)
-            }
-            Ok(None) => reply.error(libc::EISDIR),
-            Err(e) => {
-                tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
-                reply.error(errno(&e))
-            }
-        }
+        self.offload(move |s| s.open_file(k, i, fs, reply));
     }
 
     fn release(
@@ -666,28 +784,12 @@ impl Filesystem for Fs {
         ino: u64,
         _fh: u64,
         offset: i64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let listing = match self.listing(ino) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
-        let dots = [
-            (ino, FileType::Directory, OsStr::new(".")),
-            (self.parent_hint(ino), FileType::Directory, OsStr::new("..")),
-        ];
-        let all = dots.into_iter().chain(
-            listing
-                .entries
-                .iter()
-                .map(|(i, k, n)| (*i, *k, n.as_os_str())),
-        );
-        for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(ino, (i + 1) as i64, kind, name) {
-                break;
-            }
+        if ino == ROOT || self.cached_listing(ino).is_some() {
+            return self.shared.readdir(ino, offset, reply);
         }
-        reply.ok();
+        self.offload(move |s| s.readdir(ino, offset, reply));
     }
 }
 
@@ -705,11 +807,13 @@ pub fn serve(
 ) -> std::io::Result<()> {
     serve_fs(
         |reads| Fs {
-            view: Arc::new(view),
+            shared: Arc::new(Shared {
+                view: Arc::new(view),
+                dirs: Mutex::new(DirCache::new(DIR_CACHE_BYTES)),
+                open: Mutex::new(HashMap::new()),
+                next_fh: AtomicU64::new(1),
+            }),
             reads,
-            dirs: LruCache::new(NonZeroUsize::new(DIR_CACHE).unwrap()),
-            open: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
         },
         mountpoint,
         fsname,
@@ -793,6 +897,41 @@ fn widen_readahead(mountpoint: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listing(n: usize, name_len: usize) -> Arc<Listing> {
+        let entries: Vec<_> = (0..n)
+            .map(|i| {
+                let name = format!("{i:0name_len$}");
+                (i as u64, FileType::RegularFile, OsString::from(name))
+            })
+            .collect();
+        let by_name = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, n))| (n.clone(), i))
+            .collect();
+        Arc::new(Listing { entries, by_name })
+    }
+
+    /// Old code: the cache held 1024 listings whatever their size (up to ~900 MB each for a
+    /// hostile directory); now it holds listings up to a byte budget.
+    #[test]
+    fn directory_cache_is_bounded_in_bytes() {
+        let one = listing(1000, 20).weight();
+        let mut cache = DirCache::new(10 * one);
+        for ino in 0..100 {
+            cache.put(ino, listing(1000, 20));
+            assert!(cache.bytes <= 10 * one);
+        }
+        assert_eq!(cache.lru.len(), 10);
+        assert!(cache.get(99).is_some() && cache.get(0).is_none());
+        // A listing larger than the whole budget is not kept (it is rebuilt when asked again).
+        cache.put(1000, listing(20_000, 20));
+        assert!(cache.get(1000).is_none() && cache.bytes <= 10 * one);
+        // Replacing an entry does not count it twice.
+        cache.put(99, listing(1000, 20));
+        assert!(cache.bytes <= 10 * one);
+    }
 
     /// A request that starts in a hole and runs into data is not a hole (a reply of zeros for
     /// it corrupted disk.img once).

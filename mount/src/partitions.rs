@@ -1,5 +1,17 @@
 //! Partition tables (MBR and GPT) parsed from a disk image, so a mount can show each partition as
 //! its own file. Pure: the caller supplies a reader. Extended MBR partitions are not followed.
+//!
+//! Invariants (the table is untrusted input):
+//!
+//! * work and memory are bounded: one MBR sector, two GPT header sectors and at most
+//!   [`MAX_GPT_ENTRIES`] entries of at most 4096 bytes (4 MiB) are read;
+//! * a GPT is used only if its header CRC32 and its entry-array CRC32 match; a bad primary
+//!   header falls back to the backup header in the last sector (as the kernel does); if both
+//!   are bad the disk has no partitions (it may still hold a bare file system);
+//! * the partitions returned lie inside the disk (one that starts inside and runs past the end
+//!   is clipped, as the kernel does with a truncated image), do not overlap each other or the
+//!   table, and are at most [`MAX_GPT_ENTRIES`]; bad entries are dropped and logged;
+//! * all arithmetic on numbers from the disk is checked.
 
 use std::io;
 
@@ -16,8 +28,10 @@ const SECTOR: u64 = 512;
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 const MBR_PROTECTIVE: u8 = 0xee;
 const MBR_EXTENDED: [u8; 3] = [0x05, 0x0f, 0x85];
-/// Sanity bound on GPT entries (the spec's default is 128).
-const MAX_GPT_ENTRIES: u32 = 1024;
+/// Bound on GPT entries read (the spec's default is 128).
+pub const MAX_GPT_ENTRIES: u32 = 1024;
+/// The GPT header is at least 92 bytes (UEFI 2.x) and fits in its sector.
+const GPT_HEADER_MIN: u32 = 92;
 
 fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_le_bytes(b[i..i + 4].try_into().unwrap())
@@ -28,7 +42,7 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 }
 
 /// The partitions of a disk of `size` bytes, read through `read_at(offset, buf)`. A disk without
-/// a recognised table has none (it may hold a bare file system).
+/// a recognised (and intact) table has none (it may hold a bare file system).
 pub fn parse(
     size: u64,
     read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
@@ -47,75 +61,187 @@ pub fn parse(
     if entries.iter().any(|e| e[4] == MBR_PROTECTIVE) {
         return parse_gpt(size, read_at);
     }
-    let mut out = Vec::new();
+    let mut table = Table::new(size, SECTOR);
     for (i, e) in entries.iter().enumerate() {
-        let (kind, start, sectors) = (e[4], u32_at(e, 8) as u64, u32_at(e, 12) as u64);
+        let (kind, start, sectors) = (e[4], u64::from(u32_at(e, 8)), u64::from(u32_at(e, 12)));
         if kind == 0 || MBR_EXTENDED.contains(&kind) || sectors == 0 {
             continue;
         }
-        push_clipped(
-            &mut out,
-            i as u32 + 1,
-            start * SECTOR,
-            sectors * SECTOR,
-            size,
-        );
+        // u32 sectors of 512 bytes: below 2^41, no overflow.
+        table.add(i as u32 + 1, start * SECTOR, sectors * SECTOR);
     }
-    Ok(out)
+    Ok(table.parts)
 }
 
-fn push_clipped(out: &mut Vec<Partition>, number: u32, start: u64, len: u64, size: u64) {
-    if start >= size || len == 0 {
-        return;
+/// Partitions accepted so far, and the bytes the table itself takes (no partition may cover
+/// them).
+struct Table {
+    size: u64,
+    reserved: u64,
+    parts: Vec<Partition>,
+}
+
+impl Table {
+    fn new(size: u64, reserved: u64) -> Self {
+        Table {
+            size,
+            reserved,
+            parts: Vec::new(),
+        }
     }
-    out.push(Partition {
-        number,
-        start,
-        len: len.min(size - start),
-    });
+
+    /// Adds partition `number` of `len` bytes at `start` unless it lies outside the disk or
+    /// overlaps the table or an earlier partition (logged and dropped).
+    fn add(&mut self, number: u32, start: u64, len: u64) {
+        if start < self.reserved || start >= self.size || len == 0 {
+            tracing::warn!(
+                "partition {number} ({len} bytes at {start}) is outside the disk \
+                 ({} bytes, table in the first {}): ignored",
+                self.size,
+                self.reserved
+            );
+            return;
+        }
+        let len = if len > self.size - start {
+            tracing::warn!("partition {number} runs past the end of the disk: clipped");
+            self.size - start
+        } else {
+            len
+        };
+        if let Some(other) = self
+            .parts
+            .iter()
+            .find(|p| start < p.start + p.len && p.start < start + len)
+        {
+            tracing::warn!(
+                "partition {number} overlaps partition {}: ignored",
+                other.number
+            );
+            return;
+        }
+        self.parts.push(Partition { number, start, len });
+    }
 }
 
 fn parse_gpt(
     size: u64,
     read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
 ) -> io::Result<Vec<Partition>> {
-    let mut hdr = [0u8; 512];
-    read_at(SECTOR, &mut hdr)?;
-    if &hdr[..8] != GPT_SIGNATURE {
-        return Ok(Vec::new());
-    }
-    let entries_lba = u64_at(&hdr, 72);
-    let count = u32_at(&hdr, 80).min(MAX_GPT_ENTRIES);
-    let entry_size = u32_at(&hdr, 84) as u64;
-    if !(128..=4096).contains(&entry_size) {
-        return Ok(Vec::new());
-    }
-    let table_start = entries_lba.saturating_mul(SECTOR);
-    let table_len = entry_size * count as u64;
-    if table_start.saturating_add(table_len) > size {
-        return Ok(Vec::new());
-    }
-    let mut table = vec![0u8; table_len as usize];
-    read_at(table_start, &mut table)?;
-    let mut out = Vec::new();
-    for (i, e) in table.chunks_exact(entry_size as usize).enumerate() {
+    let last_lba = size / SECTOR - 1;
+    let gpt = match read_gpt(size, 1, read_at)? {
+        Ok(g) => g,
+        Err(why) => {
+            tracing::warn!("primary GPT header: {why}; trying the backup in the last sector");
+            match read_gpt(size, last_lba, read_at)? {
+                Ok(g) => g,
+                Err(why) => {
+                    tracing::warn!("backup GPT header: {why}; no partitions");
+                    return Ok(Vec::new());
+                }
+            }
+        }
+    };
+    // Partitions must lie in the usable area the header declares (which excludes both copies
+    // of the table); the header's own bounds are checked against the disk.
+    let usable_start = gpt.first_usable * SECTOR;
+    let usable_end = (gpt.last_usable + 1) * SECTOR;
+    let mut table = Table::new(usable_end, usable_start);
+    for (i, e) in gpt.entries.chunks_exact(gpt.entry_size).enumerate() {
         if e[..16].iter().all(|b| *b == 0) {
             continue; // unused entry
         }
+        let number = i as u32 + 1;
         let (first, last) = (u64_at(e, 32), u64_at(e, 40));
-        if last < first {
-            continue;
+        let range = last
+            .checked_sub(first)
+            .and_then(|n| n.checked_add(1))
+            .and_then(|n| n.checked_mul(SECTOR))
+            .zip(first.checked_mul(SECTOR));
+        match range {
+            Some((len, start)) => table.add(number, start, len),
+            None => tracing::warn!("GPT entry {number}: sectors {first}..={last} are invalid"),
         }
-        let len = (last - first + 1).saturating_mul(SECTOR);
-        push_clipped(
-            &mut out,
-            i as u32 + 1,
-            first.saturating_mul(SECTOR),
-            len,
-            size,
-        );
     }
-    Ok(out)
+    Ok(table.parts)
+}
+
+/// A GPT header and its entry array, both CRC-checked.
+struct Gpt {
+    first_usable: u64,
+    last_usable: u64,
+    entry_size: usize,
+    entries: Vec<u8>,
+}
+
+/// Reads the GPT header at sector `lba`. The outer error is an I/O failure; the inner one says
+/// why this header cannot be used.
+fn read_gpt(
+    size: u64,
+    lba: u64,
+    read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<Result<Gpt, String>> {
+    let sectors = size / SECTOR;
+    let mut hdr = [0u8; 512];
+    read_at(lba * SECTOR, &mut hdr)?;
+    if &hdr[..8] != GPT_SIGNATURE {
+        return Ok(Err("no signature".into()));
+    }
+    let header_size = u32_at(&hdr, 12);
+    if !(GPT_HEADER_MIN..=SECTOR as u32).contains(&header_size) {
+        return Ok(Err(format!("header size {header_size} is invalid")));
+    }
+    let stored_crc = u32_at(&hdr, 16);
+    let mut h = hdr[..header_size as usize].to_vec();
+    h[16..20].fill(0);
+    if crc32fast::hash(&h) != stored_crc {
+        return Ok(Err("header CRC32 mismatch".into()));
+    }
+    let (my_lba, first_usable, last_usable) =
+        (u64_at(&hdr, 24), u64_at(&hdr, 40), u64_at(&hdr, 48));
+    let (entries_lba, count, entry_size) = (u64_at(&hdr, 72), u32_at(&hdr, 80), u32_at(&hdr, 84));
+    if my_lba != lba {
+        return Ok(Err(format!(
+            "header at sector {lba} says it is at {my_lba}"
+        )));
+    }
+    if first_usable > last_usable || last_usable >= sectors || first_usable < 2 {
+        return Ok(Err(format!(
+            "usable sectors {first_usable}..={last_usable} do not fit a disk of {sectors}"
+        )));
+    }
+    if count > MAX_GPT_ENTRIES {
+        return Ok(Err(format!("{count} entries (at most {MAX_GPT_ENTRIES})")));
+    }
+    if !(128..=4096).contains(&entry_size) || entry_size % 8 != 0 {
+        return Ok(Err(format!("entry size {entry_size} is invalid")));
+    }
+    // At most 1024 × 4096 bytes: no overflow.
+    let table_len = u64::from(entry_size) * u64::from(count);
+    let table_sectors = table_len.div_ceil(SECTOR);
+    let in_disk = entries_lba >= 2
+        && entries_lba
+            .checked_add(table_sectors)
+            .is_some_and(|end| end <= sectors);
+    let outside_usable = entries_lba
+        .checked_add(table_sectors)
+        .is_some_and(|end| end <= first_usable)
+        || entries_lba > last_usable;
+    if !in_disk || !outside_usable {
+        return Ok(Err(format!(
+            "entry array at sector {entries_lba} ({table_sectors} sectors) is misplaced"
+        )));
+    }
+    let mut entries = vec![0u8; table_len as usize];
+    read_at(entries_lba * SECTOR, &mut entries)?;
+    if crc32fast::hash(&entries) != u32_at(&hdr, 88) {
+        return Ok(Err("entry array CRC32 mismatch".into()));
+    }
+    Ok(Ok(Gpt {
+        first_usable,
+        last_usable,
+        entry_size: entry_size as usize,
+        entries,
+    }))
 }
 
 #[cfg(test)]
@@ -144,7 +270,7 @@ mod tests {
         };
         put(0, 0x83, 2048, 100);
         put(1, 0x05, 4096, 100); // extended: skipped
-        put(3, 0x83, 1000, 1_000_000); // clipped to the disk
+        put(3, 0x83, 3000, 1_000_000); // clipped to the disk
         let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
         assert_eq!(
             parts,
@@ -156,11 +282,167 @@ mod tests {
                 },
                 Partition {
                     number: 4,
-                    start: 1000 * 512,
-                    len: (2 << 20) - 1000 * 512
+                    start: 3000 * 512,
+                    len: (2 << 20) - 3000 * 512
                 },
             ]
         );
+    }
+
+    /// A GPT disk of `sectors` sectors with `count` entries of 128 bytes (primary at LBA 1,
+    /// backup at the last LBA) whose entries are `(first, last)` sector pairs.
+    fn gpt_disk(sectors: u64, count: u32, parts: &[(u64, u64)]) -> Vec<u8> {
+        let mut disk = vec![0u8; (sectors * SECTOR) as usize];
+        disk[446 + 4] = MBR_PROTECTIVE;
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        let mut entries = vec![0u8; count as usize * 128];
+        for (i, &(first, last)) in parts.iter().enumerate() {
+            let e = &mut entries[i * 128..(i + 1) * 128];
+            e[..16].fill(0xaa); // type GUID
+            e[32..40].copy_from_slice(&first.to_le_bytes());
+            e[40..48].copy_from_slice(&last.to_le_bytes());
+        }
+        let table_sectors = (count as u64 * 128).div_ceil(SECTOR);
+        let last = sectors - 1;
+        for (my, other, entries_lba) in [(1, last, 2), (last, 1, last - table_sectors)] {
+            let at = (entries_lba * SECTOR) as usize;
+            disk[at..at + entries.len()].copy_from_slice(&entries);
+            let mut h = [0u8; 92];
+            h[..8].copy_from_slice(GPT_SIGNATURE);
+            h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+            h[12..16].copy_from_slice(&92u32.to_le_bytes());
+            h[24..32].copy_from_slice(&my.to_le_bytes());
+            h[32..40].copy_from_slice(&other.to_le_bytes());
+            h[40..48].copy_from_slice(&(2 + table_sectors).to_le_bytes());
+            h[48..56].copy_from_slice(&(last - table_sectors - 1).to_le_bytes());
+            h[72..80].copy_from_slice(&entries_lba.to_le_bytes());
+            h[80..84].copy_from_slice(&count.to_le_bytes());
+            h[84..88].copy_from_slice(&128u32.to_le_bytes());
+            h[88..92].copy_from_slice(&crc32fast::hash(&entries).to_le_bytes());
+            let crc = crc32fast::hash(&h);
+            h[16..20].copy_from_slice(&crc.to_le_bytes());
+            let at = (my * SECTOR) as usize;
+            disk[at..at + 92].copy_from_slice(&h);
+        }
+        disk
+    }
+
+    fn part(number: u32, first: u64, last: u64) -> Partition {
+        Partition {
+            number,
+            start: first * SECTOR,
+            len: (last - first + 1) * SECTOR,
+        }
+    }
+
+    #[test]
+    fn gpt_partitions() {
+        let disk = gpt_disk(2048, 128, &[(40, 999), (1000, 1999)]);
+        let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
+        assert_eq!(parts, vec![part(1, 40, 999), part(2, 1000, 1999)]);
+    }
+
+    /// Old code: 1024 partitions of the whole disk, each opened as a file system and scanned
+    /// for its stored bytes before the mount became ready; now overlapping ones are dropped.
+    #[test]
+    fn gpt_overlapping_whole_disk_entries_keep_only_the_first() {
+        let whole = (2 + 256, 4096 - 256 - 2);
+        let disk = gpt_disk(4096, 1024, &[whole; 1024]);
+        let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
+        assert_eq!(parts, vec![part(1, whole.0, whole.1)]);
+    }
+
+    /// Old code: `last - first + 1` overflowed (panic in debug builds, wrapped in release).
+    #[test]
+    fn gpt_entry_spanning_all_sectors_is_dropped() {
+        let disk = gpt_disk(2048, 128, &[(0, u64::MAX), (40, 999), (999, 5000)]);
+        let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
+        assert_eq!(parts, vec![part(2, 40, 999)]);
+    }
+
+    /// Old code: no CRCs were checked, so a damaged primary header or entry array was used.
+    #[test]
+    fn gpt_crcs_are_checked_and_the_backup_used() {
+        let good = gpt_disk(2048, 128, &[(40, 999)]);
+        let backup = parse(good.len() as u64, &mut reader(&good)).unwrap();
+        // Primary header damaged: the backup is used.
+        let mut disk = good.clone();
+        disk[512 + 80] = 5; // entry count, not covered by a new CRC
+        assert_eq!(
+            parse(disk.len() as u64, &mut reader(&disk)).unwrap(),
+            backup
+        );
+        // Primary entry array damaged: the backup is used.
+        let mut disk = good.clone();
+        disk[2 * 512 + 40] ^= 1;
+        assert_eq!(
+            parse(disk.len() as u64, &mut reader(&disk)).unwrap(),
+            backup
+        );
+        // Both damaged: no partitions.
+        let n = disk.len();
+        disk[n - 512 + 16] ^= 1;
+        assert!(parse(disk.len() as u64, &mut reader(&disk))
+            .unwrap()
+            .is_empty());
+    }
+
+    /// The checked-in hostile fixture: a GPT whose entries overflow, overlap and leave the disk.
+    #[test]
+    fn hostile_gpt_fixture() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fixtures/hostile/gpt-overlap.img"
+        );
+        let disk = std::fs::read(path).unwrap();
+        assert_eq!(
+            disk,
+            hostile_gpt(),
+            "regenerate fixtures/hostile/gpt-overlap.img"
+        );
+        let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
+        assert_eq!(parts, vec![part(2, 40, 90)]);
+    }
+
+    fn hostile_gpt() -> Vec<u8> {
+        gpt_disk(
+            128,
+            128,
+            &[
+                (0, u64::MAX),
+                (40, 90),
+                (34, 95),
+                (100, 1 << 40),
+                (u64::MAX, 0),
+            ],
+        )
+    }
+
+    #[test]
+    #[ignore]
+    fn regenerate_gpt_fixture() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fixtures/hostile/gpt-overlap.img"
+        );
+        std::fs::write(path, hostile_gpt()).unwrap();
+    }
+
+    /// Old code: both overlapping MBR partitions were shown.
+    #[test]
+    fn mbr_overlaps_and_the_table_sector_are_refused() {
+        let mut disk = vec![0u8; 2 << 20];
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        for (i, (start, sectors)) in [(2048u32, 100u32), (2100, 100), (0, 10)].iter().enumerate() {
+            let e = 446 + 16 * i;
+            disk[e + 4] = 0x83;
+            disk[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+            disk[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
+        }
+        let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
+        assert_eq!(parts, vec![part(1, 2048, 2147)]);
     }
 
     #[test]

@@ -429,3 +429,50 @@ fn kernel_mode_loop_mounts_partitions() {
     );
     assert!(std::fs::read_dir(&mnt).unwrap().next().is_none());
 }
+
+/// Hostile file systems (`fixtures/hostile/`, see mount/tests/hostile.rs): the file that
+/// exceeds a budget fails with EIO, promptly, and the rest of the mount keeps answering. On
+/// df046ba the extent DAG froze the FUSE session thread (the mount stopped answering) and the
+/// 1 TiB inline file aborted the mount process.
+#[test]
+fn hostile_file_fails_alone_and_the_mount_keeps_answering() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: this test needs FUSE"
+    );
+    let env = Env::new();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile");
+    for (image, victim) in [
+        ("extent-dag.img", "victim.bin"),
+        ("indirect-dag.img", "victim.bin"),
+        ("inline-1tib.img", "victim.txt"),
+    ] {
+        let rp = env.backup(&fixtures.join(image), None)["rp"]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let mnt = env.path(&format!("mnt-{image}"));
+        let pid = mount(&env, &rp, &mnt);
+        let fs = mnt.join("fs");
+        let started = std::time::Instant::now();
+        let err = std::fs::read(fs.join(victim)).expect_err(image);
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{image}: {err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{image}: the bad file took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            std::fs::read(fs.join("good.txt")).unwrap(),
+            b"hello\n",
+            "{image}"
+        );
+        let names: Vec<_> = std::fs::read_dir(&fs)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(names.iter().any(|n| n == "pad.bin"), "{image}: {names:?}");
+        assert!(std::fs::metadata(mnt.join("disk.img")).is_ok());
+        umount(&env, &mnt, pid);
+    }
+}

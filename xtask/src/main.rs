@@ -1,6 +1,7 @@
-//! `cargo xtask test|demo|bench|deps`: the project's entry points (see README.md).
+//! `cargo xtask test|demo|bench|deps|fuzz`: the project's entry points (see README.md).
 
 mod bench;
+mod fuzz;
 mod kafka_e2e;
 pub mod servers;
 mod util;
@@ -16,6 +17,8 @@ usage: cargo xtask <command>
   bench   time elastio against restic and borg on the same ext4 images (release build)
   deps    install the test tools and the benchmark peers (restic, borg) from apt
   servers start the S3 test servers (Ceph RGW, moto) and print their environment
+  fuzz [--seconds N] [target...]  run the cargo-fuzz targets under fuzz/ (all by default) for
+             N seconds each (default 60; nightly, installs cargo-fuzz), fail on any crash
   e2e-kafka  the Kafka scenario against tansu, a real Kafka-compatible broker (builds it once,
              ~40 min, into target/tools/)";
 
@@ -50,6 +53,7 @@ fn run() -> Result<()> {
         Some("demo") => demo(),
         Some("e2e-kafka") => kafka_e2e::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("deps") => {
             ensure_tools(TEST_TOOLS)?;
             ensure_tools(servers::SERVER_TOOLS)?;

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Seeds for the fuzz targets, from real mkfs images (checked in under seeds/, each < 100 KiB):
+#   fuzz/make-seeds.sh [out-dir]     (default: fuzz/seeds)
+# Needs mkfs.ext2/3/4, e2fsck (e2fsprogs) and python3.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-$here/seeds}
+mkdir -p "$out/ext4" "$out/partitions"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# A tree with the cases the reader handles: inline-sized and block files, a hole, symlinks
+# short and long, a nested directory, a fifo.
+tree=$tmp/tree
+mkdir -p "$tree/dir/sub"
+printf 'hello\n' > "$tree/small.txt"
+head -c 3000 /dev/zero | tr '\0' 'x' > "$tree/dir/mid.txt"
+printf 'tail' | dd of="$tree/sparse.bin" bs=1 seek=20000 status=none
+ln -s small.txt "$tree/short.lnk"
+ln -s "dir/$(printf 'y%.0s' $(seq 80))/../../small.txt" "$tree/long.lnk"
+mkfifo "$tree/fifo"
+: > "$tree/dir/sub/empty"
+
+mk() { # name kib mkfs-command args...
+    local name=$1 kib=$2; shift 2
+    truncate -s "${kib}K" "$tmp/$name.img"
+    "$@" -q -F -E root_owner=0:0 -d "$tree" "$tmp/$name.img" >/dev/null
+    cp "$tmp/$name.img" "$out/ext4/$name.img"
+}
+mk ext4-1k 64 mkfs.ext4 -b 1024 -N 32 -O ^has_journal,^resize_inode
+mk inline 64 mkfs.ext4 -b 1024 -N 32 -O ^has_journal,^resize_inode,inline_data
+mk metabg-64bit 64 mkfs.ext4 -b 1024 -N 32 -O ^has_journal,^resize_inode,meta_bg,64bit
+mk ext2 64 mkfs.ext2 -b 1024 -N 32
+# ext3 needs a journal of 1024 blocks: a 1.1 MiB image, generated only when asked for.
+if [ "${SEEDS_LARGE:-}" = 1 ]; then
+    mk ext3 1100 mkfs.ext3 -b 1024 -N 32
+fi
+# A hashed-tree directory: mkfs -d links entries linearly, e2fsck -D indexes them.
+for i in $(seq 1 150); do : > "$tree/dir/file-with-a-longer-name-$i"; done
+truncate -s 96K "$tmp/htree.img"
+mkfs.ext4 -q -F -b 1024 -N 192 -I 128 -O ^has_journal,^resize_inode -d "$tree" "$tmp/htree.img" >/dev/null
+e2fsck -fyD "$tmp/htree.img" >/dev/null 2>&1 || [ $? -le 1 ]
+cp "$tmp/htree.img" "$out/ext4/htree.img"
+
+python3 - "$out/partitions" <<'PY'
+import struct, sys, zlib
+out = sys.argv[1]
+def mbr(parts, protective=False):
+    d = bytearray(64 * 1024)
+    for i, (kind, start, n) in enumerate(parts):
+        struct.pack_into("<B3xII", d, 446 + 16 * i + 4, kind, start, n)
+    if protective:
+        struct.pack_into("<B3xII", d, 446 + 4, 0xEE, 1, len(d) // 512 - 1)
+    d[510:512] = b"\x55\xaa"
+    return d
+open(f"{out}/mbr.img", "wb").write(mbr([(0x83, 8, 40), (0x82, 48, 40), (0x05, 90, 10)]))
+d = mbr([], protective=True)
+sectors, count = len(d) // 512, 64
+table = (count * 128 + 511) // 512
+entries = bytearray(count * 128)
+for i, (first, last) in enumerate([(20, 59), (60, 100)]):
+    struct.pack_into("<16s16sQQQ", entries, i * 128, b"\xaf" * 16, bytes([i]) * 16, first, last, 0)
+for my, other, at in [(1, sectors - 1, 2), (sectors - 1, 1, sectors - 1 - table)]:
+    d[at * 512:at * 512 + len(entries)] = entries
+    h = bytearray(92)
+    struct.pack_into("<8sIII4xQQQQ16sQIII", h, 0, b"EFI PART", 0x10000, 92, 0, my, other,
+                     2 + table, sectors - table - 2, b"\x11" * 16, at, count, 128,
+                     zlib.crc32(entries))
+    struct.pack_into("<I", h, 16, zlib.crc32(h))
+    d[my * 512:my * 512 + 92] = h
+open(f"{out}/gpt.img", "wb").write(d)
+PY
+ls -l "$out"/*

@@ -1,0 +1,135 @@
+//! The parsers under fuzzing, compiled from the very source files of their crates (see
+//! Cargo.toml for why), and the walk the ext4 target does.
+
+#[path = "../../mount/src/ext4.rs"]
+pub mod ext4;
+#[path = "../../mount/src/partitions.rs"]
+pub mod partitions;
+
+use ext4::{Ext4, Kind, ReadAt};
+
+/// Bounds of one walk, far above what a small input holds legitimately and low enough that
+/// every input finishes within libFuzzer's timeout.
+const MAX_INODES: u32 = 512;
+const MAX_DIRS: u32 = 32;
+const MAX_FILE_BYTES: u64 = 1 << 20;
+const MAX_DEPTH: u32 = 32;
+
+/// Opens `bytes` as an ext file system and reads everything reachable from the root: every
+/// directory listed, every symlink followed to its target, every file read (up to 1 MiB).
+pub fn walk_ext4(bytes: &[u8]) {
+    let Ok(Some(fs)) = Ext4::open(bytes, bytes.len() as u64) else {
+        return;
+    };
+    let _ = fs.label();
+    let mut left = (MAX_INODES, MAX_DIRS);
+    walk(&fs, fs.root(), 0, &mut left);
+}
+
+fn walk<R: ReadAt>(fs: &Ext4<R>, ino: u32, depth: u32, left: &mut (u32, u32)) {
+    if depth > MAX_DEPTH || left.0 == 0 {
+        return;
+    }
+    left.0 -= 1;
+    let Ok(inode) = fs.inode(ino) else { return };
+    match inode.kind() {
+        Some(Kind::Dir) => {
+            if left.1 == 0 {
+                return;
+            }
+            left.1 -= 1;
+            for e in fs.read_dir(&inode).unwrap_or_default() {
+                walk(fs, e.ino, depth + 1, left);
+            }
+        }
+        Some(Kind::Symlink) => {
+            let _ = fs.read_link(&inode);
+        }
+        Some(Kind::File) => {
+            let Ok(data) = fs.data(&inode) else { return };
+            let end = inode.size.min(MAX_FILE_BYTES);
+            let mut buf = Vec::new();
+            let mut at = 0;
+            while at < end {
+                let n = (end - at).min(64 << 10);
+                buf.clear();
+                if fs.read_append(&data, at, n as usize, &mut buf).is_err() {
+                    break;
+                }
+                let _ = fs.disk_ranges(&data, at, n);
+                at += n;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Parses `bytes` as a partitioned disk and checks what comes out: inside the disk, no overlaps.
+/// Unless the (unused) first byte of the boot code is odd, the GPT CRCs are made right first, so
+/// mutations reach the code past the checksums.
+pub fn check_partitions(data: &[u8]) {
+    let mut disk = data.to_vec();
+    if data.first().is_some_and(|b| b & 1 == 0) {
+        fix_gpt_crcs(&mut disk);
+    }
+    let bytes = &disk[..];
+    let mut read = |off: u64, buf: &mut [u8]| bytes.read_at(off, buf);
+    let Ok(parts) = partitions::parse(bytes.len() as u64, &mut read) else {
+        return;
+    };
+    for (i, p) in parts.iter().enumerate() {
+        let end = p.start.checked_add(p.len).expect("partition end overflows");
+        assert!(
+            p.len > 0 && end <= bytes.len() as u64,
+            "{p:?} outside the disk"
+        );
+        for q in &parts[i + 1..] {
+            assert!(
+                end <= q.start || q.start + q.len <= p.start,
+                "{p:?} overlaps {q:?}"
+            );
+        }
+    }
+}
+
+fn le32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Rewrites the entry-array and header CRC32s of both GPT headers, where their fields allow.
+fn fix_gpt_crcs(disk: &mut [u8]) {
+    let sectors = disk.len() / 512;
+    for lba in [1, sectors.saturating_sub(1)] {
+        let at = lba * 512;
+        // Only whole sectors hold a header (the parser ignores a partial last one).
+        if lba == 0 || at + 512 > disk.len() || disk.get(at..at + 8) != Some(b"EFI PART") {
+            continue;
+        }
+        let hdr = &disk[at..];
+        let (Some(size), Some(lba_entries), Some(count), Some(entry)) =
+            (le32(hdr, 12), le64(hdr, 72), le32(hdr, 80), le32(hdr, 84))
+        else {
+            continue;
+        };
+        let len = u64::from(count.min(4096)) * u64::from(entry.min(4096));
+        let table = lba_entries
+            .checked_mul(512)
+            .and_then(|s| Some((s, s.checked_add(len)?)))
+            .and_then(|(s, e)| disk.get(usize::try_from(s).ok()?..usize::try_from(e).ok()?));
+        if let Some(t) = table {
+            let crc = crc32fast::hash(t);
+            disk[at + 88..at + 92].copy_from_slice(&crc.to_le_bytes());
+        }
+        let size = (size as usize).clamp(92, 512);
+        if let Some(h) = disk.get(at..at + size) {
+            let mut h = h.to_vec();
+            h[16..20].fill(0);
+            let crc = crc32fast::hash(&h);
+            disk[at + 16..at + 20].copy_from_slice(&crc.to_le_bytes());
+        }
+    }
+}
