@@ -103,7 +103,7 @@ const FL_ENCRYPT: u32 = 0x800;
 
 const EXTENT_MAGIC: u16 = 0xf30a;
 /// Deeper extent trees than this are corrupt (the kernel's limit is 5).
-const MAX_EXTENT_DEPTH: u16 = 5;
+pub const MAX_EXTENT_DEPTH: u16 = 5;
 /// Inline data in an inode: `i_block` (60 bytes) then the `system.data` attribute.
 const INLINE_BLOCK: usize = 60;
 const XATTR_MAGIC: u32 = 0xea02_0000;

@@ -434,6 +434,69 @@ fn directory_with_more_entries_than_its_budget() {
     others_still_readable(&fs);
 }
 
+// ---- block-map budgets: distinct nodes, but too many extents or nodes -------------------
+
+/// An ext2 image of 100 MiB (1 KiB blocks) where `victim.bin`'s triple-indirect tree has
+/// `doubles` distinct double-indirect blocks of 256 distinct single-indirect blocks each, every
+/// single-indirect block filled with `single`.
+fn make_wide_indirect(doubles: u64, single: &[u8]) -> Vec<u8> {
+    let mut img = mkfs(
+        "mkfs.ext2",
+        &["-b", "1024", "-N", "1024"],
+        100 << 10,
+        &small_tree,
+    );
+    let fs = open(&img);
+    let at = fs.inode_offset(lookup(&fs, "victim.bin")).unwrap();
+    drop(fs);
+    let first = 20_000u64; // past group 0's metadata and files
+    let triple = first;
+    let ptrs = |from: u64, n: u64| -> Vec<u8> {
+        (0..256u64)
+            .flat_map(|i| if i < n { (from + i) as u32 } else { 0 }.to_le_bytes())
+            .collect()
+    };
+    put(&mut img, triple * 1024, &ptrs(first + 1, doubles));
+    for d in 0..doubles {
+        let singles = first + 1 + doubles + d * 256;
+        put(&mut img, (first + 1 + d) * 1024, &ptrs(singles, 256));
+        for s in 0..256 {
+            put(&mut img, (singles + s) * 1024, single);
+        }
+    }
+    put(&mut img, at + 0x28 + 14 * 4, &(triple as u32).to_le_bytes());
+    set_size(&mut img, at, 4 << 40);
+    img
+}
+
+/// 16 × 256 distinct pointer blocks whose pointers alternate between two data blocks: 2^20
+/// one-block extents that do not merge. Old code: kept all of them (any number, 24 bytes each);
+/// now the list stops at its budget.
+#[test]
+fn extent_list_budget() {
+    let single: Vec<u8> = (0..256u32)
+        .flat_map(|i| (100 + 100 * (i % 2)).to_le_bytes())
+        .collect();
+    let img = make_wide_indirect(16, &single);
+    let fs = open(&img);
+    let inode = fs.inode(lookup(&fs, "victim.bin")).unwrap();
+    let e = timed(Duration::from_secs(5), || fs.data(&inode)).unwrap_err();
+    assert_eq!(budget_of(&e), Some(Budget::Extents), "{e}");
+    others_still_readable(&fs);
+}
+
+/// 256 × 256 distinct, empty single-indirect blocks: more nodes than the node budget. Old
+/// code: read them all (any number).
+#[test]
+fn block_map_node_budget() {
+    let img = make_wide_indirect(256, &[0u8; 1024]);
+    let fs = open(&img);
+    let inode = fs.inode(lookup(&fs, "victim.bin")).unwrap();
+    let e = timed(Duration::from_secs(5), || fs.data(&inode)).unwrap_err();
+    assert_eq!(budget_of(&e), Some(Budget::MapNodes), "{e}");
+    others_still_readable(&fs);
+}
+
 // ---- 6. inode table offset overflow -----------------------------------------------------
 
 /// Old code: `offset + inode_size` overflowed (a panic in debug builds, a wrapped offset in
