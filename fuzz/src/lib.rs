@@ -133,3 +133,69 @@ fn fix_gpt_crcs(disk: &mut [u8]) {
         }
     }
 }
+
+#[path = "../../mount/src/nbd/proto.rs"]
+pub mod nbd_proto;
+
+/// A client's byte stream as the server's parsers see it: option haggling (16-byte headers,
+/// then their data, dispatched by option as the server does) until NBD_OPT_GO or
+/// NBD_OPT_EXPORT_NAME, then 28-byte transmission requests, each WRITE followed by its payload.
+/// Option data longer than the input is cut short, as a closed connection would.
+pub fn nbd_client_stream(mut data: &[u8]) {
+    use nbd_proto::*;
+    let take = |data: &mut &[u8], n: usize| -> Option<Vec<u8>> {
+        let n = n.min(data.len());
+        let (head, rest) = data.split_at(n);
+        *data = rest;
+        Some(head.to_vec())
+    };
+    // Client flags.
+    if data.len() < 4 {
+        return;
+    }
+    data = &data[4..];
+    loop {
+        let Some(h) = data.get(..16).map(|h| <[u8; 16]>::try_from(h).unwrap()) else {
+            return;
+        };
+        data = &data[16..];
+        let Ok(h) = parse_option_header(&h) else {
+            return;
+        };
+        // The server refuses option data over its limit (64 KiB) before reading it.
+        if h.len > 64 << 10 {
+            return;
+        }
+        let Some(body) = take(&mut data, h.len as usize) else {
+            return;
+        };
+        match h.option {
+            OPT_INFO | OPT_GO => {
+                if let Ok((name, infos)) = parse_info_request(&body) {
+                    assert!(infos.len() * 2 + name.len() <= body.len());
+                    if h.option == OPT_GO {
+                        break;
+                    }
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                if let Ok((_, queries)) = parse_meta_request(&body) {
+                    assert!(queries.len() * 4 <= body.len());
+                }
+            }
+            OPT_EXPORT_NAME => break,
+            OPT_ABORT => return,
+            _ => {}
+        }
+    }
+    while let Some(b) = data.get(..REQUEST_LEN) {
+        let b: [u8; REQUEST_LEN] = b.try_into().unwrap();
+        data = &data[REQUEST_LEN..];
+        let Ok(r) = parse_request(&b) else { return };
+        assert_eq!(parse_request(&encode_request(&r)), Ok(r));
+        if r.kind == 1 {
+            // NBD_CMD_WRITE: its payload follows.
+            let _ = take(&mut data, r.len as usize);
+        }
+    }
+}

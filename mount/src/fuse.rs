@@ -880,6 +880,7 @@ const READ_AHEAD_KB: u32 = 4096;
 
 /// Raises the read-ahead of the mount's backing device info (sysfs; needs root, and is
 /// skipped quietly otherwise: it only changes speed).
+#[allow(unsafe_code)]
 fn widen_readahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(mountpoint) else {

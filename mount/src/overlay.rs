@@ -173,6 +173,7 @@ impl Overlay {
     }
 }
 
+#[allow(unsafe_code)]
 fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     // SAFETY: fallocate on an fd we own; no memory is involved.
     let r = unsafe {

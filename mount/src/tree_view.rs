@@ -67,6 +67,7 @@ fn file_type(kind: EntryKind) -> FileType {
 
 impl TreeView {
     /// Reads the tree of file RP `rp`; `cache_bytes` bounds the decoded chunks kept.
+    #[allow(unsafe_code)]
     pub fn load(vault: Arc<Vault>, rp: &RecoveryPoint, cache_bytes: usize) -> scalez::Result<Self> {
         let tree = rp.tree.as_ref().ok_or_else(|| scalez::Error::Corrupt {
             location: vault.location(),

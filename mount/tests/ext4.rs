@@ -21,11 +21,13 @@ fn run(cmd: &str, args: &[&str]) {
     );
 }
 
+#[allow(unsafe_code)]
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
+#[allow(unsafe_code)]
 fn set_times(path: &Path, secs: i64, nanos: i64) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
     let t = libc::timespec {
@@ -57,6 +59,7 @@ fn random(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// A tree with the cases that trip file-system readers.
+#[allow(unsafe_code)]
 fn make_tree(root: &Path) {
     fs::create_dir_all(root.join("dir/sub")).unwrap();
     fs::write(root.join("small.txt"), b"hello, ext4\n").unwrap();

@@ -12,7 +12,8 @@ use util::{cargo, ensure_tools, root_dir, run_cmd};
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
-  test    install missing test tools (as root), check formatting, clippy -D warnings, all tests, docs
+  test    install missing test tools (as root), check formatting, clippy -D warnings, all tests, docs,
+          every fuzz target for 10 s (ELASTIO_FUZZ_SECONDS)
   demo    back up a small ext4 image into a local vault, list it, restore it and verify it
   bench   time elastio against restic and borg on the same ext4 images (release build)
   deps    install the test tools and the benchmark peers (restic, borg) from apt
@@ -112,6 +113,12 @@ fn test() -> Result<()> {
         &["doc", "--workspace", "--no-deps", "--locked"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
+    // Every fuzz target briefly (the crafted inputs found so far are replayed above, as
+    // ordinary tests on stable); ELASTIO_FUZZ_SECONDS=0 skips this step.
+    let seconds = std::env::var("ELASTIO_FUZZ_SECONDS").unwrap_or_else(|_| "10".into());
+    if seconds != "0" {
+        fuzz::run(&["--seconds".to_string(), seconds])?;
+    }
     println!(
         "xtask test: all green in {:.0} s",
         started.elapsed().as_secs_f64()

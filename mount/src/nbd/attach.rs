@@ -29,6 +29,7 @@ pub fn no_module_help(device: &Path) -> String {
     )
 }
 
+#[allow(unsafe_code)]
 fn ioctl(fd: i32, request: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {
     // SAFETY: nbd ioctls take an integer argument (no pointers) on an fd we own.
     let r = unsafe { libc::ioctl(fd, request, arg) };
