@@ -244,7 +244,13 @@ pub enum NbdCommand {
         after_help = "Each RP is exported under its id and, as an alias, its asset name. \
 Connect with e.g. `nbdinfo nbd://127.0.0.1:10809/<rp>`, `nbdcopy`, `qemu-img`, or attach it \
 without the kernel's nbd module: `nbdfuse DIR/disk nbd://127.0.0.1:10809/<rp> &` then \
-`mount -o loop,ro DIR/disk /mnt`."
+`mount -o loop,ro DIR/disk /mnt`.\n\nTLS, as qemu-nbd and nbdkit do it: with \
+`--tls-certificates DIR`, DIR holding ca-cert.pem, server-cert.pem and server-key.pem, e.g. \
+`elastio nbd serve --tls-certificates /etc/pki/elastio-nbd <rp>`, clients must start TLS \
+(NBD_OPT_STARTTLS) before anything else (`--tls on` lets them choose). Connect with \
+`nbdcopy 'nbds://127.0.0.1:10809/<rp>?tls-certificates=CLIENTDIR' disk.img`, CLIENTDIR holding \
+the ca-cert.pem that signed the server's certificate (whose names must include the host in the \
+URI). The server asks clients for no certificate: TLS encrypts and authenticates the server only."
     )]
     Serve(NbdServeArgs),
     /// Attach a disk recovery point to a kernel nbd device (/dev/nbdX) until Ctrl-C
@@ -297,8 +303,23 @@ pub struct NbdServeArgs {
     /// A client that reads none of its replies for this long is disconnected
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub write_timeout: std::time::Duration,
+    /// Directory with server-cert.pem and server-key.pem (and ca-cert.pem for clients): the
+    /// qemu-nbd/nbdkit layout. Enables TLS (NBD_OPT_STARTTLS)
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// off: plain text only; on: clients may start TLS; require: clients must start TLS before
+    /// anything else [default: require with --tls-certificates, else off]
+    #[arg(long, value_enum)]
+    pub tls: Option<TlsArg>,
     #[command(flatten)]
     pub export: ExportArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsArg {
+    Off,
+    On,
+    Require,
 }
 
 #[derive(Args, Debug)]

@@ -44,8 +44,9 @@ fn install_signal_handlers() {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ELASTIO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=off")),
+            tracing_subscriber::EnvFilter::try_from_env("ELASTIO_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,fuser=off,rustls=error")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -382,6 +382,16 @@ impl NbdServer {
         format!("nbd://{}/{export}", self.addr)
     }
 
+    /// The `nbds://` URI of `export` for libnbd, trusting the CA in `client_dir` (see
+    /// [`tls_certificates`]).
+    pub fn tls_uri(&self, export: &str, client_dir: &Path) -> String {
+        format!(
+            "nbds://{}/{export}?tls-certificates={}",
+            self.addr,
+            client_dir.display()
+        )
+    }
+
     /// Resident memory of the server process, in bytes.
     pub fn rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -422,6 +432,81 @@ impl Drop for NbdServer {
             self.stop();
         }
     }
+}
+
+/// A throw-away CA and a server certificate it signed for IP:127.0.0.1 and DNS:localhost, made
+/// with the `openssl` CLI. Returns (server directory: ca-cert.pem, server-cert.pem,
+/// server-key.pem, the qemu-nbd/nbdkit layout; client directory: ca-cert.pem only, libnbd's
+/// `tls-certificates`).
+pub fn tls_certificates(env: &Env) -> (PathBuf, PathBuf) {
+    let work = env.path("tls-work");
+    let server = env.path("tls-server");
+    let client = env.path("tls-client");
+    for d in [&work, &server, &client] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let p = |d: &Path, f: &str| d.join(f).to_str().unwrap().to_string();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&ec);
+    let (ca_key, ca_cert) = (p(&work, "ca-key.pem"), p(&server, "ca-cert.pem"));
+    ca.extend_from_slice(&[
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_cert,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=elastio test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    sh("openssl", &ca);
+    let (key, csr) = (p(&server, "server-key.pem"), p(&work, "server.csr"));
+    let mut req = vec!["req"];
+    req.extend_from_slice(&ec);
+    req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
+    sh("openssl", &req);
+    let ext = p(&work, "ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let cert = p(&server, "server-cert.pem");
+    sh(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_cert,
+            "-CAkey",
+            &ca_key,
+            "-set_serial",
+            "2",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ],
+    );
+    std::fs::copy(&ca_cert, client.join("ca-cert.pem")).unwrap();
+    (server, client)
 }
 
 /// `fixtures/tree`, the small directory tree the ext4 images are made from.

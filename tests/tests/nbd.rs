@@ -803,3 +803,69 @@ fn a_writable_export_defaults_to_a_private_unix_socket() {
     assert!(child.wait().unwrap().success());
     assert!(!socket.exists(), "the socket is removed on exit");
 }
+
+/// `--tls-certificates` with `--tls require`: libnbd's nbdcopy over `nbds://` copies the RP
+/// byte-exact and nbdinfo reports TLS, while a plain `nbd://` client is refused (every option
+/// answered NBD_REP_ERR_TLS_REQD with the server's message). With `--tls on` both are served.
+#[test]
+fn tls_clients_copy_byte_exact_and_plain_clients_are_refused() {
+    let env = Env::new();
+    let (img, rp) = ext4_rp(&env);
+    let (server_dir, client_dir) = tls_certificates(&env);
+    let server = NbdServer::start(
+        &env,
+        &[&rp],
+        &[
+            "--tls-certificates",
+            server_dir.to_str().unwrap(),
+            "--tls",
+            "require",
+        ],
+    );
+    let uri = server.tls_uri(&rp, &client_dir);
+
+    let info = sh("nbdinfo", &[&uri]);
+    assert!(info.contains("is_read_only: true"), "{info}");
+    assert!(info.contains("with TLS"), "{info}");
+    let copy = env.path("copy.img");
+    sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(&img),
+        "nbdcopy over TLS is byte-exact"
+    );
+
+    // libnbd reports the server's option error (NBD_REP_ERR_TLS_REQD, with its message) only in
+    // its debug output.
+    let plain = Command::new("nbdinfo")
+        .arg(server.uri(&rp))
+        .env("LIBNBD_DEBUG", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success(), "a plain client was served");
+    assert!(
+        stderr.contains("server error message: this server requires TLS"),
+        "{stderr}"
+    );
+    drop(server);
+
+    // `--tls on`: both kinds of client are served.
+    let server = NbdServer::start(
+        &env,
+        &[&rp],
+        &[
+            "--tls-certificates",
+            server_dir.to_str().unwrap(),
+            "--tls",
+            "on",
+        ],
+    );
+    let tls = sh("nbdinfo", &[&server.tls_uri(&rp, &client_dir)]);
+    assert!(tls.contains("with TLS"), "{tls}");
+    let plain = sh("nbdinfo", &[&server.uri(&rp)]);
+    assert!(
+        !plain.contains("with TLS") && plain.contains("export-size"),
+        "{plain}"
+    );
+}

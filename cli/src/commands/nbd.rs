@@ -9,7 +9,7 @@ use mount::DiskReader;
 use scalez::{RecoveryPoint, RpKind, Vault};
 use serde_json::json;
 
-use crate::cli::{ExportArgs, NbdAttachArgs, NbdCommand, NbdServeArgs, OutputFormat};
+use crate::cli::{ExportArgs, NbdAttachArgs, NbdCommand, NbdServeArgs, OutputFormat, TlsArg};
 use crate::commands::rp::resolve_rp;
 use crate::context::Ctx;
 use crate::output::bytes;
@@ -113,14 +113,31 @@ fn finish_overlays(
     Ok(())
 }
 
+/// The server's TLS from --tls and --tls-certificates (loaded before the vault is opened).
+fn tls(a: &NbdServeArgs) -> Result<Option<mount::nbd::Tls>> {
+    let mode = a.tls.unwrap_or(match a.tls_certificates {
+        Some(_) => TlsArg::Require,
+        None => TlsArg::Off,
+    });
+    match (mode, &a.tls_certificates) {
+        (TlsArg::Off, _) => Ok(None),
+        (_, None) => anyhow::bail!("--tls on|require needs --tls-certificates DIR"),
+        (mode, Some(dir)) => mount::nbd::Tls::load(dir, mode == TlsArg::Require)
+            .map(Some)
+            .with_context(|| format!("loading the TLS certificate and key from {}", dir.display())),
+    }
+}
+
 fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
+    let tls = tls(&a)?;
     let vault = ctx.open_vault()?;
     let (exports, overlays) = build_exports(&vault, &a.rps, &a.export)?;
     let names: Vec<(String, String, u64)> = exports
         .iter()
         .map(|e| (e.name.clone(), e.aliases[0].clone(), e.disk.size()))
         .collect();
-    let server = Server::new(
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
+    let mut server = Server::new(
         exports,
         ServerOptions {
             max_connections: a.max_connections,
@@ -130,6 +147,9 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
             ..ServerOptions::default()
         },
     );
+    if let Some(tls) = tls {
+        server = server.with_tls(tls);
+    }
     // A writable export hands out write access to a disk: by default only to this user,
     // through a 0600 Unix socket in a private directory, unless an address is asked for.
     let unix = match (&a.unix, a.listen, a.export.writable) {
@@ -152,8 +172,8 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
     let format = ctx.global.output_format;
     let ready = move |addr: &str| {
         let uri = |name: &str| match &unix {
-            Some(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
-            None => format!("nbd://{addr}/{name}"),
+            Some(p) => format!("{scheme}+unix:///{name}?socket={}", p.display()),
+            None => format!("{scheme}://{addr}/{name}"),
         };
         let mut out = std::io::stdout();
         match format {

@@ -5,4 +5,4 @@ pub mod attach;
 pub mod proto;
 pub mod server;
 
-pub use server::{Disk, Export, Listen, Server, ServerOptions};
+pub use server::{Disk, Export, Listen, Server, ServerOptions, Tls};

@@ -21,6 +21,7 @@ pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -35,6 +36,7 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
@@ -88,6 +90,48 @@ pub const ENOTSUP: u32 = 95;
 pub const ESHUTDOWN: u32 = 108;
 
 pub const BASE_ALLOCATION: &str = "base:allocation";
+
+/// What a server offers of TLS (NBD_OPT_STARTTLS), as qemu-nbd's and nbdkit's `--tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS: NBD_OPT_STARTTLS is refused with NBD_REP_ERR_POLICY.
+    Off,
+    /// Clients may upgrade with NBD_OPT_STARTTLS or carry on in plain text.
+    On,
+    /// Nothing but NBD_OPT_STARTTLS (and NBD_OPT_ABORT) is served before TLS.
+    Require,
+}
+
+/// What option haggling does with an option, given the TLS mode and whether TLS is up, before
+/// looking at the option itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsGate {
+    /// Handle the option as usual.
+    Pass,
+    /// NBD_OPT_STARTTLS accepted: reply NBD_REP_ACK, then the TLS handshake on the same socket.
+    StartTls,
+    /// Answer with this error reply (and message) and carry on haggling.
+    Refuse(u32, &'static str),
+    /// Close the connection: NBD_OPT_EXPORT_NAME has no way to carry an error.
+    Close,
+}
+
+pub fn tls_gate(option: u32, mode: TlsMode, in_tls: bool) -> TlsGate {
+    match (option, mode, in_tls) {
+        (OPT_STARTTLS, _, true) => TlsGate::Refuse(REP_ERR_INVALID, "TLS is already in use"),
+        (OPT_STARTTLS, TlsMode::Off, false) => {
+            TlsGate::Refuse(REP_ERR_POLICY, "TLS is not enabled on this server")
+        }
+        (OPT_STARTTLS, _, false) => TlsGate::StartTls,
+        (OPT_ABORT, _, _) => TlsGate::Pass,
+        (OPT_EXPORT_NAME, TlsMode::Require, false) => TlsGate::Close,
+        (_, TlsMode::Require, false) => TlsGate::Refuse(
+            REP_ERR_TLS_REQD,
+            "this server requires TLS: send NBD_OPT_STARTTLS first",
+        ),
+        _ => TlsGate::Pass,
+    }
+}
 
 /// The server's first 18 bytes.
 pub fn greeting() -> [u8; 18] {
@@ -323,6 +367,48 @@ pub fn chunk_block_status(cookie: u64, context: u32, extents: &[(u32, u32)]) -> 
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// With `require`, every option but STARTTLS and ABORT is refused with ERR_TLS_REQD before
+    /// TLS (EXPORT_NAME, which cannot carry an error, closes); inside TLS all pass and a second
+    /// STARTTLS is invalid. `on` and `off` pass everything in plain text.
+    #[test]
+    fn options_before_starttls_need_tls_when_it_is_required() {
+        use TlsGate::*;
+        for opt in [
+            OPT_LIST,
+            OPT_INFO,
+            OPT_GO,
+            OPT_STRUCTURED_REPLY,
+            OPT_LIST_META_CONTEXT,
+            OPT_SET_META_CONTEXT,
+            42,
+        ] {
+            assert!(
+                matches!(
+                    tls_gate(opt, TlsMode::Require, false),
+                    Refuse(REP_ERR_TLS_REQD, _)
+                ),
+                "option {opt}"
+            );
+            assert_eq!(tls_gate(opt, TlsMode::Require, true), Pass);
+            assert_eq!(tls_gate(opt, TlsMode::On, false), Pass);
+            assert_eq!(tls_gate(opt, TlsMode::Off, false), Pass);
+        }
+        assert_eq!(REP_ERR_TLS_REQD, 0x8000_0005);
+        assert_eq!(tls_gate(OPT_EXPORT_NAME, TlsMode::Require, false), Close);
+        assert_eq!(tls_gate(OPT_EXPORT_NAME, TlsMode::Require, true), Pass);
+        assert_eq!(tls_gate(OPT_ABORT, TlsMode::Require, false), Pass);
+        assert_eq!(tls_gate(OPT_STARTTLS, TlsMode::Require, false), StartTls);
+        assert_eq!(tls_gate(OPT_STARTTLS, TlsMode::On, false), StartTls);
+        assert!(matches!(
+            tls_gate(OPT_STARTTLS, TlsMode::Require, true),
+            Refuse(REP_ERR_INVALID, _)
+        ));
+        assert!(matches!(
+            tls_gate(OPT_STARTTLS, TlsMode::Off, false),
+            Refuse(REP_ERR_POLICY, _)
+        ));
+    }
 
     #[test]
     fn greeting_bytes() {

@@ -30,12 +30,25 @@
 //!   limit (`max_connections`) forever.
 //! * Export sizes need not be a multiple of 512: such an export advertises a minimum block size
 //!   of 1, so clients neither round its size nor refuse the unaligned tail.
+//!
+//! TLS, as qemu-nbd and nbdkit do it ([`Tls`], `--tls-certificates DIR --tls off|on|require`):
+//! NBD_OPT_STARTTLS in fixed-newstyle option haggling is answered NBD_REP_ACK, the TLS handshake
+//! (rustls on ring, TLS 1.2/1.3, server certificate only: clients are not asked for one) follows
+//! on the same socket, and haggling starts over inside TLS, with nothing agreed in plain text kept.
+//! With `require`, every option before TLS but STARTTLS and ABORT is answered
+//! NBD_REP_ERR_TLS_REQD and NBD_OPT_EXPORT_NAME closes the connection; a second STARTTLS inside
+//! TLS is NBD_REP_ERR_INVALID; without TLS set up STARTTLS is NBD_REP_ERR_POLICY
+//! ([`tls_gate`] decides, purely). The socket becomes a [`Stream`] that is plain or TLS; the TLS
+//! handshake counts against `handshake_timeout`, and inside TLS the budgets, idle and write
+//! timeouts work as on a plain socket. The reply writer flushes whenever it has no frame queued,
+//! since TLS may hold the end of a frame in its buffer (a flush is a no-op on a plain socket).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +56,8 @@ use std::time::{Duration, Instant};
 use scalez::reader::{DiskReader, Segment};
 
 use crate::overlay::Overlay;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -189,6 +203,100 @@ pub struct Server {
     exports: Arc<Vec<Export>>,
     by_name: Arc<HashMap<String, usize>>,
     opts: ServerOptions,
+    tls: Option<Tls>,
+}
+
+/// The server's TLS: its certificate and key, and whether clients must use it.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    require: bool,
+}
+
+impl Tls {
+    /// Loads `server-cert.pem` (the certificate, optionally followed by its chain) and
+    /// `server-key.pem` from `dir`, the layout of qemu-nbd's and nbdkit's `--tls-certificates`
+    /// (whose `ca-cert.pem` is what clients verify the server with: the server does not need it,
+    /// since it asks clients for no certificate). rustls on the ring provider, TLS 1.2 and 1.3.
+    pub fn load(dir: &Path, require: bool) -> io::Result<Tls> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |file: &str, e: &dyn std::fmt::Display| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", dir.join(file).display()),
+            )
+        };
+        let certs = CertificateDer::pem_file_iter(dir.join("server-cert.pem"))
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad("server-cert.pem", &e))?;
+        if certs.is_empty() {
+            return Err(bad("server-cert.pem", &"no certificate in the file"));
+        }
+        let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem"))
+            .map_err(|e| bad("server-key.pem", &e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("server-key.pem", &e))?;
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            require,
+        })
+    }
+
+    fn mode(tls: &Option<Tls>) -> TlsMode {
+        match tls {
+            None => TlsMode::Off,
+            Some(t) if t.require => TlsMode::Require,
+            Some(_) => TlsMode::On,
+        }
+    }
+}
+
+/// A connection's byte stream: the socket, then (after NBD_OPT_STARTTLS) TLS over it.
+enum Stream<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Stream<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, b),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, b),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 impl Server {
@@ -204,7 +312,14 @@ impl Server {
             exports: Arc::new(exports),
             by_name: Arc::new(by_name),
             opts: opts.effective(),
+            tls: None,
         }
+    }
+
+    /// Offers TLS (NBD_OPT_STARTTLS), or requires it (see [`Tls::load`]).
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Serves connections from `listener` until `shutdown` completes.
@@ -220,6 +335,7 @@ impl Server {
             by_name: self.by_name.clone(),
             budget: Arc::new(Semaphore::new(self.opts.inflight_bytes)),
             opts: self.opts.clone(),
+            tls: self.tls.clone(),
         });
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
@@ -278,6 +394,7 @@ struct Shared {
     /// Bytes in flight across all connections.
     budget: Arc<Semaphore>,
     opts: ServerOptions,
+    tls: Option<Tls>,
 }
 
 impl Shared {
@@ -324,15 +441,33 @@ async fn connection<S>(stream: S, shared: &Arc<Shared>) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let handshake = async {
-        wr.write_all(&greeting()).await?;
-        let client_flags = rd.read_u32().await?;
+    let mut stream = Stream::Plain(stream);
+    // The TLS handshake is part of the handshake and of its timeout.
+    let handshake = async move {
+        stream.write_all(&greeting()).await?;
+        let client_flags = stream.read_u32().await?;
         if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
             return Err(io::Error::other("client does not speak fixed newstyle"));
         }
         let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
-        negotiate(&mut rd, &mut wr, shared, no_zeroes).await
+        loop {
+            match negotiate(&mut stream, shared, no_zeroes).await? {
+                Negotiated::Serve(session) => {
+                    stream.flush().await?;
+                    return Ok(Some((stream, session)));
+                }
+                Negotiated::Abort => {
+                    let _ = stream.flush().await;
+                    return Ok(None);
+                }
+                Negotiated::StartTls => {
+                    let (Stream::Plain(s), Some(tls)) = (stream, &shared.tls) else {
+                        unreachable!("STARTTLS is only accepted in plain text with TLS set up");
+                    };
+                    stream = Stream::Tls(Box::new(tls.acceptor.accept(s).await?));
+                }
+            }
+        }
     };
     let session = match shared.opts.handshake_timeout {
         Some(t) => tokio::time::timeout(t, handshake).await.map_err(|_| {
@@ -343,10 +478,20 @@ where
         })??,
         None => handshake.await?,
     };
-    let Some(session) = session else {
+    let Some((stream, session)) = session else {
         return Ok(());
     };
+    let (rd, wr) = tokio::io::split(stream);
     transmission(rd, wr, shared, session).await
+}
+
+/// How option haggling ended.
+enum Negotiated {
+    Serve(Session),
+    /// The client sent NBD_OPT_ABORT.
+    Abort,
+    /// NBD_OPT_STARTTLS was acknowledged: the TLS handshake comes next, then haggling again.
+    StartTls,
 }
 
 /// The option error for an export name that matches nothing.
@@ -358,22 +503,27 @@ fn unknown_export(option: u32, name: &str) -> Vec<u8> {
     )
 }
 
-/// Option haggling. Returns the session to serve, or None when the client aborted.
-async fn negotiate<R, W>(
-    rd: &mut R,
-    wr: &mut W,
+/// Option haggling on `stream`, until the client picks an export, aborts or starts TLS. Options
+/// negotiated before TLS are forgotten once it is up (the spec's advice: a client must not trust
+/// what was agreed in plain text).
+async fn negotiate<S>(
+    stream: &mut Stream<S>,
     shared: &Shared,
     no_zeroes: bool,
-) -> io::Result<Option<Session>>
+) -> io::Result<Negotiated>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
+    let in_tls = matches!(stream, Stream::Tls(_));
+    let mode = Tls::mode(&shared.tls);
+    let wr = stream;
     let mut structured = false;
     let mut allocation_context = false;
     loop {
+        // Replies wait in TLS's buffer until flushed: send them before waiting for the client.
+        wr.flush().await?;
         let mut h = [0u8; 16];
-        rd.read_exact(&mut h).await?;
+        wr.read_exact(&mut h).await?;
         let h = parse_option_header(&h).map_err(io::Error::other)?;
         if h.len > MAX_OPTION_DATA {
             return Err(io::Error::other(format!(
@@ -382,7 +532,29 @@ where
             )));
         }
         let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data).await?;
+        wr.read_exact(&mut data).await?;
+        match tls_gate(h.option, mode, in_tls) {
+            TlsGate::Pass => {}
+            TlsGate::Refuse(err, message) => {
+                wr.write_all(&option_error(h.option, err, message)).await?;
+                continue;
+            }
+            TlsGate::Close => {
+                return Err(io::Error::other(
+                    "NBD_OPT_EXPORT_NAME before TLS, which this server requires",
+                ))
+            }
+            TlsGate::StartTls => {
+                if !data.is_empty() {
+                    wr.write_all(&option_error(h.option, REP_ERR_INVALID, "no data expected"))
+                        .await?;
+                    continue;
+                }
+                wr.write_all(&option_reply(h.option, REP_ACK, &[])).await?;
+                wr.flush().await?;
+                return Ok(Negotiated::StartTls);
+            }
+        }
         let reply = |kind, d: &[u8]| option_reply(h.option, kind, d);
         match h.option {
             OPT_EXPORT_NAME => {
@@ -398,7 +570,7 @@ where
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 wr.write_all(&out).await?;
-                return Ok(Some(Session {
+                return Ok(Negotiated::Serve(Session {
                     export: i,
                     structured,
                     allocation_context,
@@ -406,7 +578,7 @@ where
             }
             OPT_ABORT => {
                 let _ = wr.write_all(&reply(REP_ACK, &[])).await;
-                return Ok(None);
+                return Ok(Negotiated::Abort);
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -515,7 +687,7 @@ where
                 }
                 wr.write_all(&reply(REP_ACK, &[])).await?;
                 if h.option == OPT_GO {
-                    return Ok(Some(Session {
+                    return Ok(Negotiated::Serve(Session {
                         export: i,
                         structured,
                         allocation_context,
@@ -787,6 +959,16 @@ where
             for seg in &frame.body {
                 write_progress(&mut wr, seg.bytes(), stall).await?;
             }
+            // A TLS stream may hold the end of the frame in its buffer until flushed (a no-op
+            // on a plain socket). The flush is under the write timeout as well.
+            if rx.is_empty() {
+                match stall {
+                    Some(t) => tokio::time::timeout(t, wr.flush())
+                        .await
+                        .map_err(|_| timed_out(format!("the client read no reply for {t:?}")))??,
+                    None => wr.flush().await?,
+                }
+            }
             writer_conn.touch();
             drop(hold);
         }
@@ -1014,6 +1196,7 @@ where
         by_name: Arc::new(HashMap::new()),
         budget: Arc::new(Semaphore::new(opts.inflight_bytes)),
         opts,
+        tls: None,
     });
     let (rd, wr) = tokio::io::split(stream);
     let session = Session {
@@ -1072,6 +1255,7 @@ mod tests {
     //! failed on the server before the limits existed (commit df046ba), as its comment says.
 
     use super::*;
+    use rustls::pki_types::pem::PemObject;
     use std::io::{Read, Write};
     use std::net::TcpStream;
 
@@ -1096,6 +1280,10 @@ mod tests {
 
     impl TestServer {
         fn start(disk: &[u8], opts: ServerOptions) -> Self {
+            Self::start_tls(disk, opts, None)
+        }
+
+        fn start_tls(disk: &[u8], opts: ServerOptions, tls: Option<Tls>) -> Self {
             let vault = scalez::testing::memory_vault(64 << 10);
             let map = scalez::testing::store_disk(&vault, disk);
             let export = Export {
@@ -1117,8 +1305,11 @@ mod tests {
                 let shutdown = async {
                     let _ = stopped.await;
                 };
-                rt.block_on(Server::new(vec![export], opts).run(listen, ready, shutdown))
-                    .unwrap();
+                let mut server = Server::new(vec![export], opts);
+                if let Some(tls) = tls {
+                    server = server.with_tls(tls);
+                }
+                rt.block_on(server.run(listen, ready, shutdown)).unwrap();
                 rt.shutdown_background();
             });
             let addr = addr_rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -1353,5 +1544,219 @@ mod tests {
         assert_eq!(min_block_size(1 << 20), 512);
         assert_eq!(min_block_size((1 << 20) + 1), 1);
         assert_eq!(min_block_size(1000), 1);
+    }
+
+    /// A CA and a certificate it signed for IP:127.0.0.1, made with the `openssl` CLI in `dir`
+    /// (ca-cert.pem, server-cert.pem, server-key.pem).
+    fn make_certs(dir: &Path) {
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend_from_slice(&ec);
+        ca.extend_from_slice(&[
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        run(&ca);
+        let mut req = vec!["req"];
+        req.extend_from_slice(&ec);
+        req.extend_from_slice(&["-keyout", "server-key.pem", "-out", "server.csr"]);
+        req.extend_from_slice(&["-subj", "/CN=localhost"]);
+        run(&req);
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-set_serial",
+            "2",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server-cert.pem",
+        ]);
+    }
+
+    impl Client {
+        /// Greeting and client flags; the connection is then in option haggling.
+        fn haggle(addr: &str) -> Self {
+            let mut c = Self::connect(addr);
+            let mut greeting = [0u8; 18];
+            c.0.read_exact(&mut greeting).unwrap();
+            c.0.write_all(&(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes())
+                .unwrap();
+            c
+        }
+    }
+
+    fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) {
+        let mut m = IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&option.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).unwrap();
+        s.flush().unwrap();
+    }
+
+    /// (option, reply type, data) of the next option reply.
+    fn option_reply<S: Read>(s: &mut S) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(h[..8], OPT_REPLY_MAGIC.to_be_bytes());
+        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).unwrap();
+        (option, kind, d)
+    }
+
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        data
+    }
+
+    /// With `require`: every option before NBD_OPT_STARTTLS is answered NBD_REP_ERR_TLS_REQD and
+    /// NBD_OPT_EXPORT_NAME closes; STARTTLS is acknowledged, the TLS handshake follows on the
+    /// same socket (a rustls client verifying the server against the CA), a second STARTTLS
+    /// inside TLS is invalid, and GO and READ then work inside TLS. A client that sends STARTTLS
+    /// and never starts the TLS handshake is dropped at the handshake timeout.
+    #[test]
+    fn starttls_is_required_and_haggling_continues_inside_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        make_certs(dir.path());
+        let tls = Tls::load(dir.path(), true).unwrap();
+        let opts = ServerOptions {
+            handshake_timeout: Some(Duration::from_millis(500)),
+            ..ServerOptions::default()
+        };
+        let disk = disk_bytes();
+        let server = TestServer::start_tls(&disk, opts, Some(tls));
+
+        let mut c = Client::haggle(&server.addr);
+        for (opt, data) in [
+            (OPT_LIST, Vec::new()),
+            (OPT_STRUCTURED_REPLY, Vec::new()),
+            (OPT_INFO, go_data("disk")),
+            (OPT_GO, go_data("disk")),
+        ] {
+            send_option(&mut c.0, opt, &data);
+            let (o, kind, msg) = option_reply(&mut c.0);
+            assert_eq!((o, kind), (opt, REP_ERR_TLS_REQD), "option {opt}");
+            assert!(String::from_utf8_lossy(&msg).contains("requires TLS"));
+        }
+        let mut plain = Client::haggle(&server.addr);
+        send_option(&mut plain.0, OPT_EXPORT_NAME, b"disk");
+        assert!(plain.closed_by_server(), "EXPORT_NAME before TLS closes");
+
+        send_option(&mut c.0, OPT_STARTTLS, &[]);
+        assert_eq!(option_reply(&mut c.0), (OPT_STARTTLS, REP_ACK, Vec::new()));
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::pem_file_iter(dir.path().join("ca-cert.pem"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        roots.add(ca).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut t = rustls::StreamOwned::new(conn, c.0);
+        send_option(&mut t, OPT_STARTTLS, &[]);
+        let (o, kind, _) = option_reply(&mut t);
+        assert_eq!(
+            (o, kind),
+            (OPT_STARTTLS, REP_ERR_INVALID),
+            "a second STARTTLS"
+        );
+        send_option(&mut t, OPT_GO, &go_data("disk"));
+        loop {
+            match option_reply(&mut t) {
+                (_, REP_ACK, _) => break,
+                (_, REP_INFO, _) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        for (cookie, off) in [(1u64, 0u64), (2, 4096 * 37)] {
+            let r = Request {
+                flags: 0,
+                kind: CMD_READ,
+                cookie,
+                offset: off,
+                len: 4096,
+            };
+            t.write_all(&encode_request(&r)).unwrap();
+            t.flush().unwrap();
+            let mut h = [0u8; 16];
+            t.read_exact(&mut h).unwrap();
+            assert_eq!(h, simple_reply(0, cookie));
+            let mut d = vec![0u8; 4096];
+            t.read_exact(&mut d).unwrap();
+            assert_eq!(
+                d,
+                &disk[off as usize..off as usize + 4096],
+                "read inside TLS"
+            );
+        }
+
+        // STARTTLS acknowledged, then silence instead of a ClientHello.
+        let mut stalled = Client::haggle(&server.addr);
+        send_option(&mut stalled.0, OPT_STARTTLS, &[]);
+        assert_eq!(option_reply(&mut stalled.0).1, REP_ACK);
+        let start = Instant::now();
+        assert!(
+            stalled.closed_by_server(),
+            "a stalled TLS handshake is dropped"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
