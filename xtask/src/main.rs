@@ -35,6 +35,10 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("qemu-io", "qemu-utils"),
     ("fusermount3", "fuse3"),
     ("sfdisk", "fdisk"),
+    // TLS test certificates for the NBD server
+    ("openssl", "openssl"),
+    // the file system type of `mount --kernel`
+    ("blkid", "util-linux"),
 ];
 
 /// Benchmark peers.
