@@ -6,5 +6,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         let _ = scalez::tree::path_problem(&e.path);
         let mut out = Vec::new();
         scalez::tree::encode_entry(&e, &mut out);
+        // Whatever decodes re-decodes to the same entry (the record after its length prefix).
+        assert_eq!(scalez::tree::decode_entry(&out[4..]).as_ref(), Ok(&e));
     }
 });
