@@ -131,7 +131,7 @@ fn days_from_civil(date: &str) -> Option<i64> {
 #[derive(Debug, Clone, Default)]
 pub struct Selection {
     pub decisions: Vec<Decision>,
-    /// "<kind> RPs of <asset> on <host>", for every group that would be emptied.
+    /// `"<kind> RPs of <asset> on <host>"`, for every group that would be emptied.
     pub emptied: Vec<String>,
 }
 

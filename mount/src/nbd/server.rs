@@ -38,7 +38,7 @@
 //! With `require`, every option before TLS but STARTTLS and ABORT is answered
 //! NBD_REP_ERR_TLS_REQD and NBD_OPT_EXPORT_NAME closes the connection; a second STARTTLS inside
 //! TLS is NBD_REP_ERR_INVALID; without TLS set up STARTTLS is NBD_REP_ERR_POLICY
-//! ([`tls_gate`] decides, purely). The socket becomes a [`Stream`] that is plain or TLS; the TLS
+//! ([`tls_gate`] decides, purely). The socket becomes a `Stream` that is plain or TLS; the TLS
 //! handshake counts against `handshake_timeout`, and inside TLS the budgets, idle and write
 //! timeouts work as on a plain socket. The reply writer flushes whenever it has no frame queued,
 //! since TLS may hold the end of a frame in its buffer (a flush is a no-op on a plain socket).
