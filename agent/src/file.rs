@@ -500,13 +500,26 @@ fn read_file_inner(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let file = fsx::open_read_nofollow(abs)?;
-        let md = file.metadata()?;
+        let mut file = fsx::open_read_nofollow(abs)?;
+        let mut md = file.metadata()?;
         if (md.dev(), md.ino()) != identity {
-            return Err(std::io::Error::other(
-                "replaced between the walk and the read (another file is at this path now); \
-                 recorded without data",
-            ));
+            // Another inode at this path since the walk. Replaced by rename (editors, package
+            // managers) is normal: its new content is the file's, stored and flagged changed.
+            // Reached through a parent swapped for a symlink is not: reopened with no symlink
+            // allowed anywhere on the path, that fails, and nothing is stored.
+            file = fsx::open_read_no_symlinks(abs).map_err(|e| {
+                std::io::Error::other(format!(
+                    "replaced between the walk and the read, and the path now leads through a \
+                     symlink ({e}); recorded without data"
+                ))
+            })?;
+            md = file.metadata()?;
+            if !md.is_file() {
+                return Err(std::io::Error::other(
+                    "replaced between the walk and the read by something not a regular file",
+                ));
+            }
+            expect = (u64::MAX, 0, 0); // never "stable": flagged changed
         }
         let before = stat_times(&md);
         let size = before.0;

@@ -90,6 +90,39 @@ pub fn open_read_nofollow(path: &Path) -> io::Result<std::fs::File> {
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
+/// The kernel's `struct open_how` (openat2(2)); defined here because the libc crate gates its own.
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Opens `path` for reading only if no component of it is a symlink (openat2 with
+/// `RESOLVE_NO_SYMLINKS`): what is opened is then the file at that path, not something a swapped
+/// parent directory points to. ELOOP when a component is a symlink; ENOSYS on kernels before 5.6.
+pub fn open_read_no_symlinks(path: &Path) -> io::Result<std::fs::File> {
+    let c = cstr(path.as_os_str().as_bytes())?;
+    let how = OpenHow {
+        flags: (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_NO_SYMLINKS,
+    };
+    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    let fd = check(fd as libc::c_int)?;
+    // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 /// lstat-like `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; `None` when it does not exist.
 pub fn stat_at(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
     let c = cstr(name)?;

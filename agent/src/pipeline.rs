@@ -510,11 +510,19 @@ fn reopen_direct(file: &File) -> Option<File> {
         .ok()
 }
 
-/// Whether `target` is a symlink that may be followed: one under /dev (where only root makes
-/// links, e.g. /dev/disk/by-id/...) that resolves to a block device.
+/// Whether `target` is a symlink that may be followed: one under /dev that only root could
+/// have made (the link and its directory owned by root, the directory writable by nobody else:
+/// /dev/disk/by-id, /dev/mapper, /dev/<vg>; not /dev/shm) and that resolves to a block device.
 fn is_device_link(target: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let root_only = |m: &fs::Metadata| m.uid() == 0;
     target.is_absolute()
         && target.starts_with("/dev/")
+        && fs::symlink_metadata(target).is_ok_and(|m| root_only(&m))
+        && target
+            .parent()
+            .and_then(|d| fs::symlink_metadata(d).ok())
+            .is_some_and(|d| d.is_dir() && root_only(&d) && d.mode() & 0o022 == 0)
         && fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device())
 }
 

@@ -31,6 +31,66 @@ fn vault(dir: &Path) -> Arc<Vault> {
     Arc::new(Vault::init(store, b"pw", opts).unwrap())
 }
 
+/// The race hook for every test here (process-wide, set once): just before a reader opens
+/// `.../home/docs/notes.txt`, `docs` becomes a symlink to `../etc`; before it opens
+/// `.../edited/report.txt`, the file is replaced by rename, as editors save.
+fn install_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        set_before_read_hook(Box::new(|p: &Path| {
+            if p.ends_with("home/docs/notes.txt") {
+                let docs = p.parent().unwrap();
+                let moved = docs.with_extension("moved");
+                if !moved.exists() {
+                    std::fs::rename(docs, &moved).unwrap();
+                    let etc = docs.parent().unwrap().parent().unwrap().join("etc");
+                    std::os::unix::fs::symlink(etc, docs).unwrap();
+                }
+            }
+            if p.ends_with("edited/report.txt") {
+                let tmp = p.with_extension("tmp");
+                if !p.with_extension("done").exists() {
+                    std::fs::write(&tmp, b"saved by the editor").unwrap();
+                    std::fs::rename(&tmp, p).unwrap();
+                    std::fs::write(p.with_extension("done"), b"").unwrap();
+                }
+            }
+        }));
+    });
+}
+
+/// A file replaced by rename between the walk and the read (how editors save) is stored with
+/// its new content and flagged changed, not dropped.
+#[test]
+fn a_file_replaced_by_rename_is_stored_and_flagged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("edited");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("report.txt"), b"draft").unwrap();
+    install_hook();
+    let v = vault(tmp.path());
+    let r = backup_files(
+        &v,
+        std::slice::from_ref(&src),
+        &FileBackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(r.unreadable.is_empty(), "{:?}", r.unreadable);
+    assert!(
+        r.changed.iter().any(|p| p.contains("report.txt")),
+        "{:?}",
+        r.changed
+    );
+    let out = tmp.path().join("restored");
+    restore_files(&v, &r.rp, &out, &FileRestoreOptions::default(), &NoProgress).unwrap();
+    let root = out.join(src.strip_prefix("/").unwrap());
+    assert_eq!(
+        std::fs::read(root.join("report.txt")).unwrap(),
+        b"saved by the editor"
+    );
+}
+
 /// A parent directory replaced by a symlink to a directory holding a secret, after the walk saw
 /// the user's file and before a reader opens it. The backup used to open the path again and
 /// store the secret under the user's name, unflagged. Now the opened inode must be the walked
@@ -50,15 +110,7 @@ fn a_parent_swapped_for_a_symlink_between_walk_and_read_stores_nothing_of_the_ta
     )
     .unwrap();
 
-    let docs = src.join("docs");
-    let moved = src.join("docs.moved");
-    let secret = secret_dir.clone();
-    set_before_read_hook(Box::new(move |p: &Path| {
-        if p.ends_with("docs/notes.txt") && !moved.exists() {
-            std::fs::rename(&docs, &moved).unwrap();
-            std::os::unix::fs::symlink(&secret, &docs).unwrap();
-        }
-    }));
+    install_hook();
 
     let v = vault(tmp.path());
     let r = backup_files(

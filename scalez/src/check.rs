@@ -140,9 +140,10 @@ fn read_trailer(
         .checked_sub(tlen)
         .filter(|s| *s >= 8)
         .ok_or("trailer length points outside the pack")?;
-    if tlen > MAX_TRAILER {
+    let max = vault.config().max_pack_object();
+    if tlen > max {
         return Err(format!(
-            "trailer of {tlen} bytes is larger than any pack's (at most {MAX_TRAILER})"
+            "trailer of {tlen} bytes is larger than any pack of this vault (at most {max})"
         ));
     }
     let trailer = store
@@ -150,11 +151,6 @@ fn read_trailer(
         .map_err(|e| e.to_string())?;
     pack::read_trailer(vault.keys(), pack, &trailer, start).map_err(|e| e.to_string())
 }
-
-/// A trailer lists at most one 40-byte entry per 64 bytes of a pack of at most 1 GiB (chunks
-/// are never empty once sealed): well under 1 GiB; anything larger is damage, not a reason
-/// to allocate.
-const MAX_TRAILER: u64 = 1 << 30;
 
 /// Checks `vault`; `progress` gets a line per stage.
 pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Result<CheckReport> {

@@ -304,21 +304,33 @@ pub struct KeyFile {
 impl KdfParams {
     /// Caps checked before any hashing, on unwrap (key files are unauthenticated: a planted
     /// one with `iterations = 2^32-1` hung every open) and on wrap (so no vault is made that
-    /// this code would refuse to open): at most 1 GiB of memory, 64 passes, 16 lanes, and
-    /// 4 GiB-passes of work in all (a few seconds here; the default is 192 MiB-passes).
+    /// this code would refuse to open): at most 2 GiB of memory (RFC 9106's first
+    /// recommendation), 64 passes, 16 lanes, and 8 GiB-passes of work in all (the default is
+    /// 192 MiB-passes). A vault made with more (before these caps existed) opens with
+    /// `ELASTIO_KDF_LIMIT_MIB` set to at least its memory in MiB, which scales the caps.
     pub fn check(&self) -> Result<(), String> {
+        let limit_mib: u64 = std::env::var("ELASTIO_KDF_LIMIT_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|m| *m >= 2048)
+            .unwrap_or(2048);
+        let max_kib = limit_mib * 1024;
         let work = self.memory_kib as u64 * self.iterations as u64;
-        if self.memory_kib > 1 << 20
+        if self.memory_kib as u64 > max_kib
             || self.iterations == 0
             || self.iterations > 64
             || self.parallelism == 0
             || self.parallelism > 16
-            || work > 4 << 20
+            || work > 4 * max_kib
         {
             return Err(format!(
-                "Argon2 parameters out of bounds ({} KiB, {} passes, {} lanes; at most 1 GiB, \
-                 64 passes, 16 lanes and 4 GiB-passes in all)",
-                self.memory_kib, self.iterations, self.parallelism
+                "Argon2 parameters out of bounds ({} KiB, {} passes, {} lanes; at most \
+                 {limit_mib} MiB, 64 passes, 16 lanes and {} GiB-passes in all; a vault made \
+                 with more opens with ELASTIO_KDF_LIMIT_MIB set to its memory in MiB)",
+                self.memory_kib,
+                self.iterations,
+                self.parallelism,
+                4 * limit_mib / 1024
             ));
         }
         Ok(())

@@ -120,7 +120,11 @@ impl RecoveryPointId {
     /// body is bound to the canonical id), so accepting it would list the RP twice, and prune
     /// would then delete the canonical entry as the "duplicate".
     pub fn from_object_name(name: &str) -> Option<Self> {
-        name.parse::<Self>().ok().filter(|id| id.0 == name)
+        // The ULID must also print back as itself: the decoder ignores the top bits of the
+        // first character, so `rp-8...` and `rp-0...` would otherwise name one id.
+        let u = ulid::Ulid::from_string(name.strip_prefix("rp-")?).ok()?;
+        (format!("rp-{}", u.to_string().to_ascii_lowercase()) == name)
+            .then(|| RecoveryPointId(name.to_string()))
     }
 }
 
@@ -212,5 +216,8 @@ mod tests {
             None
         );
         assert_eq!(RecoveryPointId::from_object_name("junk"), None);
+        // The decoder drops the top bits of the first character: `8` reads like `0`.
+        let eight = format!("rp-8{}", &id.as_str()[4..]);
+        assert_eq!(RecoveryPointId::from_object_name(&eight), None);
     }
 }

@@ -67,6 +67,15 @@ pub enum AssetFilter {
     Glob(globset::GlobMatcher),
 }
 
+impl std::fmt::Display for AssetFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AssetFilter::Exact(a) => write!(f, "{a:?}"),
+            AssetFilter::Glob(g) => write!(f, "the pattern {:?}", g.glob().glob()),
+        }
+    }
+}
+
 impl AssetFilter {
     pub fn glob(pattern: &str) -> Result<Self> {
         let g = globset::GlobBuilder::new(pattern)
@@ -400,6 +409,15 @@ pub fn prune(
             "the catalog lists a recovery point twice; nothing was deleted (run check)".into(),
         ));
     }
+    if let Some(filter) = &opts.asset {
+        if !rps.iter().any(|rp| filter.matches(&rp.asset.name)) {
+            // A cron job whose filter no longer matches anything must not look like success.
+            return Err(Error::InvalidParameter(format!(
+                "no recovery point of an asset matching {filter} in this vault (--asset matches \
+                 the whole name; --asset-glob takes a pattern)"
+            )));
+        }
+    }
     let selection = select(&rps, &opts.retention, opts.asset.as_ref());
     if !selection.emptied.is_empty() && !opts.allow_empty {
         return Err(Error::InvalidParameter(format!(
@@ -442,7 +460,20 @@ pub fn prune(
         .collect();
     report.packs_before = listed.len();
     report.bytes_before = listed.values().sum();
-    let index_keys: Vec<String> = store.list("index/")?.into_iter().map(|o| o.key).collect();
+    let index_objects = store.list("index/")?;
+    let max_index = vault.config().max_index_object();
+    if let Some(o) = index_objects.iter().find(|o| o.size > max_index) {
+        // Its entries could be referenced: deciding without them could delete live data.
+        return Err(vault.corrupt(
+            &o.key,
+            format!(
+                "{} bytes: larger than any index object (at most {max_index}); no data was \
+                 deleted (run check)",
+                o.size
+            ),
+        ));
+    }
+    let index_keys: Vec<String> = index_objects.into_iter().map(|o| o.key).collect();
     let read_index = |key: &str| -> Result<Option<Vec<(ChunkId, Location)>>> {
         let sealed = match store.get(key) {
             Ok(s) => s,
@@ -533,7 +564,10 @@ pub fn prune(
             if size > vault.config().max_pack_object() {
                 return Err(vault.corrupt(
                     &pack.key(),
-                    format!("oversize pack ({size} bytes); nothing was deleted (run check)"),
+                    format!(
+                        "oversize pack ({size} bytes); no data was deleted (the expired RPs' \
+                         catalog entries were; run check)"
+                    ),
                 ));
             }
             let bytes = store.get(&pack.key())?;

@@ -103,10 +103,19 @@ pub struct VaultConfig {
 impl VaultConfig {
     /// The largest pack object this vault's writers make: a pack is closed once it reaches
     /// `pack_size`, so it holds at most one more chunk (≤ 4 MiB of stream data, sealed) and a
-    /// trailer (≤ 40 bytes per chunk). Twice the pack size plus 64 MiB bounds all of it;
+    /// trailer (40 bytes per chunk of at least 29 sealed bytes). Three times the pack size plus
+    /// 64 MiB bounds all of it;
     /// readers never load a larger object whole (a planted sparse object could be any size).
     pub fn max_pack_object(&self) -> u64 {
-        2 * self.pack_size as u64 + (64 << 20)
+        3 * self.pack_size as u64 + (64 << 20)
+    }
+
+    /// The largest index object this vault's writers make. An index object is written after
+    /// at most 8 packs (or once 4096 entries are reached, checked per pack), each of at most
+    /// `pack_size / 29` chunks (a sealed chunk is at least nonce + tag + 1 byte), at 44 bytes
+    /// an entry: under 13 × `pack_size`. Never less than 256 MiB.
+    pub fn max_index_object(&self) -> u64 {
+        (13 * self.pack_size as u64).max(256 << 20)
     }
 }
 
@@ -347,18 +356,21 @@ impl Vault {
             .collect();
         // Listing sizes are unauthenticated: an object over the cap is damage (never read or
         // allocated for), and the pre-sizing only counts objects under it.
-        let (objects, oversize): (Vec<_>, Vec<_>) = objects
-            .into_iter()
-            .partition(|o| o.size <= MAX_INDEX_OBJECT);
+        let max = self.config.max_index_object();
+        let (objects, oversize): (Vec<_>, Vec<_>) =
+            objects.into_iter().partition(|o| o.size <= max);
         for obj in oversize {
             let reason = format!(
-                "{} bytes: larger than any index object (at most {MAX_INDEX_OBJECT}); not read",
+                "{} bytes: larger than any index object of this vault (at most {max}); not read",
                 obj.size
             );
             tracing::warn!("{}: index object {}: {reason}", self.location(), obj.key);
             self.damaged_index.lock().unwrap().push((obj.key, reason));
         }
-        let mut bulk = index.bulk(objects.iter().map(|o| o.size).sum());
+        // A hint only, and clamped: many planted objects under the cap must not add up to an
+        // allocation either (the vector grows as entries actually decode).
+        let listed: u64 = objects.iter().map(|o| o.size).sum();
+        let mut bulk = index.bulk(listed.min(MAX_INDEX_PRESIZE));
         for obj in objects {
             let sealed = match self.store.get(&obj.key) {
                 Ok(s) => s,
@@ -924,7 +936,12 @@ impl Vault {
                 tracing::warn!(key = %t.key, "ignoring a tag object whose name is not canonical");
                 continue;
             }
-            let sealed = self.store.get(&t.key)?;
+            let sealed = match self.store.get(&t.key) {
+                Ok(s) => s,
+                // Deleted with its RP since the listing (rp delete, prune).
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
             let plain = self
                 .keys
                 .open(&catalog::tag_aad(&t.key), &sealed)
@@ -1003,11 +1020,8 @@ pub(crate) fn is_canonical_tag_key(key: &str, rp: &RecoveryPointId) -> bool {
 /// Key files are ~300 bytes of JSON; anything over this is not one (and is not read).
 const MAX_KEY_FILE: u64 = 64 << 10;
 
-/// The largest index object a reader accepts. Writers flush an index object every 8 packs or
-/// 4096 entries (checked per pack), so even 8 packs of 1 GiB of 4 KiB chunks stay under
-/// 8 × 262144 × 44 bytes ≈ 92 MiB; 256 MiB leaves room without letting a planted object
-/// allocate without bound.
-pub const MAX_INDEX_OBJECT: u64 = 256 << 20;
+/// The index pre-sizing hint is clamped to this many listed bytes (~1.5 M entries).
+const MAX_INDEX_PRESIZE: u64 = 64 << 20;
 
 pub fn index_aad(key: &str) -> Vec<u8> {
     format!("index:{key}").into_bytes()
