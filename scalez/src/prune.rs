@@ -857,6 +857,20 @@ mod tests {
             .filter(|d| d.keep)
             .all(|d| d.reasons == vec!["protected".to_string()]));
 
+        // Updates made in quick succession apply in the order they were made (they used to get
+        // random order within a millisecond).
+        for i in 0..20 {
+            let u = if i % 2 == 0 {
+                TagUpdate {
+                    set: BTreeMap::new(),
+                    remove: vec![PROTECTED_TAG.into()],
+                }
+            } else {
+                protect.clone()
+            };
+            let rp = v.update_tags(&b.id, &u).unwrap();
+            assert_eq!(is_protected(&rp), i % 2 == 1, "update {i}");
+        }
         // Given explicitly, an emptying policy goes on.
         v.update_tags(
             &b.id,

@@ -994,10 +994,26 @@ impl Vault {
             catalog::validate_tag_key(k).map_err(Error::InvalidParameter)?;
         }
         self.get_rp(id)?;
+        // Updates apply in key order, so a new one must sort after every update already there
+        // (two in the same millisecond got random order: `protect` then `unprotect` could
+        // leave the RP protected).
+        let mut next = ulid::Ulid::new();
+        for t in self.store.list(&id.tags_prefix())? {
+            if !is_canonical_tag_key(&t.key, id) {
+                continue;
+            }
+            if let Ok(u) = ulid::Ulid::from_string(&t.key[id.tags_prefix().len()..]) {
+                if u >= next {
+                    next = u.increment().ok_or_else(|| {
+                        Error::InvalidParameter(format!("{id}: no tag update can follow {u}"))
+                    })?;
+                }
+            }
+        }
         let key = format!(
             "{}{}",
             id.tags_prefix(),
-            ulid::Ulid::new().to_string().to_ascii_lowercase()
+            next.to_string().to_ascii_lowercase()
         );
         let body = serde_json::to_vec(update).expect("serialisable");
         let sealed = self.keys.seal(&catalog::tag_aad(&key), &body, None);
