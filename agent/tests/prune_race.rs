@@ -17,44 +17,11 @@ use agent::pipeline::{backup_block, restore_block, BackupOptions, RestoreOptions
 use agent::progress::NoProgress;
 use agent::stream::{backup_stream, restore_stream, StreamOptions};
 use scalez::check::{check, DataCheck};
-use scalez::crypto::KdfParams;
 use scalez::prune::{delete_rps, prune, PruneOptions};
-use scalez::store::local::LocalStore;
-use scalez::store::ObjectStore;
-use scalez::{RecoveryPoint, Vault, VaultOptions};
+use scalez::{RecoveryPoint, Vault};
 
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn vault(dir: &Path) -> Arc<Vault> {
-    std::fs::create_dir_all(dir.join("vault")).unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.join("vault")).unwrap());
-    let opts = VaultOptions {
-        chunk_size: 64 * 1024,
-        pack_size: 1 << 20,
-        kdf: KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        },
-        ..VaultOptions::default()
-    };
-    Arc::new(Vault::init(store, b"pw", opts).unwrap())
-}
-
-fn reopen(dir: &Path) -> Arc<Vault> {
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.join("vault")).unwrap());
-    Arc::new(Vault::open(store, b"pw").unwrap())
-}
+mod common;
+use common::{pseudo_random, reopen, vault};
 
 /// Backs up with `backup` (which returns the new RP), deletes that RP, then prunes while
 /// `backup` runs again at the racy moment. Returns the RP of the racing backup and the report.

@@ -5,31 +5,14 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 
 use agent::file::{backup_files, set_before_read_hook, FileBackupOptions};
 use agent::file_restore::{restore_files, FileRestoreOptions};
 use agent::pipeline::{backup_block, restore_block, BackupOptions, RestoreOptions};
 use agent::progress::NoProgress;
-use scalez::crypto::KdfParams;
-use scalez::store::local::LocalStore;
-use scalez::store::ObjectStore;
-use scalez::{Vault, VaultOptions};
 
-fn vault(dir: &Path) -> Arc<Vault> {
-    std::fs::create_dir_all(dir.join("vault")).unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(dir.join("vault")).unwrap());
-    let opts = VaultOptions {
-        chunk_size: 64 * 1024,
-        kdf: KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        },
-        ..VaultOptions::default()
-    };
-    Arc::new(Vault::init(store, b"pw", opts).unwrap())
-}
+mod common;
+use common::vault;
 
 /// The race hook for every test here (process-wide, set once): just before a reader opens
 /// `.../home/docs/notes.txt`, `docs` becomes a symlink to `../etc`; before it opens
