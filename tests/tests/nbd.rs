@@ -43,18 +43,7 @@ fn real_clients_read_the_rp_byte_exact() {
         "nbdcopy is byte-exact"
     );
 
-    sh(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &uri,
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_compare(&uri, &img);
 
     // Random reads with qemu-io, checked against the image: a pattern check where the image is
     // zero, and a byte-exact check of a data region read through a second client.
@@ -662,18 +651,7 @@ fn an_export_of_unaligned_size_copies_byte_exact() {
     };
     assert_eq!(qsize(&uri), qsize(img.to_str().unwrap()));
     assert_eq!(qsize(&uri), size.next_multiple_of(512) as u64);
-    sh(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &uri,
-            img.to_str().unwrap(),
-        ],
-    );
+    qemu_compare(&uri, &img);
     let converted = env.path("qemu.img");
     sh(
         "qemu-img",
@@ -867,5 +845,21 @@ fn tls_clients_copy_byte_exact_and_plain_clients_are_refused() {
     assert!(
         !plain.contains("with TLS") && plain.contains("export-size"),
         "{plain}"
+    );
+}
+
+/// `qemu-img compare` of an NBD export with a raw image, which must succeed.
+fn qemu_compare(uri: &str, img: &Path) {
+    sh(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            uri,
+            img.to_str().unwrap(),
+        ],
     );
 }
