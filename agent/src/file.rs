@@ -3,15 +3,22 @@
 //! Backup:
 //! Steps 1-3 overlap: the walk runs on its own thread and reading starts with the first file.
 //!
-//! 1. **Walk** each source (lstat only, never following symlinks; `--exclude` globs,
-//!    `--one-file-system`), recording metadata, xattrs, user and group names. The ancestors of
-//!    each source are recorded too, so a restore recreates `usr/share/...` under the target.
+//! 1. **Walk** each source (never following symlinks; `--exclude` globs, `--one-file-system`),
+//!    recording metadata, xattrs, user and group names. The ancestors of each source are
+//!    recorded too, so a restore recreates `usr/share/...` under the target. Only the
+//!    directory holding a source is opened by path; everything under it is reached by
+//!    `openat(O_PATH | O_NOFOLLOW)` from its directory's handle and stat'ed, listed and read
+//!    for xattrs through that handle, so a directory another user swaps for a symlink
+//!    mid-walk cannot lead the walk elsewhere (say, into /etc).
 //! 2. **Match** against the parent RP of the same asset (same sources, same host): a regular file
 //!    with the same size, mtime, ctime and inode keeps its chunk list and is not read again.
 //! 3. **Read** the other regular files on N threads: data regions found with SEEK_DATA/SEEK_HOLE
 //!    (holes are recorded, not stored), FastCDC chunks ([`MIN_CHUNK`], [`AVG_CHUNK`],
 //!    [`MAX_CHUNK`]; a file under the minimum chunk size is one chunk), hashed, compressed
-//!    and sealed on the same thread. The file is fstat'ed after reading: if its size, mtime or
+//!    and sealed on the same thread. Readers open each file beneath its source's directory
+//!    with no symlink allowed on the way (`openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`):
+//!    a file replaced by rename since the walk is stored flagged changed, a path that now
+//!    leads through a symlink stores nothing. The file is fstat'ed after reading: if its size, mtime or
 //!    ctime moved, it is read again (up to 3 times) and then recorded with
 //!    [`scalez::tree::FLAG_CHANGED`] and reported.
 //! 4. **Commit**: the tree stream, then the catalog entry.
@@ -24,6 +31,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -228,6 +236,26 @@ struct Walked {
     entry: Entry,
     abs: PathBuf,
     blocks: u64,
+    /// The directory its source was walked from: readers open `abs` beneath it.
+    anchor: Arc<Anchor>,
+}
+
+/// The directory holding a source (the source itself for `/`), opened once when the backup
+/// starts. The walk reaches everything under it by `openat` from handle to handle and readers
+/// open files beneath it with no symlink allowed on the way, so nothing is found through a
+/// path that another user re-pointed after the walk started (a directory swapped for a
+/// symlink to /etc stores nothing of /etc).
+struct Anchor {
+    dir: std::fs::File,
+    path: PathBuf,
+}
+
+impl Anchor {
+    /// `abs` relative to the anchor (`abs` is under it: the walk made it from the anchor).
+    fn rel<'p>(&self, abs: &'p Path) -> &'p [u8] {
+        let rel = abs.strip_prefix(&self.path).unwrap_or(abs);
+        rel.as_os_str().as_bytes()
+    }
 }
 
 struct Walker<'a> {
@@ -243,17 +271,24 @@ struct Walker<'a> {
 }
 
 impl Walker<'_> {
-    fn add(&mut self, abs: &Path, md: &std::fs::Metadata) -> Option<()> {
+    /// Records `abs`, whose `O_PATH` handle is `node` and metadata `md` (from the handle).
+    fn add(
+        &mut self,
+        anchor: &Arc<Anchor>,
+        abs: &Path,
+        node: &std::fs::File,
+        md: &std::fs::Metadata,
+    ) -> Option<()> {
         let mut e = entry_from(rel_bytes(abs), md, &mut self.names)?;
         if e.kind == EntryKind::Symlink {
-            match std::fs::read_link(abs) {
-                Ok(t) => e.target = t.as_os_str().as_bytes().to_vec(),
+            match fsx::read_link(node) {
+                Ok(t) => e.target = t,
                 Err(err) => {
                     self.unreadable.push(format!("{}: {err}", abs.display()));
                 }
             }
         }
-        match fsx::list_xattrs(abs) {
+        match fsx::list_xattrs(node) {
             Ok(x) => e.xattrs = x,
             Err(err) => self
                 .unreadable
@@ -266,49 +301,56 @@ impl Walker<'_> {
                 entry: e,
                 abs: abs.to_path_buf(),
                 blocks: md.blocks(),
+                anchor: anchor.clone(),
             })
             .ok()
     }
 
+    /// Records `abs` and, for a directory, everything under it: each child is opened from
+    /// its directory's handle without following symlinks, and stat'ed through that handle.
     fn walk(
         &mut self,
+        anchor: &Arc<Anchor>,
         abs: &Path,
+        node: std::fs::File,
         md: &std::fs::Metadata,
         root_dev: u64,
     ) -> Result<(), AgentError> {
         if self.cancel.is_cancelled() {
             return Err(AgentError::Cancelled);
         }
-        if self.add(abs, md).is_none() || !md.is_dir() {
+        if self.add(anchor, abs, &node, md).is_none() || !md.is_dir() {
             return Ok(());
         }
         if self.one_fs && md.dev() != root_dev {
             return Ok(());
         }
-        let rd = match std::fs::read_dir(abs) {
-            Ok(rd) => rd,
+        self.walk_children(anchor, abs, &node, root_dev)
+    }
+
+    fn walk_children(
+        &mut self,
+        anchor: &Arc<Anchor>,
+        abs: &Path,
+        dir: &std::fs::File,
+        root_dev: u64,
+    ) -> Result<(), AgentError> {
+        race_window(RaceWindow::BeforeList, abs);
+        let mut names = match fsx::list_dir(dir) {
+            Ok(names) => names,
             Err(err) => {
                 self.unreadable.push(format!("{}: {err}", abs.display()));
                 return Ok(());
             }
         };
-        let mut children: Vec<PathBuf> = Vec::new();
-        for d in rd {
-            match d {
-                Ok(d) => children.push(d.path()),
-                Err(err) => {
-                    self.unreadable.push(format!("{}: {err}", abs.display()));
-                    break;
-                }
-            }
-        }
-        children.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
-        for child in children {
+        names.sort();
+        for name in names {
+            let child = abs.join(std::ffi::OsStr::from_bytes(&name));
             if self.excludes.excluded(&child) {
                 continue;
             }
-            match std::fs::symlink_metadata(&child) {
-                Ok(cmd) => self.walk(&child, &cmd, root_dev)?,
+            match fsx::open_path_at(dir.as_raw_fd(), &name).and_then(|h| Ok((h.metadata()?, h))) {
+                Ok((cmd, handle)) => self.walk(anchor, &child, handle, &cmd, root_dev)?,
                 // Vanished since the listing.
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => self.unreadable.push(format!("{}: {err}", child.display())),
@@ -328,43 +370,34 @@ fn walk_sources(walker: &mut Walker<'_>, sources: &[PathBuf]) -> Result<(), Agen
     let mut sorted: Vec<&PathBuf> = sources.iter().collect();
     sorted.sort_by(|a, b| tree_order(&rel_bytes(a), &rel_bytes(b)));
     for src in sorted {
-        let md = std::fs::symlink_metadata(src).map_err(|e| AgentError::Source {
-            path: src.clone(),
-            source: e,
-        })?;
+        let source_error = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AgentError::Source { path, source }
+        };
+        // The source's directory is the one path resolved (symlinks followed: the user named
+        // it); everything below is reached from its handle.
+        let anchor_path = src.parent().unwrap_or(Path::new("/"));
+        let anchor = Arc::new(Anchor {
+            dir: fsx::open_path(anchor_path, true).map_err(source_error(anchor_path))?,
+            path: anchor_path.to_path_buf(),
+        });
         let mut ancestors: Vec<&Path> = src.ancestors().skip(1).collect();
         ancestors.reverse();
         for a in ancestors.into_iter().filter(|a| *a != Path::new("/")) {
-            let amd = std::fs::symlink_metadata(a).map_err(|e| AgentError::Source {
-                path: a.into(),
-                source: e,
-            })?;
-            walker.add(a, &amd);
+            let handle = fsx::open_path(a, false).map_err(source_error(a))?;
+            let amd = handle.metadata().map_err(source_error(a))?;
+            walker.add(&anchor, a, &handle, &amd);
         }
         if src == Path::new("/") {
             // The root itself has no name in a tree: record its children.
-            let mut children = Vec::new();
-            for d in std::fs::read_dir(src).map_err(|e| AgentError::Source {
-                path: src.clone(),
-                source: e,
-            })? {
-                let d = d.map_err(|e| AgentError::Source {
-                    path: src.clone(),
-                    source: e,
-                })?;
-                children.push(d.path());
-            }
-            children.sort_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
-            for p in children {
-                if walker.excludes.excluded(&p) {
-                    continue;
-                }
-                if let Ok(cmd) = std::fs::symlink_metadata(&p) {
-                    walker.walk(&p, &cmd, md.dev())?;
-                }
-            }
+            let md = anchor.dir.metadata().map_err(source_error(src))?;
+            walker.walk_children(&anchor, src, &anchor.dir, md.dev())?;
         } else {
-            walker.walk(src, &md, md.dev())?;
+            let name = src.file_name().map_or(&[][..], |n| n.as_bytes());
+            let handle =
+                fsx::open_path_at(anchor.dir.as_raw_fd(), name).map_err(source_error(src))?;
+            let md = handle.metadata().map_err(source_error(src))?;
+            walker.walk(&anchor, src, handle, &md, md.dev())?;
         }
     }
     Ok(())
@@ -373,6 +406,21 @@ fn walk_sources(walker: &mut Walker<'_>, sources: &[PathBuf]) -> Result<(), Agen
 /// Pre-order comparison of relative paths: component by component.
 fn tree_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
     a.split(|&c| c == b'/').cmp(b.split(|&c| c == b'/'))
+}
+
+/// A file for a reader, as the walk found it.
+struct ReadJob {
+    /// Its place in the walk.
+    index: usize,
+    /// Its source's directory: the file is opened beneath it.
+    anchor: Arc<Anchor>,
+    abs: PathBuf,
+    /// (size, mtime, ctime) at the walk.
+    expect: (u64, i64, i64),
+    /// Allocated 512-byte blocks (fewer than the size: look for holes).
+    blocks: u64,
+    /// (st_dev, st_ino) at the walk.
+    identity: (u64, u64),
 }
 
 /// What a reader thread made of one file.
@@ -435,43 +483,41 @@ fn stat_times(md: &std::fs::Metadata) -> (u64, i64, i64) {
     )
 }
 
-/// Test hook: called with each file's path just before a reader opens it (see
-/// [`set_before_read_hook`]).
-type BeforeRead = Box<dyn Fn(&Path) + Send + Sync>;
-static BEFORE_READ: std::sync::OnceLock<BeforeRead> = std::sync::OnceLock::new();
-
-/// For race tests only: runs `hook` with each file's path just before it is opened for
-/// reading, i.e. inside the window between the walk and the read. Process-wide, set once.
+/// The windows a race test can act in (see [`set_race_hook`]).
 #[doc(hidden)]
-pub fn set_before_read_hook(hook: BeforeRead) {
-    let _ = BEFORE_READ.set(hook);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RaceWindow {
+    /// The walk opened a directory and is about to list it (its path is passed).
+    BeforeList,
+    /// A reader is about to open a file the walk found (its path is passed).
+    BeforeRead,
 }
 
-/// Reads the file the walk found at `abs`. `identity` is the walk's (st_dev, st_ino): the
-/// file opened must be that inode, or its data is not stored (a parent directory swapped for
-/// a symlink since the walk would otherwise store another file, say /etc/shadow, under the
-/// walked path).
+type RaceHook = Box<dyn Fn(RaceWindow, &Path) + Send + Sync>;
+static RACE_HOOK: std::sync::OnceLock<RaceHook> = std::sync::OnceLock::new();
+
+/// For race tests only: runs `hook` inside the windows of [`RaceWindow`], where another user
+/// could swap paths. Process-wide, set once.
+#[doc(hidden)]
+pub fn set_race_hook(hook: RaceHook) {
+    let _ = RACE_HOOK.set(hook);
+}
+
+fn race_window(w: RaceWindow, path: &Path) {
+    if let Some(hook) = RACE_HOOK.get() {
+        hook(w, path);
+    }
+}
+
+/// Reads the file the walk found, opened beneath its source's directory.
 fn read_file(
     session: &BackupSession,
-    abs: &Path,
-    expect: (u64, i64, i64),
-    blocks: u64,
-    identity: (u64, u64),
+    job: &ReadJob,
     progress: &dyn Progress,
 ) -> Result<std::io::Result<ReadFile>, scalez::Error> {
-    if let Some(hook) = BEFORE_READ.get() {
-        hook(abs);
-    }
+    race_window(RaceWindow::BeforeRead, &job.abs);
     let vault_error = std::cell::RefCell::new(None);
-    let r = read_file_inner(
-        session,
-        abs,
-        expect,
-        blocks,
-        identity,
-        progress,
-        &vault_error,
-    );
+    let r = read_file_inner(session, job, progress, &vault_error);
     match vault_error.into_inner() {
         Some(e) => Err(e),
         None => Ok(r),
@@ -480,10 +526,7 @@ fn read_file(
 
 fn read_file_inner(
     session: &BackupSession,
-    abs: &Path,
-    expect: (u64, i64, i64),
-    blocks: u64,
-    identity: (u64, u64),
+    job: &ReadJob,
     progress: &dyn Progress,
     vault_error: &std::cell::RefCell<Option<scalez::Error>>,
 ) -> std::io::Result<ReadFile> {
@@ -496,34 +539,37 @@ fn read_file_inner(
         }
         Ok((id, data.len() as u32))
     };
-    let mut expect = expect;
+    let (anchor, abs, identity) = (&job.anchor, &job.abs, job.identity);
+    let mut expect = job.expect;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut file = fsx::open_read_nofollow(abs)?;
-        let mut md = file.metadata()?;
-        if (md.dev(), md.ino()) != identity {
-            // Another inode at this path since the walk. Replaced by rename (editors, package
-            // managers) is normal: its new content is the file's, stored and flagged changed.
-            // Reached through a parent swapped for a symlink is not: reopened with no symlink
-            // allowed anywhere on the path, that fails, and nothing is stored.
-            file = fsx::open_read_no_symlinks(abs).map_err(|e| {
-                std::io::Error::other(format!(
-                    "replaced between the walk and the read, and the path now leads through a \
-                     symlink ({e}); recorded without data"
+        // No symlink on the way and never above the source: a directory swapped for a symlink
+        // since the walk fails here (ELOOP) rather than leading to another file.
+        let file =
+            fsx::open_read_beneath(anchor.dir.as_raw_fd(), anchor.rel(abs)).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    std::io::Error::other(format!(
+                    "its path leads through a symlink since the walk ({e}); recorded without data"
                 ))
+                } else {
+                    e
+                }
             })?;
-            md = file.metadata()?;
-            if !md.is_file() {
-                return Err(std::io::Error::other(
-                    "replaced between the walk and the read by something not a regular file",
-                ));
-            }
-            expect = (u64::MAX, 0, 0); // never "stable": flagged changed
+        let md = file.metadata()?;
+        if !md.is_file() {
+            return Err(std::io::Error::other(
+                "replaced between the walk and the read by something not a regular file",
+            ));
+        }
+        if (md.dev(), md.ino()) != identity {
+            // Another inode at the walked place, replaced by rename (how editors and package
+            // managers save): its content is the file's now, stored and flagged changed.
+            expect = (u64::MAX, 0, 0); // never "stable"
         }
         let before = stat_times(&md);
         let size = before.0;
-        let extents = if blocks * 512 < size {
+        let extents = if job.blocks * 512 < size {
             fsx::data_regions(&file, size).filter(|r| r.len() != 1 || r[0] != (0, size))
         } else {
             None
@@ -634,7 +680,7 @@ pub fn backup_files(
     let excludes = Excludes::new(&opts.excludes)?;
     progress.start(0);
     let (wtx, wrx) = bounded::<Walked>(4096);
-    let (jtx, jrx) = bounded::<(usize, PathBuf, (u64, i64, i64), u64, (u64, u64))>(workers * 4);
+    let (jtx, jrx) = bounded::<ReadJob>(workers * 4);
     // Unbounded: results are small, and this thread must never block on a full channel while
     // the readers block on it.
     let (rtx, rrx) = crossbeam_channel::unbounded::<ReadResult>();
@@ -643,9 +689,15 @@ pub fn backup_files(
         for _ in 0..workers {
             let (jrx, rtx) = (jrx.clone(), rtx.clone());
             s.spawn(move || {
-                for (index, abs, expect, blocks, identity) in jrx {
-                    let outcome = read_file(session, &abs, expect, blocks, identity, progress);
-                    if rtx.send(ReadResult { index, outcome }).is_err() {
+                for job in jrx {
+                    let outcome = read_file(session, &job, progress);
+                    if rtx
+                        .send(ReadResult {
+                            index: job.index,
+                            outcome,
+                        })
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -710,13 +762,14 @@ pub fn backup_files(
                 }
                 None => {
                     files_read += 1;
-                    let job = (
-                        i,
-                        w.abs.clone(),
-                        (e.size, e.mtime_ns, e.ctime_ns),
-                        w.blocks,
-                        (e.dev, e.inode),
-                    );
+                    let job = ReadJob {
+                        index: i,
+                        anchor: w.anchor.clone(),
+                        abs: w.abs.clone(),
+                        expect: (e.size, e.mtime_ns, e.ctime_ns),
+                        blocks: w.blocks,
+                        identity: (e.dev, e.inode),
+                    };
                     if jtx.send(job).is_err() {
                         break;
                     }

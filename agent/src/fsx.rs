@@ -75,19 +75,73 @@ pub fn create_excl_at(dir: RawFd, name: &[u8]) -> io::Result<std::fs::File> {
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
-/// Opens a regular file for reading without following a final symlink; O_NOATIME when allowed.
-pub fn open_read_nofollow(path: &Path) -> io::Result<std::fs::File> {
+/// An `O_PATH` handle on `path` (following symlinks only if `follow`): a name pinned to its
+/// inode, for `fstat` (`File::metadata`), [`read_link`], [`list_xattrs`] and as the base of
+/// `*at` calls; it cannot read data.
+pub fn open_path(path: &Path, follow: bool) -> io::Result<std::fs::File> {
     let c = cstr(path.as_os_str().as_bytes())?;
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
     // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
-    let mut fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_NOATIME) };
-    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
-        // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
-        fd = unsafe { libc::open(c.as_ptr(), flags) };
-    }
-    check(fd)?;
+    let fd = check(unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC | nofollow) })?;
     // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// An `O_PATH` handle on entry `name` of directory `dir` itself (a symlink is not followed).
+pub fn open_path_at(dir: RawFd, name: &[u8]) -> io::Result<std::fs::File> {
+    let c = cstr(name)?;
+    // SAFETY: a NUL-terminated name and a directory fd the caller owns; checked before use.
+    let fd = check(unsafe {
+        libc::openat(
+            dir,
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// The `/proc/self/fd` entry of `fd`: opening it reaches the descriptor's own inode, never a
+/// name (how `O_PATH` handles are listed, read for xattrs or re-opened).
+fn proc_fd(fd: &impl AsRawFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// The names in directory `dir` (an `O_PATH` or open directory handle), without `.` and `..`,
+/// unsorted. Read through the handle's `/proc/self/fd` entry, so it is that directory even if
+/// its path now leads elsewhere.
+pub fn list_dir(dir: &impl AsRawFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    for d in std::fs::read_dir(proc_fd(dir))? {
+        names.push(d?.file_name().as_bytes().to_vec());
+    }
+    Ok(names)
+}
+
+/// The target of the symlink `link` (an `O_PATH | O_NOFOLLOW` handle on it).
+pub fn read_link(link: &impl AsRawFd) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: an empty NUL-terminated path names the fd's own inode (readlinkat(2)); at
+        // most `buf.len()` bytes are written.
+        let n = check_ssize(unsafe {
+            libc::readlinkat(
+                link.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        })?;
+        if n < buf.len() {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+        if buf.len() >= 1 << 16 {
+            return Err(io::Error::other("symlink target over 64 KiB"));
+        }
+        buf.resize(buf.len() * 4, 0);
+    }
 }
 
 /// The kernel's `struct open_how` (openat2(2)); defined here because the libc crate gates its own.
@@ -98,27 +152,90 @@ struct OpenHow {
     resolve: u64,
 }
 
-/// Opens `path` for reading only if no component of it is a symlink (openat2 with
-/// `RESOLVE_NO_SYMLINKS`): what is opened is then the file at that path, not something a swapped
-/// parent directory points to. ELOOP when a component is a symlink; ENOSYS on kernels before 5.6.
-pub fn open_read_no_symlinks(path: &Path) -> io::Result<std::fs::File> {
-    let c = cstr(path.as_os_str().as_bytes())?;
+/// Opens `rel` (a relative path, `/`-separated) under directory `dir` for reading, with no
+/// symlink anywhere on the way and never leaving `dir`: what is opened is the file at that
+/// place in the tree `dir` holds, not something a swapped directory points to. ELOOP when a
+/// component is a symlink. `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the kernel
+/// has it (5.6), else the same walk one `openat(O_NOFOLLOW)` per component. O_NOATIME when
+/// allowed; O_NONBLOCK so a FIFO swapped in does not block.
+pub fn open_read_beneath(dir: RawFd, rel: &[u8]) -> io::Result<std::fs::File> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let eperm = |r: &io::Result<std::fs::File>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EPERM));
+    let mut r = openat2_beneath(dir, rel, flags | libc::O_NOATIME);
+    if eperm(&r) {
+        r = openat2_beneath(dir, rel, flags);
+    }
+    // No openat2 (a kernel before 5.6, or a seccomp filter refusing it): the same walk by hand.
+    if eperm(&r) || matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOSYS)) {
+        r = open_beneath_by_hand(dir, rel, flags | libc::O_NOATIME);
+        if eperm(&r) {
+            r = open_beneath_by_hand(dir, rel, flags);
+        }
+    }
+    r
+}
+
+fn openat2_beneath(dir: RawFd, rel: &[u8], flags: libc::c_int) -> io::Result<std::fs::File> {
+    let c = cstr(rel)?;
     let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
+        flags: flags as u64,
         mode: 0,
-        resolve: libc::RESOLVE_NO_SYMLINKS,
+        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
     };
     // SAFETY: openat2 reads a NUL-terminated path and an open_how of the size passed.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_openat2,
-            libc::AT_FDCWD,
+            dir,
             c.as_ptr(),
             &how as *const OpenHow,
             std::mem::size_of::<OpenHow>(),
         )
     };
     let fd = check(fd as libc::c_int)?;
+    // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+fn open_beneath_by_hand(dir: RawFd, rel: &[u8], flags: libc::c_int) -> io::Result<std::fs::File> {
+    let parts: Vec<&[u8]> = rel
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    };
+    // What RESOLVE_BENEATH refuses: a way out of `dir`.
+    if rel.first() == Some(&b'/') || parts.iter().any(|p| *p == b"..") {
+        return Err(io::Error::from_raw_os_error(libc::EXDEV));
+    }
+    let mut held: Option<OwnedFd> = None;
+    for part in dirs {
+        let base = held.as_ref().map_or(dir, |f| f.as_raw_fd());
+        let c = cstr(part)?;
+        // SAFETY: a NUL-terminated name and a directory fd owned here or by the caller.
+        let fd = check(unsafe {
+            libc::openat(
+                base,
+                c.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
+        let fd = unsafe { std::fs::File::from_raw_fd(fd) };
+        let kind = fd.metadata()?.file_type();
+        if kind.is_symlink() {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        if !kind.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        held = Some(fd.into());
+    }
+    let base = held.as_ref().map_or(dir, |f| f.as_raw_fd());
+    let c = cstr(last)?;
+    // SAFETY: a NUL-terminated name and a directory fd owned here or by the caller.
+    let fd = check(unsafe { libc::openat(base, c.as_ptr(), flags) })?;
     // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
@@ -297,14 +414,15 @@ pub fn fsetxattr(fd: &impl AsRawFd, name: &[u8], value: &[u8]) -> io::Result<()>
     .map(|_| ())
 }
 
-/// The extended attributes of `path` itself (not a symlink's target), sorted by name. A file
-/// system without xattr support gives none.
-pub fn list_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let c = cstr(path.as_os_str().as_bytes())?;
+/// The extended attributes of the inode `node` holds (an `O_PATH` handle: a symlink's own
+/// when it is one), sorted by name. Read through the handle's `/proc/self/fd` entry, which
+/// resolves to that inode and no further. A file system without xattr support gives none.
+pub fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let c = cstr(proc_fd(node).as_bytes())?;
     let mut names = vec![0u8; 1024];
     let n = loop {
         // SAFETY: NUL-terminated path and name; at most the length passed is written.
-        let r = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        let r = unsafe { libc::listxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
         if r >= 0 {
             break r as usize;
         }
@@ -313,7 +431,7 @@ pub fn list_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
             Some(libc::ERANGE) => {
                 let need =
                     // SAFETY: NUL-terminated path and name; at most the length passed is written.
-                    check_ssize(unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) })?;
+                    check_ssize(unsafe { libc::listxattr(c.as_ptr(), std::ptr::null_mut(), 0) })?;
                 names.resize(need.max(names.len() * 2), 0);
             }
             Some(libc::ENOTSUP) => return Ok(Vec::new()),
@@ -327,7 +445,7 @@ pub fn list_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         loop {
             // SAFETY: NUL-terminated path and name; at most the length passed is written.
             let r = unsafe {
-                libc::lgetxattr(
+                libc::getxattr(
                     c.as_ptr(),
                     cn.as_ptr(),
                     value.as_mut_ptr().cast(),
@@ -343,7 +461,7 @@ pub fn list_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
                 Some(libc::ERANGE) => {
                     // SAFETY: NUL-terminated path and name; at most the length passed is written.
                     let need = check_ssize(unsafe {
-                        libc::lgetxattr(c.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0)
+                        libc::getxattr(c.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0)
                     })?;
                     value.resize(need.max(value.len() * 2), 0);
                 }
@@ -446,4 +564,73 @@ impl Names {
 /// Display form of a raw path (lossy for non-UTF-8 bytes).
 pub fn show(path: &[u8]) -> String {
     Path::new(OsStr::from_bytes(path)).display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both ways of opening beneath a directory (openat2, and the walk by hand used where the
+    /// kernel has no openat2) agree: the file at the place, never through a symlink or `..`.
+    #[test]
+    fn opening_beneath_follows_no_symlink_and_never_leaves_the_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let top = tmp.path().join("top");
+        std::fs::create_dir_all(top.join("a/b")).unwrap();
+        std::fs::write(top.join("a/b/f"), b"inside").unwrap();
+        std::fs::write(tmp.path().join("outside"), b"outside").unwrap();
+        std::os::unix::fs::symlink(top.join("a"), top.join("link")).unwrap();
+        std::os::unix::fs::symlink(top.join("a/b/f"), top.join("a/flink")).unwrap();
+        let dir = open_path(&top, true).unwrap();
+        let errno = |r: io::Result<std::fs::File>| r.err().and_then(|e| e.raw_os_error());
+        let by_hand = |rel: &[u8]| {
+            open_beneath_by_hand(dir.as_raw_fd(), rel, libc::O_RDONLY | libc::O_NOFOLLOW)
+        };
+        for open in [
+            &(|rel: &[u8]| open_read_beneath(dir.as_raw_fd(), rel)) as &dyn Fn(&[u8]) -> _,
+            &by_hand,
+        ] {
+            let f = open(b"a/b/f").unwrap();
+            assert_eq!(std::io::read_to_string(f).unwrap(), "inside");
+            assert_eq!(errno(open(b"link/b/f")), Some(libc::ELOOP));
+            assert_eq!(errno(open(b"a/flink")), Some(libc::ELOOP));
+            assert_eq!(errno(open(b"../outside")), Some(libc::EXDEV));
+            assert_eq!(errno(open(b"a/missing")), Some(libc::ENOENT));
+        }
+    }
+
+    #[test]
+    fn handles_list_read_links_and_xattrs_of_the_inode_itself() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", tmp.path().join("l")).unwrap();
+        let dir = open_path(tmp.path(), true).unwrap();
+        let mut names = list_dir(&dir).unwrap();
+        names.sort();
+        assert_eq!(names, [b"f".to_vec(), b"l".to_vec()]);
+        let link = open_path_at(dir.as_raw_fd(), b"l").unwrap();
+        assert!(link.metadata().unwrap().file_type().is_symlink());
+        assert_eq!(read_link(&link).unwrap(), b"f");
+        let file = open_path_at(dir.as_raw_fd(), b"f").unwrap();
+        assert!(read_link(&file).is_err());
+        // A user xattr where the file system has them (tmpfs since 6.6, ext4, xfs).
+        let path = cstr(tmp.path().join("f").as_os_str().as_bytes()).unwrap();
+        // SAFETY: NUL-terminated path and name; the value is a 2-byte slice.
+        let set = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"user.t".as_ptr(),
+                b"v1".as_ptr().cast(),
+                2,
+                0,
+            )
+        };
+        if set == 0 {
+            assert_eq!(
+                list_xattrs(&file).unwrap(),
+                [(b"user.t".to_vec(), b"v1".to_vec())]
+            );
+        }
+        assert!(list_xattrs(&link).unwrap().is_empty());
+    }
 }

@@ -1,12 +1,12 @@
 //! Paths swapped by another user while elastio (often root) works on them. Deterministic: the
-//! file backup's test hook swaps a parent directory for a symlink inside the window between the
-//! walk and the read; restore targets are planted before the restore starts. Real local vaults.
+//! file backup's test hook swaps a directory for a symlink inside the windows between the walk
+//! listing a directory and descending, and between the walk and the read; restore targets are planted before the restore starts. Real local vaults.
 //! One test binary of its own: the backup hook is process-wide.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use agent::file::{backup_files, set_before_read_hook, FileBackupOptions};
+use agent::file::{backup_files, set_race_hook, FileBackupOptions, RaceWindow};
 use agent::file_restore::{restore_files, FileRestoreOptions};
 use agent::pipeline::{backup_block, restore_block, BackupOptions, RestoreOptions};
 use agent::progress::NoProgress;
@@ -16,11 +16,21 @@ use common::vault;
 
 /// The race hook for every test here (process-wide, set once): just before a reader opens
 /// `.../home/docs/notes.txt`, `docs` becomes a symlink to `../etc`; before it opens
-/// `.../edited/report.txt`, the file is replaced by rename, as editors save.
+/// `.../edited/report.txt`, the file is replaced by rename, as editors save; just before the
+/// walk lists `.../walked/a/etc`, `a` becomes a symlink to `../root`.
 fn install_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        set_before_read_hook(Box::new(|p: &Path| {
+        set_race_hook(Box::new(|w: RaceWindow, p: &Path| {
+            if w == RaceWindow::BeforeList && p.ends_with("walked/a/etc") {
+                let a = p.parent().unwrap();
+                std::fs::rename(a, a.with_extension("moved")).unwrap();
+                let root = a.parent().unwrap().parent().unwrap().join("root");
+                std::os::unix::fs::symlink(root, a).unwrap();
+            }
+            if w != RaceWindow::BeforeRead {
+                return;
+            }
             if p.ends_with("home/docs/notes.txt") {
                 let docs = p.parent().unwrap();
                 let moved = docs.with_extension("moved");
@@ -118,6 +128,64 @@ fn a_parent_swapped_for_a_symlink_between_walk_and_read_stores_nothing_of_the_ta
         "the secret was stored under the user's path"
     );
     assert_eq!(std::fs::read(root.join("other.txt")).unwrap(), b"untouched");
+}
+
+/// A directory swapped for a symlink while the walk is inside it: the walk has listed `a`
+/// and opened `a/etc`, then `a` becomes a symlink to a tree holding `etc/shadow`. The walk used
+/// to list `a/etc` again by path, so it recorded the target's `etc/shadow` under the user's
+/// path and the read (same inode) stored its content. Now `a/etc` is listed through the handle
+/// the walk opened: the user's own files are what is recorded, and reading them through the
+/// symlink fails, so nothing of the target is stored.
+#[test]
+fn a_directory_swapped_for_a_symlink_during_the_walk_leads_it_nowhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("walked");
+    std::fs::create_dir_all(src.join("a/etc")).unwrap();
+    std::fs::write(src.join("a/etc/hosts.txt"), b"the user's hosts").unwrap();
+    std::fs::create_dir_all(tmp.path().join("root/etc")).unwrap();
+    std::fs::write(
+        tmp.path().join("root/etc/shadow"),
+        b"root:SECRET-HASH:19000::::::",
+    )
+    .unwrap();
+
+    install_hook();
+
+    let v = vault(tmp.path());
+    let r = backup_files(
+        &v,
+        std::slice::from_ref(&src),
+        &FileBackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(
+        std::fs::symlink_metadata(src.join("a"))
+            .unwrap()
+            .is_symlink(),
+        "the hook ran"
+    );
+    assert!(
+        r.unreadable.iter().any(|p| p.contains("hosts.txt")),
+        "the file behind the swapped directory is reported: {:?}",
+        r.unreadable
+    );
+    let out = tmp.path().join("restored");
+    restore_files(&v, &r.rp, &out, &FileRestoreOptions::default(), &NoProgress).unwrap();
+    let etc = out.join(src.strip_prefix("/").unwrap()).join("a/etc");
+    let names: Vec<_> = std::fs::read_dir(&etc)
+        .unwrap()
+        .map(|d| d.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["hosts.txt"],
+        "only the user's own names are recorded"
+    );
+    assert!(
+        !String::from_utf8_lossy(&std::fs::read(etc.join("hosts.txt")).unwrap_or_default())
+            .contains("SECRET")
+    );
 }
 
 /// `block restore --force` onto a symlink: it used to follow it (to a block device, or here to
