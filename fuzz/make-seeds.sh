@@ -5,7 +5,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/seeds}
-mkdir -p "$out/ext4" "$out/partitions"
+mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -69,5 +69,38 @@ for my, other, at in [(1, sectors - 1, 2), (sectors - 1, 1, sectors - 1 - table)
     struct.pack_into("<I", h, 16, zlib.crc32(h))
     d[my * 512:my * 512 + 92] = h
 open(f"{out}/gpt.img", "wb").write(d)
+PY
+
+# Client sessions for the NBD server target: option haggling, then requests of every kind.
+python3 - "$out/nbd_server" <<'PY'
+import struct, sys
+out = sys.argv[1]
+def opt(o, data=b""):
+    return b"IHAVEOPT" + struct.pack(">II", o, len(data)) + data
+def name(n):
+    return struct.pack(">I", len(n)) + n
+def go(n, infos=(0, 3)):
+    return opt(7, name(n) + struct.pack(">H", len(infos)) + b"".join(struct.pack(">H", i) for i in infos))
+def meta(o, n, queries):
+    return opt(o, name(n) + struct.pack(">I", len(queries)) + b"".join(name(q) for q in queries))
+def req(kind, off, length, flags=0, cookie=1, payload=b""):
+    return struct.pack(">IHHQQI", 0x25609513, flags, kind, cookie, off, length) + payload
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, WZ, BS = range(8)
+hello = struct.pack(">I", 3)  # fixed newstyle, no zeroes
+haggle = opt(3) + opt(6, name(b"ro") + struct.pack(">H", 0)) + opt(8) + \
+    meta(9, b"ro", [b"base:"]) + meta(10, b"ro", [b"base:allocation"])
+ro = hello + haggle + go(b"ro") + b"".join([
+    req(READ, 0, 4096), req(READ, (1 << 20) - 100, 4096, cookie=2), req(BS, 0, 4 << 20, cookie=3),
+    req(BS, 1 << 20, 8192, flags=8, cookie=4), req(CACHE, 0, 1 << 20, cookie=5),
+    req(FLUSH, 0, 0, cookie=6), req(READ, 4 << 20, 300, flags=4, cookie=7), req(DISC, 0, 0)])
+rw = hello + opt(8) + go(b"rw") + b"".join([
+    req(WRITE, 512, 8, payload=b"elastio!"), req(READ, 0, 1024, cookie=2),
+    req(TRIM, 0, 65536, cookie=3), req(WZ, 65536, 65536, flags=2, cookie=4),
+    req(BS, 0, 1 << 20, cookie=5), req(WRITE, (4 << 20) + 296, 4, payload=b"tail", cookie=6),
+    req(FLUSH, 0, 0, cookie=7), req(DISC, 0, 0)])
+old = hello + opt(1, b"disk") + req(READ, 0, 512) + req(DISC, 0, 0)
+bad = hello + opt(5) + opt(7, b"\xff" * 6) + opt(2)
+for n, d in [("ro", ro), ("rw", rw), ("export-name", old), ("bad-options", bad)]:
+    open(f"{out}/{n}.bin", "wb").write(d)
 PY
 ls -l "$out"/*

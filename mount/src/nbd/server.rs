@@ -322,6 +322,27 @@ impl Server {
         self
     }
 
+    fn shared(&self) -> Arc<Shared> {
+        Arc::new(Shared {
+            exports: self.exports.clone(),
+            by_name: self.by_name.clone(),
+            budget: Arc::new(Semaphore::new(self.opts.inflight_bytes)),
+            opts: self.opts.clone(),
+            tls: self.tls.clone(),
+        })
+    }
+
+    /// Serves one client on `stream` (any byte stream) until it disconnects, as [`Self::run`]
+    /// serves each accepted connection: for the fuzz target of the whole server, which feeds
+    /// it client bytes through an in-memory pipe.
+    #[doc(hidden)]
+    pub async fn serve_stream<S>(&self, stream: S) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        connection(stream, &self.shared()).await
+    }
+
     /// Serves connections from `listener` until `shutdown` completes.
     pub async fn run(
         self,
@@ -330,13 +351,7 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()> {
         let conns = Arc::new(Semaphore::new(self.opts.max_connections));
-        let shared = Arc::new(Shared {
-            exports: self.exports.clone(),
-            by_name: self.by_name.clone(),
-            budget: Arc::new(Semaphore::new(self.opts.inflight_bytes)),
-            opts: self.opts.clone(),
-            tls: self.tls.clone(),
-        });
+        let shared = self.shared();
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         match listen {
