@@ -250,7 +250,10 @@ without the kernel's nbd module: `nbdfuse DIR/disk nbd://127.0.0.1:10809/<rp> &`
 (NBD_OPT_STARTTLS) before anything else (`--tls on` lets them choose). Connect with \
 `nbdcopy 'nbds://127.0.0.1:10809/<rp>?tls-certificates=CLIENTDIR' disk.img`, CLIENTDIR holding \
 the ca-cert.pem that signed the server's certificate (whose names must include the host in the \
-URI). The server asks clients for no certificate: TLS encrypts and authenticates the server only."
+URI). Without --tls-verify-peer the server asks clients for no certificate: TLS encrypts and \
+authenticates the server only, and any local user can still connect. With `--tls-verify-peer`, \
+clients must present a certificate signed by DIR/ca-cert.pem (libnbd sends CLIENTDIR/client-cert.pem \
+and client-key.pem): only holders of such a key read the disk."
     )]
     Serve(NbdServeArgs),
     /// Attach a disk recovery point to a kernel nbd device (/dev/nbdX) until Ctrl-C
@@ -311,6 +314,9 @@ pub struct NbdServeArgs {
     /// anything else [default: require with --tls-certificates, else off]
     #[arg(long, value_enum)]
     pub tls: Option<TlsArg>,
+    /// Clients must present a TLS certificate signed by DIR/ca-cert.pem (authenticates them)
+    #[arg(long, requires = "tls_certificates")]
+    pub tls_verify_peer: bool,
     #[command(flatten)]
     pub export: ExportArgs,
 }

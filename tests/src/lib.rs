@@ -434,15 +434,27 @@ impl Drop for NbdServer {
     }
 }
 
-/// A throw-away CA and a server certificate it signed for IP:127.0.0.1 and DNS:localhost, made
-/// with the `openssl` CLI. Returns (server directory: ca-cert.pem, server-cert.pem,
-/// server-key.pem, the qemu-nbd/nbdkit layout; client directory: ca-cert.pem only, libnbd's
-/// `tls-certificates`).
-pub fn tls_certificates(env: &Env) -> (PathBuf, PathBuf) {
+/// Certificate directories made by [`tls_certificates`], in the qemu-nbd/nbdkit/libnbd layout.
+pub struct TlsDirs {
+    /// ca-cert.pem, server-cert.pem, server-key.pem: the server's `--tls-certificates`.
+    pub server: PathBuf,
+    /// ca-cert.pem, client-cert.pem, client-key.pem: libnbd's `tls-certificates` for a client
+    /// the CA vouches for.
+    pub client: PathBuf,
+    /// ca-cert.pem only: a client that verifies the server but has no certificate of its own.
+    pub anonymous: PathBuf,
+}
+
+/// A throw-away CA, a server certificate it signed for IP:127.0.0.1 and DNS:localhost, and a
+/// client certificate it signed, made with the `openssl` CLI.
+pub fn tls_certificates(env: &Env) -> TlsDirs {
     let work = env.path("tls-work");
-    let server = env.path("tls-server");
-    let client = env.path("tls-client");
-    for d in [&work, &server, &client] {
+    let dirs = TlsDirs {
+        server: env.path("tls-server"),
+        client: env.path("tls-client"),
+        anonymous: env.path("tls-anonymous"),
+    };
+    for d in [&work, &dirs.server, &dirs.client, &dirs.anonymous] {
         std::fs::create_dir_all(d).unwrap();
     }
     let p = |d: &Path, f: &str| d.join(f).to_str().unwrap().to_string();
@@ -455,7 +467,7 @@ pub fn tls_certificates(env: &Env) -> (PathBuf, PathBuf) {
     ];
     let mut ca = vec!["req", "-x509"];
     ca.extend_from_slice(&ec);
-    let (ca_key, ca_cert) = (p(&work, "ca-key.pem"), p(&server, "ca-cert.pem"));
+    let (ca_key, ca_cert) = (p(&work, "ca-key.pem"), p(&dirs.server, "ca-cert.pem"));
     ca.extend_from_slice(&[
         "-keyout",
         &ca_key,
@@ -471,42 +483,57 @@ pub fn tls_certificates(env: &Env) -> (PathBuf, PathBuf) {
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
     sh("openssl", &ca);
-    let (key, csr) = (p(&server, "server-key.pem"), p(&work, "server.csr"));
-    let mut req = vec!["req"];
-    req.extend_from_slice(&ec);
-    req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
-    sh("openssl", &req);
-    let ext = p(&work, "ext.cnf");
-    std::fs::write(
-        &ext,
+    // A key and a certificate signed by the CA, as `<dir>/<role>-key.pem`, `<role>-cert.pem`.
+    let issue = |dir: &Path, role: &str, subject: &str, ext: &str, serial: &str| {
+        let (key, csr) = (p(dir, &format!("{role}-key.pem")), p(&work, "req.csr"));
+        let mut req = vec!["req"];
+        req.extend_from_slice(&ec);
+        req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", subject]);
+        sh("openssl", &req);
+        let ext_file = p(&work, "ext.cnf");
+        std::fs::write(&ext_file, ext).unwrap();
+        let cert = p(dir, &format!("{role}-cert.pem"));
+        sh(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_cert,
+                "-CAkey",
+                &ca_key,
+                "-set_serial",
+                serial,
+                "-days",
+                "2",
+                "-extfile",
+                &ext_file,
+                "-out",
+                &cert,
+            ],
+        );
+    };
+    issue(
+        &dirs.server,
+        "server",
+        "/CN=localhost",
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
          keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    let cert = p(&server, "server-cert.pem");
-    sh(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_cert,
-            "-CAkey",
-            &ca_key,
-            "-set_serial",
-            "2",
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-            "-out",
-            &cert,
-        ],
+        "2",
     );
-    std::fs::copy(&ca_cert, client.join("ca-cert.pem")).unwrap();
-    (server, client)
+    issue(
+        &dirs.client,
+        "client",
+        "/CN=elastio test client",
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        "3",
+    );
+    for d in [&dirs.client, &dirs.anonymous] {
+        std::fs::copy(&ca_cert, d.join("ca-cert.pem")).unwrap();
+    }
+    dirs
 }
 
 /// `fixtures/tree`, the small directory tree the ext4 images are made from.

@@ -789,7 +789,8 @@ fn a_writable_export_defaults_to_a_private_unix_socket() {
 fn tls_clients_copy_byte_exact_and_plain_clients_are_refused() {
     let env = Env::new();
     let (img, rp) = ext4_rp(&env);
-    let (server_dir, client_dir) = tls_certificates(&env);
+    let dirs = tls_certificates(&env);
+    let (server_dir, client_dir) = (&dirs.server, &dirs.anonymous);
     let server = NbdServer::start(
         &env,
         &[&rp],
@@ -800,7 +801,7 @@ fn tls_clients_copy_byte_exact_and_plain_clients_are_refused() {
             "require",
         ],
     );
-    let uri = server.tls_uri(&rp, &client_dir);
+    let uri = server.tls_uri(&rp, client_dir);
 
     let info = sh("nbdinfo", &[&uri]);
     assert!(info.contains("is_read_only: true"), "{info}");
@@ -839,13 +840,57 @@ fn tls_clients_copy_byte_exact_and_plain_clients_are_refused() {
             "on",
         ],
     );
-    let tls = sh("nbdinfo", &[&server.tls_uri(&rp, &client_dir)]);
+    let tls = sh("nbdinfo", &[&server.tls_uri(&rp, client_dir)]);
     assert!(tls.contains("with TLS"), "{tls}");
     let plain = sh("nbdinfo", &[&server.uri(&rp)]);
     assert!(
         !plain.contains("with TLS") && plain.contains("export-size"),
         "{plain}"
     );
+}
+
+/// `--tls-verify-peer`: only clients with a certificate the CA signed are served (nbdinfo and
+/// nbdcopy with libnbd's client-cert.pem); a TLS client without one is refused in the TLS
+/// handshake. Before, the server asked for no certificate: TLS kept no local user out.
+#[test]
+fn tls_verify_peer_serves_only_clients_with_a_certificate() {
+    let env = Env::new();
+    let (img, rp) = ext4_rp(&env);
+    let dirs = tls_certificates(&env);
+    let server = NbdServer::start(
+        &env,
+        &[&rp],
+        &[
+            "--tls-certificates",
+            dirs.server.to_str().unwrap(),
+            "--tls-verify-peer",
+        ],
+    );
+    let uri = server.tls_uri(&rp, &dirs.client);
+    let info = sh("nbdinfo", &[&uri]);
+    assert!(info.contains("with TLS"), "{info}");
+    let copy = env.path("copy.img");
+    sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(&img),
+        "nbdcopy is byte-exact"
+    );
+
+    let anonymous = Command::new("nbdinfo")
+        .arg(server.tls_uri(&rp, &dirs.anonymous))
+        .output()
+        .unwrap();
+    assert!(
+        !anonymous.status.success(),
+        "a client without a certificate was served: {}",
+        String::from_utf8_lossy(&anonymous.stdout)
+    );
+    drop(server);
+
+    // Without TLS there is nothing to verify: refused before the vault is opened.
+    let out = env.run(&["nbd", "serve", &rp, "--tls-verify-peer"]);
+    assert!(!out.status.success());
 }
 
 /// `qemu-img compare` of an NBD export with a raw image, which must succeed.

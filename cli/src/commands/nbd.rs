@@ -120,9 +120,12 @@ fn tls(a: &NbdServeArgs) -> Result<Option<mount::nbd::Tls>> {
         None => TlsArg::Off,
     });
     match (mode, &a.tls_certificates) {
+        (TlsArg::Off, _) if a.tls_verify_peer => {
+            anyhow::bail!("--tls-verify-peer needs TLS (--tls-certificates DIR, and not --tls off)")
+        }
         (TlsArg::Off, _) => Ok(None),
         (_, None) => anyhow::bail!("--tls on|require needs --tls-certificates DIR"),
-        (mode, Some(dir)) => mount::nbd::Tls::load(dir, mode == TlsArg::Require)
+        (mode, Some(dir)) => mount::nbd::Tls::load(dir, mode == TlsArg::Require, a.tls_verify_peer)
             .map(Some)
             .with_context(|| format!("loading the TLS certificate and key from {}", dir.display())),
     }
@@ -147,6 +150,9 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
             ..ServerOptions::default()
         },
     );
+    let authenticated = tls
+        .as_ref()
+        .is_some_and(mount::nbd::Tls::authenticates_clients);
     if let Some(tls) = tls {
         server = server.with_tls(tls);
     }
@@ -166,7 +172,7 @@ fn serve(ctx: &Ctx, a: NbdServeArgs) -> Result<()> {
     };
     // The server logs this too; say it where the user looks for the address as well.
     let exposed = match (&unix, tcp.ip().is_loopback()) {
-        (None, false) => Some(server::exposed_warning(&tcp)),
+        (None, false) if !authenticated => Some(server::exposed_warning(&tcp)),
         _ => None,
     };
     let format = ctx.global.output_format;

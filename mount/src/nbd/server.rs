@@ -36,7 +36,8 @@
 //!
 //! TLS, as qemu-nbd and nbdkit do it ([`Tls`], `--tls-certificates DIR --tls off|on|require`):
 //! NBD_OPT_STARTTLS in fixed-newstyle option haggling is answered NBD_REP_ACK, the TLS handshake
-//! (rustls on ring, TLS 1.2/1.3, server certificate only: clients are not asked for one) follows
+//! (rustls on ring, TLS 1.2/1.3; client certificates signed by the directory's CA are required
+//! with `--tls-verify-peer`, not asked for otherwise) follows
 //! on the same socket, and haggling starts over inside TLS, with nothing agreed in plain text kept.
 //! With `require`, every option before TLS but STARTTLS and ABORT is answered
 //! NBD_REP_ERR_TLS_REQD and NBD_OPT_EXPORT_NAME closes the connection; a second STARTTLS inside
@@ -215,19 +216,24 @@ pub struct Server {
     tls: Option<Tls>,
 }
 
-/// The server's TLS: its certificate and key, and whether clients must use it.
+/// The server's TLS: its certificate and key, whether clients must use it, and whether they
+/// must present a certificate.
 #[derive(Clone)]
 pub struct Tls {
     acceptor: tokio_rustls::TlsAcceptor,
     require: bool,
+    verify_peer: bool,
 }
 
 impl Tls {
     /// Loads `server-cert.pem` (the certificate, optionally followed by its chain) and
-    /// `server-key.pem` from `dir`, the layout of qemu-nbd's and nbdkit's `--tls-certificates`
-    /// (whose `ca-cert.pem` is what clients verify the server with: the server does not need it,
-    /// since it asks clients for no certificate). rustls on the ring provider, TLS 1.2 and 1.3.
-    pub fn load(dir: &Path, require: bool) -> io::Result<Tls> {
+    /// `server-key.pem` from `dir`, the layout of qemu-nbd's and nbdkit's `--tls-certificates`.
+    /// With `verify_peer` (nbdkit's `--tls-verify-peer`, qemu's `verify-peer`), clients must
+    /// present a certificate that `dir/ca-cert.pem` signed (libnbd sends `client-cert.pem` and
+    /// `client-key.pem` from its own certificate directory): that is what authenticates clients;
+    /// without it the server asks for no certificate and TLS authenticates the server only.
+    /// rustls on the ring provider, TLS 1.2 and 1.3.
+    pub fn load(dir: &Path, require: bool, verify_peer: bool) -> io::Result<Tls> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let bad = |file: &str, e: &dyn std::fmt::Display| {
@@ -236,25 +242,51 @@ impl Tls {
                 format!("{}: {e}", dir.join(file).display()),
             )
         };
-        let certs = CertificateDer::pem_file_iter(dir.join("server-cert.pem"))
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| bad("server-cert.pem", &e))?;
-        if certs.is_empty() {
-            return Err(bad("server-cert.pem", &"no certificate in the file"));
-        }
+        let pem_certs = |file: &str| {
+            let certs = CertificateDer::pem_file_iter(dir.join(file))
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad(file, &e))?;
+            if certs.is_empty() {
+                return Err(bad(file, &"no certificate in the file"));
+            }
+            Ok(certs)
+        };
+        let certs = pem_certs("server-cert.pem")?;
         let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem"))
             .map_err(|e| bad("server-key.pem", &e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(io::Error::other)?
-            .with_no_client_auth()
+            .map_err(io::Error::other)?;
+        let builder = if verify_peer {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in pem_certs("ca-cert.pem")? {
+                roots.add(ca).map_err(|e| bad("ca-cert.pem", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad("ca-cert.pem", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = builder
             .with_single_cert(certs, key)
             .map_err(|e| bad("server-key.pem", &e))?;
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             require,
+            verify_peer,
         })
+    }
+
+    /// Whether only clients the CA vouches for are served: TLS required, with client
+    /// certificates verified.
+    pub fn authenticates_clients(&self) -> bool {
+        self.require && self.verify_peer
     }
 
     fn mode(tls: &Option<Tls>) -> TlsMode {
@@ -366,7 +398,8 @@ impl Server {
         match listen {
             Listen::Tcp(addr) => {
                 let l = tokio::net::TcpListener::bind(addr).await?;
-                if !addr.ip().is_loopback() {
+                let authenticated = self.tls.as_ref().is_some_and(Tls::authenticates_clients);
+                if !addr.ip().is_loopback() && !authenticated {
                     tracing::warn!("{}", exposed_warning(&addr));
                 }
                 ready(&l.local_addr()?.to_string());
@@ -408,7 +441,9 @@ impl Server {
 pub fn exposed_warning(addr: &SocketAddr) -> String {
     format!(
         "listening on {addr}, which is not a loopback address: the NBD exports are \
-         unauthenticated, readable (and, if writable, writable) by anyone who can reach it"
+         unauthenticated, readable (and, if writable, writable) by anyone who can reach it \
+         (--tls-certificates DIR --tls-verify-peer admits only clients with a certificate \
+         DIR/ca-cert.pem signed)"
     )
 }
 
@@ -1762,7 +1797,7 @@ mod tests {
     fn starttls_is_required_and_haggling_continues_inside_tls() {
         let dir = tempfile::tempdir().unwrap();
         make_certs(dir.path());
-        let tls = Tls::load(dir.path(), true).unwrap();
+        let tls = Tls::load(dir.path(), true, false).unwrap();
         let opts = ServerOptions {
             handshake_timeout: Some(Duration::from_millis(500)),
             ..ServerOptions::default()
