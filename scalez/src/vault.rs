@@ -240,22 +240,27 @@ impl Vault {
         // absurd KDF parameters, any size) is skipped and reported, never fatal, so one bad
         // object cannot lock everyone out.
         let mut damaged: Vec<(String, String)> = Vec::new();
+        let mut candidates: Vec<(String, KeyFile)> = Vec::new();
         for k in &key_objects {
             if k.size > MAX_KEY_FILE {
                 damaged.push((k.key.clone(), format!("{} bytes: not a key file", k.size)));
                 continue;
             }
             let raw = store.get(&k.key)?;
-            let unwrapped = serde_json::from_slice::<KeyFile>(&raw)
-                .map_err(|e| format!("not a key file: {e}"))
-                .and_then(|kf| kf.unwrap_key(password, &config.vault_id));
-            match unwrapped {
+            match serde_json::from_slice::<KeyFile>(&raw) {
+                Ok(kf) => candidates.push((k.key.clone(), kf)),
+                Err(e) => damaged.push((k.key.clone(), format!("not a key file: {e}"))),
+            }
+        }
+        unwrap_order(&mut candidates);
+        for (key, kf) in candidates {
+            match kf.unwrap_key(password, &config.vault_id) {
                 Ok(Some(m)) => {
                     master = Some(m);
                     break;
                 }
                 Ok(None) => {}
-                Err(detail) => damaged.push((k.key.clone(), detail)),
+                Err(detail) => damaged.push((key, detail)),
             }
         }
         for (key, detail) in &damaged {
@@ -1036,6 +1041,16 @@ pub(crate) fn is_canonical_tag_key(key: &str, rp: &RecoveryPointId) -> bool {
 /// Key files are ~300 bytes of JSON; anything over this is not one (and is not read).
 const MAX_KEY_FILE: u64 = 64 << 10;
 
+/// The order key files are tried in: cheapest KDF first (memory times passes), then by name.
+/// Key files are unauthenticated until one unwraps: the vault's own (default parameters) so
+/// come before planted ones made expensive (within the caps) to slow every open down.
+fn unwrap_order(candidates: &mut [(String, KeyFile)]) {
+    candidates.sort_by_cached_key(|(key, kf)| {
+        let p = &kf.params;
+        (u64::from(p.memory_kib) * u64::from(p.iterations), key.clone())
+    });
+}
+
 /// The index pre-sizing hint is clamped to this many listed bytes (~1.5 M entries).
 const MAX_INDEX_PRESIZE: u64 = 64 << 20;
 
@@ -1223,6 +1238,31 @@ mod tests {
         let disk: Vec<u8> = (0..(1 << 20)).map(|_| rand::random::<u8>()).collect();
         crate::testing::store_disk(&vault, &disk);
         (store, vault)
+    }
+
+    #[test]
+    fn key_files_are_tried_cheapest_first() {
+        let kf = |memory_kib, iterations| KeyFile {
+            kdf: "argon2id".into(),
+            params: KdfParams {
+                memory_kib,
+                iterations,
+                parallelism: 4,
+            },
+            salt: vec![0; 16],
+            nonce: vec![0; 12],
+            wrapped: vec![0; 48],
+            created: String::new(),
+        };
+        let mut c = vec![
+            ("keys/0".to_string(), kf(2 << 20, 4)),
+            ("keys/b".to_string(), kf(64 << 10, 3)),
+            ("keys/a".to_string(), kf(64 << 10, 3)),
+            ("keys/1".to_string(), kf(1 << 20, 1)),
+        ];
+        unwrap_order(&mut c);
+        let names: Vec<&str> = c.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["keys/a", "keys/b", "keys/1", "keys/0"]);
     }
 
     /// Planted key files: junk JSON, absurd Argon2 parameters (2^32-1 passes hung every open),
