@@ -212,17 +212,7 @@ fn open_beneath_by_hand(dir: RawFd, rel: &[u8], flags: libc::c_int) -> io::Resul
     let mut held: Option<OwnedFd> = None;
     for part in dirs {
         let base = held.as_ref().map_or(dir, |f| f.as_raw_fd());
-        let c = cstr(part)?;
-        // SAFETY: a NUL-terminated name and a directory fd owned here or by the caller.
-        let fd = check(unsafe {
-            libc::openat(
-                base,
-                c.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        })?;
-        // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
-        let fd = unsafe { std::fs::File::from_raw_fd(fd) };
+        let fd = open_path_at(base, part)?;
         let kind = fd.metadata()?.file_type();
         if kind.is_symlink() {
             return Err(io::Error::from_raw_os_error(libc::ELOOP));

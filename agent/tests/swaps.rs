@@ -52,6 +52,27 @@ fn install_hook() {
     });
 }
 
+/// Backs up `src` into a vault under `dir` (with the race hook installed) and restores the RP
+/// to `dir/restored`; returns the report and where `src` was restored.
+fn back_up_and_restore(
+    dir: &Path,
+    src: &Path,
+) -> (agent::file::FileBackupReport, std::path::PathBuf) {
+    install_hook();
+    let v = vault(dir);
+    let r = backup_files(
+        &v,
+        &[src.to_path_buf()],
+        &FileBackupOptions::default(),
+        &NoProgress,
+    )
+    .unwrap();
+    let out = dir.join("restored");
+    restore_files(&v, &r.rp, &out, &FileRestoreOptions::default(), &NoProgress).unwrap();
+    let root = out.join(src.strip_prefix("/").unwrap());
+    (r, root)
+}
+
 /// A file replaced by rename between the walk and the read (how editors save) is stored with
 /// its new content and flagged changed, not dropped.
 #[test]
@@ -60,24 +81,13 @@ fn a_file_replaced_by_rename_is_stored_and_flagged() {
     let src = tmp.path().join("edited");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("report.txt"), b"draft").unwrap();
-    install_hook();
-    let v = vault(tmp.path());
-    let r = backup_files(
-        &v,
-        std::slice::from_ref(&src),
-        &FileBackupOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
+    let (r, root) = back_up_and_restore(tmp.path(), &src);
     assert!(r.unreadable.is_empty(), "{:?}", r.unreadable);
     assert!(
         r.changed.iter().any(|p| p.contains("report.txt")),
         "{:?}",
         r.changed
     );
-    let out = tmp.path().join("restored");
-    restore_files(&v, &r.rp, &out, &FileRestoreOptions::default(), &NoProgress).unwrap();
-    let root = out.join(src.strip_prefix("/").unwrap());
     assert_eq!(
         std::fs::read(root.join("report.txt")).unwrap(),
         b"saved by the editor"
@@ -103,25 +113,13 @@ fn a_parent_swapped_for_a_symlink_between_walk_and_read_stores_nothing_of_the_ta
     )
     .unwrap();
 
-    install_hook();
-
-    let v = vault(tmp.path());
-    let r = backup_files(
-        &v,
-        std::slice::from_ref(&src),
-        &FileBackupOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
+    let (r, root) = back_up_and_restore(tmp.path(), &src);
     assert!(
         r.unreadable.iter().any(|p| p.contains("notes.txt")),
         "the swapped file is reported: {:?} / {:?}",
         r.unreadable,
         r.changed
     );
-    let out = tmp.path().join("restored");
-    restore_files(&v, &r.rp, &out, &FileRestoreOptions::default(), &NoProgress).unwrap();
-    let root = out.join(src.strip_prefix("/").unwrap());
     let notes = std::fs::read(root.join("docs/notes.txt")).unwrap_or_default();
     assert!(
         !String::from_utf8_lossy(&notes).contains("SECRET"),
@@ -149,16 +147,7 @@ fn a_directory_swapped_for_a_symlink_during_the_walk_leads_it_nowhere() {
     )
     .unwrap();
 
-    install_hook();
-
-    let v = vault(tmp.path());
-    let r = backup_files(
-        &v,
-        std::slice::from_ref(&src),
-        &FileBackupOptions::default(),
-        &NoProgress,
-    )
-    .unwrap();
+    let (r, root) = back_up_and_restore(tmp.path(), &src);
     assert!(
         std::fs::symlink_metadata(src.join("a"))
             .unwrap()
@@ -170,9 +159,7 @@ fn a_directory_swapped_for_a_symlink_during_the_walk_leads_it_nowhere() {
         "the file behind the swapped directory is reported: {:?}",
         r.unreadable
     );
-    let out = tmp.path().join("restored");
-    restore_files(&v, &r.rp, &out, &FileRestoreOptions::default(), &NoProgress).unwrap();
-    let etc = out.join(src.strip_prefix("/").unwrap()).join("a/etc");
+    let etc = root.join("a/etc");
     let names: Vec<_> = std::fs::read_dir(&etc)
         .unwrap()
         .map(|d| d.unwrap().file_name())
