@@ -62,6 +62,10 @@ pub const MAX_CHUNK: u32 = 2 * 1024 * 1024;
 /// deleted between the walk and its read.
 const VANISHED: u8 = 0x80;
 
+/// Directory levels the walk descends below a source; deeper ones are reported, not walked.
+/// The walk holds a descriptor per level ([`fsx::raise_fd_limit`] makes room).
+const MAX_WALK_DEPTH: usize = 1024;
+
 /// Reads of a file that keeps changing before it is recorded as [`FLAG_CHANGED`].
 const READ_ATTEMPTS: u32 = 3;
 
@@ -315,6 +319,7 @@ impl Walker<'_> {
         node: std::fs::File,
         md: &std::fs::Metadata,
         root_dev: u64,
+        depth: usize,
     ) -> Result<(), AgentError> {
         if self.cancel.is_cancelled() {
             return Err(AgentError::Cancelled);
@@ -325,7 +330,16 @@ impl Walker<'_> {
         if self.one_fs && md.dev() != root_dev {
             return Ok(());
         }
-        self.walk_children(anchor, abs, &node, root_dev)
+        if depth >= MAX_WALK_DEPTH {
+            // Each level holds a descriptor and a stack frame: a tree any user can make a
+            // million levels deep must not exhaust either.
+            self.unreadable.push(format!(
+                "{}: deeper than {MAX_WALK_DEPTH} levels below its source; not descended into",
+                abs.display()
+            ));
+            return Ok(());
+        }
+        self.walk_children(anchor, abs, &node, root_dev, depth + 1)
     }
 
     fn walk_children(
@@ -334,6 +348,7 @@ impl Walker<'_> {
         abs: &Path,
         dir: &std::fs::File,
         root_dev: u64,
+        depth: usize,
     ) -> Result<(), AgentError> {
         race_window(RaceWindow::BeforeList, abs);
         let mut names = match fsx::list_dir(dir) {
@@ -350,7 +365,7 @@ impl Walker<'_> {
                 continue;
             }
             match fsx::open_path_at(dir.as_raw_fd(), &name).and_then(|h| Ok((h.metadata()?, h))) {
-                Ok((cmd, handle)) => self.walk(anchor, &child, handle, &cmd, root_dev)?,
+                Ok((cmd, handle)) => self.walk(anchor, &child, handle, &cmd, root_dev, depth)?,
                 // Vanished since the listing.
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => self.unreadable.push(format!("{}: {err}", child.display())),
@@ -374,30 +389,32 @@ fn walk_sources(walker: &mut Walker<'_>, sources: &[PathBuf]) -> Result<(), Agen
             let path = path.to_path_buf();
             move |source| AgentError::Source { path, source }
         };
-        // The source's directory is the one path resolved (symlinks followed: the user named
-        // it); everything below is reached from its handle.
+        // The source's directory, resolved from `/` through no symlink another user could
+        // change; everything below is reached from its handle. Its ancestors are recorded as
+        // the directories they resolve to, so the tree has directories all the way down.
         let anchor_path = src.parent().unwrap_or(Path::new("/"));
+        let mut handles = fsx::open_dir_trusted(anchor_path).map_err(source_error(src))?;
         let anchor = Arc::new(Anchor {
-            dir: fsx::open_path(anchor_path, true).map_err(source_error(anchor_path))?,
+            dir: handles.pop().expect("/ at least"),
             path: anchor_path.to_path_buf(),
         });
         let mut ancestors: Vec<&Path> = src.ancestors().skip(1).collect();
         ancestors.reverse();
-        for a in ancestors.into_iter().filter(|a| *a != Path::new("/")) {
-            let handle = fsx::open_path(a, false).map_err(source_error(a))?;
+        let ancestors = ancestors.into_iter().filter(|a| *a != Path::new("/"));
+        for (a, handle) in ancestors.zip(handles.iter().skip(1).chain([&anchor.dir])) {
             let amd = handle.metadata().map_err(source_error(a))?;
-            walker.add(&anchor, a, &handle, &amd);
+            walker.add(&anchor, a, handle, &amd);
         }
         if src == Path::new("/") {
             // The root itself has no name in a tree: record its children.
             let md = anchor.dir.metadata().map_err(source_error(src))?;
-            walker.walk_children(&anchor, src, &anchor.dir, md.dev())?;
+            walker.walk_children(&anchor, src, &anchor.dir, md.dev(), 0)?;
         } else {
             let name = src.file_name().map_or(&[][..], |n| n.as_bytes());
             let handle =
                 fsx::open_path_at(anchor.dir.as_raw_fd(), name).map_err(source_error(src))?;
             let md = handle.metadata().map_err(source_error(src))?;
-            walker.walk(&anchor, src, handle, &md, md.dev())?;
+            walker.walk(&anchor, src, handle, &md, md.dev(), 0)?;
         }
     }
     Ok(())
@@ -421,6 +438,8 @@ struct ReadJob {
     blocks: u64,
     /// (st_dev, st_ino) at the walk.
     identity: (u64, u64),
+    /// (uid, gid, mode) at the walk.
+    owner: (u32, u32, u32),
 }
 
 /// What a reader thread made of one file.
@@ -439,6 +458,9 @@ struct ReadFile {
     ctime_ns: i64,
     changed: bool,
     bytes_read: u64,
+    /// The xattrs of what was read, when it changed since the walk (the walk's may be another
+    /// file's, or gone).
+    xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
 }
 
 /// Reads the data regions of `file` in order as one stream.
@@ -545,18 +567,20 @@ fn read_file_inner(
     loop {
         attempt += 1;
         // No symlink on the way and never above the source: a directory swapped for a symlink
-        // since the walk fails here (ELOOP) rather than leading to another file.
-        let file =
-            fsx::open_read_beneath(anchor.dir.as_raw_fd(), anchor.rel(abs)).map_err(|e| {
+        // since the walk fails here (ELOOP) rather than leading to another file. Nothing is
+        // opened before its type is known (a device node renamed into place is not touched).
+        let handle =
+            fsx::open_path_beneath(anchor.dir.as_raw_fd(), anchor.rel(abs)).map_err(|e| {
                 if e.raw_os_error() == Some(libc::ELOOP) {
                     std::io::Error::other(format!(
-                    "its path leads through a symlink since the walk ({e}); recorded without data"
-                ))
+                        "its path leads through a symlink since the walk ({e}); recorded without \
+                         data"
+                    ))
                 } else {
                     e
                 }
             })?;
-        let md = file.metadata()?;
+        let md = handle.metadata()?;
         if !md.is_file() {
             return Err(std::io::Error::other(
                 "replaced between the walk and the read by something not a regular file",
@@ -564,9 +588,19 @@ fn read_file_inner(
         }
         if (md.dev(), md.ino()) != identity {
             // Another inode at the walked place, replaced by rename (how editors and package
-            // managers save): its content is the file's now, stored and flagged changed.
+            // managers save): its content is the file's now, stored and flagged changed, if
+            // it has the owner and mode the walk recorded (a restore applies those). Another
+            // owner's file renamed into place (one the user could not read, or a hard link to
+            // /etc/shadow) is not stored under them.
+            if (md.uid(), md.gid(), md.mode() & 0o7777) != job.owner {
+                return Err(std::io::Error::other(
+                    "replaced between the walk and the read by a file of another owner or mode; \
+                     recorded without data",
+                ));
+            }
             expect = (u64::MAX, 0, 0); // never "stable"
         }
+        let file = fsx::reopen_read(&handle)?;
         let before = stat_times(&md);
         let size = before.0;
         let extents = if job.blocks * 512 < size {
@@ -618,6 +652,13 @@ fn read_file_inner(
             } else {
                 (None, stored)
             };
+            // Changed since the walk: its xattrs as they are now (never the walk's of another
+            // file: a restore would put them, capabilities included, on this content).
+            let xattrs = if stable {
+                None
+            } else {
+                Some(fsx::list_xattrs(&file)?)
+            };
             return Ok(ReadFile {
                 chunks,
                 extents,
@@ -626,6 +667,7 @@ fn read_file_inner(
                 ctime_ns: before.2,
                 changed: !stable,
                 bytes_read,
+                xattrs,
             });
         }
         expect = after;
@@ -652,6 +694,8 @@ pub fn backup_files(
         .map(|p| absolute_source(p))
         .collect::<Result<_, _>>()?;
     let asset = file_asset(&sources);
+    // Room for a descriptor per walked level beside the readers' and the vault's.
+    fsx::raise_fd_limit(MAX_WALK_DEPTH as u64 + 4096);
 
     // The parent RP's regular files, matched while walking.
     let mut session = BackupSession::new(vault.clone())?;
@@ -707,7 +751,11 @@ pub fn backup_files(
         let walker = {
             let sources = &sources;
             let cancel = &opts.cancel;
-            s.spawn(move || -> Result<Vec<String>, AgentError> {
+            // Its recursion is MAX_WALK_DEPTH frames deep at most: a stack to match.
+            let thread = std::thread::Builder::new()
+                .name("file-walk".into())
+                .stack_size(64 << 20);
+            let spawned = thread.spawn_scoped(s, move || -> Result<Vec<String>, AgentError> {
                 let mut walker = Walker {
                     excludes,
                     one_fs: opts.one_file_system,
@@ -721,7 +769,11 @@ pub fn backup_files(
                 };
                 walk_sources(&mut walker, sources)?;
                 Ok(walker.unreadable)
-            })
+            });
+            spawned.map_err(|source| AgentError::Source {
+                path: "(the walker thread)".into(),
+                source,
+            })?
         };
         let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         for w in wrx {
@@ -769,6 +821,7 @@ pub fn backup_files(
                         expect: (e.size, e.mtime_ns, e.ctime_ns),
                         blocks: w.blocks,
                         identity: (e.dev, e.inode),
+                        owner: (e.uid, e.gid, e.mode),
                     };
                     if jtx.send(job).is_err() {
                         break;
@@ -812,6 +865,9 @@ pub fn backup_files(
                 if let Some(x) = f.extents {
                     e.flags |= FLAG_SPARSE;
                     e.extents = x;
+                }
+                if let Some(x) = f.xattrs {
+                    e.xattrs = x;
                 }
                 if f.changed {
                     e.flags |= FLAG_CHANGED;

@@ -152,27 +152,128 @@ struct OpenHow {
     resolve: u64,
 }
 
-/// Opens `rel` (a relative path, `/`-separated) under directory `dir` for reading, with no
-/// symlink anywhere on the way and never leaving `dir`: what is opened is the file at that
-/// place in the tree `dir` holds, not something a swapped directory points to. ELOOP when a
-/// component is a symlink. `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the kernel
-/// has it (5.6), else the same walk one `openat(O_NOFOLLOW)` per component. O_NOATIME when
-/// allowed; O_NONBLOCK so a FIFO swapped in does not block.
-pub fn open_read_beneath(dir: RawFd, rel: &[u8]) -> io::Result<std::fs::File> {
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
-    let eperm = |r: &io::Result<std::fs::File>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EPERM));
-    let mut r = openat2_beneath(dir, rel, flags | libc::O_NOATIME);
-    if eperm(&r) {
-        r = openat2_beneath(dir, rel, flags);
+/// An `O_PATH` handle on `rel` (a relative path, `/`-separated) under directory `dir`, with no
+/// symlink anywhere on the way and never leaving `dir`: what is reached is the node at that
+/// place in the tree `dir` holds, not something a swapped directory points to, and nothing is
+/// opened (a device node or FIFO put there is not touched: check its type, then
+/// [`reopen_read`]). ELOOP when a component is a symlink. `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS)` where the kernel has it (5.6), else the same walk one
+/// `openat(O_NOFOLLOW)` per component.
+pub fn open_path_beneath(dir: RawFd, rel: &[u8]) -> io::Result<std::fs::File> {
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    match openat2_beneath(dir, rel, flags) {
+        // No openat2 (a kernel before 5.6, or a seccomp filter refusing it).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            open_beneath_by_hand(dir, rel, flags)
+        }
+        r => r,
     }
-    // No openat2 (a kernel before 5.6, or a seccomp filter refusing it): the same walk by hand.
-    if eperm(&r) || matches!(&r, Err(e) if e.raw_os_error() == Some(libc::ENOSYS)) {
-        r = open_beneath_by_hand(dir, rel, flags | libc::O_NOATIME);
-        if eperm(&r) {
-            r = open_beneath_by_hand(dir, rel, flags);
+}
+
+/// Opens the node `handle` holds (an `O_PATH` handle) for reading, through its
+/// `/proc/self/fd` entry: that inode, whatever its path leads to now. O_NOATIME when allowed;
+/// O_NONBLOCK so that no open blocks.
+pub fn reopen_read(handle: &impl AsRawFd) -> io::Result<std::fs::File> {
+    let c = cstr(proc_fd(handle).as_bytes())?;
+    let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
+    let mut fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_NOATIME) };
+    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+        // SAFETY: as above.
+        fd = unsafe { libc::open(c.as_ptr(), flags) };
+    }
+    check(fd)?;
+    // SAFETY: the fd was just returned by a successful syscall; nothing else owns it.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Raises this process's soft limit on open descriptors to `want` (never above the hard limit,
+/// never lowering it). Best effort: the limit stays as it was if the call fails.
+pub fn raise_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct, which `lim` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    let target = (want as libc::rlim_t).min(lim.rlim_max);
+    if target > lim.rlim_cur {
+        lim.rlim_cur = target;
+        // SAFETY: setrlimit reads one rlimit struct; a failure changes nothing.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+}
+
+/// Most symlinks followed while resolving one path (the kernel's limit).
+const MAX_SYMLINK_HOPS: u32 = 40;
+
+/// Opens directory `path` (absolute) one component at a time from `/`, following a symlink
+/// only if it is trusted: owned by root, in a directory owned by root that no one else may
+/// write (`/var/run -> /run`, not a link in /tmp or in a user's home). Returns the handle of
+/// each component of `path` (the directory it resolves to), `/` first: where a backup's source
+/// is, resolved so that no other user can redirect it.
+pub fn open_dir_trusted(path: &Path) -> io::Result<Vec<std::fs::File>> {
+    let mut hops = 0;
+    let mut out = vec![open_path(Path::new("/"), false)?];
+    for c in path.components() {
+        match c {
+            std::path::Component::Normal(name) => {
+                let cur = out.last().expect("starts with /");
+                let next = step_trusted(cur, name.as_bytes(), &mut hops)?;
+                out.push(next);
+            }
+            std::path::Component::RootDir => {}
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
     }
-    r
+    Ok(out)
+}
+
+/// Entry `name` of directory `cur` as a directory, through trusted symlinks only.
+fn step_trusted(cur: &std::fs::File, name: &[u8], hops: &mut u32) -> io::Result<std::fs::File> {
+    let h = open_path_at(cur.as_raw_fd(), name)?;
+    let md = h.metadata()?;
+    if md.is_dir() {
+        return Ok(h);
+    }
+    if !md.file_type().is_symlink() {
+        return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+    }
+    *hops += 1;
+    if *hops > MAX_SYMLINK_HOPS {
+        return Err(io::Error::from_raw_os_error(libc::ELOOP));
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = cur.metadata()?;
+    if md.uid() != 0 || dir.uid() != 0 || dir.mode() & 0o022 != 0 {
+        return Err(io::Error::other(format!(
+            "{} is a symlink another user can change (link owned by uid {}, in a directory \
+             owned by uid {}, mode {:o}): name the directory it leads to instead",
+            show(name),
+            md.uid(),
+            dir.uid(),
+            dir.mode() & 0o7777
+        )));
+    }
+    let target = read_link(&h)?;
+    let mut at = if target.first() == Some(&b'/') {
+        open_path(Path::new("/"), false)?
+    } else {
+        cur.try_clone()?
+    };
+    for part in target
+        .split(|&b| b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+    {
+        at = if part == b".." {
+            open_path_at(at.as_raw_fd(), b"..")?
+        } else {
+            step_trusted(&at, part, hops)?
+        };
+    }
+    Ok(at)
 }
 
 fn openat2_beneath(dir: RawFd, rel: &[u8], flags: libc::c_int) -> io::Result<std::fs::File> {
@@ -432,7 +533,7 @@ pub fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     for name in names[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let cn = cstr(name)?;
         let mut value = vec![0u8; 256];
-        loop {
+        let value = loop {
             // SAFETY: NUL-terminated path and name; at most the length passed is written.
             let r = unsafe {
                 libc::getxattr(
@@ -444,7 +545,7 @@ pub fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
             };
             if r >= 0 {
                 value.truncate(r as usize);
-                break;
+                break Some(value);
             }
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
@@ -455,15 +556,15 @@ pub fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
                     })?;
                     value.resize(need.max(value.len() * 2), 0);
                 }
-                // Removed between list and get.
-                Some(libc::ENODATA) => {
-                    value.clear();
-                    break;
-                }
+                // Removed between list and get: not recorded (an empty value would be
+                // restored as one).
+                Some(libc::ENODATA) => break None,
                 _ => return Err(e),
             }
+        };
+        if let Some(value) = value {
+            out.push((name.to_vec(), value));
         }
-        out.push((name.to_vec(), value));
     }
     out.sort();
     Ok(out)
@@ -559,6 +660,7 @@ pub fn show(path: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// Both ways of opening beneath a directory (openat2, and the walk by hand used where the
     /// kernel has no openat2) agree: the file at the place, never through a symlink or `..`.
@@ -574,19 +676,52 @@ mod tests {
         let dir = open_path(&top, true).unwrap();
         let errno = |r: io::Result<std::fs::File>| r.err().and_then(|e| e.raw_os_error());
         let by_hand = |rel: &[u8]| {
-            open_beneath_by_hand(dir.as_raw_fd(), rel, libc::O_RDONLY | libc::O_NOFOLLOW)
+            open_beneath_by_hand(dir.as_raw_fd(), rel, libc::O_PATH | libc::O_NOFOLLOW)
         };
         for open in [
-            &(|rel: &[u8]| open_read_beneath(dir.as_raw_fd(), rel)) as &dyn Fn(&[u8]) -> _,
+            &(|rel: &[u8]| open_path_beneath(dir.as_raw_fd(), rel)) as &dyn Fn(&[u8]) -> _,
             &by_hand,
         ] {
-            let f = open(b"a/b/f").unwrap();
+            let f = reopen_read(&open(b"a/b/f").unwrap()).unwrap();
             assert_eq!(std::io::read_to_string(f).unwrap(), "inside");
             assert_eq!(errno(open(b"link/b/f")), Some(libc::ELOOP));
-            assert_eq!(errno(open(b"a/flink")), Some(libc::ELOOP));
+            // A final symlink is the link itself (O_PATH | O_NOFOLLOW), never its target.
+            let link = open(b"a/flink").unwrap().metadata().unwrap();
+            assert!(link.file_type().is_symlink());
             assert_eq!(errno(open(b"../outside")), Some(libc::EXDEV));
             assert_eq!(errno(open(b"a/missing")), Some(libc::ENOENT));
         }
+    }
+
+    /// A source's directory is reached through root's symlinks in root's directories only.
+    #[test]
+    fn trusted_resolution_follows_only_symlinks_no_one_else_controls() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (real, link) = (tmp.path().join("real"), tmp.path().join("link"));
+        std::fs::create_dir_all(real.join("sub")).unwrap();
+        std::os::unix::fs::symlink("real", &link).unwrap();
+        let ino = std::fs::metadata(real.join("sub")).unwrap().ino();
+        let trusted =
+            |p: &Path| open_dir_trusted(p).map(|h| h.last().unwrap().metadata().unwrap().ino());
+        assert_eq!(trusted(&real.join("sub")).unwrap(), ino);
+        let handles = open_dir_trusted(&link.join("sub")).unwrap();
+        assert_eq!(handles.len(), link.join("sub").components().count());
+        if tmp.path().metadata().unwrap().uid() == 0 {
+            // Root's link in root's private directory: followed.
+            assert_eq!(trusted(&link.join("sub")).unwrap(), ino);
+            // The same link in a directory others may write: refused.
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+            let err = trusted(&link.join("sub")).unwrap_err();
+            assert!(err.to_string().contains("another user can change"), "{err}");
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+            // Another user's link: refused.
+            let c = cstr(link.as_os_str().as_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path; lchown does not keep it.
+            assert_eq!(unsafe { libc::lchown(c.as_ptr(), 1000, 1000) }, 0);
+            assert!(trusted(&link.join("sub")).is_err());
+        }
+        assert!(trusted(&real.join("missing")).is_err());
     }
 
     #[test]

@@ -40,6 +40,13 @@ fn install_hook() {
                     std::os::unix::fs::symlink(etc, docs).unwrap();
                 }
             }
+            if p.ends_with("owned/pub.txt") {
+                // Another file renamed into place: one the walk did not see, mode 0600.
+                let tmp = p.with_extension("tmp");
+                std::fs::write(&tmp, b"SECRET of another mode").unwrap();
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+                std::fs::rename(&tmp, p).unwrap();
+            }
             if p.ends_with("edited/report.txt") {
                 let tmp = p.with_extension("tmp");
                 if !p.with_extension("done").exists() {
@@ -173,6 +180,50 @@ fn a_directory_swapped_for_a_symlink_during_the_walk_leads_it_nowhere() {
         !String::from_utf8_lossy(&std::fs::read(etc.join("hosts.txt")).unwrap_or_default())
             .contains("SECRET")
     );
+}
+
+/// A file replaced by rename with one of another mode (or owner): the restore would apply the
+/// walk's owner and mode to it, handing the user a file they could not read. Not stored.
+#[test]
+fn a_file_of_another_mode_renamed_into_place_is_not_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("owned");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("pub.txt"), b"public").unwrap();
+    std::fs::set_permissions(src.join("pub.txt"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (r, root) = back_up_and_restore(tmp.path(), &src);
+    assert!(
+        r.unreadable
+            .iter()
+            .any(|p| p.contains("pub.txt") && p.contains("another owner or mode")),
+        "{:?}",
+        r.unreadable
+    );
+    let got = std::fs::read(root.join("pub.txt")).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&got).contains("SECRET"));
+}
+
+/// A tree deeper than the walk descends (each level holds a descriptor): the backup finishes
+/// and reports where it stopped, instead of running out of descriptors or stack.
+#[test]
+fn a_tree_deeper_than_the_walk_goes_is_reported_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("deep");
+    let mut p = src.clone();
+    for _ in 0..1100 {
+        p.push("d");
+    }
+    std::fs::create_dir_all(&p).unwrap();
+    std::fs::write(src.join("top.txt"), b"top").unwrap();
+    let (r, root) = back_up_and_restore(tmp.path(), &src);
+    assert!(
+        r.unreadable
+            .iter()
+            .any(|p| p.contains("deeper than 1024 levels")),
+        "{:?}",
+        r.unreadable
+    );
+    assert_eq!(std::fs::read(root.join("top.txt")).unwrap(), b"top");
 }
 
 /// `block restore --force` onto a symlink: it used to follow it (to a block device, or here to
