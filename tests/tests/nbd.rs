@@ -886,11 +886,38 @@ fn tls_verify_peer_serves_only_clients_with_a_certificate() {
         "a client without a certificate was served: {}",
         String::from_utf8_lossy(&anonymous.stdout)
     );
+    let plain = Command::new("nbdinfo")
+        .arg(server.uri(&rp))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plain-text client was served");
     drop(server);
 
-    // Without TLS there is nothing to verify: refused before the vault is opened.
-    let out = env.run(&["nbd", "serve", &rp, "--tls-verify-peer"]);
-    assert!(!out.status.success());
+    // Where clients could skip TLS there is nothing to verify: refused before the vault is
+    // opened.
+    let server_dir = dirs.server.to_str().unwrap();
+    for extra in [
+        &["--tls-verify-peer"][..],
+        &[
+            "--tls-certificates",
+            server_dir,
+            "--tls",
+            "on",
+            "--tls-verify-peer",
+        ],
+        &[
+            "--tls-certificates",
+            server_dir,
+            "--tls",
+            "off",
+            "--tls-verify-peer",
+        ],
+    ] {
+        let mut args = vec!["nbd", "serve", &rp];
+        args.extend_from_slice(extra);
+        let out = env.run(&args);
+        assert!(!out.status.success(), "{extra:?}");
+    }
 }
 
 /// `qemu-img compare` of an NBD export with a raw image, which must succeed.

@@ -120,9 +120,12 @@ fn tls(a: &NbdServeArgs) -> Result<Option<mount::nbd::Tls>> {
         None => TlsArg::Off,
     });
     match (mode, &a.tls_certificates) {
-        (TlsArg::Off, _) if a.tls_verify_peer => {
-            anyhow::bail!("--tls-verify-peer needs TLS (--tls-certificates DIR, and not --tls off)")
-        }
+        // Verifying clients means nothing if one may skip TLS altogether.
+        (TlsArg::Off | TlsArg::On, _) if a.tls_verify_peer => anyhow::bail!(
+            "--tls-verify-peer needs --tls require (the default with --tls-certificates): with \
+             --tls {}, clients without a certificate would be served in plain text",
+            if mode == TlsArg::Off { "off" } else { "on" }
+        ),
         (TlsArg::Off, _) => Ok(None),
         (_, None) => anyhow::bail!("--tls on|require needs --tls-certificates DIR"),
         (mode, Some(dir)) => mount::nbd::Tls::load(dir, mode == TlsArg::Require, a.tls_verify_peer)

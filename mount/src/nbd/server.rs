@@ -16,12 +16,13 @@
 //!   written to the socket. Until then the reader does not read the next request: a connection at
 //!   its cap gets TCP backpressure, never an unbounded queue.
 //! * **No connection can take the whole budget, nor can many.** A connection's byte budget is
-//!   well under the server's, and the server's keeps a reserve of one [`RESERVE_REQUEST`]
-//!   (1 MiB) per admitted connection (64 MiB by default), which a request of up to 1 MiB may
-//!   draw on when the rest is taken, one per connection at a time. However many connections
-//!   hold the rest (clients that pipeline and never read), every connection so gets requests of
-//!   up to 1 MiB through, one at a time; larger ones wait until the write timeout drops a
-//!   stalled connection.
+//!   well under the server's, and a quarter of the server's is a reserve shared out per
+//!   admitted connection (1 MiB each by default, [`RESERVE_REQUEST`]), which a small request
+//!   may draw on when the rest is taken, one per connection at a time; a connection's place
+//!   under the limit is freed only when its last request lets go of its budget. However many
+//!   connections hold the rest (clients that pipeline and never read), every connection so
+//!   gets small requests through, one at a time; larger ones wait until the write timeout
+//!   drops a stalled connection.
 //! * **Requests have bounded work.** READ and WRITE at most [`MAX_REQUEST`] (32 MiB, advertised);
 //!   BLOCK_STATUS looks at most [`MAX_BLOCK_STATUS`] (1 GiB) and answers with at most
 //!   [`MAX_EXTENTS`] descriptors (the spec lets a server describe less than asked); CACHE is a
@@ -80,7 +81,8 @@ pub const MAX_BLOCK_STATUS: u64 = 1 << 30;
 /// Bytes one CACHE prefetches: it is only a hint, the rest of a longer range is ignored.
 pub const MAX_CACHE: u64 = 32 << 20;
 /// Largest request that may draw on the server's reserve, one per connection at a time (see
-/// `Budget`): 1 MiB, so the reserve for 64 connections is 64 MiB.
+/// `Budget`): 1 MiB with the default limits (the reserve for 64 connections is then 64 MiB, a
+/// quarter of the budget); with more connections, less.
 pub const RESERVE_REQUEST: u32 = 1 << 20;
 /// What every request costs in the byte budgets besides its data: its task, reply header and
 /// bookkeeping, rounded up generously, so that requests without payload are paid for too.
@@ -194,9 +196,9 @@ impl ServerOptions {
         ServerOptions {
             max_connections: self.max_connections.max(1),
             // The shared pool holds at least one connection's budget, besides the reserve.
-            inflight_bytes: self
-                .inflight_bytes
-                .max(connection_bytes + Budget::reserve(self.max_connections.max(1))),
+            inflight_bytes: self.inflight_bytes.max(
+                connection_bytes + Budget::reserve(self.inflight_bytes, self.max_connections).0,
+            ),
             connection_bytes,
             connection_requests: self.connection_requests.max(1),
             ..self.clone()
@@ -232,7 +234,7 @@ impl Tls {
     /// present a certificate that `dir/ca-cert.pem` signed (libnbd sends `client-cert.pem` and
     /// `client-key.pem` from its own certificate directory): that is what authenticates clients;
     /// without it the server asks for no certificate and TLS authenticates the server only.
-    /// rustls on the ring provider, TLS 1.2 and 1.3.
+    /// `verify_peer` implies `require`. rustls on the ring provider, TLS 1.2 and 1.3.
     pub fn load(dir: &Path, require: bool, verify_peer: bool) -> io::Result<Tls> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -278,7 +280,8 @@ impl Tls {
             .map_err(|e| bad("server-key.pem", &e))?;
         Ok(Tls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            require,
+            // Verified clients only, so never plain-text ones.
+            require: require || verify_peer,
             verify_peer,
         })
     }
@@ -381,7 +384,7 @@ impl Server {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        connection(stream, &self.shared()).await
+        connection(stream, &self.shared(), None).await
     }
 
     /// Serves connections from `listener` until `shutdown` completes.
@@ -481,11 +484,12 @@ fn spawn_conn<S>(
     };
     let shared = shared.clone();
     tasks.spawn(async move {
-        match connection(stream, &shared).await {
+        // The connection's place under the limit goes with its budget holds: a request still
+        // being served after the connection ended keeps it taken (and its reserve ticket).
+        match connection(stream, &shared, Some(permit)).await {
             Ok(()) => tracing::debug!("{peer}: disconnected"),
             Err(e) => tracing::info!("{peer}: connection closed: {e}"),
         }
-        drop(permit);
     });
 }
 
@@ -496,7 +500,11 @@ struct Session {
     allocation_context: bool,
 }
 
-async fn connection<S>(stream: S, shared: &Arc<Shared>) -> io::Result<()>
+async fn connection<S>(
+    stream: S,
+    shared: &Arc<Shared>,
+    admission: Option<OwnedSemaphorePermit>,
+) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -541,7 +549,7 @@ where
         return Ok(());
     };
     let (rd, wr) = tokio::io::split(stream);
-    transmission(rd, wr, shared, session).await
+    transmission(rd, wr, shared, session, admission).await
 }
 
 /// How option haggling ended.
@@ -856,29 +864,38 @@ fn reply_with<R: Into<Reply> + Send + 'static>(
 /// A reply on its way to the socket, with what its request holds.
 type Frame = (Reply, Hold);
 
-/// The server-wide byte budget: a pool any request may draw on, and a reserve that a request
-/// of at most [`RESERVE_REQUEST`] bytes may draw on when the pool is taken, one such request
-/// per connection at a time (its connection's reserve ticket). The reserve holds one for every
-/// connection the server admits, so however the pool is held (clients that pipeline and never
-/// read) every connection still gets such requests through, one at a time.
+/// The server-wide byte budget: a pool any request may draw on, and a reserve that a small
+/// request may draw on when the pool is taken, one such request per connection at a time (its
+/// connection's reserve ticket). The reserve holds one for every connection the server admits,
+/// so however the pool is held (clients that pipeline and never read) every connection still
+/// gets small requests through, one at a time. The reserve is a quarter of the budget, shared
+/// out per admitted connection: requests of up to [`RESERVE_REQUEST`] (1 MiB) with the default
+/// 64 connections, less with more (never under 4 KiB), so `max_connections` does not make the
+/// budget grow.
 #[derive(Clone)]
 struct Budget {
     pool: Arc<Semaphore>,
     reserve: Arc<Semaphore>,
+    /// Largest cost (with [`REQUEST_COST`]) a request may take from the reserve.
+    reserve_cost: u32,
 }
 
 impl Budget {
-    /// The reserve for `max_connections`: one request each.
-    fn reserve(max_connections: usize) -> usize {
-        max_connections.saturating_mul((RESERVE_REQUEST + REQUEST_COST) as usize)
+    /// (reserve bytes, largest cost one request may take from it) for these limits.
+    fn reserve(inflight_bytes: usize, max_connections: usize) -> (usize, u32) {
+        let share = (inflight_bytes / 4 / max_connections.max(1))
+            .clamp(4096, RESERVE_REQUEST as usize)
+            + REQUEST_COST as usize;
+        (share.saturating_mul(max_connections.max(1)), share as u32)
     }
 
     /// Splits the (effective) `inflight_bytes` into the reserve and the pool.
     fn new(opts: &ServerOptions) -> Self {
-        let reserve = Self::reserve(opts.max_connections);
+        let (reserve, reserve_cost) = Self::reserve(opts.inflight_bytes, opts.max_connections);
         Budget {
             pool: Arc::new(Semaphore::new(opts.inflight_bytes.saturating_sub(reserve))),
             reserve: Arc::new(Semaphore::new(reserve)),
+            reserve_cost,
         }
     }
 }
@@ -891,6 +908,9 @@ struct Hold {
     _connection: OwnedSemaphorePermit,
     _server: OwnedSemaphorePermit,
     _ticket: Option<OwnedSemaphorePermit>,
+    /// The connection (and so its place under the connection limit) lives as long as any
+    /// request of it holds budget.
+    _conn: Arc<Conn>,
 }
 
 /// One connection's limits and the time of its last traffic.
@@ -901,19 +921,22 @@ struct Conn {
     server: Budget,
     /// One permit: held by the connection's request that draws on the server's reserve.
     ticket: Arc<Semaphore>,
+    /// Its place under `max_connections` (none for connections not counted there).
+    _admission: Option<OwnedSemaphorePermit>,
     start: Instant,
     /// Milliseconds after `start` when a request was last read or a reply last written.
     last: AtomicU64,
 }
 
 impl Conn {
-    fn new(opts: &ServerOptions, server: Budget) -> Self {
+    fn new(opts: &ServerOptions, server: Budget, admission: Option<OwnedSemaphorePermit>) -> Self {
         Conn {
             slots: Arc::new(Semaphore::new(opts.connection_requests)),
             max_requests: opts.connection_requests,
             bytes: Arc::new(Semaphore::new(opts.connection_bytes)),
             server,
             ticket: Arc::new(Semaphore::new(1)),
+            _admission: admission,
             start: Instant::now(),
             last: AtomicU64::new(0),
         }
@@ -921,9 +944,9 @@ impl Conn {
 
     /// Waits for a request slot and `cost` bytes of both budgets. The connection's own limits
     /// come first, so a connection at its cap waits there and leaves the server budget to others.
-    /// The server's bytes come from the pool or, for a request of at most [`RESERVE_REQUEST`],
-    /// from the reserve with the connection's ticket, whichever is free first ([`Budget`]).
-    async fn hold(&self, cost: u32) -> io::Result<Hold> {
+    /// The server's bytes come from the pool or, for a small request, from the reserve with the
+    /// connection's ticket, whichever is free first ([`Budget`]).
+    async fn hold(self: &Arc<Self>, cost: u32) -> io::Result<Hold> {
         let closed = |_| io::Error::other("request budget closed");
         let _slot = self.slots.clone().acquire_owned().await.map_err(closed)?;
         let _connection = self
@@ -933,7 +956,7 @@ impl Conn {
             .await
             .map_err(closed)?;
         let pool = self.server.pool.clone().acquire_many_owned(cost);
-        let (_server, _ticket) = if cost <= RESERVE_REQUEST + REQUEST_COST {
+        let (_server, _ticket) = if cost <= self.server.reserve_cost {
             let reserve = async {
                 let ticket = self.ticket.clone().acquire_owned().await?;
                 let bytes = self.server.reserve.clone().acquire_many_owned(cost).await?;
@@ -952,6 +975,7 @@ impl Conn {
             _connection,
             _server,
             _ticket,
+            _conn: self.clone(),
         })
     }
 
@@ -1053,13 +1077,14 @@ async fn transmission<R, W>(
     mut wr: W,
     shared: &Arc<Shared>,
     s: Session,
+    admission: Option<OwnedSemaphorePermit>,
 ) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let opts = &shared.opts;
-    let conn = Arc::new(Conn::new(opts, shared.budget.clone()));
+    let conn = Arc::new(Conn::new(opts, shared.budget.clone(), admission));
     // Never full: every frame holds a request slot, and there are as many slots as places.
     let (tx, mut rx) = mpsc::channel::<Frame>(opts.connection_requests);
     let stall = opts.write_timeout;
@@ -1117,7 +1142,7 @@ where
 async fn serve_requests<R: AsyncRead + Unpin>(
     rd: &mut R,
     tx: mpsc::Sender<Frame>,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     disk: Disk,
     s: &Session,
     idle: Option<Duration>,
@@ -1315,7 +1340,7 @@ where
         structured: false,
         allocation_context: false,
     };
-    transmission(rd, wr, &shared, session).await
+    transmission(rd, wr, &shared, session, None).await
 }
 
 impl Export {
@@ -1513,18 +1538,16 @@ mod tests {
         }
     }
 
-    /// `hogs` clients pipeline reads (a 4 KiB one first, then 32 MiB ones) and never read the
-    /// replies; another client's 4 KiB reads must still be answered quickly. Returns their p99.
-    fn p99_beside_clients_that_never_read(hogs: usize) -> Duration {
+    /// `hogs` clients pipeline `len`-byte reads and never read the replies; another client's
+    /// 4 KiB reads must still be answered quickly. Returns their p99.
+    fn p99_beside_clients_that_never_read(hogs: usize, len: u32) -> Duration {
         let disk = disk_bytes();
         let server = TestServer::start(&disk, ServerOptions::default());
         let hogs: Vec<Client> = (0..hogs)
             .map(|_| {
                 let mut c = Client::go(&server.addr);
-                // A small request first: it may take the hog's share of the reserve.
-                c.request(CMD_READ, 0, 0, 4096);
-                for i in 1..40 {
-                    c.request(CMD_READ, i, 0, MAX_REQUEST);
+                for i in 0..(80 << 20) / len as u64 {
+                    c.request(CMD_READ, i, 0, len);
                 }
                 c
             })
@@ -1552,19 +1575,20 @@ mod tests {
     /// answered (this test then failed on its 10 s read timeout).
     #[test]
     fn a_fifth_client_is_served_while_four_never_read() {
-        let p99 = p99_beside_clients_that_never_read(4);
+        let p99 = p99_beside_clients_that_never_read(4, MAX_REQUEST);
         println!("fifth client: p99 of 4 KiB reads {p99:?} beside four clients that never read");
         assert!(p99 <= Duration::from_millis(100), "p99 {p99:?}");
     }
 
-    /// Twelve such clients hold the whole pool (each its 48 MiB, and each a small request from
-    /// the reserve): another client is still served, through its share of the reserve. With a
-    /// fixed per-connection budget alone, its first read waited until the write timeout (60 s)
-    /// dropped a stalled client.
+    /// Every other place under the connection limit (63) taken by clients that pipeline 1 MiB
+    /// reads and never read: together they hold the whole pool, and each holds a request from
+    /// the reserve behind its unwritten replies. The last client is still served, through its
+    /// own share of the reserve. With a fixed per-connection budget alone, its first read
+    /// waited until the write timeout (60 s) dropped a stalled client.
     #[test]
-    fn a_client_is_served_while_twelve_never_read() {
-        let p99 = p99_beside_clients_that_never_read(12);
-        println!("p99 of 4 KiB reads {p99:?} beside twelve clients that never read");
+    fn a_client_is_served_while_all_the_others_never_read() {
+        let p99 = p99_beside_clients_that_never_read(63, 1 << 20);
+        println!("p99 of 4 KiB reads {p99:?} beside 63 clients that never read");
         assert!(p99 <= Duration::from_millis(100), "p99 {p99:?}");
     }
 
