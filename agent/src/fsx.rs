@@ -162,8 +162,14 @@ struct OpenHow {
 pub fn open_path_beneath(dir: RawFd, rel: &[u8]) -> io::Result<std::fs::File> {
     let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     match openat2_beneath(dir, rel, flags) {
-        // No openat2 (a kernel before 5.6, or a seccomp filter refusing it).
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+        // No openat2 (a kernel before 5.6, or a seccomp filter refusing it), or a path longer
+        // than PATH_MAX, which one component at a time never is.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EPERM | libc::ENAMETOOLONG)
+            ) =>
+        {
             open_beneath_by_hand(dir, rel, flags)
         }
         r => r,

@@ -1041,13 +1041,19 @@ pub(crate) fn is_canonical_tag_key(key: &str, rp: &RecoveryPointId) -> bool {
 /// Key files are ~300 bytes of JSON; anything over this is not one (and is not read).
 const MAX_KEY_FILE: u64 = 64 << 10;
 
-/// The order key files are tried in: cheapest KDF first (memory times passes), then by name.
-/// Key files are unauthenticated until one unwraps: the vault's own (default parameters) so
-/// come before planted ones made expensive (within the caps) to slow every open down.
+/// The order key files are tried in: cheapest KDF first (memory times passes, over the lanes
+/// that run at once here), then by name. Key files are unauthenticated until one unwraps: the
+/// vault's own (default parameters) so come before planted ones made expensive (within the
+/// caps) to slow every open down.
 fn unwrap_order(candidates: &mut [(String, KeyFile)]) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     candidates.sort_by_cached_key(|(key, kf)| {
         let p = &kf.params;
-        (u64::from(p.memory_kib) * u64::from(p.iterations), key.clone())
+        let at_once = u64::from(p.parallelism).clamp(1, cores);
+        (
+            u64::from(p.memory_kib) * u64::from(p.iterations) / at_once,
+            key.clone(),
+        )
     });
 }
 
