@@ -34,11 +34,10 @@ use std::time::{Duration, Instant};
 use aws_sdk_ebs::primitives::ByteStream;
 use aws_sdk_ec2::types::{Filter, ResourceType, SnapshotState, Tag, TagSpecification, VolumeState};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use scalez::catalog::RP_FORMAT;
 use scalez::disk_map::MapBuilder;
 use scalez::reader::DiskReader;
 use scalez::{
-    Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RecoveryPointId, RpKind,
+    Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RpBody, RpDraft, RpFigures, RpKind,
     SessionStats, Vault,
 };
 use sha2::{Digest, Sha256};
@@ -527,7 +526,6 @@ pub(crate) fn read_snapshot(
     progress: &dyn Progress,
 ) -> Result<EbsBackupReport, AgentError> {
     let started = Instant::now();
-    let created = scalez::vault::now_rfc3339();
     let cs = vault.config().chunk_size as usize;
     if cs > EBS_BLOCK || (EBS_BLOCK / cs) * cs != EBS_BLOCK {
         return Err(AgentError::Ebs(format!(
@@ -542,6 +540,11 @@ pub(crate) fn read_snapshot(
 
     // The parent RP and the snapshot it recorded, if that snapshot can still be diffed against.
     let parent = vault.latest_rp(RpKind::Disk, &asset)?;
+    let mut draft = RpDraft::new(
+        asset,
+        parent.as_ref().map(|p| p.id.clone()),
+        opts.tags.clone(),
+    );
     let parent_map = parent
         .as_ref()
         .and_then(|p| p.disk.clone())
@@ -671,36 +674,22 @@ pub(crate) fn read_snapshot(
         (Ok(()), Ok(m)) => m,
     };
     let stats = session.finish()?;
-    let mut tags = opts.tags.clone();
+    let tags = &mut draft.tags;
     tags.insert(RP_TAG_SNAPSHOT.into(), info.id.clone());
     tags.insert(RP_TAG_REGION.into(), aws.region.clone());
     if info.volume_id.starts_with("vol-") && info.volume_id != "vol-ffffffff" {
         tags.insert(RP_TAG_VOLUME.into(), info.volume_id.clone());
     }
     let blocks_read = fetched.load(Ordering::Relaxed);
-    let rp = RecoveryPoint {
-        format: RP_FORMAT,
-        id: RecoveryPointId::generate(),
-        kind: RpKind::Disk,
-        asset,
-        created,
-        parent: parent.map(|p| p.id),
-        logical_size: size,
-        bytes_read: blocks_read * EBS_BLOCK as u64,
-        new_bytes_stored: stats.bytes_written,
-        new_chunks: stats.new_chunks,
-        duration_ms: started.elapsed().as_millis() as u64,
-        tags,
-        disk: Some(DiskMapRef {
+    let rp = draft.finish(
+        RpBody::Disk(DiskMapRef {
             chunk_size: cs as u32,
             size,
             depth,
             root,
         }),
-        instance: None,
-        stream: None,
-        tree: None,
-    };
+        RpFigures::stored(size, blocks_read * EBS_BLOCK as u64, &stats),
+    );
     session.commit(&rp)?;
     Ok(EbsBackupReport {
         rp,
@@ -964,10 +953,7 @@ pub fn restore_to_snapshot(
     progress: &dyn Progress,
 ) -> Result<EbsRestoreReport, AgentError> {
     let started = Instant::now();
-    let map = rp.disk.clone().ok_or_else(|| AgentError::NotADisk {
-        rp: rp.id.to_string(),
-        kind: rp.kind.to_string(),
-    })?;
+    let map = rp.disk()?.clone();
     let ctx = Ctx::new(opts.ebs.rate, opts.ebs.page_size);
     let size_gib = map.size.div_ceil(GIB).max(1);
     let blocks = map.size.div_ceil(EBS_BLOCK as u64);

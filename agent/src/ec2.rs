@@ -13,8 +13,9 @@ use aws_sdk_ec2::types::{
     CopyTagsFromSource, InstanceSpecification, InstanceStateName, Placement, ResourceType,
     TagSpecification,
 };
-use scalez::catalog::RP_FORMAT;
-use scalez::{InstanceRecord, InstanceVolume, RecoveryPoint, RecoveryPointId, RpKind, Vault};
+use scalez::{
+    InstanceRecord, InstanceVolume, RecoveryPoint, RpBody, RpDraft, RpFigures, RpKind, Vault,
+};
 
 use crate::aws::{call, classify, Aws};
 use crate::ebs::{
@@ -77,7 +78,15 @@ pub fn backup_instance(
     let started = Instant::now();
     let ctx = Ctx::new(opts.rate, opts.page_size);
     let vault_id = vault.config().vault_id.clone();
-    let created = scalez::vault::now_rfc3339();
+    // The instance RP is created as the backup starts (its volumes' RPs follow).
+    let asset = scalez::Asset {
+        name: instance_id.to_string(),
+        host: format!("aws:{}", aws.region),
+    };
+    let parent = vault.latest_rp(RpKind::Instance, &asset)?.map(|p| p.id);
+    let mut rp_tags = opts.tags.clone();
+    rp_tags.insert(RP_TAG_INSTANCE.into(), instance_id.into());
+    let draft = RpDraft::new(asset, parent, rp_tags);
     let (inst, attached, types, snapshots) = aws.rt.block_on(async {
         let inst = describe_instance(aws, &ctx, instance_id).await?;
         let attached: Vec<Attached> = inst
@@ -246,32 +255,16 @@ pub fn backup_instance(
             })
             .collect(),
     };
-    let asset = scalez::Asset {
-        name: instance_id.to_string(),
-        host: format!("aws:{}", aws.region),
-    };
-    let parent = vault.latest_rp(RpKind::Instance, &asset)?.map(|p| p.id);
     let sum = |f: fn(&RecoveryPoint) -> u64| reports.iter().map(|(_, r)| f(&r.rp)).sum::<u64>();
-    let mut rp_tags = opts.tags.clone();
-    rp_tags.insert(RP_TAG_INSTANCE.into(), instance_id.into());
-    let rp = RecoveryPoint {
-        format: RP_FORMAT,
-        id: RecoveryPointId::generate(),
-        kind: RpKind::Instance,
-        asset,
-        created,
-        parent,
-        logical_size: sum(|r| r.logical_size),
-        bytes_read: sum(|r| r.bytes_read),
-        new_bytes_stored: sum(|r| r.new_bytes_stored),
-        new_chunks: sum(|r| r.new_chunks),
-        duration_ms: started.elapsed().as_millis() as u64,
-        tags: rp_tags,
-        disk: None,
-        instance: Some(record),
-        stream: None,
-        tree: None,
-    };
+    let rp = draft.finish(
+        RpBody::Instance(record),
+        RpFigures {
+            logical_size: sum(|r| r.logical_size),
+            bytes_read: sum(|r| r.bytes_read),
+            new_bytes_stored: sum(|r| r.new_bytes_stored),
+            new_chunks: sum(|r| r.new_chunks),
+        },
+    );
     vault.commit_rp(&rp)?;
     if !opts.keep_snapshots {
         for (device, r) in reports.iter_mut() {
@@ -318,12 +311,7 @@ pub fn restore_instance(
     progress: &dyn Progress,
 ) -> Result<Ec2RestoreReport, AgentError> {
     let started = Instant::now();
-    let record = rp.instance.clone().ok_or_else(|| {
-        AgentError::Ebs(format!(
-            "recovery point {} is a {} recovery point, not an EC2 instance",
-            rp.id, rp.kind
-        ))
-    })?;
+    let record = rp.instance()?.clone();
     let az = opts
         .availability_zone
         .clone()

@@ -26,8 +26,6 @@ pub enum AgentError {
         have: u64,
         need: u64,
     },
-    #[error("recovery point {rp} is a {kind} recovery point, not a disk")]
-    NotADisk { rp: String, kind: String },
     /// An AWS call failed for good; `what` names the operation and the volume, snapshot or block.
     #[error("{what}: {reason}")]
     Aws {

@@ -39,11 +39,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use scalez::catalog::RP_FORMAT;
 use scalez::tree::{self, Entry, EntryKind, FLAG_CHANGED, FLAG_SPARSE, FLAG_UNREADABLE};
 use scalez::{
-    Asset, BackupSession, ChunkId, RecoveryPoint, RecoveryPointId, RpKind, SessionStats, TreeRef,
-    Vault,
+    Asset, BackupSession, ChunkId, RecoveryPoint, RpBody, RpDraft, RpFigures, RpKind, SessionStats,
+    TreeRef, Vault,
 };
 
 use crate::error::AgentError;
@@ -682,7 +681,6 @@ pub fn backup_files(
     progress: &dyn Progress,
 ) -> Result<FileBackupReport, AgentError> {
     let started = Instant::now();
-    let created = scalez::vault::now_rfc3339();
     if sources.is_empty() {
         return Err(AgentError::Source {
             path: "".into(),
@@ -700,6 +698,11 @@ pub fn backup_files(
     // The parent RP's regular files, matched while walking.
     let mut session = BackupSession::new(vault.clone())?;
     let parent_rp = vault.latest_rp(RpKind::File, &asset)?;
+    let draft = RpDraft::new(
+        asset,
+        parent_rp.as_ref().map(|rp| rp.id.clone()),
+        opts.tags.clone(),
+    );
     let mut parent_files: HashMap<Vec<u8>, Entry> = HashMap::new();
     if let Some(rp) = &parent_rp {
         if let Some(t) = &rp.tree {
@@ -941,23 +944,8 @@ pub fn backup_files(
         .filter(|e| e.kind == EntryKind::File)
         .map(|e| e.size)
         .sum();
-    let rp = RecoveryPoint {
-        format: RP_FORMAT,
-        id: RecoveryPointId::generate(),
-        kind: RpKind::File,
-        asset,
-        created,
-        parent: parent_rp.map(|rp| rp.id),
-        logical_size: file_bytes,
-        bytes_read,
-        new_bytes_stored: stats.bytes_written,
-        new_chunks: stats.new_chunks,
-        duration_ms: started.elapsed().as_millis() as u64,
-        tags: opts.tags.clone(),
-        disk: None,
-        instance: None,
-        stream: None,
-        tree: Some(TreeRef {
+    let rp = draft.finish(
+        RpBody::Tree(TreeRef {
             stream: tree_stream,
             sources: sources.iter().map(|s| s.display().to_string()).collect(),
             entries: entries.len() as u64,
@@ -965,7 +953,8 @@ pub fn backup_files(
             dirs,
             file_bytes,
         }),
-    };
+        RpFigures::stored(file_bytes, bytes_read, &stats),
+    );
     session.commit(&rp)?;
     Ok(FileBackupReport {
         rp,

@@ -286,10 +286,7 @@ pub fn restore_files(
     progress: &dyn Progress,
 ) -> Result<FileRestoreReport, AgentError> {
     let started = Instant::now();
-    let t = rp.tree.clone().ok_or_else(|| AgentError::NotADisk {
-        rp: rp.id.to_string(),
-        kind: format!("{} (not a file tree)", rp.kind),
-    })?;
+    let t = rp.tree()?.clone();
     std::fs::create_dir_all(target).map_err(|e| AgentError::Target {
         path: target.into(),
         source: e,

@@ -12,11 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use scalez::catalog::RP_FORMAT;
 use scalez::disk_map::{MapBuilder, MapReader, Page};
 use scalez::vault::{FetchedChunks, Verify};
 use scalez::{
-    Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RecoveryPointId, RpKind,
+    Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RpBody, RpDraft, RpFigures, RpKind,
     SessionStats, Vault,
 };
 
@@ -125,11 +124,10 @@ pub fn backup_block(
     progress: &dyn Progress,
 ) -> Result<BackupReport, AgentError> {
     let started = Instant::now();
-    let created = scalez::vault::now_rfc3339();
-    let id = RecoveryPointId::generate();
     let src = BlockSource::open(path, opts.direct)?;
     let asset = block_asset(path, opts.asset_name.as_deref())?;
     let parent = vault.latest_rp(RpKind::Disk, &asset)?.map(|rp| rp.id);
+    let draft = RpDraft::new(asset, parent, opts.tags.clone());
     let cs = vault.config().chunk_size as usize;
     let block_size = opts.block_size.max(cs).next_multiple_of(cs);
     let slots = src.size.div_ceil(cs as u64);
@@ -184,29 +182,15 @@ pub fn backup_block(
         Err(e) => return Err(session_cause(e, session)),
     };
     let stats = session.finish()?;
-    let rp = RecoveryPoint {
-        format: RP_FORMAT,
-        id,
-        kind: RpKind::Disk,
-        asset,
-        created,
-        parent,
-        logical_size: src.size,
-        bytes_read: bytes_read.load(Ordering::Relaxed),
-        new_bytes_stored: stats.bytes_written,
-        new_chunks: stats.new_chunks,
-        duration_ms: started.elapsed().as_millis() as u64,
-        tags: opts.tags.clone(),
-        disk: Some(DiskMapRef {
+    let rp = draft.finish(
+        RpBody::Disk(DiskMapRef {
             chunk_size: cs as u32,
             size: src.size,
             depth,
             root,
         }),
-        instance: None,
-        stream: None,
-        tree: None,
-    };
+        RpFigures::stored(src.size, bytes_read.load(Ordering::Relaxed), &stats),
+    );
     session.commit(&rp)?;
     Ok(BackupReport {
         rp,
@@ -336,10 +320,7 @@ pub fn restore_block(
     progress: &dyn Progress,
 ) -> Result<RestoreReport, AgentError> {
     let started = Instant::now();
-    let map = rp.disk.clone().ok_or_else(|| AgentError::NotADisk {
-        rp: rp.id.to_string(),
-        kind: rp.kind.to_string(),
-    })?;
+    let map = rp.disk()?.clone();
     let terr = |source: io::Error| AgentError::Target {
         path: target.to_path_buf(),
         source,

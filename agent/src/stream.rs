@@ -16,11 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
-use scalez::catalog::RP_FORMAT;
 use scalez::stream_map::{self, MANIFEST_ENTRIES};
 use scalez::{
-    Asset, BackupSession, ChunkId, RecoveryPoint, RecoveryPointId, RpKind, SessionStats, StreamRef,
-    Vault,
+    Asset, BackupSession, ChunkId, RecoveryPoint, RpBody, RpDraft, RpFigures, RpKind, SessionStats,
+    StreamRef, Vault,
 };
 
 use crate::error::AgentError;
@@ -84,9 +83,9 @@ pub fn backup_stream_with(
     late_tags: &dyn Fn() -> BTreeMap<String, String>,
 ) -> Result<StreamReport, AgentError> {
     let started = Instant::now();
-    let created = scalez::vault::now_rfc3339();
     let asset = stream_asset(name);
     let parent = vault.latest_rp(RpKind::Stream, &asset)?.map(|rp| rp.id);
+    let mut draft = RpDraft::new(asset, parent, opts.tags.clone());
     let workers = opts.workers.max(1);
     let mut session = BackupSession::new(vault.clone())?;
     progress.start(0);
@@ -151,28 +150,12 @@ pub fn backup_stream_with(
     };
     let stats = session.finish()?;
     let size = size.load(Ordering::Relaxed);
-    let rp = RecoveryPoint {
-        format: RP_FORMAT,
-        id: RecoveryPointId::generate(),
-        kind: RpKind::Stream,
-        asset,
-        created,
-        parent,
-        logical_size: size,
-        bytes_read: size,
-        new_bytes_stored: stats.bytes_written,
-        new_chunks: stats.new_chunks,
-        duration_ms: started.elapsed().as_millis() as u64,
-        tags: {
-            let mut t = opts.tags.clone();
-            t.extend(late_tags());
-            t
-        },
-        disk: None,
-        instance: None,
-        stream: Some(StreamRef { size, chunks, root }),
-        tree: None,
-    };
+    // Tags known only once the stream ended (a Kafka topic's last offsets).
+    draft.tags.extend(late_tags());
+    let rp = draft.finish(
+        RpBody::Stream(StreamRef { size, chunks, root }),
+        RpFigures::stored(size, size, &stats),
+    );
     session.commit(&rp)?;
     Ok(StreamReport {
         rp,
@@ -226,10 +209,7 @@ pub fn restore_stream(
     workers: usize,
     progress: &dyn Progress,
 ) -> Result<u64, AgentError> {
-    let s = rp.stream.clone().ok_or_else(|| AgentError::NotADisk {
-        rp: rp.id.to_string(),
-        kind: format!("{} (not a stream)", rp.kind),
-    })?;
+    let s = rp.stream()?.clone();
     progress.start(s.size);
     let batch = workers.max(1) * 4;
     let mut written = 0u64;

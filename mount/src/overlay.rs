@@ -13,12 +13,12 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use scalez::catalog::RP_FORMAT;
 use scalez::disk_map::{MapBuilder, MapReader, Page};
 use scalez::reader::DiskReader;
-use scalez::{BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RecoveryPointId, Vault};
+use scalez::{
+    BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RpBody, RpDraft, RpFigures, Vault,
+};
 
 pub struct Overlay {
     base: Arc<DiskReader>,
@@ -199,9 +199,13 @@ pub fn save_as_rp(
     base: &RecoveryPoint,
     overlay: &Overlay,
 ) -> scalez::Result<RecoveryPoint> {
-    let started = Instant::now();
-    let created = scalez::vault::now_rfc3339();
-    let map = base.disk.clone().expect("a disk RP");
+    let map = base.disk()?.clone();
+    let mut tags = base.tags.clone();
+    tags.insert(
+        "elastio:source".into(),
+        format!("nbd overlay of {}", base.id),
+    );
+    let draft = RpDraft::new(base.asset.clone(), Some(base.id.clone()), tags);
     let cs = map.chunk_size as u64;
     let dirty: BTreeSet<u64> = overlay.dirty.lock().unwrap().clone();
     let mut session = BackupSession::new(vault.clone())?;
@@ -247,29 +251,10 @@ pub fn save_as_rp(
     let depth = builder.depth();
     let root = builder.finish(&mut store)?;
     let stats = session.finish()?;
-    let mut tags = base.tags.clone();
-    tags.insert(
-        "elastio:source".into(),
-        format!("nbd overlay of {}", base.id),
+    let rp = draft.finish(
+        RpBody::Disk(DiskMapRef { root, depth, ..map }),
+        RpFigures::stored(map.size, bytes_read, &stats),
     );
-    let rp = RecoveryPoint {
-        format: RP_FORMAT,
-        id: RecoveryPointId::generate(),
-        kind: base.kind,
-        asset: base.asset.clone(),
-        created,
-        parent: Some(base.id.clone()),
-        logical_size: map.size,
-        bytes_read,
-        new_bytes_stored: stats.bytes_written,
-        new_chunks: stats.new_chunks,
-        duration_ms: started.elapsed().as_millis() as u64,
-        tags,
-        disk: Some(DiskMapRef { root, depth, ..map }),
-        instance: None,
-        stream: None,
-        tree: None,
-    };
     session.commit(&rp)?;
     Ok(rp)
 }
@@ -278,7 +263,7 @@ pub fn save_as_rp(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use scalez::catalog::{Asset, RpKind};
+    use scalez::catalog::Asset;
 
     const CS: usize = 4096;
 
@@ -286,27 +271,17 @@ mod tests {
     fn disk_rp(disk: &[u8]) -> (Arc<Vault>, RecoveryPoint) {
         let vault = scalez::testing::memory_vault(CS as u32);
         let map = scalez::testing::store_disk(&vault, disk);
-        let rp = RecoveryPoint {
-            format: RP_FORMAT,
-            id: RecoveryPointId::generate(),
-            kind: RpKind::Disk,
-            asset: Asset {
-                name: "disk".into(),
-                host: "h".into(),
-            },
-            created: scalez::vault::now_rfc3339(),
-            parent: None,
-            logical_size: disk.len() as u64,
-            bytes_read: 0,
-            new_bytes_stored: 0,
-            new_chunks: 0,
-            duration_ms: 0,
-            tags: Default::default(),
-            disk: Some(map),
-            instance: None,
-            stream: None,
-            tree: None,
+        let asset = Asset {
+            name: "disk".into(),
+            host: "h".into(),
         };
+        let rp = RpDraft::new(asset, None, Default::default()).finish(
+            RpBody::Disk(map),
+            RpFigures {
+                logical_size: disk.len() as u64,
+                ..Default::default()
+            },
+        );
         vault.commit_rp(&rp).unwrap();
         (vault, rp)
     }
@@ -334,7 +309,7 @@ mod tests {
     fn the_overlay_file_is_nameless_and_private() {
         use std::os::unix::fs::PermissionsExt;
         let (vault, rp) = disk_rp(&vec![7u8; 2 * CS]);
-        let reader = Arc::new(DiskReader::new(vault, rp.disk.clone().unwrap(), 1 << 20));
+        let reader = Arc::new(DiskReader::new(vault, rp.disk().unwrap().clone(), 1 << 20));
         let dir = tempfile::tempdir().unwrap();
         let overlay = Overlay::create(reader, dir.path()).unwrap();
         overlay.write_at(0, b"secret").unwrap();
@@ -351,7 +326,7 @@ mod tests {
         fn overlay_behaves_like_a_buffer(ops in proptest::collection::vec(op(5 * CS as u64 + 1000), 1..12)) {
             let mut model: Vec<u8> = (0..5 * CS + 1000).map(|i| if i / CS == 1 { 0 } else { (i % 251) as u8 }).collect();
             let (vault, rp) = disk_rp(&model);
-            let reader = Arc::new(DiskReader::new(vault.clone(), rp.disk.clone().unwrap(), 1 << 20));
+            let reader = Arc::new(DiskReader::new(vault.clone(), rp.disk().unwrap().clone(), 1 << 20));
             let dir = tempfile::tempdir().unwrap();
             let overlay = Overlay::create(reader, dir.path()).unwrap();
             for o in &ops {
@@ -373,7 +348,7 @@ mod tests {
 
             let saved = save_as_rp(&vault, &rp, &overlay).unwrap();
             prop_assert_eq!(saved.parent.as_ref(), Some(&rp.id));
-            let back = DiskReader::new(vault.clone(), saved.disk.clone().unwrap(), 1 << 20);
+            let back = DiskReader::new(vault.clone(), saved.disk().unwrap().clone(), 1 << 20);
             let mut restored = vec![0u8; model.len()];
             back.read_at(0, &mut restored).unwrap();
             prop_assert_eq!(&restored, &model);

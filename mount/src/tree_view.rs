@@ -69,11 +69,7 @@ impl TreeView {
     /// Reads the tree of file RP `rp`; `cache_bytes` bounds the decoded chunks kept.
     #[allow(unsafe_code)]
     pub fn load(vault: Arc<Vault>, rp: &RecoveryPoint, cache_bytes: usize) -> scalez::Result<Self> {
-        let tree = rp.tree.as_ref().ok_or_else(|| scalez::Error::Corrupt {
-            location: vault.location(),
-            key: rp.id.catalog_key(),
-            detail: "a file RP without a tree".into(),
-        })?;
+        let tree = rp.tree()?;
         let time = humantime::parse_rfc3339_weak(&rp.created).unwrap_or(UNIX_EPOCH);
         // SAFETY: getuid/getgid have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };

@@ -104,6 +104,150 @@ pub struct RecoveryPoint {
     pub tree: Option<TreeRef>,
 }
 
+impl RecoveryPoint {
+    /// A disk RP's block map; an error naming the RP and its kind for any other.
+    pub fn disk(&self) -> crate::Result<&DiskMapRef> {
+        self.body_of(RpKind::Disk, self.disk.as_ref())
+    }
+
+    /// A stream RP's chunk list; an error naming the RP and its kind for any other.
+    pub fn stream(&self) -> crate::Result<&StreamRef> {
+        self.body_of(RpKind::Stream, self.stream.as_ref())
+    }
+
+    /// A file RP's tree; an error naming the RP and its kind for any other.
+    pub fn tree(&self) -> crate::Result<&TreeRef> {
+        self.body_of(RpKind::File, self.tree.as_ref())
+    }
+
+    /// An instance RP's record; an error naming the RP and its kind for any other.
+    pub fn instance(&self) -> crate::Result<&InstanceRecord> {
+        self.body_of(RpKind::Instance, self.instance.as_ref())
+    }
+
+    fn body_of<'a, T>(&self, wanted: RpKind, body: Option<&'a T>) -> crate::Result<&'a T> {
+        body.filter(|_| self.kind == wanted)
+            .ok_or_else(|| crate::Error::WrongKind {
+                id: self.id.clone(),
+                kind: self.kind,
+                wanted,
+            })
+    }
+}
+
+/// What an RP holds, one body per kind.
+#[derive(Debug, Clone)]
+pub enum RpBody {
+    Disk(DiskMapRef),
+    Stream(StreamRef),
+    Tree(TreeRef),
+    Instance(InstanceRecord),
+}
+
+impl RpBody {
+    pub fn kind(&self) -> RpKind {
+        match self {
+            RpBody::Disk(_) => RpKind::Disk,
+            RpBody::Stream(_) => RpKind::Stream,
+            RpBody::Tree(_) => RpKind::File,
+            RpBody::Instance(_) => RpKind::Instance,
+        }
+    }
+}
+
+/// What a backup measured, for its catalog entry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpFigures {
+    /// Bytes of the source (disk size, stream length, sum of file sizes).
+    pub logical_size: u64,
+    /// Bytes actually read from the source.
+    pub bytes_read: u64,
+    /// Bytes this backup added to the vault (packs and index objects).
+    pub new_bytes_stored: u64,
+    pub new_chunks: u64,
+}
+
+impl RpFigures {
+    /// The figures of a backup that read `bytes_read` of `logical_size` and stored what
+    /// `stats` counts.
+    pub fn stored(logical_size: u64, bytes_read: u64, stats: &crate::SessionStats) -> Self {
+        RpFigures {
+            logical_size,
+            bytes_read,
+            new_bytes_stored: stats.bytes_written,
+            new_chunks: stats.new_chunks,
+        }
+    }
+}
+
+/// An RP being made. Its id and creation time are fixed when the backup starts, with its
+/// asset, parent and tags; [`RpDraft::finish`] adds what it holds and what the backup
+/// measured, and times it. The only way RPs are made (the catalog entry's format version,
+/// id and timestamps are filled here, never by callers).
+#[derive(Debug, Clone)]
+pub struct RpDraft {
+    pub id: RecoveryPointId,
+    pub asset: Asset,
+    pub parent: Option<RecoveryPointId>,
+    pub tags: BTreeMap<String, String>,
+    created: String,
+    started: std::time::Instant,
+}
+
+impl RpDraft {
+    /// A new RP of `asset`, created now.
+    pub fn new(
+        asset: Asset,
+        parent: Option<RecoveryPointId>,
+        tags: BTreeMap<String, String>,
+    ) -> Self {
+        RpDraft {
+            id: RecoveryPointId::generate(),
+            asset,
+            parent,
+            tags,
+            created: crate::vault::now_rfc3339(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// When the backup started (RFC 3339, UTC, milliseconds).
+    pub fn created(&self) -> &str {
+        &self.created
+    }
+
+    /// The catalog entry: this draft with its body and figures; its duration is the time since
+    /// [`RpDraft::new`].
+    pub fn finish(self, body: RpBody, figures: RpFigures) -> RecoveryPoint {
+        let kind = body.kind();
+        let (mut disk, mut stream, mut tree, mut instance) = (None, None, None, None);
+        match body {
+            RpBody::Disk(d) => disk = Some(d),
+            RpBody::Stream(s) => stream = Some(s),
+            RpBody::Tree(t) => tree = Some(t),
+            RpBody::Instance(i) => instance = Some(i),
+        }
+        RecoveryPoint {
+            format: RP_FORMAT,
+            id: self.id,
+            kind,
+            asset: self.asset,
+            created: self.created,
+            parent: self.parent,
+            logical_size: figures.logical_size,
+            bytes_read: figures.bytes_read,
+            new_bytes_stored: figures.new_bytes_stored,
+            new_chunks: figures.new_chunks,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            tags: self.tags,
+            disk,
+            instance,
+            stream,
+            tree,
+        }
+    }
+}
+
 /// Where a file RP's tree lives, and what it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeRef {
@@ -188,4 +332,44 @@ pub fn validate_tag_key(k: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A draft becomes an RP of its body's kind; asking it for another kind's body names the
+    /// RP and both kinds (a stream restore of a disk RP used to say "... not a disk").
+    #[test]
+    fn drafts_make_rps_of_their_body_and_accessors_name_the_kind() {
+        let asset = Asset {
+            name: "db".into(),
+            host: "h".into(),
+        };
+        let draft = RpDraft::new(asset, None, BTreeMap::new());
+        let id = draft.id.clone();
+        let stream = StreamRef {
+            size: 10,
+            chunks: 1,
+            root: None,
+        };
+        let rp = draft.finish(
+            RpBody::Stream(stream.clone()),
+            RpFigures {
+                logical_size: 10,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            (rp.kind, rp.format, &rp.id),
+            (RpKind::Stream, RP_FORMAT, &id)
+        );
+        assert_eq!(rp.stream().unwrap(), &stream);
+        assert!(rp.disk.is_none() && rp.tree.is_none() && rp.instance.is_none());
+        let err = rp.disk().unwrap_err().to_string();
+        assert!(
+            err.contains(&id.to_string()) && err.contains("stream") && err.contains("not a disk"),
+            "{err}"
+        );
+    }
 }

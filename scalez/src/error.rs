@@ -38,6 +38,12 @@ pub enum Error {
         location: String,
         id: RecoveryPointId,
     },
+    #[error("recovery point {id} is a {kind} recovery point, not a {wanted} one")]
+    WrongKind {
+        id: RecoveryPointId,
+        kind: crate::RpKind,
+        wanted: crate::RpKind,
+    },
     #[error("invalid vault parameter: {0}")]
     InvalidParameter(String),
     #[error("the backup session stopped: {0}")]

@@ -74,8 +74,8 @@ pub mod vault;
 pub mod walk;
 
 pub use catalog::{
-    Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpKind, StreamRef, TagUpdate,
-    TreeRef,
+    Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpBody, RpDraft, RpFigures,
+    RpKind, StreamRef, TagUpdate, TreeRef,
 };
 pub use error::{Error, Result};
 pub use ids::{ChunkId, PackId, RecoveryPointId};

@@ -381,26 +381,12 @@ fn forge_rp(env: &Env, entries: Vec<scalez::tree::Entry>) -> String {
         .collect();
     let tree = scalez::tree::store_tree(&session, &entries).unwrap();
     session.finish().unwrap();
-    let rp = scalez::RecoveryPoint {
-        format: scalez::catalog::RP_FORMAT,
-        id: scalez::RecoveryPointId::generate(),
-        kind: scalez::RpKind::File,
-        asset: scalez::Asset {
-            name: "/forged".into(),
-            host: "attacker".into(),
-        },
-        created: scalez::vault::now_rfc3339(),
-        parent: None,
-        logical_size: 0,
-        bytes_read: 0,
-        new_bytes_stored: 0,
-        new_chunks: 0,
-        duration_ms: 0,
-        tags: Default::default(),
-        disk: None,
-        instance: None,
-        stream: None,
-        tree: Some(scalez::TreeRef {
+    let asset = scalez::Asset {
+        name: "/forged".into(),
+        host: "attacker".into(),
+    };
+    let rp = scalez::RpDraft::new(asset, None, Default::default()).finish(
+        scalez::RpBody::Tree(scalez::TreeRef {
             stream: tree,
             sources: vec!["/forged".into()],
             entries: entries.len() as u64,
@@ -408,7 +394,8 @@ fn forge_rp(env: &Env, entries: Vec<scalez::tree::Entry>) -> String {
             dirs: 0,
             file_bytes: 0,
         }),
-    };
+        scalez::RpFigures::default(),
+    );
     session.commit(&rp).unwrap();
     rp.id.to_string()
 }

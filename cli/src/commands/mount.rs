@@ -206,7 +206,7 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
             rp.kind
         );
     }
-    let map = rp.disk.clone().context("disk RP without a map")?;
+    let map = rp.disk()?.clone();
     let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
     reader.enable_readahead(128, 2);
     let mut files = vec![ViewFile {

@@ -40,7 +40,7 @@ fn build_exports(
     let overlay_dir = a.overlay_dir.clone().unwrap_or_else(std::env::temp_dir);
     for spec in specs {
         let rp = resolve_rp(vault, spec, None, Some(RpKind::Disk))?;
-        let map = rp.disk.clone().context("disk RP without a map")?;
+        let map = rp.disk()?.clone();
         let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
         // 2 MiB ahead of sequential readers (nbdcopy, qemu-img convert, a guest's dd).
         reader.enable_readahead(16, 2);
