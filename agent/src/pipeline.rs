@@ -742,12 +742,7 @@ fn walk_jobs(
 ) -> Result<(), AgentError> {
     let mut load =
         |id: &ChunkId| -> Result<Arc<Page>, AgentError> { Ok(Arc::new(vault.load_page(id)?)) };
-    let mut reader = MapReader {
-        root: map.root,
-        depth: map.depth,
-        slots: map.slots(),
-        load: &mut load,
-    };
+    let mut reader = MapReader::of(map, &mut load);
     let hung_up = || AgentError::Stopped;
     let mut zero_run: Option<(u64, u64)> = None;
     let mut pending: Vec<(u64, ChunkId)> = Vec::new();

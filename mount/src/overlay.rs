@@ -214,13 +214,7 @@ pub fn save_as_rp(
     let mut load =
         |id: &ChunkId| -> scalez::Result<Arc<Page>> { Ok(Arc::new(vault.load_page(id)?)) };
     let mut bytes_read = 0u64;
-    MapReader {
-        root: map.root,
-        depth: map.depth,
-        slots: map.slots(),
-        load: &mut load,
-    }
-    .walk(&mut |first, entries| {
+    MapReader::of(&map, &mut load).walk(&mut |first, entries| {
         for (i, entry) in entries.iter().enumerate() {
             let slot = first + i as u64;
             let id = if dirty.contains(&slot) {

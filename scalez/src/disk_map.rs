@@ -190,13 +190,36 @@ pub type LeafVisitor<'a, E> = dyn FnMut(u64, &[Option<ChunkId>]) -> Result<(), E
 
 /// Descends the tree. `load` returns a decoded page by id (shared, so callers can cache pages).
 pub struct MapReader<'a, E> {
-    pub root: Option<ChunkId>,
-    pub depth: u8,
-    pub slots: u64,
-    pub load: &'a mut dyn FnMut(&ChunkId) -> Result<Arc<Page>, E>,
+    root: Option<ChunkId>,
+    depth: u8,
+    slots: u64,
+    load: &'a mut dyn FnMut(&ChunkId) -> Result<Arc<Page>, E>,
 }
 
-impl<E> MapReader<'_, E> {
+impl<'a, E> MapReader<'a, E> {
+    /// A reader of the map a disk RP records, loading pages with `load`.
+    pub fn of(
+        map: &crate::catalog::DiskMapRef,
+        load: &'a mut dyn FnMut(&ChunkId) -> Result<Arc<Page>, E>,
+    ) -> Self {
+        Self::new(map.root, map.depth, map.slots(), load)
+    }
+
+    /// A reader of the map of `slots` slots under `root` (a tree `depth` index levels high).
+    pub fn new(
+        root: Option<ChunkId>,
+        depth: u8,
+        slots: u64,
+        load: &'a mut dyn FnMut(&ChunkId) -> Result<Arc<Page>, E>,
+    ) -> Self {
+        MapReader {
+            root,
+            depth,
+            slots,
+            load,
+        }
+    }
+
     /// Calls `f(first_slot, entries)` for each leaf range in order; zero subtrees are reported as
     /// runs of `None` without loading anything.
     pub fn walk(&mut self, f: &mut LeafVisitor<'_, E>) -> Result<(), E> {
@@ -302,12 +325,7 @@ mod tests {
         let mut load = |i: &ChunkId| -> Result<Arc<Page>, ()> {
             Ok(Arc::new(Page::decode(&pages[i]).unwrap()))
         };
-        let mut r = MapReader {
-            root,
-            depth,
-            slots,
-            load: &mut load,
-        };
+        let mut r = MapReader::new(root, depth, slots, &mut load);
         let mut walked = Vec::new();
         r.walk(&mut |first, entries| {
             assert_eq!(first, walked.len() as u64);

@@ -288,13 +288,7 @@ impl DiskReader {
         let size = self.map.size;
         let mut load = |id: &ChunkId| self.page(id);
         let mut total = 0u64;
-        MapReader {
-            root: self.map.root,
-            depth: self.map.depth,
-            slots: self.map.slots(),
-            load: &mut load,
-        }
-        .walk(&mut |first, entries| {
+        MapReader::of(&self.map, &mut load).walk(&mut |first, entries| {
             for (i, e) in entries.iter().enumerate() {
                 if e.is_some() {
                     let slot = first + i as u64;
@@ -347,13 +341,7 @@ impl DiskReader {
     /// The chunk id at `slot` (None: zeros), from the map alone.
     pub fn chunk_id(&self, slot: u64) -> Result<Option<ChunkId>> {
         let mut load = |id: &ChunkId| self.page(id);
-        MapReader {
-            root: self.map.root,
-            depth: self.map.depth,
-            slots: self.map.slots(),
-            load: &mut load,
-        }
-        .lookup(slot)
+        MapReader::of(&self.map, &mut load).lookup(slot)
     }
 
     /// Splits `[offset, offset + len)` (clipped to the disk) into runs of stored data (`true`) and

@@ -1221,12 +1221,7 @@ mod tests {
         assert_eq!(got.tags, parse_tags(["b=2"]).unwrap());
         assert_eq!(vault.list_rps().unwrap(), vec![got.clone()]);
         let mut load = |i: &ChunkId| vault.load_page(i).map(Arc::new);
-        let mut r = MapReader {
-            root,
-            depth: 0,
-            slots: 3,
-            load: &mut load,
-        };
+        let mut r = MapReader::new(root, 0, 3, &mut load);
         assert_eq!(r.lookup(1).unwrap(), Some(id));
         assert!(parse_tags(["novalue"]).is_err());
         assert!(vault

@@ -65,12 +65,7 @@ pub fn for_each_chunk(
                 }
             }
         };
-        let mut reader = MapReader {
-            root: map.root,
-            depth: map.depth,
-            slots: map.slots(),
-            load: &mut load,
-        };
+        let mut reader = MapReader::of(map, &mut load);
         reader.walk(&mut |_, entries| {
             let mut chunk = chunk.borrow_mut();
             entries.iter().flatten().try_for_each(&mut **chunk)
