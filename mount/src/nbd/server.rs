@@ -195,9 +195,11 @@ impl ServerOptions {
         let connection_bytes = self.connection_bytes.max(largest);
         ServerOptions {
             max_connections: self.max_connections.max(1),
-            // The shared pool holds at least one connection's budget, besides the reserve.
+            // Enough that the pool holds at least one connection's budget (so one largest
+            // request) beside the reserve `Budget::new` takes: the reserve is at most a quarter
+            // of the budget plus 4 KiB per connection, or 8 KiB per connection at its floor.
             inflight_bytes: self.inflight_bytes.max(
-                connection_bytes + Budget::reserve(self.inflight_bytes, self.max_connections).0,
+                2 * (connection_bytes + self.max_connections.max(1) * 2 * REQUEST_COST as usize),
             ),
             connection_bytes,
             connection_requests: self.connection_requests.max(1),
@@ -889,9 +891,11 @@ impl Budget {
         (share.saturating_mul(max_connections.max(1)), share as u32)
     }
 
-    /// Splits the (effective) `inflight_bytes` into the reserve and the pool.
+    /// Splits the effective `inflight_bytes` ([`ServerOptions::effective`]) into the reserve
+    /// and the pool; the pool then holds at least one connection's budget.
     fn new(opts: &ServerOptions) -> Self {
         let (reserve, reserve_cost) = Self::reserve(opts.inflight_bytes, opts.max_connections);
+        debug_assert!(opts.inflight_bytes >= reserve + opts.connection_bytes);
         Budget {
             pool: Arc::new(Semaphore::new(opts.inflight_bytes.saturating_sub(reserve))),
             reserve: Arc::new(Semaphore::new(reserve)),
@@ -1590,6 +1594,122 @@ mod tests {
         let p99 = p99_beside_clients_that_never_read(63, 1 << 20);
         println!("p99 of 4 KiB reads {p99:?} beside 63 clients that never read");
         assert!(p99 <= Duration::from_millis(100), "p99 {p99:?}");
+    }
+
+    /// However the limits are set, the pool left beside the reserve holds one connection's
+    /// budget, so a largest request can always be paid for. (The fuzz target found a split
+    /// where it did not: a 32 MiB read waited forever.)
+    #[test]
+    fn every_budget_split_leaves_the_pool_one_largest_request() {
+        for inflight in [0, 1 << 20, 64 << 20, 256 << 20, 4 << 30] {
+            for max_connections in [1, 2, 64, 1000, 10_000] {
+                for connection_bytes in [0, 48 << 20, 1 << 30] {
+                    let opts = ServerOptions {
+                        inflight_bytes: inflight,
+                        max_connections,
+                        connection_bytes,
+                        ..ServerOptions::default()
+                    }
+                    .effective();
+                    let b = Budget::new(&opts);
+                    let (pool, reserve) =
+                        (b.pool.available_permits(), b.reserve.available_permits());
+                    let case = format!("{inflight} {max_connections} {connection_bytes}");
+                    assert!(pool >= opts.connection_bytes, "{case}");
+                    assert_eq!(pool + reserve, opts.inflight_bytes, "{case}");
+                    assert!(
+                        b.reserve_cost as usize >= 2 * REQUEST_COST as usize,
+                        "{case}"
+                    );
+                    // The limits only grow where they must (here: by at most 16 KiB per
+                    // connection beside twice one connection's budget).
+                    assert!(
+                        opts.inflight_bytes
+                            <= inflight.max(2 * (opts.connection_bytes + max_connections * 8192)),
+                        "{case}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The inputs the fuzz target `nbd_server` found (fixtures/hostile/fuzz-nbd-*.bin), each
+    /// one client's bytes, served as the target serves them: every session must end once the
+    /// input does.
+    #[test]
+    fn fuzz_finds_are_served_to_the_end() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/hostile");
+        let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("fuzz-nbd-")
+            })
+            .collect();
+        inputs.sort();
+        assert!(!inputs.is_empty());
+        let vault = scalez::testing::memory_vault(64 << 10);
+        let mut bytes = vec![0u8; (4 << 20) + 300];
+        bytes[..1 << 20].fill(7);
+        let map = scalez::testing::store_disk(&vault, &bytes);
+        let disk = Arc::new(DiskReader::new(vault, map, 1 << 20));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for input in inputs {
+            let data = std::fs::read(&input).unwrap();
+            let overlay = Overlay::create(disk.clone(), &std::env::temp_dir()).unwrap();
+            let exports = vec![
+                Export {
+                    name: "ro".into(),
+                    aliases: Vec::new(),
+                    description: String::new(),
+                    disk: Disk::ReadOnly(disk.clone()),
+                },
+                Export {
+                    name: "rw".into(),
+                    aliases: Vec::new(),
+                    description: String::new(),
+                    disk: Disk::Writable(Arc::new(overlay)),
+                },
+            ];
+            let opts = ServerOptions {
+                max_connections: 1,
+                inflight_bytes: 0,
+                connection_bytes: 0,
+                connection_requests: 4,
+                handshake_timeout: None,
+                idle_timeout: None,
+                write_timeout: None,
+            };
+            let server = Server::new(exports, opts);
+            let (client, server_end) = tokio::io::duplex(16 << 10);
+            let session = async {
+                let (mut rd, mut wr) = tokio::io::split(client);
+                let send = async {
+                    let _ = wr.write_all(&data).await;
+                    let _ = wr.shutdown().await;
+                };
+                let receive = async {
+                    let mut buf = vec![0u8; 64 << 10];
+                    while let Ok(n) = rd.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::join!(server.serve_stream(server_end), send, receive);
+            };
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), session)
+                    .await
+                    .unwrap_or_else(|_| panic!("{}: the session did not end", input.display()))
+            });
+        }
     }
 
     /// Clients that connect and send nothing are dropped after the handshake timeout, so they
