@@ -11,6 +11,7 @@ Exit codes:
   2  usage error (unknown flag, missing argument)
   3  data in the vault is damaged (authentication or format failure); the message names the object
   4  wrong password
+  75  a backup raced a prune and committed nothing: run it again (safe; meant for retry loops)
   130  interrupted (SIGINT/SIGTERM): no recovery point was created, no partial restore is left";
 
 #[derive(Parser, Debug)]

@@ -73,6 +73,7 @@ fn exit_code(e: &anyhow::Error) -> i32 {
                 return 3
             }
             Some(scalez::Error::WrongPassword { .. }) => return 4,
+            Some(scalez::Error::RunAgain { .. }) => return 75,
             _ => {}
         }
     }

@@ -48,6 +48,22 @@ pub enum Error {
     InvalidParameter(String),
     #[error("the backup session stopped: {0}")]
     SessionFailed(String),
+    /// The backup raced a prune (its lease went stale, or a pack it relies on was condemned
+    /// or deleted): nothing was committed, and running it again is safe and expected.
+    #[error("{reason}; run the backup again")]
+    RunAgain { reason: String },
+}
+
+impl Error {
+    /// Whether the same operation, tried again, may succeed: a backup that raced a prune, or a
+    /// transient store failure (the store already retried it with backoff).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::RunAgain { .. } => true,
+            Error::Store(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -187,13 +187,15 @@ impl BackupSession {
     /// still exist.
     fn check_commit(&self) -> Result<()> {
         let lease = self.lease.as_ref().expect("lease held until commit");
-        let again = "a concurrent prune may have removed data it relies on; run the backup again";
         if !lease.fresh() {
-            return Err(Error::SessionFailed(format!(
-                "this backup's lease {} was not refreshed for over half its TTL ({:?}): {again}",
-                lease.key(),
-                gc::lease_ttl() / 2
-            )));
+            return Err(Error::RunAgain {
+                reason: format!(
+                    "this backup's lease {} was not refreshed for over half its TTL ({:?}), so a \
+                     concurrent prune may have removed data it relies on",
+                    lease.key(),
+                    gc::lease_ttl() / 2
+                ),
+            });
         }
         let referenced = self.referenced.lock().unwrap();
         if referenced.is_empty() {
@@ -201,10 +203,12 @@ impl BackupSession {
         }
         let condemned = gc::condemned_packs(&gc::read_plans(&self.vault)?);
         if let Some(p) = referenced.iter().find(|p| condemned.contains(p)) {
-            return Err(Error::SessionFailed(format!(
-                "prune condemned pack {} while this backup was running: {again}",
-                p.key()
-            )));
+            return Err(Error::RunAgain {
+                reason: format!(
+                    "prune condemned pack {} while this backup was running",
+                    p.key()
+                ),
+            });
         }
         let listed: HashSet<PackId> = self
             .vault
@@ -214,10 +218,9 @@ impl BackupSession {
             .filter_map(|o| PackId::from_key(&o.key))
             .collect();
         if let Some(p) = referenced.iter().find(|p| !listed.contains(p)) {
-            return Err(Error::SessionFailed(format!(
-                "pack {} is gone from the vault: {again}",
-                p.key()
-            )));
+            return Err(Error::RunAgain {
+                reason: format!("pack {} is gone from the vault", p.key()),
+            });
         }
         Ok(())
     }

@@ -212,9 +212,10 @@ fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String,
                 // the backup deduplicated against.
                 let err = String::from_utf8_lossy(&out.stderr);
                 assert!(
-                    err.contains("run the backup again"),
-                    "{} backup failed: {err}",
-                    made.kind
+                    err.contains("run the backup again") && out.status.code() == Some(75),
+                    "{} backup failed ({:?}): {err}",
+                    made.kind,
+                    out.status
                 );
                 retried += 1;
             }
