@@ -28,8 +28,9 @@
 //!   leases).
 //! * P3. Wait until every lease of the plan is gone or stale.
 //! * P4. Re-read the catalog: a pack referenced by an RP that appeared since P1 is spared.
-//! * P5. Write new index objects holding the entries of surviving packs, delete the condemned
-//!   packs, then the old index objects.
+//! * P5. Write new index objects holding the entries of surviving packs, delete the old index
+//!   objects, then the condemned packs (killed in between, the index names no missing pack:
+//!   the packs left are unindexed garbage for the next prune).
 //!
 //! ### Why it is safe
 //! | race | outcome |

@@ -668,21 +668,15 @@ pub fn prune(
     let spared = packs_to_spare(vault, &new_rps, &condemned_set)?;
     report.packs_spared = spared.len();
 
-    // P5: delete, then drop the deleted packs from the index objects.
-    progress(&format!(
-        "deleting {} packs",
-        condemned.len() - spared.len()
-    ));
+    // P5: drop the condemned packs from the index objects, then delete the packs. In this
+    // order a prune killed at any point leaves the index naming only packs that exist (what
+    // it has not deleted yet is unindexed garbage, which the next prune deletes), never
+    // entries of a missing pack.
     let deleted: HashSet<PackId> = condemned
         .iter()
         .filter(|p| !spared.contains(p))
         .copied()
         .collect();
-    for p in &deleted {
-        store.delete(&p.key())?;
-        report.packs_deleted += 1;
-        report.bytes_deleted += listed.get(p).copied().unwrap_or(0);
-    }
     for key in &index_keys {
         let Some(entries) = read_index(key)? else {
             continue;
@@ -703,6 +697,12 @@ pub fn prune(
         }
         store.delete(key)?;
         report.index_objects_rewritten += 1;
+    }
+    progress(&format!("deleting {} packs", deleted.len()));
+    for p in &deleted {
+        store.delete(&p.key())?;
+        report.packs_deleted += 1;
+        report.bytes_deleted += listed.get(p).copied().unwrap_or(0);
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
@@ -739,7 +739,7 @@ fn choose_repack(
 mod tests {
     use super::*;
     use crate::catalog::{Asset, TagUpdate, RP_FORMAT};
-    use crate::store::ObjectStore;
+    use crate::store::{ObjectStore, PutMode, StoreError};
 
     /// A disk RP of `asset` (one stored chunk) committed to `vault`, created `created`.
     fn disk_rp(vault: &Arc<Vault>, asset: &str, created: &str, seed: u8) -> RecoveryPoint {
@@ -816,6 +816,90 @@ mod tests {
         assert_eq!(s.decisions.iter().filter(|d| !d.keep).count(), 1);
         assert!(s.emptied.is_empty());
         assert_eq!(kept(&s).len(), 8);
+    }
+
+    /// A store whose deletes of packs fail after the first: a prune stopped (killed, or
+    /// failing) in the middle of deleting packs.
+    #[derive(Debug)]
+    struct PackDeletesFailAfterOne {
+        inner: Arc<dyn ObjectStore>,
+        deleted: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ObjectStore for PackDeletesFailAfterOne {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        fn put(&self, key: &str, data: &[u8], mode: PutMode) -> Result<(), StoreError> {
+            self.inner.put(key, data, mode)
+        }
+        fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+            self.inner.get(key)
+        }
+        fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Vec<u8>, StoreError> {
+            self.inner.get_range(key, range)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<crate::store::ObjectMeta>, StoreError> {
+            self.inner.list(prefix)
+        }
+        fn delete(&self, key: &str) -> Result<(), StoreError> {
+            let n = self.deleted.load(std::sync::atomic::Ordering::Relaxed);
+            if key.starts_with("packs/") {
+                if n >= 1 {
+                    return Err(StoreError::Remote {
+                        store: self.location(),
+                        key: key.into(),
+                        op: "delete",
+                        reason: "the prune was stopped here".into(),
+                        retryable: false,
+                    });
+                }
+                self.deleted
+                    .store(n + 1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.inner.delete(key)
+        }
+    }
+
+    /// A prune stopped after deleting one of the packs it condemned: the index must name only
+    /// packs that exist (check healthy, every RP readable), and the next prune finishes the
+    /// job. Deleting the packs before rewriting the index (the order until now) left index
+    /// entries of a missing pack: check reported the vault damaged (seen once in the
+    /// multi-process kill test).
+    #[test]
+    fn a_prune_stopped_while_deleting_packs_leaves_an_index_of_existing_packs() {
+        let (v, store) = crate::testing::memory_vault_and_store(4096);
+        for i in 0..4 {
+            disk_rp(&v, "a", "2026-11-30T10:00:00.000Z", i);
+        }
+        let failing: Arc<dyn ObjectStore> = Arc::new(PackDeletesFailAfterOne {
+            inner: store.clone(),
+            deleted: 0.into(),
+        });
+        let stopped = Arc::new(Vault::open(failing, b"pw").unwrap());
+        let opts = PruneOptions {
+            retention: Retention {
+                keep_last: Some(1),
+                ..Retention::default()
+            },
+            ..PruneOptions::default()
+        };
+        let err = prune(&stopped, &opts, &|_| {}).unwrap_err().to_string();
+        assert!(err.contains("the prune was stopped here"), "{err}");
+        let v = Arc::new(Vault::open(store.clone(), b"pw").unwrap());
+        let report = crate::check::check(&v, crate::check::DataCheck::All, &|_| {}).unwrap();
+        assert!(report.healthy(), "{report:?}");
+        assert!(
+            !report.unindexed_packs.is_empty(),
+            "the packs not yet deleted are garbage"
+        );
+        let r = prune(&v, &opts, &|_| {}).unwrap();
+        assert!(r.packs_deleted > 0, "{r:?}");
+        let report = crate::check::check(&v, crate::check::DataCheck::All, &|_| {}).unwrap();
+        assert!(
+            report.healthy() && report.unindexed_packs.is_empty(),
+            "{report:?}"
+        );
     }
 
     #[test]
