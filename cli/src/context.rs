@@ -4,14 +4,14 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use scalez::store::cache::CachedStore;
 use scalez::store::fault::{FaultPlan, FaultStore};
 use scalez::store::local::LocalStore;
 use scalez::store::retry::{RetryPolicy, RetryStore};
 use scalez::store::s3::{S3Config, S3Store};
 use scalez::store::ObjectStore;
-use scalez::Vault;
+use scalez::{RecoveryPoint, RecoveryPointId, RpKind, Vault};
 use zeroize::Zeroizing;
 
 use crate::cli::GlobalArgs;
@@ -247,4 +247,40 @@ pub fn private_runtime_dir() -> Result<PathBuf> {
         );
     }
     Ok(dir)
+}
+
+/// An RP id, or `latest` (newest of `kind`, of `asset` when given).
+pub fn resolve_rp(
+    vault: &Vault,
+    spec: &str,
+    asset: Option<&str>,
+    kind: Option<RpKind>,
+) -> Result<RecoveryPoint> {
+    if spec == "latest" {
+        return vault
+            .list_rps()?
+            .into_iter()
+            .rfind(|rp| {
+                kind.is_none_or(|k| rp.kind == k) && asset.is_none_or(|a| rp.asset.name == a)
+            })
+            .ok_or_else(|| {
+                anyhow!(
+                    "no {}recovery point{} in vault {}",
+                    kind.map(|k| format!("{k} ")).unwrap_or_default(),
+                    asset.map(|a| format!(" of asset {a}")).unwrap_or_default(),
+                    vault.location()
+                )
+            });
+    }
+    let id: RecoveryPointId = spec.parse()?;
+    let rp = vault.get_rp(&id)?;
+    if let Some(k) = kind {
+        if rp.kind != k {
+            bail!(
+                "recovery point {id} is a {} recovery point, not {k}",
+                rp.kind
+            );
+        }
+    }
+    Ok(rp)
 }

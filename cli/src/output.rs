@@ -1,4 +1,4 @@
-//! Human output helpers: sizes, tables, progress bars.
+//! Output helpers: JSON, sizes, tables, progress bars.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -100,4 +100,10 @@ impl agent::Progress for Bar {
             None => {}
         }
     }
+}
+
+/// Prints `value` as pretty JSON (`--output-format json`).
+pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
 }

@@ -2,8 +2,8 @@ use anyhow::Result;
 use scalez::check::{check, DataCheck};
 
 use crate::cli::{CheckArgs, OutputFormat};
-use crate::commands::print_json;
 use crate::context::Ctx;
+use crate::output::print_json;
 use crate::output::{bytes, table};
 
 /// Exit code of a vault with problems (the same as for damaged data found by any command).

@@ -10,9 +10,9 @@ use scalez::RpKind;
 use serde_json::json;
 
 use crate::cli::{AwsArgs, EbsBackupArgs, EbsCommand, EbsImportArgs, EbsRestoreArgs, OutputFormat};
-use crate::commands::print_json;
-use crate::commands::rp::resolve_rp;
+use crate::context::resolve_rp;
 use crate::context::Ctx;
+use crate::output::print_json;
 use crate::output::{bytes, rate, Bar};
 
 pub fn run(ctx: &Ctx, cmd: EbsCommand) -> Result<()> {

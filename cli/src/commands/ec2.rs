@@ -6,9 +6,9 @@ use serde_json::json;
 
 use crate::cli::{Ec2BackupArgs, Ec2Command, Ec2RestoreArgs, OutputFormat};
 use crate::commands::ebs::{backup_json, connect, options, print_backup_human};
-use crate::commands::print_json;
-use crate::commands::rp::resolve_rp;
+use crate::context::resolve_rp;
 use crate::context::Ctx;
+use crate::output::print_json;
 use crate::output::{bytes, Bar};
 
 pub fn run(ctx: &Ctx, cmd: Ec2Command) -> Result<()> {

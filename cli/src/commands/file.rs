@@ -5,9 +5,9 @@ use scalez::RpKind;
 use serde_json::json;
 
 use crate::cli::{FileBackupArgs, FileCommand, FileRestoreArgs, OutputFormat};
-use crate::commands::print_json;
-use crate::commands::rp::resolve_rp;
+use crate::context::resolve_rp;
 use crate::context::Ctx;
+use crate::output::print_json;
 use crate::output::{bytes, rate, Bar};
 
 /// Exit code when some paths could not be restored (as `check` for a damaged vault).

@@ -36,9 +36,3 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Umount { mountpoint } => mount::umount(&ctx, &mountpoint),
     }
 }
-
-/// Prints `value` as pretty JSON.
-pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
-    Ok(())
-}

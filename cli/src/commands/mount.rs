@@ -15,9 +15,9 @@ use scalez::RpKind;
 use serde_json::json;
 
 use crate::cli::{MountArgs, OutputFormat};
-use crate::commands::print_json;
-use crate::commands::rp::resolve_rp;
+use crate::context::resolve_rp;
 use crate::context::Ctx;
+use crate::output::print_json;
 
 /// One line of /proc/self/mountinfo: where, what type, from what.
 struct MountLine {

@@ -10,7 +10,7 @@ use scalez::{RecoveryPoint, RpKind, Vault};
 use serde_json::json;
 
 use crate::cli::{ExportArgs, NbdAttachArgs, NbdCommand, NbdServeArgs, OutputFormat, TlsArg};
-use crate::commands::rp::resolve_rp;
+use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::bytes;
 

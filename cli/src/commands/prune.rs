@@ -4,8 +4,8 @@ use anyhow::Result;
 use scalez::prune::{prune, AssetFilter, PruneOptions, Retention};
 
 use crate::cli::{OutputFormat, PruneArgs};
-use crate::commands::print_json;
 use crate::context::Ctx;
+use crate::output::print_json;
 use crate::output::{bytes, table};
 
 pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {

@@ -1,9 +1,9 @@
-use anyhow::{anyhow, bail, Result};
-use scalez::{RecoveryPoint, RecoveryPointId, RpKind, TagUpdate, Vault};
+use anyhow::{bail, Result};
+use scalez::{RecoveryPoint, TagUpdate};
 
 use crate::cli::{OutputFormat, RpCommand, RpListArgs, RpTagArgs};
-use crate::commands::print_json;
-use crate::context::Ctx;
+use crate::context::{resolve_rp, Ctx};
+use crate::output::print_json;
 use crate::output::{bytes, table};
 
 pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
@@ -15,42 +15,6 @@ pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
         RpCommand::Protect { rps } => protect(ctx, &rps, true),
         RpCommand::Unprotect { rps } => protect(ctx, &rps, false),
     }
-}
-
-/// An RP id, or `latest` (newest of `kind`, of `asset` when given).
-pub fn resolve_rp(
-    vault: &Vault,
-    spec: &str,
-    asset: Option<&str>,
-    kind: Option<RpKind>,
-) -> Result<RecoveryPoint> {
-    if spec == "latest" {
-        return vault
-            .list_rps()?
-            .into_iter()
-            .rfind(|rp| {
-                kind.is_none_or(|k| rp.kind == k) && asset.is_none_or(|a| rp.asset.name == a)
-            })
-            .ok_or_else(|| {
-                anyhow!(
-                    "no {}recovery point{} in vault {}",
-                    kind.map(|k| format!("{k} ")).unwrap_or_default(),
-                    asset.map(|a| format!(" of asset {a}")).unwrap_or_default(),
-                    vault.location()
-                )
-            });
-    }
-    let id: RecoveryPointId = spec.parse()?;
-    let rp = vault.get_rp(&id)?;
-    if let Some(k) = kind {
-        if rp.kind != k {
-            bail!(
-                "recovery point {id} is a {} recovery point, not {k}",
-                rp.kind
-            );
-        }
-    }
-    Ok(rp)
 }
 
 fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
@@ -222,7 +186,7 @@ fn delete(ctx: &Ctx, specs: &[String], force: bool) -> Result<()> {
     let ids: Vec<_> = rps.iter().map(|r| r.id.clone()).collect();
     scalez::prune::delete_rps(&vault, &ids)?;
     match ctx.global.output_format {
-        OutputFormat::Json => crate::commands::print_json(&serde_json::json!({ "deleted": ids })),
+        OutputFormat::Json => crate::output::print_json(&serde_json::json!({ "deleted": ids })),
         OutputFormat::Human => {
             for rp in &rps {
                 println!("deleted {} ({} {})", rp.id, rp.kind, rp.asset.name);

@@ -8,9 +8,9 @@ use scalez::RpKind;
 use serde_json::json;
 
 use crate::cli::{OutputFormat, StreamBackupArgs, StreamCommand, StreamRestoreArgs};
-use crate::commands::print_json;
-use crate::commands::rp::resolve_rp;
+use crate::context::resolve_rp;
 use crate::context::Ctx;
+use crate::output::print_json;
 use crate::output::{bytes, rate, Bar};
 
 pub fn run(ctx: &Ctx, cmd: StreamCommand) -> Result<()> {

@@ -4,9 +4,9 @@ use scalez::{Vault, VaultOptions};
 use serde_json::json;
 
 use crate::cli::{OutputFormat, VaultCommand, VaultInitArgs};
-use crate::commands::print_json;
 use crate::context::Ctx;
 use crate::output::bytes;
+use crate::output::print_json;
 
 pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
     match cmd {
