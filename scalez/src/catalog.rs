@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{ChunkId, RecoveryPointId};
 
 /// Frozen catalog entry version within format 1.
-pub const RP_FORMAT: u32 = 1;
+pub use crate::format::RP_FORMAT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "lowercase")]
@@ -316,13 +316,7 @@ impl TagUpdate {
     }
 }
 
-pub fn rp_aad(id: &RecoveryPointId) -> Vec<u8> {
-    format!("rp:{id}").into_bytes()
-}
-
-pub fn tag_aad(key: &str) -> Vec<u8> {
-    format!("tag:{key}").into_bytes()
-}
+pub use crate::format::{rp_aad, tag_aad};
 
 /// Checks a tag key: non-empty, printable, no `=`.
 pub fn validate_tag_key(k: &str) -> Result<(), String> {

@@ -173,7 +173,7 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
         if let Err(e) = store.get(&key).map_err(Error::from).and_then(|sealed| {
             vault
                 .keys()
-                .open(&format!("plan:{key}").into_bytes(), &sealed)
+                .open(&crate::format::plan_aad(&key), &sealed)
                 .map_err(|e| vault.corrupt(&key, e.to_string()))
         }) {
             problems.add(&key, format!("damaged prune plan: {e}"));

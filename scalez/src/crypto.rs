@@ -19,9 +19,7 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::ids::ChunkId;
 
 /// Frozen: changing any of these strings makes every existing vault unreadable.
-const CTX_CHUNK_ID: &str = "elastio scalez v1 2026-11 chunk id key";
-const CTX_DATA: &str = "elastio scalez v1 2026-11 data encryption key";
-const CTX_CONFIG_MAC: &str = "elastio scalez v1 2026-11 config mac key";
+use crate::format::{CTX_CHUNK_ID, CTX_CONFIG_MAC, CTX_DATA};
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;

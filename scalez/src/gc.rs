@@ -87,13 +87,7 @@ pub struct LeaseBody {
     pub heartbeat_ms: u64,
 }
 
-fn lease_aad(key: &str) -> Vec<u8> {
-    format!("lease:{key}").into_bytes()
-}
-
-fn plan_aad(key: &str) -> Vec<u8> {
-    format!("plan:{key}").into_bytes()
-}
+use crate::format::{lease_aad, plan_aad};
 
 /// A backup session's lease; released (deleted) on drop.
 pub struct Lease {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use crate::ids::{ChunkId, PackId};
 
-pub const INDEX_MAGIC: &[u8; 4] = b"EZIX";
+pub use crate::format::INDEX_MAGIC;
 const INDEX_VERSION: u8 = 1;
 const ENTRY_LEN: usize = 44;
 /// High bit of a slot's length: prune's mark. Sealed chunks are far below 2 GiB.

@@ -58,6 +58,7 @@ pub mod check;
 pub mod crypto;
 pub mod disk_map;
 pub mod error;
+pub mod format;
 pub mod gc;
 pub mod ids;
 pub mod index;

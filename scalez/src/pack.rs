@@ -15,8 +15,7 @@ use crate::crypto::{CryptoError, Keys};
 use crate::ids::{ChunkId, PackId};
 
 /// Frozen magic numbers (format version 1).
-pub const PACK_MAGIC: &[u8; 8] = b"EZPACK01";
-pub const TRAILER_MAGIC: &[u8; 4] = b"EZPT";
+pub use crate::format::{PACK_MAGIC, TRAILER_MAGIC};
 const ENTRY_LEN: usize = 40;
 
 /// Where one chunk sits in a pack.
@@ -27,18 +26,8 @@ pub struct PackEntry {
     pub len: u32,
 }
 
-/// The associated data that binds a sealed chunk to its id.
-pub fn chunk_aad(id: &ChunkId) -> Vec<u8> {
-    let mut aad = b"chunk:".to_vec();
-    aad.extend_from_slice(&id.0);
-    aad
-}
-
-fn trailer_aad(pack: &PackId) -> Vec<u8> {
-    let mut aad = b"pack:".to_vec();
-    aad.extend_from_slice(&pack.0);
-    aad
-}
+pub use crate::format::chunk_aad;
+use crate::format::trailer_aad;
 
 /// Accumulates sealed chunks in memory until the pack is full.
 pub struct PackBuilder {

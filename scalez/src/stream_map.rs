@@ -14,8 +14,7 @@ use crate::vault::Vault;
 
 /// Entries per manifest blob (36 KiB).
 pub const MANIFEST_ENTRIES: usize = 1024;
-const MANIFEST_MAGIC: &[u8; 4] = b"EZSM";
-const ROOT_MAGIC: &[u8; 4] = b"EZSR";
+use crate::format::{STREAM_MANIFEST_MAGIC as MANIFEST_MAGIC, STREAM_ROOT_MAGIC as ROOT_MAGIC};
 
 pub fn encode_manifest(entries: &[(ChunkId, u32)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + entries.len() * 36);

@@ -34,7 +34,7 @@ use crate::session::BackupSession;
 use crate::stream_map;
 use crate::vault::Vault;
 
-pub const TREE_MAGIC: &[u8; 4] = b"EZT1";
+pub use crate::format::TREE_MAGIC;
 
 /// Tree-stream chunking (smaller than file data: a changed directory rewrites little).
 pub const TREE_MIN_CHUNK: u32 = 16 * 1024;

@@ -26,10 +26,9 @@ pub enum Verify {
 }
 
 /// Newest vault format this build reads and the one it writes. Bump on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+pub use crate::format::FORMAT_VERSION;
 /// Frozen: the `format` field of every vault config.
-const CONFIG_FORMAT: &str = "elastio-scalez-vault";
-const CONFIG_KEY: &str = "config";
+use crate::format::{CONFIG_FORMAT, CONFIG_KEY};
 
 /// Default grid for disks; chosen by measurement, see FORMAT.md ("Chunk size").
 pub const DEFAULT_CHUNK_SIZE: u32 = 128 * 1024;
@@ -1060,9 +1059,7 @@ fn unwrap_order(candidates: &mut [(String, KeyFile)]) {
 /// The index pre-sizing hint is clamped to this many listed bytes (~1.5 M entries).
 const MAX_INDEX_PRESIZE: u64 = 64 << 20;
 
-pub fn index_aad(key: &str) -> Vec<u8> {
-    format!("index:{key}").into_bytes()
-}
+pub use crate::format::index_aad;
 
 /// Parses `k=v` tag arguments.
 pub fn parse_tags<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<BTreeMap<String, String>> {
