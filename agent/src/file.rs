@@ -194,92 +194,43 @@ impl Excludes {
     }
 }
 
-/// What the walk records of a node's stat, from `fstatat` or from a handle's `fstat`.
-struct Stat {
-    /// `st_mode`: type and permission bits.
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime_ns: i64,
-    ctime_ns: i64,
-    size: u64,
-    ino: u64,
-    dev: u64,
-    nlink: u64,
-    rdev: u64,
-    blocks: u64,
-}
-
-impl Stat {
-    fn is_dir(&self) -> bool {
-        self.mode & libc::S_IFMT == libc::S_IFDIR
-    }
-}
-
-impl From<&std::fs::Metadata> for Stat {
-    fn from(md: &std::fs::Metadata) -> Self {
-        Stat {
-            mode: md.mode(),
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-            size: md.size(),
-            ino: md.ino(),
-            dev: md.dev(),
-            nlink: md.nlink(),
-            rdev: md.rdev(),
-            blocks: md.blocks(),
-        }
-    }
-}
-
-impl From<&libc::stat> for Stat {
-    fn from(st: &libc::stat) -> Self {
-        Stat {
-            mode: st.st_mode,
-            uid: st.st_uid,
-            gid: st.st_gid,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
-            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
-            size: st.st_size as u64,
-            ino: st.st_ino,
-            dev: st.st_dev,
-            nlink: st.st_nlink,
-            rdev: st.st_rdev,
-            blocks: st.st_blocks as u64,
-        }
-    }
-}
-
-fn entry_from(rel: Vec<u8>, st: &Stat, names: &mut fsx::Names) -> Option<Entry> {
-    let kind = match st.mode & libc::S_IFMT {
-        libc::S_IFREG => EntryKind::File,
-        libc::S_IFDIR => EntryKind::Dir,
-        libc::S_IFLNK => EntryKind::Symlink,
-        libc::S_IFCHR => EntryKind::CharDev,
-        libc::S_IFBLK => EntryKind::BlockDev,
-        libc::S_IFIFO => EntryKind::Fifo,
-        libc::S_IFSOCK => EntryKind::Socket,
-        _ => return None,
+fn entry_from(rel: Vec<u8>, md: &std::fs::Metadata, names: &mut fsx::Names) -> Option<Entry> {
+    let ft = md.file_type();
+    use std::os::unix::fs::FileTypeExt;
+    let kind = if ft.is_file() {
+        EntryKind::File
+    } else if ft.is_dir() {
+        EntryKind::Dir
+    } else if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_char_device() {
+        EntryKind::CharDev
+    } else if ft.is_block_device() {
+        EntryKind::BlockDev
+    } else if ft.is_fifo() {
+        EntryKind::Fifo
+    } else if ft.is_socket() {
+        EntryKind::Socket
+    } else {
+        return None;
     };
     let mut e = Entry::new(rel, kind);
-    e.mode = st.mode & 0o7777;
-    e.uid = st.uid;
-    e.gid = st.gid;
+    e.mode = md.mode() & 0o7777;
+    e.uid = md.uid();
+    e.gid = md.gid();
     e.user = names.user(e.uid);
     e.group = names.group(e.gid);
-    e.mtime_ns = st.mtime_ns;
-    e.ctime_ns = st.ctime_ns;
+    e.mtime_ns = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    e.ctime_ns = md.ctime() * 1_000_000_000 + md.ctime_nsec();
     e.size = if kind == EntryKind::File || kind == EntryKind::Symlink {
-        st.size
+        md.size()
     } else {
         0
     };
-    e.inode = st.ino;
-    e.dev = st.dev;
-    e.nlink = st.nlink as u32;
-    e.rdev = st.rdev;
+    e.inode = md.ino();
+    e.dev = md.dev();
+    e.nlink = md.nlink() as u32;
+    e.rdev = md.rdev();
     Some(e)
 }
 
@@ -310,14 +261,6 @@ impl Anchor {
     }
 }
 
-/// How the walk reaches a node again for its xattrs and link target: its own `O_PATH`
-/// handle, or its name in a directory it holds a handle of (never a path).
-#[derive(Clone, Copy)]
-enum Node<'a> {
-    Handle(&'a std::fs::File),
-    Named(&'a std::fs::File, &'a [u8]),
-}
-
 struct Walker<'a> {
     excludes: Excludes,
     one_fs: bool,
@@ -331,26 +274,24 @@ struct Walker<'a> {
 }
 
 impl Walker<'_> {
-    /// Records `abs`, reached at `node` with stat `st`.
-    fn add(&mut self, anchor: &Arc<Anchor>, abs: &Path, node: Node<'_>, st: &Stat) -> Option<()> {
-        let mut e = entry_from(rel_bytes(abs), st, &mut self.names)?;
+    /// Records `abs`, whose `O_PATH` handle is `node` and metadata `md` (from the handle).
+    fn add(
+        &mut self,
+        anchor: &Arc<Anchor>,
+        abs: &Path,
+        node: &std::fs::File,
+        md: &std::fs::Metadata,
+    ) -> Option<()> {
+        let mut e = entry_from(rel_bytes(abs), md, &mut self.names)?;
         if e.kind == EntryKind::Symlink {
-            let target = match node {
-                Node::Handle(h) => fsx::read_link(h),
-                Node::Named(dir, name) => fsx::read_link_at(dir.as_raw_fd(), name),
-            };
-            match target {
+            match fsx::read_link(node) {
                 Ok(t) => e.target = t,
                 Err(err) => {
                     self.unreadable.push(format!("{}: {err}", abs.display()));
                 }
             }
         }
-        let xattrs = match node {
-            Node::Handle(h) => fsx::list_xattrs(h),
-            Node::Named(dir, name) => fsx::list_xattrs_at(dir, name),
-        };
-        match xattrs {
+        match fsx::list_xattrs(node) {
             Ok(x) => e.xattrs = x,
             Err(err) => self
                 .unreadable
@@ -362,30 +303,30 @@ impl Walker<'_> {
             .send(Walked {
                 entry: e,
                 abs: abs.to_path_buf(),
-                blocks: st.blocks,
+                blocks: md.blocks(),
                 anchor: anchor.clone(),
             })
             .ok()
     }
 
-    /// Records `abs` (a source, or a directory met by the walk), whose `O_PATH` handle is
-    /// `node` and stat `st` (from the handle), and, for a directory, everything under it.
+    /// Records `abs` and, for a directory, everything under it: each child is opened from
+    /// its directory's handle without following symlinks, and stat'ed through that handle.
     fn walk(
         &mut self,
         anchor: &Arc<Anchor>,
         abs: &Path,
         node: std::fs::File,
-        st: &Stat,
+        md: &std::fs::Metadata,
         root_dev: u64,
         depth: usize,
     ) -> Result<(), AgentError> {
         if self.cancel.is_cancelled() {
             return Err(AgentError::Cancelled);
         }
-        if self.add(anchor, abs, Node::Handle(&node), st).is_none() || !st.is_dir() {
+        if self.add(anchor, abs, &node, md).is_none() || !md.is_dir() {
             return Ok(());
         }
-        if self.one_fs && st.dev != root_dev {
+        if self.one_fs && md.dev() != root_dev {
             return Ok(());
         }
         if depth >= MAX_WALK_DEPTH {
@@ -422,29 +363,9 @@ impl Walker<'_> {
             if self.excludes.excluded(&child) {
                 continue;
             }
-            // Each entry is stat'ed by its one name in the pinned directory, never followed.
-            // A directory gets a handle of its own to be walked through, and must be the one
-            // just stat'ed; the rest are recorded through their name in this directory.
-            let st = match fsx::stat_at(dir.as_raw_fd(), &name) {
-                Ok(Some(st)) => Stat::from(&st),
-                Ok(None) => continue, // vanished since the listing
-                Err(err) => {
-                    self.unreadable.push(format!("{}: {err}", child.display()));
-                    continue;
-                }
-            };
-            if !st.is_dir() {
-                self.add(anchor, &child, Node::Named(dir, &name), &st);
-                continue;
-            }
             match fsx::open_path_at(dir.as_raw_fd(), &name).and_then(|h| Ok((h.metadata()?, h))) {
-                Ok((md, handle)) if (md.dev(), md.ino()) == (st.dev, st.ino) => {
-                    self.walk(anchor, &child, handle, &Stat::from(&md), root_dev, depth)?
-                }
-                Ok(_) => self.unreadable.push(format!(
-                    "{}: replaced while being walked; not descended into",
-                    child.display()
-                )),
+                Ok((cmd, handle)) => self.walk(anchor, &child, handle, &cmd, root_dev, depth)?,
+                // Vanished since the listing.
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => self.unreadable.push(format!("{}: {err}", child.display())),
             }
@@ -481,7 +402,7 @@ fn walk_sources(walker: &mut Walker<'_>, sources: &[PathBuf]) -> Result<(), Agen
         let ancestors = ancestors.into_iter().filter(|a| *a != Path::new("/"));
         for (a, handle) in ancestors.zip(handles.iter().skip(1).chain([&anchor.dir])) {
             let amd = handle.metadata().map_err(source_error(a))?;
-            walker.add(&anchor, a, Node::Handle(handle), &Stat::from(&amd));
+            walker.add(&anchor, a, handle, &amd);
         }
         if src == Path::new("/") {
             // The root itself has no name in a tree: record its children.
@@ -492,7 +413,7 @@ fn walk_sources(walker: &mut Walker<'_>, sources: &[PathBuf]) -> Result<(), Agen
             let handle =
                 fsx::open_path_at(anchor.dir.as_raw_fd(), name).map_err(source_error(src))?;
             let md = handle.metadata().map_err(source_error(src))?;
-            walker.walk(&anchor, src, handle, &Stat::from(&md), md.dev(), 0)?;
+            walker.walk(&anchor, src, handle, &md, md.dev(), 0)?;
         }
     }
     Ok(())

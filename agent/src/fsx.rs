@@ -515,59 +515,11 @@ pub fn fsetxattr(fd: &impl AsRawFd, name: &[u8], value: &[u8]) -> io::Result<()>
 /// when it is one), sorted by name. Read through the handle's `/proc/self/fd` entry, which
 /// resolves to that inode and no further. A file system without xattr support gives none.
 pub fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    xattrs_of(&cstr(proc_fd(node).as_bytes())?, true)
-}
-
-type ListXattr =
-    unsafe extern "C" fn(*const libc::c_char, *mut libc::c_char, libc::size_t) -> libc::ssize_t;
-type GetXattr = unsafe extern "C" fn(
-    *const libc::c_char,
-    *const libc::c_char,
-    *mut libc::c_void,
-    libc::size_t,
-) -> libc::ssize_t;
-
-/// The extended attributes of entry `name` of directory `dir` itself (a symlink's own), sorted
-/// by name: through `dir`'s `/proc/self/fd` entry and that one name, not followed.
-pub fn list_xattrs_at(dir: &impl AsRawFd, name: &[u8]) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut path = proc_fd(dir).into_bytes();
-    path.push(b'/');
-    path.extend_from_slice(name);
-    xattrs_of(&cstr(&path)?, false)
-}
-
-/// The target of symlink `name` in directory `dir`.
-pub fn read_link_at(dir: RawFd, name: &[u8]) -> io::Result<Vec<u8>> {
-    let c = cstr(name)?;
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: a NUL-terminated name and a directory fd the caller owns; at most
-        // `buf.len()` bytes are written.
-        let n = check_ssize(unsafe {
-            libc::readlinkat(dir, c.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        })?;
-        if n < buf.len() {
-            buf.truncate(n);
-            return Ok(buf);
-        }
-        if buf.len() >= 1 << 16 {
-            return Err(io::Error::other("symlink target over 64 KiB"));
-        }
-        buf.resize(buf.len() * 4, 0);
-    }
-}
-
-/// The xattrs at path `c`, following its last component or not.
-fn xattrs_of(c: &CStr, follow: bool) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let (list, get) = if follow {
-        (libc::listxattr as ListXattr, libc::getxattr as GetXattr)
-    } else {
-        (libc::llistxattr as ListXattr, libc::lgetxattr as GetXattr)
-    };
+    let c = cstr(proc_fd(node).as_bytes())?;
     let mut names = vec![0u8; 1024];
     let n = loop {
         // SAFETY: NUL-terminated path and name; at most the length passed is written.
-        let r = unsafe { list(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        let r = unsafe { libc::listxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
         if r >= 0 {
             break r as usize;
         }
@@ -576,7 +528,7 @@ fn xattrs_of(c: &CStr, follow: bool) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
             Some(libc::ERANGE) => {
                 let need =
                     // SAFETY: NUL-terminated path and name; at most the length passed is written.
-                    check_ssize(unsafe { list(c.as_ptr(), std::ptr::null_mut(), 0) })?;
+                    check_ssize(unsafe { libc::listxattr(c.as_ptr(), std::ptr::null_mut(), 0) })?;
                 names.resize(need.max(names.len() * 2), 0);
             }
             Some(libc::ENOTSUP) => return Ok(Vec::new()),
@@ -590,7 +542,7 @@ fn xattrs_of(c: &CStr, follow: bool) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let value = loop {
             // SAFETY: NUL-terminated path and name; at most the length passed is written.
             let r = unsafe {
-                get(
+                libc::getxattr(
                     c.as_ptr(),
                     cn.as_ptr(),
                     value.as_mut_ptr().cast(),
@@ -606,7 +558,7 @@ fn xattrs_of(c: &CStr, follow: bool) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
                 Some(libc::ERANGE) => {
                     // SAFETY: NUL-terminated path and name; at most the length passed is written.
                     let need = check_ssize(unsafe {
-                        get(c.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0)
+                        libc::getxattr(c.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0)
                     })?;
                     value.resize(need.max(value.len() * 2), 0);
                 }
@@ -811,12 +763,5 @@ mod tests {
             );
         }
         assert!(list_xattrs(&link).unwrap().is_empty());
-        // The same through the directory's handle and one name, never followed.
-        assert_eq!(read_link_at(dir.as_raw_fd(), b"l").unwrap(), b"f");
-        assert_eq!(
-            list_xattrs_at(&dir, b"f").unwrap(),
-            list_xattrs(&file).unwrap()
-        );
-        assert!(list_xattrs_at(&dir, b"l").unwrap().is_empty());
     }
 }
