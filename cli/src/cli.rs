@@ -11,7 +11,8 @@ Exit codes:
   2  usage error (unknown flag, missing argument)
   3  data in the vault is damaged (authentication or format failure); the message names the object
   4  wrong password
-  75  a backup raced a prune and committed nothing: run it again (safe; meant for retry loops)
+  75  raced a prune: the backup's recovery point was not committed (others of the same command may
+      have been), or a prune that raced another deleted nothing; run the command again
   130  interrupted (SIGINT/SIGTERM): no recovery point was created, no partial restore is left";
 
 #[derive(Parser, Debug)]

@@ -132,7 +132,7 @@ fn read_trailer(
     let tail = store
         .get_range(&key, size - 8..size)
         .map_err(|e| e.to_string())?;
-    if &tail[4..] != b"EZPT" {
+    if &tail[4..] != crate::format::TRAILER_MAGIC {
         return Err("no pack trailer (truncated or overwritten)".into());
     }
     let tlen = u32::from_le_bytes(tail[..4].try_into().unwrap()) as u64;

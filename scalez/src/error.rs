@@ -48,10 +48,11 @@ pub enum Error {
     InvalidParameter(String),
     #[error("the backup session stopped: {0}")]
     SessionFailed(String),
-    /// The backup raced a prune (its lease went stale, or a pack it relies on was condemned
-    /// or deleted): nothing was committed, and running it again is safe and expected.
-    #[error("{reason}; run the backup again")]
-    RunAgain { reason: String },
+    /// A backup raced a prune (its lease went stale, or a pack it relies on was condemned or
+    /// deleted: the RP it was writing was not committed), or a prune raced another prune
+    /// (nothing was deleted). Running `what` again is safe and expected.
+    #[error("{reason}; run {what} again")]
+    RunAgain { reason: String, what: &'static str },
 }
 
 impl Error {

@@ -40,7 +40,7 @@
 //! | B commits between P1 and P3 | P3 waits for B's lease (deleted only after its catalog entry) and P4 spares what B references |
 //! | B's process frozen > TTL, then resumes | B3: lease not fresh, fails; see the residual window below |
 //! | P killed at any step | plans and deletions are idempotent; the next prune redoes them; unreferenced packs remain garbage, never referenced data |
-//! | two prunes at once | both condemn only packs no RP references; deleting twice is harmless; each rewrites index objects it read (duplicates are valid) |
+//! | two prunes at once | both condemn only packs no RP references; deleting twice is harmless. A prune that finds an index object it listed gone (the other rewrote it: its entries moved to an object this one never listed) deletes nothing and stops ("run prune again"), since deciding without those entries could take a live pack for dead; P5 rewrites from fresh listings until no object vanishes under it |
 //! | restore reading while P deletes | a live RP never references a condemned pack |
 //!
 //! Residual window: a process frozen for more than the TTL exactly between its B3 check and its

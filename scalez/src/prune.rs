@@ -474,6 +474,7 @@ pub fn prune(
         ));
     }
     let index_keys: Vec<String> = index_objects.into_iter().map(|o| o.key).collect();
+    progress(&format!("reading {} index objects", index_keys.len()));
     let read_index = |key: &str| -> Result<Option<Vec<(ChunkId, Location)>>> {
         let sealed = match store.get(key) {
             Ok(s) => s,
@@ -490,10 +491,20 @@ pub fn prune(
     };
     // (A chunk listed twice for one pack, by two index objects, is counted twice: rare, and it
     // only nudges the repack decision.)
+    // An index object that vanished since the listing was rewritten by another prune (its
+    // entries moved to an object this listing does not have): deciding without them could take
+    // a live pack for dead. Nothing is deleted then.
+    let vanished = |key: &str| Error::RunAgain {
+        reason: format!(
+            "index object {key} was rewritten by another prune while this one read the index; \
+             nothing was deleted"
+        ),
+        what: "prune",
+    };
     let mut usage: HashMap<PackId, Usage> = HashMap::new();
     for key in &index_keys {
         let Some(entries) = read_index(key)? else {
-            continue;
+            return Err(vanished(key));
         };
         for (id, loc) in entries {
             let u = usage.entry(loc.pack).or_default();
@@ -548,7 +559,7 @@ pub fn prune(
         let mut live: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
         for key in &index_keys {
             let Some(entries) = read_index(key)? else {
-                continue;
+                return Err(vanished(key));
             };
             for (id, loc) in entries {
                 if repack_set.contains(&loc.pack) && vault.is_marked(&id) {
@@ -677,26 +688,48 @@ pub fn prune(
         .filter(|p| !spared.contains(p))
         .copied()
         .collect();
-    for key in &index_keys {
-        let Some(entries) = read_index(key)? else {
-            continue;
-        };
-        if !entries.iter().any(|(_, l)| deleted.contains(&l.pack)) {
-            continue;
+    // A fresh listing each pass: an object another prune rewrote since (its entries moved to
+    // one this prune has not seen) is read in its new form on the next pass.
+    let mut written: HashSet<String> = HashSet::new();
+    for pass in 0.. {
+        let mut rewrote_under_us = false;
+        for o in store.list("index/")? {
+            if written.contains(&o.key) {
+                continue;
+            }
+            let Some(entries) = read_index(&o.key)? else {
+                rewrote_under_us = true;
+                continue;
+            };
+            if !entries.iter().any(|(_, l)| deleted.contains(&l.pack)) {
+                continue;
+            }
+            let keep: Vec<(ChunkId, Location)> = entries
+                .into_iter()
+                .filter(|(_, l)| !deleted.contains(&l.pack))
+                .collect();
+            if !keep.is_empty() {
+                let new_key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
+                let sealed = vault
+                    .keys()
+                    .seal(&index_aad(&new_key), &index::encode(&keep), None);
+                store.put(&new_key, &sealed, PutMode::Create)?;
+                written.insert(new_key);
+            }
+            store.delete(&o.key)?;
+            report.index_objects_rewritten += 1;
         }
-        let keep: Vec<(ChunkId, Location)> = entries
-            .into_iter()
-            .filter(|(_, l)| !deleted.contains(&l.pack))
-            .collect();
-        if !keep.is_empty() {
-            let new_key = format!("index/{}", hex::encode(rand::random::<[u8; 16]>()));
-            let sealed = vault
-                .keys()
-                .seal(&index_aad(&new_key), &index::encode(&keep), None);
-            store.put(&new_key, &sealed, PutMode::Create)?;
+        if !rewrote_under_us {
+            break;
         }
-        store.delete(key)?;
-        report.index_objects_rewritten += 1;
+        if pass >= 8 {
+            // Still rewritten under us: leave the packs (unindexed garbage later, never
+            // missing data) for the next prune.
+            return Err(Error::RunAgain {
+                reason: "another prune keeps rewriting the index; no pack was deleted".into(),
+                what: "prune",
+            });
+        }
     }
     progress(&format!("deleting {} packs", deleted.len()));
     for p in &deleted {
@@ -816,6 +849,49 @@ mod tests {
         assert_eq!(s.decisions.iter().filter(|d| !d.keep).count(), 1);
         assert!(s.emptied.is_empty());
         assert_eq!(kept(&s).len(), 8);
+    }
+
+    /// Two prunes at once: while one reads the index objects it listed, the other rewrites
+    /// them (their entries move to objects the first never listed). The first used to skip a
+    /// vanished object, take the packs only it indexed for dead and delete them: live RPs lost
+    /// data. Now it stops, deleting nothing, and says to run it again.
+    #[test]
+    fn a_prune_that_finds_the_index_rewritten_by_another_deletes_nothing() {
+        let v = crate::testing::memory_vault(4096);
+        let rps: Vec<RecoveryPoint> = (0..5)
+            .map(|i| disk_rp(&v, "a", "2026-11-30T10:00:00.000Z", i))
+            .collect();
+        let opts = |keep| PruneOptions {
+            retention: Retention {
+                keep_last: Some(keep),
+                ..Retention::default()
+            },
+            ..PruneOptions::default()
+        };
+        let other_ran = std::cell::Cell::new(false);
+        let other = |msg: &str| {
+            if msg.starts_with("reading") && !other_ran.replace(true) {
+                let r = prune(&v, &opts(3), &|_| {}).unwrap();
+                assert!(r.index_objects_rewritten > 0, "{r:?}");
+            }
+        };
+        let err = prune(&v, &opts(4), &other).unwrap_err();
+        assert!(matches!(err, Error::RunAgain { .. }), "{err}");
+        assert!(err.to_string().contains("run prune again"), "{err}");
+        // Every RP the second prune kept still reads, and the vault is sound.
+        let v = Arc::new(Vault::open(v.store().clone(), b"pw").unwrap());
+        let kept = v.list_rps().unwrap();
+        assert_eq!(kept.len(), 3);
+        for rp in &kept {
+            assert!(rps.iter().any(|r| r.id == rp.id));
+            let reader =
+                crate::reader::DiskReader::new(v.clone(), rp.disk().unwrap().clone(), 1 << 20);
+            let mut out = Vec::new();
+            reader.read_append(0, 4096, &mut out).unwrap();
+            assert_eq!(out.len(), 4096);
+        }
+        let report = crate::check::check(&v, crate::check::DataCheck::All, &|_| {}).unwrap();
+        assert!(report.healthy(), "{report:?}");
     }
 
     /// A store whose deletes of packs fail after the first: a prune stopped (killed, or

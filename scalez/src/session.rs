@@ -195,6 +195,7 @@ impl BackupSession {
                     lease.key(),
                     gc::lease_ttl() / 2
                 ),
+                what: "the backup",
             });
         }
         let referenced = self.referenced.lock().unwrap();
@@ -208,6 +209,7 @@ impl BackupSession {
                     "prune condemned pack {} while this backup was running",
                     p.key()
                 ),
+                what: "the backup",
             });
         }
         let listed: HashSet<PackId> = self
@@ -220,6 +222,7 @@ impl BackupSession {
         if let Some(p) = referenced.iter().find(|p| !listed.contains(p)) {
             return Err(Error::RunAgain {
                 reason: format!("pack {} is gone from the vault", p.key()),
+                what: "the backup",
             });
         }
         Ok(())
