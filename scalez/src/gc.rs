@@ -30,7 +30,9 @@
 //! * P4. Re-read the catalog: a pack referenced by an RP that appeared since P1 is spared.
 //! * P5. Write new index objects holding the entries of surviving packs, delete the old index
 //!   objects, then the condemned packs (killed in between, the index names no missing pack:
-//!   the packs left are unindexed garbage for the next prune).
+//!   the packs left are unindexed garbage for the next prune). Then release what it spared
+//!   (a release record for its plan): it will never delete those, so sessions may use them
+//!   again. A prune postponed at P3 releases all its packs the same way.
 //!
 //! ### Why it is safe
 //! | race | outcome |
@@ -241,6 +243,15 @@ pub struct Plan {
     pub condemned: Vec<String>,
     /// Leases alive when the plan was written.
     pub sessions: Vec<String>,
+    /// A release record: the plan (its key) whose prune has finished, without deleting the
+    /// packs in `released` (spared by P4 because an RP committed during the prune references
+    /// them, or all of them when the prune was postponed at P3). Those packs are no longer
+    /// condemned: that prune will never delete them, and sessions may use them again. Other
+    /// plans condemning the same packs are not affected (their prunes may still delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finishes: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<String>,
 }
 
 pub fn write_plan(vault: &Vault, plan: &Plan) -> Result<String> {
@@ -292,16 +303,78 @@ fn read_plans_with(vault: &Vault, lenient: bool) -> Result<Vec<(String, Plan)>> 
 
 /// The packs any plan condemns.
 pub fn condemned_packs(plans: &[(String, Plan)]) -> HashSet<PackId> {
+    let mut released: std::collections::HashMap<&str, HashSet<&str>> = Default::default();
+    for (_, p) in plans {
+        if let Some(of) = &p.finishes {
+            let r = released.entry(of.as_str()).or_default();
+            r.extend(p.released.iter().map(String::as_str));
+        }
+    }
     plans
         .iter()
-        .flat_map(|(_, p)| &p.condemned)
+        .flat_map(|(key, p)| {
+            let r = released.get(key.as_str());
+            p.condemned
+                .iter()
+                .filter(move |h| r.is_none_or(|r| !r.contains(h.as_str())))
+        })
         .filter_map(|h| PackId::from_hex(h))
         .collect()
+}
+
+/// Records that the prune of plan `plan_key` has finished without deleting `released` (see
+/// [`Plan::finishes`]). Nothing to record when it deleted every pack it condemned.
+pub fn release_packs(vault: &Vault, plan_key: &str, released: &[PackId]) -> Result<()> {
+    if released.is_empty() {
+        return Ok(());
+    }
+    let mut released: Vec<String> = released.iter().map(PackId::hex).collect();
+    released.sort();
+    write_plan(
+        vault,
+        &Plan {
+            created_ms: now_ms(),
+            condemned: Vec::new(),
+            sessions: Vec::new(),
+            finishes: Some(plan_key.to_string()),
+            released,
+        },
+    )
+    .map(|_| ())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A release record frees its own plan's packs only: another prune that condemned the
+    /// same pack may still delete it, so sessions must keep avoiding it.
+    #[test]
+    fn a_release_frees_only_its_own_plans_packs() {
+        let (x, y) = ("11".repeat(16), "22".repeat(16));
+        let plan = |condemned: &[&String]| Plan {
+            condemned: condemned.iter().map(|s| s.to_string()).collect(),
+            ..Plan::default()
+        };
+        let release = |of: &str, packs: &[&String]| Plan {
+            finishes: Some(of.into()),
+            released: packs.iter().map(|s| s.to_string()).collect(),
+            ..Plan::default()
+        };
+        let hex = |set: HashSet<PackId>| {
+            let mut v: Vec<String> = set.iter().map(PackId::hex).collect();
+            v.sort();
+            v
+        };
+        let plans = vec![
+            ("gc/a".to_string(), plan(&[&x, &y])),
+            ("gc/b".to_string(), plan(&[&y])),
+            ("gc/c".to_string(), release("gc/a", &[&x, &y])),
+        ];
+        assert_eq!(hex(condemned_packs(&plans)), vec![y.clone()]);
+        let plans = vec![plans[0].clone(), plans[2].clone()];
+        assert!(condemned_packs(&plans).is_empty());
+    }
 
     /// A lease dropped right after it was taken (a tiny backup) must not wait for its heartbeat
     /// thread's period (150 s by default): the stop flag is seen even if it came first.

@@ -633,6 +633,8 @@ pub fn prune(
         created_ms: gc::now_ms(),
         condemned: condemned.iter().map(PackId::hex).collect(),
         sessions: live_sessions.clone(),
+        finishes: None,
+        released: Vec::new(),
     };
     let plan_key = gc::write_plan(vault, &plan)?;
     report.plan = Some(plan_key.clone());
@@ -660,6 +662,9 @@ pub fn prune(
                 "backup session {} is still running; the next prune deletes the condemned packs",
                 running[0]
             ));
+            // This prune deletes nothing more: its packs are no longer condemned by it (the
+            // next prune decides them anew).
+            gc::release_packs(vault, &plan_key, &condemned)?;
             report.waited_ms = waited.elapsed().as_millis() as u64;
             report.elapsed_ms = started.elapsed().as_millis() as u64;
             return Ok(report);
@@ -737,6 +742,11 @@ pub fn prune(
         report.packs_deleted += 1;
         report.bytes_deleted += listed.get(p).copied().unwrap_or(0);
     }
+    // The spared packs stay: RPs reference them, so sessions must be able to again (they
+    // stayed condemned forever, and an EBS incremental over such an RP failed every time).
+    let mut spared: Vec<PackId> = spared.into_iter().collect();
+    spared.sort();
+    gc::release_packs(vault, &plan_key, &spared)?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }
@@ -892,6 +902,57 @@ mod tests {
         }
         let report = crate::check::check(&v, crate::check::DataCheck::All, &|_| {}).unwrap();
         assert!(report.healthy(), "{report:?}");
+    }
+
+    /// A pack spared by P4 (an RP committed during the prune deduplicated against it) used to
+    /// stay condemned by the plan forever: every later session treated its chunks as absent,
+    /// so an incremental that takes unchanged chunks from its parent's map (EBS, an NBD
+    /// overlay saved as an RP) failed with a missing chunk on every run. The finished prune
+    /// now releases what it spared.
+    #[test]
+    fn packs_spared_by_a_prune_are_usable_again_after_it() {
+        let v = crate::testing::memory_vault(4096);
+        disk_rp(&v, "a", "2026-11-30T10:00:00.000Z", 1);
+        disk_rp(&v, "a", "2026-11-30T10:00:00.000Z", 2);
+        let opts = PruneOptions {
+            retention: Retention {
+                keep_last: Some(1),
+                ..Retention::default()
+            },
+            ..PruneOptions::default()
+        };
+        // While the prune reads the index (after its retention step), a backup of another
+        // asset stores what the expired RP held: it deduplicates against the condemned pack.
+        let late = std::cell::RefCell::new(None);
+        let r = prune(&v, &opts, &|msg: &str| {
+            if msg.starts_with("reading") && late.borrow().is_none() {
+                *late.borrow_mut() = Some(disk_rp(&v, "b", "2026-11-30T11:00:00.000Z", 1));
+            }
+        })
+        .unwrap();
+        assert_eq!(r.packs_spared, 1, "{r:?}");
+        let late = late.into_inner().unwrap();
+        let plans = gc::read_plans(&v).unwrap();
+        assert!(
+            gc::condemned_packs(&plans).is_empty(),
+            "the spared pack is released: {plans:?}"
+        );
+        // A session taking the late RP's chunks from its map finds them.
+        let v = Arc::new(Vault::open(v.store().clone(), b"pw").unwrap());
+        let session = BackupSession::new(v.clone()).unwrap();
+        let map = late.disk().unwrap().clone();
+        let mut load = |id: &ChunkId| v.load_page(id).map(Arc::new);
+        let mut ids = Vec::new();
+        crate::disk_map::MapReader::of(&map, &mut load)
+            .walk(&mut |_, entries| {
+                ids.extend(entries.iter().flatten().copied());
+                Ok(())
+            })
+            .unwrap();
+        assert!(!ids.is_empty());
+        for id in &ids {
+            session.note_reference(id).unwrap();
+        }
     }
 
     /// A store whose deletes of packs fail after the first: a prune stopped (killed, or
