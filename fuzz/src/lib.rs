@@ -208,12 +208,8 @@ pub fn nbd_client_stream(mut data: &[u8]) {
 /// (libFuzzer's -timeout reports it). Replies are read and dropped as they come, so a server
 /// that stops reading while its replies wait is not stuck on a client that never reads.
 pub fn nbd_server_session(data: &[u8]) {
-    use std::sync::{Arc, OnceLock};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    use mount::nbd::{Disk, Export, Server, ServerOptions};
-    use mount::overlay::Overlay;
     use mount::DiskReader;
+    use std::sync::{Arc, OnceLock};
 
     static DISK: OnceLock<Arc<DiskReader>> = OnceLock::new();
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -232,52 +228,6 @@ pub fn nbd_server_session(data: &[u8]) {
             .build()
             .expect("a tokio runtime")
     });
-    // A fresh overlay per input: nothing carries over from one input to the next.
-    let overlay =
-        Overlay::create(disk.clone(), &std::env::temp_dir()).expect("an overlay in the temp dir");
-    let exports = vec![
-        Export {
-            name: "ro".into(),
-            aliases: vec!["disk".into()],
-            description: "read-only".into(),
-            disk: Disk::ReadOnly(disk.clone()),
-        },
-        Export {
-            name: "rw".into(),
-            aliases: Vec::new(),
-            description: String::new(),
-            disk: Disk::Writable(Arc::new(overlay)),
-        },
-    ];
-    // Small budgets, so that inputs reach the waits for permits.
-    let opts = ServerOptions {
-        max_connections: 1,
-        inflight_bytes: 0,
-        connection_bytes: 0,
-        connection_requests: 4,
-        handshake_timeout: None,
-        idle_timeout: None,
-        write_timeout: None,
-    };
-    let server = Server::new(exports, opts);
-    let (client, server_end) = tokio::io::duplex(16 << 10);
-    rt.block_on(async {
-        let (mut rd, mut wr) = tokio::io::split(client);
-        let send = async {
-            // The server may close first (a protocol error): the rest is not delivered.
-            let _ = wr.write_all(data).await;
-            let _ = wr.shutdown().await;
-        };
-        let receive = async {
-            let mut buf = vec![0u8; 64 << 10];
-            while let Ok(n) = rd.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        };
-        let (served, (), ()) = tokio::join!(server.serve_stream(server_end), send, receive);
-        // Errors are the client's (malformed input); a panic or a hang is the server's.
-        let _ = served;
-    });
+    let server = mount::nbd::server::fuzz_server(disk).expect("an overlay in the temp dir");
+    rt.block_on(server.serve_client_bytes(data));
 }

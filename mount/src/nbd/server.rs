@@ -389,6 +389,30 @@ impl Server {
         connection(stream, &self.shared(), None).await
     }
 
+    /// Serves `data` as one client's bytes through an in-memory pipe until the session ends,
+    /// reading and dropping the replies as they come: the `nbd_server` fuzz target's driver
+    /// (and its replay test's). Client errors end the session; a panic or a session that
+    /// never ends is the server's fault.
+    #[doc(hidden)]
+    pub async fn serve_client_bytes(&self, data: &[u8]) {
+        let (client, server_end) = tokio::io::duplex(16 << 10);
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let send = async {
+            // The server may close first (a protocol error): the rest is not delivered.
+            let _ = wr.write_all(data).await;
+            let _ = wr.shutdown().await;
+        };
+        let receive = async {
+            let mut buf = vec![0u8; 64 << 10];
+            while let Ok(n) = rd.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::join!(self.serve_stream(server_end), send, receive);
+    }
+
     /// Serves connections from `listener` until `shutdown` completes.
     pub async fn run(
         self,
@@ -440,6 +464,39 @@ impl Server {
         while tasks.join_next().await.is_some() {}
         Ok(())
     }
+}
+
+/// The server the `nbd_server` fuzz target (and its replay test) feeds: `disk` exported
+/// read-only as "ro" (alias "disk") and writable as "rw" (a fresh overlay in the temp dir, so
+/// nothing carries over between inputs), with small budgets so inputs reach the waits for
+/// permits, and no timeouts (the input's end must end every session).
+#[doc(hidden)]
+pub fn fuzz_server(disk: &Arc<DiskReader>) -> io::Result<Server> {
+    let overlay = Overlay::create(disk.clone(), &std::env::temp_dir())?;
+    let exports = vec![
+        Export {
+            name: "ro".into(),
+            aliases: vec!["disk".into()],
+            description: "read-only".into(),
+            disk: Disk::ReadOnly(disk.clone()),
+        },
+        Export {
+            name: "rw".into(),
+            aliases: Vec::new(),
+            description: String::new(),
+            disk: Disk::Writable(Arc::new(overlay)),
+        },
+    ];
+    let opts = ServerOptions {
+        max_connections: 1,
+        inflight_bytes: 0,
+        connection_bytes: 0,
+        connection_requests: 4,
+        handshake_timeout: None,
+        idle_timeout: None,
+        write_timeout: None,
+    };
+    Ok(Server::new(exports, opts))
 }
 
 /// What to tell the operator when `addr` can be reached from other machines.
@@ -1662,50 +1719,9 @@ mod tests {
             .unwrap();
         for input in inputs {
             let data = std::fs::read(&input).unwrap();
-            let overlay = Overlay::create(disk.clone(), &std::env::temp_dir()).unwrap();
-            let exports = vec![
-                Export {
-                    name: "ro".into(),
-                    aliases: Vec::new(),
-                    description: String::new(),
-                    disk: Disk::ReadOnly(disk.clone()),
-                },
-                Export {
-                    name: "rw".into(),
-                    aliases: Vec::new(),
-                    description: String::new(),
-                    disk: Disk::Writable(Arc::new(overlay)),
-                },
-            ];
-            let opts = ServerOptions {
-                max_connections: 1,
-                inflight_bytes: 0,
-                connection_bytes: 0,
-                connection_requests: 4,
-                handshake_timeout: None,
-                idle_timeout: None,
-                write_timeout: None,
-            };
-            let server = Server::new(exports, opts);
-            let (client, server_end) = tokio::io::duplex(16 << 10);
-            let session = async {
-                let (mut rd, mut wr) = tokio::io::split(client);
-                let send = async {
-                    let _ = wr.write_all(&data).await;
-                    let _ = wr.shutdown().await;
-                };
-                let receive = async {
-                    let mut buf = vec![0u8; 64 << 10];
-                    while let Ok(n) = rd.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                };
-                let _ = tokio::join!(server.serve_stream(server_end), send, receive);
-            };
+            let server = fuzz_server(&disk).unwrap();
             rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(10), session)
+                tokio::time::timeout(Duration::from_secs(10), server.serve_client_bytes(&data))
                     .await
                     .unwrap_or_else(|_| panic!("{}: the session did not end", input.display()))
             });
