@@ -413,18 +413,7 @@ pub struct Node {
 impl Node {
     /// Opens `name` in `dir`; `kind` is the expected `S_IFMT` bits.
     pub fn open_at(dir: RawFd, name: &[u8], kind: u32) -> io::Result<Node> {
-        let c = cstr(name)?;
-        // SAFETY: a NUL-terminated name and a directory fd the caller owns; the result is
-        // checked and wrapped at once.
-        let fd = check(unsafe {
-            libc::openat(
-                dir,
-                c.as_ptr(),
-                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        })?;
-        // SAFETY: `fd` was just returned by openat and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd: OwnedFd = open_path_at(dir, name)?.into();
         // SAFETY: fstat writes into a zeroed stat of the right type.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: the stat struct is valid for writes and the name (if any) NUL-terminated.
