@@ -547,7 +547,15 @@ impl Vault {
     /// prune moved the live chunks of a pack elsewhere since the index was read).
     fn after_refresh<T>(&self, mut read: impl FnMut() -> Result<T>) -> Result<T> {
         match read() {
+            // A pack gone (repacked by a prune), or a chunk this handle's index lacks: an
+            // index object a prune rewrote between this handle's listing and its read of it
+            // (the entries moved to an object the listing did not have). Both are found again
+            // in the index as it is now.
             Err(Error::Store(e)) if e.is_not_found() => {
+                self.refresh()?;
+                read()
+            }
+            Err(Error::MissingChunk { .. }) => {
                 self.refresh()?;
                 read()
             }
@@ -1302,6 +1310,34 @@ mod tests {
     /// from listing sizes); a real pack made 1 TiB long, its authentic trailer kept at the end,
     /// aborted `check` (which zero-filled a buffer the size of the pack). Both are reported as
     /// damaged now, and nothing is allocated for them.
+    #[test]
+    fn a_chunk_whose_index_object_was_rewritten_under_a_reader_is_found_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(crate::store::local::LocalStore::open(tmp.path()).unwrap());
+        let v = Arc::new(Vault::init(store.clone(), b"pw", opts()).unwrap());
+        let disk: Vec<u8> = (0..(1 << 18)).map(|_| rand::random::<u8>()).collect();
+        let rp_map = crate::testing::store_disk(&v, &disk);
+        // What a reader sees when a prune rewrote an index object between its listing and its
+        // read: the object gone, its entries in one the reader never listed.
+        let key = store.list("index/").unwrap().pop().unwrap().key;
+        let plain = v
+            .keys()
+            .open(&index_aad(&key), &store.get(&key).unwrap())
+            .unwrap();
+        store.delete(&key).unwrap();
+        let reader = Arc::new(Vault::open(store.clone(), b"pw").unwrap());
+        let new_key = format!("index/{}", "ab".repeat(16));
+        let sealed = v.keys().seal(&index_aad(&new_key), &plain, None);
+        store.put(&new_key, &sealed, PutMode::Create).unwrap();
+        let reader_disk = crate::reader::DiskReader::new(reader, rp_map, 1 << 20);
+        let mut out = Vec::new();
+        reader_disk
+            .read_append(0, 4096, &mut out)
+            .expect("found in the rewritten index object");
+        assert_eq!(out, disk[..4096]);
+    }
+
     #[test]
     fn huge_planted_objects_are_damage_not_allocations() {
         let tmp = tempfile::tempdir().unwrap();
