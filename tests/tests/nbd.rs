@@ -801,18 +801,8 @@ fn tls_clients_copy_byte_exact_and_plain_clients_are_refused() {
             "require",
         ],
     );
-    let uri = server.tls_uri(&rp, client_dir);
-
-    let info = sh("nbdinfo", &[&uri]);
+    let info = tls_copy_is_byte_exact(&env, &server.tls_uri(&rp, client_dir), &img);
     assert!(info.contains("is_read_only: true"), "{info}");
-    assert!(info.contains("with TLS"), "{info}");
-    let copy = env.path("copy.img");
-    sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
-    assert_eq!(
-        sha256_file(&copy),
-        sha256_file(&img),
-        "nbdcopy over TLS is byte-exact"
-    );
 
     // libnbd reports the server's option error (NBD_REP_ERR_TLS_REQD, with its message) only in
     // its debug output.
@@ -866,16 +856,7 @@ fn tls_verify_peer_serves_only_clients_with_a_certificate() {
             "--tls-verify-peer",
         ],
     );
-    let uri = server.tls_uri(&rp, &dirs.client);
-    let info = sh("nbdinfo", &[&uri]);
-    assert!(info.contains("with TLS"), "{info}");
-    let copy = env.path("copy.img");
-    sh("nbdcopy", &[&uri, copy.to_str().unwrap()]);
-    assert_eq!(
-        sha256_file(&copy),
-        sha256_file(&img),
-        "nbdcopy is byte-exact"
-    );
+    tls_copy_is_byte_exact(&env, &server.tls_uri(&rp, &dirs.client), &img);
 
     let anonymous = Command::new("nbdinfo")
         .arg(server.tls_uri(&rp, &dirs.anonymous))
@@ -918,6 +899,21 @@ fn tls_verify_peer_serves_only_clients_with_a_certificate() {
         let out = env.run(&args);
         assert!(!out.status.success(), "{extra:?}");
     }
+}
+
+/// Over `uri` (nbds://), nbdinfo reports TLS and nbdcopy copies the export byte-exact to
+/// `img`; returns what nbdinfo printed.
+fn tls_copy_is_byte_exact(env: &Env, uri: &str, img: &Path) -> String {
+    let info = sh("nbdinfo", &[uri]);
+    assert!(info.contains("with TLS"), "{info}");
+    let copy = env.path("copy.img");
+    sh("nbdcopy", &[uri, copy.to_str().unwrap()]);
+    assert_eq!(
+        sha256_file(&copy),
+        sha256_file(img),
+        "nbdcopy over TLS is byte-exact"
+    );
+    info
 }
 
 /// `qemu-img compare` of an NBD export with a raw image, which must succeed.
