@@ -13,7 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use scalez::disk_map::{MapBuilder, MapReader, Page};
-use scalez::vault::{FetchedChunks, Verify};
+use scalez::fetch::{plan_reads, FetchedChunks};
+use scalez::vault::Verify;
 use scalez::{
     Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RpBody, RpDraft, RpFigures, RpKind,
     SessionStats, Vault,
@@ -582,7 +583,7 @@ fn write_chunks(
                         }
                         let write = match job {
                             Job::Data(batch) => {
-                                let fetched = vault.fetch_disk_chunks(&batch)?;
+                                let fetched = FetchedChunks::fetch(vault, &batch)?;
                                 let mut buf = take_buffer(&free_rx, stop)?;
                                 let runs =
                                     decode_job(vault, map, &batch, fetched, &mut buf, slot_len)?;
@@ -685,7 +686,7 @@ fn decode_job(
         at += len;
     }
     let mut dst: Vec<&mut [u8]> = pieces.into_iter().map(|p| p.expect("placed")).collect();
-    vault.open_disk_chunks_to(map, batch, fetched, Verify::Rehash, &mut dst)?;
+    fetched.open_to(vault, map, batch, Verify::Rehash, &mut dst)?;
     Ok(runs)
 }
 
@@ -749,29 +750,9 @@ fn walk_jobs(
     // Writes are positioned, so chunks can be fetched in any order: each window of slots is
     // sorted by where its chunks sit in the packs and cut into coalesced reads.
     let flush = |pending: &mut Vec<(u64, ChunkId)>| -> Result<(), AgentError> {
-        let mut located: Vec<_> = pending
-            .drain(..)
-            .map(|(slot, id)| (vault.locate(&id), slot, id))
-            .collect();
-        located.sort_by_key(|(loc, slot, _)| (loc.map(|l| (l.pack, l.offset)), *slot));
-        let mut batch: Vec<(u64, ChunkId)> = Vec::new();
-        let mut run = None;
-        for (_, slot, id) in located {
-            let extends =
-                batch.len() < max_batch && run.as_mut().is_some_and(|r| vault.run_extend(r, &id));
-            if !extends {
-                if !batch.is_empty() {
-                    tx.send(Job::Data(std::mem::take(&mut batch)))
-                        .map_err(|_| hung_up())?;
-                }
-                run = vault.run_start(&id);
-            }
-            batch.push((slot, id));
-        }
-        if !batch.is_empty() {
-            tx.send(Job::Data(batch)).map_err(|_| hung_up())?;
-        }
-        Ok(())
+        plan_reads(vault, pending.drain(..), max_batch, |batch| {
+            tx.send(Job::Data(batch)).map_err(|_| hung_up())
+        })
     };
     let walked = reader.walk(&mut |first, entries| {
         if cancel.is_cancelled() {

@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Error, Result};
 use crate::ids::{ChunkId, RecoveryPointId};
+use crate::store::PutMode;
+use crate::vault::Vault;
 
 /// Frozen catalog entry version within format 1.
 pub use crate::format::RP_FORMAT;
@@ -326,6 +329,152 @@ pub fn validate_tag_key(k: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Reading and writing catalog entries and tag updates.
+impl Vault {
+    /// Makes `rp` visible. Call only after the session that wrote its data finished.
+    pub fn commit_rp(&self, rp: &RecoveryPoint) -> Result<()> {
+        let body = serde_json::to_vec(rp).expect("serialisable");
+        let sealed = self.keys().seal(&rp_aad(&rp.id), &body, Some(1));
+        self.store()
+            .put(&rp.id.catalog_key(), &sealed, PutMode::Create)?;
+        Ok(())
+    }
+
+    pub(crate) fn read_rp(&self, key: &str, id: &RecoveryPointId) -> Result<RecoveryPoint> {
+        let sealed = match self.store().get(key) {
+            Ok(s) => s,
+            Err(e) if e.is_not_found() => {
+                return Err(Error::RpNotFound {
+                    location: self.location(),
+                    id: id.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let plain = self
+            .keys()
+            .open(&rp_aad(id), &sealed)
+            .map_err(|e| self.corrupt(key, e.to_string()))?;
+        let mut rp: RecoveryPoint =
+            serde_json::from_slice(&plain).map_err(|e| self.corrupt(key, e.to_string()))?;
+        if &rp.id != id {
+            return Err(self.corrupt(key, format!("holds recovery point {}", rp.id)));
+        }
+        for t in self.store().list(&id.tags_prefix())? {
+            if !is_canonical_tag_key(&t.key, id) {
+                tracing::warn!(key = %t.key, "ignoring a tag object whose name is not canonical");
+                continue;
+            }
+            let sealed = match self.store().get(&t.key) {
+                Ok(s) => s,
+                // Deleted with its RP since the listing (rp delete, prune).
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let plain = self
+                .keys()
+                .open(&tag_aad(&t.key), &sealed)
+                .map_err(|e| self.corrupt(&t.key, e.to_string()))?;
+            let update: TagUpdate =
+                serde_json::from_slice(&plain).map_err(|e| self.corrupt(&t.key, e.to_string()))?;
+            update.apply(&mut rp.tags);
+        }
+        Ok(rp)
+    }
+
+    pub fn get_rp(&self, id: &RecoveryPointId) -> Result<RecoveryPoint> {
+        self.read_rp(&id.catalog_key(), id)
+    }
+
+    /// All visible RPs, oldest first, with later tag updates applied.
+    pub fn list_rps(&self) -> Result<Vec<RecoveryPoint>> {
+        let mut out = Vec::new();
+        for obj in self.store().list("catalog/")? {
+            let name = obj.key.trim_start_matches("catalog/");
+            // Only this engine names catalog entries, always canonically: anything else was
+            // planted (or is junk) and is ignored here; `check` reports it.
+            let Some(id) = RecoveryPointId::from_object_name(name) else {
+                tracing::warn!(key = %obj.key, "ignoring a catalog object whose name is not a canonical RP id");
+                continue;
+            };
+            match self.read_rp(&obj.key, &id) {
+                Ok(rp) => out.push(rp),
+                // Deleted (rp delete, prune) between the listing and the read: gone, not
+                // damage. Backups list the catalog to find their parent while prunes run.
+                Err(Error::RpNotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// The newest RP of `kind` for `asset`, the parent of the next backup.
+    pub fn latest_rp(&self, kind: RpKind, asset: &Asset) -> Result<Option<RecoveryPoint>> {
+        Ok(self
+            .list_rps()?
+            .into_iter()
+            .rfind(|rp| rp.kind == kind && &rp.asset == asset))
+    }
+
+    /// Records a tag change as a new immutable object and returns the updated RP.
+    pub fn update_tags(&self, id: &RecoveryPointId, update: &TagUpdate) -> Result<RecoveryPoint> {
+        for k in update.set.keys().chain(&update.remove) {
+            validate_tag_key(k).map_err(Error::InvalidParameter)?;
+        }
+        self.get_rp(id)?;
+        // Updates apply in key order, so a new one must sort after every update already there
+        // (two in the same millisecond got random order: `protect` then `unprotect` could
+        // leave the RP protected).
+        let mut next = ulid::Ulid::new();
+        for t in self.store().list(&id.tags_prefix())? {
+            if !is_canonical_tag_key(&t.key, id) {
+                continue;
+            }
+            if let Ok(u) = ulid::Ulid::from_string(&t.key[id.tags_prefix().len()..]) {
+                if u >= next {
+                    next = u.increment().ok_or_else(|| {
+                        Error::InvalidParameter(format!("{id}: no tag update can follow {u}"))
+                    })?;
+                }
+            }
+        }
+        let key = format!(
+            "{}{}",
+            id.tags_prefix(),
+            next.to_string().to_ascii_lowercase()
+        );
+        let body = serde_json::to_vec(update).expect("serialisable");
+        let sealed = self.keys().seal(&tag_aad(&key), &body, None);
+        self.store().put(&key, &sealed, PutMode::Create)?;
+        self.get_rp(id)
+    }
+}
+
+/// Whether `key` is a name [`Vault::update_tags`] writes for `rp`: `tags/<rp>/<lower-case ulid>`.
+pub(crate) fn is_canonical_tag_key(key: &str, rp: &RecoveryPointId) -> bool {
+    key.strip_prefix(&rp.tags_prefix())
+        .and_then(|u| {
+            ulid::Ulid::from_string(u)
+                .ok()
+                .filter(|p| p.to_string().to_ascii_lowercase() == u)
+        })
+        .is_some()
+}
+
+/// Parses `k=v` tag arguments.
+pub fn parse_tags<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for a in args {
+        let (k, v) = a.split_once('=').ok_or_else(|| {
+            Error::InvalidParameter(format!("tag {a:?} is not of the form key=value"))
+        })?;
+        validate_tag_key(k).map_err(Error::InvalidParameter)?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -355,7 +355,7 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
             continue;
         };
         let canonical = RecoveryPointId::from_object_name(rp)
-            .is_some_and(|id| crate::vault::is_canonical_tag_key(&obj.key, &id));
+            .is_some_and(|id| crate::catalog::is_canonical_tag_key(&obj.key, &id));
         if !canonical {
             problems.add(
                 &obj.key,

@@ -15,6 +15,7 @@ use lru::LruCache;
 use crate::catalog::DiskMapRef;
 use crate::disk_map::{MapReader, Page};
 use crate::error::{Error, Result};
+use crate::fetch::plan_reads;
 use crate::ids::ChunkId;
 use crate::vault::{Vault, Verify};
 
@@ -180,27 +181,11 @@ impl DiskReader {
         for slot in lo..hi {
             if let Some(id) = self.chunk_id(slot)? {
                 if !self.chunks.lock().unwrap().contains(&id) {
-                    items.push((self.vault.locate(&id), slot, id));
+                    items.push((slot, id));
                 }
             }
         }
-        items.sort_by_key(|(loc, slot, _)| (loc.map(|l| (l.pack, l.offset)), *slot));
-        let mut run: Vec<(u64, ChunkId)> = Vec::new();
-        let mut span = None;
-        for (_, slot, id) in items {
-            let extends = span.as_mut().is_some_and(|r| self.vault.run_extend(r, &id));
-            if !extends && !run.is_empty() {
-                self.load_run(std::mem::take(&mut run))?;
-            }
-            if !extends {
-                span = self.vault.run_start(&id);
-            }
-            run.push((slot, id));
-        }
-        if !run.is_empty() {
-            self.load_run(run)?;
-        }
-        Ok(())
+        plan_reads(&self.vault, items, usize::MAX, |run| self.load_run(run))
     }
 
     /// Fetches `run` (chunks a coalesced read can cover) into the cache, skipping chunks
@@ -578,10 +563,8 @@ mod tests {
         // Reverse and interleave: one span still covers them (same pack, nothing skipped).
         slots.reverse();
         slots.swap(3, 17);
-        let mut run = vault.run_start(&slots[0].1).unwrap();
-        assert!(slots[1..]
-            .iter()
-            .all(|(_, id)| vault.run_extend(&mut run, id)));
+        let mut run = crate::fetch::ReadRun::start(&vault, &slots[0].1).unwrap();
+        assert!(slots[1..].iter().all(|(_, id)| run.extend(&vault, id)));
         let chunks = vault
             .read_disk_chunks(&map, &slots, Verify::Rehash)
             .unwrap();

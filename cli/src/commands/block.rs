@@ -21,7 +21,7 @@ pub fn run(ctx: &Ctx, cmd: BlockCommand) -> Result<()> {
 }
 
 fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
-    let tags = scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?;
+    let tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
     let engine = IoEngine::from_env()?;
     let vault = ctx.open_vault()?;
     let opts = BackupOptions {

@@ -37,7 +37,7 @@ pub fn options(a: &AwsArgs, tags: &[String]) -> Result<EbsOptions> {
         anyhow::bail!("--max-rate must be a positive number of requests per second");
     }
     Ok(EbsOptions {
-        tags: scalez::vault::parse_tags(tags.iter().map(String::as_str))?,
+        tags: scalez::catalog::parse_tags(tags.iter().map(String::as_str))?,
         concurrency: a.concurrency as usize,
         rate: a.max_rate,
         poll: Duration::from_millis(a.poll_ms.max(10)),

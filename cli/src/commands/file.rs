@@ -36,7 +36,7 @@ fn list(title: &str, items: &[String]) {
 }
 
 fn backup(ctx: &Ctx, a: FileBackupArgs) -> Result<()> {
-    let tags = scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?;
+    let tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
     let vault = ctx.open_vault()?;
     let mut opts = FileBackupOptions {
         tags,

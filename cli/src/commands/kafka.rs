@@ -30,7 +30,7 @@ fn properties(raw: &[String]) -> Result<Vec<(String, String)>> {
 }
 
 fn backup(ctx: &Ctx, a: KafkaBackupArgs) -> Result<()> {
-    let tags = scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?;
+    let tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
     let vault = ctx.open_vault()?;
     let opts = KafkaBackupOptions {
         brokers: a.brokers.clone(),

@@ -9,7 +9,7 @@ use crate::output::print_json;
 use crate::output::{bytes, table};
 
 pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
-    let keep_tags = scalez::vault::parse_tags(a.keep_tags.iter().map(String::as_str))?
+    let keep_tags = scalez::catalog::parse_tags(a.keep_tags.iter().map(String::as_str))?
         .into_iter()
         .collect();
     let opts = PruneOptions {

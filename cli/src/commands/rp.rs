@@ -19,7 +19,7 @@ pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
 
 fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
     let vault = ctx.open_vault()?;
-    let want_tags = scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?;
+    let want_tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
     let rps: Vec<RecoveryPoint> = vault
         .list_rps()?
         .into_iter()
@@ -153,7 +153,7 @@ fn tag(ctx: &Ctx, a: RpTagArgs) -> Result<()> {
     let vault = ctx.open_vault()?;
     let rp = resolve_rp(&vault, &a.rp, None, None)?;
     let update = TagUpdate {
-        set: scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?,
+        set: scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?,
         remove: a.remove,
     };
     let rp = vault.update_tags(&rp.id, &update)?;

@@ -21,7 +21,7 @@ pub fn run(ctx: &Ctx, cmd: StreamCommand) -> Result<()> {
 }
 
 fn backup(ctx: &Ctx, a: StreamBackupArgs) -> Result<()> {
-    let tags = scalez::vault::parse_tags(a.tags.iter().map(String::as_str))?;
+    let tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
     if a.from_file.is_none() && io::stdin().is_terminal() {
         bail!("standard input is a terminal: pipe the stream in, or pass --from-file FILE");
     }
