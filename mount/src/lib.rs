@@ -10,8 +10,9 @@
 //! * [`tree_view`]: a file RP as the tree it backed up (metadata, symlinks, hard links, xattrs,
 //!   holes), read through the chunks its tree lists.
 //!
-//! Both sit on [`scalez::reader::DiskReader`], the one random-access reader with its chunk
-//! cache, so they share caching and verification with every other reader of a vault.
+//! Every view reads chunks through [`scalez::cache::ChunkCache`] (disks through
+//! [`scalez::reader::DiskReader`], stream and file views directly): one cache type, bounded in
+//! bytes, single flight, and the vault's verification on every chunk it decodes.
 //!
 //! Invariants: a recovery point is never modified through this crate; every byte served was
 //! authenticated by the vault; one misbehaving client can only lose its own connection; memory

@@ -10,7 +10,7 @@
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
@@ -18,7 +18,7 @@ use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
     ReplyOpen, ReplyXattr, Request,
 };
-use lru::LruCache;
+use scalez::cache::ChunkCache;
 use scalez::tree::{split_path, Entry, EntryKind, TreeReader};
 use scalez::{ChunkId, RecoveryPoint, Vault};
 
@@ -42,7 +42,7 @@ pub struct TreeView {
     vault: Arc<Vault>,
     /// `nodes[0]` is the root; inode = index + 1.
     nodes: Vec<Node>,
-    cache: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
+    cache: ChunkCache,
 }
 
 fn system_time(ns: i64) -> SystemTime {
@@ -130,11 +130,10 @@ impl TreeView {
             n.children
                 .sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         }
-        let slots = (cache_bytes / (512 << 10)).max(8);
         Ok(TreeView {
             vault,
             nodes,
-            cache: Mutex::new(LruCache::new(std::num::NonZeroUsize::new(slots).unwrap())),
+            cache: ChunkCache::new(cache_bytes),
         })
     }
 
@@ -192,20 +191,9 @@ impl TreeView {
     }
 
     fn chunk(&self, id: &ChunkId, len: u32) -> scalez::Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.cache.lock().unwrap().get(id) {
-            return Ok(c.clone());
-        }
-        let data = self.vault.read_chunk(id)?;
-        if data.len() != len as usize {
-            return Err(scalez::Error::Corrupt {
-                location: self.vault.location(),
-                key: format!("chunk {id}"),
-                detail: format!("{} bytes, the file tree says {len}", data.len()),
-            });
-        }
-        let data = Arc::new(data);
-        self.cache.lock().unwrap().put(*id, data.clone());
-        Ok(data)
+        self.cache.get_or_load(id, |spare| {
+            self.vault.read_chunk_sized(id, len, "the file tree", spare)
+        })
     }
 
     /// Copies file data bytes [`from`, `from + out.len()`) (offsets in the chunk stream).

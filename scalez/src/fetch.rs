@@ -54,6 +54,26 @@ impl Vault {
         self.fetch_chunk(id, Verify::Rehash, &mut Vec::new())
     }
 
+    /// [`Vault::read_chunk`] for a chunk whose length `what` (the structure naming it) records:
+    /// any other length is damage. Decodes into one of the `spare` buffers when there is one.
+    pub fn read_chunk_sized(
+        &self,
+        id: &ChunkId,
+        len: u32,
+        what: &str,
+        spare: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        let data = self.fetch_chunk(id, Verify::Rehash, spare)?;
+        if data.len() != len as usize {
+            let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
+            return Err(self.corrupt(
+                &key,
+                format!("chunk {id} has {} bytes, {what} says {len}", data.len()),
+            ));
+        }
+        Ok(data)
+    }
+
     fn fetch_chunk(
         &self,
         id: &ChunkId,

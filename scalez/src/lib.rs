@@ -53,6 +53,7 @@
 //! Deleting data is the one exception to immutability; [`gc`] documents the protocol (backup
 //! leases, prune plans, the pre-commit check) and the table of races it covers.
 
+pub mod cache;
 pub mod catalog;
 pub mod check;
 pub mod crypto;

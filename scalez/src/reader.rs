@@ -1,10 +1,10 @@
 //! Random access to a disk RP: `read_at(offset, buf)` over its map, with a chunk cache.
 //!
 //! The restore pipeline walks the map directly (sequential, parallel, no cache needed); this
-//! reader serves random access (FUSE, NBD). Map pages and chunks are cached in LRU caches bounded
-//! in bytes; RPs are immutable, so cached data never goes stale.
+//! reader serves random access (FUSE, NBD). Chunks go through the shared [`crate::cache::ChunkCache`]
+//! (bounded in bytes, single flight); a small LRU keeps the last 64 decoded map pages.
+//! RPs are immutable, so cached data never goes stale.
 
-use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -12,6 +12,7 @@ use crossbeam_channel::Sender;
 
 use lru::LruCache;
 
+use crate::cache::ChunkCache;
 use crate::catalog::DiskMapRef;
 use crate::disk_map::{MapReader, Page};
 use crate::error::{Error, Result};
@@ -22,20 +23,12 @@ use crate::vault::{Vault, Verify};
 pub struct DiskReader {
     vault: Arc<Vault>,
     map: DiskMapRef,
-    chunks: Mutex<LruCache<ChunkId, Arc<Vec<u8>>>>,
+    chunks: ChunkCache,
     pages: Mutex<LruCache<ChunkId, Arc<Page>>>,
     readahead: OnceLock<ReadAhead>,
-    /// Chunks being fetched right now, each with a gate that later readers wait on.
-    loading: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
     /// One chunk of zeros, shared by every zero run [`DiskReader::read_segments`] returns.
     zeros: OnceLock<Arc<Vec<u8>>>,
-    /// Buffers of chunks the cache evicted (and nobody else held), decoded into again: a
-    /// fresh buffer per chunk costs page faults on every decode.
-    spare: Mutex<Vec<Vec<u8>>>,
 }
-
-/// Evicted chunk buffers kept for reuse (8 MiB at the default chunk size).
-const SPARE_MAX: usize = 64;
 
 /// A slice of a shared buffer (a cached chunk, or zeros).
 #[derive(Clone)]
@@ -87,45 +80,14 @@ struct ReadAhead {
 impl DiskReader {
     /// `cache_bytes` bounds the chunk cache (at least one chunk is always cached).
     pub fn new(vault: Arc<Vault>, map: DiskMapRef, cache_bytes: usize) -> Self {
-        let chunks = (cache_bytes / map.chunk_size as usize).max(1);
         DiskReader {
             vault,
             map,
-            chunks: Mutex::new(LruCache::new(NonZeroUsize::new(chunks).unwrap())),
+            chunks: ChunkCache::new(cache_bytes),
             pages: Mutex::new(LruCache::new(NonZeroUsize::new(64).unwrap())),
             readahead: OnceLock::new(),
-            loading: Mutex::new(HashMap::new()),
             zeros: OnceLock::new(),
-            spare: Mutex::new(Vec::new()),
         }
-    }
-
-    /// Up to `n` recycled buffers.
-    fn take_spare(&self, n: usize) -> Vec<Vec<u8>> {
-        let mut spare = self.spare.lock().unwrap();
-        let keep = spare.len().saturating_sub(n);
-        spare.split_off(keep)
-    }
-
-    /// Returns unused or evicted buffers to the pool, up to its bound.
-    fn give_spare(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
-        let mut spare = self.spare.lock().unwrap();
-        for b in bufs {
-            if spare.len() >= SPARE_MAX {
-                break;
-            }
-            spare.push(b);
-        }
-    }
-
-    /// Caches `data` under `id`; the buffer of the chunk this evicts, if nobody still holds it.
-    fn cache_put(
-        cache: &mut LruCache<ChunkId, Arc<Vec<u8>>>,
-        id: ChunkId,
-        data: Arc<Vec<u8>>,
-    ) -> Option<Vec<u8>> {
-        let (_, old) = cache.push(id, data)?;
-        Arc::try_unwrap(old).ok()
     }
 
     /// Turns on read-ahead: when a read continues one of the recent sequential streams (see
@@ -180,7 +142,7 @@ impl DiskReader {
         let mut items = Vec::new();
         for slot in lo..hi {
             if let Some(id) = self.chunk_id(slot)? {
-                if !self.chunks.lock().unwrap().contains(&id) {
+                if !self.chunks.contains(&id) {
                     items.push((slot, id));
                 }
             }
@@ -190,40 +152,11 @@ impl DiskReader {
 
     /// Fetches `run` (chunks a coalesced read can cover) into the cache, skipping chunks
     /// someone else is already loading.
-    fn load_run(&self, mut run: Vec<(u64, ChunkId)>) -> Result<()> {
-        let gate = Arc::new(Mutex::new(()));
-        let _held = gate.lock().unwrap();
-        {
-            let mut loading = self.loading.lock().unwrap();
-            run.retain(|(_, id)| {
-                if loading.contains_key(id) {
-                    return false;
-                }
-                loading.insert(*id, gate.clone());
-                true
-            });
-        }
-        if run.is_empty() {
-            return Ok(());
-        }
-        let mut spare = self.take_spare(run.len());
-        let result = self
-            .vault
-            .read_disk_chunks_with(&self.map, &run, Verify::AeadOnly, &mut spare)
-            .map(|chunks| {
-                let mut cache = self.chunks.lock().unwrap();
-                for ((_, id), data) in run.iter().zip(chunks) {
-                    spare.extend(Self::cache_put(&mut cache, *id, Arc::new(data)));
-                }
-            });
-        self.give_spare(spare);
-        let mut loading = self.loading.lock().unwrap();
-        for (_, id) in &run {
-            if loading.get(id).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
-                loading.remove(id);
-            }
-        }
-        result
+    fn load_run(&self, run: Vec<(u64, ChunkId)>) -> Result<()> {
+        self.chunks.load_many(run, |run, spare| {
+            self.vault
+                .read_disk_chunks_with(&self.map, run, Verify::AeadOnly, spare)
+        })
     }
 
     /// Records a read of slots `[first, end)` and queues read-ahead if it continues the last one.
@@ -302,7 +235,7 @@ impl DiskReader {
     pub fn is_cached(&self, slot: u64) -> Result<bool> {
         Ok(match self.chunk_id(slot)? {
             None => true,
-            Some(id) => self.chunks.lock().unwrap().contains(&id),
+            Some(id) => self.chunks.contains(&id),
         })
     }
 
@@ -357,8 +290,8 @@ impl DiskReader {
         let Some(id) = self.chunk_id(slot)? else {
             return Ok(None);
         };
-        if let Some(c) = self.chunks.lock().unwrap().get(&id) {
-            return Ok(Some(c.clone()));
+        if let Some(c) = self.chunks.get(&id) {
+            return Ok(Some(c));
         }
         if self.vault.store().read_parallelism() > 1 {
             // Remote store: a miss fetches its aligned neighbourhood in one coalesced request,
@@ -366,44 +299,13 @@ impl DiskReader {
             // per chunk. A failure here is retried below for this chunk alone.
             let _ = self.prefetch_group(slot / DEMAND_GROUP, DEMAND_GROUP);
         }
-        // Single flight: one thread fetches and decodes a chunk, others wanting it wait for it
-        // (read-ahead and parallel requests would otherwise decode the same chunk twice).
-        let gate = self
-            .loading
-            .lock()
-            .unwrap()
-            .entry(id)
-            .or_insert_with(|| Arc::new(Mutex::new(())))
-            .clone();
-        let _turn = gate.lock().unwrap();
-        let cached = self.chunks.lock().unwrap().get(&id).cloned();
-        let result = match cached {
-            Some(c) => Ok(Some(c)),
-            None => {
-                let mut spare = self.take_spare(1);
-                let read = self.vault.read_disk_chunk_with(
-                    &self.map,
-                    slot,
-                    &id,
-                    Verify::AeadOnly,
-                    &mut spare,
-                );
-                let read = read.map(|d| {
-                    let d = Arc::new(d);
-                    let evicted = Self::cache_put(&mut self.chunks.lock().unwrap(), id, d.clone());
-                    spare.extend(evicted);
-                    Some(d)
-                });
-                self.give_spare(spare);
-                read
-            }
-        };
-        let mut loading = self.loading.lock().unwrap();
-        if loading.get(&id).is_some_and(|g| Arc::ptr_eq(g, &gate)) && Arc::strong_count(&gate) == 2
-        {
-            loading.remove(&id);
-        }
-        result
+        // Single flight: read-ahead and parallel requests would otherwise decode a chunk twice.
+        self.chunks
+            .get_or_load(&id, |spare| {
+                self.vault
+                    .read_disk_chunk_with(&self.map, slot, &id, Verify::AeadOnly, spare)
+            })
+            .map(Some)
     }
 
     /// The bytes `[offset, offset+len)` (clipped to the disk) as slices of cached chunks, without

@@ -7,6 +7,7 @@
 //! Both are stored as ordinary chunks (sealed, packed, indexed, deduplicated). The catalog entry
 //! holds the root id, the stream size and the chunk count ([`crate::catalog::StreamRef`]).
 
+use crate::cache::ChunkCache;
 use crate::catalog::StreamRef;
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
@@ -102,11 +103,11 @@ pub struct StreamReader {
     size: u64,
     /// (start offset, chunk, length), in stream order.
     chunks: Vec<(u64, ChunkId, u32)>,
-    cache: std::sync::Mutex<lru::LruCache<usize, std::sync::Arc<Vec<u8>>>>,
+    cache: ChunkCache,
 }
 
 impl StreamReader {
-    /// `cache_bytes` bounds the decoded chunks kept (at least two).
+    /// `cache_bytes` bounds the decoded chunks kept (at least one).
     pub fn open(vault: std::sync::Arc<Vault>, s: &StreamRef, cache_bytes: usize) -> Result<Self> {
         let mut chunks = Vec::with_capacity(s.chunks as usize);
         let mut at = 0u64;
@@ -123,14 +124,11 @@ impl StreamReader {
                 detail: format!("chunks add up to {at} bytes, the RP says {}", s.size),
             });
         }
-        let n = (cache_bytes / (1 << 20)).max(2);
         Ok(StreamReader {
             vault,
             size: s.size,
             chunks,
-            cache: std::sync::Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(n).unwrap(),
-            )),
+            cache: ChunkCache::new(cache_bytes),
         })
     }
 
@@ -139,21 +137,11 @@ impl StreamReader {
     }
 
     fn chunk(&self, i: usize) -> Result<std::sync::Arc<Vec<u8>>> {
-        if let Some(c) = self.cache.lock().unwrap().get(&i) {
-            return Ok(c.clone());
-        }
         let (_, id, len) = self.chunks[i];
-        let data = self.vault.read_chunk(&id)?;
-        if data.len() != len as usize {
-            return Err(Error::Corrupt {
-                location: self.vault.location(),
-                key: format!("chunk {id}"),
-                detail: format!("{} bytes, the stream map says {len}", data.len()),
-            });
-        }
-        let data = std::sync::Arc::new(data);
-        self.cache.lock().unwrap().put(i, data.clone());
-        Ok(data)
+        self.cache.get_or_load(&id, |spare| {
+            self.vault
+                .read_chunk_sized(&id, len, "the stream map", spare)
+        })
     }
 
     /// Appends up to `len` bytes from `offset` (fewer at the end of the stream).
