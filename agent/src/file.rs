@@ -839,7 +839,7 @@ pub fn backup_files(
     drop(parent_files);
     let (mut unreadable, results) = match scoped {
         Ok(r) => r,
-        Err(e) => return Err(crate::pipeline::session_cause(e, session)),
+        Err(e) => return Err(crate::pipeline::session_cause(e, session.abandon())),
     };
     let mut changed = Vec::new();
     let mut bytes_read = 0u64;
@@ -850,7 +850,7 @@ pub fn backup_files(
             Err(e) => {
                 return Err(crate::pipeline::session_cause(
                     AgentError::Vault(e),
-                    session,
+                    session.abandon(),
                 ))
             }
         }
@@ -933,7 +933,7 @@ pub fn backup_files(
         Err(e) => {
             return Err(crate::pipeline::session_cause(
                 AgentError::Vault(e),
-                session,
+                session.abandon(),
             ))
         }
     };

@@ -12,17 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use scalez::disk_map::{MapBuilder, MapReader, Page};
+use scalez::disk_map::{MapReader, Page};
+use scalez::disk_writer::DiskWriter;
 use scalez::fetch::{plan_reads, FetchedChunks};
 use scalez::vault::Verify;
-use scalez::{
-    Asset, BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RpBody, RpDraft, RpFigures, RpKind,
-    SessionStats, Vault,
-};
+use scalez::{Asset, ChunkId, DiskMapRef, RecoveryPoint, RpDraft, RpKind, SessionStats, Vault};
 
 use crate::block::engine::QUEUE_DEPTH;
 use crate::block::engine::{read_source, Block, IoEngine};
-use crate::block::{device_size, is_zero, AlignedBuf, BlockSource, BufPool, DirectIo, ALIGN};
+use crate::block::{device_size, AlignedBuf, BlockSource, BufPool, DirectIo, ALIGN};
 use crate::error::AgentError;
 use crate::progress::{Cancel, Progress};
 
@@ -76,9 +74,10 @@ pub fn hostname() -> String {
 
 /// The error to report when a backup stage failed: the packer's own error explains a "session
 /// stopped" from the workers.
-pub(crate) fn session_cause(e: AgentError, mut session: BackupSession) -> AgentError {
-    match (e, session.finish()) {
-        (AgentError::Vault(scalez::Error::SessionFailed(_)), Err(real)) => real.into(),
+/// `abandoned`: what abandoning the session returned.
+pub(crate) fn session_cause(e: AgentError, abandoned: Option<scalez::Error>) -> AgentError {
+    match (e, abandoned) {
+        (AgentError::Vault(scalez::Error::SessionFailed(_)), Some(real)) => real.into(),
         (e, _) => e,
     }
 }
@@ -129,13 +128,12 @@ pub fn backup_block(
     let asset = block_asset(path, opts.asset_name.as_deref())?;
     let parent = vault.latest_rp(RpKind::Disk, &asset)?.map(|rp| rp.id);
     let draft = RpDraft::new(asset, parent, opts.tags.clone());
-    let cs = vault.config().chunk_size as usize;
+    let writer = DiskWriter::new(vault, src.size)?;
+    let cs = writer.chunk_size();
     let block_size = opts.block_size.max(cs).next_multiple_of(cs);
-    let slots = src.size.div_ceil(cs as u64);
     let workers = opts.workers.max(1);
     progress.start(src.size);
 
-    let mut session = BackupSession::new(vault.clone())?;
     let bytes_read = AtomicU64::new(0);
     // Blocks alive at once: the reads in flight, two queued per worker, one being hashed per worker.
     let pool = BufPool::new(QUEUE_DEPTH as usize + workers * 3, block_size);
@@ -159,12 +157,12 @@ pub fn backup_block(
         };
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                let (brx, rtx, session) = (brx.clone(), rtx.clone(), &session);
-                s.spawn(move || hash_and_store(brx, rtx, session, cs, progress))
+                let (brx, rtx, writer) = (brx.clone(), rtx.clone(), &writer);
+                s.spawn(move || hash_and_store(brx, rtx, writer, progress))
             })
             .collect();
         drop((brx, rtx));
-        let collected = collect_map(rrx, slots, &session);
+        let collected = collect_map(rrx, &writer);
         let read = reader.join().unwrap_or(Err(AgentError::Panicked));
         let worked = join_all(handles);
         (collected, read, worked)
@@ -178,21 +176,11 @@ pub fn backup_block(
         (Ok(engine), Ok(()), Ok(map)) => Ok((engine, map)),
         (Err(e), Ok(()), Ok(_)) => Err(e),
     };
-    let (engine, (depth, root)) = match outcome {
+    let (engine, map) = match outcome {
         Ok(x) => x,
-        Err(e) => return Err(session_cause(e, session)),
+        Err(e) => return Err(session_cause(e, writer.abandon())),
     };
-    let stats = session.finish()?;
-    let rp = draft.finish(
-        RpBody::Disk(DiskMapRef {
-            chunk_size: cs as u32,
-            size: src.size,
-            depth,
-            root,
-        }),
-        RpFigures::stored(src.size, bytes_read.load(Ordering::Relaxed), &stats),
-    );
-    session.commit(&rp)?;
+    let (rp, stats) = writer.commit(draft, map, bytes_read.load(Ordering::Relaxed))?;
     Ok(BackupReport {
         rp,
         engine,
@@ -202,32 +190,19 @@ pub fn backup_block(
     })
 }
 
+/// One worker: stores the chunks of each block it receives and sends their ids on.
 fn hash_and_store(
     blocks: Receiver<Block>,
     results: Sender<SlotIds>,
-    session: &BackupSession,
-    cs: usize,
+    writer: &DiskWriter,
     progress: &dyn Progress,
 ) -> Result<(), AgentError> {
-    let keys = session.vault().keys();
+    let cs = writer.chunk_size();
     for block in blocks {
         let first = block.offset / cs as u64;
-        let n = block.len.div_ceil(cs);
         let ids = match &block.data {
-            None => vec![None; n],
-            Some(buf) => {
-                let mut ids = Vec::with_capacity(n);
-                for chunk in buf[..block.len].chunks(cs) {
-                    if is_zero(chunk) {
-                        ids.push(None);
-                    } else {
-                        let id = keys.chunk_id(chunk);
-                        session.store_chunk(id, chunk)?;
-                        ids.push(Some(id));
-                    }
-                }
-                ids
-            }
+            None => vec![None; block.len.div_ceil(cs)],
+            Some(buf) => writer.put(&buf[..block.len])?,
         };
         progress.advance(block.len as u64);
         drop(block);
@@ -238,33 +213,21 @@ fn hash_and_store(
     Ok(())
 }
 
-/// Puts slot results back in disk order and builds the map; returns (depth, root).
-fn collect_map(
-    results: Receiver<SlotIds>,
-    slots: u64,
-    session: &BackupSession,
-) -> Result<(u8, Option<ChunkId>), AgentError> {
-    let mut builder = MapBuilder::new(slots);
-    let mut store = |page: Vec<u8>| session.store_blob(&page);
-    let mut pending: BTreeMap<u64, Vec<Option<ChunkId>>> = BTreeMap::new();
-    let mut next = 0u64;
+/// Puts slot results back in disk order and builds the map.
+fn collect_map(results: Receiver<SlotIds>, writer: &DiskWriter) -> Result<DiskMapRef, AgentError> {
+    let mut map = writer.map();
     for (first, ids) in results {
-        pending.insert(first, ids);
-        while let Some(ids) = pending.remove(&next) {
-            next += ids.len() as u64;
-            for id in ids {
-                builder.push(id, &mut store)?;
-            }
-        }
+        map.put_at(first, ids)?;
     }
-    if next != slots {
+    if map.next_slot() != writer.slots() {
         // The reader stopped early; its error is reported instead of this one.
         return Err(AgentError::Engine(format!(
-            "source ended after {next} of {slots} chunks"
+            "source ended after {} of {} chunks",
+            map.next_slot(),
+            writer.slots()
         )));
     }
-    let depth = builder.depth();
-    Ok((depth, builder.finish(&mut store)?))
+    Ok(map.finish()?)
 }
 
 #[derive(Debug, Clone)]

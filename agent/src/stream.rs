@@ -146,7 +146,7 @@ pub fn backup_stream_with(
     };
     let (root, chunks) = match outcome {
         Ok(r) => r,
-        Err(e) => return Err(crate::pipeline::session_cause(e, session)),
+        Err(e) => return Err(crate::pipeline::session_cause(e, session.abandon())),
     };
     let stats = session.finish()?;
     let size = size.load(Ordering::Relaxed);

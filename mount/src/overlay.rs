@@ -14,11 +14,10 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use scalez::disk_map::{MapBuilder, MapReader, Page};
+use scalez::disk_map::{MapReader, Page};
+use scalez::disk_writer::DiskWriter;
 use scalez::reader::DiskReader;
-use scalez::{
-    BackupSession, ChunkId, DiskMapRef, RecoveryPoint, RpBody, RpDraft, RpFigures, Vault,
-};
+use scalez::{ChunkId, RecoveryPoint, RpDraft, Vault};
 
 pub struct Overlay {
     base: Arc<DiskReader>,
@@ -208,49 +207,39 @@ pub fn save_as_rp(
     let draft = RpDraft::new(base.asset.clone(), Some(base.id.clone()), tags);
     let cs = map.chunk_size as u64;
     let dirty: BTreeSet<u64> = overlay.dirty.lock().unwrap().clone();
-    let mut session = BackupSession::new(vault.clone())?;
-    let mut builder = MapBuilder::new(map.slots());
-    let mut store = |page: Vec<u8>| session.store_blob(&page);
+    let writer = DiskWriter::with_chunk_size(vault, map.size, map.chunk_size)?;
+    let mut out = writer.map();
     let mut load =
         |id: &ChunkId| -> scalez::Result<Arc<Page>> { Ok(Arc::new(vault.load_page(id)?)) };
     let mut bytes_read = 0u64;
-    MapReader::of(&map, &mut load).walk(&mut |first, entries| {
+    let walked = MapReader::of(&map, &mut load).walk(&mut |first, entries| {
         for (i, entry) in entries.iter().enumerate() {
             let slot = first + i as u64;
-            let id = if dirty.contains(&slot) {
-                let mut buf = vec![0u8; cs.min(map.size - slot * cs) as usize];
-                overlay
-                    .file
-                    .read_exact_at(&mut buf, slot * cs)
-                    .map_err(|e| {
-                        scalez::Error::SessionFailed(format!("reading the overlay: {e}"))
-                    })?;
-                bytes_read += buf.len() as u64;
-                if buf.iter().all(|b| *b == 0) {
-                    None
-                } else {
-                    Some(session.store_blob(&buf)?)
-                }
-            } else {
-                if let Some(id) = entry {
-                    // Kept from the base RP: prune must know this RP relies on it.
-                    session.note_reference(id)?;
-                }
-                *entry
-            };
-            builder.push(id, &mut store)?;
+            if !dirty.contains(&slot) {
+                out.keep(*entry)?;
+                continue;
+            }
+            let mut buf = vec![0u8; cs.min(map.size - slot * cs) as usize];
+            overlay
+                .file
+                .read_exact_at(&mut buf, slot * cs)
+                .map_err(|e| scalez::Error::SessionFailed(format!("reading the overlay: {e}")))?;
+            bytes_read += buf.len() as u64;
+            out.push(writer.put(&buf)?)?;
         }
         Ok(())
-    })?;
-    let depth = builder.depth();
-    let root = builder.finish(&mut store)?;
-    let stats = session.finish()?;
-    let rp = draft.finish(
-        RpBody::Disk(DiskMapRef { root, depth, ..map }),
-        RpFigures::stored(map.size, bytes_read, &stats),
-    );
-    session.commit(&rp)?;
-    Ok(rp)
+    });
+    let map = match walked.and_then(|()| out.finish()) {
+        Ok(map) => map,
+        // A stopped pack writer is explained by the session's own error.
+        Err(e) => {
+            return Err(match (e, writer.abandon()) {
+                (scalez::Error::SessionFailed(_), Some(real)) => real,
+                (e, _) => e,
+            })
+        }
+    };
+    Ok(writer.commit(draft, map, bytes_read)?.0)
 }
 
 #[cfg(test)]
@@ -258,6 +247,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use scalez::catalog::Asset;
+    use scalez::{RpBody, RpFigures};
 
     const CS: usize = 4096;
 

@@ -58,6 +58,7 @@ pub mod catalog;
 pub mod check;
 pub mod crypto;
 pub mod disk_map;
+pub mod disk_writer;
 pub mod error;
 pub mod fetch;
 pub mod format;

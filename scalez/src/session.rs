@@ -228,6 +228,13 @@ impl BackupSession {
         Ok(())
     }
 
+    /// Gives up the RP this session was writing: flushes what was stored (unreferenced until a
+    /// prune) and returns the session's own error, if it had one — the real cause behind a
+    /// worker's "the pack writer stopped".
+    pub fn abandon(mut self) -> Option<Error> {
+        self.finish().err()
+    }
+
     /// Writes the RP's catalog entry (B4) and releases the lease.
     pub fn commit(mut self, rp: &RecoveryPoint) -> Result<()> {
         if self.packer.is_some() {

@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use crate::catalog::DiskMapRef;
 use crate::crypto::KdfParams;
-use crate::disk_map::MapBuilder;
-use crate::session::BackupSession;
+use crate::disk_writer::DiskWriter;
 use crate::store::memory::MemoryStore;
 use crate::vault::{Vault, VaultOptions};
 
@@ -33,22 +32,10 @@ pub fn memory_vault_and_store(chunk_size: u32) -> (Arc<Vault>, Arc<MemoryStore>)
 
 /// Stores `disk` in `vault` on its chunk grid (zero chunks are not stored) and returns its map.
 pub fn store_disk(vault: &Arc<Vault>, disk: &[u8]) -> DiskMapRef {
-    let cs = vault.config().chunk_size as usize;
-    let mut session = BackupSession::new(vault.clone()).expect("session");
-    let mut b = MapBuilder::new(disk.len().div_ceil(cs) as u64);
-    let mut put = |p: Vec<u8>| session.store_blob(&p);
-    for chunk in disk.chunks(cs) {
-        let id =
-            (!chunk.iter().all(|b| *b == 0)).then(|| session.store_blob(chunk).expect("store"));
-        b.push(id, &mut put).expect("push");
-    }
-    let depth = b.depth();
-    let root = b.finish(&mut put).expect("finish");
-    session.finish().expect("session");
-    DiskMapRef {
-        chunk_size: cs as u32,
-        size: disk.len() as u64,
-        depth,
-        root,
-    }
+    let writer = DiskWriter::new(vault, disk.len() as u64).expect("session");
+    let mut map = writer.map();
+    map.push(writer.put(disk).expect("store")).expect("push");
+    let map = map.finish().expect("map");
+    assert!(writer.abandon().is_none(), "the session flushed");
+    map
 }

@@ -197,17 +197,6 @@ impl Drop for AlignedBuf {
     }
 }
 
-/// True if every byte is zero (word-at-a-time).
-pub fn is_zero(data: &[u8]) -> bool {
-    // SAFETY: u128 has no invalid bit patterns; align_to splits at aligned boundaries.
-    let (head, body, tail) = unsafe { data.align_to::<u128>() };
-    head.iter().all(|b| *b == 0)
-        && tail.iter().all(|b| *b == 0)
-        && body
-            .chunks(64)
-            .all(|c| c.iter().fold(0u128, |a, w| a | w) == 0)
-}
-
 /// A fixed set of aligned buffers, recycled: the reader takes one per block (waiting when all are
 /// in use, which is the pipeline's back-pressure) and a buffer returns when its block is dropped.
 /// Allocating once keeps the resident set flat instead of churning the allocator with 1 MiB blocks.
@@ -287,18 +276,6 @@ impl Drop for PooledBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_detection() {
-        let mut v = vec![0u8; 100_003];
-        assert!(is_zero(&v));
-        assert!(is_zero(&v[1..]));
-        for i in [0, 1, 17, 50_000, 100_002] {
-            v[i] = 1;
-            assert!(!is_zero(&v), "byte {i}");
-            v[i] = 0;
-        }
-    }
 
     #[test]
     fn pool_recycles_buffers() {

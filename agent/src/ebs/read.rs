@@ -1,0 +1,509 @@
+//! Reading a snapshot through the EBS direct APIs into a disk RP (steps 2 and 3 of the backup).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::SnapshotState;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use scalez::disk_writer::{DiskWriter, MapAssembly};
+use scalez::reader::DiskReader;
+use scalez::{Asset, ChunkId, DiskMapRef, RecoveryPoint, RpDraft, RpKind, Vault};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::aws::{call, classify, Aws, Failure};
+use crate::error::AgentError;
+use crate::progress::{Cancel, Progress};
+
+/// A block to read (token) or one that became zeros (None), in index order.
+struct Listed {
+    index: u64,
+    token: Option<String>,
+}
+
+type Page = (Vec<Listed>, Option<String>);
+
+async fn list_page(
+    aws: &Aws,
+    ctx: &Ctx,
+    snapshot: &str,
+    base: Option<&str>,
+    token: Option<String>,
+) -> Result<Page, AgentError> {
+    let what = || match base {
+        Some(b) => format!("ListChangedBlocks {b} -> {snapshot}"),
+        None => format!("ListSnapshotBlocks {snapshot}"),
+    };
+    call(&ctx.aws_calls, None, &what, || async {
+        if let Some(base) = base {
+            let out = aws
+                .ebs
+                .list_changed_blocks()
+                .first_snapshot_id(base)
+                .second_snapshot_id(snapshot)
+                .max_results(ctx.page_size)
+                .set_next_token(token.clone())
+                .send()
+                .await
+                .map_err(classify)?;
+            check_block_size(out.block_size())?;
+            let blocks = out
+                .changed_blocks()
+                .iter()
+                .map(|b| Listed {
+                    index: b.block_index().unwrap_or(-1) as u64,
+                    token: b.second_block_token().map(str::to_string),
+                })
+                .collect();
+            Ok((blocks, out.next_token().map(str::to_string)))
+        } else {
+            let out = aws
+                .ebs
+                .list_snapshot_blocks()
+                .snapshot_id(snapshot)
+                .max_results(ctx.page_size)
+                .set_next_token(token.clone())
+                .send()
+                .await
+                .map_err(classify)?;
+            check_block_size(out.block_size())?;
+            let blocks = out
+                .blocks()
+                .iter()
+                .map(|b| Listed {
+                    index: b.block_index().unwrap_or(-1) as u64,
+                    token: b.block_token().map(str::to_string),
+                })
+                .collect();
+            Ok((blocks, out.next_token().map(str::to_string)))
+        }
+    })
+    .await
+}
+
+fn check_block_size(size: Option<i32>) -> Result<(), Failure> {
+    match size {
+        Some(s) if s as usize == EBS_BLOCK => Ok(()),
+        other => Err(Failure {
+            code: None,
+            reason: format!("EBS reported block size {other:?}, expected {EBS_BLOCK}"),
+            retryable: false,
+            throttled: false,
+        }),
+    }
+}
+
+/// Result of one listed block: its sequence number, index and the chunk ids of its slots.
+type BlockIds = (u64, u64, Vec<Option<ChunkId>>);
+
+pub(crate) fn read_snapshot(
+    vault: &Arc<Vault>,
+    aws: &Aws,
+    ctx: &Ctx,
+    info: &SnapshotInfo,
+    asset: Asset,
+    opts: &EbsOptions,
+    progress: &dyn Progress,
+) -> Result<EbsBackupReport, AgentError> {
+    let started = Instant::now();
+    let cs = vault.config().chunk_size as usize;
+    if cs > EBS_BLOCK || (EBS_BLOCK / cs) * cs != EBS_BLOCK {
+        return Err(AgentError::Ebs(format!(
+            "this vault's chunk size ({cs} bytes) does not divide the EBS block size ({EBS_BLOCK}); \
+             back up EBS volumes into a vault made with a chunk size of at most 512 KiB"
+        )));
+    }
+    let size = info.size_gib * GIB;
+    let parent = vault.latest_rp(RpKind::Disk, &asset)?;
+    let mut draft = RpDraft::new(
+        asset,
+        parent.as_ref().map(|p| p.id.clone()),
+        opts.tags.clone(),
+    );
+    let ReadPlan {
+        base,
+        first_page,
+        parent,
+    } = plan_read(vault, aws, ctx, info, parent.as_ref(), size, progress)?;
+    progress.start(size);
+    let writer = DiskWriter::new(vault, size)?;
+    let read = ReadBlocks {
+        aws,
+        ctx,
+        opts,
+        progress,
+        snapshot: &info.id,
+        listed: AtomicU64::new(0),
+        fetched: AtomicU64::new(0),
+    };
+    let map = match read.run(&writer, base.as_deref(), first_page, parent.as_ref()) {
+        Ok(map) => map,
+        Err(e) => return Err(crate::pipeline::session_cause(e, writer.abandon())),
+    };
+    let read_elapsed = started.elapsed();
+    let tags = &mut draft.tags;
+    tags.insert(RP_TAG_SNAPSHOT.into(), info.id.clone());
+    tags.insert(RP_TAG_REGION.into(), aws.region.clone());
+    if info.volume_id.starts_with("vol-") && info.volume_id != "vol-ffffffff" {
+        tags.insert(RP_TAG_VOLUME.into(), info.volume_id.clone());
+    }
+    let blocks_read = read.fetched.load(Ordering::Relaxed);
+    let (rp, stats) = writer.commit(draft, map, blocks_read * EBS_BLOCK as u64)?;
+    Ok(EbsBackupReport {
+        rp,
+        snapshot_id: info.id.clone(),
+        base_snapshot: base,
+        blocks_listed: read.listed.load(Ordering::Relaxed),
+        blocks_read,
+        calls: ctx.calls(),
+        deleted_snapshots: Vec::new(),
+        session: stats,
+        snapshot_wait: Duration::ZERO,
+        read_elapsed,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// What to read: every block, or the blocks changed since the snapshot the parent RP recorded
+/// (when that snapshot still exists, the size is unchanged and EBS agrees to diff them).
+struct ReadPlan {
+    /// The snapshot blocks are listed against (None: full read).
+    base: Option<String>,
+    first_page: Page,
+    /// The parent RP's map, for the slots EBS does not list (incremental reads only).
+    parent: Option<DiskReader>,
+}
+
+fn plan_read(
+    vault: &Arc<Vault>,
+    aws: &Aws,
+    ctx: &Ctx,
+    info: &SnapshotInfo,
+    parent: Option<&RecoveryPoint>,
+    size: u64,
+    progress: &dyn Progress,
+) -> Result<ReadPlan, AgentError> {
+    let cs = vault.config().chunk_size;
+    let parent_map = parent
+        .and_then(|p| p.disk.clone())
+        .filter(|m| m.size == size && m.chunk_size == cs);
+    let mut base = match (parent, &parent_map) {
+        (Some(p), Some(_)) => p.tags.get(RP_TAG_SNAPSHOT).cloned(),
+        _ => None,
+    };
+    if let Some(b) = base.clone() {
+        let exists = aws.rt.block_on(describe_snapshot(aws, ctx, &b))?;
+        if exists.is_none_or(|s| s.state != SnapshotState::Completed.as_str()) {
+            progress.message(&format!("previous snapshot {b} is gone: full read"));
+            base = None;
+        }
+    }
+    // The first page decides: EBS refuses to diff unrelated snapshots.
+    let (first_page, incremental) = aws.rt.block_on(async {
+        if let Some(b) = base.as_deref() {
+            match list_page(aws, ctx, &info.id, Some(b), None).await {
+                Ok(p) => return Ok((p, true)),
+                Err(AgentError::Aws { code: Some(c), .. }) if c == "ValidationException" => {
+                    progress.message(&format!("EBS cannot diff {b} and {}: full read", info.id));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        list_page(aws, ctx, &info.id, None, None)
+            .await
+            .map(|p| (p, false))
+    })?;
+    Ok(ReadPlan {
+        base: base.filter(|_| incremental),
+        first_page,
+        parent: parent_map
+            .filter(|_| incremental)
+            .map(|m| DiskReader::new(vault.clone(), m, 1 << 20)),
+    })
+}
+
+/// One read of a snapshot's blocks into a [`DiskWriter`]: the dispatcher fetches blocks,
+/// `workers` threads store them, one collector assembles the map in block order.
+struct ReadBlocks<'a> {
+    aws: &'a Aws,
+    ctx: &'a Ctx,
+    opts: &'a EbsOptions,
+    progress: &'a dyn Progress,
+    snapshot: &'a str,
+    listed: AtomicU64,
+    fetched: AtomicU64,
+}
+
+impl ReadBlocks<'_> {
+    fn run(
+        &self,
+        writer: &DiskWriter,
+        base: Option<&str>,
+        first_page: Page,
+        parent: Option<&DiskReader>,
+    ) -> Result<DiskMapRef, AgentError> {
+        let per_block = (EBS_BLOCK / writer.chunk_size()) as u64;
+        // Blocks between the oldest one not yet in the map and the newest one requested: bounds
+        // the blocks held in memory (fetched, waiting for a worker or for an earlier block).
+        let window = Semaphore::new((self.opts.concurrency * 2).max(32));
+        let (res_tx, res_rx) = crossbeam_channel::unbounded::<Result<BlockIds, AgentError>>();
+        let (work_tx, work_rx) = crossbeam_channel::unbounded::<(u64, u64, Vec<u8>)>();
+        let (collected, dispatched) = std::thread::scope(|s| {
+            let collector = s.spawn(|| {
+                let r = collect(res_rx, per_block, parent, writer, &window, self.progress);
+                // Wakes a dispatcher waiting for room in the window.
+                window.close();
+                r
+            });
+            for _ in 0..self.opts.workers.max(1) {
+                let (work_rx, res_tx) = (work_rx.clone(), res_tx.clone());
+                s.spawn(move || store_blocks(work_rx, res_tx, writer));
+            }
+            drop(work_rx);
+            let dispatched = self.aws.rt.block_on(dispatch(
+                Dispatch {
+                    aws: self.aws,
+                    ctx: self.ctx,
+                    snapshot: self.snapshot,
+                    base,
+                    blocks_total: writer.slots() / per_block,
+                    concurrency: self.opts.concurrency.max(1),
+                    cancel: &self.opts.cancel,
+                    window: &window,
+                    listed: &self.listed,
+                    fetched: &self.fetched,
+                    per_block,
+                    res_tx: &res_tx,
+                    work_tx,
+                },
+                first_page,
+            ));
+            if let Err(e) = &dispatched {
+                let _ = res_tx.send(Err(AgentError::Ebs(e.to_string())));
+            }
+            drop(res_tx);
+            let collected = collector.join().unwrap_or(Err(AgentError::Panicked));
+            (collected, dispatched)
+        });
+        dispatched?;
+        collected
+    }
+}
+
+/// One worker: stores the chunks of each fetched block and sends their ids to the collector.
+fn store_blocks(
+    work: crossbeam_channel::Receiver<(u64, u64, Vec<u8>)>,
+    results: crossbeam_channel::Sender<Result<BlockIds, AgentError>>,
+    writer: &DiskWriter,
+) {
+    for (seq, index, data) in work {
+        let r = writer.put(&data).map_err(AgentError::from);
+        let failed = r.is_err();
+        let _ = results.send(r.map(|ids| (seq, index, ids)));
+        if failed {
+            return;
+        }
+    }
+}
+
+struct Dispatch<'a> {
+    aws: &'a Aws,
+    ctx: &'a Ctx,
+    snapshot: &'a str,
+    base: Option<&'a str>,
+    blocks_total: u64,
+    concurrency: usize,
+    cancel: &'a Cancel,
+    window: &'a Semaphore,
+    listed: &'a AtomicU64,
+    fetched: &'a AtomicU64,
+    per_block: u64,
+    res_tx: &'a crossbeam_channel::Sender<Result<BlockIds, AgentError>>,
+    /// Fetched and verified blocks for the hash/compress/encrypt workers.
+    work_tx: crossbeam_channel::Sender<(u64, u64, Vec<u8>)>,
+}
+
+/// Walks the listed pages in order (listing the next page while reading the current one) and
+/// keeps up to `concurrency` block fetches in flight, each within the window; returns when every
+/// fetch has finished. Verified blocks go to the workers; a failure stops everything.
+async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
+    let mut page = first_page;
+    let mut seq = 0u64;
+    let mut last: Option<u64> = None;
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        let (blocks, next) = page;
+        let next_page = async {
+            match next {
+                Some(t) => list_page(d.aws, d.ctx, d.snapshot, d.base, Some(t))
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        tokio::pin!(next_page);
+        let mut next_result = None;
+        for b in blocks {
+            if d.cancel.is_cancelled() {
+                return Err(AgentError::Cancelled);
+            }
+            if b.index >= d.blocks_total || last.is_some_and(|l| b.index <= l) {
+                return Err(AgentError::Ebs(format!(
+                    "EBS listed block {} of snapshot {} out of order or beyond its size",
+                    b.index as i64, d.snapshot
+                )));
+            }
+            last = Some(b.index);
+            // Room in the window and a request slot, while finishing fetches in flight (the
+            // collector may be waiting for one of them) and the next page's listing.
+            loop {
+                let full = in_flight.len() >= d.concurrency;
+                tokio::select! {
+                    biased;
+                    Some(r) = in_flight.next(), if !in_flight.is_empty() => d.finished(r)?,
+                    p = &mut next_page, if next_result.is_none() => next_result = Some(p),
+                    permit = d.window.acquire(), if !full => match permit {
+                        Ok(p) => { p.forget(); break; }
+                        Err(_) => return Err(AgentError::Stopped), // the collector stopped
+                    },
+                }
+            }
+            d.listed.fetch_add(1, Ordering::Relaxed);
+            let my_seq = seq;
+            seq += 1;
+            match b.token {
+                None => {
+                    let _ = d
+                        .res_tx
+                        .send(Ok((my_seq, b.index, vec![None; d.per_block as usize])));
+                }
+                Some(token) => in_flight.push(fetch_block(
+                    d.aws, d.ctx, d.snapshot, my_seq, b.index, token,
+                )),
+            }
+        }
+        let next = match next_result {
+            Some(r) => r?,
+            None => next_page.await?,
+        };
+        match next {
+            Some(p) => page = p,
+            None => break,
+        }
+    }
+    while let Some(r) = in_flight.next().await {
+        d.finished(r)?;
+    }
+    Ok(())
+}
+
+impl Dispatch<'_> {
+    fn finished(&self, r: Result<(u64, u64, Vec<u8>), AgentError>) -> Result<(), AgentError> {
+        let block = r?;
+        self.fetched.fetch_add(1, Ordering::Relaxed);
+        self.work_tx.send(block).map_err(|_| AgentError::Stopped)
+    }
+}
+
+/// Fetches one block with retries until its data matches the SHA-256 checksum EBS sent.
+async fn fetch_block(
+    aws: &Aws,
+    ctx: &Ctx,
+    snapshot: &str,
+    seq: u64,
+    index: u64,
+    token: String,
+) -> Result<(u64, u64, Vec<u8>), AgentError> {
+    let mut mismatches = 0;
+    loop {
+        let what = || format!("GetSnapshotBlock {snapshot} block {index}");
+        let (data, checksum) = call(&ctx.block_calls, Some(&ctx.limiter), &what, || async {
+            let out = aws
+                .ebs
+                .get_snapshot_block()
+                .snapshot_id(snapshot)
+                .block_index(index as i32)
+                .block_token(&token)
+                .send()
+                .await
+                .map_err(classify)?;
+            let checksum = out.checksum().unwrap_or_default().to_string();
+            let data = out
+                .block_data
+                .collect()
+                .await
+                .map_err(|e| Failure::transient(format!("reading the block body: {e}")))?;
+            Ok((data.to_vec(), checksum))
+        })
+        .await?;
+        let sum = aws_smithy_types::base64::encode(Sha256::digest(&data));
+        if data.len() == EBS_BLOCK && sum == checksum {
+            return Ok((seq, index, data));
+        }
+        mismatches += 1;
+        ctx.checksum_mismatches.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "block {index} of {snapshot}: {} bytes, checksum {checksum:?} but data hashes to {sum:?}",
+            data.len()
+        );
+        if mismatches >= CHECKSUM_ATTEMPTS {
+            return Err(AgentError::BlockChecksum {
+                snapshot: snapshot.to_string(),
+                index,
+                attempts: mismatches,
+            });
+        }
+        ctx.block_calls.retries.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(crate::aws::backoff(mismatches)).await;
+    }
+}
+
+/// Puts block results back in order and builds the map: slots between listed blocks come from
+/// the parent (incremental) or are zeros (full read).
+fn collect(
+    results: crossbeam_channel::Receiver<Result<BlockIds, AgentError>>,
+    per_block: u64,
+    parent: Option<&DiskReader>,
+    writer: &DiskWriter,
+    window: &Semaphore,
+    progress: &dyn Progress,
+) -> Result<DiskMapRef, AgentError> {
+    let mut map = writer.map();
+    let mut pending: BTreeMap<u64, (u64, Vec<Option<ChunkId>>)> = BTreeMap::new();
+    let mut next_seq = 0u64;
+    let cs = writer.chunk_size() as u64;
+    let advance = |map: &MapAssembly, from: u64| progress.advance((map.next_slot() - from) * cs);
+    for r in results {
+        let (seq, index, ids) = r?;
+        pending.insert(seq, (index, ids));
+        while let Some((index, ids)) = pending.remove(&next_seq) {
+            let from = map.next_slot();
+            fill(parent, index * per_block, &mut map)?;
+            map.push(ids)?;
+            advance(&map, from);
+            next_seq += 1;
+            window.add_permits(1);
+        }
+    }
+    if !pending.is_empty() {
+        return Err(AgentError::Stopped);
+    }
+    let from = map.next_slot();
+    fill(parent, writer.slots(), &mut map)?;
+    advance(&map, from);
+    Ok(map.finish()?)
+}
+
+/// Fills the map up to slot `to` from the parent map (or with zeros without a parent).
+fn fill(parent: Option<&DiskReader>, to: u64, map: &mut MapAssembly) -> Result<(), AgentError> {
+    for slot in map.next_slot()..to {
+        map.keep(match parent {
+            Some(p) => p.chunk_id(slot)?,
+            None => None,
+        })?;
+    }
+    Ok(())
+}
