@@ -154,103 +154,179 @@ fn read_trailer(
 
 /// Checks `vault`; `progress` gets a line per stage.
 pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Result<CheckReport> {
-    let store = vault.store().clone();
-    let mut report = CheckReport::default();
-    let mut problems = Problems::default();
-
-    // Index objects.
-    report.index_objects = store.list("index/")?.len();
-    for (key, reason) in vault.damaged_index() {
-        problems.add(
-            &key,
-            format!("index object damaged: {reason}; the chunks it lists are unavailable"),
-        );
-    }
-
-    // Prune plans must open: backups rely on them to avoid condemned packs.
-    for obj in store.list(crate::gc::PLANS)? {
-        let key = obj.key;
-        if let Err(e) = store.get(&key).map_err(Error::from).and_then(|sealed| {
-            vault
-                .keys()
-                .open(&crate::format::plan_aad(&key), &sealed)
-                .map_err(|e| vault.corrupt(&key, e.to_string()))
-        }) {
-            problems.add(&key, format!("damaged prune plan: {e}"));
-        }
-    }
-
-    // Packs: sizes from the listing, then the index against them.
+    let mut c = Checker {
+        vault,
+        report: CheckReport::default(),
+        problems: Problems::default(),
+        bad_packs: HashMap::new(),
+        bad_chunks: HashMap::new(),
+    };
+    c.index_and_plans()?;
     progress("checking packs against the index");
-    let listed: HashMap<PackId, u64> = store
-        .list("packs/")?
-        .into_iter()
-        .filter_map(|o| PackId::from_key(&o.key).map(|p| (p, o.size)))
+    let (listed, per_pack) = c.packs()?;
+    if data != DataCheck::None {
+        c.pack_data(data, &listed, &per_pack, progress)?;
+    }
+    progress("checking recovery points");
+    let rps = c.catalog()?;
+    c.tags()?;
+    c.references(&rps)?;
+    let Checker {
+        mut report,
+        problems,
+        ..
+    } = c;
+    report.problems = problems.by_object.into_values().collect();
+    // A problem that affects no RP is still damage (e.g. a damaged index object whose chunks no
+    // RP needs), but the damaged RP list holds only RPs.
+    report.damaged_rps = report
+        .problems
+        .iter()
+        .flat_map(|p| p.rps.iter().cloned())
         .collect();
-    report.packs = listed.len();
-    report.pack_bytes = listed.values().sum();
-    // Per pack: indexed chunk count and the end of the furthest chunk.
-    let mut per_pack: HashMap<PackId, (u64, u64)> = HashMap::new();
-    vault.for_each_index_entry(|_, loc| {
-        let e = per_pack.entry(loc.pack).or_default();
-        e.0 += 1;
-        e.1 = e.1.max(loc.offset as u64 + loc.len as u64);
-        report.chunks_indexed += 1;
-    });
-    let mut bad_packs: HashMap<PackId, String> = HashMap::new();
-    let mut packs: Vec<(&PackId, &(u64, u64))> = per_pack.iter().collect();
-    packs.sort_by_key(|(p, _)| p.key());
-    for (pack, (count, end)) in packs {
-        let key = pack.key();
-        let problem = match listed.get(pack) {
-            None => Some(format!("missing pack ({count} indexed chunks are in it)")),
-            Some(size) if *size < *end => Some(format!(
-                "truncated pack: {size} bytes, the index needs at least {end}"
-            )),
-            Some(size) => match read_trailer(vault, pack, *size) {
-                Err(e) => Some(format!("damaged pack: {e}")),
-                Ok(entries) => {
-                    // Every trailer entry the index maps to this pack must agree with it, and
-                    // every index entry for this pack must be in the trailer.
-                    let mut agreeing = 0u64;
-                    let mut disagree = None;
-                    for e in &entries {
-                        if let Some(loc) = vault.locate(&e.id).filter(|l| l.pack == *pack) {
-                            if loc.offset == e.offset && loc.len == e.len {
-                                agreeing += 1;
-                            } else {
-                                disagree = Some(e.id);
+    Ok(report)
+}
+
+/// One check in progress: what is found so far, and the packs and chunks found damaged (the
+/// RPs that need them are damaged too).
+struct Checker<'v> {
+    vault: &'v Vault,
+    report: CheckReport,
+    problems: Problems,
+    bad_packs: HashMap<PackId, String>,
+    bad_chunks: HashMap<ChunkId, String>,
+}
+
+/// Per pack: indexed chunk count and the end of the furthest chunk.
+type PackExtent = HashMap<PackId, (u64, u64)>;
+
+impl Checker<'_> {
+    /// Index objects that did not open, and prune plans (backups rely on them).
+    fn index_and_plans(&mut self) -> Result<()> {
+        let vault = self.vault;
+        let store = vault.store();
+        let Checker {
+            report, problems, ..
+        } = self;
+        // Index objects.
+        report.index_objects = store.list("index/")?.len();
+        for (key, reason) in vault.damaged_index() {
+            problems.add(
+                &key,
+                format!("index object damaged: {reason}; the chunks it lists are unavailable"),
+            );
+        }
+
+        // Prune plans must open: backups rely on them to avoid condemned packs.
+        for obj in store.list(crate::gc::PLANS)? {
+            let key = obj.key;
+            if let Err(e) = store.get(&key).map_err(Error::from).and_then(|sealed| {
+                vault
+                    .keys()
+                    .open(&crate::format::plan_aad(&key), &sealed)
+                    .map_err(|e| vault.corrupt(&key, e.to_string()))
+            }) {
+                problems.add(&key, format!("damaged prune plan: {e}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs: sizes from the listing, then each pack's trailer against the index.
+    fn packs(&mut self) -> Result<(HashMap<PackId, u64>, PackExtent)> {
+        let vault = self.vault;
+        let store = vault.store();
+        let Checker {
+            report,
+            problems,
+            bad_packs,
+            ..
+        } = self;
+        // Packs: sizes from the listing, then the index against them.
+        let listed: HashMap<PackId, u64> = store
+            .list("packs/")?
+            .into_iter()
+            .filter_map(|o| PackId::from_key(&o.key).map(|p| (p, o.size)))
+            .collect();
+        report.packs = listed.len();
+        report.pack_bytes = listed.values().sum();
+        // Per pack: indexed chunk count and the end of the furthest chunk.
+        let mut per_pack: HashMap<PackId, (u64, u64)> = HashMap::new();
+        vault.for_each_index_entry(|_, loc| {
+            let e = per_pack.entry(loc.pack).or_default();
+            e.0 += 1;
+            e.1 = e.1.max(loc.offset as u64 + loc.len as u64);
+            report.chunks_indexed += 1;
+        });
+        let mut packs: Vec<(&PackId, &(u64, u64))> = per_pack.iter().collect();
+        packs.sort_by_key(|(p, _)| p.key());
+        for (pack, (count, end)) in packs {
+            let key = pack.key();
+            let problem = match listed.get(pack) {
+                None => Some(format!("missing pack ({count} indexed chunks are in it)")),
+                Some(size) if *size < *end => Some(format!(
+                    "truncated pack: {size} bytes, the index needs at least {end}"
+                )),
+                Some(size) => match read_trailer(vault, pack, *size) {
+                    Err(e) => Some(format!("damaged pack: {e}")),
+                    Ok(entries) => {
+                        // Every trailer entry the index maps to this pack must agree with it, and
+                        // every index entry for this pack must be in the trailer.
+                        let mut agreeing = 0u64;
+                        let mut disagree = None;
+                        for e in &entries {
+                            if let Some(loc) = vault.locate(&e.id).filter(|l| l.pack == *pack) {
+                                if loc.offset == e.offset && loc.len == e.len {
+                                    agreeing += 1;
+                                } else {
+                                    disagree = Some(e.id);
+                                }
                             }
                         }
+                        match disagree {
+                            Some(id) => Some(format!(
+                                "the index and the pack trailer disagree on chunk {id}"
+                            )),
+                            None if agreeing != *count => Some(format!(
+                                "the index lists {count} chunks in this pack, its trailer {agreeing}"
+                            )),
+                            None => None,
+                        }
                     }
-                    match disagree {
-                        Some(id) => Some(format!(
-                            "the index and the pack trailer disagree on chunk {id}"
-                        )),
-                        None if agreeing != *count => Some(format!(
-                            "the index lists {count} chunks in this pack, its trailer {agreeing}"
-                        )),
-                        None => None,
-                    }
-                }
-            },
-        };
-        if let Some(p) = problem {
-            problems.add(&key, p.clone());
-            bad_packs.insert(*pack, key);
+                },
+            };
+            if let Some(p) = problem {
+                problems.add(&key, p.clone());
+                bad_packs.insert(*pack, key);
+            }
         }
+        let mut unindexed: Vec<String> = listed
+            .keys()
+            .filter(|p| !per_pack.contains_key(p))
+            .map(PackId::key)
+            .collect();
+        unindexed.sort();
+        report.unindexed_packs = unindexed;
+        Ok((listed, per_pack))
     }
-    let mut unindexed: Vec<String> = listed
-        .keys()
-        .filter(|p| !per_pack.contains_key(p))
-        .map(PackId::key)
-        .collect();
-    unindexed.sort();
-    report.unindexed_packs = unindexed;
 
-    // Chunk data.
-    let mut bad_chunks: HashMap<ChunkId, String> = HashMap::new();
-    if data != DataCheck::None {
+    /// Reads every chunk of the selected packs, authenticated and re-hashed.
+    fn pack_data(
+        &mut self,
+        data: DataCheck,
+        listed: &HashMap<PackId, u64>,
+        per_pack: &PackExtent,
+        progress: &dyn Fn(&str),
+    ) -> Result<()> {
+        let vault = self.vault;
+        let store = vault.store();
+        let Checker {
+            report,
+            problems,
+            bad_packs,
+            bad_chunks,
+            ..
+        } = self;
         let mut to_read: Vec<PackId> = per_pack
             .keys()
             .filter(|p| !bad_packs.contains_key(p))
@@ -322,124 +398,144 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
                 );
             }
         }
+        Ok(())
     }
 
-    // Catalog, tags and maps.
-    progress("checking recovery points");
-    let mut rps: Vec<RecoveryPoint> = Vec::new();
-    for obj in store.list("catalog/")? {
-        let name = obj.key.trim_start_matches("catalog/");
-        let Some(id) = RecoveryPointId::from_object_name(name) else {
-            problems.add(
-                &obj.key,
-                if name.parse::<RecoveryPointId>().is_ok() {
-                    "catalog object under a non-canonical spelling of an RP id (a planted copy?); \
-                     listing and prune ignore it"
-                } else {
-                    "catalog object with a malformed name; listing and prune ignore it"
-                },
-            );
-            continue;
-        };
-        report.rps += 1;
-        match vault.read_rp(&obj.key, &id) {
-            Ok(rp) => rps.push(rp),
-            Err(e) => {
-                problems.add(&obj.key, format!("damaged catalog entry: {e}"));
-                problems.affect(&obj.key, &id);
-            }
-        }
-    }
-    for obj in store.list("tags/")? {
-        let Some((rp, _)) = obj.key.trim_start_matches("tags/").split_once('/') else {
-            continue;
-        };
-        let canonical = RecoveryPointId::from_object_name(rp)
-            .is_some_and(|id| crate::catalog::is_canonical_tag_key(&obj.key, &id));
-        if !canonical {
-            problems.add(
-                &obj.key,
-                "tag object with a non-canonical name (a planted copy?); listing ignores it",
-            );
-            continue;
-        }
-        if let Err(e) = store.get(&obj.key).map_err(Error::from).and_then(|sealed| {
-            vault
-                .keys()
-                .open(&crate::catalog::tag_aad(&obj.key), &sealed)
-                .map_err(|e| vault.corrupt(&obj.key, e.to_string()))
-        }) {
-            problems.add(&obj.key, format!("damaged tag update: {e}"));
-            if let Ok(id) = rp.parse::<RecoveryPointId>() {
-                problems.affect(&obj.key, &id);
-            }
-        }
-    }
-    let known: BTreeSet<&RecoveryPointId> = rps.iter().map(|r| &r.id).collect();
-    for rp in &rps {
-        if rp.kind == RpKind::Instance {
-            for v in rp.instance.iter().flat_map(|i| &i.volumes) {
-                if !known.contains(&v.rp) {
-                    let key = format!("catalog/{}", v.rp);
-                    problems.add(
-                        &key,
-                        format!("volume RP of {} ({}) is missing", rp.id, v.device_name),
-                    );
-                    problems.affect(&key, &rp.id);
-                }
-            }
-        }
-        let check_chunk = |id: &ChunkId, problems: &mut Problems| match vault.locate(id) {
-            None => {
+    /// Catalog entries: every canonical one opens.
+    fn catalog(&mut self) -> Result<Vec<RecoveryPoint>> {
+        let vault = self.vault;
+        let store = vault.store();
+        let Checker {
+            report, problems, ..
+        } = self;
+        let mut rps: Vec<RecoveryPoint> = Vec::new();
+        for obj in store.list("catalog/")? {
+            let name = obj.key.trim_start_matches("catalog/");
+            let Some(id) = RecoveryPointId::from_object_name(name) else {
                 problems.add(
-                    UNINDEXED,
-                    "chunks referenced by recovery points are in no readable index object \
-                         (a lost or damaged index object, see the other problems)",
+                    &obj.key,
+                    if name.parse::<RecoveryPointId>().is_ok() {
+                        "catalog object under a non-canonical spelling of an RP id (a planted copy?); \
+                         listing and prune ignore it"
+                    } else {
+                        "catalog object with a malformed name; listing and prune ignore it"
+                    },
                 );
-                problems.affect(UNINDEXED, &rp.id);
-            }
-            Some(Location { pack, .. }) => {
-                if let Some(key) = bad_packs.get(&pack).or_else(|| bad_chunks.get(id)) {
-                    problems.affect(&key.clone(), &rp.id);
+                continue;
+            };
+            report.rps += 1;
+            match vault.read_rp(&obj.key, &id) {
+                Ok(rp) => rps.push(rp),
+                Err(e) => {
+                    problems.add(&obj.key, format!("damaged catalog entry: {e}"));
+                    problems.affect(&obj.key, &id);
                 }
             }
-        };
-        // Damaged parts are recorded and skipped, so the RP is attributed to every damaged
-        // object it needs (named by its object: the pack holding it).
-        let what = match rp.kind {
-            RpKind::Disk => "map page",
-            RpKind::Stream => "stream map",
-            RpKind::File => "file tree",
-            RpKind::Instance => "instance record",
-        };
-        let mut damaged: Vec<Error> = Vec::new();
-        let mut refs = 0u64;
-        walk::for_each_chunk(
-            vault,
-            rp,
-            &mut |e| {
-                damaged.push(e);
-                Ok(())
-            },
-            &mut |id| {
-                refs += 1;
-                check_chunk(id, &mut problems);
-                Ok(())
-            },
-        )?;
-        for e in damaged {
-            map_problem(&mut problems, &e, &rp.id, what);
         }
-        report.chunk_references += refs;
+        Ok(rps)
     }
 
-    report.problems = problems.by_object.into_values().collect();
-    // A problem that affects no RP is still damage (e.g. a damaged index object whose chunks no
-    // RP needs), but the damaged RP list holds only RPs.
-    report.damaged_rps = report
-        .problems
-        .iter()
-        .flat_map(|p| p.rps.iter().cloned())
-        .collect();
-    Ok(report)
+    /// Tag updates: canonical names, and each opens.
+    fn tags(&mut self) -> Result<()> {
+        let vault = self.vault;
+        let store = vault.store();
+        let Checker { problems, .. } = self;
+        for obj in store.list("tags/")? {
+            let Some((rp, _)) = obj.key.trim_start_matches("tags/").split_once('/') else {
+                continue;
+            };
+            let canonical = RecoveryPointId::from_object_name(rp)
+                .is_some_and(|id| crate::catalog::is_canonical_tag_key(&obj.key, &id));
+            if !canonical {
+                problems.add(
+                    &obj.key,
+                    "tag object with a non-canonical name (a planted copy?); listing ignores it",
+                );
+                continue;
+            }
+            if let Err(e) = store.get(&obj.key).map_err(Error::from).and_then(|sealed| {
+                vault
+                    .keys()
+                    .open(&crate::catalog::tag_aad(&obj.key), &sealed)
+                    .map_err(|e| vault.corrupt(&obj.key, e.to_string()))
+            }) {
+                problems.add(&obj.key, format!("damaged tag update: {e}"));
+                if let Ok(id) = rp.parse::<RecoveryPointId>() {
+                    problems.affect(&obj.key, &id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything each RP references: loads (map pages, trees, manifests) and is indexed in a
+    /// sound pack; instance RPs name existing volume RPs.
+    fn references(&mut self, rps: &[RecoveryPoint]) -> Result<()> {
+        let vault = self.vault;
+        let Checker {
+            report,
+            problems,
+            bad_packs,
+            bad_chunks,
+            ..
+        } = self;
+        let known: BTreeSet<&RecoveryPointId> = rps.iter().map(|r| &r.id).collect();
+        for rp in rps {
+            if rp.kind == RpKind::Instance {
+                for v in rp.instance.iter().flat_map(|i| &i.volumes) {
+                    if !known.contains(&v.rp) {
+                        let key = format!("catalog/{}", v.rp);
+                        problems.add(
+                            &key,
+                            format!("volume RP of {} ({}) is missing", rp.id, v.device_name),
+                        );
+                        problems.affect(&key, &rp.id);
+                    }
+                }
+            }
+            let check_chunk = |id: &ChunkId, problems: &mut Problems| match vault.locate(id) {
+                None => {
+                    problems.add(
+                        UNINDEXED,
+                        "chunks referenced by recovery points are in no readable index object \
+                             (a lost or damaged index object, see the other problems)",
+                    );
+                    problems.affect(UNINDEXED, &rp.id);
+                }
+                Some(Location { pack, .. }) => {
+                    if let Some(key) = bad_packs.get(&pack).or_else(|| bad_chunks.get(id)) {
+                        problems.affect(&key.clone(), &rp.id);
+                    }
+                }
+            };
+            // Damaged parts are recorded and skipped, so the RP is attributed to every damaged
+            // object it needs (named by its object: the pack holding it).
+            let what = match rp.kind {
+                RpKind::Disk => "map page",
+                RpKind::Stream => "stream map",
+                RpKind::File => "file tree",
+                RpKind::Instance => "instance record",
+            };
+            let mut damaged: Vec<Error> = Vec::new();
+            let mut refs = 0u64;
+            walk::for_each_chunk(
+                vault,
+                rp,
+                &mut |e| {
+                    damaged.push(e);
+                    Ok(())
+                },
+                &mut |id| {
+                    refs += 1;
+                    check_chunk(id, problems);
+                    Ok(())
+                },
+            )?;
+            for e in damaged {
+                map_problem(problems, &e, &rp.id, what);
+            }
+            report.chunk_references += refs;
+        }
+        Ok(())
+    }
 }

@@ -69,6 +69,7 @@ mod keyring;
 pub mod pack;
 pub mod prune;
 pub mod reader;
+pub mod retention;
 pub mod session;
 pub mod store;
 pub mod stream_map;

@@ -7,256 +7,22 @@
 //! "referenced" mark is a bit inside each entry, so it costs nothing more) and a few numbers per
 //! pack; index objects are streamed one at a time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::catalog::{RecoveryPoint, RpKind};
+use crate::catalog::RecoveryPoint;
 use crate::error::{Error, Result};
 use crate::gc::{self, Plan};
 use crate::ids::{ChunkId, PackId, RecoveryPointId};
 use crate::index::{self, Location};
+use crate::retention::{select, AssetFilter, Decision, Retention};
 use crate::session::BackupSession;
 use crate::store::PutMode;
 use crate::vault::{index_aad, Vault};
 use crate::walk;
-
-/// How many RPs to keep per asset. Empty: keep everything (prune then only collects garbage).
-#[derive(Debug, Clone, Default)]
-pub struct Retention {
-    pub keep_last: Option<usize>,
-    pub keep_hourly: Option<usize>,
-    pub keep_daily: Option<usize>,
-    pub keep_weekly: Option<usize>,
-    pub keep_monthly: Option<usize>,
-    pub keep_yearly: Option<usize>,
-    /// RPs with any of these tags are kept.
-    pub keep_tags: Vec<(String, String)>,
-}
-
-impl Retention {
-    pub fn is_empty(&self) -> bool {
-        self.keep_last.is_none()
-            && self.keep_hourly.is_none()
-            && self.keep_daily.is_none()
-            && self.keep_weekly.is_none()
-            && self.keep_monthly.is_none()
-            && self.keep_yearly.is_none()
-            && self.keep_tags.is_empty()
-    }
-}
-
-/// The tag that protects an RP: kept by every prune whatever the policy, and refused by
-/// `rp delete` unless forced. Set and cleared like any tag (`rp protect` / `rp unprotect`), so
-/// the change is an immutable, authenticated object like every other tag update.
-pub const PROTECTED_TAG: &str = "elastio.protected";
-
-/// Whether `rp` is protected from prune and deletion.
-pub fn is_protected(rp: &RecoveryPoint) -> bool {
-    rp.tags.contains_key(PROTECTED_TAG)
-}
-
-/// Which assets a prune applies its policy to. Names match exactly; a pattern only when asked
-/// for (a substring match once pruned `db-archive` with `--asset db`).
-#[derive(Debug, Clone)]
-pub enum AssetFilter {
-    Exact(String),
-    /// A glob (`*`, `?`, `[...]`) over the whole asset name.
-    Glob(globset::GlobMatcher),
-}
-
-impl std::fmt::Display for AssetFilter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AssetFilter::Exact(a) => write!(f, "{a:?}"),
-            AssetFilter::Glob(g) => write!(f, "the pattern {:?}", g.glob().glob()),
-        }
-    }
-}
-
-impl AssetFilter {
-    pub fn glob(pattern: &str) -> Result<Self> {
-        let g = globset::GlobBuilder::new(pattern)
-            .literal_separator(false)
-            .build()
-            .map_err(|e| Error::InvalidParameter(format!("asset pattern {pattern:?}: {e}")))?;
-        Ok(AssetFilter::Glob(g.compile_matcher()))
-    }
-
-    pub fn matches(&self, name: &str) -> bool {
-        match self {
-            AssetFilter::Exact(a) => a == name,
-            AssetFilter::Glob(g) => g.is_match(name),
-        }
-    }
-}
-
-/// A retention decision.
-#[derive(Debug, Clone, Serialize)]
-pub struct Decision {
-    pub rp: String,
-    pub kind: String,
-    pub asset: String,
-    pub created: String,
-    pub keep: bool,
-    /// Why it is kept ("last 3", "daily 2026-11-22", "tag k=v", "volume of instance RP ...").
-    pub reasons: Vec<String>,
-}
-
-/// The bucket of an RFC 3339 UTC time for a period: hour, day, ISO week, month, year.
-fn bucket(created: &str, period: &str) -> String {
-    let date = created.get(..10).unwrap_or(created);
-    match period {
-        "hourly" => created.get(..13).unwrap_or(created).to_string(),
-        "daily" => date.to_string(),
-        "monthly" => created.get(..7).unwrap_or(created).to_string(),
-        "yearly" => created.get(..4).unwrap_or(created).to_string(),
-        _ => {
-            // ISO week: days since 1970-01-05 (a Monday) / 7.
-            let days = days_from_civil(date).unwrap_or(0);
-            format!("w{}", (days - 4).div_euclid(7))
-        }
-    }
-}
-
-/// Days since 1970-01-01 of a `YYYY-MM-DD` date (proleptic Gregorian).
-fn days_from_civil(date: &str) -> Option<i64> {
-    let y: i64 = date.get(..4)?.parse().ok()?;
-    let m: i64 = date.get(5..7)?.parse().ok()?;
-    let d: i64 = date.get(8..10)?.parse().ok()?;
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Some(era * 146097 + doe - 719468)
-}
-
-/// What retention decided: one decision per RP, and the groups (kind, host, asset) the policy
-/// selected but would leave without any RP.
-#[derive(Debug, Clone, Default)]
-pub struct Selection {
-    pub decisions: Vec<Decision>,
-    /// `"<kind> RPs of <asset> on <host>"`, for every group that would be emptied.
-    pub emptied: Vec<String>,
-}
-
-/// Applies `policy` per (kind, asset) to the RPs `asset` selects (all when None); RPs of other
-/// assets are kept untouched. Volume RPs of a kept instance RP are kept, and so are protected
-/// RPs ([`PROTECTED_TAG`]).
-pub fn select(rps: &[RecoveryPoint], policy: &Retention, asset: Option<&AssetFilter>) -> Selection {
-    // The groups the policy applies to, checked for emptiness once every rule has run.
-    let mut selected_groups = Vec::new();
-    let mut groups: BTreeMap<(String, String, String), Vec<&RecoveryPoint>> = BTreeMap::new();
-    for rp in rps {
-        groups
-            .entry((
-                rp.kind.to_string(),
-                rp.asset.host.clone(),
-                rp.asset.name.clone(),
-            ))
-            .or_default()
-            .push(rp);
-    }
-    let mut reasons: HashMap<RecoveryPointId, Vec<String>> = HashMap::new();
-    for ((kind, host, name), mut group) in groups {
-        let selected = asset.is_none_or(|a| a.matches(&name));
-        if !selected || policy.is_empty() {
-            for rp in group {
-                reasons
-                    .entry(rp.id.clone())
-                    .or_default()
-                    .push(if selected { "no policy" } else { "other asset" }.into());
-            }
-            continue;
-        }
-        group.sort_by(|a, b| b.id.cmp(&a.id)); // newest first
-        if let Some(n) = policy.keep_last {
-            for rp in group.iter().take(n) {
-                reasons
-                    .entry(rp.id.clone())
-                    .or_default()
-                    .push(format!("last {n}"));
-            }
-        }
-        for (period, n) in [
-            ("hourly", policy.keep_hourly),
-            ("daily", policy.keep_daily),
-            ("weekly", policy.keep_weekly),
-            ("monthly", policy.keep_monthly),
-            ("yearly", policy.keep_yearly),
-        ] {
-            let Some(n) = n else { continue };
-            let mut seen = BTreeSet::new();
-            for rp in &group {
-                if seen.len() == n {
-                    break;
-                }
-                let b = bucket(&rp.created, period);
-                if seen.insert(b.clone()) {
-                    reasons
-                        .entry(rp.id.clone())
-                        .or_default()
-                        .push(format!("{period} {b}"));
-                }
-            }
-        }
-        for rp in &group {
-            if is_protected(rp) {
-                reasons
-                    .entry(rp.id.clone())
-                    .or_default()
-                    .push("protected".into());
-            }
-            for (k, v) in &policy.keep_tags {
-                if rp.tags.get(k) == Some(v) {
-                    reasons
-                        .entry(rp.id.clone())
-                        .or_default()
-                        .push(format!("tag {k}={v}"));
-                }
-            }
-        }
-        selected_groups.push((
-            format!("{kind} RPs of {name} on {host}"),
-            group.iter().map(|rp| rp.id.clone()).collect::<Vec<_>>(),
-        ));
-    }
-    // An instance RP that stays keeps its volumes.
-    for rp in rps {
-        if rp.kind == RpKind::Instance && reasons.contains_key(&rp.id) {
-            for v in rp.instance.iter().flat_map(|i| &i.volumes) {
-                reasons
-                    .entry(v.rp.clone())
-                    .or_default()
-                    .push(format!("volume of instance RP {}", rp.id));
-            }
-        }
-    }
-    let emptied = selected_groups
-        .into_iter()
-        .filter(|(_, ids)| !ids.iter().any(|id| reasons.contains_key(id)))
-        .map(|(what, _)| what)
-        .collect();
-    let decisions = rps
-        .iter()
-        .map(|rp| {
-            let r = reasons.remove(&rp.id).unwrap_or_default();
-            Decision {
-                rp: rp.id.to_string(),
-                kind: rp.kind.to_string(),
-                asset: rp.asset.name.clone(),
-                created: rp.created.clone(),
-                keep: !r.is_empty(),
-                reasons: r,
-            }
-        })
-        .collect();
-    Selection { decisions, emptied }
-}
 
 /// Deletes RPs' catalog entries and tag updates. Their data stays until the next prune.
 pub fn delete_rps(vault: &Vault, ids: &[RecoveryPointId]) -> Result<()> {
@@ -393,13 +159,262 @@ pub fn prune(
     progress: &dyn Fn(&str),
 ) -> Result<PruneReport> {
     let started = Instant::now();
-    let store = vault.store().clone();
-    let mut report = PruneReport {
-        dry_run: opts.dry_run,
-        ..PruneReport::default()
-    };
+    let plan = PrunePlan::new(vault, opts, progress)?;
+    let mut report = plan.report(opts.dry_run);
+    if !opts.dry_run {
+        plan.execute(vault, opts, progress, &mut report)?;
+    }
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
 
-    // P1: retention.
+/// What a prune will do, decided before anything is deleted: the retention decisions (P1),
+/// and from the index, which packs are dead and which are worth repacking.
+pub struct PrunePlan {
+    pub decisions: Vec<Decision>,
+    forget: Vec<RecoveryPointId>,
+    /// The RPs that stay (what P4 compares newly committed ones against).
+    known: HashSet<RecoveryPointId>,
+    /// Every pack object listed, with its size.
+    listed: HashMap<PackId, u64>,
+    index_keys: Vec<String>,
+    usage: HashMap<PackId, Usage>,
+    /// Packs nothing references (or no index names): deleted outright.
+    dead: Vec<PackId>,
+    /// Partly used packs whose live chunks are copied out before they are deleted.
+    repack: Vec<PackId>,
+    reclaimable: u64,
+}
+
+impl PrunePlan {
+    /// P1 (retention) and the usage count. Deletes nothing; marks what the kept RPs reference
+    /// in the vault's index.
+    pub fn new(vault: &Vault, opts: &PruneOptions, progress: &dyn Fn(&str)) -> Result<Self> {
+        let (decisions, keep) = retain(vault, opts)?;
+        let forget: Vec<RecoveryPointId> = decisions
+            .iter()
+            .filter(|d| !d.keep)
+            .filter_map(|d| d.rp.parse().ok())
+            .collect();
+        progress("finding referenced chunks");
+        vault.clear_marks();
+        mark_referenced(vault, &keep)?;
+
+        let store = vault.store();
+        let listed: HashMap<PackId, u64> = store
+            .list("packs/")?
+            .into_iter()
+            .filter_map(|o| PackId::from_key(&o.key).map(|p| (p, o.size)))
+            .collect();
+        let index_objects = store.list("index/")?;
+        let max_index = vault.config().max_index_object();
+        if let Some(o) = index_objects.iter().find(|o| o.size > max_index) {
+            // Its entries could be referenced: deciding without them could delete live data.
+            return Err(vault.corrupt(
+                &o.key,
+                format!(
+                    "{} bytes: larger than any index object (at most {max_index}); no data was \
+                     deleted (run check)",
+                    o.size
+                ),
+            ));
+        }
+        let index_keys: Vec<String> = index_objects.into_iter().map(|o| o.key).collect();
+        progress(&format!("reading {} index objects", index_keys.len()));
+        let usage = pack_usage(vault, &index_keys)?;
+        // Dead: listed packs no index names (interrupted backups) or with nothing referenced.
+        let mut dead: Vec<PackId> = listed
+            .keys()
+            .filter(|p| usage.get(p).is_none_or(|u| u.live == 0))
+            .copied()
+            .collect();
+        dead.sort();
+        // Dead packs free their whole size; partly used ones their unreferenced chunk bytes
+        // (the pack framing of a live pack is not garbage).
+        let reclaimable: u64 = listed
+            .iter()
+            .map(|(p, size)| match usage.get(p) {
+                Some(u) if u.live > 0 => u.total.saturating_sub(u.live),
+                _ => *size,
+            })
+            .sum();
+        let partial: Vec<(PackId, u64, f64)> = usage
+            .iter()
+            .filter(|(p, u)| listed.contains_key(p) && u.live > 0 && u.total > u.live)
+            .map(|(p, u)| (*p, u.total - u.live, u.live as f64 / u.total as f64))
+            .collect();
+        let repack = choose_repack(partial, reclaimable, opts.repack_below, opts.max_unused);
+        Ok(PrunePlan {
+            decisions,
+            forget,
+            known: keep.into_iter().map(|r| r.id).collect(),
+            listed,
+            index_keys,
+            usage,
+            dead,
+            repack,
+            reclaimable,
+        })
+    }
+
+    /// The report before execution: what a dry run prints.
+    pub fn report(&self, dry_run: bool) -> PruneReport {
+        let mut report = PruneReport {
+            dry_run,
+            decisions: self.decisions.clone(),
+            rps_deleted: self.forget.len(),
+            packs_before: self.listed.len(),
+            bytes_before: self.listed.values().sum(),
+            reclaimable_bytes: self.reclaimable,
+            ..PruneReport::default()
+        };
+        if dry_run {
+            let doomed = || self.dead.iter().chain(&self.repack);
+            report.packs_deleted = doomed().count();
+            report.packs_repacked = self.repack.len();
+            report.bytes_deleted = doomed().map(|p| self.listed[p]).sum();
+            report.bytes_copied = self.repack.iter().map(|p| self.usage[p].live).sum();
+        }
+        report
+    }
+
+    /// Deletes the expired RPs, repacks, then runs the deletion protocol of [`crate::gc`]
+    /// (P2 plan, P3 wait, P4 spare, P5 delete).
+    pub fn execute(
+        self,
+        vault: &Arc<Vault>,
+        opts: &PruneOptions,
+        progress: &dyn Fn(&str),
+        report: &mut PruneReport,
+    ) -> Result<()> {
+        progress(&format!("deleting {} recovery points", self.forget.len()));
+        delete_rps(vault, &self.forget)?;
+        if !self.repack.is_empty() {
+            progress(&format!("repacking {} packs", self.repack.len()));
+            self.repack(vault, report)?;
+        }
+        // P2: the plan.
+        let mut condemned: Vec<PackId> = self.dead.iter().chain(&self.repack).copied().collect();
+        condemned.sort();
+        condemned.dedup();
+        let live_sessions = clear_stale_leases(vault, report)?;
+        if condemned.is_empty() {
+            return Ok(());
+        }
+        let plan = Plan {
+            created_ms: gc::now_ms(),
+            condemned: condemned.iter().map(PackId::hex).collect(),
+            sessions: live_sessions.clone(),
+            finishes: None,
+            released: Vec::new(),
+        };
+        let plan_key = gc::write_plan(vault, &plan)?;
+        report.plan = Some(plan_key.clone());
+
+        // P3: wait for the sessions that were running.
+        if let Some(running) = wait_for(vault, &live_sessions, opts.max_wait, progress, report)? {
+            report.postponed = Some(format!(
+                "backup session {running} is still running; the next prune deletes the \
+                 condemned packs"
+            ));
+            // This prune deletes nothing more: its packs are no longer condemned by it (the
+            // next prune decides them anew).
+            return gc::release_packs(vault, &plan_key, &condemned);
+        }
+
+        // P4: RPs committed since P1 keep what they reference.
+        vault.refresh()?;
+        let condemned_set: HashSet<PackId> = condemned.iter().copied().collect();
+        let new_rps: Vec<RecoveryPoint> = vault
+            .list_rps()?
+            .into_iter()
+            .filter(|rp| !self.known.contains(&rp.id))
+            .collect();
+        let spared = packs_to_spare(vault, &new_rps, &condemned_set)?;
+        report.packs_spared = spared.len();
+
+        // P5: drop the condemned packs from the index objects, then delete the packs. In this
+        // order a prune killed at any point leaves the index naming only packs that exist (what
+        // it has not deleted yet is unindexed garbage, which the next prune deletes), never
+        // entries of a missing pack.
+        let deleted: HashSet<PackId> = condemned_set.difference(&spared).copied().collect();
+        report.index_objects_rewritten = unindex_packs(vault, &deleted)?;
+        progress(&format!("deleting {} packs", deleted.len()));
+        for p in &deleted {
+            vault.store().delete(&p.key())?;
+            report.packs_deleted += 1;
+            report.bytes_deleted += self.listed.get(p).copied().unwrap_or(0);
+        }
+        // The spared packs stay: RPs reference them, so sessions must be able to again (they
+        // stayed condemned forever, and an EBS incremental over such an RP failed every time).
+        let mut spared: Vec<PackId> = spared.into_iter().collect();
+        spared.sort();
+        gc::release_packs(vault, &plan_key, &spared)
+    }
+
+    /// Copies the live chunks of the packs to repack into new packs (indexed) before anything
+    /// is deleted; each chunk is authenticated first, so damaged data never spreads.
+    fn repack(&self, vault: &Arc<Vault>, report: &mut PruneReport) -> Result<()> {
+        let repack_set: HashSet<PackId> = self.repack.iter().copied().collect();
+        let mut session = BackupSession::new(vault.clone())?;
+        let mut copied: HashSet<ChunkId> = HashSet::new();
+        // The live entries of each repacked pack, one index object at a time.
+        let mut live: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
+        for key in &self.index_keys {
+            let Some(entries) = read_index(vault, key)? else {
+                return Err(vanished(key));
+            };
+            for (id, loc) in entries {
+                if repack_set.contains(&loc.pack) && vault.is_marked(&id) {
+                    live.entry(loc.pack).or_default().push((id, loc));
+                }
+            }
+        }
+        for pack in &self.repack {
+            let Some(entries) = live.remove(pack) else {
+                continue;
+            };
+            let size = self.listed.get(pack).copied().unwrap_or(0);
+            if size > vault.config().max_pack_object() {
+                return Err(vault.corrupt(
+                    &pack.key(),
+                    format!(
+                        "oversize pack ({size} bytes); no data was deleted (the expired RPs' \
+                         catalog entries were; run check)"
+                    ),
+                ));
+            }
+            let bytes = vault.store().get(&pack.key())?;
+            for (id, loc) in entries {
+                if !copied.insert(id) {
+                    continue;
+                }
+                let end = loc.offset as usize + loc.len as usize;
+                let sealed = bytes.get(loc.offset as usize..end).ok_or_else(|| {
+                    vault.corrupt(&pack.key(), "shorter than its index says (truncated)")
+                })?;
+                vault.open_chunk(
+                    &id,
+                    &pack.key(),
+                    &loc,
+                    sealed,
+                    crate::vault::Verify::AeadOnly,
+                )?;
+                report.bytes_copied += sealed.len() as u64;
+                session.store_sealed(id, sealed.to_vec())?;
+            }
+        }
+        let stats = session.finish()?;
+        report.packs_written = stats.packs;
+        drop(session); // releases the lease: the plan must not wait for ourselves
+        report.packs_repacked = self.repack.len();
+        Ok(())
+    }
+}
+
+/// P1: the retention decisions and the RPs that stay. Refuses a filter that matches nothing
+/// and a policy that would empty an asset (unless allowed).
+fn retain(vault: &Vault, opts: &PruneOptions) -> Result<(Vec<Decision>, Vec<RecoveryPoint>)> {
     let rps = vault.list_rps()?;
     let ids: HashSet<&RecoveryPointId> = rps.iter().map(|r| &r.id).collect();
     if ids.len() != rps.len() {
@@ -430,80 +445,56 @@ pub fn prune(
             }
         )));
     }
-    report.decisions = selection.decisions;
-    let forget: Vec<RecoveryPointId> = report
+    let kept: HashSet<&str> = selection
         .decisions
         .iter()
-        .filter(|d| !d.keep)
-        .filter_map(|d| d.rp.parse().ok())
+        .filter(|d| d.keep)
+        .map(|d| d.rp.as_str())
         .collect();
-    let keep: Vec<RecoveryPoint> = rps
-        .into_iter()
-        .filter(|rp| !forget.contains(&rp.id))
+    let keep = rps
+        .iter()
+        .filter(|rp| kept.contains(rp.id.as_str()))
+        .cloned()
         .collect();
-    let known: HashSet<RecoveryPointId> = keep.iter().map(|r| r.id.clone()).collect();
-    if !opts.dry_run {
-        progress(&format!("deleting {} recovery points", forget.len()));
-        delete_rps(vault, &forget)?;
-    }
-    report.rps_deleted = forget.len();
+    Ok((selection.decisions, keep))
+}
 
-    progress("finding referenced chunks");
-    vault.clear_marks();
-    mark_referenced(vault, &keep)?;
-
-    // Pack usage from every index object (each listed entry once per pack).
-    let listed: HashMap<PackId, u64> = store
-        .list("packs/")?
-        .into_iter()
-        .filter_map(|o| PackId::from_key(&o.key).map(|p| (p, o.size)))
-        .collect();
-    report.packs_before = listed.len();
-    report.bytes_before = listed.values().sum();
-    let index_objects = store.list("index/")?;
-    let max_index = vault.config().max_index_object();
-    if let Some(o) = index_objects.iter().find(|o| o.size > max_index) {
-        // Its entries could be referenced: deciding without them could delete live data.
-        return Err(vault.corrupt(
-            &o.key,
-            format!(
-                "{} bytes: larger than any index object (at most {max_index}); no data was \
-                 deleted (run check)",
-                o.size
-            ),
-        ));
-    }
-    let index_keys: Vec<String> = index_objects.into_iter().map(|o| o.key).collect();
-    progress(&format!("reading {} index objects", index_keys.len()));
-    let read_index = |key: &str| -> Result<Option<Vec<(ChunkId, Location)>>> {
-        let sealed = match store.get(key) {
-            Ok(s) => s,
-            Err(e) if e.is_not_found() => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let plain = vault
-            .keys()
-            .open(&index_aad(key), &sealed)
-            .map_err(|e| vault.corrupt(key, e.to_string()))?;
-        Ok(Some(
-            index::decode(&plain).map_err(|e| vault.corrupt(key, e.to_string()))?,
-        ))
+/// One index object's entries; None if it vanished since it was listed.
+fn read_index(vault: &Vault, key: &str) -> Result<Option<Vec<(ChunkId, Location)>>> {
+    let sealed = match vault.store().get(key) {
+        Ok(s) => s,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
-    // (A chunk listed twice for one pack, by two index objects, is counted twice: rare, and it
-    // only nudges the repack decision.)
-    // An index object that vanished since the listing was rewritten by another prune (its
-    // entries moved to an object this listing does not have): deciding without them could take
-    // a live pack for dead. Nothing is deleted then.
-    let vanished = |key: &str| Error::RunAgain {
+    let plain = vault
+        .keys()
+        .open(&index_aad(key), &sealed)
+        .map_err(|e| vault.corrupt(key, e.to_string()))?;
+    Ok(Some(
+        index::decode(&plain).map_err(|e| vault.corrupt(key, e.to_string()))?,
+    ))
+}
+
+/// An index object that vanished since the listing was rewritten by another prune (its entries
+/// moved to an object this listing does not have): deciding without them could take a live pack
+/// for dead. Nothing is deleted then.
+fn vanished(key: &str) -> Error {
+    Error::RunAgain {
         reason: format!(
             "index object {key} was rewritten by another prune while this one read the index; \
              nothing was deleted"
         ),
         what: "prune",
-    };
+    }
+}
+
+/// Pack usage from every index object: total and referenced (marked) sealed bytes per pack.
+/// (A chunk listed twice for one pack, by two index objects, is counted twice: rare, and it
+/// only nudges the repack decision.)
+fn pack_usage(vault: &Vault, index_keys: &[String]) -> Result<HashMap<PackId, Usage>> {
     let mut usage: HashMap<PackId, Usage> = HashMap::new();
-    for key in &index_keys {
-        let Some(entries) = read_index(key)? else {
+    for key in index_keys {
+        let Some(entries) = read_index(vault, key)? else {
             return Err(vanished(key));
         };
         for (id, loc) in entries {
@@ -514,187 +505,63 @@ pub fn prune(
             }
         }
     }
-    // Dead: listed packs no index names (interrupted backups) or with nothing referenced.
-    let mut dead: Vec<PackId> = listed
-        .keys()
-        .filter(|p| usage.get(p).is_none_or(|u| u.live == 0))
-        .copied()
-        .collect();
-    dead.sort();
-    // Repack packs whose live share is under `repack_below`, then, most garbage first, more
-    // until what stays unreferenced in partly used packs is within `max_unused` of what is
-    // reclaimable (or under MIN_REPACK_GAIN).
-    // Dead packs free their whole size; partly used ones their unreferenced chunk bytes (the
-    // pack framing of a live pack is not garbage).
-    let reclaimable: u64 = listed
-        .iter()
-        .map(|(p, size)| match usage.get(p) {
-            Some(u) if u.live > 0 => u.total.saturating_sub(u.live),
-            _ => *size,
-        })
-        .sum();
-    let partial: Vec<(PackId, u64, f64)> = usage
-        .iter()
-        .filter(|(p, u)| listed.contains_key(p) && u.live > 0 && u.total > u.live)
-        .map(|(p, u)| (*p, u.total - u.live, u.live as f64 / u.total as f64))
-        .collect();
-    let repack = choose_repack(partial, reclaimable, opts.repack_below, opts.max_unused);
-    report.reclaimable_bytes = reclaimable;
-    if opts.dry_run {
-        report.packs_deleted = dead.len() + repack.len();
-        report.packs_repacked = repack.len();
-        report.bytes_deleted = dead.iter().chain(&repack).map(|p| listed[p]).sum();
-        report.bytes_copied = repack.iter().map(|p| usage[p].live).sum();
-        report.elapsed_ms = started.elapsed().as_millis() as u64;
-        return Ok(report);
-    }
+    Ok(usage)
+}
 
-    // Repack: copy the live chunks of mostly-dead packs into new packs (indexed) first.
-    if !repack.is_empty() {
-        progress(&format!("repacking {} packs", repack.len()));
-        let repack_set: HashSet<PackId> = repack.iter().copied().collect();
-        let mut session = BackupSession::new(vault.clone())?;
-        let mut copied: HashSet<ChunkId> = HashSet::new();
-        // The live entries of each repacked pack, one index object at a time.
-        let mut live: HashMap<PackId, Vec<(ChunkId, Location)>> = HashMap::new();
-        for key in &index_keys {
-            let Some(entries) = read_index(key)? else {
-                return Err(vanished(key));
-            };
-            for (id, loc) in entries {
-                if repack_set.contains(&loc.pack) && vault.is_marked(&id) {
-                    live.entry(loc.pack).or_default().push((id, loc));
-                }
-            }
-        }
-        for pack in &repack {
-            let Some(entries) = live.remove(pack) else {
-                continue;
-            };
-            let size = listed.get(pack).copied().unwrap_or(0);
-            if size > vault.config().max_pack_object() {
-                return Err(vault.corrupt(
-                    &pack.key(),
-                    format!(
-                        "oversize pack ({size} bytes); no data was deleted (the expired RPs' \
-                         catalog entries were; run check)"
-                    ),
-                ));
-            }
-            let bytes = store.get(&pack.key())?;
-            for (id, loc) in entries {
-                if !copied.insert(id) {
-                    continue;
-                }
-                let end = loc.offset as usize + loc.len as usize;
-                let sealed = bytes.get(loc.offset as usize..end).ok_or_else(|| {
-                    vault.corrupt(&pack.key(), "shorter than its index says (truncated)")
-                })?;
-                // Verify before copying: never spread damaged data.
-                vault.open_chunk(
-                    &id,
-                    &pack.key(),
-                    &loc,
-                    sealed,
-                    crate::vault::Verify::AeadOnly,
-                )?;
-                report.bytes_copied += sealed.len() as u64;
-                session.store_sealed(id, sealed.to_vec())?;
-            }
-        }
-        let stats = session.finish()?;
-        report.packs_written = stats.packs;
-        drop(session); // releases the lease: the plan must not wait for ourselves
-        report.packs_repacked = repack.len();
-    }
-
-    // P2: the plan.
-    let mut condemned: Vec<PackId> = dead.iter().chain(&repack).copied().collect();
-    condemned.sort();
-    condemned.dedup();
+/// Deletes the leases of dead (or frozen: B3 refuses them) sessions; returns the live ones.
+fn clear_stale_leases(vault: &Vault, report: &mut PruneReport) -> Result<Vec<String>> {
     let leases = gc::read_leases(vault)?;
-    let live_sessions: Vec<String> = leases
-        .iter()
-        .filter(|(_, b)| gc::is_live(b))
-        .map(|(k, _)| k.clone())
-        .collect();
-    // Stale leases belong to dead (or frozen: B3 refuses them) sessions.
     for (key, body) in &leases {
         if !gc::is_live(body) {
-            store.delete(key)?;
+            vault.store().delete(key)?;
             report.stale_leases_removed += 1;
         }
     }
-    if condemned.is_empty() {
-        report.elapsed_ms = started.elapsed().as_millis() as u64;
-        return Ok(report);
-    }
-    let plan = Plan {
-        created_ms: gc::now_ms(),
-        condemned: condemned.iter().map(PackId::hex).collect(),
-        sessions: live_sessions.clone(),
-        finishes: None,
-        released: Vec::new(),
-    };
-    let plan_key = gc::write_plan(vault, &plan)?;
-    report.plan = Some(plan_key.clone());
+    Ok(leases
+        .into_iter()
+        .filter(|(_, b)| gc::is_live(b))
+        .map(|(k, _)| k)
+        .collect())
+}
 
-    // P3: wait for the sessions that were running.
+/// P3: waits until none of `sessions` is live any more; Some(a session still running) once
+/// `max_wait` has passed.
+fn wait_for(
+    vault: &Vault,
+    sessions: &[String],
+    max_wait: Duration,
+    progress: &dyn Fn(&str),
+    report: &mut PruneReport,
+) -> Result<Option<String>> {
     let waited = Instant::now();
-    if !live_sessions.is_empty() {
+    if !sessions.is_empty() {
         progress(&format!(
             "waiting for {} running backups to finish",
-            live_sessions.len()
+            sessions.len()
         ));
     }
-    loop {
+    let still = loop {
         let leases = gc::read_leases(vault)?;
-        let running: Vec<&String> = leases
-            .iter()
-            .filter(|(k, b)| live_sessions.contains(k) && gc::is_live(b))
-            .map(|(k, _)| k)
-            .collect();
-        if running.is_empty() {
-            break;
+        let running = leases
+            .into_iter()
+            .find(|(k, b)| sessions.contains(k) && gc::is_live(b));
+        match running {
+            None => break None,
+            Some((key, _)) if waited.elapsed() > max_wait => break Some(key),
+            Some(_) => std::thread::sleep(Duration::from_millis(200).min(gc::lease_ttl() / 8)),
         }
-        if waited.elapsed() > opts.max_wait {
-            report.postponed = Some(format!(
-                "backup session {} is still running; the next prune deletes the condemned packs",
-                running[0]
-            ));
-            // This prune deletes nothing more: its packs are no longer condemned by it (the
-            // next prune decides them anew).
-            gc::release_packs(vault, &plan_key, &condemned)?;
-            report.waited_ms = waited.elapsed().as_millis() as u64;
-            report.elapsed_ms = started.elapsed().as_millis() as u64;
-            return Ok(report);
-        }
-        std::thread::sleep(Duration::from_millis(200).min(gc::lease_ttl() / 8));
-    }
+    };
     report.waited_ms = waited.elapsed().as_millis() as u64;
+    Ok(still)
+}
 
-    // P4: RPs committed since P1 keep what they reference.
-    vault.refresh()?;
-    let condemned_set: HashSet<PackId> = condemned.iter().copied().collect();
-    let new_rps: Vec<RecoveryPoint> = vault
-        .list_rps()?
-        .into_iter()
-        .filter(|rp| !known.contains(&rp.id))
-        .collect();
-    let spared = packs_to_spare(vault, &new_rps, &condemned_set)?;
-    report.packs_spared = spared.len();
-
-    // P5: drop the condemned packs from the index objects, then delete the packs. In this
-    // order a prune killed at any point leaves the index naming only packs that exist (what
-    // it has not deleted yet is unindexed garbage, which the next prune deletes), never
-    // entries of a missing pack.
-    let deleted: HashSet<PackId> = condemned
-        .iter()
-        .filter(|p| !spared.contains(p))
-        .copied()
-        .collect();
-    // A fresh listing each pass: an object another prune rewrote since (its entries moved to
-    // one this prune has not seen) is read in its new form on the next pass.
+/// P5, first half: rewrites every index object naming a pack in `deleted` without those
+/// entries. A fresh listing each pass: an object another prune rewrote since (its entries moved
+/// to one this prune has not seen) is read in its new form on the next pass. Returns how many
+/// objects were rewritten.
+fn unindex_packs(vault: &Vault, deleted: &HashSet<PackId>) -> Result<usize> {
+    let store = vault.store();
+    let mut rewritten = 0;
     let mut written: HashSet<String> = HashSet::new();
     for pass in 0.. {
         let mut rewrote_under_us = false;
@@ -702,7 +569,7 @@ pub fn prune(
             if written.contains(&o.key) {
                 continue;
             }
-            let Some(entries) = read_index(&o.key)? else {
+            let Some(entries) = read_index(vault, &o.key)? else {
                 rewrote_under_us = true;
                 continue;
             };
@@ -722,7 +589,7 @@ pub fn prune(
                 written.insert(new_key);
             }
             store.delete(&o.key)?;
-            report.index_objects_rewritten += 1;
+            rewritten += 1;
         }
         if !rewrote_under_us {
             break;
@@ -736,19 +603,7 @@ pub fn prune(
             });
         }
     }
-    progress(&format!("deleting {} packs", deleted.len()));
-    for p in &deleted {
-        store.delete(&p.key())?;
-        report.packs_deleted += 1;
-        report.bytes_deleted += listed.get(p).copied().unwrap_or(0);
-    }
-    // The spared packs stay: RPs reference them, so sessions must be able to again (they
-    // stayed condemned forever, and an EBS incremental over such an RP failed every time).
-    let mut spared: Vec<PackId> = spared.into_iter().collect();
-    spared.sort();
-    gc::release_packs(vault, &plan_key, &spared)?;
-    report.elapsed_ms = started.elapsed().as_millis() as u64;
-    Ok(report)
+    Ok(rewritten)
 }
 
 /// Unreferenced bytes in partly used packs that are never worth rewriting packs for.
@@ -781,8 +636,11 @@ fn choose_repack(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::RpKind;
     use crate::catalog::{Asset, TagUpdate, RP_FORMAT};
+    use crate::retention::{is_protected, Selection, PROTECTED_TAG};
     use crate::store::{ObjectStore, PutMode, StoreError};
+    use std::collections::BTreeMap;
 
     /// A disk RP of `asset` (one stored chunk) committed to `vault`, created `created`.
     fn disk_rp(vault: &Arc<Vault>, asset: &str, created: &str, seed: u8) -> RecoveryPoint {
@@ -1195,22 +1053,6 @@ mod tests {
         assert_eq!(
             choose_repack(vec![(p(6), 3 * mib, 0.9)], 3 * mib, 0.5, 0.1),
             vec![p(6)]
-        );
-    }
-
-    #[test]
-    fn civil_days_and_iso_weeks() {
-        assert_eq!(days_from_civil("1970-01-01"), Some(0));
-        assert_eq!(days_from_civil("2000-03-01"), Some(11017));
-        // 2026-11-22 is a Sunday, 2026-11-23 a Monday: different ISO weeks.
-        let sun = bucket("2026-11-22T10:00:00.000Z", "weekly");
-        let mon = bucket("2026-11-23T10:00:00.000Z", "weekly");
-        let prev_mon = bucket("2026-11-16T00:00:00.000Z", "weekly");
-        assert_ne!(sun, mon);
-        assert_eq!(sun, prev_mon);
-        assert_eq!(
-            bucket("2026-11-22T10:59:00.000Z", "hourly"),
-            "2026-11-22T10"
         );
     }
 }

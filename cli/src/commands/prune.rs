@@ -1,7 +1,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use scalez::prune::{prune, AssetFilter, PruneOptions, Retention};
+use scalez::prune::{prune, PruneOptions};
+use scalez::retention::{AssetFilter, Retention};
 
 use crate::cli::{OutputFormat, PruneArgs};
 use crate::context::Ctx;

@@ -173,7 +173,7 @@ fn delete(ctx: &Ctx, specs: &[String], force: bool) -> Result<()> {
         .iter()
         .map(|s| resolve_rp(&vault, s, None, None))
         .collect::<Result<Vec<_>>>()?;
-    if let Some(rp) = rps.iter().find(|rp| scalez::prune::is_protected(rp)) {
+    if let Some(rp) = rps.iter().find(|rp| scalez::retention::is_protected(rp)) {
         if !force {
             bail!(
                 "recovery point {} is protected; nothing was deleted (`elastio rp unprotect {}` \
@@ -204,7 +204,7 @@ fn protect(ctx: &Ctx, specs: &[String], on: bool) -> Result<()> {
         .iter()
         .map(|s| resolve_rp(&vault, s, None, None))
         .collect::<Result<Vec<_>>>()?;
-    let tag = scalez::prune::PROTECTED_TAG.to_string();
+    let tag = scalez::retention::PROTECTED_TAG.to_string();
     let mut done = Vec::new();
     for rp in rps {
         let update = if on {
