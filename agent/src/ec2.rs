@@ -67,6 +67,207 @@ async fn describe_instance(
         .ok_or_else(|| AgentError::Ebs(format!("instance {id} not found in {}", aws.region)))
 }
 
+/// An instance, its attached EBS volumes and the snapshot set just made of them.
+struct SnapshotSet {
+    inst: aws_sdk_ec2::types::Instance,
+    attached: Vec<Attached>,
+    /// Volume id → (volume type, size in GiB).
+    types: BTreeMap<String, (Option<String>, u64)>,
+    /// (volume id, snapshot id).
+    snapshots: Vec<(String, String)>,
+}
+
+/// Describes the instance and its volumes, then snapshots them all at once (CreateSnapshots:
+/// one crash-consistent set) and tags each snapshot with its volume.
+async fn snapshot_instance(
+    aws: &Aws,
+    ctx: &Ctx,
+    instance_id: &str,
+    vault_id: &str,
+) -> Result<SnapshotSet, AgentError> {
+    let inst = describe_instance(aws, ctx, instance_id).await?;
+    let attached: Vec<Attached> = inst
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| {
+            let ebs = m.ebs()?;
+            Some(Attached {
+                device: m.device_name()?.to_string(),
+                volume_id: ebs.volume_id()?.to_string(),
+                delete_on_termination: ebs.delete_on_termination().unwrap_or(false),
+            })
+        })
+        .collect();
+    if attached.is_empty() {
+        return Err(AgentError::Ebs(format!(
+            "instance {instance_id} has no EBS volumes attached"
+        )));
+    }
+    let what = || format!("DescribeVolumes of {instance_id}");
+    let ids: Vec<String> = attached.iter().map(|a| a.volume_id.clone()).collect();
+    let vols = call(&ctx.aws_calls, None, &what, || async {
+        aws.ec2
+            .describe_volumes()
+            .set_volume_ids(Some(ids.clone()))
+            .send()
+            .await
+            .map_err(classify)
+    })
+    .await?;
+    let types: BTreeMap<String, (Option<String>, u64)> = vols
+        .volumes()
+        .iter()
+        .filter_map(|v| {
+            Some((
+                v.volume_id()?.to_string(),
+                (
+                    v.volume_type().map(|t| t.as_str().to_string()),
+                    v.size().unwrap_or(0).max(0) as u64,
+                ),
+            ))
+        })
+        .collect();
+    let what = || format!("CreateSnapshots of {instance_id}");
+    let tags = TagSpecification::builder()
+        .resource_type(ResourceType::Snapshot)
+        .tags(ec2_tag(TAG_CREATED_BY, "elastio"))
+        .tags(ec2_tag(TAG_VAULT, vault_id))
+        .tags(ec2_tag(TAG_INSTANCE, instance_id))
+        .build();
+    let out = call(&ctx.aws_calls, None, &what, || async {
+        aws.ec2
+            .create_snapshots()
+            .instance_specification(
+                InstanceSpecification::builder()
+                    .instance_id(instance_id)
+                    .exclude_boot_volume(false)
+                    .build(),
+            )
+            .description(format!("elastio backup of {instance_id}"))
+            .tag_specifications(tags.clone())
+            .copy_tags_from_source(CopyTagsFromSource::Volume)
+            .send()
+            .await
+            .map_err(classify)
+    })
+    .await?;
+    let snapshots: Vec<(String, String)> = out
+        .snapshots()
+        .iter()
+        .filter_map(|s| Some((s.volume_id()?.to_string(), s.snapshot_id()?.to_string())))
+        .collect();
+    // Each snapshot also names its volume, for the per-volume snapshot lifecycle.
+    for (vol, snap) in &snapshots {
+        let what = || format!("CreateTags on {snap}");
+        call(&ctx.aws_calls, None, &what, || async {
+            aws.ec2
+                .create_tags()
+                .resources(snap)
+                .tags(ec2_tag(TAG_VOLUME, vol))
+                .send()
+                .await
+                .map_err(classify)
+        })
+        .await?;
+    }
+    Ok(SnapshotSet {
+        inst,
+        attached,
+        types,
+        snapshots,
+    })
+}
+
+/// Reads each volume's snapshot into a disk RP (tagged with the instance and device).
+fn read_volumes(
+    vault: &Arc<Vault>,
+    aws: &Aws,
+    ctx: &Ctx,
+    instance_id: &str,
+    set: (&[Attached], &[(String, String)]),
+    opts: &EbsOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, EbsBackupReport)>, AgentError> {
+    let (attached, snapshots) = set;
+    let mut reports = Vec::new();
+    for a in attached {
+        let snap = snapshots
+            .iter()
+            .find(|(v, _)| *v == a.volume_id)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| {
+                AgentError::Ebs(format!(
+                    "CreateSnapshots of {instance_id} returned no snapshot of {} ({})",
+                    a.volume_id, a.device
+                ))
+            })?;
+        progress.message(&format!("{} ({}): snapshot {snap}", a.device, a.volume_id));
+        let info = aws.rt.block_on(wait_snapshot(
+            aws,
+            ctx,
+            &snap,
+            opts.poll,
+            progress,
+            &opts.cancel,
+        ))?;
+        let mut vopts = opts.clone();
+        vopts
+            .tags
+            .insert(RP_TAG_INSTANCE.into(), instance_id.into());
+        vopts.tags.insert(RP_TAG_DEVICE.into(), a.device.clone());
+        let asset = volume_asset(&aws.region, &a.volume_id);
+        let r = read_snapshot(vault, aws, ctx, &info, asset, &vopts, progress)?;
+        reports.push((a.device.clone(), r));
+    }
+    Ok(reports)
+}
+
+/// What an instance RP records: the instance's shape and one volume RP per attached volume.
+fn instance_record(
+    instance_id: &str,
+    inst: &aws_sdk_ec2::types::Instance,
+    attached: &[Attached],
+    types: &BTreeMap<String, (Option<String>, u64)>,
+    reports: &[(String, EbsBackupReport)],
+) -> InstanceRecord {
+    let tags: BTreeMap<String, String> = inst
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+        .collect();
+    InstanceRecord {
+        instance_id: instance_id.to_string(),
+        instance_type: inst
+            .instance_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        availability_zone: inst
+            .placement()
+            .and_then(|p| p.availability_zone())
+            .unwrap_or_default()
+            .to_string(),
+        image_id: inst.image_id().map(str::to_string),
+        root_device_name: inst.root_device_name().map(str::to_string),
+        subnet_id: inst.subnet_id().map(str::to_string),
+        tags,
+        volumes: attached
+            .iter()
+            .zip(reports)
+            .map(|(a, (_, r))| {
+                let (volume_type, size_gib) = types.get(&a.volume_id).cloned().unwrap_or_default();
+                InstanceVolume {
+                    device_name: a.device.clone(),
+                    volume_id: a.volume_id.clone(),
+                    volume_type,
+                    size_gib,
+                    delete_on_termination: a.delete_on_termination,
+                    rp: r.rp.id.clone(),
+                }
+            })
+            .collect(),
+    }
+}
+
 /// Backs up every EBS volume attached to `instance_id` from one multi-volume snapshot set.
 pub fn backup_instance(
     vault: &Arc<Vault>,
@@ -87,129 +288,23 @@ pub fn backup_instance(
     let mut rp_tags = opts.tags.clone();
     rp_tags.insert(RP_TAG_INSTANCE.into(), instance_id.into());
     let draft = RpDraft::new(asset, parent, rp_tags);
-    let (inst, attached, types, snapshots) = aws.rt.block_on(async {
-        let inst = describe_instance(aws, &ctx, instance_id).await?;
-        let attached: Vec<Attached> = inst
-            .block_device_mappings()
-            .iter()
-            .filter_map(|m| {
-                let ebs = m.ebs()?;
-                Some(Attached {
-                    device: m.device_name()?.to_string(),
-                    volume_id: ebs.volume_id()?.to_string(),
-                    delete_on_termination: ebs.delete_on_termination().unwrap_or(false),
-                })
-            })
-            .collect();
-        if attached.is_empty() {
-            return Err(AgentError::Ebs(format!(
-                "instance {instance_id} has no EBS volumes attached"
-            )));
-        }
-        let what = || format!("DescribeVolumes of {instance_id}");
-        let ids: Vec<String> = attached.iter().map(|a| a.volume_id.clone()).collect();
-        let vols = call(&ctx.aws_calls, None, &what, || async {
-            aws.ec2
-                .describe_volumes()
-                .set_volume_ids(Some(ids.clone()))
-                .send()
-                .await
-                .map_err(classify)
-        })
-        .await?;
-        let types: BTreeMap<String, (Option<String>, u64)> = vols
-            .volumes()
-            .iter()
-            .filter_map(|v| {
-                Some((
-                    v.volume_id()?.to_string(),
-                    (
-                        v.volume_type().map(|t| t.as_str().to_string()),
-                        v.size().unwrap_or(0).max(0) as u64,
-                    ),
-                ))
-            })
-            .collect();
-        let what = || format!("CreateSnapshots of {instance_id}");
-        let tags = TagSpecification::builder()
-            .resource_type(ResourceType::Snapshot)
-            .tags(ec2_tag(TAG_CREATED_BY, "elastio"))
-            .tags(ec2_tag(TAG_VAULT, &vault_id))
-            .tags(ec2_tag(TAG_INSTANCE, instance_id))
-            .build();
-        let out = call(&ctx.aws_calls, None, &what, || async {
-            aws.ec2
-                .create_snapshots()
-                .instance_specification(
-                    InstanceSpecification::builder()
-                        .instance_id(instance_id)
-                        .exclude_boot_volume(false)
-                        .build(),
-                )
-                .description(format!("elastio backup of {instance_id}"))
-                .tag_specifications(tags.clone())
-                .copy_tags_from_source(CopyTagsFromSource::Volume)
-                .send()
-                .await
-                .map_err(classify)
-        })
-        .await?;
-        let snapshots: Vec<(String, String)> = out
-            .snapshots()
-            .iter()
-            .filter_map(|s| Some((s.volume_id()?.to_string(), s.snapshot_id()?.to_string())))
-            .collect();
-        // Each snapshot also names its volume, for the per-volume snapshot lifecycle.
-        for (vol, snap) in &snapshots {
-            let what = || format!("CreateTags on {snap}");
-            call(&ctx.aws_calls, None, &what, || async {
-                aws.ec2
-                    .create_tags()
-                    .resources(snap)
-                    .tags(ec2_tag(TAG_VOLUME, vol))
-                    .send()
-                    .await
-                    .map_err(classify)
-            })
-            .await?;
-        }
-        Ok::<_, AgentError>((inst, attached, types, snapshots))
-    })?;
-    let snap_of = |vol: &str| {
-        snapshots
-            .iter()
-            .find(|(v, _)| v == vol)
-            .map(|(_, s)| s.clone())
-    };
-    let result = (|| {
-        let mut reports = Vec::new();
-        for a in &attached {
-            let snap = snap_of(&a.volume_id).ok_or_else(|| {
-                AgentError::Ebs(format!(
-                    "CreateSnapshots of {instance_id} returned no snapshot of {} ({})",
-                    a.volume_id, a.device
-                ))
-            })?;
-            progress.message(&format!("{} ({}): snapshot {snap}", a.device, a.volume_id));
-            let info = aws.rt.block_on(wait_snapshot(
-                aws,
-                &ctx,
-                &snap,
-                opts.poll,
-                progress,
-                &opts.cancel,
-            ))?;
-            let mut vopts = opts.clone();
-            vopts
-                .tags
-                .insert(RP_TAG_INSTANCE.into(), instance_id.into());
-            vopts.tags.insert(RP_TAG_DEVICE.into(), a.device.clone());
-            let asset = volume_asset(&aws.region, &a.volume_id);
-            let r = read_snapshot(vault, aws, &ctx, &info, asset, &vopts, progress)?;
-            reports.push((a.device.clone(), r));
-        }
-        Ok(reports)
-    })();
+    let SnapshotSet {
+        inst,
+        attached,
+        types,
+        snapshots,
+    } = aws
+        .rt
+        .block_on(snapshot_instance(aws, &ctx, instance_id, &vault_id))?;
+    let result = read_volumes(
+        vault,
+        aws,
+        &ctx,
+        instance_id,
+        (&attached, &snapshots),
+        opts,
+        progress,
+    );
     let mut reports: Vec<(String, EbsBackupReport)> = match result {
         Ok(r) => r,
         Err(e) => {
@@ -219,42 +314,7 @@ pub fn backup_instance(
             return Err(e);
         }
     };
-    let tags: BTreeMap<String, String> = inst
-        .tags()
-        .iter()
-        .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
-        .collect();
-    let record = InstanceRecord {
-        instance_id: instance_id.to_string(),
-        instance_type: inst
-            .instance_type()
-            .map(|t| t.as_str().to_string())
-            .unwrap_or_default(),
-        availability_zone: inst
-            .placement()
-            .and_then(|p| p.availability_zone())
-            .unwrap_or_default()
-            .to_string(),
-        image_id: inst.image_id().map(str::to_string),
-        root_device_name: inst.root_device_name().map(str::to_string),
-        subnet_id: inst.subnet_id().map(str::to_string),
-        tags,
-        volumes: attached
-            .iter()
-            .zip(&reports)
-            .map(|(a, (_, r))| {
-                let (volume_type, size_gib) = types.get(&a.volume_id).cloned().unwrap_or_default();
-                InstanceVolume {
-                    device_name: a.device.clone(),
-                    volume_id: a.volume_id.clone(),
-                    volume_type,
-                    size_gib,
-                    delete_on_termination: a.delete_on_termination,
-                    rp: r.rp.id.clone(),
-                }
-            })
-            .collect(),
-    };
+    let record = instance_record(instance_id, &inst, &attached, &types, &reports);
     let sum = |f: fn(&RecoveryPoint) -> u64| reports.iter().map(|(_, r)| f(&r.rp)).sum::<u64>();
     let rp = draft.finish(
         RpBody::Instance(record),

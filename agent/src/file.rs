@@ -695,34 +695,188 @@ pub fn backup_files(
     // Room for a descriptor per walked level beside the readers' and the vault's.
     fsx::raise_fd_limit(MAX_WALK_DEPTH as u64 + 4096);
 
-    // The parent RP's regular files, matched while walking.
-    let mut session = BackupSession::new(vault.clone())?;
+    let session = BackupSession::new(vault.clone())?;
     let parent_rp = vault.latest_rp(RpKind::File, &asset)?;
     let draft = RpDraft::new(
         asset,
         parent_rp.as_ref().map(|rp| rp.id.clone()),
         opts.tags.clone(),
     );
-    let mut parent_files: HashMap<Vec<u8>, Entry> = HashMap::new();
-    if let Some(rp) = &parent_rp {
-        if let Some(t) = &rp.tree {
-            progress.message("loading the parent RP's tree");
-            for e in tree::TreeReader::open(vault, &t.stream, &rp.id.to_string())? {
-                let e = e?;
-                if e.kind == EntryKind::File && e.flags & (FLAG_CHANGED | FLAG_UNREADABLE) == 0 {
-                    parent_files.insert(e.path.clone(), e);
-                }
+    let parent_files = parent_files(vault, parent_rp.as_ref(), progress)?;
+    let mut matched = Matched {
+        parent_files,
+        walked: Vec::new(),
+        files: 0,
+        files_unchanged: 0,
+        files_read: 0,
+        linked: HashMap::new(),
+    };
+    let scoped = walk_and_read(&session, &sources, opts, progress, &mut matched);
+    let (mut unreadable, results) = match scoped {
+        Ok(r) => r,
+        Err(e) => return Err(crate::pipeline::session_cause(e, session.abandon())),
+    };
+    let mut outcomes = Vec::with_capacity(results.len());
+    for r in results {
+        match r.outcome {
+            Ok(o) => outcomes.push((r.index, o)),
+            Err(e) => {
+                return Err(crate::pipeline::session_cause(
+                    AgentError::Vault(e),
+                    session.abandon(),
+                ))
             }
         }
     }
+    let Matched {
+        mut walked,
+        files,
+        files_unchanged,
+        files_read,
+        linked,
+        ..
+    } = matched;
+    let (changed, bytes_read) = record_reads(&mut walked, outcomes, &mut unreadable);
+    walked.retain(|w| w.entry.flags & VANISHED == 0);
+    let mut entries: Vec<Entry> = walked.into_iter().map(|w| w.entry).collect();
+    entries.sort_by(|a, b| tree_order(&a.path, &b.path));
+    // The data of each hard-linked inode is with the path that was read (or reused).
+    share_hard_link_data(&mut entries, &linked);
 
-    // 1. Walk (one thread) → 2. match against the parent (this thread) → 3. read changed files
-    // (N threads), all at once: reading starts with the first file found.
-    let mut walked: Vec<Walked> = Vec::new();
-    let mut files = 0u64;
-    let mut files_unchanged = 0u64;
-    let mut files_read = 0u64;
-    let mut linked: HashMap<(u64, u64), usize> = HashMap::new();
+    // 4. Commit.
+    let tree_stream = match tree::store_tree(&session, &entries) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(crate::pipeline::session_cause(
+                AgentError::Vault(e),
+                session.abandon(),
+            ))
+        }
+    };
+    let mut session = session;
+    let stats = session.finish()?;
+    let dirs = entries.iter().filter(|e| e.kind == EntryKind::Dir).count() as u64;
+    let file_bytes: u64 = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::File)
+        .map(|e| e.size)
+        .sum();
+    let rp = draft.finish(
+        RpBody::Tree(TreeRef {
+            stream: tree_stream,
+            sources: sources.iter().map(|s| s.display().to_string()).collect(),
+            entries: entries.len() as u64,
+            files,
+            dirs,
+            file_bytes,
+        }),
+        RpFigures::stored(file_bytes, bytes_read, &stats),
+    );
+    session.commit(&rp)?;
+    Ok(FileBackupReport {
+        rp,
+        session: stats,
+        elapsed: started.elapsed(),
+        entries: entries.len() as u64,
+        files,
+        files_read,
+        files_unchanged,
+        bytes_read,
+        changed,
+        unreadable,
+    })
+}
+
+/// The parent RP's regular files by path (those read cleanly), matched while walking.
+fn parent_files(
+    vault: &Arc<Vault>,
+    parent: Option<&RecoveryPoint>,
+    progress: &dyn Progress,
+) -> Result<HashMap<Vec<u8>, Entry>, AgentError> {
+    let mut files = HashMap::new();
+    let Some((rp, t)) = parent.and_then(|rp| Some((rp, rp.tree.as_ref()?))) else {
+        return Ok(files);
+    };
+    progress.message("loading the parent RP's tree");
+    for e in tree::TreeReader::open(vault, &t.stream, &rp.id.to_string())? {
+        let e = e?;
+        if e.kind == EntryKind::File && e.flags & (FLAG_CHANGED | FLAG_UNREADABLE) == 0 {
+            files.insert(e.path.clone(), e);
+        }
+    }
+    Ok(files)
+}
+
+/// What the walk found, matched against the parent RP.
+struct Matched {
+    /// Files of the parent RP not met yet.
+    parent_files: HashMap<Vec<u8>, Entry>,
+    walked: Vec<Walked>,
+    files: u64,
+    files_unchanged: u64,
+    files_read: u64,
+    /// The walk index of the path each hard-linked inode is read (or reused) through.
+    linked: HashMap<(u64, u64), usize>,
+}
+
+impl Matched {
+    /// Records `w`; a regular file unchanged since the parent RP takes its chunks (each still
+    /// usable in the vault), any other one is returned to be read.
+    fn add(&mut self, w: Walked, session: &BackupSession) -> Option<ReadJob> {
+        let i = self.walked.len();
+        self.walked.push(w);
+        let w = &mut self.walked[i];
+        let e = &mut w.entry;
+        if e.kind != EntryKind::File {
+            return None;
+        }
+        self.files += 1;
+        if e.nlink > 1 {
+            // Other paths of an inode already seen take its data after reading.
+            if self.linked.contains_key(&(e.dev, e.inode)) {
+                return None;
+            }
+            self.linked.insert((e.dev, e.inode), i);
+        }
+        let reused = self.parent_files.remove(&e.path).filter(|p| {
+            p.size == e.size
+                && p.mtime_ns == e.mtime_ns
+                && p.ctime_ns == e.ctime_ns
+                && p.inode == e.inode
+                && p.chunks
+                    .iter()
+                    .all(|(id, _)| session.note_reference(id).is_ok())
+        });
+        if let Some(p) = reused {
+            e.chunks = p.chunks;
+            e.extents = p.extents;
+            e.flags |= p.flags & FLAG_SPARSE;
+            self.files_unchanged += 1;
+            return None;
+        }
+        self.files_read += 1;
+        Some(ReadJob {
+            index: i,
+            anchor: w.anchor.clone(),
+            abs: w.abs.clone(),
+            expect: (e.size, e.mtime_ns, e.ctime_ns),
+            blocks: w.blocks,
+            identity: (e.dev, e.inode),
+            owner: (e.uid, e.gid, e.mode),
+        })
+    }
+}
+
+/// 1. Walk (one thread) → 2. match against the parent (this thread) → 3. read changed files
+/// (`workers` threads), all at once: reading starts with the first file found. Returns the
+/// paths the walk could not read and every read's result.
+fn walk_and_read(
+    session: &BackupSession,
+    sources: &[PathBuf],
+    opts: &FileBackupOptions,
+    progress: &dyn Progress,
+    matched: &mut Matched,
+) -> Result<(Vec<String>, Vec<ReadResult>), AgentError> {
     let workers = opts.workers.max(1);
     let excludes = Excludes::new(&opts.excludes)?;
     progress.start(0);
@@ -731,34 +885,27 @@ pub fn backup_files(
     // Unbounded: results are small, and this thread must never block on a full channel while
     // the readers block on it.
     let (rtx, rrx) = crossbeam_channel::unbounded::<ReadResult>();
-    let scoped = std::thread::scope(|s| -> Result<(Vec<String>, Vec<ReadResult>), AgentError> {
-        let session = &session;
+    std::thread::scope(|s| {
         for _ in 0..workers {
             let (jrx, rtx) = (jrx.clone(), rtx.clone());
             s.spawn(move || {
                 for job in jrx {
                     let outcome = read_file(session, &job, progress);
-                    if rtx
-                        .send(ReadResult {
-                            index: job.index,
-                            outcome,
-                        })
-                        .is_err()
-                    {
+                    let index = job.index;
+                    if rtx.send(ReadResult { index, outcome }).is_err() {
                         return;
                     }
                 }
             });
         }
         drop((jrx, rtx));
-        let walker = {
-            let sources = &sources;
-            let cancel = &opts.cancel;
-            // Its recursion is MAX_WALK_DEPTH frames deep at most: a stack to match.
-            let thread = std::thread::Builder::new()
-                .name("file-walk".into())
-                .stack_size(64 << 20);
-            let spawned = thread.spawn_scoped(s, move || -> Result<Vec<String>, AgentError> {
+        let cancel = &opts.cancel;
+        // Its recursion is MAX_WALK_DEPTH frames deep at most: a stack to match.
+        let thread = std::thread::Builder::new()
+            .name("file-walk".into())
+            .stack_size(64 << 20);
+        let walker = thread
+            .spawn_scoped(s, move || -> Result<Vec<String>, AgentError> {
                 let mut walker = Walker {
                     excludes,
                     one_fs: opts.one_file_system,
@@ -772,89 +919,40 @@ pub fn backup_files(
                 };
                 walk_sources(&mut walker, sources)?;
                 Ok(walker.unreadable)
-            });
-            spawned.map_err(|source| AgentError::Source {
+            })
+            .map_err(|source| AgentError::Source {
                 path: "(the walker thread)".into(),
                 source,
-            })?
-        };
+            })?;
         let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         for w in wrx {
             // Overlapping sources (`/usr /usr/share`) meet the same paths twice.
             if !seen.insert(w.entry.path.clone()) {
                 continue;
             }
-            let i = walked.len();
-            walked.push(w);
-            let w = &mut walked[i];
-            let e = &mut w.entry;
-            if e.kind != EntryKind::File {
-                continue;
-            }
-            files += 1;
-            if e.nlink > 1 {
-                // Other paths of an inode already seen take its data after reading.
-                if linked.contains_key(&(e.dev, e.inode)) {
-                    continue;
-                }
-                linked.insert((e.dev, e.inode), i);
-            }
-            let reused = parent_files.remove(&e.path).filter(|p| {
-                p.size == e.size
-                    && p.mtime_ns == e.mtime_ns
-                    && p.ctime_ns == e.ctime_ns
-                    && p.inode == e.inode
-                    && p.chunks
-                        .iter()
-                        .all(|(id, _)| session.note_reference(id).is_ok())
-            });
-            match reused {
-                Some(p) => {
-                    e.chunks = p.chunks;
-                    e.extents = p.extents;
-                    e.flags |= p.flags & FLAG_SPARSE;
-                    files_unchanged += 1;
-                }
-                None => {
-                    files_read += 1;
-                    let job = ReadJob {
-                        index: i,
-                        anchor: w.anchor.clone(),
-                        abs: w.abs.clone(),
-                        expect: (e.size, e.mtime_ns, e.ctime_ns),
-                        blocks: w.blocks,
-                        identity: (e.dev, e.inode),
-                        owner: (e.uid, e.gid, e.mode),
-                    };
-                    if jtx.send(job).is_err() {
-                        break;
-                    }
+            if let Some(job) = matched.add(w, session) {
+                if jtx.send(job).is_err() {
+                    break;
                 }
             }
         }
         drop(jtx);
+        matched.parent_files = HashMap::new();
         let unreadable = walker.join().unwrap_or(Err(AgentError::Panicked))?;
         Ok((unreadable, rrx.iter().collect()))
-    });
-    drop(parent_files);
-    let (mut unreadable, results) = match scoped {
-        Ok(r) => r,
-        Err(e) => return Err(crate::pipeline::session_cause(e, session.abandon())),
-    };
+    })
+}
+
+/// Puts what the readers found into the walked entries: chunks, the size and times read, holes,
+/// xattrs; files that changed on every attempt are flagged (and listed), vanished ones marked
+/// for removal, unreadable ones flagged and listed. Returns (changed paths, bytes read).
+fn record_reads(
+    walked: &mut [Walked],
+    outcomes: Vec<(usize, std::io::Result<ReadFile>)>,
+    unreadable: &mut Vec<String>,
+) -> (Vec<String>, u64) {
     let mut changed = Vec::new();
     let mut bytes_read = 0u64;
-    let mut outcomes = Vec::with_capacity(results.len());
-    for r in results {
-        match r.outcome {
-            Ok(o) => outcomes.push((r.index, o)),
-            Err(e) => {
-                return Err(crate::pipeline::session_cause(
-                    AgentError::Vault(e),
-                    session.abandon(),
-                ))
-            }
-        }
-    }
     for (index, outcome) in outcomes {
         let w = &mut walked[index];
         match outcome {
@@ -888,16 +986,16 @@ pub fn backup_files(
             }
         }
     }
-    // The data of each hard-linked inode is with the path that was read (or reused).
-    let data_of: HashMap<(u64, u64), usize> = linked;
-    walked.retain(|w| w.entry.flags & VANISHED == 0);
-    let mut entries: Vec<Entry> = walked.into_iter().map(|w| w.entry).collect();
-    entries.sort_by(|a, b| tree_order(&a.path, &b.path));
-    // Hard links: the first path of an inode in tree order is the source of the others; every
-    // path carries the data (so restoring one path alone still has it).
+    (changed, bytes_read)
+}
+
+/// Hard links: the first path of an inode in tree order is the source of the others; every
+/// path carries the data (so restoring one path alone still has it). `linked`: the inodes
+/// whose data was read or reused through one of their paths.
+fn share_hard_link_data(entries: &mut [Entry], linked: &HashMap<(u64, u64), usize>) {
     let mut groups: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
     for (i, e) in entries.iter().enumerate() {
-        if e.kind == EntryKind::File && e.nlink > 1 && data_of.contains_key(&(e.dev, e.inode)) {
+        if e.kind == EntryKind::File && e.nlink > 1 && linked.contains_key(&(e.dev, e.inode)) {
             groups.entry((e.dev, e.inode)).or_default().push(i);
         }
     }
@@ -926,46 +1024,4 @@ pub fn backup_files(
             }
         }
     }
-
-    // 4. Commit.
-    let tree_stream = match tree::store_tree(&session, &entries) {
-        Ok(t) => t,
-        Err(e) => {
-            return Err(crate::pipeline::session_cause(
-                AgentError::Vault(e),
-                session.abandon(),
-            ))
-        }
-    };
-    let stats = session.finish()?;
-    let dirs = entries.iter().filter(|e| e.kind == EntryKind::Dir).count() as u64;
-    let file_bytes: u64 = entries
-        .iter()
-        .filter(|e| e.kind == EntryKind::File)
-        .map(|e| e.size)
-        .sum();
-    let rp = draft.finish(
-        RpBody::Tree(TreeRef {
-            stream: tree_stream,
-            sources: sources.iter().map(|s| s.display().to_string()).collect(),
-            entries: entries.len() as u64,
-            files,
-            dirs,
-            file_bytes,
-        }),
-        RpFigures::stored(file_bytes, bytes_read, &stats),
-    );
-    session.commit(&rp)?;
-    Ok(FileBackupReport {
-        rp,
-        session: stats,
-        elapsed: started.elapsed(),
-        entries: entries.len() as u64,
-        files,
-        files_read,
-        files_unchanged,
-        bytes_read,
-        changed,
-        unreadable,
-    })
 }

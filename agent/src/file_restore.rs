@@ -295,25 +295,29 @@ pub fn restore_files(
         path: target.into(),
         source: e,
     })?);
-    // SAFETY: geteuid has no preconditions.
-    let as_root = unsafe { libc::geteuid() } == 0;
     progress.start(if opts.includes.is_empty() {
         t.file_bytes
     } else {
         0
     });
-    let mut report = FileRestoreReport::default();
-    let mut dirs: Vec<Entry> = Vec::new();
-    let mut links: Vec<Entry> = Vec::new();
-    let mut written_files: HashSet<Vec<u8>> = HashSet::new();
-    let mut skipped_dirs: Vec<Vec<u8>> = Vec::new();
-    let mut stack = DirStack {
-        stack: vec![(Vec::new(), root.clone())],
+    let mut r = Restorer {
+        stack: DirStack {
+            stack: vec![(Vec::new(), root.clone())],
+        },
+        root,
+        // SAFETY: geteuid has no preconditions.
+        as_root: unsafe { libc::geteuid() } == 0,
+        overwrite: opts.overwrite,
+        report: FileRestoreReport::default(),
+        dirs: Vec::new(),
+        links: Vec::new(),
+        written_files: HashSet::new(),
+        skipped_dirs: Vec::new(),
     };
     let workers = opts.workers.max(1);
     let (jtx, jrx) = bounded::<Job>(workers * 8);
     let (dtx, drx) = bounded::<(Vec<u8>, Done)>(workers * 8);
-
+    let as_root = r.as_root;
     let walk = std::thread::scope(|s| -> Result<(), AgentError> {
         let mut handles = Vec::new();
         for _ in 0..workers {
@@ -339,89 +343,10 @@ pub fn restore_files(
                 if opts.cancel.is_cancelled() {
                     return Err(AgentError::Cancelled);
                 }
-                if !selected(&e.path, &opts.includes)
-                    || skipped_dirs.iter().any(|d| under(&e.path, d))
+                if selected(&e.path, &opts.includes)
+                    && !r.skipped_dirs.iter().any(|d| under(&e.path, d))
                 {
-                    continue;
-                }
-                report.entries += 1;
-                let (parent, name) = e.split();
-                let dir = stack.enter(parent, &e.path)?;
-                let fd = dir.as_raw_fd();
-                let existing = fsx::stat_at(fd, name).map_err(|err| AgentError::Target {
-                    path: PathBuf::from(show(&e.path)),
-                    source: err,
-                })?;
-                let exists_as_dir = existing.as_ref().is_some_and(is_dir);
-                if existing.is_some() && !(e.kind == EntryKind::Dir && exists_as_dir) {
-                    if !opts.overwrite {
-                        report.skipped.push(show(&e.path));
-                        if e.kind == EntryKind::Dir {
-                            skipped_dirs.push(e.path.clone());
-                        }
-                        continue;
-                    }
-                    if exists_as_dir {
-                        // Replacing a directory by something else: only an empty one.
-                        if let Err(err) = fsx::unlink_at(fd, name, true) {
-                            report.failed.push(format!(
-                                "{}: a directory is in the way ({err})",
-                                show(&e.path)
-                            ));
-                            continue;
-                        }
-                    } else if e.kind != EntryKind::File || !e.hardlink.is_empty() {
-                        // Regular files replace atomically by rename; the rest is unlinked.
-                        if let Err(err) = fsx::unlink_at(fd, name, false) {
-                            report.failed.push(format!("{}: {err}", show(&e.path)));
-                            continue;
-                        }
-                    }
-                }
-                match e.kind {
-                    EntryKind::Dir => {
-                        if !exists_as_dir {
-                            if let Err(err) = fsx::mkdir_at(fd, name, 0o700) {
-                                report.failed.push(format!("{}: {err}", show(&e.path)));
-                                skipped_dirs.push(e.path.clone());
-                                continue;
-                            }
-                        }
-                        let mut d = e;
-                        d.chunks = Vec::new();
-                        dirs.push(d);
-                    }
-                    EntryKind::File => {
-                        report.files += 1;
-                        if !e.hardlink.is_empty() && written_files.contains(&e.hardlink) {
-                            links.push(e);
-                            continue;
-                        }
-                        if e.nlink > 1 {
-                            written_files.insert(e.path.clone());
-                        }
-                        if jtx.send(Job { dir, entry: e }).is_err() {
-                            return Err(AgentError::Stopped);
-                        }
-                    }
-                    EntryKind::Symlink => match fsx::symlink_at(&e.target, fd, name) {
-                        Ok(()) => apply_meta_at(&dir, name, &e, as_root, &mut report.warnings),
-                        Err(err) => report.failed.push(format!("{}: {err}", show(&e.path))),
-                    },
-                    EntryKind::CharDev
-                    | EntryKind::BlockDev
-                    | EntryKind::Fifo
-                    | EntryKind::Socket => {
-                        let mode = e.kind.mode_bits() | e.mode;
-                        match fsx::mknod_at(fd, name, mode, e.rdev) {
-                            Ok(()) => apply_meta_at(&dir, name, &e, as_root, &mut report.warnings),
-                            Err(err) => report.failed.push(format!(
-                                "{} ({}): {err}",
-                                show(&e.path),
-                                e.kind.name()
-                            )),
-                        }
-                    }
+                    r.place(e, &jtx)?;
                 }
             }
             Ok(())
@@ -434,68 +359,182 @@ pub fn restore_files(
         for (path, d) in done {
             match d {
                 Done::Ok { bytes, warnings } => {
-                    report.bytes += bytes;
-                    report.warnings.extend(warnings);
+                    r.report.bytes += bytes;
+                    r.report.warnings.extend(warnings);
                 }
                 Done::Failed(why) => {
-                    written_files.remove(&path);
-                    report.failed.push(why);
+                    r.written_files.remove(&path);
+                    r.report.failed.push(why);
                 }
             }
         }
         walked
     });
     walk?;
+    r.link_hard_links();
+    r.apply_dir_metadata();
+    r.report.elapsed = started.elapsed();
+    Ok(r.report)
+}
 
-    // Hard links whose source was written in this run.
-    for e in links {
-        let (sp, sn) = tree::split_path(&e.hardlink);
-        let (dp, dn) = e.split();
-        let linked = if written_files.contains(&e.hardlink) {
-            open_chain(&root, sp).and_then(|s| {
-                let d = open_chain(&root, dp)?;
-                fsx::link_at(s.as_raw_fd(), sn, d.as_raw_fd(), dn)
-            })
-        } else {
-            Err(std::io::Error::other("its source could not be restored"))
+/// One restore into a target directory, entry by entry in tree order.
+struct Restorer {
+    root: Arc<OwnedFd>,
+    stack: DirStack,
+    as_root: bool,
+    overwrite: bool,
+    report: FileRestoreReport,
+    /// Directories restored, for their metadata at the end.
+    dirs: Vec<Entry>,
+    /// Hard links to make once their source file is written.
+    links: Vec<Entry>,
+    /// Files written with more than one link (the sources of `links`).
+    written_files: HashSet<Vec<u8>>,
+    /// Directories not restored: nothing under them is either.
+    skipped_dirs: Vec<Vec<u8>>,
+}
+
+impl Restorer {
+    /// Restores entry `e`: directories, symlinks and special files here, regular files by the
+    /// writers (a job on `jobs`), hard links later.
+    fn place(&mut self, e: Entry, jobs: &crossbeam_channel::Sender<Job>) -> Result<(), AgentError> {
+        self.report.entries += 1;
+        let (parent, name) = e.split();
+        let dir = self.stack.enter(parent, &e.path)?;
+        let fd = dir.as_raw_fd();
+        let Some(exists_as_dir) = self.clear_way(fd, name, &e)? else {
+            return Ok(());
         };
-        if let Err(err) = linked {
-            report.failed.push(format!(
-                "{} (hard link to {}): {err}",
-                show(&e.path),
-                show(&e.hardlink)
-            ));
+        let report = &mut self.report;
+        match e.kind {
+            EntryKind::Dir => {
+                if !exists_as_dir {
+                    if let Err(err) = fsx::mkdir_at(fd, name, 0o700) {
+                        report.failed.push(format!("{}: {err}", show(&e.path)));
+                        self.skipped_dirs.push(e.path.clone());
+                        return Ok(());
+                    }
+                }
+                let mut d = e;
+                d.chunks = Vec::new();
+                self.dirs.push(d);
+            }
+            EntryKind::File => {
+                report.files += 1;
+                if !e.hardlink.is_empty() && self.written_files.contains(&e.hardlink) {
+                    self.links.push(e);
+                    return Ok(());
+                }
+                if e.nlink > 1 {
+                    self.written_files.insert(e.path.clone());
+                }
+                if jobs.send(Job { dir, entry: e }).is_err() {
+                    return Err(AgentError::Stopped);
+                }
+            }
+            EntryKind::Symlink => match fsx::symlink_at(&e.target, fd, name) {
+                Ok(()) => apply_meta_at(&dir, name, &e, self.as_root, &mut report.warnings),
+                Err(err) => report.failed.push(format!("{}: {err}", show(&e.path))),
+            },
+            EntryKind::CharDev | EntryKind::BlockDev | EntryKind::Fifo | EntryKind::Socket => {
+                let mode = e.kind.mode_bits() | e.mode;
+                match fsx::mknod_at(fd, name, mode, e.rdev) {
+                    Ok(()) => apply_meta_at(&dir, name, &e, self.as_root, &mut report.warnings),
+                    Err(err) => {
+                        report
+                            .failed
+                            .push(format!("{} ({}): {err}", show(&e.path), e.kind.name()))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes room for `e` at `name` in directory `fd`. None: leave it (skipped, or what is in
+    /// the way could not be removed; both reported); Some(whether a directory is there, which
+    /// a restored directory reuses).
+    fn clear_way(&mut self, fd: i32, name: &[u8], e: &Entry) -> Result<Option<bool>, AgentError> {
+        let existing = fsx::stat_at(fd, name).map_err(|err| AgentError::Target {
+            path: PathBuf::from(show(&e.path)),
+            source: err,
+        })?;
+        let exists_as_dir = existing.as_ref().is_some_and(is_dir);
+        if existing.is_none() || (e.kind == EntryKind::Dir && exists_as_dir) {
+            return Ok(Some(exists_as_dir));
+        }
+        if !self.overwrite {
+            self.report.skipped.push(show(&e.path));
+            if e.kind == EntryKind::Dir {
+                self.skipped_dirs.push(e.path.clone());
+            }
+            return Ok(None);
+        }
+        if exists_as_dir {
+            // Replacing a directory by something else: only an empty one.
+            if let Err(err) = fsx::unlink_at(fd, name, true) {
+                self.report.failed.push(format!(
+                    "{}: a directory is in the way ({err})",
+                    show(&e.path)
+                ));
+                return Ok(None);
+            }
+        } else if e.kind != EntryKind::File || !e.hardlink.is_empty() {
+            // Regular files replace atomically by rename; the rest is unlinked.
+            if let Err(err) = fsx::unlink_at(fd, name, false) {
+                self.report.failed.push(format!("{}: {err}", show(&e.path)));
+                return Ok(None);
+            }
+        }
+        Ok(Some(exists_as_dir))
+    }
+
+    /// Hard links whose source was written in this run.
+    fn link_hard_links(&mut self) {
+        for e in std::mem::take(&mut self.links) {
+            let (sp, sn) = tree::split_path(&e.hardlink);
+            let (dp, dn) = e.split();
+            let linked = if self.written_files.contains(&e.hardlink) {
+                open_chain(&self.root, sp).and_then(|s| {
+                    let d = open_chain(&self.root, dp)?;
+                    fsx::link_at(s.as_raw_fd(), sn, d.as_raw_fd(), dn)
+                })
+            } else {
+                Err(std::io::Error::other("its source could not be restored"))
+            };
+            if let Err(err) = linked {
+                self.report.failed.push(format!(
+                    "{} (hard link to {}): {err}",
+                    show(&e.path),
+                    show(&e.hardlink)
+                ));
+            }
         }
     }
 
-    // Directory metadata last, deepest first.
-    for d in dirs.iter().rev() {
-        let applied = open_chain(&root, &d.path).and_then(|fd| {
-            if as_root {
-                if let Err(err) = fsx::fchown(&fd, d.uid, d.gid) {
-                    report
-                        .warnings
-                        .push(format!("{}: owner: {err}", show(&d.path)));
+    /// Directory metadata last, deepest first (writing into a directory changes its times).
+    fn apply_dir_metadata(&mut self) {
+        let warnings = &mut self.report.warnings;
+        for d in self.dirs.iter().rev() {
+            let applied = open_chain(&self.root, &d.path).and_then(|fd| {
+                if self.as_root {
+                    if let Err(err) = fsx::fchown(&fd, d.uid, d.gid) {
+                        warnings.push(format!("{}: owner: {err}", show(&d.path)));
+                    }
                 }
-            }
-            for (k, v) in &d.xattrs {
-                if let Err(err) = fsx::fsetxattr(&fd, k, v) {
-                    report
-                        .warnings
-                        .push(format!("{}: xattr {}: {err}", show(&d.path), show(k)));
+                for (k, v) in &d.xattrs {
+                    if let Err(err) = fsx::fsetxattr(&fd, k, v) {
+                        warnings.push(format!("{}: xattr {}: {err}", show(&d.path), show(k)));
+                    }
                 }
+                fsx::fchmod(&fd, d.mode)?;
+                fsx::futimes(&fd, d.mtime_ns)
+            });
+            if let Err(err) = applied {
+                warnings.push(format!("{}: directory metadata: {err}", show(&d.path)));
             }
-            fsx::fchmod(&fd, d.mode)?;
-            fsx::futimes(&fd, d.mtime_ns)
-        });
-        if let Err(err) = applied {
-            report
-                .warnings
-                .push(format!("{}: directory metadata: {err}", show(&d.path)));
         }
     }
-    report.elapsed = started.elapsed();
-    Ok(report)
 }
 
 #[cfg(test)]
