@@ -427,6 +427,44 @@ async fn wait_instance(
     )))
 }
 
+/// Detaches and deletes the volumes instance `id` was launched with (it is stopped).
+async fn drop_own_volumes(
+    aws: &Aws,
+    ctx: &Ctx,
+    id: &str,
+    poll: Duration,
+) -> Result<(), AgentError> {
+    let inst = describe_instance(aws, ctx, id).await?;
+    for m in inst.block_device_mappings() {
+        let Some(vol) = m.ebs().and_then(|e| e.volume_id()) else {
+            continue;
+        };
+        let what = || format!("DetachVolume {vol}");
+        call(&ctx.aws_calls, None, &what, || async {
+            aws.ec2
+                .detach_volume()
+                .volume_id(vol)
+                .instance_id(id)
+                .send()
+                .await
+                .map_err(classify)
+        })
+        .await?;
+        wait_volume(aws, ctx, vol, poll).await?;
+        let what = || format!("DeleteVolume {vol}");
+        call(&ctx.aws_calls, None, &what, || async {
+            aws.ec2
+                .delete_volume()
+                .volume_id(vol)
+                .send()
+                .await
+                .map_err(classify)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// Runs an instance of the recorded image and type, stopped, swaps its volumes for the
 /// restored ones at the recorded device names, and starts it.
 fn launch(
@@ -493,34 +531,7 @@ fn launch(
         .await?;
         wait_instance(aws, &ctx, &id, InstanceStateName::Stopped, poll).await?;
         // The launch created volumes of its own: detach and delete them.
-        let inst = describe_instance(aws, &ctx, &id).await?;
-        for m in inst.block_device_mappings() {
-            let Some(vol) = m.ebs().and_then(|e| e.volume_id()) else {
-                continue;
-            };
-            let what = || format!("DetachVolume {vol}");
-            call(&ctx.aws_calls, None, &what, || async {
-                aws.ec2
-                    .detach_volume()
-                    .volume_id(vol)
-                    .instance_id(&id)
-                    .send()
-                    .await
-                    .map_err(classify)
-            })
-            .await?;
-            wait_volume(aws, &ctx, vol, poll).await?;
-            let what = || format!("DeleteVolume {vol}");
-            call(&ctx.aws_calls, None, &what, || async {
-                aws.ec2
-                    .delete_volume()
-                    .volume_id(vol)
-                    .send()
-                    .await
-                    .map_err(classify)
-            })
-            .await?;
-        }
+        drop_own_volumes(aws, &ctx, &id, poll).await?;
         for (device, _, r) in volumes {
             let Some(vol) = &r.volume_id else { continue };
             let what = || format!("AttachVolume {vol} to {id} as {device}");

@@ -560,46 +560,11 @@ fn read_file_inner(
         }
         Ok((id, data.len() as u32))
     };
-    let (anchor, abs, identity) = (&job.anchor, &job.abs, job.identity);
     let mut expect = job.expect;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        // No symlink on the way and never above the source: a directory swapped for a symlink
-        // since the walk fails here (ELOOP) rather than leading to another file. Nothing is
-        // opened before its type is known (a device node renamed into place is not touched).
-        let handle =
-            fsx::open_path_beneath(anchor.dir.as_raw_fd(), anchor.rel(abs)).map_err(|e| {
-                if e.raw_os_error() == Some(libc::ELOOP) {
-                    std::io::Error::other(format!(
-                        "its path leads through a symlink since the walk ({e}); recorded without \
-                         data"
-                    ))
-                } else {
-                    e
-                }
-            })?;
-        let md = handle.metadata()?;
-        if !md.is_file() {
-            return Err(std::io::Error::other(
-                "replaced between the walk and the read by something not a regular file",
-            ));
-        }
-        if (md.dev(), md.ino()) != identity {
-            // Another inode at the walked place, replaced by rename (how editors and package
-            // managers save): its content is the file's now, stored and flagged changed, if
-            // it has the owner and mode the walk recorded (a restore applies those). Another
-            // owner's file renamed into place (one the user could not read, or a hard link to
-            // /etc/shadow) is not stored under them.
-            if (md.uid(), md.gid(), md.mode() & 0o7777) != job.owner {
-                return Err(std::io::Error::other(
-                    "replaced between the walk and the read by a file of another owner or mode; \
-                     recorded without data",
-                ));
-            }
-            expect = (u64::MAX, 0, 0); // never "stable"
-        }
-        let file = fsx::reopen_read(&handle)?;
+        let (file, md) = open_walked(job, &mut expect)?;
         let before = stat_times(&md);
         let size = before.0;
         let extents = if job.blocks * 512 < size {
@@ -615,32 +580,7 @@ fn read_file_inner(
             }
         });
         let data_len: u64 = regions.iter().map(|r| r.1).sum();
-        let mut chunks = Vec::new();
-        let mut bytes_read = 0u64;
-        let mut reader = RegionReader {
-            file: &file,
-            regions: regions.into_iter(),
-            current: None,
-        };
-        if data_len <= MIN_CHUNK as u64 {
-            let mut buf = Vec::with_capacity(data_len as usize);
-            reader.read_to_end(&mut buf)?;
-            if !buf.is_empty() {
-                chunks.push(store(&buf)?);
-            }
-            bytes_read += buf.len() as u64;
-            progress.advance(buf.len() as u64);
-        } else {
-            for c in fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
-                let c = c.map_err(|e| match e {
-                    fastcdc::v2020::Error::IoError(e) => e,
-                    other => std::io::Error::other(other.to_string()),
-                })?;
-                chunks.push(store(&c.data)?);
-                bytes_read += c.length as u64;
-                progress.advance(c.length as u64);
-            }
-        }
+        let (chunks, bytes_read) = chunk_regions(&file, regions, &store, progress)?;
         let after = stat_times(&file.metadata()?);
         let stored: u64 = chunks.iter().map(|c| c.1 as u64).sum();
         let stable = after == before && before == expect && stored == data_len;
@@ -671,6 +611,87 @@ fn read_file_inner(
         }
         expect = after;
     }
+}
+
+/// Opens the file the walk found at `job`'s place for reading, with its metadata. No symlink
+/// on the way and never above the source: a directory swapped for a symlink since the walk
+/// fails here (ELOOP) rather than leading to another file. Nothing is opened before its type
+/// is known (a device node renamed into place is not touched). Another inode there resets
+/// `expect` so the read is never taken as stable.
+fn open_walked(
+    job: &ReadJob,
+    expect: &mut (u64, i64, i64),
+) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    let anchor = &job.anchor;
+    let handle =
+        fsx::open_path_beneath(anchor.dir.as_raw_fd(), anchor.rel(&job.abs)).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other(format!(
+                    "its path leads through a symlink since the walk ({e}); recorded without data"
+                ))
+            } else {
+                e
+            }
+        })?;
+    let md = handle.metadata()?;
+    if !md.is_file() {
+        return Err(std::io::Error::other(
+            "replaced between the walk and the read by something not a regular file",
+        ));
+    }
+    if (md.dev(), md.ino()) != job.identity {
+        // Another inode at the walked place, replaced by rename (how editors and package
+        // managers save): its content is the file's now, stored and flagged changed, if it
+        // has the owner and mode the walk recorded (a restore applies those). Another owner's
+        // file renamed into place (one the user could not read, or a hard link to
+        // /etc/shadow) is not stored under them.
+        if (md.uid(), md.gid(), md.mode() & 0o7777) != job.owner {
+            return Err(std::io::Error::other(
+                "replaced between the walk and the read by a file of another owner or mode; \
+                 recorded without data",
+            ));
+        }
+        *expect = (u64::MAX, 0, 0); // never "stable"
+    }
+    Ok((fsx::reopen_read(&handle)?, md))
+}
+
+/// Cuts the data `regions` of `file` into content-defined chunks (one chunk for small files)
+/// and stores each; returns (chunks, bytes read).
+fn chunk_regions(
+    file: &std::fs::File,
+    regions: Vec<(u64, u64)>,
+    store: &dyn Fn(&[u8]) -> std::io::Result<(ChunkId, u32)>,
+    progress: &dyn Progress,
+) -> std::io::Result<(Vec<(ChunkId, u32)>, u64)> {
+    let data_len: u64 = regions.iter().map(|r| r.1).sum();
+    let mut chunks = Vec::new();
+    let mut bytes_read = 0u64;
+    let mut reader = RegionReader {
+        file,
+        regions: regions.into_iter(),
+        current: None,
+    };
+    if data_len <= MIN_CHUNK as u64 {
+        let mut buf = Vec::with_capacity(data_len as usize);
+        reader.read_to_end(&mut buf)?;
+        if !buf.is_empty() {
+            chunks.push(store(&buf)?);
+        }
+        bytes_read += buf.len() as u64;
+        progress.advance(buf.len() as u64);
+    } else {
+        for c in fastcdc::v2020::StreamCDC::new(reader, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK) {
+            let c = c.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(e) => e,
+                other => std::io::Error::other(other.to_string()),
+            })?;
+            chunks.push(store(&c.data)?);
+            bytes_read += c.length as u64;
+            progress.advance(c.length as u64);
+        }
+    }
+    Ok((chunks, bytes_read))
 }
 
 /// Backs up `sources` (files or directories) as one file RP.

@@ -320,49 +320,74 @@ pub fn restore_block(
         return Err(terr(io::Error::other("not a regular file or block device")));
     }
     progress.start(map.size);
+    let written = if is_device {
+        restore_to_device(vault, rp, &map, target, is_symlink, opts, progress)?
+    } else {
+        restore_to_file(vault, &map, target, opts, progress)?
+    };
+    Ok(RestoreReport {
+        target: target.to_path_buf(),
+        size: map.size,
+        bytes_written: written,
+        elapsed: started.elapsed(),
+    })
+}
 
-    if is_device {
-        // Opened once; what was opened is checked on the descriptor, so a name swapped since
-        // the lstat above is caught, and the O_DIRECT descriptor is the same inode.
-        let file = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_EXCL | if is_symlink { 0 } else { libc::O_NOFOLLOW })
-            .open(target)
-            .map_err(terr)?;
-        if !file.metadata().map_err(terr)?.file_type().is_block_device() {
-            return Err(terr(io::Error::other(
-                "changed while being opened: no longer a block device",
-            )));
-        }
-        let have = device_size(&file).map_err(terr)?;
-        if have < map.size {
-            return Err(AgentError::TargetTooSmall {
-                path: target.to_path_buf(),
-                rp: rp.id.to_string(),
-                have,
-                need: map.size,
-            });
-        }
-        let direct = reopen_direct(&file);
-        let written = write_chunks(
-            vault,
-            &map,
-            (&file, direct.as_ref()),
-            true,
-            opts,
-            progress,
-            target,
-        )?;
-        file.sync_all().map_err(terr)?;
-        return Ok(RestoreReport {
-            target: target.to_path_buf(),
-            size: map.size,
-            bytes_written: written,
-            elapsed: started.elapsed(),
+/// Writes `map` onto the block device at `target` (opened once; what was opened is checked on
+/// the descriptor, so a name swapped since the caller's lstat is caught, and the O_DIRECT
+/// descriptor is the same inode). Returns the bytes written.
+fn restore_to_device(
+    vault: &Arc<Vault>,
+    rp: &RecoveryPoint,
+    map: &DiskMapRef,
+    target: &Path,
+    follow: bool,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<u64, AgentError> {
+    let terr = |source: io::Error| AgentError::Target {
+        path: target.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_EXCL | if follow { 0 } else { libc::O_NOFOLLOW })
+        .open(target)
+        .map_err(terr)?;
+    if !file.metadata().map_err(terr)?.file_type().is_block_device() {
+        return Err(terr(io::Error::other(
+            "changed while being opened: no longer a block device",
+        )));
+    }
+    let have = device_size(&file).map_err(terr)?;
+    if have < map.size {
+        return Err(AgentError::TargetTooSmall {
+            path: target.to_path_buf(),
+            rp: rp.id.to_string(),
+            have,
+            need: map.size,
         });
     }
+    let direct = reopen_direct(&file);
+    let files = (&file, direct.as_ref());
+    let written = write_chunks(vault, map, files, true, opts, progress, target)?;
+    file.sync_all().map_err(terr)?;
+    Ok(written)
+}
 
-    // A file: build it beside the target and rename it into place once complete.
+/// Writes `map` into a new file beside `target`, renamed into place once complete (and
+/// removed on failure). Returns the bytes written.
+fn restore_to_file(
+    vault: &Arc<Vault>,
+    map: &DiskMapRef,
+    target: &Path,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<u64, AgentError> {
+    let terr = |source: io::Error| AgentError::Target {
+        path: target.to_path_buf(),
+        source,
+    };
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -384,32 +409,17 @@ pub fn restore_block(
     let result = (|| {
         file.set_len(map.size).map_err(terr)?;
         let direct = reopen_direct(&file);
-        let written = write_chunks(
-            vault,
-            &map,
-            (&file, direct.as_ref()),
-            false,
-            opts,
-            progress,
-            target,
-        )?;
+        let files = (&file, direct.as_ref());
+        let written = write_chunks(vault, map, files, false, opts, progress, target)?;
         file.sync_all().map_err(terr)?;
         fs::rename(&tmp, target).map_err(terr)?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(terr)?;
         Ok(written)
     })();
-    match result {
-        Ok(written) => Ok(RestoreReport {
-            target: target.to_path_buf(),
-            size: map.size,
-            bytes_written: written,
-            elapsed: started.elapsed(),
-        }),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
+    result
 }
 
 fn rand_u32() -> u32 {
