@@ -397,30 +397,7 @@ const LOG_ENV: &str = "ELASTIO_MOUNT_LOG";
 /// stdin, and returns once the mount is visible (or reports the child's error).
 fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     let password = ctx.password(false)?;
-    let exe = std::env::current_exe().context("cannot find the elastio executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["--vault", &ctx.vault_arg()?, "--output-format", "json"])
-        .args(["mount", &a.rp])
-        .arg(&a.mountpoint)
-        .args(["--foreground", "--password-stdin", "--quiet"])
-        .args(["--cache-size", &a.cache_size.to_string()]);
-    if let Some(asset) = &a.asset {
-        cmd.args(["--asset", asset]);
-    }
-    if a.kernel {
-        cmd.arg("--kernel");
-    }
-    // Where an S3 vault is and how to reach it, as given to this process.
-    let g = &ctx.global;
-    for (flag, value) in [
-        ("--endpoint-url", &g.endpoint_url),
-        ("--region", &g.region),
-        ("--kms-key-id", &g.kms_key_id),
-    ] {
-        if let Some(v) = value {
-            cmd.args([flag, v]);
-        }
-    }
+    let mut cmd = foreground_command(ctx, a)?;
     use std::os::unix::process::CommandExt;
     // The detached process logs (read errors name the damaged object) to a file next to other
     // per-user runtime state; its path is printed.
@@ -482,13 +459,54 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
     };
     let ready: serde_json::Value =
         serde_json::from_str(&line).context("unexpected output from the mount process")?;
+    print_mounted(ctx, a, &ready, child.id(), &log_path)
+}
+
+/// This same mount command, to run with `--foreground` in the detached process (the password
+/// goes on its stdin).
+fn foreground_command(ctx: &Ctx, a: &MountArgs) -> Result<Command> {
+    let exe = std::env::current_exe().context("cannot find the elastio executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["--vault", &ctx.vault_arg()?, "--output-format", "json"])
+        .args(["mount", &a.rp])
+        .arg(&a.mountpoint)
+        .args(["--foreground", "--password-stdin", "--quiet"])
+        .args(["--cache-size", &a.cache_size.to_string()]);
+    if let Some(asset) = &a.asset {
+        cmd.args(["--asset", asset]);
+    }
+    if a.kernel {
+        cmd.arg("--kernel");
+    }
+    // Where an S3 vault is and how to reach it, as given to this process.
+    let g = &ctx.global;
+    for (flag, value) in [
+        ("--endpoint-url", &g.endpoint_url),
+        ("--region", &g.region),
+        ("--kms-key-id", &g.kms_key_id),
+    ] {
+        if let Some(v) = value {
+            cmd.args([flag, v]);
+        }
+    }
+    Ok(cmd)
+}
+
+/// Reports a mount the detached process made ready: its kernel mounts, its pid and log.
+fn print_mounted(
+    ctx: &Ctx,
+    a: &MountArgs,
+    ready: &serde_json::Value,
+    pid: u32,
+    log_path: &Path,
+) -> Result<()> {
     let kernel = ready["kernel_mounts"]
         .as_array()
         .cloned()
         .unwrap_or_default();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
-            "rp": ready["rp"], "mountpoint": a.mountpoint, "pid": child.id(), "log": log_path,
+            "rp": ready["rp"], "mountpoint": a.mountpoint, "pid": pid, "log": log_path,
             "kernel_mounts": kernel,
         }))?,
         OutputFormat::Human => {
@@ -496,7 +514,7 @@ fn mount_in_background(ctx: &Ctx, a: &MountArgs) -> Result<()> {
                 "mounted {} at {} (pid {}, log {}); unmount with `elastio umount {}`",
                 ready["rp"].as_str().unwrap_or(&a.rp),
                 a.mountpoint.display(),
-                child.id(),
+                pid,
                 log_path.display(),
                 a.mountpoint.display()
             );

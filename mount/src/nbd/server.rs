@@ -643,8 +643,7 @@ where
     let in_tls = matches!(stream, Stream::Tls(_));
     let mode = Tls::mode(&shared.tls);
     let wr = stream;
-    let mut structured = false;
-    let mut allocation_context = false;
+    let mut haggle = Haggle::default();
     loop {
         // Replies wait in TLS's buffer until flushed: send them before waiting for the client.
         wr.flush().await?;
@@ -681,10 +680,45 @@ where
                 return Ok(Negotiated::StartTls);
             }
         }
-        let reply = |kind, d: &[u8]| option_reply(h.option, kind, d);
-        match h.option {
+        let (out, done) = haggle.answer(shared, h.option, &data, no_zeroes)?;
+        match done {
+            // The client may be gone already: nothing more to tell it.
+            Some(Negotiated::Abort) => {
+                let _ = wr.write_all(&out).await;
+                return Ok(Negotiated::Abort);
+            }
+            Some(n) => {
+                wr.write_all(&out).await?;
+                return Ok(n);
+            }
+            None => wr.write_all(&out).await?,
+        }
+    }
+}
+
+/// What option haggling has agreed so far.
+#[derive(Default)]
+struct Haggle {
+    structured: bool,
+    allocation_context: bool,
+}
+
+impl Haggle {
+    /// The replies to option `option` with `data`, and the outcome when it ends haggling. An
+    /// error closes the connection (an unknown export name for NBD_OPT_EXPORT_NAME, which has
+    /// no way to report one).
+    fn answer(
+        &mut self,
+        shared: &Shared,
+        option: u32,
+        data: &[u8],
+        no_zeroes: bool,
+    ) -> io::Result<(Vec<u8>, Option<Negotiated>)> {
+        let reply = |kind, d: &[u8]| option_reply(option, kind, d);
+        let invalid = |why: &str| option_error(option, REP_ERR_INVALID, why);
+        let out = match option {
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data);
+                let name = String::from_utf8_lossy(data);
                 // No way to report an error here: the spec says close.
                 let Some(i) = shared.find(&name) else {
                     return Err(io::Error::other(format!("unknown export {name:?}")));
@@ -695,141 +729,108 @@ where
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
-                wr.write_all(&out).await?;
-                return Ok(Negotiated::Serve(Session {
-                    export: i,
-                    structured,
-                    allocation_context,
-                }));
+                return Ok((out, Some(self.serve(i))));
             }
-            OPT_ABORT => {
-                let _ = wr.write_all(&reply(REP_ACK, &[])).await;
-                return Ok(Negotiated::Abort);
-            }
+            OPT_ABORT => return Ok((reply(REP_ACK, &[]), Some(Negotiated::Abort))),
+            OPT_LIST if !data.is_empty() => invalid("NBD_OPT_LIST takes no data"),
             OPT_LIST => {
-                if !data.is_empty() {
-                    wr.write_all(&option_error(
-                        h.option,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_LIST takes no data",
-                    ))
-                    .await?;
-                    continue;
-                }
+                let mut out = Vec::new();
                 for e in shared.exports.iter() {
-                    wr.write_all(&reply(REP_SERVER, &server_entry(&e.name)))
-                        .await?;
+                    out.extend(reply(REP_SERVER, &server_entry(&e.name)));
                 }
-                wr.write_all(&reply(REP_ACK, &[])).await?;
+                out.extend(reply(REP_ACK, &[]));
+                out
             }
+            OPT_STRUCTURED_REPLY if !data.is_empty() => invalid("no data expected"),
             OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    wr.write_all(&option_error(h.option, REP_ERR_INVALID, "no data expected"))
-                        .await?;
-                    continue;
-                }
-                structured = true;
-                wr.write_all(&reply(REP_ACK, &[])).await?;
+                self.structured = true;
+                reply(REP_ACK, &[])
             }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = h.option == OPT_SET_META_CONTEXT;
-                if !structured {
-                    wr.write_all(&option_error(
-                        h.option,
-                        REP_ERR_INVALID,
-                        "negotiate structured replies first",
-                    ))
-                    .await?;
-                    continue;
-                }
-                let (name, queries) = match parse_meta_request(&data) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        wr.write_all(&option_error(h.option, REP_ERR_INVALID, &e.to_string()))
-                            .await?;
-                        continue;
-                    }
-                };
-                if shared.find(&name).is_none() {
-                    wr.write_all(&unknown_export(h.option, &name)).await?;
-                    continue;
-                }
-                let matches =
-                    |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
-                let wanted = if queries.is_empty() {
-                    !set
-                } else {
-                    queries.iter().any(|q| matches(q))
-                };
-                if set {
-                    allocation_context = wanted;
-                }
-                if wanted {
-                    wr.write_all(&reply(
-                        REP_META_CONTEXT,
-                        &meta_context(CONTEXT_ID, BASE_ALLOCATION),
-                    ))
-                    .await?;
-                }
-                wr.write_all(&reply(REP_ACK, &[])).await?;
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT if !self.structured => {
+                invalid("negotiate structured replies first")
             }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(shared, option, data),
             OPT_INFO | OPT_GO => {
-                let (name, infos) = match parse_info_request(&data) {
+                let (name, infos) = match parse_info_request(data) {
                     Ok(x) => x,
-                    Err(e) => {
-                        wr.write_all(&option_error(h.option, REP_ERR_INVALID, &e.to_string()))
-                            .await?;
-                        continue;
-                    }
+                    Err(e) => return Ok((invalid(&e.to_string()), None)),
                 };
                 let Some(i) = shared.find(&name) else {
-                    wr.write_all(&unknown_export(h.option, &name)).await?;
-                    continue;
+                    return Ok((unknown_export(option, &name), None));
                 };
-                let e = &shared.exports[i];
-                wr.write_all(&reply(
-                    REP_INFO,
-                    &info_export(e.disk.size(), e.disk.flags()),
-                ))
-                .await?;
-                if infos.contains(&INFO_BLOCK_SIZE) {
-                    let d = info_block_size(
-                        min_block_size(e.disk.size()),
-                        e.disk.reader().chunk_size(),
-                        MAX_REQUEST,
-                    );
-                    wr.write_all(&reply(REP_INFO, &d)).await?;
-                }
-                if infos.contains(&INFO_NAME) {
-                    wr.write_all(&reply(REP_INFO, &info_text(INFO_NAME, &e.name)))
-                        .await?;
-                }
-                if infos.contains(&INFO_DESCRIPTION) {
-                    wr.write_all(&reply(
-                        REP_INFO,
-                        &info_text(INFO_DESCRIPTION, &e.description),
-                    ))
-                    .await?;
-                }
-                wr.write_all(&reply(REP_ACK, &[])).await?;
-                if h.option == OPT_GO {
-                    return Ok(Negotiated::Serve(Session {
-                        export: i,
-                        structured,
-                        allocation_context,
-                    }));
-                }
+                let out = export_info(&shared.exports[i], option, &infos);
+                let done = (option == OPT_GO).then(|| self.serve(i));
+                return Ok((out, done));
             }
-            _ => {
-                wr.write_all(&option_error(
-                    h.option,
-                    REP_ERR_UNSUP,
-                    "option not supported",
-                ))
-                .await?;
-            }
-        }
+            _ => option_error(option, REP_ERR_UNSUP, "option not supported"),
+        };
+        Ok((out, None))
     }
+
+    fn serve(&self, export: usize) -> Negotiated {
+        Negotiated::Serve(Session {
+            export,
+            structured: self.structured,
+            allocation_context: self.allocation_context,
+        })
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: only `base:allocation` exists.
+    fn meta_context(&mut self, shared: &Shared, option: u32, data: &[u8]) -> Vec<u8> {
+        let set = option == OPT_SET_META_CONTEXT;
+        let (name, queries) = match parse_meta_request(data) {
+            Ok(x) => x,
+            Err(e) => return option_error(option, REP_ERR_INVALID, &e.to_string()),
+        };
+        if shared.find(&name).is_none() {
+            return unknown_export(option, &name);
+        }
+        let matches = |q: &str| q == BASE_ALLOCATION || (!set && (q == "base:" || q.is_empty()));
+        let wanted = if queries.is_empty() {
+            !set
+        } else {
+            queries.iter().any(|q| matches(q))
+        };
+        if set {
+            self.allocation_context = wanted;
+        }
+        let mut out = Vec::new();
+        if wanted {
+            out.extend(option_reply(
+                option,
+                REP_META_CONTEXT,
+                &meta_context(CONTEXT_ID, BASE_ALLOCATION),
+            ));
+        }
+        out.extend(option_reply(option, REP_ACK, &[]));
+        out
+    }
+}
+
+/// The replies to NBD_OPT_INFO / NBD_OPT_GO for export `e`: its size and flags, and the
+/// information `infos` asks for that this server has.
+fn export_info(e: &Export, option: u32, infos: &[u16]) -> Vec<u8> {
+    let reply = |kind, d: &[u8]| option_reply(option, kind, d);
+    let mut out = reply(REP_INFO, &info_export(e.disk.size(), e.disk.flags()));
+    if infos.contains(&INFO_BLOCK_SIZE) {
+        let d = info_block_size(
+            min_block_size(e.disk.size()),
+            e.disk.reader().chunk_size(),
+            MAX_REQUEST,
+        );
+        out.extend(reply(REP_INFO, &d));
+    }
+    if infos.contains(&INFO_NAME) {
+        out.extend(reply(REP_INFO, &info_text(INFO_NAME, &e.name)));
+    }
+    if infos.contains(&INFO_DESCRIPTION) {
+        out.extend(reply(
+            REP_INFO,
+            &info_text(INFO_DESCRIPTION, &e.description),
+        ));
+    }
+    out.extend(reply(REP_ACK, &[]));
+    out
 }
 
 /// The minimum block size to advertise: 512 (what clients assume without one) when the size is a
@@ -1243,122 +1244,133 @@ async fn serve_requests<R: AsyncRead + Unpin>(
             .offset
             .checked_add(req.len as u64)
             .is_some_and(|end| end <= size);
-        let io_reply = move |res: io::Result<()>| match res {
-            Ok(()) => r.ok(),
-            Err(e) => {
-                tracing::error!("request {} at {}: {e}", req.kind, req.offset);
-                r.error(EIO, &e.to_string())
-            }
-        };
-        match req.kind {
-            CMD_READ => {
-                if req.len > MAX_REQUEST {
-                    send(
-                        r.error(EINVAL, "read larger than the maximum block size"),
-                        hold,
-                    )
-                    .await?;
-                    continue;
-                }
-                if !in_range {
-                    send(r.error(EINVAL, "read past the end of the export"), hold).await?;
-                    continue;
-                }
-                let disk = disk.clone();
-                reply_with(&tx, r, hold, move || {
-                    match disk.read_segments(req.offset, req.len as usize) {
-                        Ok(data) => r.read_ok(req.offset, data),
-                        Err(e) => io_reply(Err(e)).into(),
-                    }
-                });
-            }
-            CMD_WRITE => {
-                let mut data = vec![0u8; req.len as usize];
-                match idle {
-                    Some(t) => tokio::time::timeout(t, rd.read_exact(&mut data))
-                        .await
-                        .map_err(|_| timed_out(format!("write payload stalled for {t:?}")))??,
-                    None => rd.read_exact(&mut data).await?,
-                };
-                conn.touch();
-                match &disk {
-                    Disk::ReadOnly(_) => {
-                        send(r.error(EPERM, "the export is read-only"), hold).await?
-                    }
-                    Disk::Writable(_) if !in_range => {
-                        send(r.error(ENOSPC, "write past the end of the export"), hold).await?
-                    }
-                    Disk::Writable(o) => {
-                        let o = o.clone();
-                        reply_with(&tx, r, hold, move || {
-                            io_reply(o.write_at(req.offset, &data))
-                        });
-                    }
-                }
-            }
-            CMD_TRIM | CMD_WRITE_ZEROES => match &disk {
-                Disk::ReadOnly(_) => send(r.error(EPERM, "the export is read-only"), hold).await?,
+        let answer = if req.kind == CMD_WRITE {
+            let mut data = vec![0u8; req.len as usize];
+            match idle {
+                Some(t) => tokio::time::timeout(t, rd.read_exact(&mut data))
+                    .await
+                    .map_err(|_| timed_out(format!("write payload stalled for {t:?}")))??,
+                None => rd.read_exact(&mut data).await?,
+            };
+            conn.touch();
+            match &disk {
+                Disk::ReadOnly(_) => Answer::Now(r.error(EPERM, "the export is read-only")),
                 Disk::Writable(_) if !in_range => {
-                    send(r.error(ENOSPC, "request past the end of the export"), hold).await?
+                    Answer::Now(r.error(ENOSPC, "write past the end of the export"))
                 }
                 Disk::Writable(o) => {
                     let o = o.clone();
-                    reply_with(&tx, r, hold, move || {
-                        io_reply(o.zero(req.offset, req.len as u64))
-                    });
+                    Answer::later(move || io_reply(r, &req, o.write_at(req.offset, &data)))
                 }
-            },
-            CMD_FLUSH => match &disk {
-                Disk::ReadOnly(_) => send(r.ok(), hold).await?,
-                Disk::Writable(o) => {
-                    let o = o.clone();
-                    reply_with(&tx, r, hold, move || io_reply(o.flush()));
-                }
-            },
-            CMD_CACHE => {
-                if !in_range {
-                    send(r.error(EINVAL, "cache request past the end"), hold).await?;
-                    continue;
-                }
-                let reader = disk.reader().clone();
-                let len = (req.len as u64).min(MAX_CACHE);
-                reply_with(&tx, r, hold, move || {
-                    io_reply(prefetch(&reader, req.offset, len).map_err(io::Error::from))
-                });
             }
-            CMD_BLOCK_STATUS => {
-                if !s.allocation_context {
-                    send(r.error(EINVAL, "no metadata context was negotiated"), hold).await?;
-                    continue;
-                }
-                if req.offset >= size || req.len == 0 {
-                    send(r.error(EINVAL, "block status past the end"), hold).await?;
-                    continue;
-                }
-                let disk = disk.clone();
-                reply_with(&tx, r, hold, move || {
-                    let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                        1
-                    } else {
-                        MAX_EXTENTS
-                    };
-                    let len = (req.len as u64).min(MAX_BLOCK_STATUS);
-                    match disk.extents(req.offset, len, max) {
-                        Ok(runs) => {
-                            let d: Vec<(u32, u32)> = runs
-                                .into_iter()
-                                .map(|(len, data)| {
-                                    (len as u32, if data { 0 } else { STATE_HOLE | STATE_ZERO })
-                                })
-                                .collect();
-                            chunk_block_status(req.cookie, CONTEXT_ID, &d)
-                        }
-                        Err(e) => io_reply(Err(e)),
-                    }
-                });
-            }
-            _ => send(r.error(EINVAL, "unknown command"), hold).await?,
+        } else {
+            answer(&req, r, &disk, s, in_range)
+        };
+        match answer {
+            Answer::Now(frame) => send(frame, hold).await?,
+            Answer::Later(job) => reply_with(&tx, r, hold, job),
         }
+    }
+}
+
+/// The reply to a request: at once, or by a blocking job (reads and writes of the disk).
+enum Answer {
+    Now(Vec<u8>),
+    Later(Box<dyn FnOnce() -> Reply + Send>),
+}
+
+impl Answer {
+    fn later<R: Into<Reply>>(job: impl FnOnce() -> R + Send + 'static) -> Answer {
+        Answer::Later(Box::new(move || job().into()))
+    }
+}
+
+/// The reply to a request that ends in an I/O result (errors are logged, and answered EIO).
+fn io_reply(r: Replier, req: &Request, res: io::Result<()>) -> Vec<u8> {
+    match res {
+        Ok(()) => r.ok(),
+        Err(e) => {
+            tracing::error!("request {} at {}: {e}", req.kind, req.offset);
+            r.error(EIO, &e.to_string())
+        }
+    }
+}
+
+/// How to answer `req` (any command but NBD_CMD_WRITE, whose payload comes first).
+fn answer(req: &Request, r: Replier, disk: &Disk, s: &Session, in_range: bool) -> Answer {
+    let req = *req;
+    let read_only = || Answer::Now(r.error(EPERM, "the export is read-only"));
+    match req.kind {
+        CMD_READ if req.len > MAX_REQUEST => {
+            Answer::Now(r.error(EINVAL, "read larger than the maximum block size"))
+        }
+        CMD_READ if !in_range => Answer::Now(r.error(EINVAL, "read past the end of the export")),
+        CMD_READ => {
+            let disk = disk.clone();
+            Answer::later(
+                move || match disk.read_segments(req.offset, req.len as usize) {
+                    Ok(data) => r.read_ok(req.offset, data),
+                    Err(e) => io_reply(r, &req, Err(e)).into(),
+                },
+            )
+        }
+        CMD_TRIM | CMD_WRITE_ZEROES => match disk {
+            Disk::ReadOnly(_) => read_only(),
+            Disk::Writable(_) if !in_range => {
+                Answer::Now(r.error(ENOSPC, "request past the end of the export"))
+            }
+            Disk::Writable(o) => {
+                let o = o.clone();
+                Answer::later(move || io_reply(r, &req, o.zero(req.offset, req.len as u64)))
+            }
+        },
+        CMD_FLUSH => match disk {
+            Disk::ReadOnly(_) => Answer::Now(r.ok()),
+            Disk::Writable(o) => {
+                let o = o.clone();
+                Answer::later(move || io_reply(r, &req, o.flush()))
+            }
+        },
+        CMD_CACHE if !in_range => Answer::Now(r.error(EINVAL, "cache request past the end")),
+        CMD_CACHE => {
+            let reader = disk.reader().clone();
+            let len = (req.len as u64).min(MAX_CACHE);
+            Answer::later(move || {
+                let res = prefetch(&reader, req.offset, len).map_err(io::Error::from);
+                io_reply(r, &req, res)
+            })
+        }
+        CMD_BLOCK_STATUS if !s.allocation_context => {
+            Answer::Now(r.error(EINVAL, "no metadata context was negotiated"))
+        }
+        CMD_BLOCK_STATUS if req.offset >= disk.size() || req.len == 0 => {
+            Answer::Now(r.error(EINVAL, "block status past the end"))
+        }
+        CMD_BLOCK_STATUS => {
+            let disk = disk.clone();
+            Answer::later(move || block_status(&disk, &req, r))
+        }
+        _ => Answer::Now(r.error(EINVAL, "unknown command")),
+    }
+}
+
+/// NBD_CMD_BLOCK_STATUS: the allocation of `[offset, offset + len)` as base:allocation extents.
+fn block_status(disk: &Disk, req: &Request, r: Replier) -> Vec<u8> {
+    let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    let len = (req.len as u64).min(MAX_BLOCK_STATUS);
+    match disk.extents(req.offset, len, max) {
+        Ok(runs) => {
+            let d: Vec<(u32, u32)> = runs
+                .into_iter()
+                .map(|(len, data)| (len as u32, if data { 0 } else { STATE_HOLE | STATE_ZERO }))
+                .collect();
+            chunk_block_status(req.cookie, CONTEXT_ID, &d)
+        }
+        Err(e) => io_reply(r, req, Err(e)),
     }
 }
 
