@@ -656,12 +656,15 @@ fn open_walked(
     Ok((fsx::reopen_read(&handle)?, md))
 }
 
+/// Stores one chunk, returning its id and length.
+type StoreChunk<'a> = dyn Fn(&[u8]) -> std::io::Result<(ChunkId, u32)> + 'a;
+
 /// Cuts the data `regions` of `file` into content-defined chunks (one chunk for small files)
 /// and stores each; returns (chunks, bytes read).
 fn chunk_regions(
     file: &std::fs::File,
     regions: Vec<(u64, u64)>,
-    store: &dyn Fn(&[u8]) -> std::io::Result<(ChunkId, u32)>,
+    store: &StoreChunk,
     progress: &dyn Progress,
 ) -> std::io::Result<(Vec<(ChunkId, u32)>, u64)> {
     let data_len: u64 = regions.iter().map(|r| r.1).sum();
@@ -888,9 +891,9 @@ impl Matched {
     }
 }
 
-/// 1. Walk (one thread) → 2. match against the parent (this thread) → 3. read changed files
-/// (`workers` threads), all at once: reading starts with the first file found. Returns the
-/// paths the walk could not read and every read's result.
+/// Walks (one thread), matches against the parent (this thread) and reads changed files
+/// (`workers` threads) all at once: reading starts with the first file found. Returns the paths
+/// the walk could not read and every read's result.
 fn walk_and_read(
     session: &BackupSession,
     sources: &[PathBuf],
