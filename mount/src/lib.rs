@@ -6,7 +6,7 @@
 //! * [`fuse`]: a read-only FUSE view of a disk RP: `disk.img` (sparse-aware), `partN.img` per
 //!   partition, and `partN/` (or `fs/`) with the files inside each ext2/3/4 file system, read in
 //!   user space by [`ext4`]; EROFS on writes, EIO (logged with the object name) on damaged data.
-//!   Stream RPs show as one file.
+//!   Stream RPs show as one file. [`views`] assembles what a mount of an RP shows.
 //! * [`tree_view`]: a file RP as the tree it backed up (metadata, symlinks, hard links, xattrs,
 //!   holes), read through the chunks its tree lists.
 //!
@@ -26,5 +26,6 @@ pub mod nbd;
 pub mod overlay;
 pub mod partitions;
 pub mod tree_view;
+pub mod views;
 
 pub use scalez::reader::DiskReader;

@@ -3,14 +3,12 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mount::fuse::{serve, DiskView, FsView, ImageSource, PartDev, ViewFile};
-use mount::partitions;
+use mount::fuse::{serve, DiskView};
 use mount::tree_view::{serve_tree, TreeView};
-use mount::DiskReader;
+use mount::views;
 use scalez::RpKind;
 use serde_json::json;
 
@@ -178,7 +176,6 @@ fn check_fuse(mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-#[allow(unsafe_code)]
 pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     check_fuse(&a.mountpoint)?;
     if a.kernel && !is_root() {
@@ -192,7 +189,9 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     let kind = (a.rp == "latest" && a.asset.is_none()).then_some(RpKind::Disk);
     let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), kind)?;
     if rp.kind == RpKind::Stream {
-        return mount_stream(ctx, &a, &vault, &rp);
+        let view = views::stream(&vault, &rp, &view_options(&a))
+            .with_context(|| format!("cannot read stream RP {}", rp.id))?;
+        return serve_view(ctx, &a, &rp, View::Disk(view), Vec::new());
     }
     if rp.kind == RpKind::File {
         let view = TreeView::load(vault.clone(), &rp, a.cache_size as usize)
@@ -206,124 +205,26 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
             rp.kind
         );
     }
-    let map = rp.disk()?.clone();
-    let reader = Arc::new(DiskReader::new(vault.clone(), map, a.cache_size as usize));
-    reader.enable_readahead(128, 2);
-    let mut files = vec![ViewFile {
-        name: "disk.img".into(),
-        start: 0,
-        len: reader.size(),
-        stored_bytes: reader.stored_bytes()?,
-    }];
-    let mut read = |off: u64, buf: &mut [u8]| {
-        reader
-            .read_at(off, buf)
-            .map(|_| ())
-            .map_err(std::io::Error::from)
-    };
-    let parts = partitions::parse(reader.size(), &mut read)?;
-    let mut filesystems = Vec::new();
-    // --kernel: (image file, directory) pairs to loop-mount once the FUSE mount is up.
-    let mut kernel_targets = Vec::new();
-    let mut add = |name: String, image: &str, start: u64, len: u64| {
-        if a.kernel {
-            filesystems.push(FsView {
-                name: name.clone(),
-                fs: None,
-            });
-            kernel_targets.push((image.to_string(), name));
-        } else {
-            let dev = PartDev {
-                reader: reader.clone(),
-                start,
-                len,
-            };
-            filesystems.extend(dev.open_fs(&name));
-        }
-    };
-    if parts.is_empty() {
-        add("fs".into(), "disk.img", 0, reader.size());
-    }
-    for p in &parts {
-        add(
-            format!("part{}", p.number),
-            &format!("part{}.img", p.number),
-            p.start,
-            p.len,
-        );
-    }
-    for p in parts {
-        let stored = reader
-            .extents(p.start, p.len, usize::MAX)?
-            .iter()
-            .filter(|(_, data)| *data)
-            .map(|(len, _)| len)
-            .sum();
-        files.push(ViewFile {
-            name: format!("part{}.img", p.number),
-            start: p.start,
-            len: p.len,
-            stored_bytes: stored,
-        });
-    }
-    let time = humantime::parse_rfc3339_weak(&rp.created).unwrap_or(std::time::UNIX_EPOCH);
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let view = DiskView {
-        reader: reader as Arc<dyn ImageSource>,
-        files,
-        filesystems,
-        time,
-        uid,
-        gid,
-    };
-    serve_view(ctx, &a, &rp, View::Disk(view), kernel_targets)
+    let mounted = views::disk(&vault, &rp, &view_options(&a))
+        .with_context(|| format!("cannot read disk RP {}", rp.id))?;
+    serve_view(
+        ctx,
+        &a,
+        &rp,
+        View::Disk(mounted.view),
+        mounted.kernel_targets,
+    )
 }
 
-/// A stream RP: one file named after the stream.
-#[allow(unsafe_code)]
-fn mount_stream(
-    ctx: &Ctx,
-    a: &MountArgs,
-    vault: &Arc<scalez::Vault>,
-    rp: &scalez::RecoveryPoint,
-) -> Result<()> {
-    let s = rp
-        .stream
-        .clone()
-        .context("stream RP without a stream map")?;
-    let reader = Arc::new(scalez::stream_map::StreamReader::open(
-        vault.clone(),
-        &s,
-        a.cache_size as usize,
-    )?);
-    // The stream's name as a file name: no slashes, not empty, not a dot entry.
-    let mut name: String = rp
-        .asset
-        .name
-        .chars()
-        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
-        .collect();
-    if name.is_empty() || name == "." || name == ".." {
-        name = "stream".into();
-    }
-    let time = humantime::parse_rfc3339_weak(&rp.created).unwrap_or(std::time::UNIX_EPOCH);
+fn view_options(a: &MountArgs) -> views::ViewOptions {
     // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let view = DiskView {
-        files: vec![ViewFile {
-            name,
-            start: 0,
-            len: s.size,
-            stored_bytes: s.size,
-        }],
-        reader: reader as Arc<dyn ImageSource>,
-        filesystems: Vec::new(),
-        time,
-        uid,
-        gid,
-    };
-    serve_view(ctx, a, rp, View::Disk(view), Vec::new())
+    #[allow(unsafe_code)]
+    let owner = unsafe { (libc::getuid(), libc::getgid()) };
+    views::ViewOptions {
+        cache_bytes: a.cache_size as usize,
+        kernel: a.kernel,
+        owner,
+    }
 }
 
 /// What a mount shows.

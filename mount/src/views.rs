@@ -1,0 +1,160 @@
+//! What a FUSE mount of a recovery point shows, assembled from the RP alone (the CLI only picks
+//! the RP and serves the result):
+//! * a disk RP: `disk.img`, a `partN.img` per partition (MBR or GPT), and the files of each
+//!   ext2/3/4 file system as `partN/` (or `fs/` on an unpartitioned disk); with `kernel`, those
+//!   directories stay empty mountpoints for the kernel's own drivers instead;
+//! * a stream RP: one file named after the stream.
+//!
+//! Timestamps are the RP's creation time; files belong to `owner` (the user serving the mount).
+
+use std::io;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use scalez::stream_map::StreamReader;
+use scalez::{RecoveryPoint, Vault};
+
+use crate::fuse::{DiskView, FsView, ImageSource, PartDev, ViewFile};
+use crate::partitions;
+use crate::DiskReader;
+
+/// A disk RP's view, and with `kernel` the (image file, directory) pairs to loop-mount once the
+/// FUSE mount is up.
+pub struct DiskMount {
+    pub view: DiskView,
+    pub kernel_targets: Vec<(String, String)>,
+}
+
+/// Sizes of a view's reader and read-ahead.
+pub struct ViewOptions {
+    pub cache_bytes: usize,
+    /// Leave file systems to the kernel (`--kernel`): empty directories, no user-space reader.
+    pub kernel: bool,
+    /// (uid, gid) the files are shown as owned by.
+    pub owner: (u32, u32),
+}
+
+/// The view of disk RP `rp`: the image, its partitions and their file systems.
+pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::Result<DiskMount> {
+    let map = rp.disk()?.clone();
+    let reader = Arc::new(DiskReader::new(vault.clone(), map, opts.cache_bytes));
+    reader.enable_readahead(128, 2);
+    let mut files = vec![ViewFile {
+        name: "disk.img".into(),
+        start: 0,
+        len: reader.size(),
+        stored_bytes: reader.stored_bytes()?,
+    }];
+    let mut read = |off: u64, buf: &mut [u8]| {
+        reader
+            .read_at(off, buf)
+            .map(|_| ())
+            .map_err(io::Error::from)
+    };
+    let parts = partitions::parse(reader.size(), &mut read)?;
+    let mut filesystems = Vec::new();
+    let mut kernel_targets = Vec::new();
+    let mut add = |name: String, image: &str, start: u64, len: u64| {
+        if opts.kernel {
+            filesystems.push(FsView {
+                name: name.clone(),
+                fs: None,
+            });
+            kernel_targets.push((image.to_string(), name));
+        } else {
+            let dev = PartDev {
+                reader: reader.clone(),
+                start,
+                len,
+            };
+            filesystems.extend(dev.open_fs(&name));
+        }
+    };
+    if parts.is_empty() {
+        add("fs".into(), "disk.img", 0, reader.size());
+    }
+    for p in &parts {
+        add(
+            format!("part{}", p.number),
+            &format!("part{}.img", p.number),
+            p.start,
+            p.len,
+        );
+    }
+    for p in parts {
+        let stored = reader
+            .extents(p.start, p.len, usize::MAX)?
+            .iter()
+            .filter(|(_, data)| *data)
+            .map(|(len, _)| len)
+            .sum();
+        files.push(ViewFile {
+            name: format!("part{}.img", p.number),
+            start: p.start,
+            len: p.len,
+            stored_bytes: stored,
+        });
+    }
+    let view = DiskView {
+        reader: reader as Arc<dyn ImageSource>,
+        files,
+        filesystems,
+        time: created(rp),
+        uid: opts.owner.0,
+        gid: opts.owner.1,
+    };
+    Ok(DiskMount {
+        view,
+        kernel_targets,
+    })
+}
+
+/// The view of stream RP `rp`: one file, named after the stream.
+pub fn stream(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::Result<DiskView> {
+    let s = rp.stream()?.clone();
+    let reader = Arc::new(StreamReader::open(vault.clone(), &s, opts.cache_bytes)?);
+    Ok(DiskView {
+        files: vec![ViewFile {
+            name: file_name(&rp.asset.name),
+            start: 0,
+            len: s.size,
+            stored_bytes: s.size,
+        }],
+        reader: reader as Arc<dyn ImageSource>,
+        filesystems: Vec::new(),
+        time: created(rp),
+        uid: opts.owner.0,
+        gid: opts.owner.1,
+    })
+}
+
+fn created(rp: &RecoveryPoint) -> SystemTime {
+    humantime::parse_rfc3339_weak(&rp.created).unwrap_or(UNIX_EPOCH)
+}
+
+/// A stream's name as a file name: no slashes or NULs, not empty, not a dot entry.
+fn file_name(stream: &str) -> String {
+    let name: String = stream
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
+    match name.as_str() {
+        "" | "." | ".." => "stream".into(),
+        _ => name,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_are_safe_file_names() {
+        assert_eq!(file_name("db/wal"), "db_wal");
+        assert_eq!(file_name("a\0b"), "a_b");
+        for bad in ["", ".", ".."] {
+            assert_eq!(file_name(bad), "stream");
+        }
+        assert_eq!(file_name("..."), "...");
+    }
+}
