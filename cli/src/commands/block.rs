@@ -1,3 +1,5 @@
+use clap::{Args, Subcommand, ValueEnum};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use agent::block::engine::IoEngine;
@@ -7,7 +9,7 @@ use anyhow::{Context, Result};
 use scalez::RpKind;
 use serde_json::json;
 
-use crate::cli::{BlockBackupArgs, BlockCommand, BlockRestoreArgs, DirectIoArg, OutputFormat};
+use crate::cli::OutputFormat;
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::print_json;
@@ -133,4 +135,56 @@ fn restore(ctx: &Ctx, a: BlockRestoreArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectIoArg {
+    /// O_DIRECT for block devices, page cache for image files
+    Auto,
+    /// O_DIRECT whenever the file system accepts it
+    Always,
+    /// Always read through the page cache
+    Never,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlockCommand {
+    /// Back up a block device or disk image into a new recovery point
+    #[command(
+        after_help = "The I/O engine is io_uring when the kernel allows it, else pread; \
+set ELASTIO_IO_ENGINE=io_uring|pread to force one."
+    )]
+    Backup(BlockBackupArgs),
+    /// Restore a disk recovery point to a file or block device
+    Restore(BlockRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BlockBackupArgs {
+    /// Block device or image file to back up
+    pub source: PathBuf,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Record the asset under this name instead of the source's canonical path
+    #[arg(long)]
+    pub asset_name: Option<String>,
+    /// Bypass the page cache when reading
+    #[arg(long, value_enum, default_value_t = DirectIoArg::Auto)]
+    pub direct_io: DirectIoArg,
+}
+
+#[derive(Args, Debug)]
+pub struct BlockRestoreArgs {
+    /// Recovery point id, or `latest` (the newest disk RP, of --asset if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the asset whose newest RP to restore
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Target file (created; zero chunks become holes) or block device
+    pub target: PathBuf,
+    /// Overwrite an existing target file or device
+    #[arg(long)]
+    pub force: bool,
 }

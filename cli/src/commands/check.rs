@@ -1,7 +1,9 @@
+use crate::cli::parse_percent;
 use anyhow::Result;
+use clap::Args;
 use scalez::check::{check, DataCheck};
 
-use crate::cli::{CheckArgs, OutputFormat};
+use crate::cli::OutputFormat;
 use crate::context::Ctx;
 use crate::output::print_json;
 use crate::output::{bytes, table};
@@ -93,4 +95,14 @@ pub fn run(ctx: &Ctx, a: CheckArgs) -> Result<()> {
         std::process::exit(DAMAGED);
     }
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Also read and verify every chunk
+    #[arg(long, conflicts_with = "read_data_subset")]
+    pub read_data: bool,
+    /// Read and verify the chunks of this share of the packs, e.g. 10%
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub read_data_subset: Option<f64>,
 }

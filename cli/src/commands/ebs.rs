@@ -1,3 +1,4 @@
+use clap::{Args, Subcommand};
 use std::time::Duration;
 
 use agent::aws::{Aws, AwsConfig};
@@ -9,7 +10,7 @@ use anyhow::{Context, Result};
 use scalez::RpKind;
 use serde_json::json;
 
-use crate::cli::{AwsArgs, EbsBackupArgs, EbsCommand, EbsImportArgs, EbsRestoreArgs, OutputFormat};
+use crate::cli::{AwsArgs, OutputFormat};
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::print_json;
@@ -201,4 +202,70 @@ fn restore(ctx: &Ctx, a: EbsRestoreArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EbsCommand {
+    /// Snapshot a volume and back the snapshot up (incrementally when the last one still exists)
+    #[command(
+        after_help = "The snapshot is tagged elastio:created-by, elastio:volume-id and \
+elastio:vault. After the recovery point is committed, older snapshots this tool made of the \
+volume for this vault are deleted (--keep-snapshots keeps them); the newest stays so the next \
+backup only reads the blocks that changed (ListChangedBlocks). Every block is checked against \
+its SHA-256 checksum. The RP records the snapshot as tag ebs:snapshot-id."
+    )]
+    Backup(EbsBackupArgs),
+    /// Back up an existing snapshot (incremental against the asset's previous RP when EBS
+    /// relates the two snapshots)
+    ImportSnapshot(EbsImportArgs),
+    /// Write a disk recovery point to a new EBS snapshot, and optionally a volume
+    Restore(EbsRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EbsBackupArgs {
+    /// The volume to back up (vol-...)
+    #[arg(long)]
+    pub volume_id: String,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Keep the older snapshots this tool made of the volume
+    #[arg(long)]
+    pub keep_snapshots: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EbsImportArgs {
+    /// The snapshot to back up (snap-...)
+    #[arg(long)]
+    pub snapshot_id: String,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct EbsRestoreArgs {
+    /// Recovery point id, or `latest` (the newest disk RP, of --asset if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the asset (volume id) whose newest RP to restore
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Also create a volume from the new snapshot
+    #[arg(long, requires = "availability_zone")]
+    pub create_volume: bool,
+    /// Availability zone of the new volume
+    #[arg(long, value_name = "AZ")]
+    pub availability_zone: Option<String>,
+    /// Type of the new volume (gp3, gp2, io2, st1, ...; default: the EC2 default)
+    #[arg(long, value_name = "TYPE")]
+    pub volume_type: Option<String>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }

@@ -1,10 +1,12 @@
+use crate::cli::AwsArgs;
 use agent::ebs::EbsRestoreOptions;
 use agent::ec2::{backup_instance, restore_instance, Ec2RestoreOptions};
 use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
 use scalez::RpKind;
 use serde_json::json;
 
-use crate::cli::{Ec2BackupArgs, Ec2Command, Ec2RestoreArgs, OutputFormat};
+use crate::cli::OutputFormat;
 use crate::commands::ebs::{backup_json, connect, options, print_backup_human};
 use crate::context::resolve_rp;
 use crate::context::Ctx;
@@ -105,4 +107,51 @@ fn restore(ctx: &Ctx, a: Ec2RestoreArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Ec2Command {
+    /// Snapshot every attached EBS volume at once (CreateSnapshots) and back each one up
+    #[command(
+        after_help = "Creates one disk RP per volume (asset = the volume id, tags \
+ec2:instance-id and ec2:device, incremental like `ebs backup`) and then an instance RP that \
+records the instance type, AZ, image, tags and device names with the volume RPs."
+    )]
+    Backup(Ec2BackupArgs),
+    /// Recreate the volumes of an instance RP (and with --launch, the instance)
+    Restore(Ec2RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct Ec2BackupArgs {
+    /// The instance to back up (i-...)
+    #[arg(long)]
+    pub instance_id: String,
+    /// Tag the recovery points (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Keep the older snapshots this tool made of the volumes
+    #[arg(long)]
+    pub keep_snapshots: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct Ec2RestoreArgs {
+    /// Instance recovery point id, or `latest` (of --asset, the instance id, if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the instance id whose newest RP to restore
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Create the volumes here instead of the instance's recorded AZ
+    #[arg(long, value_name = "AZ")]
+    pub availability_zone: Option<String>,
+    /// Also launch an instance of the recorded type and image, with the restored volumes
+    /// attached at the recorded device names
+    #[arg(long)]
+    pub launch: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
 }

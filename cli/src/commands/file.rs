@@ -1,10 +1,12 @@
 use agent::file::{backup_files, FileBackupOptions};
 use agent::file_restore::{include_path, restore_files, FileRestoreOptions};
 use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
 use scalez::RpKind;
 use serde_json::json;
+use std::path::PathBuf;
 
-use crate::cli::{FileBackupArgs, FileCommand, FileRestoreArgs, OutputFormat};
+use crate::cli::OutputFormat;
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::print_json;
@@ -181,4 +183,71 @@ fn restore(ctx: &Ctx, a: FileRestoreArgs) -> Result<()> {
         std::process::exit(DAMAGED);
     }
     Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FileCommand {
+    /// Back up files and directories (recursively) into a new file RP
+    #[command(
+        after_help = "Records every path with its type, mode, owner (ids and names), times, \
+size, symlink target, hard links, extended attributes and holes; symlinks are never followed. \
+File data is cut in content-defined chunks (FastCDC, 128 KiB / 512 KiB / 2 MiB), so an insert \
+into a big file stores only the chunks around it. The next backup of the same paths on the same \
+host is incremental: a file with the same size, mtime, ctime and inode as in the previous RP is \
+not read again. A file that keeps changing while it is read is reported (and flagged in the RP); \
+unreadable paths are reported and the backup goes on.\n\nExample: `elastio file backup /etc \
+/home --exclude '*.tmp' --exclude /home/*/.cache --tag kind=config`."
+    )]
+    Backup(FileBackupArgs),
+    /// Restore a file RP (or some of its paths) into a directory
+    #[command(
+        after_help = "Paths are recreated under --target as they were backed up (`/etc/hosts` \
+becomes TARGET/etc/hosts), with modes, times, extended attributes and, when run as root, owners \
+(numeric ids). Existing paths are left alone and listed unless --overwrite. The restore never \
+writes outside the target: paths with `..` or a leading `/` in a (tampered) RP are refused, \
+and it never follows a symlink in the target. Exit code 3 if some data could not be restored."
+    )]
+    Restore(FileRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FileBackupArgs {
+    /// Files or directories to back up
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Skip paths matching this glob (repeatable): with a `/` it is matched against the absolute
+    /// path, without one against each name; `*` does not cross `/`, `**` does
+    #[arg(long = "exclude", value_name = "GLOB")]
+    pub excludes: Vec<String>,
+    /// Do not descend into directories on other file systems (mount points are recorded empty)
+    #[arg(long)]
+    pub one_file_system: bool,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Files read in parallel (default: twice the cores)
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct FileRestoreArgs {
+    /// Recovery point id, or `latest` (the newest file RP, of --asset if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the asset (the backed-up paths, comma-separated as in `rp list`)
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Directory to restore into (created if missing)
+    #[arg(long, value_name = "DIR")]
+    pub target: PathBuf,
+    /// Restore only this path and what is below it (repeatable; as backed up, e.g. /etc/ssh)
+    #[arg(long = "include", value_name = "PATH")]
+    pub includes: Vec<String>,
+    /// Replace paths that already exist in the target
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Files written in parallel (default: twice the cores)
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
 }

@@ -3,10 +3,11 @@ use agent::kafka::{
 };
 use agent::stream::StreamOptions;
 use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
 use scalez::RpKind;
 use serde_json::json;
 
-use crate::cli::{KafkaBackupArgs, KafkaCommand, KafkaRestoreArgs, OutputFormat};
+use crate::cli::OutputFormat;
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::print_json;
@@ -119,4 +120,61 @@ fn restore(ctx: &Ctx, a: KafkaRestoreArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KafkaCommand {
+    /// Consume a topic from where its last backup ended to its current end, into a new RP
+    #[command(
+        after_help = "Each run reads every partition from the `partition.<p>.next_offset` tag \
+of the topic's newest RP (from the earliest offset the first time) up to the end offsets seen \
+when the run starts, and stores the messages raw (key, value, headers, timestamp, partition, \
+offset) as a stream RP named `kafka:<topic>`. Tags record topic_name, partition_count, \
+messages and per partition the first/last offset and timestamp. Nothing is committed to the \
+cluster (no consumer group offsets): the vault alone holds the progress, so a failed run is \
+simply repeated. Example: `elastio kafka backup --brokers k1:9092 --topic orders`."
+    )]
+    Backup(KafkaBackupArgs),
+    /// Produce the messages of a topic RP back, each partition in its original order
+    Restore(KafkaRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KafkaBackupArgs {
+    /// Bootstrap brokers (host:port, comma-separated)
+    #[arg(long, env = "ELASTIO_KAFKA_BROKERS")]
+    pub brokers: String,
+    #[arg(long)]
+    pub topic: String,
+    /// A librdkafka property (repeatable), e.g. security.protocol=SASL_SSL
+    #[arg(long = "property", short = 'X', value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Fail when no message arrives for this long before the end offsets are reached
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct KafkaRestoreArgs {
+    /// Recovery point id, or `latest` (the newest RP of --topic-name)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the topic whose newest RP to restore
+    #[arg(long)]
+    pub topic_name: Option<String>,
+    /// Bootstrap brokers (host:port, comma-separated)
+    #[arg(long, env = "ELASTIO_KAFKA_BROKERS")]
+    pub brokers: String,
+    /// Produce to this topic instead of the original (it must exist with enough partitions)
+    #[arg(long)]
+    pub to_topic: Option<String>,
+    /// A librdkafka property (repeatable)
+    #[arg(long = "property", short = 'X', value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
+    /// How long to wait for the last messages to be acknowledged
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub flush_timeout: std::time::Duration,
 }

@@ -1,15 +1,15 @@
-mod block;
-mod check;
-mod ebs;
-mod ec2;
-mod file;
-mod kafka;
-mod mount;
-mod nbd;
-mod prune;
-mod rp;
-mod stream;
-mod vault;
+pub(crate) mod block;
+pub(crate) mod check;
+pub(crate) mod ebs;
+pub(crate) mod ec2;
+pub(crate) mod file;
+pub(crate) mod kafka;
+pub(crate) mod mount;
+pub(crate) mod nbd;
+pub(crate) mod prune;
+pub(crate) mod rp;
+pub(crate) mod stream;
+pub(crate) mod vault;
 
 use anyhow::Result;
 

@@ -1,3 +1,5 @@
+use crate::cli::parse_size;
+use clap::Args;
 use std::io::{BufRead, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
@@ -12,7 +14,7 @@ use mount::views;
 use scalez::RpKind;
 use serde_json::json;
 
-use crate::cli::{MountArgs, OutputFormat};
+use crate::cli::OutputFormat;
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::print_json;
@@ -457,4 +459,26 @@ pub fn umount(_ctx: &Ctx, mountpoint: &Path) -> Result<()> {
     }
     println!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Recovery point id, or `latest` (the newest disk RP; with --asset, the newest RP of that
+    /// asset, e.g. a stream or file paths)
+    pub rp: String,
+    /// An existing, empty directory
+    pub mountpoint: PathBuf,
+    /// With `latest`: the asset whose newest RP to mount
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Stay in the foreground until Ctrl-C or unmount
+    #[arg(long)]
+    pub foreground: bool,
+    /// Chunk cache
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Loop-mount each partition read-only with the kernel's driver instead of parsing it (root;
+    /// the kernel parses untrusted bytes: see below)
+    #[arg(long)]
+    pub kernel: bool,
 }

@@ -1,4 +1,7 @@
+use crate::cli::parse_size;
+use clap::{Args, Subcommand};
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +12,7 @@ use mount::DiskReader;
 use scalez::{RecoveryPoint, RpKind, Vault};
 use serde_json::json;
 
-use crate::cli::{ExportArgs, NbdAttachArgs, NbdCommand, NbdServeArgs, OutputFormat, TlsArg};
+use crate::cli::OutputFormat;
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::bytes;
@@ -242,4 +245,105 @@ fn attach_device(ctx: &Ctx, a: NbdAttachArgs) -> Result<()> {
     attach::attach(&a.device, export, || cancel.is_cancelled())
         .with_context(|| format!("attaching to {}", a.device.display()))?;
     finish_overlays(ctx, &vault, &a.export, &overlays)
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NbdCommand {
+    /// Export disk recovery points over NBD until Ctrl-C (read-only unless --writable)
+    #[command(
+        after_help = "Each RP is exported under its id and, as an alias, its asset name. \
+Connect with e.g. `nbdinfo nbd://127.0.0.1:10809/<rp>`, `nbdcopy`, `qemu-img`, or attach it \
+without the kernel's nbd module: `nbdfuse DIR/disk nbd://127.0.0.1:10809/<rp> &` then \
+`mount -o loop,ro DIR/disk /mnt`.\n\nTLS, as qemu-nbd and nbdkit do it: with \
+`--tls-certificates DIR`, DIR holding ca-cert.pem, server-cert.pem and server-key.pem, e.g. \
+`elastio nbd serve --tls-certificates /etc/pki/elastio-nbd <rp>`, clients must start TLS \
+(NBD_OPT_STARTTLS) before anything else (`--tls on` lets them choose). Connect with \
+`nbdcopy 'nbds://127.0.0.1:10809/<rp>?tls-certificates=CLIENTDIR' disk.img`, CLIENTDIR holding \
+the ca-cert.pem that signed the server's certificate (whose names must include the host in the \
+URI). Without --tls-verify-peer the server asks clients for no certificate: TLS encrypts and \
+authenticates the server only, and any local user can still connect. With `--tls-verify-peer`, \
+clients must present a certificate signed by DIR/ca-cert.pem (libnbd sends CLIENTDIR/client-cert.pem \
+and client-key.pem): only holders of such a key read the disk."
+    )]
+    Serve(NbdServeArgs),
+    /// Attach a disk recovery point to a kernel nbd device (/dev/nbdX) until Ctrl-C
+    #[command(
+        after_help = "Needs the kernel's nbd module. Without it, use `elastio nbd serve` \
+and nbdfuse + a loop mount (see `elastio nbd serve --help`)."
+    )]
+    Attach(NbdAttachArgs),
+}
+
+/// How exports are built: shared by `nbd serve` and `nbd attach`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Chunk cache per export
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Accept writes, TRIM and WRITE_ZEROES into a copy-on-write overlay (a local sparse file,
+    /// never the vault); discarded on exit unless --save-as-rp
+    #[arg(long)]
+    pub writable: bool,
+    /// On exit, turn each export's overlay into a new recovery point of the same asset
+    #[arg(long, requires = "writable")]
+    pub save_as_rp: bool,
+    /// Directory for overlay files (default: the system temporary directory)
+    #[arg(long, value_name = "DIR", requires = "writable")]
+    pub overlay_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct NbdServeArgs {
+    /// Recovery points to export (ids, or `latest` for the newest disk RP)
+    #[arg(required = true)]
+    pub rps: Vec<String>,
+    /// TCP address to listen on [default: 127.0.0.1:10809; with --writable, a private Unix
+    /// socket unless this is given]
+    #[arg(long, conflicts_with = "unix")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Listen on a Unix socket instead of TCP (created mode 0600: only this user connects)
+    #[arg(long, value_name = "PATH")]
+    pub unix: Option<PathBuf>,
+    /// Connections served at once; more are closed right away
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    /// Time a client has to finish the NBD handshake before it is disconnected
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: std::time::Duration,
+    /// A client with no request in flight that sends nothing for this long is disconnected
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: std::time::Duration,
+    /// A client that reads none of its replies for this long is disconnected
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub write_timeout: std::time::Duration,
+    /// Directory with server-cert.pem and server-key.pem (and ca-cert.pem for clients): the
+    /// qemu-nbd/nbdkit layout. Enables TLS (NBD_OPT_STARTTLS)
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// off: plain text only; on: clients may start TLS; require: clients must start TLS before
+    /// anything else [default: require with --tls-certificates, else off]
+    #[arg(long, value_enum)]
+    pub tls: Option<TlsArg>,
+    /// Clients must present a TLS certificate signed by DIR/ca-cert.pem (authenticates them)
+    #[arg(long, requires = "tls_certificates")]
+    pub tls_verify_peer: bool,
+    #[command(flatten)]
+    pub export: ExportArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsArg {
+    Off,
+    On,
+    Require,
+}
+
+#[derive(Args, Debug)]
+pub struct NbdAttachArgs {
+    /// Recovery point id, or `latest`
+    pub rp: String,
+    /// The nbd device, e.g. /dev/nbd0
+    pub device: PathBuf,
+    #[command(flatten)]
+    pub export: ExportArgs,
 }

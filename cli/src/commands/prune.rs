@@ -1,10 +1,12 @@
+use crate::cli::parse_percent;
+use clap::Args;
 use std::time::Duration;
 
 use anyhow::Result;
 use scalez::prune::{prune, PruneOptions};
 use scalez::retention::{AssetFilter, Retention};
 
-use crate::cli::{OutputFormat, PruneArgs};
+use crate::cli::OutputFormat;
 use crate::context::Ctx;
 use crate::output::print_json;
 use crate::output::{bytes, table};
@@ -92,4 +94,46 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<usize>,
+    /// Keep RPs with this tag (repeatable)
+    #[arg(long = "keep-tag", value_name = "KEY=VALUE")]
+    pub keep_tags: Vec<String>,
+    /// Apply the policy only to this asset (its exact name); others are kept
+    #[arg(long, conflicts_with = "asset_glob")]
+    pub asset: Option<String>,
+    /// Apply the policy only to assets whose whole name matches this glob, e.g. '/dev/sd*'
+    #[arg(long, value_name = "PATTERN")]
+    pub asset_glob: Option<String>,
+    /// Go on even if the policy keeps no RP of some asset (refused otherwise)
+    #[arg(long)]
+    pub allow_empty: bool,
+    /// Show what would be deleted and reclaimed; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rewrite packs whose live data is below this share, e.g. 50%
+    #[arg(long, default_value = "50%", value_parser = parse_percent)]
+    pub repack_below: f64,
+    /// Leave at most this share of the reclaimable space unreclaimed in partly used packs
+    /// (more packs are rewritten, most garbage first, until it holds; up to 1 MiB may always
+    /// stay)
+    #[arg(long, default_value = "5%", value_parser = parse_percent)]
+    pub max_unused: f64,
+    /// Longest wait for backups that were running, in seconds (default: the lease TTL + 60)
+    #[arg(long, value_name = "SECS")]
+    pub max_wait: Option<u64>,
 }

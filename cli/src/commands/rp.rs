@@ -1,7 +1,8 @@
 use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
 use scalez::{RecoveryPoint, TagUpdate};
 
-use crate::cli::{OutputFormat, RpCommand, RpListArgs, RpTagArgs};
+use crate::cli::OutputFormat;
 use crate::context::{resolve_rp, Ctx};
 use crate::output::print_json;
 use crate::output::{bytes, table};
@@ -230,4 +231,67 @@ fn protect(ctx: &Ctx, specs: &[String], on: bool) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RpCommand {
+    /// List recovery points, oldest first
+    List(RpListArgs),
+    /// Show one recovery point in full
+    Show { rp: String },
+    /// Add, change or remove tags of a recovery point
+    Tag(RpTagArgs),
+    /// Delete recovery points (their data is freed by the next `elastio prune`)
+    #[command(
+        after_help = "Protected RPs (`elastio rp protect`) are refused unless --force is \
+given.\n\nExample:\n  elastio rp delete rp-01m80mb7eb9rts308j4hc4b1xn"
+    )]
+    Delete {
+        /// Recovery point ids
+        #[arg(required = true)]
+        rps: Vec<String>,
+        /// Delete protected RPs too
+        #[arg(long)]
+        force: bool,
+    },
+    /// Protect recovery points: every prune keeps them and `rp delete` refuses them
+    #[command(
+        after_help = "Protection is the tag elastio.protected; `elastio rp unprotect` \
+removes it.\n\nExample:\n  elastio rp protect rp-01m80mb7eb9rts308j4hc4b1xn"
+    )]
+    Protect {
+        /// Recovery point ids (or `latest`)
+        #[arg(required = true)]
+        rps: Vec<String>,
+    },
+    /// Remove the protection of recovery points
+    Unprotect {
+        /// Recovery point ids (or `latest`)
+        #[arg(required = true)]
+        rps: Vec<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RpListArgs {
+    /// Only this type: disk, file or stream
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<scalez::RpKind>,
+    /// Only RPs of this asset (exact name, or a substring of it)
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Only RPs having this tag (repeatable; all must match)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RpTagArgs {
+    pub rp: String,
+    /// Tags to set
+    #[arg(value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Tag keys to remove (repeatable)
+    #[arg(long = "remove", value_name = "KEY")]
+    pub remove: Vec<String>,
 }

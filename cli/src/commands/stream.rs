@@ -1,13 +1,15 @@
+use clap::{Args, Subcommand};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, IsTerminal};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 
 use agent::stream::{backup_stream, restore_stream, StreamOptions};
 use anyhow::{bail, Context, Result};
 use scalez::RpKind;
 use serde_json::json;
 
-use crate::cli::{OutputFormat, StreamBackupArgs, StreamCommand, StreamRestoreArgs};
+use crate::cli::OutputFormat;
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::print_json;
@@ -139,4 +141,47 @@ fn restore(ctx: &Ctx, a: StreamRestoreArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StreamCommand {
+    /// Read standard input (or --from-file) to its end into a new stream RP
+    #[command(
+        after_help = "Content-defined chunks (FastCDC, 256 KiB / 1 MiB / 4 MiB min / \
+average / max), so the next backup of a similar stream stores only what changed even when \
+bytes were inserted. Memory stays bounded whatever the stream's length. Example: \
+`pg_dump db | elastio stream backup --stream-name db --tag kind=dump`."
+    )]
+    Backup(StreamBackupArgs),
+    /// Write a stream RP to standard output (or --to-file)
+    Restore(StreamRestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StreamBackupArgs {
+    /// Name of the stream (the asset its RPs are listed under)
+    #[arg(long)]
+    pub stream_name: String,
+    /// Tag the recovery point (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Read this file instead of standard input
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamRestoreArgs {
+    /// Recovery point id, or `latest` (the newest stream RP, of --stream-name if given)
+    #[arg(long)]
+    pub rp: String,
+    /// With --rp latest: the stream whose newest RP to restore
+    #[arg(long)]
+    pub stream_name: Option<String>,
+    /// Write this file (created; replaced only with --force) instead of standard output
+    #[arg(long, value_name = "FILE")]
+    pub to_file: Option<PathBuf>,
+    /// Overwrite an existing --to-file
+    #[arg(long)]
+    pub force: bool,
 }

@@ -1,9 +1,11 @@
+use crate::cli::parse_size;
 use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
 use scalez::crypto::KdfParams;
 use scalez::{Vault, VaultOptions};
 use serde_json::json;
 
-use crate::cli::{OutputFormat, VaultCommand, VaultInitArgs};
+use crate::cli::OutputFormat;
 use crate::context::Ctx;
 use crate::output::bytes;
 use crate::output::print_json;
@@ -80,4 +82,31 @@ fn info(ctx: &Ctx) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VaultCommand {
+    /// Create a new vault with a random master key wrapped by your password (Argon2id)
+    Init(VaultInitArgs),
+    /// Show a vault's parameters and contents
+    Info,
+}
+
+#[derive(Args, Debug)]
+pub struct VaultInitArgs {
+    /// Disk chunk size: a power of two from 4KiB to 512KiB (suffixes K, KiB, M, MiB)
+    #[arg(long, default_value = "128KiB", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Target pack object size (1MiB to 1GiB)
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    pub pack_size: u64,
+    /// zstd compression level (-7 to 22; the default 3 is the measured sweet spot for disk images)
+    #[arg(long, default_value_t = scalez::vault::DEFAULT_ZSTD_LEVEL, allow_negative_numbers = true)]
+    pub zstd_level: i32,
+    /// Argon2id memory in MiB for the password key
+    #[arg(long, default_value_t = 64)]
+    pub kdf_memory_mib: u32,
+    /// Argon2id passes
+    #[arg(long, default_value_t = 3)]
+    pub kdf_iterations: u32,
 }
