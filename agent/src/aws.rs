@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_ebs::error::{ProvideErrorMetadata, SdkError};
+use scalez::store::retry::RetryPolicy;
 
 use crate::error::AgentError;
 
@@ -33,79 +34,16 @@ impl Default for AwsConfig {
     }
 }
 
-/// Error codes AWS uses for "slow down" across EC2 and EBS.
-const THROTTLE_CODES: &[&str] = &[
-    "RequestThrottledException",
-    "ThrottlingException",
-    "Throttling",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "SlowDown",
-];
-const TRANSIENT_CODES: &[&str] = &[
-    "InternalServerException",
-    "InternalError",
-    "ServiceUnavailable",
-    "Unavailable",
-];
-
-/// What went wrong with one attempt, and whether another attempt may succeed.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub code: Option<String>,
-    pub reason: String,
-    pub retryable: bool,
-    pub throttled: bool,
-}
-
-impl Failure {
-    pub fn transient(reason: String) -> Failure {
-        Failure {
-            code: None,
-            reason,
-            retryable: true,
-            throttled: false,
-        }
-    }
-}
+/// What went wrong with one attempt, and whether another may succeed: the classification
+/// shared with the S3 store ([`scalez::aws_error`]).
+pub use scalez::aws_error::AwsFailure as Failure;
 
 /// Classifies an SDK error of any EC2 or EBS operation.
 pub fn classify<E>(err: SdkError<E>) -> Failure
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
-    match &err {
-        SdkError::ServiceError(se) => {
-            let code = se.err().code().map(str::to_string);
-            let status = se.raw().status().as_u16();
-            let throttled =
-                code.as_deref().is_some_and(|c| THROTTLE_CODES.contains(&c)) || status == 429;
-            let transient = code
-                .as_deref()
-                .is_some_and(|c| TRANSIENT_CODES.contains(&c))
-                || status >= 500;
-            let msg = se.err().message().unwrap_or("no message");
-            Failure {
-                reason: format!(
-                    "{} (HTTP {status}): {msg}",
-                    code.as_deref().unwrap_or("error")
-                ),
-                code,
-                retryable: throttled || transient,
-                throttled,
-            }
-        }
-        SdkError::TimeoutError(_) => Failure::transient("request timed out".into()),
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Failure::transient(format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&err)))
-        }
-        _ => Failure {
-            code: None,
-            reason: format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&err)),
-            retryable: false,
-            throttled: false,
-        },
-    }
+    scalez::aws_error::classify(&err, &[])
 }
 
 /// Spaces requests at least `1 / rate` apart (no bursts above the rate).
@@ -152,14 +90,11 @@ impl CallStats {
 }
 
 /// Retries of one call: 10 attempts, backoff 100 ms doubling to 10 s, full jitter.
-pub const ATTEMPTS: u32 = 10;
-const BASE: Duration = Duration::from_millis(100);
-const CAP: Duration = Duration::from_secs(10);
-
-pub fn backoff(attempt: u32) -> Duration {
-    let ceiling = BASE.saturating_mul(1 << attempt.min(16)).min(CAP);
-    ceiling.mul_f64(rand::random::<f64>())
-}
+pub const RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 10,
+    base: Duration::from_millis(100),
+    cap: Duration::from_secs(10),
+};
 
 /// Runs `f` until it succeeds, fails for good or runs out of attempts; each attempt waits for
 /// the rate limiter. `what` names the operation and object in the error.
@@ -186,7 +121,7 @@ where
                     stats.throttled.fetch_add(1, Ordering::Relaxed);
                 }
                 attempt += 1;
-                if !fail.retryable || attempt >= ATTEMPTS {
+                if !fail.retryable || attempt >= RETRY.max_attempts {
                     return Err(AgentError::Aws {
                         what: what(),
                         code: fail.code,
@@ -198,7 +133,7 @@ where
                     });
                 }
                 stats.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(RETRY.delay(attempt)).await;
             }
         }
     }
@@ -262,15 +197,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_stays_under_its_cap() {
-        for attempt in 0..40 {
-            let d = backoff(attempt);
-            assert!(d <= CAP, "attempt {attempt}: {d:?}");
-            assert!(d <= BASE * (1 << attempt.min(16)));
-        }
-    }
-
-    #[test]
     fn rate_limiter_spaces_requests() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -302,9 +228,8 @@ mod tests {
                 if fail {
                     Err(Failure {
                         code: Some("RequestThrottledException".into()),
-                        reason: "slow down".into(),
-                        retryable: true,
                         throttled: true,
+                        ..Failure::transient("slow down".into())
                     })
                 } else {
                     Ok(7)
@@ -323,9 +248,7 @@ mod tests {
                 || async {
                     Err::<(), _>(Failure {
                         code: Some("ValidationException".into()),
-                        reason: "bad token".into(),
-                        retryable: false,
-                        throttled: false,
+                        ..Failure::fatal("bad token".into())
                     })
                 },
             ))

@@ -31,7 +31,7 @@ fn check_ssize(r: libc::ssize_t) -> io::Result<usize> {
 }
 
 /// Opens directory `path` (following symlinks: used for a restore target the user named).
-pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str().as_bytes())?;
     // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
     let fd = check(unsafe {
@@ -45,7 +45,7 @@ pub fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Opens child directory `name` of `dir`, refusing a symlink (ELOOP) or a non-directory (ENOTDIR).
-pub fn open_dir_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
     // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
     let fd = check(unsafe {
@@ -60,7 +60,7 @@ pub fn open_dir_at(dir: RawFd, name: &[u8]) -> io::Result<OwnedFd> {
 }
 
 /// Creates file `name` in `dir` exclusively (never through a symlink), mode 0600.
-pub fn create_excl_at(dir: RawFd, name: &[u8]) -> io::Result<std::fs::File> {
+pub(crate) fn create_excl_at(dir: RawFd, name: &[u8]) -> io::Result<std::fs::File> {
     let c = cstr(name)?;
     // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
     let fd = check(unsafe {
@@ -78,7 +78,7 @@ pub fn create_excl_at(dir: RawFd, name: &[u8]) -> io::Result<std::fs::File> {
 /// An `O_PATH` handle on `path` (following symlinks only if `follow`): a name pinned to its
 /// inode, for `fstat` (`File::metadata`), [`read_link`], [`list_xattrs`] and as the base of
 /// `*at` calls; it cannot read data.
-pub fn open_path(path: &Path, follow: bool) -> io::Result<std::fs::File> {
+pub(crate) fn open_path(path: &Path, follow: bool) -> io::Result<std::fs::File> {
     let c = cstr(path.as_os_str().as_bytes())?;
     let nofollow = if follow { 0 } else { libc::O_NOFOLLOW };
     // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
@@ -88,7 +88,7 @@ pub fn open_path(path: &Path, follow: bool) -> io::Result<std::fs::File> {
 }
 
 /// An `O_PATH` handle on entry `name` of directory `dir` itself (a symlink is not followed).
-pub fn open_path_at(dir: RawFd, name: &[u8]) -> io::Result<std::fs::File> {
+pub(crate) fn open_path_at(dir: RawFd, name: &[u8]) -> io::Result<std::fs::File> {
     let c = cstr(name)?;
     // SAFETY: a NUL-terminated name and a directory fd the caller owns; checked before use.
     let fd = check(unsafe {
@@ -111,7 +111,7 @@ fn proc_fd(fd: &impl AsRawFd) -> String {
 /// The names in directory `dir` (an `O_PATH` or open directory handle), without `.` and `..`,
 /// unsorted. Read through the handle's `/proc/self/fd` entry, so it is that directory even if
 /// its path now leads elsewhere.
-pub fn list_dir(dir: &impl AsRawFd) -> io::Result<Vec<Vec<u8>>> {
+pub(crate) fn list_dir(dir: &impl AsRawFd) -> io::Result<Vec<Vec<u8>>> {
     let mut names = Vec::new();
     for d in std::fs::read_dir(proc_fd(dir))? {
         names.push(d?.file_name().as_bytes().to_vec());
@@ -120,7 +120,7 @@ pub fn list_dir(dir: &impl AsRawFd) -> io::Result<Vec<Vec<u8>>> {
 }
 
 /// The target of the symlink `link` (an `O_PATH | O_NOFOLLOW` handle on it).
-pub fn read_link(link: &impl AsRawFd) -> io::Result<Vec<u8>> {
+pub(crate) fn read_link(link: &impl AsRawFd) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 256];
     loop {
         // SAFETY: an empty NUL-terminated path names the fd's own inode (readlinkat(2)); at
@@ -159,7 +159,7 @@ struct OpenHow {
 /// [`reopen_read`]). ELOOP when a component is a symlink. `openat2(RESOLVE_BENEATH |
 /// RESOLVE_NO_SYMLINKS)` where the kernel has it (5.6), else the same walk one
 /// `openat(O_NOFOLLOW)` per component.
-pub fn open_path_beneath(dir: RawFd, rel: &[u8]) -> io::Result<std::fs::File> {
+pub(crate) fn open_path_beneath(dir: RawFd, rel: &[u8]) -> io::Result<std::fs::File> {
     let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
     match openat2_beneath(dir, rel, flags) {
         // No openat2 (a kernel before 5.6, or a seccomp filter refusing it), or a path longer
@@ -179,7 +179,7 @@ pub fn open_path_beneath(dir: RawFd, rel: &[u8]) -> io::Result<std::fs::File> {
 /// Opens the node `handle` holds (an `O_PATH` handle) for reading, through its
 /// `/proc/self/fd` entry: that inode, whatever its path leads to now. O_NOATIME when allowed;
 /// O_NONBLOCK so that no open blocks.
-pub fn reopen_read(handle: &impl AsRawFd) -> io::Result<std::fs::File> {
+pub(crate) fn reopen_read(handle: &impl AsRawFd) -> io::Result<std::fs::File> {
     let c = cstr(proc_fd(handle).as_bytes())?;
     let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: a NUL-terminated path from `cstr`; the result is checked before use.
@@ -195,7 +195,7 @@ pub fn reopen_read(handle: &impl AsRawFd) -> io::Result<std::fs::File> {
 
 /// Raises this process's soft limit on open descriptors to `want` (never above the hard limit,
 /// never lowering it). Best effort: the limit stays as it was if the call fails.
-pub fn raise_fd_limit(want: u64) {
+pub(crate) fn raise_fd_limit(want: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -220,7 +220,7 @@ const MAX_SYMLINK_HOPS: u32 = 40;
 /// write (`/var/run -> /run`, not a link in /tmp or in a user's home). Returns the handle of
 /// each component of `path` (the directory it resolves to), `/` first: where a backup's source
 /// is, resolved so that no other user can redirect it.
-pub fn open_dir_trusted(path: &Path) -> io::Result<Vec<std::fs::File>> {
+pub(crate) fn open_dir_trusted(path: &Path) -> io::Result<Vec<std::fs::File>> {
     let mut hops = 0;
     let mut out = vec![open_path(Path::new("/"), false)?];
     for c in path.components() {
@@ -338,7 +338,7 @@ fn open_beneath_by_hand(dir: RawFd, rel: &[u8], flags: libc::c_int) -> io::Resul
 }
 
 /// lstat-like `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`; `None` when it does not exist.
-pub fn stat_at(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
+pub(crate) fn stat_at(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
     let c = cstr(name)?;
     // SAFETY: an all-zero bit pattern is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -355,64 +355,56 @@ pub fn stat_at(dir: RawFd, name: &[u8]) -> io::Result<Option<libc::stat>> {
     Ok(Some(st))
 }
 
-pub fn mkdir_at(dir: RawFd, name: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn mkdir_at(dir: RawFd, name: &[u8], mode: u32) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::mkdirat(dir, c.as_ptr(), mode as libc::mode_t) }).map(|_| ())
 }
 
-pub fn symlink_at(target: &[u8], dir: RawFd, name: &[u8]) -> io::Result<()> {
+pub(crate) fn symlink_at(target: &[u8], dir: RawFd, name: &[u8]) -> io::Result<()> {
     let (t, c) = (cstr(target)?, cstr(name)?);
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::symlinkat(t.as_ptr(), dir, c.as_ptr()) }).map(|_| ())
 }
 
-pub fn mknod_at(dir: RawFd, name: &[u8], mode: u32, rdev: u64) -> io::Result<()> {
+pub(crate) fn mknod_at(dir: RawFd, name: &[u8], mode: u32, rdev: u64) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::mknodat(dir, c.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) })
         .map(|_| ())
 }
 
-pub fn link_at(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8]) -> io::Result<()> {
+pub(crate) fn link_at(from_dir: RawFd, from: &[u8], to_dir: RawFd, to: &[u8]) -> io::Result<()> {
     let (f, t) = (cstr(from)?, cstr(to)?);
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::linkat(from_dir, f.as_ptr(), to_dir, t.as_ptr(), 0) }).map(|_| ())
 }
 
-pub fn rename_at(dir: RawFd, from: &[u8], to: &[u8]) -> io::Result<()> {
+pub(crate) fn rename_at(dir: RawFd, from: &[u8], to: &[u8]) -> io::Result<()> {
     let (f, t) = (cstr(from)?, cstr(to)?);
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::renameat(dir, f.as_ptr(), dir, t.as_ptr()) }).map(|_| ())
 }
 
 /// Removes `name` (a directory only if `dir_flag` and it is empty).
-pub fn unlink_at(dir: RawFd, name: &[u8], dir_flag: bool) -> io::Result<()> {
+pub(crate) fn unlink_at(dir: RawFd, name: &[u8], dir_flag: bool) -> io::Result<()> {
     let c = cstr(name)?;
     let flags = if dir_flag { libc::AT_REMOVEDIR } else { 0 };
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::unlinkat(dir, c.as_ptr(), flags) }).map(|_| ())
 }
 
-/// Owner of `name` itself (not a symlink's target).
-pub fn chown_at(dir: RawFd, name: &[u8], uid: u32, gid: u32) -> io::Result<()> {
-    let c = cstr(name)?;
-    // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
-    check(unsafe { libc::fchownat(dir, c.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) })
-        .map(|_| ())
-}
-
 /// A node just created in `dir` (by `mknodat` or `symlinkat`), pinned by an `O_PATH |
 /// O_NOFOLLOW` descriptor so its metadata is changed on that inode and never through a name
 /// another user could swap in the meantime (for a symlink to /etc/shadow, or a hard link to
 /// it). Opening checks that the inode is of the type just created and has one link.
-pub struct Node {
+pub(crate) struct Node {
     fd: OwnedFd,
 }
 
 impl Node {
     /// Opens `name` in `dir`; `kind` is the expected `S_IFMT` bits.
-    pub fn open_at(dir: RawFd, name: &[u8], kind: u32) -> io::Result<Node> {
+    pub(crate) fn open_at(dir: RawFd, name: &[u8], kind: u32) -> io::Result<Node> {
         let fd: OwnedFd = open_path_at(dir, name)?.into();
         // SAFETY: fstat writes into a zeroed stat of the right type.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -427,7 +419,7 @@ impl Node {
     }
 
     /// Owner of the pinned inode (`AT_EMPTY_PATH` on the descriptor).
-    pub fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
+    pub(crate) fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
         // SAFETY: an empty NUL-terminated path with AT_EMPTY_PATH names the fd's own inode.
         check(unsafe {
             libc::fchownat(
@@ -445,7 +437,7 @@ impl Node {
     /// `O_PATH` descriptors, so this goes through the descriptor's `/proc/self/fd` entry, which
     /// resolves to the inode itself, not to a name; without /proc it fails (never falls back
     /// to the name).
-    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+    pub(crate) fn chmod(&self, mode: u32) -> io::Result<()> {
         let path = cstr(format!("/proc/self/fd/{}", self.fd.as_raw_fd()).as_bytes())?;
         // SAFETY: a NUL-terminated path; fchmodat does not keep it.
         check(unsafe { libc::fchmodat(libc::AT_FDCWD, path.as_ptr(), mode as libc::mode_t, 0) })
@@ -461,7 +453,7 @@ fn timespec(ns: i64) -> libc::timespec {
 }
 
 /// Sets atime and mtime of `name` itself (not a symlink's target).
-pub fn utimes_at(dir: RawFd, name: &[u8], mtime_ns: i64) -> io::Result<()> {
+pub(crate) fn utimes_at(dir: RawFd, name: &[u8], mtime_ns: i64) -> io::Result<()> {
     let c = cstr(name)?;
     let t = [timespec(mtime_ns), timespec(mtime_ns)];
     // SAFETY: two timespecs, as the call expects; the name (if any) is NUL-terminated.
@@ -469,23 +461,23 @@ pub fn utimes_at(dir: RawFd, name: &[u8], mtime_ns: i64) -> io::Result<()> {
         .map(|_| ())
 }
 
-pub fn futimes(fd: &impl AsRawFd, mtime_ns: i64) -> io::Result<()> {
+pub(crate) fn futimes(fd: &impl AsRawFd, mtime_ns: i64) -> io::Result<()> {
     let t = [timespec(mtime_ns), timespec(mtime_ns)];
     // SAFETY: two timespecs, as the call expects; the name (if any) is NUL-terminated.
     check(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) }).map(|_| ())
 }
 
-pub fn fchown(fd: &impl AsRawFd, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn fchown(fd: &impl AsRawFd, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(|_| ())
 }
 
-pub fn fchmod(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
+pub(crate) fn fchmod(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
     // SAFETY: NUL-terminated names from `cstr`, descriptors the caller owns; nothing is kept.
     check(unsafe { libc::fchmod(fd.as_raw_fd(), mode as libc::mode_t) }).map(|_| ())
 }
 
-pub fn fsetxattr(fd: &impl AsRawFd, name: &[u8], value: &[u8]) -> io::Result<()> {
+pub(crate) fn fsetxattr(fd: &impl AsRawFd, name: &[u8], value: &[u8]) -> io::Result<()> {
     let c = cstr(name)?;
     // SAFETY: name NUL-terminated, value pointer and length from one slice.
     check(unsafe {
@@ -503,7 +495,7 @@ pub fn fsetxattr(fd: &impl AsRawFd, name: &[u8], value: &[u8]) -> io::Result<()>
 /// The extended attributes of the inode `node` holds (an `O_PATH` handle: a symlink's own
 /// when it is one), sorted by name. Read through the handle's `/proc/self/fd` entry, which
 /// resolves to that inode and no further. A file system without xattr support gives none.
-pub fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub(crate) fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = cstr(proc_fd(node).as_bytes())?;
     let mut names = vec![0u8; 1024];
     let n = loop {
@@ -567,7 +559,7 @@ pub fn list_xattrs(node: &impl AsRawFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 
 /// Data regions (offset, length) of an open file by SEEK_DATA/SEEK_HOLE, or None when the file
 /// system cannot tell (then the whole file is data).
-pub fn data_regions(file: &std::fs::File, size: u64) -> Option<Vec<(u64, u64)>> {
+pub(crate) fn data_regions(file: &std::fs::File, size: u64) -> Option<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
     let mut pos: i64 = 0;
@@ -596,13 +588,13 @@ pub fn data_regions(file: &std::fs::File, size: u64) -> Option<Vec<(u64, u64)>> 
 
 /// User and group names by id, cached.
 #[derive(Default)]
-pub struct Names {
+pub(crate) struct Names {
     users: std::collections::HashMap<u32, Vec<u8>>,
     groups: std::collections::HashMap<u32, Vec<u8>>,
 }
 
 impl Names {
-    pub fn user(&mut self, uid: u32) -> Vec<u8> {
+    pub(crate) fn user(&mut self, uid: u32) -> Vec<u8> {
         self.users
             .entry(uid)
             .or_insert_with(|| {
@@ -624,7 +616,7 @@ impl Names {
             .clone()
     }
 
-    pub fn group(&mut self, gid: u32) -> Vec<u8> {
+    pub(crate) fn group(&mut self, gid: u32) -> Vec<u8> {
         self.groups
             .entry(gid)
             .or_insert_with(|| {
@@ -648,7 +640,7 @@ impl Names {
 }
 
 /// Display form of a raw path (lossy for non-UTF-8 bytes).
-pub fn show(path: &[u8]) -> String {
+pub(crate) fn show(path: &[u8]) -> String {
     Path::new(OsStr::from_bytes(path)).display().to_string()
 }
 

@@ -35,17 +35,21 @@
 //!   failed backup deletes the snapshot it made and commits nothing; a failed restore deletes the
 //!   pending snapshot instead of completing it.
 
+// Every `pub` item is reachable from the crate root (or it is `pub(crate)`), so the public
+// surface is what lib.rs exports and nothing else.
+#![warn(unreachable_pub)]
+
 pub mod aws;
 pub mod block;
 pub mod ebs;
 pub mod ec2;
-pub mod error;
+mod error;
 pub mod file;
 pub mod file_restore;
-pub mod fsx;
+mod fsx;
 pub mod kafka;
 pub mod pipeline;
-pub mod progress;
+mod progress;
 pub mod stream;
 
 pub use error::AgentError;

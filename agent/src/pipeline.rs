@@ -77,7 +77,7 @@ pub fn hostname() -> String {
 /// `abandoned`: what abandoning the session returned.
 pub(crate) fn session_cause(e: AgentError, abandoned: Option<scalez::Error>) -> AgentError {
     match (e, abandoned) {
-        (AgentError::Vault(scalez::Error::SessionFailed(_)), Some(real)) => real.into(),
+        (AgentError::Vault(scalez::Error::WriterStopped { .. }), Some(real)) => real.into(),
         (e, _) => e,
     }
 }

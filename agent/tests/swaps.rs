@@ -9,7 +9,7 @@ use std::path::Path;
 use agent::file::{backup_files, set_race_hook, FileBackupOptions, RaceWindow};
 use agent::file_restore::{restore_files, FileRestoreOptions};
 use agent::pipeline::{backup_block, restore_block, BackupOptions, RestoreOptions};
-use agent::progress::NoProgress;
+use agent::NoProgress;
 
 mod common;
 use common::vault;

@@ -63,10 +63,17 @@ fn main() {
 
 fn exit_code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
+        // A vault error may also travel inside an io::Error (the mount views, readers).
+        let inner = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|e| e as &(dyn std::error::Error + 'static));
         let scalez = match cause.downcast_ref::<agent::AgentError>() {
             Some(agent::AgentError::Cancelled) => return 130,
             Some(agent::AgentError::Vault(v)) => Some(v),
-            _ => cause.downcast_ref::<scalez::Error>(),
+            _ => cause
+                .downcast_ref::<scalez::Error>()
+                .or_else(|| inner.and_then(|e| e.downcast_ref::<scalez::Error>())),
         };
         match scalez {
             Some(scalez::Error::Corrupt { .. }) | Some(scalez::Error::MissingChunk { .. }) => {
@@ -78,4 +85,23 @@ fn exit_code(e: &anyhow::Error) -> i32 {
         }
     }
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn damage_is_exit_3_even_inside_an_io_error() {
+        let corrupt = || scalez::Error::Corrupt {
+            location: "v".into(),
+            key: "packs/x".into(),
+            detail: "bad".into(),
+        };
+        assert_eq!(exit_code(&anyhow::Error::from(corrupt())), 3);
+        let wrapped = anyhow::Error::from(std::io::Error::from(corrupt())).context("mounting");
+        assert_eq!(exit_code(&wrapped), 3);
+        let plain = anyhow::Error::from(std::io::Error::other("no such file"));
+        assert_eq!(exit_code(&plain), 1);
+    }
 }

@@ -20,6 +20,10 @@
 //! further, per connection and server-wide) and the cache sizes, not by request sizes or counts;
 //! no NBD connection lives forever without progress (handshake, idle and write timeouts).
 
+// Every `pub` item is reachable from the crate root (or it is `pub(crate)`), so the public
+// surface is what lib.rs exports and nothing else.
+#![warn(unreachable_pub)]
+
 pub mod ext4;
 pub mod fuse;
 pub mod nbd;

@@ -234,7 +234,7 @@ pub fn save_as_rp(
         // A stopped pack writer is explained by the session's own error.
         Err(e) => {
             return Err(match (e, writer.abandon()) {
-                (scalez::Error::SessionFailed(_), Some(real)) => real,
+                (scalez::Error::WriterStopped { .. }, Some(real)) => real,
                 (e, _) => e,
             })
         }

@@ -191,9 +191,7 @@ impl TreeView {
     }
 
     fn chunk(&self, id: &ChunkId, len: u32) -> scalez::Result<Arc<Vec<u8>>> {
-        self.cache.get_or_load(id, |spare| {
-            self.vault.read_chunk_sized(id, len, "the file tree", spare)
-        })
+        self.cache.get_sized(&self.vault, id, len, "the file tree")
     }
 
     /// Copies file data bytes [`from`, `from + out.len()`) (offsets in the chunk stream).

@@ -12,6 +12,7 @@ use lru::LruCache;
 
 use crate::error::Result;
 use crate::ids::ChunkId;
+use crate::vault::Vault;
 
 /// Evicted buffers kept for reuse (8 MiB at the default disk chunk size).
 const SPARE_MAX: usize = 64;
@@ -123,6 +124,23 @@ impl ChunkCache {
             loading.remove(id);
         }
         result
+    }
+
+    /// Chunk `id` of `len` bytes, as `what` (a stream map, a file tree) names it: read from
+    /// `vault` on a miss, and checked against `len` on every use, since a damaged structure can
+    /// name one chunk with two lengths and the cache holds the chunk by id alone.
+    pub fn get_sized(
+        &self,
+        vault: &Vault,
+        id: &ChunkId,
+        len: u32,
+        what: &str,
+    ) -> Result<Arc<Vec<u8>>> {
+        let data = self.get_or_load(id, |spare| vault.read_chunk_sized(id, len, what, spare))?;
+        if data.len() != len as usize {
+            return Err(vault.chunk_len_error(id, data.len(), len, what));
+        }
+        Ok(data)
     }
 
     /// Loads the chunks of `run` that are neither cached nor being loaded by someone else, all
@@ -243,5 +261,22 @@ mod tests {
             })
             .unwrap();
         assert_eq!(*cache.get(&id(3)).unwrap(), vec![3; 10]);
+    }
+
+    #[test]
+    fn a_chunk_named_with_two_lengths_is_damage_not_a_panic() {
+        let vault = crate::testing::memory_vault(4096);
+        let mut session = crate::BackupSession::new(vault.clone()).unwrap();
+        let id = session.store_blob(&[5u8; 100]).unwrap();
+        session.finish().unwrap();
+        let cache = ChunkCache::new(1 << 20);
+        assert_eq!(
+            cache.get_sized(&vault, &id, 100, "the map").unwrap().len(),
+            100
+        );
+        // Cached now: the second, wrong length is still caught.
+        let err = cache.get_sized(&vault, &id, 90, "the map").unwrap_err();
+        assert!(matches!(err, crate::Error::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("the map says 90"), "{err}");
     }
 }

@@ -46,8 +46,13 @@ pub enum Error {
     },
     #[error("invalid vault parameter: {0}")]
     InvalidParameter(String),
+    /// A bug or an impossible state of a backup session (never a user's doing).
     #[error("the backup session stopped: {0}")]
     SessionFailed(String),
+    /// A session's background writer stopped on an error of its own, which finishing or
+    /// abandoning the session returns: that error is the one to report, not this one.
+    #[error("the {what} stopped; its own error is reported when the session ends")]
+    WriterStopped { what: &'static str },
     /// A backup raced a prune (its lease went stale, or a pack it relies on was condemned or
     /// deleted: the RP it was writing was not committed), or a prune raced another prune
     /// (nothing was deleted). Running `what` again is safe and expected.

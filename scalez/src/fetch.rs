@@ -65,13 +65,18 @@ impl Vault {
     ) -> Result<Vec<u8>> {
         let data = self.fetch_chunk(id, Verify::Rehash, spare)?;
         if data.len() != len as usize {
-            let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
-            return Err(self.corrupt(
-                &key,
-                format!("chunk {id} has {} bytes, {what} says {len}", data.len()),
-            ));
+            return Err(self.chunk_len_error(id, data.len(), len, what));
         }
         Ok(data)
+    }
+
+    /// Chunk `id` has `have` bytes where `what` says `len`: damage, named by the chunk's pack.
+    pub(crate) fn chunk_len_error(&self, id: &ChunkId, have: usize, len: u32, what: &str) -> Error {
+        let key = self.locate(id).map(|l| l.pack.key()).unwrap_or_default();
+        self.corrupt(
+            &key,
+            format!("chunk {id} has {have} bytes, {what} says {len}"),
+        )
     }
 
     fn fetch_chunk(
@@ -391,7 +396,7 @@ impl ReadRun {
 
 impl FetchedChunks {
     /// The first half of [`Vault::read_disk_chunks_to`]: fetches the sealed chunks of `slots`,
-    /// with one ranged read when one can cover them all (see [`Vault::run_extend`]), else one
+    /// with one ranged read when one can cover them all (see [`ReadRun::extend`]), else one
     /// per chunk. A restore fetches before it takes a buffer to decode into, so buffers are not
     /// held while requests are in flight.
     pub fn fetch(vault: &Vault, slots: &[(u64, ChunkId)]) -> Result<FetchedChunks> {

@@ -21,9 +21,11 @@
 //!   may condemn a recorded pack; every recorded pack must still exist. Otherwise the backup fails
 //!   ("run it again") and commits nothing.
 //! * B4. Write the catalog entry, then delete the lease.
-//! * P1. Delete the expired RPs' catalog entries. Compute the referenced chunks from every
-//!   remaining RP (map pages included) and the dead packs: packs none of whose index entries (in
-//!   any index object, duplicates included) is referenced.
+//! * P1. Compute the referenced chunks from every RP retention keeps (map pages included) and
+//!   the dead packs: packs none of whose index entries (in any index object, duplicates
+//!   included) is referenced. Then delete the expired RPs' catalog entries (a prune that fails
+//!   before this point deleted nothing). Every RP not kept here, committed at any time since the
+//!   listing, is caught by P4.
 //! * P2. Write the plan (condemned = dead packs older than the grace period, sessions = live
 //!   leases).
 //! * P3. Wait until every lease of the plan is gone or stale.

@@ -9,7 +9,7 @@
 //!   content-defined for files and streams (FastCDC). All-zero disk chunks are never stored.
 //! * A chunk's id is BLAKE3 keyed with a vault secret ([`crypto`]); its payload is zstd then
 //!   AES-256-GCM, sealed with its id as associated data.
-//! * Sealed chunks are appended to **packs** ([`pack`]); **index** objects ([`index`]) map chunk ids
+//! * Sealed chunks are appended to **packs** (FORMAT.md, "Packs"); **index** objects ([`index`]) map chunk ids
 //!   to (pack, offset, length). The in-memory index is the union of all index objects.
 //! * A disk RP's block map is a tree of content-addressed **map pages** ([`disk_map`]) stored as
 //!   chunks, so an incremental RP writes only changed pages.
@@ -18,8 +18,8 @@
 //! ## Invariants
 //! 1. Objects are immutable: packs, index objects and catalog entries are written with create-only
 //!    puts under random or content-derived names. Tag changes are new objects, never edits.
-//! 2. Write order is packs → index objects → catalog entry ([`session::BackupSession::finish`] must
-//!    return before [`session::BackupSession::commit`]). A crash at any point leaves only
+//! 2. Write order is packs → index objects → catalog entry ([`BackupSession::finish`] must
+//!    return before [`BackupSession::commit`]). A crash at any point leaves only
 //!    unreferenced garbage; an RP is visible only once complete.
 //! 3. An RP is self-contained: its map references every chunk directly; restoring never walks a
 //!    chain of parents.
@@ -37,7 +37,7 @@
 //! 7. Anyone with write access to the store can plant objects: names that are not canonical are
 //!    ignored, listing sizes are capped before anything is allocated, unauthenticated key files
 //!    are skipped when damaged and their KDF cost is capped before hashing (see FORMAT.md).
-//! 8. What an RP references is defined once, by [`walk`]: prune's mark and spare steps and check
+//! 8. What an RP references is defined once, by one walk (`walk::for_each_chunk`): prune's mark and spare steps and check
 //!    all use it, so they cannot disagree about what must be kept.
 //!
 //! ## Concurrency
@@ -53,31 +53,37 @@
 //! Deleting data is the one exception to immutability; [`gc`] documents the protocol (backup
 //! leases, prune plans, the pre-commit check) and the table of races it covers.
 
+// Every `pub` item is reachable from the crate root (or it is `pub(crate)`), so the public
+// surface is what lib.rs exports and nothing else.
+#![warn(unreachable_pub)]
+
+#[cfg(feature = "aws")]
+pub mod aws_error;
 pub mod cache;
 pub mod catalog;
 pub mod check;
 pub mod crypto;
 pub mod disk_map;
 pub mod disk_writer;
-pub mod error;
+mod error;
 pub mod fetch;
 pub mod format;
 pub mod gc;
-pub mod ids;
+mod ids;
 pub mod index;
 mod keyring;
-pub mod pack;
+mod pack;
 pub mod prune;
 pub mod reader;
 pub mod retention;
-pub mod session;
+mod session;
 pub mod store;
 pub mod stream_map;
 #[doc(hidden)]
 pub mod testing;
 pub mod tree;
 pub mod vault;
-pub mod walk;
+mod walk;
 
 pub use catalog::{
     Asset, DiskMapRef, InstanceRecord, InstanceVolume, RecoveryPoint, RpBody, RpDraft, RpFigures,

@@ -15,22 +15,22 @@ use crate::crypto::{CryptoError, Keys};
 use crate::ids::{ChunkId, PackId};
 
 /// Frozen magic numbers (format version 1).
-pub use crate::format::{PACK_MAGIC, TRAILER_MAGIC};
+pub(crate) use crate::format::{PACK_MAGIC, TRAILER_MAGIC};
 const ENTRY_LEN: usize = 40;
 
 /// Where one chunk sits in a pack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PackEntry {
+pub(crate) struct PackEntry {
     pub id: ChunkId,
     pub offset: u32,
     pub len: u32,
 }
 
-pub use crate::format::chunk_aad;
+pub(crate) use crate::format::chunk_aad;
 use crate::format::trailer_aad;
 
 /// Accumulates sealed chunks in memory until the pack is full.
-pub struct PackBuilder {
+pub(crate) struct PackBuilder {
     id: PackId,
     buf: Vec<u8>,
     entries: Vec<PackEntry>,
@@ -43,12 +43,12 @@ impl Default for PackBuilder {
 }
 
 impl PackBuilder {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::with_capacity(0)
     }
 
     /// A builder whose buffer will not reallocate for a pack of about `target` bytes.
-    pub fn with_capacity(target: usize) -> Self {
+    pub(crate) fn with_capacity(target: usize) -> Self {
         // Room for the last chunk that crosses the target and the trailer.
         let mut buf = Vec::with_capacity(if target == 0 { 0 } else { target + (2 << 20) });
         buf.extend_from_slice(PACK_MAGIC);
@@ -59,11 +59,7 @@ impl PackBuilder {
         }
     }
 
-    pub fn id(&self) -> PackId {
-        self.id
-    }
-
-    pub fn add(&mut self, id: ChunkId, sealed: &[u8]) {
+    pub(crate) fn add(&mut self, id: ChunkId, sealed: &[u8]) {
         let offset = u32::try_from(self.buf.len()).expect("packs stay below 4 GiB");
         self.buf.extend_from_slice(sealed);
         self.entries.push(PackEntry {
@@ -74,16 +70,16 @@ impl PackBuilder {
     }
 
     /// Bytes so far (the pack object will be this plus the trailer).
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.buf.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// The finished object and its entries.
-    pub fn finish(mut self, keys: &Keys) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+    pub(crate) fn finish(mut self, keys: &Keys) -> (PackId, Vec<u8>, Vec<PackEntry>) {
         let mut plain = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
         for e in &self.entries {
             plain.extend_from_slice(&e.id.0);
@@ -100,7 +96,7 @@ impl PackBuilder {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PackError {
+pub(crate) enum PackError {
     #[error("not a pack (bad magic)")]
     BadMagic,
     #[error("trailer: {0}")]
@@ -110,7 +106,11 @@ pub enum PackError {
 }
 
 /// Decodes the entries of a whole pack object, checking its framing and trailer.
-pub fn read_entries(keys: &Keys, pack: &PackId, data: &[u8]) -> Result<Vec<PackEntry>, PackError> {
+pub(crate) fn read_entries(
+    keys: &Keys,
+    pack: &PackId,
+    data: &[u8],
+) -> Result<Vec<PackEntry>, PackError> {
     if data.len() < PACK_MAGIC.len() + 8
         || &data[..8] != PACK_MAGIC
         || !data.ends_with(TRAILER_MAGIC)
@@ -129,7 +129,7 @@ pub fn read_entries(keys: &Keys, pack: &PackId, data: &[u8]) -> Result<Vec<PackE
 /// Decodes a pack's sealed trailer alone (`sealed`: the bytes between the last chunk and the
 /// 8-byte tail), given where it starts in the pack: what `check` reads with two ranged reads
 /// instead of the whole pack.
-pub fn read_trailer(
+pub(crate) fn read_trailer(
     keys: &Keys,
     pack: &PackId,
     sealed: &[u8],

@@ -132,9 +132,9 @@ impl BackupSession {
         let tx = self.tx.as_ref().expect("session not finished");
         if tx.send((id, sealed)).is_err() {
             // The packer stopped on an error; `finish` reports it.
-            return Err(Error::SessionFailed(
-                "the pack writer stopped; see the error at the end of the backup".into(),
-            ));
+            return Err(Error::WriterStopped {
+                what: "pack writer",
+            });
         }
         Ok(true)
     }
@@ -150,9 +150,9 @@ impl BackupSession {
             .fetch_add(sealed.len() as u64, Ordering::Relaxed);
         let tx = self.tx.as_ref().expect("session not finished");
         if tx.send((id, sealed)).is_err() {
-            return Err(Error::SessionFailed(
-                "the pack writer stopped; see the error at the end".into(),
-            ));
+            return Err(Error::WriterStopped {
+                what: "pack writer",
+            });
         }
         Ok(true)
     }
@@ -293,9 +293,9 @@ fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result
         // Waits for every pack in flight (before an index object that names them, and at the end).
         let drain = |outstanding: &mut usize, stats: &mut SessionStats| -> Result<()> {
             while *outstanding > 0 {
-                let r = done_rx
-                    .recv()
-                    .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
+                let r = done_rx.recv().map_err(|_| Error::WriterStopped {
+                    what: "pack writers",
+                })?;
                 *outstanding -= 1;
                 settle(r, stats)?;
             }
@@ -310,7 +310,9 @@ fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result
                     }
                     packs_tx
                         .send((key, bytes))
-                        .map_err(|_| Error::SessionFailed("the pack writers stopped".into()))?;
+                        .map_err(|_| Error::WriterStopped {
+                            what: "pack writers",
+                        })?;
                     outstanding += 1;
                 }
                 Upload::Index { entries } => {
@@ -385,10 +387,9 @@ impl Packer {
             return Ok(());
         }
         // The uploader stopped: its error is the one to report.
-        Err(self
-            .join()
-            .err()
-            .unwrap_or_else(|| Error::SessionFailed("the upload thread stopped".into())))
+        Err(self.join().err().unwrap_or(Error::WriterStopped {
+            what: "upload thread",
+        }))
     }
 
     fn join(&mut self) -> Result<SessionStats> {

@@ -138,10 +138,8 @@ impl StreamReader {
 
     fn chunk(&self, i: usize) -> Result<std::sync::Arc<Vec<u8>>> {
         let (_, id, len) = self.chunks[i];
-        self.cache.get_or_load(&id, |spare| {
-            self.vault
-                .read_chunk_sized(&id, len, "the stream map", spare)
-        })
+        self.cache
+            .get_sized(&self.vault, &id, len, "the stream map")
     }
 
     /// Appends up to `len` bytes from `offset` (fewer at the end of the stream).

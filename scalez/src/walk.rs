@@ -30,18 +30,18 @@ use crate::vault::Vault;
 
 /// What to do with a part of an RP that cannot be read: `Err` stops the walk with that error,
 /// `Ok` skips the part.
-pub type OnDamage<'a> = &'a mut dyn FnMut(Error) -> Result<()>;
+pub(crate) type OnDamage<'a> = &'a mut dyn FnMut(Error) -> Result<()>;
 
 /// Called with every chunk the RP references; an error stops the walk.
-pub type OnChunk<'a> = &'a mut dyn FnMut(&ChunkId) -> Result<()>;
+pub(crate) type OnChunk<'a> = &'a mut dyn FnMut(&ChunkId) -> Result<()>;
 
 /// Stops at the first damaged part: the policy of every caller that acts on the result.
-pub fn stop_on_damage(e: Error) -> Result<()> {
+pub(crate) fn stop_on_damage(e: Error) -> Result<()> {
     Err(e)
 }
 
 /// Calls `chunk` for every chunk `rp` references (see the module doc for the order).
-pub fn for_each_chunk(
+pub(crate) fn for_each_chunk(
     vault: &Vault,
     rp: &RecoveryPoint,
     damage: OnDamage<'_>,

@@ -74,7 +74,7 @@ pub(crate) struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
-    pub fn new(src: &'a BlockSource, block_size: usize) -> Self {
+    pub(crate) fn new(src: &'a BlockSource, block_size: usize) -> Self {
         Planner {
             src,
             block_size: block_size as u64,

@@ -24,7 +24,7 @@ struct InFlight {
 
 impl Ring {
     /// Probes io_uring by creating a ring.
-    pub fn new(depth: u32) -> io::Result<Self> {
+    pub(super) fn new(depth: u32) -> io::Result<Self> {
         Ok(Ring {
             ring: IoUring::new(depth)?,
             depth: depth as usize,
@@ -49,7 +49,7 @@ impl Ring {
             .map_err(|_| io::Error::other("io_uring submission queue full"))
     }
 
-    pub fn read_all(
+    pub(super) fn read_all(
         mut self,
         src: &BlockSource,
         plan: Planner<'_>,

@@ -87,12 +87,9 @@ async fn list_page(
 fn check_block_size(size: Option<i32>) -> Result<(), Failure> {
     match size {
         Some(s) if s as usize == EBS_BLOCK => Ok(()),
-        other => Err(Failure {
-            code: None,
-            reason: format!("EBS reported block size {other:?}, expected {EBS_BLOCK}"),
-            retryable: false,
-            throttled: false,
-        }),
+        other => Err(Failure::fatal(format!(
+            "EBS reported block size {other:?}, expected {EBS_BLOCK}"
+        ))),
     }
 }
 
@@ -281,8 +278,9 @@ impl ReadBlocks<'_> {
                 },
                 first_page,
             ));
-            if let Err(e) = &dispatched {
-                let _ = res_tx.send(Err(AgentError::Ebs(e.to_string())));
+            if dispatched.is_err() {
+                // Stops the collector; the dispatcher's own error is the one returned.
+                let _ = res_tx.send(Err(AgentError::Stopped));
             }
             drop(res_tx);
             let collected = collector.join().unwrap_or(Err(AgentError::Panicked));
@@ -457,7 +455,7 @@ async fn fetch_block(
             });
         }
         ctx.block_calls.retries.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(crate::aws::backoff(mismatches)).await;
+        tokio::time::sleep(crate::aws::RETRY.delay(mismatches)).await;
     }
 }
 

@@ -39,7 +39,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// Full jitter: a uniform delay in `[0, min(cap, base * 2^retry))`.
-    fn delay(&self, retry: u32) -> Duration {
+    pub fn delay(&self, retry: u32) -> Duration {
         let ceiling = self
             .base
             .saturating_mul(1u32 << retry.min(20))

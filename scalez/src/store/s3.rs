@@ -39,6 +39,8 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncry
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
+use crate::aws_error::{self, AwsFailure};
+
 use super::{validate_key, ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
 
 /// Objects larger than this are uploaded in parts.
@@ -115,96 +117,22 @@ pub struct S3Store {
 }
 
 /// How a failed request is reported.
-struct Failure {
-    status: Option<u16>,
-    code: Option<String>,
-    reason: String,
-    retryable: bool,
-}
+type Failure = AwsFailure;
 
 type Response = aws_sdk_s3::config::http::HttpResponse;
+
+/// S3 codes worth another attempt beyond the common ones.
+const S3_RETRY_CODES: &[&str] = &["RequestTimeTooSkewed", "ConditionalRequestConflict"];
 
 fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     err: &SdkError<E, Response>,
 ) -> Failure {
-    match err {
-        SdkError::ServiceError(se) => {
-            let e = se.err();
-            let code = e.code().map(str::to_string);
-            let status = se_status(err);
-            let retryable = matches!(status, Some(500 | 502 | 503 | 504 | 409))
-                || matches!(
-                    code.as_deref(),
-                    Some(
-                        "SlowDown"
-                            | "Throttling"
-                            | "ThrottlingException"
-                            | "RequestTimeout"
-                            | "RequestTimeTooSkewed"
-                            | "InternalError"
-                            | "ServiceUnavailable"
-                            | "ConditionalRequestConflict"
-                    )
-                );
-            let message = e.message().unwrap_or_default();
-            Failure {
-                reason: format!(
-                    "HTTP {} {} {}",
-                    status.map_or("?".into(), |s| s.to_string()),
-                    code.as_deref().unwrap_or(""),
-                    message
-                )
-                .trim()
-                .to_string(),
-                status,
-                code,
-                retryable,
-            }
-        }
-        SdkError::TimeoutError(_) => Failure {
-            status: None,
-            code: None,
-            reason: "timed out".into(),
-            retryable: true,
-        },
-        SdkError::DispatchFailure(d) => Failure {
-            status: None,
-            code: None,
-            reason: format!("cannot reach the endpoint: {}", source_chain(err)),
-            retryable: d.is_io() || d.is_timeout() || !d.is_user(),
-        },
-        SdkError::ResponseError(_) => Failure {
-            status: se_status(err),
-            code: None,
-            reason: format!("bad response: {}", source_chain(err)),
-            retryable: true,
-        },
-        _ => Failure {
-            status: None,
-            code: None,
-            reason: source_chain(err),
-            retryable: false,
-        },
+    let mut f = aws_error::classify(err, S3_RETRY_CODES);
+    // 409: a conflicting operation on the same object was in progress (conditional writes).
+    if f.status == Some(409) {
+        f.retryable = true;
     }
-}
-
-fn se_status<E>(err: &SdkError<E, Response>) -> Option<u16> {
-    match err {
-        SdkError::ServiceError(se) => Some(se.raw().status().as_u16()),
-        SdkError::ResponseError(re) => Some(re.raw().status().as_u16()),
-        _ => None,
-    }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    f
 }
 
 impl S3Store {
@@ -566,12 +494,7 @@ impl S3Store {
 /// the pieces, then copy them twice more into a `Vec`); `len` is the expected size, when known.
 /// A connection dropped half-way is worth retrying.
 async fn read_body(mut body: ByteStream, len: Option<u64>) -> Result<Vec<u8>, Failure> {
-    let failed = |e: &dyn std::fmt::Display| Failure {
-        status: None,
-        code: None,
-        reason: format!("reading the body: {e}"),
-        retryable: true,
-    };
+    let failed = |e: &dyn std::fmt::Display| Failure::transient(format!("reading the body: {e}"));
     let mut out = Vec::with_capacity(len.unwrap_or(0).min(MULTIPART_THRESHOLD as u64) as usize);
     while let Some(piece) = body.try_next().await.map_err(|e| failed(&e))? {
         out.extend_from_slice(&piece);
