@@ -285,10 +285,7 @@ pub fn restore_block(
 ) -> Result<RestoreReport, AgentError> {
     let started = Instant::now();
     let map = rp.disk()?.clone();
-    let terr = |source: io::Error| AgentError::Target {
-        path: target.to_path_buf(),
-        source,
-    };
+    let terr = target_error(target);
     // The target's own type (lstat): a symlink is not followed by accident.
     let existing = match fs::symlink_metadata(target) {
         Ok(m) => Some(m),
@@ -345,10 +342,7 @@ fn restore_to_device(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<u64, AgentError> {
-    let terr = |source: io::Error| AgentError::Target {
-        path: target.to_path_buf(),
-        source,
-    };
+    let terr = target_error(target);
     let file = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_EXCL | if follow { 0 } else { libc::O_NOFOLLOW })
@@ -384,10 +378,7 @@ fn restore_to_file(
     opts: &RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<u64, AgentError> {
-    let terr = |source: io::Error| AgentError::Target {
-        path: target.to_path_buf(),
-        source,
-    };
+    let terr = target_error(target);
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -420,6 +411,14 @@ fn restore_to_file(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// An I/O error of restore target `target`, naming it.
+fn target_error(target: &Path) -> impl Fn(io::Error) -> AgentError + Copy + '_ {
+    move |source| AgentError::Target {
+        path: target.to_path_buf(),
+        source,
+    }
 }
 
 fn rand_u32() -> u32 {

@@ -59,10 +59,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::crypto::Keys;
+use crate::error::Error;
 use crate::error::Result;
 use crate::ids::PackId;
+use crate::store::ObjectStore;
 use crate::store::PutMode;
-use crate::vault::Vault;
 
 pub const LEASES: &str = "leases/";
 pub const PLANS: &str = "gc/";
@@ -93,9 +95,39 @@ pub struct LeaseBody {
 
 use crate::format::{lease_aad, plan_aad};
 
+/// What the gc protocol needs of a vault: its store and keys, nothing of its index or catalog
+/// (so the vault reads plans through this module without the two depending on each other).
+#[derive(Clone)]
+pub struct GcStore {
+    store: Arc<dyn ObjectStore>,
+    keys: Arc<Keys>,
+}
+
+impl GcStore {
+    pub(crate) fn new(store: Arc<dyn ObjectStore>, keys: Arc<Keys>) -> GcStore {
+        GcStore { store, keys }
+    }
+
+    fn store(&self) -> &dyn ObjectStore {
+        self.store.as_ref()
+    }
+
+    fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn corrupt(&self, key: &str, detail: String) -> Error {
+        Error::Corrupt {
+            location: self.store.location(),
+            key: key.to_string(),
+            detail,
+        }
+    }
+}
+
 /// A backup session's lease; released (deleted) on drop.
 pub struct Lease {
-    vault: Arc<Vault>,
+    gc: GcStore,
     key: String,
     started_ms: u64,
     last_beat_ms: Arc<AtomicU64>,
@@ -103,15 +135,15 @@ pub struct Lease {
     beater: Option<JoinHandle<()>>,
 }
 
-fn write_lease(vault: &Vault, key: &str, body: &LeaseBody) -> Result<()> {
+fn write_lease(gc: &GcStore, key: &str, body: &LeaseBody) -> Result<()> {
     let plain = serde_json::to_vec(body).expect("serialisable");
-    let sealed = vault.keys().seal(&lease_aad(key), &plain, None);
-    vault.store().put(key, &sealed, PutMode::Overwrite)?;
+    let sealed = gc.keys().seal(&lease_aad(key), &plain, None);
+    gc.store().put(key, &sealed, PutMode::Overwrite)?;
     Ok(())
 }
 
 impl Lease {
-    pub fn acquire(vault: &Arc<Vault>) -> Result<Lease> {
+    pub fn acquire(gc: &GcStore) -> Result<Lease> {
         let key = format!("{LEASES}{}", ulid::Ulid::new().to_string().to_lowercase());
         let started_ms = now_ms();
         let body = LeaseBody {
@@ -120,16 +152,12 @@ impl Lease {
             started_ms,
             heartbeat_ms: started_ms,
         };
-        write_lease(vault, &key, &body)?;
+        write_lease(gc, &key, &body)?;
         let last_beat_ms = Arc::new(AtomicU64::new(started_ms));
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let beater = {
-            let (vault, key, last, stop) = (
-                vault.clone(),
-                key.clone(),
-                last_beat_ms.clone(),
-                stop.clone(),
-            );
+            let (gc, key, last, stop) =
+                (gc.clone(), key.clone(), last_beat_ms.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("scalez-lease".into())
                 .spawn(move || {
@@ -149,7 +177,7 @@ impl Lease {
                             heartbeat_ms: now,
                             ..body.clone()
                         };
-                        match write_lease(&vault, &key, &body) {
+                        match write_lease(&gc, &key, &body) {
                             Ok(()) => last.store(now, Ordering::Relaxed),
                             Err(e) => tracing::warn!("cannot refresh lease {key}: {e}"),
                         }
@@ -158,7 +186,7 @@ impl Lease {
                 .expect("spawn lease thread")
         };
         Ok(Lease {
-            vault: vault.clone(),
+            gc: gc.clone(),
             key,
             started_ms,
             last_beat_ms,
@@ -193,7 +221,7 @@ impl Drop for Lease {
         if let Some(t) = self.beater.take() {
             let _ = t.join();
         }
-        if let Err(e) = self.vault.store().delete(&self.key) {
+        if let Err(e) = self.gc.store().delete(&self.key) {
             tracing::warn!("cannot delete lease {}: {e}", self.key);
         }
     }
@@ -214,11 +242,11 @@ pub fn hostname() -> String {
 
 /// Every lease: (key, body). An unreadable lease counts as stale (it cannot be a live session
 /// of this vault: those write sealed, authentic leases).
-pub fn read_leases(vault: &Vault) -> Result<Vec<(String, Option<LeaseBody>)>> {
+pub fn read_leases(gc: &GcStore) -> Result<Vec<(String, Option<LeaseBody>)>> {
     let mut out = Vec::new();
-    for obj in vault.store().list(LEASES)? {
-        let body = match vault.store().get(&obj.key) {
-            Ok(sealed) => vault
+    for obj in gc.store().list(LEASES)? {
+        let body = match gc.store().get(&obj.key) {
+            Ok(sealed) => gc
                 .keys()
                 .open(&lease_aad(&obj.key), &sealed)
                 .ok()
@@ -256,43 +284,43 @@ pub struct Plan {
     pub released: Vec<String>,
 }
 
-pub fn write_plan(vault: &Vault, plan: &Plan) -> Result<String> {
+pub fn write_plan(gc: &GcStore, plan: &Plan) -> Result<String> {
     let key = format!("{PLANS}{}", ulid::Ulid::new().to_string().to_lowercase());
     let plain = serde_json::to_vec(plan).expect("serialisable");
-    let sealed = vault.keys().seal(&plan_aad(&key), &plain, Some(1));
-    vault.store().put(&key, &sealed, PutMode::Create)?;
+    let sealed = gc.keys().seal(&plan_aad(&key), &plain, Some(1));
+    gc.store().put(&key, &sealed, PutMode::Create)?;
     Ok(key)
 }
 
 /// Every plan, oldest first. A plan that does not open is an error: ignoring it could let a
 /// backup deduplicate against a deleted pack.
-pub fn read_plans(vault: &Vault) -> Result<Vec<(String, Plan)>> {
-    read_plans_with(vault, false)
+pub fn read_plans(gc: &GcStore) -> Result<Vec<(String, Plan)>> {
+    read_plans_with(gc, false)
 }
 
 /// Like [`read_plans`], but a damaged plan is skipped with a warning (readers: plans only steer
 /// them to the surviving copy of a chunk; `check` reports the damage).
-pub fn read_plans_lenient(vault: &Vault) -> Result<Vec<(String, Plan)>> {
-    read_plans_with(vault, true)
+pub fn read_plans_lenient(gc: &GcStore) -> Result<Vec<(String, Plan)>> {
+    read_plans_with(gc, true)
 }
 
-fn read_plans_with(vault: &Vault, lenient: bool) -> Result<Vec<(String, Plan)>> {
-    let mut keys = vault.store().list(PLANS)?;
+fn read_plans_with(gc: &GcStore, lenient: bool) -> Result<Vec<(String, Plan)>> {
+    let mut keys = gc.store().list(PLANS)?;
     keys.sort_by(|a, b| a.key.cmp(&b.key));
     let mut out = Vec::new();
     for obj in keys {
-        let sealed = match vault.store().get(&obj.key) {
+        let sealed = match gc.store().get(&obj.key) {
             Ok(s) => s,
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e.into()),
         };
-        let plan = vault
+        let plan = gc
             .keys()
             .open(&plan_aad(&obj.key), &sealed)
-            .map_err(|e| vault.corrupt(&obj.key, e.to_string()))
+            .map_err(|e| gc.corrupt(&obj.key, e.to_string()))
             .and_then(|plain| {
                 serde_json::from_slice::<Plan>(&plain)
-                    .map_err(|e| vault.corrupt(&obj.key, e.to_string()))
+                    .map_err(|e| gc.corrupt(&obj.key, e.to_string()))
             });
         match plan {
             Ok(plan) => out.push((obj.key, plan)),
@@ -326,14 +354,14 @@ pub fn condemned_packs(plans: &[(String, Plan)]) -> HashSet<PackId> {
 
 /// Records that the prune of plan `plan_key` has finished without deleting `released` (see
 /// [`Plan::finishes`]). Nothing to record when it deleted every pack it condemned.
-pub fn release_packs(vault: &Vault, plan_key: &str, released: &[PackId]) -> Result<()> {
+pub fn release_packs(gc: &GcStore, plan_key: &str, released: &[PackId]) -> Result<()> {
     if released.is_empty() {
         return Ok(());
     }
     let mut released: Vec<String> = released.iter().map(PackId::hex).collect();
     released.sort();
     write_plan(
-        vault,
+        gc,
         &Plan {
             created_ms: now_ms(),
             condemned: Vec::new(),
@@ -386,7 +414,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for _ in 0..50 {
-                let lease = Lease::acquire(&vault).unwrap();
+                let lease = Lease::acquire(&vault.gc()).unwrap();
                 drop(lease);
             }
             assert!(

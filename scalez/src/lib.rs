@@ -15,6 +15,19 @@
 //!   chunks, so an incremental RP writes only changed pages.
 //! * The **catalog** ([`catalog`]) has one object per recovery point, holding the map root.
 //!
+//! ## Operations
+//! The engine owns the life cycle of an RP; callers feed bytes in and get bytes out:
+//! * **write**: a disk RP through [`disk_writer::DiskWriter`] (`put` from any worker, a
+//!   `MapAssembly` in slot order, `commit` of an [`RpDraft`]); stream and file RPs through a
+//!   [`BackupSession`] and their own map formats ([`stream_map`], [`tree`]).
+//! * **walk**: every chunk an RP references, map pages included, through one walker used by
+//!   prune and check.
+//! * **read**: [`fetch`] (one chunk, or coalesced runs of disk slots planned by
+//!   [`fetch::plan_reads`]), [`reader::DiskReader`] for random access, all through one
+//!   [`cache::ChunkCache`].
+//! * **keep or drop**: [`retention::select`], then [`prune::PrunePlan`] (plan, then execute);
+//!   [`check::check`] proves a vault or names what is damaged.
+//!
 //! ## Invariants
 //! 1. Objects are immutable: packs, index objects and catalog entries are written with create-only
 //!    puts under random or content-derived names. Tag changes are new objects, never edits.

@@ -308,7 +308,7 @@ impl PrunePlan {
             finishes: None,
             released: Vec::new(),
         };
-        let plan_key = gc::write_plan(vault, &plan)?;
+        let plan_key = gc::write_plan(&vault.gc(), &plan)?;
         report.plan = Some(plan_key.clone());
 
         // P3: wait for the sessions that were running.
@@ -319,7 +319,7 @@ impl PrunePlan {
             ));
             // This prune deletes nothing more: its packs are no longer condemned by it (the
             // next prune decides them anew).
-            return gc::release_packs(vault, &plan_key, &condemned);
+            return gc::release_packs(&vault.gc(), &plan_key, &condemned);
         }
 
         // P4: RPs committed since P1 keep what they reference.
@@ -349,7 +349,7 @@ impl PrunePlan {
         // stayed condemned forever, and an EBS incremental over such an RP failed every time).
         let mut spared: Vec<PackId> = spared.into_iter().collect();
         spared.sort();
-        gc::release_packs(vault, &plan_key, &spared)
+        gc::release_packs(&vault.gc(), &plan_key, &spared)
     }
 
     /// Copies the live chunks of the packs to repack into new packs (indexed) before anything
@@ -510,7 +510,7 @@ fn pack_usage(vault: &Vault, index_keys: &[String]) -> Result<HashMap<PackId, Us
 
 /// Deletes the leases of dead (or frozen: B3 refuses them) sessions; returns the live ones.
 fn clear_stale_leases(vault: &Vault, report: &mut PruneReport) -> Result<Vec<String>> {
-    let leases = gc::read_leases(vault)?;
+    let leases = gc::read_leases(&vault.gc())?;
     for (key, body) in &leases {
         if !gc::is_live(body) {
             vault.store().delete(key)?;
@@ -541,7 +541,7 @@ fn wait_for(
         ));
     }
     let still = loop {
-        let leases = gc::read_leases(vault)?;
+        let leases = gc::read_leases(&vault.gc())?;
         let running = leases
             .into_iter()
             .find(|(k, b)| sessions.contains(k) && gc::is_live(b));
@@ -790,7 +790,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.packs_spared, 1, "{r:?}");
         let late = late.into_inner().unwrap();
-        let plans = gc::read_plans(&v).unwrap();
+        let plans = gc::read_plans(&v.gc()).unwrap();
         assert!(
             gc::condemned_packs(&plans).is_empty(),
             "the spared pack is released: {plans:?}"

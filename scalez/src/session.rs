@@ -61,8 +61,8 @@ pub struct BackupSession {
 impl BackupSession {
     /// Starts a session: writes its lease and loads the prune plans (see [`crate::gc`]).
     pub fn new(vault: Arc<Vault>) -> Result<Self> {
-        let lease = Lease::acquire(&vault)?;
-        let condemned = gc::condemned_packs(&gc::read_plans(&vault)?);
+        let lease = Lease::acquire(&vault.gc())?;
+        let condemned = gc::condemned_packs(&gc::read_plans(&vault.gc())?);
         vault.set_condemned(&condemned);
         let (tx, rx) = bounded::<(ChunkId, Vec<u8>)>(32);
         let v = vault.clone();
@@ -127,16 +127,7 @@ impl BackupSession {
             plaintext,
             Some(self.vault.config().zstd_level),
         );
-        self.sealed_bytes
-            .fetch_add(sealed.len() as u64, Ordering::Relaxed);
-        let tx = self.tx.as_ref().expect("session not finished");
-        if tx.send((id, sealed)).is_err() {
-            // The packer stopped on an error; `finish` reports it.
-            return Err(Error::WriterStopped {
-                what: "pack writer",
-            });
-        }
-        Ok(true)
+        self.send(id, sealed)
     }
 
     /// Stores an already sealed chunk again, even if the vault has it (prune moving live chunks
@@ -146,10 +137,16 @@ impl BackupSession {
         if !self.claimed.lock().unwrap().insert(id) {
             return Ok(false);
         }
+        self.send(id, sealed)
+    }
+
+    /// Hands a sealed chunk to the packer.
+    fn send(&self, id: ChunkId, sealed: Vec<u8>) -> Result<bool> {
         self.sealed_bytes
             .fetch_add(sealed.len() as u64, Ordering::Relaxed);
         let tx = self.tx.as_ref().expect("session not finished");
         if tx.send((id, sealed)).is_err() {
+            // The packer stopped on an error; `finish` reports it.
             return Err(Error::WriterStopped {
                 what: "pack writer",
             });
@@ -202,7 +199,7 @@ impl BackupSession {
         if referenced.is_empty() {
             return Ok(());
         }
-        let condemned = gc::condemned_packs(&gc::read_plans(&self.vault)?);
+        let condemned = gc::condemned_packs(&gc::read_plans(&self.vault.gc())?);
         if let Some(p) = referenced.iter().find(|p| condemned.contains(p)) {
             return Err(Error::RunAgain {
                 reason: format!(

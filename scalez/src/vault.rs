@@ -98,7 +98,7 @@ pub fn now_rfc3339() -> String {
 /// An unlocked vault with its index loaded: it cannot be used before both succeed.
 pub struct Vault {
     store: Arc<dyn ObjectStore>,
-    keys: Keys,
+    keys: Arc<Keys>,
     config: VaultConfig,
     index: RwLock<Index>,
     /// Index objects that could not be read at open (key, reason): their chunks are missing from
@@ -183,15 +183,20 @@ impl Vault {
             }
             Err(e) => return Err(e.into()),
         }
-        Ok(Vault {
+        Ok(Vault::unloaded(store, keys, config))
+    }
+
+    /// A vault whose index is not loaded yet.
+    fn unloaded(store: Arc<dyn ObjectStore>, keys: Keys, config: VaultConfig) -> Vault {
+        Vault {
             store,
-            keys,
+            keys: Arc::new(keys),
             config,
             index: RwLock::new(Index::new()),
             damaged_index: Default::default(),
             condemned: Default::default(),
             loaded_index: Default::default(),
-        })
+        }
     }
 
     /// Reads the config (refusing newer formats), unlocks a key file with `password`, verifies the
@@ -215,15 +220,7 @@ impl Vault {
                 detail: "config MAC does not match (the config was modified)".into(),
             });
         }
-        let vault = Vault {
-            store,
-            keys,
-            config,
-            index: RwLock::new(Index::new()),
-            damaged_index: Default::default(),
-            condemned: Default::default(),
-            loaded_index: Default::default(),
-        };
+        let vault = Vault::unloaded(store, keys, config);
         vault.refresh()?;
         Ok(vault)
     }
@@ -337,7 +334,7 @@ impl Vault {
     /// Re-reads the prune plans and merges index objects written since the last load, so chunks
     /// prune moved out of condemned packs are found in their new packs.
     pub fn refresh(&self) -> Result<()> {
-        let plans = crate::gc::read_plans_lenient(self)?;
+        let plans = crate::gc::read_plans_lenient(&self.gc())?;
         let condemned = crate::gc::condemned_packs(&plans);
         let grew = *self.condemned.read().unwrap() != condemned;
         if grew {
@@ -380,6 +377,11 @@ impl Vault {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// The store and keys, as the gc protocol (leases, prune plans) uses them.
+    pub(crate) fn gc(&self) -> crate::gc::GcStore {
+        crate::gc::GcStore::new(self.store.clone(), self.keys.clone())
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
