@@ -42,7 +42,11 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
 ];
 
 /// Benchmark peers.
-pub const BENCH_TOOLS: &[(&str, &str)] = &[("restic", "restic"), ("borg", "borgbackup")];
+pub const BENCH_TOOLS: &[(&str, &str)] = &[
+    ("restic", "restic"),
+    ("borg", "borgbackup"),
+    ("nbdkit", "nbdkit"),
+];
 
 fn main() {
     if let Err(e) = run() {
