@@ -76,9 +76,11 @@ fn exit_code(e: &anyhow::Error) -> i32 {
                 .or_else(|| inner.and_then(|e| e.downcast_ref::<scalez::Error>())),
         };
         match scalez {
-            Some(scalez::Error::Corrupt { .. }) | Some(scalez::Error::MissingChunk { .. }) => {
-                return 3
-            }
+            Some(
+                scalez::Error::Corrupt { .. }
+                | scalez::Error::MissingChunk { .. }
+                | scalez::Error::MissingBody { .. },
+            ) => return 3,
             Some(scalez::Error::WrongPassword { .. }) => return 4,
             Some(scalez::Error::RunAgain { .. }) => return 75,
             _ => {}

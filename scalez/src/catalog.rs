@@ -129,12 +129,19 @@ impl RecoveryPoint {
     }
 
     fn body_of<'a, T>(&self, wanted: RpKind, body: Option<&'a T>) -> crate::Result<&'a T> {
-        body.filter(|_| self.kind == wanted)
-            .ok_or_else(|| crate::Error::WrongKind {
+        match body {
+            Some(b) if self.kind == wanted => Ok(b),
+            // Its own kind without the body of that kind: the entry is damaged, not misused.
+            None if self.kind == wanted => Err(crate::Error::MissingBody {
+                id: self.id.clone(),
+                kind: wanted,
+            }),
+            _ => Err(crate::Error::WrongKind {
                 id: self.id.clone(),
                 kind: self.kind,
                 wanted,
-            })
+            }),
+        }
     }
 }
 
@@ -514,5 +521,11 @@ mod tests {
             err.contains(&id.to_string()) && err.contains("stream") && err.contains("not a disk"),
             "{err}"
         );
+        // A stream RP whose entry lost its stream body is damage, not the wrong kind.
+        let mut damaged = rp.clone();
+        damaged.stream = None;
+        let err = damaged.stream().unwrap_err();
+        assert!(matches!(err, Error::MissingBody { .. }), "{err}");
+        assert!(err.to_string().contains("run check"), "{err}");
     }
 }

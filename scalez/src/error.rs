@@ -44,6 +44,14 @@ pub enum Error {
         kind: crate::RpKind,
         wanted: crate::RpKind,
     },
+    #[error(
+        "recovery point {id} is a {kind} recovery point without its {kind} data: its catalog \
+         entry is damaged (run check)"
+    )]
+    MissingBody {
+        id: RecoveryPointId,
+        kind: crate::RpKind,
+    },
     #[error("invalid vault parameter: {0}")]
     InvalidParameter(String),
     /// A bug or an impossible state of a backup session (never a user's doing).
@@ -51,7 +59,7 @@ pub enum Error {
     SessionFailed(String),
     /// A session's background writer stopped on an error of its own, which finishing or
     /// abandoning the session returns: that error is the one to report, not this one.
-    #[error("the {what} stopped; its own error is reported when the session ends")]
+    #[error("the {what} stopped")]
     WriterStopped { what: &'static str },
     /// A backup raced a prune (its lease went stale, or a pack it relies on was condemned or
     /// deleted: the RP it was writing was not committed), or a prune raced another prune

@@ -401,7 +401,10 @@ impl PrunePlan {
                     crate::vault::Verify::AeadOnly,
                 )?;
                 report.bytes_copied += sealed.len() as u64;
-                session.store_sealed(id, sealed.to_vec())?;
+                if let Err(e) = session.store_sealed(id, sealed.to_vec()) {
+                    // A stopped pack writer: its own error is the one to report.
+                    return Err(session.abandon().unwrap_or(e));
+                }
             }
         }
         let stats = session.finish()?;

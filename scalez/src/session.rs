@@ -281,6 +281,9 @@ fn upload_loop(vault: &Vault, claimed: &Claimed, rx: Receiver<Upload>) -> Result
                 }
             });
         }
+        // Only the writers hold these now: if they all die (a panic), sends and receives below
+        // fail instead of waiting forever.
+        drop((packs_rx, done_tx));
         let mut outstanding = 0usize;
         let settle = |r: Result<u64>, stats: &mut SessionStats| -> Result<()> {
             stats.bytes_written += r?;

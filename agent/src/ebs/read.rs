@@ -286,8 +286,12 @@ impl ReadBlocks<'_> {
             let collected = collector.join().unwrap_or(Err(AgentError::Panicked));
             (collected, dispatched)
         });
-        dispatched?;
-        collected
+        match (dispatched, collected) {
+            // The dispatcher stopped because a worker or the collector failed: that is the cause.
+            (Err(AgentError::Stopped), Err(e)) => Err(e),
+            (Err(e), _) => Err(e),
+            (Ok(()), collected) => collected,
+        }
     }
 }
 
