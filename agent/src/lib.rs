@@ -4,12 +4,14 @@
 //!   through an I/O engine ([`block::engine`]): io_uring with several reads in flight (O_DIRECT for
 //!   block devices), or positional reads as a fallback. Holes are found with SEEK_DATA/SEEK_HOLE
 //!   and never read.
-//! * [`pipeline`]: disk backup and restore. Backup = one reader thread → N worker threads (zero
-//!   check, keyed hash, dedup check, compress + encrypt) → the vault's packer thread, while the
-//!   calling thread assembles the disk map in order. Restore = the calling thread walks the map
-//!   and cuts it into jobs (coalesced reads); N workers fetch each job, then decode and verify it
-//!   straight into an aligned buffer from a fixed pool, laid out in disk order; writer threads
-//!   write each run of consecutive slots with one positional (O_DIRECT when allowed) write.
+//! * [`pipeline`]: disk backup and restore. Backup = one reader thread → N worker threads feeding
+//!   scalez's `DiskWriter` (zero check, keyed hash, dedup, compress + encrypt, packer), while the
+//!   calling thread assembles the disk map in order (`MapAssembly`). Restore = the calling thread
+//!   walks the map and cuts it into jobs with scalez's read planner (`plan_reads`); N workers fetch
+//!   each job, then decode and verify it straight into an aligned buffer from a fixed pool, laid
+//!   out in disk order; writer threads write each run of consecutive slots with one positional
+//!   (O_DIRECT when allowed) write. The agent reads sources and writes targets; how an RP is
+//!   written, walked and read belongs to scalez.
 //!
 //! * [`stream`]: streams of unknown length (stdin, a file) in content-defined chunks, restored
 //!   in order to any writer.
@@ -20,8 +22,10 @@
 //! * [`ebs`] and [`ec2`]: EBS volumes and EC2 instances without an agent on them. Snapshots are
 //!   read through the EBS direct APIs (full, or only the blocks `ListChangedBlocks` reports, the
 //!   rest taken from the parent RP's map) into ordinary disk RPs, and RPs are written back as new
-//!   snapshots and volumes. [`aws`] holds the call discipline: rate limit, per-attempt timeout,
-//!   retries with backoff and jitter, counted for the summaries.
+//!   snapshots and volumes (`ebs/`: the snapshot life cycle, the direct-API read, the restore).
+//!   [`aws`] holds the call discipline: rate limit, per-attempt timeout, retries with backoff and
+//!   jitter (the error classification and backoff shared with scalez's S3 store), counted for the
+//!   summaries. File-system syscalls (`fsx`) stay private to this crate.
 //!
 //! ## Invariants
 //! * Memory is bounded by queue depths and block sizes (see [`pipeline::BackupOptions`]), never by
