@@ -31,7 +31,8 @@ use lru::LruCache;
 use scalez::reader::DiskReader;
 use scalez::stream_map::StreamReader;
 
-use crate::ext4::{self, Ext4, Kind};
+use crate::ext4::{self, Ext4};
+use crate::filesystem::{CachedDevice, FileData, FileSystem, Kind};
 
 const ROOT: u64 = 1;
 /// `disk.img` is inode 2; partition files follow.
@@ -135,16 +136,24 @@ impl ext4::ReadAt for PartDev {
     }
 }
 
+impl CachedDevice for PartDev {
+    fn is_range_cached(&self, offset: u64, len: u64) -> bool {
+        self.reader
+            .is_range_cached(self.start + offset, len)
+            .unwrap_or(false)
+    }
+}
+
 /// A file system shown as a directory of the view.
 pub struct FsView {
     /// The directory name (`part1`, `fs`).
     pub name: String,
     /// `None`: an empty directory, a mountpoint for the kernel's own driver (`--kernel`).
-    pub fs: Option<Arc<Ext4<PartDev>>>,
+    pub fs: Option<Arc<dyn FileSystem>>,
 }
 
-/// The root inode of every file system directory (ext's root inode number).
-const FS_ROOT: u32 = 2;
+/// The inode number of an empty mountpoint directory's root.
+const EMPTY_ROOT: u32 = 1;
 
 impl PartDev {
     /// Opens the ext file system in this range, if there is one. Unsupported or damaged ones
@@ -154,7 +163,7 @@ impl PartDev {
         match Ext4::open(self, len) {
             Ok(Some(fs)) => Some(FsView {
                 name: name.to_string(),
-                fs: Some(Arc::new(fs)),
+                fs: Some(Arc::new(fs) as Arc<dyn FileSystem>),
             }),
             Ok(None) => None,
             Err(e) => {
@@ -289,11 +298,7 @@ impl DirCache {
 /// What an open handle reads.
 enum Open {
     Image,
-    File {
-        fs: Arc<Ext4<PartDev>>,
-        data: ext4::Data,
-        size: u64,
-    },
+    File(Arc<dyn FileData>),
 }
 
 /// The state of a mount that the session thread and the read workers share.
@@ -345,6 +350,8 @@ fn file_type(kind: Kind) -> FileType {
 fn errno(e: &std::io::Error) -> i32 {
     match e.kind() {
         std::io::ErrorKind::NotFound => libc::ENOENT,
+        std::io::ErrorKind::NotADirectory => libc::ENOTDIR,
+        std::io::ErrorKind::IsADirectory => libc::EISDIR,
         _ => libc::EIO,
     }
 }
@@ -364,8 +371,15 @@ impl Shared {
         self.view.files.get(ino.checked_sub(FIRST_FILE)? as usize)
     }
 
-    fn filesystem(&self, k: usize) -> Option<&Arc<Ext4<PartDev>>> {
+    fn filesystem(&self, k: usize) -> Option<&Arc<dyn FileSystem>> {
         self.view.filesystems.get(k)?.fs.as_ref()
+    }
+
+    /// The inode number of file system `k`'s root directory.
+    fn root_of(&self, k: usize) -> u32 {
+        self.filesystem(k)
+            .and_then(|fs| u32::try_from(fs.root()).ok())
+            .unwrap_or(EMPTY_ROOT)
     }
 
     fn attr(&self, ino: u64) -> Result<FileAttr, i32> {
@@ -413,32 +427,31 @@ impl Shared {
         let view = self.view.filesystems.get(k).ok_or(libc::ENOENT)?;
         let Some(fs) = &view.fs else {
             // An empty mountpoint directory.
-            if i != FS_ROOT {
+            if i != EMPTY_ROOT {
                 return Err(libc::ENOENT);
             }
             let mut a = self.attr(ROOT)?;
             (a.ino, a.nlink) = (join(k, i), 2);
             return Ok(a);
         };
-        let inode = fs.inode(i).map_err(|e| {
-            tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
+        let a = fs.attr(i as u64).map_err(|e| {
+            tracing::error!("{}: inode {i}: {e}", view.name);
             errno(&e)
         })?;
-        let kind = inode.kind().ok_or(libc::EIO)?;
         Ok(FileAttr {
             ino: join(k, i),
-            size: inode.size,
-            blocks: inode.blocks,
-            atime: inode.atime.to_system(),
-            mtime: inode.mtime.to_system(),
-            ctime: inode.ctime.to_system(),
-            crtime: inode.crtime.unwrap_or(inode.ctime).to_system(),
-            kind: file_type(kind),
-            perm: inode.perm(),
-            nlink: inode.links as u32,
-            uid: inode.uid,
-            gid: inode.gid,
-            rdev: inode.rdev,
+            size: a.size,
+            blocks: a.blocks,
+            atime: a.atime,
+            mtime: a.mtime,
+            ctime: a.ctime,
+            crtime: a.crtime,
+            kind: file_type(a.kind),
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
             blksize: PREFERRED_IO,
             flags: 0,
         })
@@ -459,7 +472,8 @@ impl Shared {
                 ));
             }
             for (k, v) in self.view.filesystems.iter().enumerate() {
-                entries.push((join(k, FS_ROOT), FileType::Directory, v.name.clone().into()));
+                let root = join(k, self.root_of(k));
+                entries.push((root, FileType::Directory, v.name.clone().into()));
             }
         } else {
             let (k, i) = split(ino).ok_or(libc::ENOTDIR)?;
@@ -472,26 +486,23 @@ impl Shared {
                 return Ok(listing);
             };
             let name = &self.view.filesystems[k].name;
-            let inode = fs.inode(i).map_err(|e| {
-                tracing::error!("{name}: inode {i}: {e}");
-                errno(&e)
-            })?;
-            if inode.kind() != Some(Kind::Dir) {
-                return Err(libc::ENOTDIR);
-            }
-            for e in fs.read_dir(&inode).map_err(|e| {
+            for e in fs.read_dir(i as u64).map_err(|e| {
                 tracing::error!("{name}: directory inode {i}: {e}");
                 errno(&e)
             })? {
+                let Ok(ino) = u32::try_from(e.ino) else {
+                    tracing::error!("{name}: inode number {} is out of range", e.ino);
+                    continue;
+                };
                 let kind = match e.kind {
                     Some(kind) => kind,
-                    None => match fs.inode(e.ino).ok().and_then(|n| n.kind()) {
-                        Some(kind) => kind,
-                        None => continue,
+                    None => match fs.attr(e.ino) {
+                        Ok(a) => a.kind,
+                        Err(_) => continue,
                     },
                 };
                 let name = OsStr::from_bytes(&e.name).to_os_string();
-                entries.push((join(k, e.ino), file_type(kind), name));
+                entries.push((join(k, ino), file_type(kind), name));
             }
         }
         let by_name = entries
@@ -543,21 +554,14 @@ impl Shared {
         reply.ok();
     }
 
-    /// Opens ext file `i` of file system `k`: maps its blocks (bounded by the ext4 budgets).
-    fn open_file(&self, k: usize, i: u32, fs: Arc<Ext4<PartDev>>, reply: ReplyOpen) {
-        let opened = fs.inode(i).and_then(|inode| {
-            if inode.kind() != Some(Kind::File) {
-                return Ok(None);
-            }
-            Ok(Some((fs.data(&inode)?, inode.size)))
-        });
-        match opened {
-            Ok(Some((data, size))) => {
-                reply.opened(self.register(Open::File { fs, data, size }), KEEP_CACHE)
-            }
-            Ok(None) => reply.error(libc::EISDIR),
+    /// Opens file `i` of file system `k`: maps its blocks (bounded by the reader's budgets).
+    fn open_file(&self, k: usize, i: u32, fs: Arc<dyn FileSystem>, reply: ReplyOpen) {
+        match fs.open(i as u64) {
+            Ok(file) => reply.opened(self.register(Open::File(file)), KEEP_CACHE),
             Err(e) => {
-                tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
+                if e.kind() != std::io::ErrorKind::IsADirectory {
+                    tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
+                }
                 reply.error(errno(&e))
             }
         }
@@ -567,7 +571,7 @@ impl Shared {
     fn parent_hint(&self, ino: u64) -> u64 {
         // The kernel resolves `..` itself; the number only shows in readdir.
         match split(ino) {
-            Some((_, FS_ROOT)) => ROOT,
+            Some((k, i)) if i == self.root_of(k) => ROOT,
             _ => ino,
         }
     }
@@ -609,7 +613,7 @@ impl Filesystem for Fs {
         let Some(fs) = self.filesystem(k) else {
             return reply.error(libc::ENOENT);
         };
-        match fs.inode(i).and_then(|n| fs.read_link(&n)) {
+        match fs.read_link(i as u64) {
             Ok(target) => reply.data(&target),
             Err(e) => {
                 tracing::error!("{}: symlink inode {i}: {e}", self.view.filesystems[k].name);
@@ -692,26 +696,15 @@ impl Filesystem for Fs {
                 });
                 (job, cached)
             }
-            Open::File {
-                fs,
-                data,
-                size: len,
-            } => {
-                let offset = offset.min(*len);
+            Open::File(file) => {
+                let len = file.size();
+                let offset = offset.min(len);
                 let size = (size as u64).min(len - offset);
-                let cached = fs.disk_ranges(data, offset, size).iter().all(|&(at, n)| {
-                    let dev = fs.device();
-                    dev.reader
-                        .is_range_cached(dev.start + at, n)
-                        .unwrap_or(false)
-                });
-                let view = self.view.clone();
+                let cached = file.is_cached(offset, size);
+                let (view, file) = (self.view.clone(), file.clone());
                 let job = Box::new(move || {
-                    let Open::File { fs, data, .. } = &*open else {
-                        unreachable!("matched above")
-                    };
                     with_reply_buffer(size as usize, |buf| {
-                        match fs.read_append(data, offset, size as usize, buf) {
+                        match file.read_append(offset, size as usize, buf) {
                             Ok(()) => reply.data(buf),
                             Err(e) => {
                                 let name = split(ino)

@@ -25,6 +25,7 @@
 #![warn(unreachable_pub)]
 
 pub mod ext4;
+pub mod filesystem;
 pub mod fuse;
 pub mod nbd;
 pub mod overlay;

@@ -308,6 +308,88 @@ fn meta_bg_and_64bit() {
     check_layout("metabg", &["-O", "meta_bg,^resize_inode,64bit"]);
 }
 
+/// The file-system interface over the same image shows the source tree: every path found by
+/// name from the root, with its type, size, content and link target.
+#[test]
+fn the_filesystem_interface_shows_the_source_tree() {
+    use mount::filesystem::{FileSystem, Kind as K};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    make_tree(&src);
+    let img = dir.path().join("iface.img");
+    File::create(&img).unwrap().set_len(96 << 20).unwrap();
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
+    let dev = File::open(&img).unwrap();
+    let ext = Ext4::open(dev, 96 << 20)
+        .unwrap()
+        .expect("an ext4 file system");
+    let fs: Arc<dyn FileSystem> = Arc::new(ext);
+    assert_eq!(fs.type_name(), "ext4");
+    let lookup = |path: &Path| -> u64 {
+        let mut ino = fs.root();
+        for part in path.components() {
+            let name = part.as_os_str().as_bytes();
+            let entries = fs.read_dir(ino).unwrap();
+            ino = entries
+                .iter()
+                .find(|e| e.name == name)
+                .map(|e| e.ino)
+                .unwrap();
+        }
+        ino
+    };
+    let mut files = 0;
+    for p in walkdir(&src) {
+        let rel = p.strip_prefix(&src).unwrap();
+        let md = fs::symlink_metadata(&p).unwrap();
+        let ino = lookup(rel);
+        let a = fs.attr(ino).unwrap();
+        assert_eq!(a.perm as u32, md.mode() & 0o7777, "{}", rel.display());
+        if md.is_dir() {
+            assert_eq!(a.kind, K::Dir, "{}", rel.display());
+            assert!(fs.clone().open(ino).is_err(), "a directory does not open");
+        } else if md.file_type().is_symlink() {
+            assert_eq!(a.kind, K::Symlink);
+            let target = fs::read_link(&p).unwrap();
+            assert_eq!(fs.read_link(ino).unwrap(), target.as_os_str().as_bytes());
+        } else if md.is_file() {
+            assert_eq!(
+                (a.kind, a.size, a.nlink as u64),
+                (K::File, md.len(), md.nlink())
+            );
+            let f = fs.clone().open(ino).unwrap();
+            let mut got = Vec::new();
+            f.read_append(0, f.size() as usize, &mut got).unwrap();
+            assert!(got == fs::read(&p).unwrap(), "{}", rel.display());
+            let ranges = f.disk_ranges(0, f.size());
+            // Nothing on the device (empty, inline): nothing to fetch; else a plain file has
+            // nothing cached.
+            assert_eq!(f.is_cached(0, f.size()), ranges.is_empty());
+            let mapped: u64 = ranges.iter().map(|r| r.1).sum();
+            assert!(
+                mapped <= f.size().next_multiple_of(4096),
+                "{}",
+                rel.display()
+            );
+            assert!(
+                matches!(fs.read_dir(ino), Err(e) if e.kind() == std::io::ErrorKind::NotADirectory)
+            );
+            files += 1;
+        }
+    }
+    assert!(files > 5, "{files} files compared");
+}
+
 #[test]
 fn garbage_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
