@@ -182,3 +182,72 @@ impl<D: CachedDevice> FileData for ExtFile<D> {
             .all(|&(at, n)| dev.is_range_cached(at, n))
     }
 }
+
+/// The file system (or volume format) a byte range holds, from its magic numbers alone: a few
+/// small reads at fixed offsets, nothing parsed. None when nothing known is there.
+pub fn detect(dev: &dyn ReadAt, len: u64) -> Option<&'static str> {
+    let at = |offset: u64, n: usize| -> Option<Vec<u8>> {
+        let end = offset.checked_add(n as u64)?;
+        if end > len {
+            return None;
+        }
+        let mut b = vec![0u8; n];
+        dev.read_at(offset, &mut b).ok()?;
+        Some(b)
+    };
+    let is = |offset: u64, magic: &[u8]| at(offset, magic.len()).is_some_and(|b| b == magic);
+    if is(0x438, &[0x53, 0xef]) {
+        return Some("ext4");
+    }
+    if is(0, b"XFSB") {
+        return Some("xfs");
+    }
+    if is(0x10040, b"_BHRfS_M") {
+        return Some("btrfs");
+    }
+    if is(3, b"NTFS    ") {
+        return Some("ntfs");
+    }
+    if is(0, b"LUKS\xba\xbe") {
+        return Some("luks");
+    }
+    // An LVM2 physical volume: the label is in one of the first four sectors.
+    if (0..4).any(|s| is(s * 512, b"LABELONE") && is(s * 512 + 24, b"LVM2 001")) {
+        return Some("lvm2");
+    }
+    if is(510, &[0x55, 0xaa]) && (is(0x36, b"FAT1") || is(0x52, b"FAT32   ")) {
+        return Some("vfat");
+    }
+    if is(4086, b"SWAPSPACE2") {
+        return Some("swap");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_numbers_name_the_file_system() {
+        let mut b = vec![0u8; 0x10100];
+        assert_eq!(detect(&&b[..], b.len() as u64), None);
+        b[..4].copy_from_slice(b"XFSB");
+        assert_eq!(detect(&&b[..], b.len() as u64), Some("xfs"));
+        b[..4].fill(0);
+        b[3..11].copy_from_slice(b"NTFS    ");
+        assert_eq!(detect(&&b[..], b.len() as u64), Some("ntfs"));
+        b[3..11].fill(0);
+        b[512..520].copy_from_slice(b"LABELONE");
+        b[536..544].copy_from_slice(b"LVM2 001");
+        assert_eq!(detect(&&b[..], b.len() as u64), Some("lvm2"));
+        b[512..544].fill(0);
+        b[0x52..0x5a].copy_from_slice(b"FAT32   ");
+        b[510..512].copy_from_slice(&[0x55, 0xaa]);
+        assert_eq!(detect(&&b[..], b.len() as u64), Some("vfat"));
+        // A range too short for a magic's offset is read nowhere past its end.
+        assert_eq!(detect(&&b[..0x40], 0x40), None);
+        b[0x438..0x43a].copy_from_slice(&[0x53, 0xef]);
+        assert_eq!(detect(&&b[..], b.len() as u64), Some("ext4"));
+    }
+}

@@ -156,20 +156,31 @@ pub struct FsView {
 const EMPTY_ROOT: u32 = 1;
 
 impl PartDev {
-    /// Opens the ext file system in this range, if there is one. Unsupported or damaged ones
-    /// are logged and left out (their image file still shows).
-    pub fn open_fs(self, name: &str) -> Option<FsView> {
+    /// Opens the file system in this range if elastio reads it (ext2/3/4 today). The status
+    /// line says what the range holds either way: a file system whose files are shown, one it
+    /// does not read yet, a damaged one, or nothing known (its image file still shows).
+    pub fn open_fs(self, name: &str) -> (Option<FsView>, String) {
         let len = self.len;
+        let found = crate::filesystem::detect(&self, len);
         match Ext4::open(self, len) {
-            Ok(Some(fs)) => Some(FsView {
-                name: name.to_string(),
-                fs: Some(Arc::new(fs) as Arc<dyn FileSystem>),
-            }),
-            Ok(None) => None,
+            Ok(Some(fs)) => (
+                Some(FsView {
+                    name: name.to_string(),
+                    fs: Some(Arc::new(fs) as Arc<dyn FileSystem>),
+                }),
+                format!("{name}: ext4, files in {name}/"),
+            ),
             Err(e) => {
                 tracing::warn!("{name}: file view unavailable: {e}");
-                None
+                (None, format!("{name}: ext4, damaged: {e}"))
             }
+            Ok(None) => (
+                None,
+                match found {
+                    Some(t) => format!("{name}: {t}, not readable by elastio yet"),
+                    None => format!("{name}: no known file system"),
+                },
+            ),
         }
     }
 }

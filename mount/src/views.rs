@@ -23,6 +23,9 @@ use crate::DiskReader;
 pub struct DiskMount {
     pub view: DiskView,
     pub kernel_targets: Vec<(String, String)>,
+    /// One line per file-system place (`fs`, `partN`): what it holds and whether its files
+    /// show, e.g. `part2: xfs, not readable by elastio yet`.
+    pub status: Vec<String>,
 }
 
 /// Sizes of a view's reader and read-ahead.
@@ -54,6 +57,7 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
     let parts = partitions::parse(reader.size(), &mut read)?;
     let mut filesystems = Vec::new();
     let mut kernel_targets = Vec::new();
+    let mut status = Vec::new();
     let mut add = |name: String, image: &str, start: u64, len: u64| {
         if opts.kernel {
             filesystems.push(FsView {
@@ -67,7 +71,9 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
                 start,
                 len,
             };
-            filesystems.extend(dev.open_fs(&name));
+            let (fs, line) = dev.open_fs(&name);
+            filesystems.extend(fs);
+            status.push(line);
         }
     };
     if parts.is_empty() {
@@ -106,6 +112,7 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
     Ok(DiskMount {
         view,
         kernel_targets,
+        status,
     })
 }
 

@@ -384,6 +384,73 @@ fn files_inside_the_file_system_are_browsable_and_copyable() {
     umount(&env, &mnt, pid);
 }
 
+/// A partition whose file system elastio does not read (yet) still shows as an image, and the
+/// mount says what each partition holds.
+#[test]
+fn the_mount_says_what_each_partition_holds() {
+    let env = Env::new();
+    let ext = ext4_image(&env, "p1.img", 40 << 20);
+    let xfs = env.path("p2.img");
+    sparse_file(&xfs, 320 << 20);
+    let out = Command::new("mkfs.xfs")
+        .args(["-q", "-f", xfs.to_str().unwrap()])
+        .output()
+        .expect("mkfs.xfs (apt: xfsprogs)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disk = env.path("mixed.img");
+    sparse_file(&disk, 400 << 20);
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["--quiet", disk.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt: fdisk)");
+    use std::io::Write;
+    // part1: ext4 at 1 MiB (40 MiB); part2: xfs at 41 MiB (320 MiB); part3: nothing (8 MiB).
+    writeln!(
+        sfdisk.stdin.take().unwrap(),
+        "label: gpt\nstart=2048, size=81920\nstart=83968, size=655360\nstart=739328, size=16384"
+    )
+    .unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
+    write_at(&disk, 1 << 20, &std::fs::read(&ext).unwrap());
+    write_at(&disk, 41 << 20, &std::fs::read(&xfs).unwrap());
+    let rp = env.backup(&disk, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = env.json(&["mount", &rp, mnt.to_str().unwrap()]);
+    let pid = out["pid"].as_u64().unwrap() as u32;
+    let lines: Vec<&str> = out["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "part1: ext4, files in part1/",
+            "part2: xfs, not readable by elastio yet",
+            "part3: no known file system",
+        ],
+        "{out}"
+    );
+    assert!(mnt.join("part1").is_dir() && !mnt.join("part2").exists());
+    assert_eq!(
+        std::fs::metadata(mnt.join("part2.img")).unwrap().len(),
+        320 << 20,
+        "the xfs partition still shows as an image"
+    );
+    umount(&env, &mnt, pid);
+}
+
 #[test]
 fn kernel_mode_loop_mounts_partitions() {
     let env = Env::new();

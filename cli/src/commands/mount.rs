@@ -193,12 +193,12 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     if rp.kind == RpKind::Stream {
         let view = views::stream(&vault, &rp, &view_options(&a))
             .with_context(|| format!("cannot read stream RP {}", rp.id))?;
-        return serve_view(ctx, &a, &rp, View::Disk(view), Vec::new());
+        return serve_view(ctx, &a, &rp, View::Disk(view), Vec::new(), Vec::new());
     }
     if rp.kind == RpKind::File {
         let view = TreeView::load(vault.clone(), &rp, a.cache_size as usize)
             .with_context(|| format!("cannot read the file tree of {}", rp.id))?;
-        return serve_view(ctx, &a, &rp, View::Tree(view), Vec::new());
+        return serve_view(ctx, &a, &rp, View::Tree(view), Vec::new(), Vec::new());
     }
     if rp.kind != RpKind::Disk {
         bail!(
@@ -215,6 +215,7 @@ pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
         &rp,
         View::Disk(mounted.view),
         mounted.kernel_targets,
+        mounted.status,
     )
 }
 
@@ -244,6 +245,7 @@ fn serve_view(
     rp: &scalez::RecoveryPoint,
     view: View,
     kernel_targets: Vec<(String, String)>,
+    status: Vec<String>,
 ) -> Result<()> {
     let cancel = crate::cancel_token();
     let format = ctx.global.output_format;
@@ -268,9 +270,17 @@ fn serve_view(
             OutputFormat::Json => writeln!(
                 out,
                 "{}",
-                json!({"rp": id, "mountpoint": mp, "kernel_mounts": kernel})
+                json!({"rp": id, "mountpoint": mp, "kernel_mounts": kernel, "filesystems": status})
             ),
-            OutputFormat::Human => writeln!(out, "mounted {id} at {}", mp.display()),
+            OutputFormat::Human => writeln!(
+                out,
+                "mounted {id} at {}{}",
+                mp.display(),
+                status
+                    .iter()
+                    .map(|l| format!("\n  {l}"))
+                    .collect::<String>()
+            ),
         };
         let _ = out.flush();
     };
@@ -410,7 +420,7 @@ fn print_mounted(
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
             "rp": ready["rp"], "mountpoint": a.mountpoint, "pid": pid, "log": log_path,
-            "kernel_mounts": kernel,
+            "kernel_mounts": kernel, "filesystems": ready["filesystems"],
         }))?,
         OutputFormat::Human => {
             println!(
@@ -434,6 +444,9 @@ fn print_mounted(
                         err.unwrap_or("?")
                     ),
                 }
+            }
+            for line in ready["filesystems"].as_array().into_iter().flatten() {
+                println!("  {}", line.as_str().unwrap_or("?"));
             }
         }
     }
