@@ -37,6 +37,8 @@ use crate::filesystem::{CachedDevice, FileData, FileSystem, Kind};
 const ROOT: u64 = 1;
 /// `disk.img` is inode 2; partition files follow.
 const FIRST_FILE: u64 = 2;
+/// `.elastio-status` in the root: below the first file system's inode range.
+const STATUS: u64 = (1 << 32) - 1;
 /// RPs never change: the kernel may cache attributes and entries for long.
 const TTL: Duration = Duration::from_secs(3600);
 /// FOPEN_KEEP_CACHE: keep the page cache across opens.
@@ -248,6 +250,9 @@ pub struct DiskView {
     pub time: SystemTime,
     pub uid: u32,
     pub gid: u32,
+    /// What each file-system place holds, one line each; shown as `.elastio-status` in the
+    /// root unless empty.
+    pub status: String,
 }
 
 /// A directory listing with a name index for lookups.
@@ -310,6 +315,8 @@ impl DirCache {
 enum Open {
     Image,
     File(Arc<dyn FileData>),
+    /// `.elastio-status`.
+    Status,
 }
 
 /// The state of a mount that the session thread and the read workers share.
@@ -399,6 +406,9 @@ impl Shared {
         }
         let v = &self.view;
         let (kind, perm, size, blocks, nlink) = match (ino, self.file(ino)) {
+            (STATUS, _) if !v.status.is_empty() => {
+                (FileType::RegularFile, 0o444, v.status.len() as u64, 0, 1)
+            }
             (ROOT, _) => (
                 FileType::Directory,
                 0o555,
@@ -481,6 +491,9 @@ impl Shared {
                     FileType::RegularFile,
                     f.name.clone().into(),
                 ));
+            }
+            if !self.view.status.is_empty() {
+                entries.push((STATUS, FileType::RegularFile, ".elastio-status".into()));
             }
             for (k, v) in self.view.filesystems.iter().enumerate() {
                 let root = join(k, self.root_of(k));
@@ -640,6 +653,9 @@ impl Filesystem for Fs {
         if self.file(ino).is_some() {
             return reply.opened(self.register(Open::Image), KEEP_CACHE);
         }
+        if ino == STATUS && !self.view.status.is_empty() {
+            return reply.opened(self.register(Open::Status), KEEP_CACHE);
+        }
         let Some((k, i)) = split(ino) else {
             return reply.error(libc::EISDIR);
         };
@@ -682,6 +698,12 @@ impl Filesystem for Fs {
         };
         let offset = offset as u64;
         let (job, cached): (Box<dyn FnOnce() + Send>, bool) = match &*open {
+            Open::Status => {
+                let text = self.view.status.as_bytes();
+                let start = (offset as usize).min(text.len());
+                let end = start.saturating_add(size as usize).min(text.len());
+                return reply.data(&text[start..end]);
+            }
             Open::Image => {
                 let Some(f) = self.file(ino) else {
                     return reply.error(libc::EINVAL);

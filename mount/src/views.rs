@@ -108,6 +108,7 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
         time: created(rp),
         uid: opts.owner.0,
         gid: opts.owner.1,
+        status: status.iter().map(|l| format!("{l}\n")).collect(),
     };
     Ok(DiskMount {
         view,
@@ -132,6 +133,7 @@ pub fn stream(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io:
         time: created(rp),
         uid: opts.owner.0,
         gid: opts.owner.1,
+        status: String::new(),
     })
 }
 

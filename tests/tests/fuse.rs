@@ -442,6 +442,11 @@ fn the_mount_says_what_each_partition_holds() {
         ],
         "{out}"
     );
+    // The same lines, in the mount root.
+    assert_eq!(
+        std::fs::read_to_string(mnt.join(".elastio-status")).unwrap(),
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>()
+    );
     assert!(mnt.join("part1").is_dir() && !mnt.join("part2").exists());
     assert_eq!(
         std::fs::metadata(mnt.join("part2.img")).unwrap().len(),
