@@ -7,6 +7,12 @@
 //!   partition, and `partN/` (or `fs/`) with the files inside each ext2/3/4 file system, read in
 //!   user space by [`ext4`]; EROFS on writes, EIO (logged with the object name) on damaged data.
 //!   Stream RPs show as one file. [`views`] assembles what a mount of an RP shows.
+//!
+//!   Names in a disk RP's mount, stable: `disk.img`; `partN.img` per partition (N its number in
+//!   the MBR or GPT); `partN/` (or `fs/` for an unpartitioned disk) with the files of each file
+//!   system elastio reads ([`filesystem`]); `.elastio-status`, one line per file-system place
+//!   saying what it holds (`part2: xfs, not readable by elastio yet`), the same lines
+//!   `elastio mount` prints.
 //! * [`tree_view`]: a file RP as the tree it backed up (metadata, symlinks, hard links, xattrs,
 //!   holes), read through the chunks its tree lists.
 //!
