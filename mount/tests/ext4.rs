@@ -233,16 +233,21 @@ fn walkdir(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// `mkfs.ext4 -q -F [extra] -d src img` on a fresh image of `size` bytes.
+fn mkfs_from(src: &Path, img: &Path, size: u64, extra: &[&str]) {
+    File::create(img).unwrap().set_len(size).unwrap();
+    let mut args = vec!["-q", "-F"];
+    args.extend_from_slice(extra);
+    args.extend(["-d", src.to_str().unwrap(), img.to_str().unwrap()]);
+    run("mkfs.ext4", &args);
+}
+
 fn check_layout(name: &str, mkfs_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     make_tree(&src);
     let img = dir.path().join(format!("{name}.img"));
-    File::create(&img).unwrap().set_len(96 << 20).unwrap();
-    let mut args = vec!["-q", "-F"];
-    args.extend_from_slice(mkfs_args);
-    args.extend(["-d", src.to_str().unwrap(), img.to_str().unwrap()]);
-    run("mkfs.ext4", &args);
+    mkfs_from(&src, &img, 96 << 20, mkfs_args);
     let (fs, nodes) = read_image(&img);
     compare(&nodes, &src, false);
     let islands = &nodes[Path::new("islands.bin")];
@@ -318,17 +323,7 @@ fn the_filesystem_interface_shows_the_source_tree() {
     let src = dir.path().join("src");
     make_tree(&src);
     let img = dir.path().join("iface.img");
-    File::create(&img).unwrap().set_len(96 << 20).unwrap();
-    run(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
+    mkfs_from(&src, &img, 96 << 20, &[]);
     let dev = File::open(&img).unwrap();
     let ext = Ext4::open(dev, 96 << 20)
         .unwrap()
@@ -397,17 +392,7 @@ fn garbage_is_an_error_not_a_panic() {
     fs::create_dir(&src).unwrap();
     fs::write(src.join("a"), random(3, 100_000)).unwrap();
     let img = dir.path().join("x.img");
-    File::create(&img).unwrap().set_len(16 << 20).unwrap();
-    run(
-        "mkfs.ext4",
-        &[
-            "-q",
-            "-F",
-            "-d",
-            src.to_str().unwrap(),
-            img.to_str().unwrap(),
-        ],
-    );
+    mkfs_from(&src, &img, 16 << 20, &[]);
     let pristine = fs::read(&img).unwrap();
     // Flip bytes all over the metadata area: every outcome must be Ok or Err, never a panic.
     for i in 0..300u64 {

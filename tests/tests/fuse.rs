@@ -195,7 +195,14 @@ fn two_mounts_at_once_while_a_backup_runs() {
 fn partitioned_image(env: &Env, label: &str) -> (PathBuf, PathBuf) {
     let part = ext4_image(env, &format!("{label}-part.img"), 40 << 20);
     let disk = env.path(&format!("{label}-disk.img"));
-    sparse_file(&disk, 64 << 20);
+    make_disk(&disk, 64 << 20, label, &[(2048, 81920, Some(&part))]);
+    (disk, part)
+}
+
+/// A sparse disk image of `size` bytes with partition table `label` (gpt, dos) and partitions
+/// (first sector, sectors, the image written into it if any).
+fn make_disk(disk: &Path, size: u64, label: &str, parts: &[(u64, u64, Option<&Path>)]) {
+    sparse_file(disk, size);
     let mut sfdisk = Command::new("sfdisk")
         .args(["--quiet", disk.to_str().unwrap()])
         .stdin(std::process::Stdio::piped())
@@ -203,15 +210,22 @@ fn partitioned_image(env: &Env, label: &str) -> (PathBuf, PathBuf) {
         .spawn()
         .expect("sfdisk (apt: fdisk)");
     use std::io::Write;
-    writeln!(
-        sfdisk.stdin.take().unwrap(),
-        "label: {label}\nstart=2048, size=81920, type=L"
-    )
-    .unwrap();
+    let mut script = format!("label: {label}\n");
+    for (start, sectors, _) in parts {
+        script += &format!("start={start}, size={sectors}, type=L\n");
+    }
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
-    let data = std::fs::read(&part).unwrap();
-    write_at(&disk, 1 << 20, &data);
-    (disk, part)
+    for (start, _, image) in parts {
+        if let Some(image) = image {
+            write_at(disk, start * 512, &std::fs::read(image).unwrap());
+        }
+    }
 }
 
 #[test]
@@ -402,23 +416,17 @@ fn the_mount_says_what_each_partition_holds() {
         String::from_utf8_lossy(&out.stderr)
     );
     let disk = env.path("mixed.img");
-    sparse_file(&disk, 400 << 20);
-    let mut sfdisk = Command::new("sfdisk")
-        .args(["--quiet", disk.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("sfdisk (apt: fdisk)");
-    use std::io::Write;
     // part1: ext4 at 1 MiB (40 MiB); part2: xfs at 41 MiB (320 MiB); part3: nothing (8 MiB).
-    writeln!(
-        sfdisk.stdin.take().unwrap(),
-        "label: gpt\nstart=2048, size=81920\nstart=83968, size=655360\nstart=739328, size=16384"
-    )
-    .unwrap();
-    assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
-    write_at(&disk, 1 << 20, &std::fs::read(&ext).unwrap());
-    write_at(&disk, 41 << 20, &std::fs::read(&xfs).unwrap());
+    make_disk(
+        &disk,
+        400 << 20,
+        "gpt",
+        &[
+            (2048, 81920, Some(&ext)),
+            (83968, 655360, Some(&xfs)),
+            (739328, 16384, None),
+        ],
+    );
     let rp = env.backup(&disk, None)["rp"]["id"]
         .as_str()
         .unwrap()
