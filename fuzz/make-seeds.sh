@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Seeds for the fuzz targets, from real mkfs images (checked in under seeds/, each < 100 KiB):
 #   fuzz/make-seeds.sh [out-dir]     (default: fuzz/seeds)
-# Needs mkfs.ext2/3/4, e2fsck (e2fsprogs) and python3.
+# Needs mkfs.ext2/3/4, e2fsck (e2fsprogs), mkfs.xfs (xfsprogs) and python3. XFS seeds are
+# sparse-sector records (see mount::filesystem::SparseImage), < 128 KiB each.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/seeds}
-mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server"
+mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -41,6 +42,39 @@ truncate -s 96K "$tmp/htree.img"
 mkfs.ext4 -q -F -b 1024 -N 192 -I 128 -O ^has_journal,^resize_inode -d "$tree" "$tmp/htree.img" >/dev/null
 e2fsck -fyD "$tmp/htree.img" >/dev/null 2>&1 || [ $? -le 1 ]
 cp "$tmp/htree.img" "$out/ext4/htree.img"
+
+# XFS (mkfs.xfs makes nothing under 300 MB, so the seeds carry only the non-zero sectors),
+# filled from a prototype file: v4 without file types, v5 with 4 KiB and 1 KiB blocks.
+{
+    echo boot; echo 0 0; echo "d--755 0 0"
+    echo "small.txt ---644 0 0 $tree/small.txt"
+    echo "sparse.bin ---644 0 0 $tree/sparse.bin"
+    echo "short.lnk l--777 0 0 small.txt"
+    echo "long.lnk l--777 0 0 $(printf 'y/%.0s' $(seq 300))end"
+    echo "fifo p--640 0 0"
+    echo "dir d--755 0 0"
+    echo "mid.txt ---644 0 0 $tree/dir/mid.txt"
+    for i in $(seq 1 40); do echo "file-with-a-longer-name-$i ---644 0 0 $tree/small.txt"; done
+    echo "sub d--1777 0 0"; echo '$'
+    echo '$'; echo '$'
+} > "$tmp/proto"
+mkxfs() { # name mkfs.xfs-args...
+    local name=$1; shift
+    truncate -s 300M "$tmp/$name.img"
+    mkfs.xfs -q -f -d agcount=2 "$@" -p "$tmp/proto" "$tmp/$name.img" 2>/dev/null
+    python3 - "$tmp/$name.img" "$out/xfs/$name.bin" <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+with open(sys.argv[2], "wb") as o:
+    for i in range(0, len(d), 512):
+        if any(d[i:i + 512]):
+            o.write(struct.pack("<I", i // 512) + d[i:i + 512])
+PY
+    rm "$tmp/$name.img"
+}
+mkxfs v4 -m crc=0 -n ftype=0
+mkxfs v5
+mkxfs v5-1k -b size=1024 -n size=8192
 
 python3 - "$out/partitions" <<'PY'
 import struct, sys, zlib

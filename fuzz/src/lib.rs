@@ -64,6 +64,21 @@ fn walk<R: ReadAt>(fs: &Ext4<R>, ino: u32, depth: u32, left: &mut (u32, u32)) {
     }
 }
 
+/// The size of the image an XFS fuzz input describes (mkfs.xfs makes 300 MB at least).
+pub const XFS_IMAGE: u64 = 1 << 30;
+
+/// Opens `records` (sparse-sector records) as an XFS file system and reads everything
+/// reachable from the root within the walk's limits.
+pub fn walk_xfs(records: &[u8]) {
+    use mount::filesystem::{walk, FileSystem, SparseImage, WalkLimits};
+    let img = SparseImage::parse(records, XFS_IMAGE);
+    let Ok(Some(fs)) = mount::xfs::Xfs::open(img, XFS_IMAGE) else {
+        return;
+    };
+    let fs: std::sync::Arc<dyn FileSystem> = std::sync::Arc::new(fs);
+    walk(&fs, WalkLimits::default());
+}
+
 /// Parses `bytes` as a partitioned disk and checks what comes out: inside the disk, no overlaps.
 /// Unless the (unused) first byte of the boot code is odd, the GPT CRCs are made right first, so
 /// mutations reach the code past the checksums.

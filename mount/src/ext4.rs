@@ -862,13 +862,7 @@ impl<R: ReadAt> Ext4<R> {
                 self.read(data, offset, &mut out[start..])
             }
             Data::Extents(ext) => {
-                for run in runs(ext, self.sb.block_size, offset, len as u64) {
-                    match run.disk {
-                        Some(at) => self.dev.read_append(at, run.len as usize, out)?,
-                        None => out.resize(out.len() + run.len as usize, 0),
-                    }
-                }
-                Ok(())
+                read_extents_append(&self.dev, ext, self.sb.block_size, offset, len, out)
             }
         }
     }
@@ -1110,6 +1104,25 @@ pub struct Run {
 }
 
 /// Splits a read of `len` bytes at file `offset` into disk ranges and zero ranges.
+/// Appends `len` bytes from byte `offset` of a file mapped by `extents` (in `block_size` blocks
+/// of `dev`) to `out`, holes as zeros.
+pub fn read_extents_append(
+    dev: &(impl ReadAt + ?Sized),
+    extents: &[Extent],
+    block_size: u64,
+    offset: u64,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    for run in runs(extents, block_size, offset, len as u64) {
+        match run.disk {
+            Some(at) => dev.read_append(at, run.len as usize, out)?,
+            None => out.resize(out.len() + run.len as usize, 0),
+        }
+    }
+    Ok(())
+}
+
 pub fn runs(extents: &[Extent], block_size: u64, offset: u64, len: u64) -> Vec<Run> {
     let mut out = Vec::new();
     let end = offset + len;

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use crossbeam_channel::{bounded, Sender};
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEntry, ReplyLseek, ReplyOpen, Request,
+    ReplyDirectory, ReplyEntry, ReplyLseek, ReplyOpen, ReplyXattr, Request,
 };
 use lru::LruCache;
 use scalez::reader::DiskReader;
@@ -33,6 +33,8 @@ use scalez::stream_map::StreamReader;
 
 use crate::ext4::{self, Ext4};
 use crate::filesystem::{CachedDevice, FileData, FileSystem, Kind};
+use crate::xfs::Xfs;
+use std::io;
 
 const ROOT: u64 = 1;
 /// `disk.img` is inode 2; partition files follow.
@@ -155,7 +157,7 @@ pub struct FsView {
 }
 
 /// The inode number of an empty mountpoint directory's root.
-const EMPTY_ROOT: u32 = 1;
+const EMPTY_ROOT: u64 = 1;
 
 impl PartDev {
     /// Opens the file system in this range if elastio reads it (ext2/3/4 today). The status
@@ -164,17 +166,29 @@ impl PartDev {
     pub fn open_fs(self, name: &str) -> (Option<FsView>, String) {
         let len = self.len;
         let found = crate::filesystem::detect(&self, len);
-        match Ext4::open(self, len) {
-            Ok(Some(fs)) => (
-                Some(FsView {
+        let opened: io::Result<Option<Arc<dyn FileSystem>>> = match found {
+            Some("ext4") => Ext4::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
+            Some("xfs") => Xfs::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
+            _ => Ok(None),
+        };
+        match opened {
+            Ok(Some(fs)) => {
+                let line = format!("{name}: {}, files in {name}/", fs.type_name());
+                let view = FsView {
                     name: name.to_string(),
-                    fs: Some(Arc::new(fs) as Arc<dyn FileSystem>),
-                }),
-                format!("{name}: ext4, files in {name}/"),
-            ),
+                    fs: Some(fs),
+                };
+                (Some(view), line)
+            }
             Err(e) => {
+                let t = found.unwrap_or("?");
                 tracing::warn!("{name}: file view unavailable: {e}");
-                (None, format!("{name}: ext4, damaged: {e}"))
+                let why = if e.kind() == io::ErrorKind::Unsupported {
+                    "not readable by elastio"
+                } else {
+                    "damaged"
+                };
+                (None, format!("{name}: {t}, {why}: {e}"))
             }
             Ok(None) => (
                 None,
@@ -374,14 +388,37 @@ fn errno(e: &std::io::Error) -> i32 {
     }
 }
 
-/// Splits a FUSE inode into (file system index, ext inode) for inodes inside file systems.
-fn split(ino: u64) -> Option<(usize, u32)> {
-    let k = (ino >> 32).checked_sub(1)?;
-    Some((k as usize, ino as u32))
+/// Answers a getxattr or listxattr: the size when asked for it (`size` 0), else the bytes if
+/// they fit.
+pub(crate) fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32)
+    } else if data.len() > size as usize {
+        reply.error(libc::ERANGE)
+    } else {
+        reply.data(data)
+    }
 }
 
-fn join(k: usize, ino: u32) -> u64 {
-    (k as u64 + 1) << 32 | ino as u64
+/// FUSE inodes inside file system `k` are `(k + 1) << FS_SHIFT | ino`: the top byte names the
+/// file system, the low 56 bits hold its own inode number. That fits every real file system (an
+/// XFS inode number past 2^56 would need a volume of some 2^60 bytes); an entry whose number does
+/// not fit is left out of its listing with an error in the log. View inodes (root, images,
+/// status) have a zero top byte.
+const FS_SHIFT: u32 = 56;
+const FS_INO_MASK: u64 = (1 << FS_SHIFT) - 1;
+/// At most this many file systems in one view (the top byte's values, zero excluded).
+pub const MAX_FILESYSTEMS: usize = 255;
+
+/// Splits a FUSE inode into (file system index, its inode) for inodes inside file systems.
+fn split(ino: u64) -> Option<(usize, u64)> {
+    let k = (ino >> FS_SHIFT).checked_sub(1)?;
+    Some((k as usize, ino & FS_INO_MASK))
+}
+
+/// The FUSE inode of inode `ino` of file system `k`; None when it does not fit.
+fn join(k: usize, ino: u64) -> Option<u64> {
+    (k < MAX_FILESYSTEMS && ino <= FS_INO_MASK).then(|| (k as u64 + 1) << FS_SHIFT | ino)
 }
 
 impl Shared {
@@ -394,10 +431,8 @@ impl Shared {
     }
 
     /// The inode number of file system `k`'s root directory.
-    fn root_of(&self, k: usize) -> u32 {
-        self.filesystem(k)
-            .and_then(|fs| u32::try_from(fs.root()).ok())
-            .unwrap_or(EMPTY_ROOT)
+    fn root_of(&self, k: usize) -> u64 {
+        self.filesystem(k).map_or(EMPTY_ROOT, |fs| fs.root())
     }
 
     fn attr(&self, ino: u64) -> Result<FileAttr, i32> {
@@ -444,7 +479,7 @@ impl Shared {
         })
     }
 
-    fn fs_attr(&self, k: usize, i: u32) -> Result<FileAttr, i32> {
+    fn fs_attr(&self, k: usize, i: u64) -> Result<FileAttr, i32> {
         let view = self.view.filesystems.get(k).ok_or(libc::ENOENT)?;
         let Some(fs) = &view.fs else {
             // An empty mountpoint directory.
@@ -452,15 +487,15 @@ impl Shared {
                 return Err(libc::ENOENT);
             }
             let mut a = self.attr(ROOT)?;
-            (a.ino, a.nlink) = (join(k, i), 2);
+            (a.ino, a.nlink) = (join(k, i).ok_or(libc::ENOENT)?, 2);
             return Ok(a);
         };
-        let a = fs.attr(i as u64).map_err(|e| {
+        let a = fs.attr(i).map_err(|e| {
             tracing::error!("{}: inode {i}: {e}", view.name);
             errno(&e)
         })?;
         Ok(FileAttr {
-            ino: join(k, i),
+            ino: join(k, i).ok_or(libc::EOVERFLOW)?,
             size: a.size,
             blocks: a.blocks,
             atime: a.atime,
@@ -496,8 +531,9 @@ impl Shared {
                 entries.push((STATUS, FileType::RegularFile, ".elastio-status".into()));
             }
             for (k, v) in self.view.filesystems.iter().enumerate() {
-                let root = join(k, self.root_of(k));
-                entries.push((root, FileType::Directory, v.name.clone().into()));
+                if let Some(root) = join(k, self.root_of(k)) {
+                    entries.push((root, FileType::Directory, v.name.clone().into()));
+                }
             }
         } else {
             let (k, i) = split(ino).ok_or(libc::ENOTDIR)?;
@@ -510,11 +546,11 @@ impl Shared {
                 return Ok(listing);
             };
             let name = &self.view.filesystems[k].name;
-            for e in fs.read_dir(i as u64).map_err(|e| {
+            for e in fs.read_dir(i).map_err(|e| {
                 tracing::error!("{name}: directory inode {i}: {e}");
                 errno(&e)
             })? {
-                let Ok(ino) = u32::try_from(e.ino) else {
+                let Some(ino) = join(k, e.ino) else {
                     tracing::error!("{name}: inode number {} is out of range", e.ino);
                     continue;
                 };
@@ -526,7 +562,7 @@ impl Shared {
                     },
                 };
                 let name = OsStr::from_bytes(&e.name).to_os_string();
-                entries.push((join(k, ino), file_type(kind), name));
+                entries.push((ino, file_type(kind), name));
             }
         }
         let by_name = entries
@@ -579,8 +615,8 @@ impl Shared {
     }
 
     /// Opens file `i` of file system `k`: maps its blocks (bounded by the reader's budgets).
-    fn open_file(&self, k: usize, i: u32, fs: Arc<dyn FileSystem>, reply: ReplyOpen) {
-        match fs.open(i as u64) {
+    fn open_file(&self, k: usize, i: u64, fs: Arc<dyn FileSystem>, reply: ReplyOpen) {
+        match fs.open(i) {
             Ok(file) => reply.opened(self.register(Open::File(file)), KEEP_CACHE),
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::IsADirectory {
@@ -589,6 +625,23 @@ impl Shared {
                 reply.error(errno(&e))
             }
         }
+    }
+
+    /// The extended attributes of `ino` (none for the view's own files).
+    fn xattrs(&self, ino: u64) -> Result<crate::filesystem::Xattrs, i32> {
+        let Some((k, i)) = split(ino) else {
+            return Ok(Vec::new());
+        };
+        let Some(fs) = self.filesystem(k) else {
+            return Ok(Vec::new());
+        };
+        fs.xattrs(i).map_err(|e| {
+            tracing::error!(
+                "{}: attributes of inode {i}: {e}",
+                self.view.filesystems[k].name
+            );
+            errno(&e)
+        })
     }
 
     /// The parent of directory `ino`, for its `..` entry.
@@ -630,6 +683,38 @@ impl Filesystem for Fs {
         }
     }
 
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let name = name.as_bytes().to_vec();
+        self.offload(move |s| match s.xattrs(ino) {
+            Ok(x) => match x.iter().find(|(k, _)| *k == name) {
+                Some((_, v)) => reply_xattr(reply, size, v),
+                None => reply.error(libc::ENODATA),
+            },
+            Err(e) => reply.error(e),
+        });
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        self.offload(move |s| match s.xattrs(ino) {
+            Ok(x) => {
+                let names: Vec<u8> = x
+                    .iter()
+                    .flat_map(|(k, _)| k.iter().chain(&[0]))
+                    .copied()
+                    .collect();
+                reply_xattr(reply, size, &names)
+            }
+            Err(e) => reply.error(e),
+        });
+    }
+
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
         let Some((k, i)) = split(ino) else {
             return reply.error(libc::EINVAL);
@@ -637,7 +722,7 @@ impl Filesystem for Fs {
         let Some(fs) = self.filesystem(k) else {
             return reply.error(libc::ENOENT);
         };
-        match fs.read_link(i as u64) {
+        match fs.read_link(i) {
             Ok(target) => reply.data(&target),
             Err(e) => {
                 tracing::error!("{}: symlink inode {i}: {e}", self.view.filesystems[k].name);
@@ -745,7 +830,7 @@ impl Filesystem for Fs {
                                     .map_or("?", |v| v.name.as_str());
                                 tracing::error!(
                                     "{name}: inode {}: read of {size} bytes at {offset}: {e}",
-                                    ino as u32
+                                    ino & FS_INO_MASK
                                 );
                                 reply.error(libc::EIO)
                             }

@@ -38,5 +38,6 @@ pub mod overlay;
 pub mod partitions;
 pub mod tree_view;
 pub mod views;
+pub mod xfs;
 
 pub use scalez::reader::DiskReader;

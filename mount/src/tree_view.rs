@@ -388,9 +388,7 @@ impl Filesystem for TreeFs {
         };
         match n.entry.xattrs.iter().find(|(k, _)| k == name.as_bytes()) {
             None => reply.error(libc::ENODATA),
-            Some((_, v)) if size == 0 => reply.size(v.len() as u32),
-            Some((_, v)) if v.len() > size as usize => reply.error(libc::ERANGE),
-            Some((_, v)) => reply.data(v),
+            Some((_, v)) => crate::fuse::reply_xattr(reply, size, v),
         }
     }
 
@@ -403,13 +401,7 @@ impl Filesystem for TreeFs {
             names.extend_from_slice(k);
             names.push(0);
         }
-        if size == 0 {
-            reply.size(names.len() as u32)
-        } else if names.len() > size as usize {
-            reply.error(libc::ERANGE)
-        } else {
-            reply.data(&names)
-        }
+        crate::fuse::reply_xattr(reply, size, &names)
     }
 }
 

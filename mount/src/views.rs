@@ -59,7 +59,12 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
     let mut kernel_targets = Vec::new();
     let mut status = Vec::new();
     let mut add = |name: String, image: &str, start: u64, len: u64| {
-        if opts.kernel {
+        if filesystems.len() >= crate::fuse::MAX_FILESYSTEMS {
+            status.push(format!(
+                "{name}: not shown, a view holds at most {} file systems",
+                crate::fuse::MAX_FILESYSTEMS
+            ));
+        } else if opts.kernel {
             filesystems.push(FsView {
                 name: name.clone(),
                 fs: None,

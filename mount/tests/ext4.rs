@@ -8,55 +8,11 @@ use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mount::ext4::{Data, Ext4, Inode, Kind};
 
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-#[allow(unsafe_code)]
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-#[allow(unsafe_code)]
-fn set_times(path: &Path, secs: i64, nanos: i64) {
-    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
-    let t = libc::timespec {
-        tv_sec: secs,
-        tv_nsec: nanos,
-    };
-    // SAFETY: valid C string and two timespecs.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            [t, t].as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    assert_eq!(r, 0, "utimensat {}", path.display());
-}
-
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+mod common;
+use common::{is_root, random, run, set_times, walkdir};
 
 /// A tree with the cases that trip file-system readers.
 #[allow(unsafe_code)]
@@ -219,18 +175,6 @@ fn compare(nodes: &BTreeMap<PathBuf, Node>, root: &Path, exact: bool) {
         nodes.len(),
         "entry count (the reader also has the root)"
     );
-}
-
-fn walkdir(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(root).unwrap() {
-        let p = e.unwrap().path();
-        out.push(p.clone());
-        if fs::symlink_metadata(&p).unwrap().is_dir() {
-            out.extend(walkdir(&p));
-        }
-    }
-    out
 }
 
 /// `mkfs.ext4 -q -F [extra] -d src img` on a fresh image of `size` bytes.

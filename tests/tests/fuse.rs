@@ -398,16 +398,33 @@ fn files_inside_the_file_system_are_browsable_and_copyable() {
     umount(&env, &mnt, pid);
 }
 
-/// A partition whose file system elastio does not read (yet) still shows as an image, and the
-/// mount says what each partition holds.
+/// The mount says what each partition holds: files of the ones elastio reads (ext4, XFS), an
+/// image and a reason for the others.
 #[test]
 fn the_mount_says_what_each_partition_holds() {
     let env = Env::new();
     let ext = ext4_image(&env, "p1.img", 40 << 20);
     let xfs = env.path("p2.img");
     sparse_file(&xfs, 320 << 20);
+    let hello = env.path("hello.txt");
+    std::fs::write(&hello, b"hello from xfs\n").unwrap();
+    let proto = env.path("proto");
+    std::fs::write(
+        &proto,
+        format!(
+            "boot\n0 0\nd--755 0 0\nhello.txt ---640 1000 1000 {}\netc d--755 0 0\n$\n$\n",
+            hello.display()
+        ),
+    )
+    .unwrap();
     let out = Command::new("mkfs.xfs")
-        .args(["-q", "-f", xfs.to_str().unwrap()])
+        .args([
+            "-q",
+            "-f",
+            "-p",
+            proto.to_str().unwrap(),
+            xfs.to_str().unwrap(),
+        ])
         .output()
         .expect("mkfs.xfs (apt: xfsprogs)");
     assert!(
@@ -415,16 +432,22 @@ fn the_mount_says_what_each_partition_holds() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let swap = env.path("p3.img");
+    sparse_file(&swap, 8 << 20);
+    let out = Command::new("mkswap").arg(&swap).output().expect("mkswap");
+    assert!(out.status.success());
     let disk = env.path("mixed.img");
-    // part1: ext4 at 1 MiB (40 MiB); part2: xfs at 41 MiB (320 MiB); part3: nothing (8 MiB).
+    // part1: ext4 at 1 MiB (40 MiB); part2: xfs at 41 MiB (320 MiB); part3: swap (8 MiB);
+    // part4: nothing (8 MiB).
     make_disk(
         &disk,
-        400 << 20,
+        410 << 20,
         "gpt",
         &[
             (2048, 81920, Some(&ext)),
             (83968, 655360, Some(&xfs)),
-            (739328, 16384, None),
+            (739328, 16384, Some(&swap)),
+            (755712, 16384, None),
         ],
     );
     let rp = env.backup(&disk, None)["rp"]["id"]
@@ -445,8 +468,9 @@ fn the_mount_says_what_each_partition_holds() {
         lines,
         [
             "part1: ext4, files in part1/",
-            "part2: xfs, not readable by elastio yet",
-            "part3: no known file system",
+            "part2: xfs, files in part2/",
+            "part3: swap, not readable by elastio yet",
+            "part4: no known file system",
         ],
         "{out}"
     );
@@ -455,11 +479,20 @@ fn the_mount_says_what_each_partition_holds() {
         std::fs::read_to_string(mnt.join(".elastio-status")).unwrap(),
         lines.iter().map(|l| format!("{l}\n")).collect::<String>()
     );
-    assert!(mnt.join("part1").is_dir() && !mnt.join("part2").exists());
+    assert!(mnt.join("part1").is_dir() && !mnt.join("part3").exists());
+    let file = mnt.join("part2/hello.txt");
+    assert_eq!(std::fs::read(&file).unwrap(), b"hello from xfs\n");
+    let md = std::fs::metadata(&file).unwrap();
+    use std::os::unix::fs::MetadataExt;
     assert_eq!(
-        std::fs::metadata(mnt.join("part2.img")).unwrap().len(),
-        320 << 20,
-        "the xfs partition still shows as an image"
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o640, 1000, 1000)
+    );
+    assert!(mnt.join("part2/etc").is_dir());
+    assert_eq!(
+        std::fs::metadata(mnt.join("part3.img")).unwrap().len(),
+        8 << 20,
+        "the swap partition still shows as an image"
     );
     umount(&env, &mnt, pid);
 }
