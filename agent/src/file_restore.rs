@@ -177,17 +177,21 @@ fn temp_name() -> Vec<u8> {
     format!(".elastio-restore-{:016x}", rand::random::<u64>()).into_bytes()
 }
 
-/// Writes one regular file under a temporary name, applies its metadata, renames it in place.
-fn write_file(vault: &Vault, dir: &OwnedFd, e: &Entry, as_root: bool) -> Done {
-    let (_, name) = e.split();
-    let tmp = temp_name();
-    let file = match fsx::create_excl_at(dir.as_raw_fd(), &tmp) {
-        Ok(f) => f,
-        Err(err) => return Done::Failed(format!("{}: {err}", show(&e.path))),
-    };
-    let mut warnings = Vec::new();
-    let result = (|| -> Result<u64, String> {
-        file.set_len(e.size).map_err(|err| err.to_string())?;
+/// Where the bytes of restored regular files come from: a file RP's chunks, or a file system
+/// inside a disk RP (the CLI's adapter reads it through elastio-mount).
+pub trait FileSource: Sync {
+    /// Writes the data of regular file `e` into `file` (already `e.size` bytes long, all
+    /// holes); returns the bytes written. Errors name what failed, not the path (the caller
+    /// adds it).
+    fn write_data(&self, e: &Entry, file: &std::fs::File) -> Result<u64, String>;
+}
+
+/// A file RP's chunks, as its tree lists them.
+struct Chunks<'a>(&'a Vault);
+
+impl FileSource for Chunks<'_> {
+    fn write_data(&self, e: &Entry, file: &std::fs::File) -> Result<u64, String> {
+        let vault = self.0;
         let regions = e.data_regions();
         let mut region = 0usize;
         let mut in_region = 0u64;
@@ -217,6 +221,22 @@ fn write_file(vault: &Vault, dir: &OwnedFd, e: &Entry, as_root: bool) -> Done {
                 }
             }
         }
+        Ok(written)
+    }
+}
+
+/// Writes one regular file under a temporary name, applies its metadata, renames it in place.
+fn write_file(source: &dyn FileSource, dir: &OwnedFd, e: &Entry, as_root: bool) -> Done {
+    let (_, name) = e.split();
+    let tmp = temp_name();
+    let file = match fsx::create_excl_at(dir.as_raw_fd(), &tmp) {
+        Ok(f) => f,
+        Err(err) => return Done::Failed(format!("{}: {err}", show(&e.path))),
+    };
+    let mut warnings = Vec::new();
+    let result = (|| -> Result<u64, String> {
+        file.set_len(e.size).map_err(|err| err.to_string())?;
+        let written = source.write_data(e, &file)?;
         if as_root {
             if let Err(err) = fsx::fchown(&file, e.uid, e.gid) {
                 warnings.push(format!(
@@ -277,7 +297,6 @@ fn apply_meta_at(dir: &OwnedFd, name: &[u8], e: &Entry, as_root: bool, warnings:
 }
 
 /// Restores file RP `rp` into `target` (created if missing).
-#[allow(unsafe_code)]
 pub fn restore_files(
     vault: &Arc<Vault>,
     rp: &RecoveryPoint,
@@ -285,8 +304,32 @@ pub fn restore_files(
     opts: &FileRestoreOptions,
     progress: &dyn Progress,
 ) -> Result<FileRestoreReport, AgentError> {
-    let started = Instant::now();
     let t = rp.tree()?.clone();
+    let total = if opts.includes.is_empty() {
+        t.file_bytes
+    } else {
+        0
+    };
+    let mut entries = tree::TreeReader::open(vault, &t.stream, &rp.id.to_string())?
+        .map(|e| e.map_err(AgentError::from));
+    restore_entries(&mut entries, &Chunks(vault), target, opts, total, progress)
+}
+
+/// Restores `entries` (in tree order: every directory before what it holds; hard links after
+/// their first path) into `target` (created if missing), file data from `source`.
+/// `total_bytes` sizes the progress bar (0: unknown). Entries with a path that could escape
+/// the target (absolute, `.`, `..`, empty components) are refused and reported, whatever their
+/// source.
+#[allow(unsafe_code)]
+pub fn restore_entries(
+    entries: &mut dyn Iterator<Item = Result<Entry, AgentError>>,
+    source: &dyn FileSource,
+    target: &Path,
+    opts: &FileRestoreOptions,
+    total_bytes: u64,
+    progress: &dyn Progress,
+) -> Result<FileRestoreReport, AgentError> {
+    let started = Instant::now();
     std::fs::create_dir_all(target).map_err(|e| AgentError::Target {
         path: target.into(),
         source: e,
@@ -295,11 +338,7 @@ pub fn restore_files(
         path: target.into(),
         source: e,
     })?);
-    progress.start(if opts.includes.is_empty() {
-        t.file_bytes
-    } else {
-        0
-    });
+    progress.start(total_bytes);
     let mut r = Restorer {
         stack: DirStack {
             stack: vec![(Vec::new(), root.clone())],
@@ -322,10 +361,9 @@ pub fn restore_files(
         let mut handles = Vec::new();
         for _ in 0..workers {
             let (jrx, dtx) = (jrx.clone(), dtx.clone());
-            let vault = &**vault;
             handles.push(s.spawn(move || {
                 for job in jrx {
-                    let done = write_file(vault, &job.dir, &job.entry, as_root);
+                    let done = write_file(source, &job.dir, &job.entry, as_root);
                     if let Done::Ok { bytes, .. } = &done {
                         progress.advance(*bytes);
                     }
@@ -338,10 +376,16 @@ pub fn restore_files(
         drop((jrx, dtx));
         let collector = s.spawn(move || drx.iter().collect::<Vec<_>>());
         let walked = (|| -> Result<(), AgentError> {
-            for e in tree::TreeReader::open(vault, &t.stream, &rp.id.to_string())? {
+            for e in entries {
                 let e = e?;
                 if opts.cancel.is_cancelled() {
                     return Err(AgentError::Cancelled);
+                }
+                if let Some(why) = tree::path_problem(&e.path) {
+                    r.report
+                        .failed
+                        .push(format!("{}: path {why}", show(&e.path)));
+                    continue;
                 }
                 if selected(&e.path, &opts.includes)
                     && !r.skipped_dirs.iter().any(|d| under(&e.path, d))

@@ -79,11 +79,43 @@ pub trait FileData: Send + Sync {
     /// Whether reading `[offset, offset + len)` needs no fetch from the vault (its blocks are
     /// cached), so a caller can serve it inline instead of on a worker.
     fn is_cached(&self, offset: u64, len: u64) -> bool;
+    /// A key that is equal for two files (of two RPs of one vault) only if their bytes are:
+    /// `rp diff` compares keys instead of contents. None when the reader cannot tell.
+    fn content_key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// The content key of a file mapped to `ranges` of `dev`: its size, the ranges, and the chunks
+/// under them (None when the device cannot name its chunks).
+pub fn mapped_content_key(
+    dev: &dyn CachedDevice,
+    size: u64,
+    ranges: &[(u64, u64)],
+) -> Option<Vec<u8>> {
+    // At most this many bytes of device data named (a sparse file's extents can claim far
+    // more than any device holds); past it, callers compare bytes.
+    const MAX_NAMED: u64 = 1 << 40;
+    if ranges.iter().map(|r| r.1).sum::<u64>() > MAX_NAMED {
+        return None;
+    }
+    let mut key = size.to_le_bytes().to_vec();
+    for &(at, n) in ranges {
+        key.extend_from_slice(&at.to_le_bytes());
+        key.extend_from_slice(&n.to_le_bytes());
+        dev.range_key(at, n, &mut key)?;
+    }
+    Some(key)
 }
 
 /// A device whose byte ranges can say whether they are cached (a partition of a disk RP).
 pub trait CachedDevice: ReadAt + Send + Sync {
     fn is_range_cached(&self, offset: u64, len: u64) -> bool;
+    /// Appends to `key` the names of the chunks holding `[offset, offset + len)` (equal names,
+    /// equal bytes); None when the device has no such names.
+    fn range_key(&self, _offset: u64, _len: u64, _key: &mut Vec<u8>) -> Option<()> {
+        None
+    }
 }
 
 /// A plain file (an image on local disk): nothing is "cached" in the vault's sense.
@@ -190,6 +222,36 @@ impl<D: CachedDevice> FileData for ExtFile<D> {
             .iter()
             .all(|&(at, n)| dev.is_range_cached(at, n))
     }
+
+    fn content_key(&self) -> Option<Vec<u8>> {
+        if let ext4::Data::Inline(bytes) = &self.data {
+            return Some([&self.size.to_le_bytes()[..], b"inline", bytes].concat());
+        }
+        let ranges = self.disk_ranges(0, self.size);
+        mapped_content_key(self.fs.device(), self.size, &ranges)
+    }
+}
+
+/// Inodes of a view of several file systems (a FUSE mount, [`crate::browse`]): inode `ino` of
+/// file system `k` is `(k + 1) << FS_SHIFT | ino`: the top byte names the
+/// file system, the low 56 bits hold its own inode number. That fits every real file system (an
+/// XFS inode number past 2^56 would need a volume of some 2^60 bytes); an entry whose number does
+/// not fit is left out of its listing with an error in the log. The view's own inodes (root,
+/// images, status) have a zero top byte.
+pub const FS_SHIFT: u32 = 56;
+pub const FS_INO_MASK: u64 = (1 << FS_SHIFT) - 1;
+/// At most this many file systems in one view (the top byte's values, zero excluded).
+pub const MAX_FILESYSTEMS: usize = 255;
+
+/// Splits a FUSE inode into (file system index, its inode) for inodes inside file systems.
+pub fn split(ino: u64) -> Option<(usize, u64)> {
+    let k = (ino >> FS_SHIFT).checked_sub(1)?;
+    Some((k as usize, ino & FS_INO_MASK))
+}
+
+/// The FUSE inode of inode `ino` of file system `k`; None when it does not fit.
+pub fn join(k: usize, ino: u64) -> Option<u64> {
+    (k < MAX_FILESYSTEMS && ino <= FS_INO_MASK).then(|| (k as u64 + 1) << FS_SHIFT | ino)
 }
 
 /// A disk image carried as its non-zero 512-byte sectors, every other byte zero: how fuzz inputs

@@ -146,6 +146,18 @@ impl CachedDevice for PartDev {
             .is_range_cached(self.start + offset, len)
             .unwrap_or(false)
     }
+
+    fn range_key(&self, offset: u64, len: u64, key: &mut Vec<u8>) -> Option<()> {
+        let cs = self.reader.chunk_size() as u64;
+        let (start, end) = (self.start + offset, self.start + offset + len);
+        for slot in start / cs..end.div_ceil(cs) {
+            match self.reader.chunk_id(slot).ok()? {
+                Some(id) => key.extend_from_slice(&id.0),
+                None => key.push(0), // A slot of zeros.
+            }
+        }
+        Some(())
+    }
 }
 
 /// A file system shown as a directory of the view.
@@ -367,7 +379,7 @@ impl Fs {
     }
 }
 
-fn file_type(kind: Kind) -> FileType {
+pub(crate) fn file_type(kind: Kind) -> FileType {
     match kind {
         Kind::File => FileType::RegularFile,
         Kind::Dir => FileType::Directory,
@@ -388,6 +400,27 @@ fn errno(e: &std::io::Error) -> i32 {
     }
 }
 
+/// What FUSE shows of an inode's [`crate::filesystem::Attr`].
+pub(crate) fn file_attr(ino: u64, a: &crate::filesystem::Attr, blksize: u32) -> FileAttr {
+    FileAttr {
+        ino,
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.crtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize,
+        flags: 0,
+    }
+}
+
 /// Answers a getxattr or listxattr: the size when asked for it (`size` 0), else the bytes if
 /// they fit.
 pub(crate) fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
@@ -400,26 +433,7 @@ pub(crate) fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     }
 }
 
-/// FUSE inodes inside file system `k` are `(k + 1) << FS_SHIFT | ino`: the top byte names the
-/// file system, the low 56 bits hold its own inode number. That fits every real file system (an
-/// XFS inode number past 2^56 would need a volume of some 2^60 bytes); an entry whose number does
-/// not fit is left out of its listing with an error in the log. View inodes (root, images,
-/// status) have a zero top byte.
-const FS_SHIFT: u32 = 56;
-const FS_INO_MASK: u64 = (1 << FS_SHIFT) - 1;
-/// At most this many file systems in one view (the top byte's values, zero excluded).
-pub const MAX_FILESYSTEMS: usize = 255;
-
-/// Splits a FUSE inode into (file system index, its inode) for inodes inside file systems.
-fn split(ino: u64) -> Option<(usize, u64)> {
-    let k = (ino >> FS_SHIFT).checked_sub(1)?;
-    Some((k as usize, ino & FS_INO_MASK))
-}
-
-/// The FUSE inode of inode `ino` of file system `k`; None when it does not fit.
-fn join(k: usize, ino: u64) -> Option<u64> {
-    (k < MAX_FILESYSTEMS && ino <= FS_INO_MASK).then(|| (k as u64 + 1) << FS_SHIFT | ino)
-}
+use crate::filesystem::{join, split, FS_INO_MASK};
 
 impl Shared {
     fn file(&self, ino: u64) -> Option<&ViewFile> {
@@ -494,23 +508,11 @@ impl Shared {
             tracing::error!("{}: inode {i}: {e}", view.name);
             errno(&e)
         })?;
-        Ok(FileAttr {
-            ino: join(k, i).ok_or(libc::EOVERFLOW)?,
-            size: a.size,
-            blocks: a.blocks,
-            atime: a.atime,
-            mtime: a.mtime,
-            ctime: a.ctime,
-            crtime: a.crtime,
-            kind: file_type(a.kind),
-            perm: a.perm,
-            nlink: a.nlink,
-            uid: a.uid,
-            gid: a.gid,
-            rdev: a.rdev,
-            blksize: PREFERRED_IO,
-            flags: 0,
-        })
+        Ok(file_attr(
+            join(k, i).ok_or(libc::EOVERFLOW)?,
+            &a,
+            PREFERRED_IO,
+        ))
     }
 
     /// The listing of directory `ino` (cached).

@@ -30,6 +30,7 @@
 // surface is what lib.rs exports and nothing else.
 #![warn(unreachable_pub)]
 
+pub mod browse;
 pub mod ext4;
 pub mod filesystem;
 pub mod fuse;

@@ -8,6 +8,7 @@
 //! on the mount's read pool. Inode 1 is the root; entry `i` of the tree is inode `i + 2`.
 
 use std::ffi::{OsStr, OsString};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use scalez::cache::ChunkCache;
 use scalez::tree::{split_path, Entry, EntryKind, TreeReader};
 use scalez::{ChunkId, RecoveryPoint, Vault};
 
+use crate::filesystem::{Attr, Entry as DirEntry, FileData, FileSystem, Kind, Xattrs};
 use crate::fuse::{serve_fs, ReadJob};
 
 const ROOT: u64 = 1;
@@ -53,16 +55,20 @@ fn system_time(ns: i64) -> SystemTime {
     }
 }
 
-fn file_type(kind: EntryKind) -> FileType {
+fn kind(kind: EntryKind) -> Kind {
     match kind {
-        EntryKind::File => FileType::RegularFile,
-        EntryKind::Dir => FileType::Directory,
-        EntryKind::Symlink => FileType::Symlink,
-        EntryKind::CharDev => FileType::CharDevice,
-        EntryKind::BlockDev => FileType::BlockDevice,
-        EntryKind::Fifo => FileType::NamedPipe,
-        EntryKind::Socket => FileType::Socket,
+        EntryKind::File => Kind::File,
+        EntryKind::Dir => Kind::Dir,
+        EntryKind::Symlink => Kind::Symlink,
+        EntryKind::CharDev => Kind::CharDevice,
+        EntryKind::BlockDev => Kind::BlockDevice,
+        EntryKind::Fifo => Kind::Fifo,
+        EntryKind::Socket => Kind::Socket,
     }
+}
+
+fn file_type(k: EntryKind) -> FileType {
+    crate::fuse::file_type(kind(k))
 }
 
 impl TreeView {
@@ -150,7 +156,7 @@ impl TreeView {
         ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
     }
 
-    fn attr(&self, ino: u64) -> Option<FileAttr> {
+    fn node_attr(&self, ino: u64) -> Option<Attr> {
         let n = self.node(ino)?;
         let e = &n.entry;
         let size = match e.kind {
@@ -171,23 +177,28 @@ impl TreeView {
             }
             _ => e.nlink.max(1),
         };
-        Some(FileAttr {
-            ino,
+        Some(Attr {
+            kind: kind(e.kind),
+            perm: (e.mode & 0o7777) as u16,
             size,
             blocks: e.stored_len().div_ceil(512),
-            atime: system_time(e.mtime_ns),
-            mtime: system_time(e.mtime_ns),
-            ctime: system_time(e.ctime_ns),
-            crtime: system_time(e.mtime_ns),
-            kind: file_type(e.kind),
-            perm: (e.mode & 0o7777) as u16,
             nlink,
             uid: e.uid,
             gid: e.gid,
             rdev: e.rdev as u32,
-            blksize: 128 << 10,
-            flags: 0,
+            atime: system_time(e.mtime_ns),
+            mtime: system_time(e.mtime_ns),
+            ctime: system_time(e.ctime_ns),
+            crtime: system_time(e.mtime_ns),
         })
+    }
+
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        Some(crate::fuse::file_attr(
+            ino,
+            &self.node_attr(ino)?,
+            128 << 10,
+        ))
     }
 
     fn chunk(&self, id: &ChunkId, len: u32) -> scalez::Result<Arc<Vec<u8>>> {
@@ -255,6 +266,113 @@ impl TreeView {
         }
         parts.reverse();
         format!("/{}", parts.join("/"))
+    }
+}
+
+/// A file RP's tree through the interface every reader implements (`rp ls/cat/find/diff`).
+impl FileSystem for TreeView {
+    fn type_name(&self) -> &'static str {
+        "file tree"
+    }
+
+    fn root(&self) -> u64 {
+        ROOT
+    }
+
+    fn attr(&self, ino: u64) -> io::Result<Attr> {
+        self.node_attr(ino)
+            .ok_or_else(|| io::ErrorKind::NotFound.into())
+    }
+
+    fn read_dir(&self, ino: u64) -> io::Result<Vec<DirEntry>> {
+        let n = self.node(ino).ok_or(io::ErrorKind::NotFound)?;
+        if n.entry.kind != EntryKind::Dir {
+            return Err(io::ErrorKind::NotADirectory.into());
+        }
+        Ok(n.children
+            .iter()
+            .map(|(name, ino)| DirEntry {
+                name: name.as_bytes().to_vec(),
+                ino: *ino,
+                kind: self.node(*ino).map(|c| kind(c.entry.kind)),
+            })
+            .collect())
+    }
+
+    fn read_link(&self, ino: u64) -> io::Result<Vec<u8>> {
+        match self.node(ino) {
+            Some(n) if n.entry.kind == EntryKind::Symlink => Ok(n.entry.target.clone()),
+            Some(_) => Err(io::ErrorKind::InvalidInput.into()),
+            None => Err(io::ErrorKind::NotFound.into()),
+        }
+    }
+
+    fn xattrs(&self, ino: u64) -> io::Result<Xattrs> {
+        let n = self.node(ino).ok_or(io::ErrorKind::NotFound)?;
+        Ok(n.entry.xattrs.clone())
+    }
+
+    fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {
+        let n = self.node(ino).ok_or(io::ErrorKind::NotFound)?;
+        if n.entry.kind != EntryKind::File {
+            return Err(io::ErrorKind::IsADirectory.into());
+        }
+        Ok(Arc::new(TreeFile { view: self, ino }))
+    }
+}
+
+/// An open file of a file RP.
+struct TreeFile {
+    view: Arc<TreeView>,
+    ino: u64,
+}
+
+impl TreeFile {
+    fn entry(&self) -> &Entry {
+        &self.view.nodes[(self.ino - 1) as usize].entry
+    }
+}
+
+impl FileData for TreeFile {
+    fn size(&self) -> u64 {
+        self.entry().size
+    }
+
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        let mut at = offset;
+        let end = offset + len as u64;
+        while at < end {
+            let n = (end - at).min(1 << 30) as u32;
+            let piece = self.view.read(self.ino, at, n)?;
+            // A read past the end gives fewer bytes; the caller asked for zeros there.
+            out.extend_from_slice(&piece);
+            out.resize(out.len() + (n as usize - piece.len()), 0);
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn disk_ranges(&self, _offset: u64, _len: u64) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+
+    fn is_cached(&self, _offset: u64, _len: u64) -> bool {
+        false
+    }
+
+    fn content_key(&self) -> Option<Vec<u8>> {
+        // The size, where the data regions are, and the chunks that hold them.
+        let e = self.entry();
+        let mut key = e.size.to_le_bytes().to_vec();
+        for (at, n) in e.data_regions() {
+            key.extend_from_slice(&at.to_le_bytes());
+            key.extend_from_slice(&n.to_le_bytes());
+        }
+        for (id, len) in &e.chunks {
+            key.extend_from_slice(&id.0);
+            key.extend_from_slice(&len.to_le_bytes());
+        }
+        Some(key)
     }
 }
 

@@ -59,10 +59,10 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
     let mut kernel_targets = Vec::new();
     let mut status = Vec::new();
     let mut add = |name: String, image: &str, start: u64, len: u64| {
-        if filesystems.len() >= crate::fuse::MAX_FILESYSTEMS {
+        if filesystems.len() >= crate::filesystem::MAX_FILESYSTEMS {
             status.push(format!(
                 "{name}: not shown, a view holds at most {} file systems",
-                crate::fuse::MAX_FILESYSTEMS
+                crate::filesystem::MAX_FILESYSTEMS
             ));
         } else if opts.kernel {
             filesystems.push(FsView {

@@ -44,7 +44,7 @@ use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem, Xattrs}
 pub const MAX_MAP_NODES: u64 = 1 << 16;
 /// Extents kept for one fork (24 bytes each).
 pub const MAX_EXTENTS: usize = 1 << 20;
-/// Deeper extent B+trees than this are corrupt (the format needs at most 9 with 1 KiB blocks).
+/// Deeper extent B+trees than this are corrupt (real ones stay far below it).
 pub const MAX_BTREE_LEVELS: u16 = 10;
 /// Directory data-block bytes scanned for one listing.
 pub const MAX_DIR_BYTES: u64 = 64 << 20;
@@ -257,7 +257,8 @@ impl Inode {
         let Ok(dev) = Be(self.fork(Fork::Data)).u32(0) else {
             return 0;
         };
-        let (major, minor) = ((dev >> 18) & 0x3fff, dev & 0x3_ffff);
+        // As the kernel decodes it (xfs_to_linux_dev_t): 9 bits of major, 18 of minor.
+        let (major, minor) = ((dev >> 18) & 0x1ff, dev & 0x3_ffff);
         (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12)
     }
 }
@@ -461,8 +462,8 @@ impl<R: ReadAt> Xfs<R> {
         let mode = b.u16(2)?;
         let version = b.u8(4)?;
         let (core, nlink) = match version {
-            1 => (100, b.u16(6)? as u32),
-            2 => (100, b.u32(16)?),
+            1 if !self.sb.v5 => (100, b.u16(6)? as u32),
+            2 if !self.sb.v5 => (100, b.u32(16)?),
             3 if self.sb.v5 => (176, b.u32(16)?),
             v => return Err(corrupt(format!("inode version {v}"))),
         };
@@ -612,9 +613,13 @@ impl<R: ReadAt> Xfs<R> {
         let single = blocks.len() == 1 && inode.size == dblk;
         for d in blocks {
             let b = self.read_mapped(&extents, d * dblk, dblk)?;
-            self.dir_block(Be(&b), single, &mut list).map_err(|e| {
-                corrupt(format!("directory {} block {d}: {}", inode.ino, inner(&e)))
-            })?;
+            self.dir_block(Be(&b), single, &mut list)
+                .map_err(|e| match Error::of(&e) {
+                    Some(Error::Corrupt(m)) => {
+                        corrupt(format!("directory {} block {d}: {m}", inode.ino))
+                    }
+                    _ => e,
+                })?;
         }
         Ok(list.out)
     }
@@ -724,6 +729,14 @@ impl<R: ReadAt> Xfs<R> {
         }
         // v5: each extent (one buffer to the kernel) starts with a header saying which bytes
         // of the target it holds.
+        if extents.len() > 3 {
+            // The kernel reads a symlink from at most 3 maps.
+            return Err(corrupt(format!(
+                "symlink {} in {} extents",
+                inode.ino,
+                extents.len()
+            )));
+        }
         let mut out = Vec::new();
         for e in &extents {
             let bytes = e.len * bs;
@@ -736,7 +749,7 @@ impl<R: ReadAt> Xfs<R> {
             let b = self.read_mapped(&extents, e.logical * bs, bytes)?;
             let b = Be(&b);
             let (magic, at, n) = (b.u32(0)?, b.u32(4)? as u64, b.u32(8)? as usize);
-            if magic != SYMLINK3_MAGIC || at != out.len() as u64 {
+            if magic != SYMLINK3_MAGIC || at != out.len() as u64 || n == 0 {
                 return Err(corrupt(format!(
                     "symlink {}: the header at block {}",
                     inode.ino, e.logical
@@ -1030,6 +1043,9 @@ impl Listing {
         if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
             return Err(corrupt(format!("directory {}: an invalid name", self.ino)));
         }
+        if name == b"." || name == b".." {
+            return Ok(()); // Never listed, whatever a damaged directory holds.
+        }
         if self.out.len() >= MAX_DIR_ENTRIES {
             return Err(over_budget(
                 self.ino,
@@ -1075,7 +1091,18 @@ impl Attrs {
         if flags & ATTR_PARENT != 0 {
             return Ok(()); // Parent pointers are the file system's own bookkeeping.
         }
-        self.bytes += name.len() + value.len();
+        if name.is_empty()
+            || name.contains(&0)
+            || flags & ATTR_ROOT != 0 && flags & ATTR_SECURE != 0
+        {
+            return Err(corrupt(format!(
+                "inode {}: an invalid attribute name",
+                self.ino
+            )));
+        }
+        // Each attribute costs its name, its value and a fixed overhead, so many empty ones
+        // cannot outgrow the budget either.
+        self.bytes += name.len() + value.len() + 32;
         if self.bytes > MAX_ATTR_BYTES {
             return Err(over_budget(
                 self.ino,
@@ -1090,8 +1117,9 @@ impl Attrs {
             (ATTR_ROOT, b"SGI_ACL_DEFAULT") => Some(&b"system.posix_acl_default"[..]),
             _ => None,
         };
-        if let Some(posix) = posix {
-            self.out.push((posix.to_vec(), acl(&value)?));
+        // A malformed ACL is left out (as the kernel fails to read it); the rest still shows.
+        if let Some(acl) = posix.and_then(|p| Some((p.to_vec(), acl(&value).ok()?))) {
+            self.out.push(acl);
         }
         let (full, value) = match (flags & (ATTR_ROOT | ATTR_SECURE), name) {
             (ATTR_ROOT, _) => ([b"trusted.", name].concat(), value),
@@ -1108,8 +1136,11 @@ impl Attrs {
 fn acl(v: &[u8]) -> io::Result<Vec<u8>> {
     let b = Be(v);
     let n = b.u32(0)? as usize;
-    if n > 1024 {
-        return Err(corrupt(format!("an ACL of {n} entries")));
+    if n.checked_mul(12).and_then(|x| x.checked_add(4)) != Some(v.len()) {
+        return Err(corrupt(format!(
+            "an ACL of {n} entries in {} bytes",
+            v.len()
+        )));
     }
     let mut out = 2u32.to_le_bytes().to_vec();
     for i in 0..n {
@@ -1153,15 +1184,15 @@ impl<D: CachedDevice + 'static> FileSystem for Xfs<D> {
     }
 
     fn read_dir(&self, ino: u64) -> io::Result<Vec<Entry>> {
-        Xfs::read_dir(self, &self.inode(ino)?)
+        named(ino, Xfs::read_dir(self, &self.inode(ino)?))
     }
 
     fn read_link(&self, ino: u64) -> io::Result<Vec<u8>> {
-        Xfs::read_link(self, &self.inode(ino)?)
+        named(ino, Xfs::read_link(self, &self.inode(ino)?))
     }
 
     fn xattrs(&self, ino: u64) -> io::Result<Xattrs> {
-        Xfs::xattrs(self, &self.inode(ino)?)
+        named(ino, Xfs::xattrs(self, &self.inode(ino)?))
     }
 
     fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {
@@ -1175,7 +1206,7 @@ impl<D: CachedDevice + 'static> FileSystem for Xfs<D> {
             )));
         }
         let extents = match inode.format {
-            FORMAT_EXTENTS | FORMAT_BTREE => self.extents(&inode, Fork::Data)?,
+            FORMAT_EXTENTS | FORMAT_BTREE => named(ino, self.extents(&inode, Fork::Data))?,
             f => {
                 return Err(corrupt(format!(
                     "inode {ino}: a regular file in fork format {f}"
@@ -1188,6 +1219,21 @@ impl<D: CachedDevice + 'static> FileSystem for Xfs<D> {
             size: inode.size,
         }))
     }
+}
+
+/// A damage report of inode `ino`, named by it where the message does not already say which
+/// object it concerns.
+fn named<T>(ino: u64, r: io::Result<T>) -> io::Result<T> {
+    r.map_err(|e| match Error::of(&e) {
+        Some(Error::Corrupt(m))
+            if !["inode ", "directory ", "symlink "]
+                .iter()
+                .any(|p| m.starts_with(p)) =>
+        {
+            corrupt(format!("inode {ino}: {m}"))
+        }
+        _ => e,
+    })
 }
 
 /// An open XFS file: its mapped extents.
@@ -1224,5 +1270,10 @@ impl<D: CachedDevice> FileData for XfsFile<D> {
         self.disk_ranges(offset, len)
             .iter()
             .all(|&(at, n)| self.fs.dev.is_range_cached(at, n))
+    }
+
+    fn content_key(&self) -> Option<Vec<u8>> {
+        let ranges = self.disk_ranges(0, self.size);
+        crate::filesystem::mapped_content_key(&self.fs.dev, self.size, &ranges)
     }
 }

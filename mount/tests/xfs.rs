@@ -318,7 +318,12 @@ fn a_directory_larger_than_its_budget_is_an_error() {
         at + 176,
         &[hi.to_be_bytes(), lo.to_be_bytes()].concat(),
     );
-    poke(&img, at + 76, &1u32.to_be_bytes());
+    // The data fork's extent count: 64 bits at 24 with 64-bit counters, else 32 at 76.
+    if u64::from_be_bytes(peek(&img, at + 120, 8).try_into().unwrap()) & 1 << 4 != 0 {
+        poke(&img, at + 24, &1u64.to_be_bytes());
+    } else {
+        poke(&img, at + 76, &1u32.to_be_bytes());
+    }
     let fs = open(&img);
     let e = error_of(fs.read_dir(ino));
     assert!(e.contains("more than 67108864 directory bytes"), "{e}");

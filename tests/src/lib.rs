@@ -806,3 +806,37 @@ impl Drop for AwsEmulator {
         let _ = self.child.wait();
     }
 }
+
+/// A sparse disk image of `size` bytes with partition table `label` (gpt, dos) and partitions
+/// (first sector, sectors, the image written into it if any).
+pub fn make_disk(disk: &Path, size: u64, label: &str, parts: &[(u64, u64, Option<&Path>)]) {
+    sparse_file(disk, size);
+    let mut sfdisk = std::process::Command::new("sfdisk")
+        .args(["--quiet", disk.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sfdisk (apt: fdisk)");
+    let mut script = format!("label: {label}\n");
+    for (start, sectors, _) in parts {
+        script += &format!("start={start}, size={sectors}, type=L\n");
+    }
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
+    // The images are copied piece by piece, runs of zeros left as holes.
+    for (start, _, image) in parts {
+        if let Some(image) = image {
+            let data = std::fs::read(image).unwrap();
+            for (i, piece) in data.chunks(1 << 20).enumerate() {
+                if piece.iter().any(|&b| b != 0) {
+                    write_at(disk, start * 512 + (i as u64) * (1 << 20), piece);
+                }
+            }
+        }
+    }
+}

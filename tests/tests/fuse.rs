@@ -199,35 +199,6 @@ fn partitioned_image(env: &Env, label: &str) -> (PathBuf, PathBuf) {
     (disk, part)
 }
 
-/// A sparse disk image of `size` bytes with partition table `label` (gpt, dos) and partitions
-/// (first sector, sectors, the image written into it if any).
-fn make_disk(disk: &Path, size: u64, label: &str, parts: &[(u64, u64, Option<&Path>)]) {
-    sparse_file(disk, size);
-    let mut sfdisk = Command::new("sfdisk")
-        .args(["--quiet", disk.to_str().unwrap()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("sfdisk (apt: fdisk)");
-    use std::io::Write;
-    let mut script = format!("label: {label}\n");
-    for (start, sectors, _) in parts {
-        script += &format!("start={start}, size={sectors}, type=L\n");
-    }
-    sfdisk
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(sfdisk.wait().unwrap().success(), "sfdisk failed");
-    for (start, _, image) in parts {
-        if let Some(image) = image {
-            write_at(disk, start * 512, &std::fs::read(image).unwrap());
-        }
-    }
-}
-
 #[test]
 fn partitions_appear_as_files() {
     assert!(

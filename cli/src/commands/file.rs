@@ -114,7 +114,16 @@ fn backup(ctx: &Ctx, a: FileBackupArgs) -> Result<()> {
 
 fn restore(ctx: &Ctx, a: FileRestoreArgs) -> Result<()> {
     let vault = ctx.open_vault()?;
-    let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), Some(RpKind::File))?;
+    // `latest` is the newest file RP, as before disk RPs restored files too.
+    let kind = (a.rp == "latest").then_some(RpKind::File);
+    let rp = resolve_rp(&vault, &a.rp, a.asset.as_deref(), kind)?;
+    if rp.kind != RpKind::File && rp.kind != RpKind::Disk {
+        anyhow::bail!(
+            "recovery point {} is a {} recovery point: files restore from file and disk RPs",
+            rp.id,
+            rp.kind
+        );
+    }
     let mut opts = FileRestoreOptions {
         includes: a
             .includes
@@ -129,8 +138,12 @@ fn restore(ctx: &Ctx, a: FileRestoreArgs) -> Result<()> {
         opts.workers = w.max(1);
     }
     let bar = Bar::new(ctx.global.quiet);
-    let report = restore_files(&vault, &rp, &a.target, &opts, &bar)
-        .with_context(|| format!("restore of {} to {} failed", rp.id, a.target.display()))?;
+    let report = if rp.kind == RpKind::Disk {
+        restore_from_disk(&vault, &rp, &a, &opts, &bar)
+    } else {
+        restore_files(&vault, &rp, &a.target, &opts, &bar).map_err(anyhow::Error::from)
+    }
+    .with_context(|| format!("restore of {} to {} failed", rp.id, a.target.display()))?;
     bar.finish();
     if report.entries == 0 && !a.includes.is_empty() {
         anyhow::bail!(
@@ -230,9 +243,78 @@ pub struct FileBackupArgs {
     pub workers: Option<usize>,
 }
 
+/// Restores files of the file systems inside disk RP `rp` (paths as `rp ls` shows them:
+/// `part1/etc/ssh`) through the same safe restore as file RPs.
+fn restore_from_disk(
+    vault: &std::sync::Arc<scalez::Vault>,
+    rp: &scalez::RecoveryPoint,
+    a: &FileRestoreArgs,
+    opts: &FileRestoreOptions,
+    bar: &Bar,
+) -> Result<agent::file_restore::FileRestoreReport> {
+    let opened = mount::browse::open(vault, rp, 256 << 20)
+        .with_context(|| format!("reading the files of {}", rp.id))?;
+    let fs = opened.fs;
+    // Every include must exist: a typo is an error, not an empty restore.
+    for inc in &opts.includes {
+        mount::browse::resolve(fs.as_ref(), inc).with_context(|| {
+            format!(
+                "--include /{} (disk RP paths start with the file system: {})",
+                String::from_utf8_lossy(inc),
+                opened.status.join("; ")
+            )
+        })?;
+    }
+    // An entry that cannot be read is reported and the rest restored.
+    let unreadable = std::sync::Mutex::new(Vec::new());
+    let mut entries = mount::browse::restore_entries(&fs, &opts.includes).filter_map(|r| match r {
+        Ok(e) => Some(Ok(e)),
+        Err(e) => {
+            unreadable.lock().unwrap().push(e.to_string());
+            None
+        }
+    });
+    let source = FsFiles(fs.clone());
+    let mut report =
+        agent::file_restore::restore_entries(&mut entries, &source, &a.target, opts, 0, bar)?;
+    report.failed.extend(unreadable.into_inner().unwrap());
+    Ok(report)
+}
+
+/// File data from a file system inside a disk RP: read in 1 MiB pieces, pieces of zeros left
+/// as holes.
+struct FsFiles(std::sync::Arc<dyn mount::filesystem::FileSystem>);
+
+impl agent::file_restore::FileSource for FsFiles {
+    fn write_data(&self, e: &scalez::tree::Entry, file: &std::fs::File) -> Result<u64, String> {
+        use std::os::unix::fs::FileExt;
+        let f = self
+            .0
+            .clone()
+            .open(e.inode)
+            .map_err(|err| err.to_string())?;
+        let size = f.size().min(e.size);
+        let mut buf = Vec::with_capacity(1 << 20);
+        let mut at = 0;
+        while at < size {
+            let n = (size - at).min(1 << 20) as usize;
+            buf.clear();
+            f.read_append(at, n, &mut buf)
+                .map_err(|err| err.to_string())?;
+            if buf.iter().any(|&b| b != 0) {
+                file.write_all_at(&buf, at).map_err(|err| err.to_string())?;
+            }
+            at += n as u64;
+        }
+        Ok(size)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct FileRestoreArgs {
-    /// Recovery point id, or `latest` (the newest file RP, of --asset if given)
+    /// Recovery point id, or `latest` (the newest RP, of --asset if given): a file RP, or a disk
+    /// RP whose file systems elastio reads (paths as `elastio rp ls` shows them, e.g.
+    /// /part1/etc/ssh)
     #[arg(long)]
     pub rp: String,
     /// With --rp latest: the asset (the backed-up paths, comma-separated as in `rp list`)

@@ -1,4 +1,5 @@
 pub(crate) mod block;
+pub(crate) mod browse;
 pub(crate) mod check;
 pub(crate) mod ebs;
 pub(crate) mod ec2;

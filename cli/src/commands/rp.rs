@@ -3,6 +3,7 @@ use clap::{Args, Subcommand};
 use scalez::{RecoveryPoint, TagUpdate};
 
 use crate::cli::OutputFormat;
+use crate::commands::browse;
 use crate::context::{resolve_rp, Ctx};
 use crate::output::print_json;
 use crate::output::{bytes, table};
@@ -15,6 +16,10 @@ pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
         RpCommand::Delete { rps, force } => delete(ctx, &rps, force),
         RpCommand::Protect { rps } => protect(ctx, &rps, true),
         RpCommand::Unprotect { rps } => protect(ctx, &rps, false),
+        RpCommand::Ls(a) => browse::ls(ctx, a),
+        RpCommand::Cat(a) => browse::cat(ctx, a),
+        RpCommand::Find(a) => browse::find(ctx, a),
+        RpCommand::Diff(a) => browse::diff(ctx, a),
     }
 }
 
@@ -270,6 +275,14 @@ removes it.\n\nExample:\n  elastio rp protect rp-01m80mb7eb9rts308j4hc4b1xn"
         #[arg(required = true)]
         rps: Vec<String>,
     },
+    /// List the files of an RP without mounting it (file RPs, and the file systems in disk RPs)
+    Ls(browse::RpLsArgs),
+    /// Write a file of an RP to stdout
+    Cat(browse::RpCatArgs),
+    /// Find files by name or path across RPs: which RPs hold them, with sizes and times
+    Find(browse::RpFindArgs),
+    /// What changed between two RPs: added, removed and changed files, and what changed
+    Diff(browse::RpDiffArgs),
 }
 
 #[derive(Args, Debug)]

@@ -1,0 +1,361 @@
+//! `elastio rp ls|cat|find|diff` and file restores from disk RPs, through the real binary, on
+//! a GPT disk holding an ext4 (mkfs.ext4 -d) and an XFS (mkfs.xfs -p) file system made from
+//! one source tree, and on a file RP of the same tree. No root needed.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use elastio_tests::*;
+use serde_json::Value;
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn make_src(src: &Path) {
+    for d in ["etc/ssh", "home/alice", "var/log", "data"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+    }
+    std::fs::write(src.join("etc/hostname"), b"web-1\n").unwrap();
+    std::fs::write(src.join("etc/ssh/sshd_config"), b"PermitRootLogin no\n").unwrap();
+    std::fs::write(src.join("etc/ssh/moduli"), pseudo_random(1, 300_000)).unwrap();
+    std::fs::write(src.join("home/alice/notes.txt"), b"remember the milk\n").unwrap();
+    std::fs::write(src.join("home/alice/big.bin"), pseudo_random(2, 3 << 20)).unwrap();
+    std::os::unix::fs::symlink("notes.txt", src.join("home/alice/link")).unwrap();
+    std::fs::write(src.join("var/log/empty"), b"").unwrap();
+    std::fs::write(src.join("data/unchanged.bin"), pseudo_random(3, 2 << 20)).unwrap();
+    std::fs::set_permissions(src.join("etc/ssh"), std::fs::Permissions::from_mode(0o700)).unwrap();
+}
+
+/// `path -> (type, size)` of every path under `root`, as `rp ls -R` shows them under `prefix`.
+fn expected(root: &Path, prefix: &str) -> BTreeMap<String, (String, u64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_str().unwrap();
+            let (t, size) = if m.is_dir() {
+                stack.push(p.clone());
+                ("dir", None)
+            } else if m.file_type().is_symlink() {
+                ("symlink", Some(m.len()))
+            } else {
+                ("file", Some(m.len()))
+            };
+            out.insert(
+                format!("{prefix}/{rel}"),
+                (t.to_string(), size.unwrap_or(0)),
+            );
+        }
+    }
+    out
+}
+
+fn listed(v: &Value, dirs_size: bool) -> BTreeMap<String, (String, u64)> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"].as_str().unwrap() != "/part1/lost+found")
+        .filter(|e| {
+            !e["path"]
+                .as_str()
+                .unwrap()
+                .starts_with("/part1/lost+found/")
+        })
+        .map(|e| {
+            let t = e["type"].as_str().unwrap().to_string();
+            let size = if t == "dir" && !dirs_size {
+                0
+            } else {
+                e["size"].as_u64().unwrap()
+            };
+            (e["path"].as_str().unwrap().to_string(), (t, size))
+        })
+        .collect()
+}
+
+#[test]
+fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
+    let env = Env::new();
+    let src = env.path("src");
+    make_src(&src);
+    // part1: ext4 from the tree; part2: XFS from a prototype of the same tree.
+    let p1 = env.path("p1.img");
+    sparse_file(&p1, 40 << 20);
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            src.to_str().unwrap(),
+            p1.to_str().unwrap(),
+        ],
+    );
+    let mut proto = String::from("boot\n0 0\nd--755 0 0\n");
+    fn proto_of(dir: &Path, out: &mut String) {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for p in names {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let name = p.file_name().unwrap().to_str().unwrap();
+            let perm = m.mode() & 0o777;
+            if m.is_dir() {
+                *out += &format!("{name} d--{perm:03o} 0 0\n");
+                proto_of(&p, out);
+                *out += "$\n";
+            } else if m.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                *out += &format!("{name} l--777 0 0 {}\n", t.display());
+            } else {
+                *out += &format!("{name} ---{perm:03o} 0 0 {}\n", p.display());
+            }
+        }
+    }
+    proto_of(&src, &mut proto);
+    proto += "$\n";
+    let proto_path = env.path("proto");
+    std::fs::write(&proto_path, proto).unwrap();
+    let p2 = env.path("p2.img");
+    sparse_file(&p2, 320 << 20);
+    run(
+        "mkfs.xfs",
+        &[
+            "-q",
+            "-f",
+            "-p",
+            proto_path.to_str().unwrap(),
+            p2.to_str().unwrap(),
+        ],
+    );
+    let disk = env.path("disk.img");
+    let parts = [
+        (2048u64, 81920u64, Some(p1.as_path())),
+        (83968, 655360, Some(p2.as_path())),
+    ];
+    make_disk(&disk, 400 << 20, "gpt", &parts);
+    let a = env.backup(&disk, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // ls: the file systems, then each tree whole, as the source has it.
+    let top = env.json(&["rp", "ls", &a]);
+    let names: Vec<&str> = top
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["/part1", "/part2"]);
+    for part in ["part1", "part2"] {
+        let all = env.json(&["rp", "ls", &a, part, "--recursive"]);
+        assert_eq!(
+            listed(&all, false),
+            expected(&src, &format!("/{part}")),
+            "{part}"
+        );
+    }
+    let long = env.ok(&["rp", "ls", &a, "/part2/etc/ssh", "-l"]);
+    assert!(long.contains("/part2/etc/ssh/sshd_config"), "{long}");
+    assert!(
+        long.starts_with("-rw-r--r--") || long.contains("\n-rw-r--r--"),
+        "{long}"
+    );
+    let link = env.ok(&["rp", "ls", &a, "/part1/home/alice/link", "-l"]);
+    assert!(
+        link.trim_end()
+            .ends_with("/part1/home/alice/link -> notes.txt"),
+        "{link}"
+    );
+
+    // cat: bytes as in the source, from both readers.
+    for path in [
+        "part1/etc/ssh/moduli",
+        "part2/home/alice/big.bin",
+        "/part2/var/log/empty",
+    ] {
+        let out = env.command(&["rp", "cat", &a, path]).output().unwrap();
+        assert!(out.status.success(), "{path}");
+        let rel = path.trim_start_matches('/').split_once('/').unwrap().1;
+        assert!(
+            out.stdout == std::fs::read(src.join(rel)).unwrap(),
+            "{path}"
+        );
+    }
+    let missing = env.run(&["rp", "cat", &a, "part1/etc/nope"]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(err.contains("part1/etc/nope") && err.contains(&a), "{err}");
+    let dir = env.run(&["rp", "cat", &a, "part1/etc"]);
+    assert!(String::from_utf8_lossy(&dir.stderr).contains("not a regular file"));
+
+    // A second RP: part1 changed in place with debugfs (other files keep their blocks),
+    // part2 unchanged.
+    let src2 = env.path("new.conf");
+    std::fs::write(&src2, b"added\n").unwrap();
+    let host2 = env.path("hostname");
+    std::fs::write(&host2, b"web-2\n").unwrap();
+    for cmd in [
+        format!("write {} etc/new.conf", src2.display()),
+        "rm home/alice/notes.txt".to_string(),
+        "rm etc/hostname".to_string(),
+        format!("write {} etc/hostname", host2.display()),
+        "set_inode_field etc/ssh/moduli mode 0100600".to_string(),
+    ] {
+        run("debugfs", &["-w", "-R", &cmd, p1.to_str().unwrap()]);
+    }
+    make_disk(&disk, 400 << 20, "gpt", &parts);
+    let b = env.backup(&disk, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let d = env.json(&["rp", "diff", &a, &b]);
+    let changes: BTreeMap<String, (String, Vec<String>)> = d["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let what = c["what"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w.as_str().unwrap().to_string())
+                .collect();
+            (
+                c["path"].as_str().unwrap().to_string(),
+                (c["change"].as_str().unwrap().to_string(), what),
+            )
+        })
+        .collect();
+    let change = |p: &str| changes.get(p).unwrap_or_else(|| panic!("{p} not in {d}"));
+    assert_eq!(change("/part1/etc/new.conf").0, "added");
+    assert_eq!(change("/part1/home/alice/notes.txt").0, "removed");
+    assert!(
+        change("/part1/etc/hostname")
+            .1
+            .contains(&"content".to_string()),
+        "{d}"
+    );
+    assert_eq!(change("/part1/etc/ssh/moduli").1, ["mode"], "{d}");
+    for (path, (kind, what)) in &changes {
+        // Nothing else changed but the directories written to (their times).
+        let dir_times = kind == "changed" && what.iter().all(|w| w == "mtime");
+        let expected = [
+            "/part1/etc/new.conf",
+            "/part1/home/alice/notes.txt",
+            "/part1/etc/hostname",
+            "/part1/etc/ssh/moduli",
+        ];
+        assert!(
+            expected.contains(&path.as_str()) || dir_times,
+            "unexpected change {path}: {d}"
+        );
+        assert!(!path.starts_with("/part2"), "part2 did not change: {d}");
+    }
+    // Files in unchanged chunks were compared by their chunks, not read: all of part2 (8 files).
+    // part1's files share chunks with the metadata debugfs rewrote, so they were read (at most
+    // all of them, from both RPs).
+    assert!(d["same_by_key"].as_u64().unwrap() >= 8, "{d}");
+    assert!(d["bytes_read"].as_u64().unwrap() <= 2 * 5_700_000, "{d}");
+
+    // find: which RPs hold a name, in both file systems.
+    let found = env.json(&["rp", "find", "moduli", "part2/home/**"]);
+    let hits: Vec<(String, String)> = found
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["rp"].as_str().unwrap().to_string(),
+                h["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for rp in [&a, &b] {
+        for p in [
+            "/part1/etc/ssh/moduli",
+            "/part2/etc/ssh/moduli",
+            "/part2/home/alice/big.bin",
+        ] {
+            assert!(
+                hits.contains(&(rp.to_string(), p.to_string())),
+                "{rp} {p}: {found}"
+            );
+        }
+    }
+    assert!(
+        !hits.iter().any(|(_, p)| p == "/part1/home/alice/big.bin"),
+        "path patterns match whole paths"
+    );
+
+    // Restore from a disk RP through the safe restore path.
+    let target = env.path("restored");
+    let r = env.json(&[
+        "file",
+        "restore",
+        "--rp",
+        &a,
+        "--include",
+        "/part2/etc/ssh",
+        "--include",
+        "/part1/home",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(r["failed"].as_array().unwrap().len(), 0, "{r}");
+    for (part, rel) in [
+        ("part2", "etc/ssh/sshd_config"),
+        ("part2", "etc/ssh/moduli"),
+        ("part1", "home/alice/big.bin"),
+    ] {
+        let got = std::fs::read(target.join(part).join(rel)).unwrap();
+        assert!(got == std::fs::read(src.join(rel)).unwrap(), "{part}/{rel}");
+    }
+    let ssh = std::fs::metadata(target.join("part2/etc/ssh")).unwrap();
+    assert_eq!(ssh.mode() & 0o777, 0o700, "directory modes restored");
+    assert_eq!(
+        std::fs::read_link(target.join("part1/home/alice/link")).unwrap(),
+        Path::new("notes.txt")
+    );
+    assert!(!target.join("part2/home").exists() && !target.join("part1/etc").exists());
+    let bad = env.run(&[
+        "file",
+        "restore",
+        "--rp",
+        &a,
+        "--include",
+        "/part3/etc",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("part3/etc"));
+
+    // A file RP of the same tree lists and reads the same way.
+    let f = env.json(&["file", "backup", src.to_str().unwrap()]);
+    let frp = f["rp"]["id"].as_str().unwrap().to_string();
+    let prefix = src.to_str().unwrap().trim_start_matches('/');
+    let all = env.json(&["rp", "ls", &frp, prefix, "-R"]);
+    assert_eq!(listed(&all, false), expected(&src, &format!("/{prefix}")));
+    let out = env
+        .command(&["rp", "cat", &frp, &format!("{prefix}/etc/ssh/moduli")])
+        .output()
+        .unwrap();
+    assert!(out.stdout == std::fs::read(src.join("etc/ssh/moduli")).unwrap());
+    let stream = env.run(&["rp", "diff", &a, &frp]);
+    assert!(String::from_utf8_lossy(&stream.stderr).contains("only RPs of one type compare"));
+}
