@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/seeds}
-mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs"
+mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs" "$out/lvm"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -75,6 +75,73 @@ PY
 mkxfs v4 -m crc=0 -n ftype=0
 mkxfs v5
 mkxfs v5-1k -b size=1024 -n size=8192
+
+# LVM2: a PV with a 64 KiB metadata area (label in sector 1, text after the area's header),
+# and the same text alone, with linear, striped and thin LVs.
+python3 - "$out/lvm" <<'PY'
+import struct, sys
+out = sys.argv[1]
+text = b"""vg0 {
+id = "aaaaaa-bbbb-cccc-dddd-eeee-ffff-gggggg"
+seqno = 2
+format = "lvm2"
+status = ["RESIZEABLE", "READ", "WRITE"]
+extent_size = 8192
+physical_volumes {
+pv0 {
+id = "AAAAAA-BBBB-CCCC-DDDD-EEEE-FFFF-GGGGGG"
+device = "/dev/loop0"
+pe_start = 2048
+pe_count = 100
+}
+}
+logical_volumes {
+root {
+status = ["READ", "WRITE", "VISIBLE"]
+segment_count = 2
+segment1 {
+start_extent = 0
+extent_count = 10
+type = "striped"
+stripe_count = 1
+stripes = ["pv0", 20]
+}
+segment2 {
+start_extent = 10
+extent_count = 4
+type = "striped"
+stripe_count = 2
+stripe_size = 128
+stripes = ["pv0", 50, "pv0", 70]
+}
+}
+pool {
+status = ["READ", "WRITE", "VISIBLE"]
+segment1 {
+start_extent = 0
+extent_count = 1
+type = "thin-pool"
+}
+}
+}
+}
+contents = "Text Format Volume Group"
+version = 1
+"""
+mda_at, mda_len = 4096, 64 * 1024
+d = bytearray(mda_at + mda_len)
+label = b"LABELONE" + struct.pack("<QII", 1, 0, 32) + b"LVM2 001"
+pvh = b"AAAAAABBBBCCCCDDDDEEEEFFFFGGGGGG" + struct.pack("<Q", 100 << 22)
+pvh += struct.pack("<QQ", 1 << 20, 0) + bytes(16)  # data area, end of list
+pvh += struct.pack("<QQ", mda_at, mda_len) + bytes(16)  # metadata area, end of list
+d[512:512 + len(label + pvh)] = label + pvh
+hdr = struct.pack("<I", 0) + b" LVM2 x[5A%r0N*>" + struct.pack("<IQQ", 1, mda_at, mda_len)
+hdr += struct.pack("<QQII", 512, len(text), 0, 0) + bytes(24)
+d[mda_at:mda_at + len(hdr)] = hdr
+d[mda_at + 512:mda_at + 512 + len(text)] = text
+open(f"{out}/pv.bin", "wb").write(d)
+open(f"{out}/metadata.txt", "wb").write(text)
+PY
 
 python3 - "$out/partitions" <<'PY'
 import struct, sys, zlib

@@ -79,6 +79,12 @@ pub fn walk_xfs(records: &[u8]) {
     walk(&fs, WalkLimits::default());
 }
 
+/// Reads `bytes` as an LVM2 PV (or, without a label, as metadata text) and maps every LV of
+/// its VG piece by piece (at most 64 pieces each).
+pub fn lvm(bytes: &[u8]) {
+    mount::lvm::check(bytes);
+}
+
 /// Parses `bytes` as a partitioned disk and checks what comes out: inside the disk, no overlaps.
 /// Unless the (unused) first byte of the boot code is odd, the GPT CRCs are made right first, so
 /// mutations reach the code past the checksums.

@@ -6,7 +6,7 @@
 //! nothing elastio reads are left out and their status lines returned. Paths are byte strings
 //! relative to that root (`part1/etc/hosts`, `home/alice/notes.txt`); a leading `/` is allowed.
 //!
-//! Invariants: nothing is written; walks ([`walk`]) visit a directory inode at most once, so a
+//! Invariants: nothing is written; walks ([`Walker`]) visit a directory inode at most once, so a
 //! hostile file system whose directories form a cycle or a huge DAG ends instead of looping, and
 //! they keep one stack entry per pending directory, never the whole tree.
 
@@ -17,7 +17,9 @@ use std::time::SystemTime;
 
 use scalez::{RecoveryPoint, RpKind, Vault};
 
-use crate::filesystem::{join, split, Attr, Entry, FileData, FileSystem, Kind, Xattrs};
+use crate::filesystem::{
+    join, split, Attr, Entry, FileData, FileSystem, Kind, NameTarget, NameTree, Xattrs,
+};
 use crate::tree_view::TreeView;
 use crate::views::{self, ViewOptions};
 
@@ -45,15 +47,13 @@ pub fn open(vault: &Arc<Vault>, rp: &RecoveryPoint, cache_bytes: usize) -> io::R
                 owner: (0, 0),
             };
             let mount = views::disk(vault, rp, &opts)?;
-            let volumes = Volumes {
-                time: mount.view.time,
-                members: mount
-                    .view
-                    .filesystems
-                    .into_iter()
-                    .filter_map(|v| Some((v.name, v.fs?)))
-                    .collect(),
-            };
+            let members = mount
+                .view
+                .filesystems
+                .into_iter()
+                .filter_map(|v| Some((v.name, v.fs?)))
+                .collect();
+            let volumes = Volumes::new(members, mount.view.time);
             Ok(Opened {
                 fs: Arc::new(volumes),
                 status: mount.status,
@@ -76,13 +76,38 @@ pub fn open(vault: &Arc<Vault>, rp: &RecoveryPoint, cache_bytes: usize) -> io::R
     }
 }
 
-/// Several file systems as the directories of one root.
+/// Several file systems as the directories of one root (names with `/` nest: `lvm/vg0/root`).
 struct Volumes {
     members: Vec<(String, Arc<dyn FileSystem>)>,
+    names: NameTree,
     time: SystemTime,
 }
 
+/// Inodes of the directories a [`NameTree`] implies: the root is 1, directory `i` is 2 + i.
+const FIRST_NAME_DIR: u64 = 2;
+
 impl Volumes {
+    fn new(members: Vec<(String, Arc<dyn FileSystem>)>, time: SystemTime) -> Self {
+        let names = NameTree::new(members.iter().map(|m| m.0.as_str()));
+        Volumes {
+            members,
+            names,
+            time,
+        }
+    }
+
+    /// The name-tree directory `ino` is ("" for the root), if it is one.
+    fn name_dir(&self, ino: u64) -> Option<&str> {
+        if ino == ROOT {
+            return Some("");
+        }
+        let i = ino.checked_sub(FIRST_NAME_DIR)?;
+        self.names
+            .dirs
+            .get(usize::try_from(i).ok()?)
+            .map(String::as_str)
+    }
+
     fn member(&self, ino: u64) -> io::Result<(&Arc<dyn FileSystem>, usize, u64)> {
         let (k, i) = split(ino).ok_or(io::ErrorKind::NotFound)?;
         let fs = &self.members.get(k).ok_or(io::ErrorKind::NotFound)?.1;
@@ -100,13 +125,13 @@ impl FileSystem for Volumes {
     }
 
     fn attr(&self, ino: u64) -> io::Result<Attr> {
-        if ino == ROOT {
+        if self.name_dir(ino).is_some() {
             return Ok(Attr {
                 kind: Kind::Dir,
                 perm: 0o555,
                 size: 0,
                 blocks: 0,
-                nlink: 2 + self.members.len() as u32,
+                nlink: 2,
                 uid: 0,
                 gid: 0,
                 rdev: 0,
@@ -121,15 +146,20 @@ impl FileSystem for Volumes {
     }
 
     fn read_dir(&self, ino: u64) -> io::Result<Vec<Entry>> {
-        if ino == ROOT {
+        if let Some(dir) = self.name_dir(ino) {
+            let names = self.members.iter().map(|m| m.0.as_str());
             return Ok(self
-                .members
-                .iter()
-                .enumerate()
-                .filter_map(|(k, (name, fs))| {
+                .names
+                .entries(names, dir)
+                .into_iter()
+                .filter_map(|(name, target)| {
+                    let ino = match target {
+                        NameTarget::Member(k) => join(k, self.members[k].1.root())?,
+                        NameTarget::Dir(i) => FIRST_NAME_DIR + i as u64,
+                    };
                     Some(Entry {
-                        name: name.clone().into_bytes(),
-                        ino: join(k, fs.root())?,
+                        name: name.into_bytes(),
+                        ino,
                         kind: Some(Kind::Dir),
                     })
                 })
@@ -154,7 +184,7 @@ impl FileSystem for Volumes {
     }
 
     fn xattrs(&self, ino: u64) -> io::Result<Xattrs> {
-        if ino == ROOT {
+        if self.name_dir(ino).is_some() {
             return Ok(Vec::new());
         }
         let (fs, _, i) = self.member(ino)?;

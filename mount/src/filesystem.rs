@@ -254,6 +254,67 @@ pub fn join(k: usize, ino: u64) -> Option<u64> {
     (k < MAX_FILESYSTEMS && ino <= FS_INO_MASK).then(|| (k as u64 + 1) << FS_SHIFT | ino)
 }
 
+/// The directories that view names with `/` in them imply (`lvm/vg0/root` implies `lvm` and
+/// `lvm/vg0`): how a view nests file systems without a file system of its own.
+#[derive(Debug, Clone, Default)]
+pub struct NameTree {
+    /// Every proper prefix of a name, sorted.
+    pub dirs: Vec<String>,
+}
+
+/// What an entry of a [`NameTree`] directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameTarget {
+    /// The root of the view's `k`th file system.
+    Member(usize),
+    /// Directory `i` of [`NameTree::dirs`].
+    Dir(usize),
+}
+
+impl NameTree {
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut dirs: Vec<String> = names
+            .into_iter()
+            .flat_map(|n| {
+                n.match_indices('/')
+                    .map(|(i, _)| n[..i].to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        NameTree { dirs }
+    }
+
+    /// The entries of directory `dir` ("" for the view's root) among `names`.
+    pub fn entries<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        dir: &str,
+    ) -> Vec<(String, NameTarget)> {
+        let child = |full: &str| -> Option<String> {
+            let rest = if dir.is_empty() {
+                full
+            } else {
+                full.strip_prefix(dir)?.strip_prefix('/')?
+            };
+            (!rest.is_empty() && !rest.contains('/')).then(|| rest.to_string())
+        };
+        let mut out: Vec<(String, NameTarget)> = self
+            .dirs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((child(d)?, NameTarget::Dir(i))))
+            .collect();
+        for (k, n) in names.into_iter().enumerate() {
+            if let Some(c) = child(n) {
+                out.push((c, NameTarget::Member(k)));
+            }
+        }
+        out
+    }
+}
+
 /// A disk image carried as its non-zero 512-byte sectors, every other byte zero: how fuzz inputs
 /// and crafted fixtures hold a file system whose format wants hundreds of MiB of mostly zeros
 /// (mkfs.xfs makes nothing under 300 MB). The encoding is a sequence of records, each a
@@ -432,6 +493,26 @@ pub fn detect(dev: &dyn ReadAt, len: u64) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_with_slashes_imply_directories() {
+        let names = ["part1", "lvm/vg0/root", "lvm/vg0/home", "lvm/vg1/data"];
+        let t = NameTree::new(names);
+        assert_eq!(t.dirs, ["lvm", "lvm/vg0", "lvm/vg1"]);
+        let at = |d: &str| {
+            let mut e: Vec<_> = t.entries(names, d).into_iter().map(|(n, _)| n).collect();
+            e.sort();
+            e
+        };
+        assert_eq!(at(""), ["lvm", "part1"]);
+        assert_eq!(at("lvm"), ["vg0", "vg1"]);
+        assert_eq!(at("lvm/vg0"), ["home", "root"]);
+        assert_eq!(
+            t.entries(names, "lvm/vg1"),
+            [("data".to_string(), NameTarget::Member(3))]
+        );
+        assert!(at("part1").is_empty());
+    }
 
     #[test]
     fn a_sparse_image_reads_as_its_sectors_and_zeros() {

@@ -41,6 +41,8 @@ const ROOT: u64 = 1;
 const FIRST_FILE: u64 = 2;
 /// `.elastio-status` in the root: below the first file system's inode range.
 const STATUS: u64 = (1 << 32) - 1;
+/// The first inode of the directories nested file-system names imply (`lvm`, `lvm/vg0`).
+const FIRST_NAME_DIR: u64 = 1 << 40;
 /// RPs never change: the kernel may cache attributes and entries for long.
 const TTL: Duration = Duration::from_secs(3600);
 /// FOPEN_KEEP_CACHE: keep the page cache across opens.
@@ -96,11 +98,14 @@ pub struct ViewFile {
     pub stored_bytes: u64,
 }
 
-/// A byte range of a disk RP as a device for the file-system reader.
+/// A byte range of a disk RP (a partition, the whole disk) or a logical volume inside it, as a
+/// device for the file-system readers.
 pub struct PartDev {
     pub reader: Arc<DiskReader>,
     pub start: u64,
     pub len: u64,
+    /// An LVM logical volume: where its bytes are (`start` is then unused).
+    pub lv: Option<Arc<crate::lvm::LvMap>>,
 }
 
 impl PartDev {
@@ -122,19 +127,37 @@ impl PartDev {
     }
 }
 
+impl PartDev {
+    /// The disk byte ranges `[offset, offset + len)` of this device lies in.
+    fn pieces(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+        match &self.lv {
+            Some(lv) => lv.pieces(offset, len),
+            None => {
+                self.check_range(offset, len as usize)?;
+                Ok(vec![(self.start + offset, len)])
+            }
+        }
+    }
+}
+
 impl ext4::ReadAt for PartDev {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.check_range(offset, buf.len())?;
-        if self.reader.read_at(self.start + offset, buf)? < buf.len() {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        let mut done = 0;
+        for (at, n) in self.pieces(offset, buf.len() as u64)? {
+            let piece = &mut buf[done..done + n as usize];
+            if self.reader.read_at(at, piece)? < piece.len() {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n as usize;
         }
         Ok(())
     }
 
     fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
-        self.check_range(offset, len)?;
-        if self.reader.read_append(self.start + offset, len, out)? < len {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        for (at, n) in self.pieces(offset, len as u64)? {
+            if self.reader.read_append(at, n as usize, out)? < n as usize {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
         }
         Ok(())
     }
@@ -142,18 +165,21 @@ impl ext4::ReadAt for PartDev {
 
 impl CachedDevice for PartDev {
     fn is_range_cached(&self, offset: u64, len: u64) -> bool {
-        self.reader
-            .is_range_cached(self.start + offset, len)
-            .unwrap_or(false)
+        self.pieces(offset, len).is_ok_and(|p| {
+            p.iter()
+                .all(|&(at, n)| self.reader.is_range_cached(at, n).unwrap_or(false))
+        })
     }
 
     fn range_key(&self, offset: u64, len: u64, key: &mut Vec<u8>) -> Option<()> {
         let cs = self.reader.chunk_size() as u64;
-        let (start, end) = (self.start + offset, self.start + offset + len);
-        for slot in start / cs..end.div_ceil(cs) {
-            match self.reader.chunk_id(slot).ok()? {
-                Some(id) => key.extend_from_slice(&id.0),
-                None => key.push(0), // A slot of zeros.
+        for (start, n) in self.pieces(offset, len).ok()? {
+            key.extend_from_slice(&start.to_le_bytes());
+            for slot in start / cs..(start + n).div_ceil(cs) {
+                match self.reader.chunk_id(slot).ok()? {
+                    Some(id) => key.extend_from_slice(&id.0),
+                    None => key.push(0), // A slot of zeros.
+                }
             }
         }
         Some(())
@@ -348,6 +374,8 @@ enum Open {
 /// The state of a mount that the session thread and the read workers share.
 struct Shared {
     view: Arc<DiskView>,
+    /// The directories that file-system names with `/` imply (`lvm/vg0`).
+    names: NameTree,
     dirs: Mutex<DirCache>,
     open: Mutex<HashMap<u64, Arc<Open>>>,
     next_fh: AtomicU64,
@@ -433,7 +461,7 @@ pub(crate) fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     }
 }
 
-use crate::filesystem::{join, split, FS_INO_MASK};
+use crate::filesystem::{join, split, NameTarget, NameTree, FS_INO_MASK};
 
 impl Shared {
     fn file(&self, ino: u64) -> Option<&ViewFile> {
@@ -449,9 +477,26 @@ impl Shared {
         self.filesystem(k).map_or(EMPTY_ROOT, |fs| fs.root())
     }
 
+    /// The name-tree directory `ino` is ("" for the root), if it is one.
+    fn name_dir(&self, ino: u64) -> Option<&str> {
+        if ino == ROOT {
+            return Some("");
+        }
+        let i = ino.checked_sub(FIRST_NAME_DIR)?;
+        self.names
+            .dirs
+            .get(usize::try_from(i).ok()?)
+            .map(String::as_str)
+    }
+
     fn attr(&self, ino: u64) -> Result<FileAttr, i32> {
         if let Some((k, i)) = split(ino) {
             return self.fs_attr(k, i);
+        }
+        if ino != ROOT && self.name_dir(ino).is_some() {
+            let mut a = self.attr(ROOT)?;
+            (a.ino, a.nlink) = (ino, 2);
+            return Ok(a);
         }
         let v = &self.view;
         let (kind, perm, size, blocks, nlink) = match (ino, self.file(ino)) {
@@ -515,6 +560,22 @@ impl Shared {
         ))
     }
 
+    /// The entries of name-tree directory `dir`: file-system roots and deeper name directories.
+    fn name_entries(&self, dir: &str) -> Vec<(u64, FileType, OsString)> {
+        let names = self.view.filesystems.iter().map(|f| f.name.as_str());
+        self.names
+            .entries(names, dir)
+            .into_iter()
+            .filter_map(|(name, target)| {
+                let ino = match target {
+                    NameTarget::Member(k) => join(k, self.root_of(k))?,
+                    NameTarget::Dir(i) => FIRST_NAME_DIR + i as u64,
+                };
+                Some((ino, FileType::Directory, name.into()))
+            })
+            .collect()
+    }
+
     /// The listing of directory `ino` (cached).
     fn listing(&self, ino: u64) -> Result<Arc<Listing>, i32> {
         if let Some(l) = self.cached_listing(ino) {
@@ -532,11 +593,9 @@ impl Shared {
             if !self.view.status.is_empty() {
                 entries.push((STATUS, FileType::RegularFile, ".elastio-status".into()));
             }
-            for (k, v) in self.view.filesystems.iter().enumerate() {
-                if let Some(root) = join(k, self.root_of(k)) {
-                    entries.push((root, FileType::Directory, v.name.clone().into()));
-                }
-            }
+            entries.extend(self.name_entries(""));
+        } else if let Some(dir) = self.name_dir(ino) {
+            entries.extend(self.name_entries(dir));
         } else {
             let (k, i) = split(ino).ok_or(libc::ENOTDIR)?;
             let view = self.view.filesystems.get(k).ok_or(libc::ENOENT)?;
@@ -921,6 +980,7 @@ pub fn serve(
     serve_fs(
         |reads| Fs {
             shared: Arc::new(Shared {
+                names: NameTree::new(view.filesystems.iter().map(|f| f.name.as_str())),
                 view: Arc::new(view),
                 dirs: Mutex::new(DirCache::new(DIR_CACHE_BYTES)),
                 open: Mutex::new(HashMap::new()),

@@ -34,6 +34,7 @@ pub mod browse;
 pub mod ext4;
 pub mod filesystem;
 pub mod fuse;
+pub mod lvm;
 pub mod nbd;
 pub mod overlay;
 pub mod partitions;

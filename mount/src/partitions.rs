@@ -1,5 +1,6 @@
 //! Partition tables (MBR and GPT) parsed from a disk image, so a mount can show each partition as
-//! its own file. Pure: the caller supplies a reader. Extended MBR partitions are not followed.
+//! its own file. Pure: the caller supplies a reader. The logical partitions of the first
+//! extended MBR partition are followed (numbered from 5, as Linux numbers them).
 //!
 //! Invariants (the table is untrusted input):
 //!
@@ -11,6 +12,8 @@
 //! * the partitions returned lie inside the disk (one that starts inside and runs past the end
 //!   is clipped, as the kernel does with a truncated image), do not overlap each other or the
 //!   table, and are at most [`MAX_GPT_ENTRIES`]; bad entries are dropped and logged;
+//! * an extended partition's chain of boot records is followed for at most [`MAX_LOGICAL`]
+//!   links, each strictly inside the extended partition and never twice;
 //! * all arithmetic on numbers from the disk is checked.
 
 use std::io;
@@ -28,6 +31,8 @@ const SECTOR: u64 = 512;
 const GPT_SIGNATURE: &[u8; 8] = b"EFI PART";
 const MBR_PROTECTIVE: u8 = 0xee;
 const MBR_EXTENDED: [u8; 3] = [0x05, 0x0f, 0x85];
+/// Bound on logical partitions followed in an extended partition.
+pub const MAX_LOGICAL: u32 = 128;
 /// Bound on GPT entries read (the spec's default is 128).
 pub const MAX_GPT_ENTRIES: u32 = 1024;
 /// The GPT header is at least 92 bytes (UEFI 2.x) and fits in its sector.
@@ -62,15 +67,62 @@ pub fn parse(
         return parse_gpt(size, read_at);
     }
     let mut table = Table::new(size, SECTOR);
+    let mut extended = None;
     for (i, e) in entries.iter().enumerate() {
         let (kind, start, sectors) = (e[4], u64::from(u32_at(e, 8)), u64::from(u32_at(e, 12)));
-        if kind == 0 || MBR_EXTENDED.contains(&kind) || sectors == 0 {
+        if kind == 0 || sectors == 0 {
+            continue;
+        }
+        if MBR_EXTENDED.contains(&kind) {
+            extended.get_or_insert((start, sectors));
             continue;
         }
         // u32 sectors of 512 bytes: below 2^41, no overflow.
         table.add(i as u32 + 1, start * SECTOR, sectors * SECTOR);
     }
+    if let Some((start, sectors)) = extended {
+        logical_partitions(&mut table, start, sectors, read_at)?;
+    }
     Ok(table.parts)
+}
+
+/// Follows the chain of extended boot records of the extended partition at sector `base`
+/// (`sectors` long): each holds one logical partition (relative to itself) and the link to the
+/// next record (relative to `base`).
+fn logical_partitions(
+    table: &mut Table,
+    base: u64,
+    sectors: u64,
+    read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let end = base + sectors;
+    let mut seen = std::collections::HashSet::new();
+    let mut ebr = base;
+    for number in 5..5 + MAX_LOGICAL {
+        if ebr >= end || (ebr + 1) * SECTOR > table.size || !seen.insert(ebr) {
+            break;
+        }
+        let mut b = [0u8; 512];
+        read_at(ebr * SECTOR, &mut b)?;
+        if b[510..512] != [0x55, 0xaa] {
+            tracing::warn!("extended boot record at sector {ebr} has no signature: chain ends");
+            break;
+        }
+        let (e, link) = (&b[446..462], &b[462..478]);
+        let (rel, n) = (u64::from(u32_at(e, 8)), u64::from(u32_at(e, 12)));
+        if e[4] != 0 && n > 0 {
+            if ebr + rel + n > end || rel == 0 {
+                tracing::warn!("logical partition {number} lies outside its extended partition");
+            } else {
+                table.add(number, (ebr + rel) * SECTOR, n * SECTOR);
+            }
+        }
+        if link[4] == 0 || u32_at(link, 12) == 0 {
+            break;
+        }
+        ebr = base + u64::from(u32_at(link, 8));
+    }
+    Ok(())
 }
 
 /// Partitions accepted so far, and the bytes the table itself takes (no partition may cover
@@ -269,7 +321,7 @@ mod tests {
             disk[e + 12..e + 16].copy_from_slice(&sectors.to_le_bytes());
         };
         put(0, 0x83, 2048, 100);
-        put(1, 0x05, 4096, 100); // extended: skipped
+        put(1, 0x05, 4096, 100); // extended, with no boot record: no logical partitions
         put(3, 0x83, 3000, 1_000_000); // clipped to the disk
         let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
         assert_eq!(
@@ -447,6 +499,44 @@ mod tests {
         }
         let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
         assert_eq!(parts, vec![part(1, 2048, 2147)]);
+    }
+
+    #[test]
+    fn logical_partitions_follow_the_extended_chain() {
+        let mut disk = vec![0u8; 4 << 20];
+        let sig = |d: &mut Vec<u8>, sector: usize| {
+            d[sector * 512 + 510..sector * 512 + 512].copy_from_slice(&[0x55, 0xaa])
+        };
+        let put = |d: &mut Vec<u8>, sector: usize, i: usize, kind: u8, start: u32, n: u32| {
+            let e = sector * 512 + 446 + 16 * i;
+            d[e + 4] = kind;
+            d[e + 8..e + 12].copy_from_slice(&start.to_le_bytes());
+            d[e + 12..e + 16].copy_from_slice(&n.to_le_bytes());
+        };
+        sig(&mut disk, 0);
+        put(&mut disk, 0, 0, 0x83, 2048, 100);
+        put(&mut disk, 0, 1, 0x05, 4000, 4000);
+        // EBR 1 at 4000: logical at 4000+10, next EBR at 4000+1000.
+        sig(&mut disk, 4000);
+        put(&mut disk, 4000, 0, 0x83, 10, 500);
+        put(&mut disk, 4000, 1, 0x05, 1000, 600);
+        // EBR 2 at 5000: logical at 5000+20, next links back to EBR 1 (a loop: ignored).
+        sig(&mut disk, 5000);
+        put(&mut disk, 5000, 0, 0x83, 20, 300);
+        put(&mut disk, 5000, 1, 0x05, 0, 600);
+        let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
+        assert_eq!(
+            parts,
+            vec![
+                part(1, 2048, 2147),
+                part(5, 4010, 4509),
+                part(6, 5020, 5319)
+            ]
+        );
+        // A logical partition reaching past the extended partition is dropped.
+        put(&mut disk, 5000, 0, 0x83, 20, 5000);
+        let parts = parse(disk.len() as u64, &mut reader(&disk)).unwrap();
+        assert_eq!(parts, vec![part(1, 2048, 2147), part(5, 4010, 4509)]);
     }
 
     #[test]

@@ -15,8 +15,8 @@ use scalez::stream_map::StreamReader;
 use scalez::{RecoveryPoint, Vault};
 
 use crate::fuse::{DiskView, FsView, ImageSource, PartDev, ViewFile};
-use crate::partitions;
 use crate::DiskReader;
+use crate::{lvm, partitions};
 
 /// A disk RP's view, and with `kernel` the (image file, directory) pairs to loop-mount once the
 /// FUSE mount is up.
@@ -58,7 +58,20 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
     let mut filesystems = Vec::new();
     let mut kernel_targets = Vec::new();
     let mut status = Vec::new();
-    let mut add = |name: String, image: &str, start: u64, len: u64| {
+    let mut extra_status = Vec::new();
+    // The places file systems can be: the partitions, or the whole disk.
+    let places: Vec<(String, String, u64, u64)> = if parts.is_empty() {
+        vec![("fs".into(), "disk.img".into(), 0, reader.size())]
+    } else {
+        parts
+            .iter()
+            .map(|p| {
+                let n = p.number;
+                (format!("part{n}"), format!("part{n}.img"), p.start, p.len)
+            })
+            .collect()
+    };
+    let mut add = |name: String, image: &str, dev: PartDev| {
         if filesystems.len() >= crate::filesystem::MAX_FILESYSTEMS {
             status.push(format!(
                 "{name}: not shown, a view holds at most {} file systems",
@@ -71,27 +84,35 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
             });
             kernel_targets.push((image.to_string(), name));
         } else {
-            let dev = PartDev {
-                reader: reader.clone(),
-                start,
-                len,
-            };
             let (fs, line) = dev.open_fs(&name);
             filesystems.extend(fs);
             status.push(line);
         }
     };
-    if parts.is_empty() {
-        add("fs".into(), "disk.img", 0, reader.size());
+    let dev = |start: u64, len: u64, lv: Option<Arc<lvm::LvMap>>| PartDev {
+        reader: reader.clone(),
+        start,
+        len,
+        lv,
+    };
+    // LVM physical volumes hold volume groups instead of a file system: their LVs show as
+    // lvm/<vg>/<lv> once every place has been looked at (a VG may span partitions).
+    let mut volumes = Volumes::default();
+    for (name, image, start, len) in &places {
+        let place = dev(*start, *len, None);
+        if opts.kernel || crate::filesystem::detect(&place, *len) != Some("lvm2") {
+            add(name.clone(), image, place);
+            continue;
+        }
+        let mut lines = Vec::new();
+        volumes.add_pv(name, &place, *start, &mut lines);
+        extra_status.extend(lines);
     }
-    for p in &parts {
-        add(
-            format!("part{}", p.number),
-            &format!("part{}.img", p.number),
-            p.start,
-            p.len,
-        );
+    for (path, map) in volumes.lvs(&mut extra_status) {
+        let size = map.size();
+        add(path, "", dev(0, size, Some(Arc::new(map))));
     }
+    status.extend(extra_status);
     for p in parts {
         let stored = reader
             .extents(p.start, p.len, usize::MAX)?
@@ -120,6 +141,57 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
         kernel_targets,
         status,
     })
+}
+
+/// The LVM volume groups found on a disk's places, and where their PVs start.
+#[derive(Default)]
+struct Volumes {
+    /// PV UUID (no dashes) → byte offset of the PV on the disk.
+    pv_starts: std::collections::BTreeMap<String, u64>,
+    /// By VG name: the metadata of the first PV read.
+    vgs: std::collections::BTreeMap<String, lvm::VolumeGroup>,
+}
+
+impl Volumes {
+    /// Reads the PV at place `name` (`start` on the disk); says what it holds in `lines`.
+    fn add_pv(&mut self, name: &str, dev: &PartDev, start: u64, lines: &mut Vec<String>) {
+        let pv = match lvm::read_pv(dev, dev.len) {
+            Ok(Some(pv)) => pv,
+            Ok(None) => return lines.push(format!("{name}: lvm2, no readable PV label")),
+            Err(e) => return lines.push(format!("{name}: lvm2, damaged: {e}")),
+        };
+        self.pv_starts.insert(pv.uuid.clone(), start);
+        let Some(text) = pv.metadata else {
+            return lines.push(format!(
+                "{name}: LVM physical volume (its VG's metadata is on another PV)"
+            ));
+        };
+        match lvm::parse_metadata(&text) {
+            Ok(vg) => {
+                lines.push(format!(
+                    "{name}: LVM physical volume of VG {}, its volumes in lvm/{}/",
+                    vg.name, vg.name
+                ));
+                self.vgs.entry(vg.name.clone()).or_insert(vg);
+            }
+            Err(e) => lines.push(format!("{name}: lvm2, damaged metadata: {e}")),
+        }
+    }
+
+    /// Every LV elastio reads, as (view name, map); the others get a status line saying why.
+    fn lvs(&self, lines: &mut Vec<String>) -> Vec<(String, lvm::LvMap)> {
+        let mut out = Vec::new();
+        for vg in self.vgs.values() {
+            for lv in &vg.lvs {
+                let name = format!("lvm/{}/{}", vg.name, lv.name);
+                match lvm::LvMap::new(vg, lv, &self.pv_starts) {
+                    Ok(map) => out.push((name, map)),
+                    Err(why) => lines.push(format!("{name}: not readable by elastio: {why}")),
+                }
+            }
+        }
+        out
+    }
 }
 
 /// The view of stream RP `rp`: one file, named after the stream.

@@ -359,3 +359,252 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
     let stream = env.run(&["rp", "diff", &a, &frp]);
     assert!(String::from_utf8_lossy(&stream.stderr).contains("only RPs of one type compare"));
 }
+
+/// Writes `image` into the PV file `pv` as an LV whose pieces `map` gives (LV offset → PV
+/// offset, length), so the PV holds the file system as device-mapper would have written it.
+fn write_lv(pv: &Path, image: &Path, map: &dyn Fn(u64) -> (u64, u64)) {
+    let data = std::fs::read(image).unwrap();
+    let mut at = 0u64;
+    while at < data.len() as u64 {
+        let (to, n) = map(at);
+        let n = n.min(data.len() as u64 - at);
+        let piece = &data[at as usize..(at + n) as usize];
+        if piece.iter().any(|&b| b != 0) {
+            write_at(pv, to, piece);
+        }
+        at += n;
+    }
+}
+
+/// LVM volume groups are made by pvcreate/vgcreate on a loop device and their LVs described
+/// with vgcfgrestore (no device-mapper on this kernel, so no lvcreate); the file systems are
+/// written at the LVs' extents. A linear LV in two segments holds XFS, a two-stripe LV ext4:
+/// `rp ls/cat`, the FUSE mount and the status lines show them as lvm/<vg>/<lv>.
+#[test]
+fn lvm_logical_volumes_show_as_lvm_vg_lv() {
+    if !is_root() {
+        eprintln!("skipped: a loop device for pvcreate needs root (CI runs as root)");
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    make_src(&src);
+    let vg = format!("elastio_t{}", std::process::id());
+    let pv = env.path("pv.img");
+    sparse_file(&pv, 800 << 20);
+    let out = Command::new("losetup")
+        .args(["-f", "--show", pv.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup");
+    let dev = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let meta = env.path("meta.txt");
+    let lvm = (|| -> Result<(), String> {
+        let q = |cmd: &str, args: &[&str]| {
+            let o = Command::new(cmd)
+                .args(args)
+                .output()
+                .map_err(|e| e.to_string())?;
+            o.status
+                .success()
+                .then_some(())
+                .ok_or_else(|| format!("{cmd}: {}", String::from_utf8_lossy(&o.stderr)))
+        };
+        q("pvcreate", &["-q", &dev])?;
+        q("vgcreate", &["-q", "-s", "4M", &vg, &dev])?;
+        q("vgcfgbackup", &["-q", "-f", meta.to_str().unwrap(), &vg])?;
+        let text = std::fs::read_to_string(&meta).unwrap();
+        let lvs = r#"
+logical_volumes {
+root {
+id = "aaaaaa-bbbb-cccc-dddd-eeee-ffff-000001"
+status = ["READ", "WRITE", "VISIBLE"]
+flags = []
+segment_count = 2
+segment1 {
+start_extent = 0
+extent_count = 40
+type = "striped"
+stripe_count = 1
+stripes = ["pv0", 100]
+}
+segment2 {
+start_extent = 40
+extent_count = 40
+type = "striped"
+stripe_count = 1
+stripes = ["pv0", 10]
+}
+}
+home {
+id = "aaaaaa-bbbb-cccc-dddd-eeee-ffff-000002"
+status = ["READ", "WRITE", "VISIBLE"]
+flags = []
+segment_count = 1
+segment1 {
+start_extent = 0
+extent_count = 8
+type = "striped"
+stripe_count = 2
+stripe_size = 128
+stripes = ["pv0", 60, "pv0", 70]
+}
+}
+}
+"#;
+        let mut lines: Vec<&str> = text.lines().collect();
+        let end = lines
+            .iter()
+            .position(|l| *l == "}")
+            .ok_or("no end of the VG section")?;
+        lines.insert(end, lvs);
+        std::fs::write(&meta, lines.join("\n")).unwrap();
+        q("vgcfgrestore", &["-q", "-f", meta.to_str().unwrap(), &vg])
+    })();
+    let _ = Command::new("vgchange").args(["-an", &vg]).output();
+    let _ = Command::new("losetup").args(["-d", &dev]).output();
+    lvm.unwrap();
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let pe_start: u64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("pe_start = "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (base, ext) = (pe_start * 512, 4u64 << 20);
+    // root: XFS, extents 0..40 at PV extent 100, 40..80 at PV extent 10.
+    let root = env.path("root.img");
+    sparse_file(&root, 80 * ext);
+    let mut proto = String::from("boot\n0 0\nd--755 0 0\n");
+    for (name, rel) in [("hostname", "etc/hostname"), ("moduli", "etc/ssh/moduli")] {
+        proto += &format!("{name} ---644 0 0 {}\n", src.join(rel).display());
+    }
+    proto += "$\n";
+    std::fs::write(env.path("proto"), proto).unwrap();
+    run(
+        "mkfs.xfs",
+        &[
+            "-q",
+            "-f",
+            "-p",
+            env.path("proto").to_str().unwrap(),
+            root.to_str().unwrap(),
+        ],
+    );
+    write_lv(&pv, &root, &|at| {
+        let (seg, pe) = if at < 40 * ext {
+            (0, 100)
+        } else {
+            (40 * ext, 10)
+        };
+        (base + pe * ext + at - seg, 40 * ext - (at - seg))
+    });
+    // home: ext4 striped over PV extents 60.. and 70.. in 64 KiB stripes.
+    let home = env.path("home.img");
+    sparse_file(&home, 8 * ext);
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-d",
+            src.to_str().unwrap(),
+            home.to_str().unwrap(),
+        ],
+    );
+    write_lv(&pv, &home, &|at| {
+        let (chunk, within) = (at / 65536, at % 65536);
+        let pe = if chunk % 2 == 0 { 60 } else { 70 };
+        (
+            base + pe * ext + (chunk / 2) * 65536 + within,
+            65536 - within,
+        )
+    });
+    let disk = env.path("disk.img");
+    make_disk(
+        &disk,
+        820 << 20,
+        "gpt",
+        &[(2048, 1638400, Some(pv.as_path()))],
+    );
+    let rp = env.backup(&disk, None)["rp"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let top = env.json(&["rp", "ls", &rp, "lvm", "-R"]);
+    let paths: Vec<&str> = top
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    let why = String::from_utf8_lossy(&env.run(&["rp", "ls", &rp]).stderr).into_owned();
+    assert!(
+        paths.contains(&format!("/lvm/{vg}/root/hostname").as_str()),
+        "{why}\n{top}"
+    );
+    let home_list = env.json(&["rp", "ls", &rp, &format!("lvm/{vg}/home"), "-R"]);
+    let got: BTreeMap<String, (String, u64)> = listed(&home_list, false)
+        .into_iter()
+        .filter(|(p, _)| !p.contains("/lost+found"))
+        .collect();
+    assert_eq!(got, expected(&src, &format!("/lvm/{vg}/home")));
+    for (path, rel) in [
+        ("root/moduli", "etc/ssh/moduli"),
+        ("home/home/alice/big.bin", "home/alice/big.bin"),
+    ] {
+        let out = env
+            .command(&["rp", "cat", &rp, &format!("lvm/{vg}/{path}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout == std::fs::read(src.join(rel)).unwrap(),
+            "{path}"
+        );
+    }
+    // The mount: the same names, and the PV's status line.
+    let mnt = env.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = env.json(&["mount", &rp, mnt.to_str().unwrap()]);
+    let pid = m["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(mnt.join(".elastio-status")).unwrap();
+    let hostname = std::fs::read(mnt.join(format!("lvm/{vg}/root/hostname")));
+    let listing: Vec<String> = std::fs::read_dir(mnt.join("lvm").join(&vg))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    env.ok(&["umount", mnt.to_str().unwrap()]);
+    for _ in 0..100 {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        status.contains(&format!(
+            "part1: LVM physical volume of VG {vg}, its volumes in lvm/{vg}/"
+        )),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("lvm/{vg}/root: xfs, files in lvm/{vg}/root/")),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("lvm/{vg}/home: ext4, files in lvm/{vg}/home/")),
+        "{status}"
+    );
+    assert_eq!(hostname.unwrap(), b"web-1\n");
+    let mut listing = listing;
+    listing.sort();
+    assert_eq!(listing, ["home", "root"]);
+}
