@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/seeds}
-mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs" "$out/lvm"
+mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs" "$out/lvm" "$out/fat"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -75,6 +75,28 @@ PY
 mkxfs v4 -m crc=0 -n ftype=0
 mkxfs v5
 mkxfs v5-1k -b size=1024 -n size=8192
+
+# FAT12, FAT16 and FAT32 (mkfs.vfat, filled by mtools: long, short and lower-case names, a
+# nested directory), as sparse-sector records like the XFS seeds.
+mkfat() { # name bits kib
+    rm -f "$tmp/$1.img"
+    mkfs.vfat -C -F "$2" -n SEED "$tmp/$1.img" "$3" >/dev/null
+    MTOOLS_SKIP_CHECK=1 mcopy -s -m -i "$tmp/$1.img" "$tree/small.txt" "$tree/dir" ::/
+    printf 'long name\n' > "$tmp/A long file name.txt"
+    MTOOLS_SKIP_CHECK=1 mcopy -m -i "$tmp/$1.img" "$tmp/A long file name.txt" ::/
+    python3 - "$tmp/$1.img" "$out/fat/$1.bin" <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+with open(sys.argv[2], "wb") as o:
+    for i in range(0, len(d), 512):
+        if any(d[i:i + 512]):
+            o.write(struct.pack("<I", i // 512) + d[i:i + 512])
+PY
+    rm "$tmp/$1.img"
+}
+mkfat fat12 12 1024
+mkfat fat16 16 16384
+mkfat fat32 32 34000
 
 # LVM2: a PV with a 64 KiB metadata area (label in sector 1, text after the area's header),
 # and the same text alone, with linear, striped and thin LVs.

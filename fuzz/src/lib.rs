@@ -64,19 +64,35 @@ fn walk<R: ReadAt>(fs: &Ext4<R>, ino: u32, depth: u32, left: &mut (u32, u32)) {
     }
 }
 
-/// The size of the image an XFS fuzz input describes (mkfs.xfs makes 300 MB at least).
+/// The size of the image a sparse-sector fuzz input describes (mkfs.xfs makes 300 MB at least).
 pub const XFS_IMAGE: u64 = 1 << 30;
 
 /// Opens `records` (sparse-sector records) as an XFS file system and reads everything
 /// reachable from the root within the walk's limits.
 pub fn walk_xfs(records: &[u8]) {
-    use mount::filesystem::{walk, FileSystem, SparseImage, WalkLimits};
-    let img = SparseImage::parse(records, XFS_IMAGE);
-    let Ok(Some(fs)) = mount::xfs::Xfs::open(img, XFS_IMAGE) else {
-        return;
-    };
-    let fs: std::sync::Arc<dyn FileSystem> = std::sync::Arc::new(fs);
-    walk(&fs, WalkLimits::default());
+    walk_sparse(records, |img| {
+        Some(std::sync::Arc::new(mount::xfs::Xfs::open(img, XFS_IMAGE).ok()??) as _)
+    });
+}
+
+/// Opens `records` (sparse-sector records) as a FAT volume and reads everything reachable from
+/// the root within the walk's limits.
+pub fn walk_fat(records: &[u8]) {
+    walk_sparse(records, |img| {
+        Some(std::sync::Arc::new(mount::fat::Fat::open(img, XFS_IMAGE).ok()??) as _)
+    });
+}
+
+fn walk_sparse(
+    records: &[u8],
+    open: impl FnOnce(
+        mount::filesystem::SparseImage,
+    ) -> Option<std::sync::Arc<dyn mount::filesystem::FileSystem>>,
+) {
+    use mount::filesystem::{walk, SparseImage, WalkLimits};
+    if let Some(fs) = open(SparseImage::parse(records, XFS_IMAGE)) {
+        walk(&fs, WalkLimits::default());
+    }
 }
 
 /// Reads `bytes` as an LVM2 PV (or, without a label, as metadata text) and maps every LV of

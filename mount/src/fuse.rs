@@ -207,6 +207,7 @@ impl PartDev {
         let opened: io::Result<Option<Arc<dyn FileSystem>>> = match found {
             Some("ext4") => Ext4::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
             Some("xfs") => Xfs::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
+            Some("vfat") => crate::fat::Fat::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
             _ => Ok(None),
         };
         match opened {

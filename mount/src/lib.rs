@@ -32,6 +32,7 @@
 
 pub mod browse;
 pub mod ext4;
+pub mod fat;
 pub mod filesystem;
 pub mod fuse;
 pub mod lvm;

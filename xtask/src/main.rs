@@ -39,8 +39,14 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // the file system type of `mount --kernel`
     ("blkid", "util-linux"),
-    // an XFS partition the mount reports as not readable yet (issue 18)
+    // file systems inside disk RPs, made by their own tools (issue 18)
     ("mkfs.xfs", "xfsprogs"),
+    ("mkswap", "util-linux"),
+    ("debugfs", "e2fsprogs"),
+    ("pvcreate", "lvm2"),
+    ("vgcfgrestore", "lvm2"),
+    ("mkfs.vfat", "dosfstools"),
+    ("mcopy", "mtools"),
 ];
 
 /// Benchmark peers.
