@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Seeds for the fuzz targets, from real mkfs images (checked in under seeds/, each < 100 KiB):
 #   fuzz/make-seeds.sh [out-dir]     (default: fuzz/seeds)
-# Needs mkfs.ext2/3/4, e2fsck (e2fsprogs), mkfs.xfs (xfsprogs) and python3. XFS seeds are
-# sparse-sector records (see mount::filesystem::SparseImage), < 128 KiB each.
+# Needs mkfs.ext2/3/4, e2fsck (e2fsprogs), mkfs.xfs (xfsprogs), mkfs.vfat (dosfstools),
+# mcopy (mtools), mkntfs and ntfscp (ntfs-3g) and python3. XFS seeds are
+# sparse-sector records (see mount::filesystem::SparseImage), < 256 KiB each.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/seeds}
-mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs" "$out/lvm" "$out/fat"
+mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs" "$out/lvm" "$out/fat" "$out/ntfs"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
@@ -97,6 +98,24 @@ PY
 mkfat fat12 12 1024
 mkfat fat16 16 16384
 mkfat fat32 32 34000
+
+# NTFS (mkntfs, files added with ntfscp: resident and non-resident data, a sparse file), as
+# sparse-sector records.
+truncate -s 8M "$tmp/ntfs.img"
+mkntfs -F -Q -q -L SEED "$tmp/ntfs.img" >/dev/null 2>&1
+for f in small.txt dir/mid.txt sparse.bin; do
+    ntfscp -q "$tmp/ntfs.img" "$tree/$f" "$(basename "$f")"
+done
+# mkntfs fills $LogFile with 0xff bytes: those sectors are left out (the reader never reads
+# the log), which keeps the seed small.
+python3 - "$tmp/ntfs.img" "$out/ntfs/small.bin" <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+with open(sys.argv[2], "wb") as o:
+    for i in range(0, len(d), 512):
+        if any(d[i:i + 512]) and d[i:i + 512] != b"\xff" * 512:
+            o.write(struct.pack("<I", i // 512) + d[i:i + 512])
+PY
 
 # LVM2: a PV with a 64 KiB metadata area (label in sector 1, text after the area's header),
 # and the same text alone, with linear, striped and thin LVs.

@@ -83,6 +83,14 @@ pub fn walk_fat(records: &[u8]) {
     });
 }
 
+/// Opens `records` (sparse-sector records) as an NTFS volume and reads everything reachable
+/// from the root within the walk's limits.
+pub fn walk_ntfs(records: &[u8]) {
+    walk_sparse(records, |img| {
+        Some(std::sync::Arc::new(mount::ntfs::Ntfs::open(img, XFS_IMAGE).ok()??) as _)
+    });
+}
+
 fn walk_sparse(
     records: &[u8],
     open: impl FnOnce(

@@ -208,6 +208,7 @@ impl PartDev {
             Some("ext4") => Ext4::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
             Some("xfs") => Xfs::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
             Some("vfat") => crate::fat::Fat::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
+            Some("ntfs") => crate::ntfs::Ntfs::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
             _ => Ok(None),
         };
         match opened {

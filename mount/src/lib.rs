@@ -37,6 +37,7 @@ pub mod filesystem;
 pub mod fuse;
 pub mod lvm;
 pub mod nbd;
+pub mod ntfs;
 pub mod overlay;
 pub mod partitions;
 pub mod tree_view;

@@ -54,6 +54,7 @@ fn check_with_kernel(name: &str, args: &[&str]) {
         xattrs: true,
         huge: 20_000,
         simple: false,
+        utf8_only: false,
     };
     let filled = std::panic::catch_unwind(|| {
         fixture_tree(&mnt, &opts);
@@ -82,6 +83,8 @@ fn check_with_kernel(name: &str, args: &[&str]) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let exact = Exact {
             kernel: true,
+            blocks: true,
+            nlink: true,
             xattrs: true,
             rdev: true,
         };
@@ -161,6 +164,7 @@ fn v4_without_file_types_matches_its_source_tree() {
             xattrs: false,
             huge: 3000,
             simple: true,
+            utf8_only: false,
         },
     );
     // The prototype format has no names that are not UTF-8.
@@ -194,6 +198,8 @@ fn v4_without_file_types_matches_its_source_tree() {
     let fs = open(&img);
     let exact = Exact {
         kernel: false,
+        blocks: false,
+        nlink: true,
         xattrs: false,
         rdev: false,
     };

@@ -14,6 +14,7 @@
 //! Each step reports wall and CPU seconds, peak RSS (wait4), and the repository size after it.
 
 mod files;
+mod filesystems;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -69,6 +70,12 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", report_stream(&f));
         return Ok(());
     }
+    if args.iter().any(|a| a == "filesystems") {
+        // Over the `disk` RPs of the previous full run (for rp diff).
+        let f = filesystems::bench(&root, &data, &work)?;
+        print!("{}", filesystems::report(&f));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "files") {
         let f = files::bench_files(&root, &work)?;
         print!("{}", files::report_files(&f));
@@ -121,6 +128,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let index = bench_index(&root, &work)?;
     let stream = bench_stream(&root, &data, &work)?;
     let files = files::bench_files(&root, &work)?;
+    let filesystems = filesystems::bench(&root, &data, &work)?;
     report(
         &samples,
         &nbd,
@@ -128,7 +136,9 @@ pub fn run(args: &[String]) -> Result<()> {
         &s3,
         (&ebs, &prune, &index, &stream, &files),
         &work,
-    )
+    )?;
+    print!("{}", filesystems::report(&filesystems));
+    Ok(())
 }
 
 fn prepare(data: &Path) -> Result<()> {

@@ -15,7 +15,8 @@ usage: cargo xtask <command>
   test    install missing test tools (as root), check formatting, clippy -D warnings, all tests, docs,
           every fuzz target for 10 s (ELASTIO_FUZZ_SECONDS)
   demo    back up a small ext4 image into a local vault, list it, restore it and verify it
-  bench   time elastio against restic and borg on the same ext4 images (release build)
+  bench [s3|stream|files|index|prune|ebs|fuse|filesystems]  time elastio against restic, borg
+          and the kernel on the same images (release build); one section with its name
   deps    install the test tools and the benchmark peers (restic, borg) from apt
   servers start the S3 test servers (Ceph RGW, moto) and print their environment
   fuzz [--seconds N] [target...]  run the cargo-fuzz targets under fuzz/ (all by default) for
@@ -47,6 +48,8 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("vgcfgrestore", "lvm2"),
     ("mkfs.vfat", "dosfstools"),
     ("mcopy", "mtools"),
+    ("mkntfs", "ntfs-3g"),
+    ("ntfs-3g", "ntfs-3g"),
 ];
 
 /// Benchmark peers.
