@@ -122,6 +122,8 @@ pub const MAX_DIR_BYTES: u64 = 64 << 20;
 pub const MAX_DIR_ENTRIES: usize = 1 << 20;
 /// Bytes of names in one directory listing.
 pub const MAX_DIR_NAME_BYTES: usize = 32 << 20;
+/// The largest extended-attribute value read (the kernel's limit is 64 KiB).
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
 
 /// Why an image could not be read, for the one object concerned.
 #[derive(Debug, thiserror::Error)]
@@ -954,6 +956,96 @@ impl<R: ReadAt> Ext4<R> {
         Ok(out)
     }
 
+    /// The extended attributes of `inode`, in-inode ones then the attribute block's, named as
+    /// Linux shows them (ACLs converted from ext4's compact form to the POSIX xattr form).
+    /// Values stored in their own inode (`ea_inode`) are read up to [`MAX_XATTR_VALUE`] bytes.
+    /// The system.data attribute of inline data is the file's own bytes, not shown.
+    pub fn xattrs(&self, inode: &Inode) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let x = &inode.xattrs;
+        if x.len() >= 4 && le32(x, 0) == XATTR_MAGIC {
+            // In-inode values are relative to the first entry.
+            self.xattr_entries(inode.ino, &x[4..], &x[4..], &mut out)?;
+        }
+        if inode.file_acl != 0 {
+            let block = inode.file_acl;
+            if block >= self.sb.blocks {
+                return Err(corrupt(format!(
+                    "inode {}: attribute block {block} is outside the file system",
+                    inode.ino
+                )));
+            }
+            let mut b = vec![0u8; self.sb.block_size as usize];
+            self.dev.read_at(block * self.sb.block_size, &mut b)?;
+            if le32(&b, 0) != XATTR_MAGIC {
+                return Err(corrupt(format!(
+                    "inode {}: attribute block {block} has no magic",
+                    inode.ino
+                )));
+            }
+            // Block values are relative to the block; entries start after the 32-byte header.
+            self.xattr_entries(inode.ino, &b[32..], &b, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn xattr_entries(
+        &self,
+        ino: u32,
+        entries: &[u8],
+        values: &[u8],
+        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> io::Result<()> {
+        let bad = |what: &str| corrupt(format!("inode {ino}: {what} in its extended attributes"));
+        let mut at = 0;
+        while at + 16 <= entries.len() && le32(entries, at) != 0 {
+            let (name_len, idx) = (entries[at] as usize, entries[at + 1]);
+            let (value_off, value_inum, value_size) = (
+                le16(entries, at + 2) as usize,
+                le32(entries, at + 4),
+                le32(entries, at + 8) as usize,
+            );
+            let name = entries
+                .get(at + 16..at + 16 + name_len)
+                .ok_or_else(|| bad("a name past the end"))?;
+            at += (16 + name_len).div_ceil(4) * 4;
+            if value_size > MAX_XATTR_VALUE {
+                return Err(bad("a value too large"));
+            }
+            let value = if value_inum != 0 {
+                let v = self.inode(value_inum)?;
+                let mut all = self.read_all(&v, MAX_XATTR_VALUE as u64)?;
+                all.truncate(value_size);
+                all
+            } else {
+                values
+                    .get(value_off..value_off + value_size)
+                    .ok_or_else(|| bad("a value past the end"))?
+                    .to_vec()
+            };
+            let prefix: &[u8] = match idx {
+                1 => b"user.",
+                2 => b"system.posix_acl_access",
+                3 => b"system.posix_acl_default",
+                4 => b"trusted.",
+                6 => b"security.",
+                7 if name == b"data" => continue,
+                7 => b"system.",
+                8 => b"system.richacl",
+                _ => continue,
+            };
+            let value = match idx {
+                2 | 3 => acl(&value).ok_or_else(|| bad("a malformed ACL"))?,
+                _ => value,
+            };
+            out.push(([prefix, name].concat(), value));
+            if out.len() > 1 << 16 {
+                return Err(bad("too many"));
+            }
+        }
+        Ok(())
+    }
+
     /// The target of symlink `inode`.
     pub fn read_link(&self, inode: &Inode) -> io::Result<Vec<u8>> {
         if inode.kind() != Some(Kind::Symlink) {
@@ -970,6 +1062,32 @@ impl<R: ReadAt> Ext4<R> {
         }
         self.read_all(inode, self.sb.block_size.max(4096))
     }
+}
+
+/// An ext4 ACL (version 1: tag and permissions, plus an id for named users and groups) in
+/// the POSIX xattr form Linux shows (version 2: tag, permissions, id for every entry).
+fn acl(v: &[u8]) -> Option<Vec<u8>> {
+    if v.len() < 4 || le32(v, 0) != 1 {
+        return None;
+    }
+    let mut out = 2u32.to_le_bytes().to_vec();
+    let mut at = 4;
+    while at < v.len() {
+        let (tag, perm) = (le16(v.get(at..at + 2)?, 0), le16(v.get(at + 2..at + 4)?, 0));
+        // Named users (2) and groups (8) carry an id; the others do not.
+        let id = if tag == 2 || tag == 8 {
+            let id = le32(v.get(at + 4..at + 8)?, 0);
+            at += 8;
+            id
+        } else {
+            at += 4;
+            u32::MAX
+        };
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    Some(out)
 }
 
 /// The number of entries and the depth of an extent-tree node, checked against its size.

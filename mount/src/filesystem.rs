@@ -1,10 +1,11 @@
 //! The one read-only file-system interface every reader of a disk RP's file systems implements
-//! (ext2/3/4 today; XFS, NTFS, FAT, btrfs to come), and that the FUSE view, `rp ls/cat/find/diff`
-//! and file restores from disk RPs use without knowing which file system it is.
+//! (ext2/3/4, XFS, NTFS, FAT; and a file RP's tree), and that the FUSE view, `rp ls/cat/find/
+//! diff` and file restores from disk RPs use without knowing which file system it is.
 //!
 //! Readers parse bytes from images that may come from a compromised host: each bounds its work
-//! and memory (see [`crate::ext4::Budget`]) and reports damage as `InvalidData` errors naming
-//! the inode, never a panic. Inode numbers are the file system's own.
+//! and memory (its module says how) and reports damage as `InvalidData` errors naming the inode,
+//! and what it does not read as `Unsupported` errors saying what, never a panic. Inode numbers
+//! are the file system's own (an MFT record, a FAT entry's position for FAT).
 
 use std::io;
 use std::sync::Arc;
@@ -180,6 +181,11 @@ impl<D: CachedDevice + 'static> FileSystem for Ext4<D> {
     fn read_link(&self, ino: u64) -> io::Result<Vec<u8>> {
         let inode = self.inode(ext_ino(ino)?)?;
         Ext4::read_link(self, &inode)
+    }
+
+    fn xattrs(&self, ino: u64) -> io::Result<Xattrs> {
+        let inode = self.inode(ext_ino(ino)?)?;
+        Ext4::xattrs(self, &inode)
     }
 
     fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {

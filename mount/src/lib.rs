@@ -4,15 +4,24 @@
 //!   block status, many requests in flight per connection, replies out of order) exporting disk
 //!   RPs read-only to nbdinfo, nbdcopy, qemu, nbdfuse or the kernel's nbd client.
 //! * [`fuse`]: a read-only FUSE view of a disk RP: `disk.img` (sparse-aware), `partN.img` per
-//!   partition, and `partN/` (or `fs/`) with the files inside each ext2/3/4 file system, read in
-//!   user space by [`ext4`]; EROFS on writes, EIO (logged with the object name) on damaged data.
-//!   Stream RPs show as one file. [`views`] assembles what a mount of an RP shows.
+//!   partition, and a directory with the files of each file system elastio reads in user space,
+//!   behind one interface ([`filesystem`]): ext2/3/4 ([`ext4`]), XFS v4/v5 ([`xfs`]), NTFS
+//!   ([`ntfs`]) and FAT12/16/32 with long names ([`fat`]), inside partitions (MBR, logical
+//!   partitions included, and GPT: [`partitions`]) and LVM2 logical volumes ([`lvm`]). EROFS on
+//!   writes, EIO (logged with the object name) on damaged data. Stream RPs show as one file.
+//!   [`views`] assembles what a mount of an RP shows.
 //!
 //!   Names in a disk RP's mount, stable: `disk.img`; `partN.img` per partition (N its number in
-//!   the MBR or GPT); `partN/` (or `fs/` for an unpartitioned disk) with the files of each file
-//!   system elastio reads ([`filesystem`]); `.elastio-status`, one line per file-system place
-//!   saying what it holds (`part2: xfs, not readable by elastio yet`), the same lines
-//!   `elastio mount` prints.
+//!   the MBR or GPT, logical MBR partitions from 5); `partN/` (or `fs/` for an unpartitioned
+//!   disk) with the files of each file system elastio reads; `lvm/<vg>/<lv>/` with the files of
+//!   each LVM logical volume (linear or striped); `.elastio-status`, one line per place saying
+//!   what it holds (`part1: xfs, files in part1/`, `part2: LVM physical volume of VG vg0, its
+//!   volumes in lvm/vg0/`, `part3: swap, not readable by elastio yet`,
+//!   `lvm/vg0/pool: not readable by elastio: a thin-pool LV, ...`), the same lines
+//!   `elastio mount` prints. A place whose file system is unknown or damaged still shows as its
+//!   image file.
+//! * [`browse`]: any RP as one [`filesystem::FileSystem`] (a file RP's tree, a disk RP's file
+//!   systems under the names above) for `rp ls/cat/find/diff` and file restores from disk RPs.
 //! * [`tree_view`]: a file RP as the tree it backed up (metadata, symlinks, hard links, xattrs,
 //!   holes), read through the chunks its tree lists.
 //!

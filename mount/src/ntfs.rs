@@ -198,7 +198,11 @@ impl<R: ReadAt> Ntfs<R> {
             v @ 1..=0x80 => v as u64,
             v => 1u64.checked_shl(256 - v as u32).unwrap_or(0),
         };
-        let cluster = sector * spc;
+        // Checked before any use: a hostile sector count or shift must not overflow.
+        let cluster = sector
+            .checked_mul(spc)
+            .filter(|c| c.is_power_of_two() && (512..=2 << 20).contains(c))
+            .ok_or_else(|| corrupt(format!("{spc} sectors of {sector} bytes per cluster")))?;
         let size_of = |v: u8| -> u64 {
             if v < 0x80 {
                 v as u64 * cluster

@@ -1,8 +1,10 @@
 //! What a FUSE mount of a recovery point shows, assembled from the RP alone (the CLI only picks
 //! the RP and serves the result):
 //! * a disk RP: `disk.img`, a `partN.img` per partition (MBR or GPT), and the files of each
-//!   ext2/3/4 file system as `partN/` (or `fs/` on an unpartitioned disk); with `kernel`, those
-//!   directories stay empty mountpoints for the kernel's own drivers instead;
+//!   file system elastio reads (ext2/3/4, XFS, NTFS, FAT) as `partN/` (or `fs/` on an
+//!   unpartitioned disk), and of each LVM logical volume as `lvm/<vg>/<lv>/`; with `kernel`,
+//!   those directories stay empty mountpoints for the kernel's own drivers instead (LVs are not
+//!   offered: they need device-mapper);
 //! * a stream RP: one file named after the stream.
 //!
 //! Timestamps are the RP's creation time; files belong to `owner` (the user serving the mount).

@@ -361,3 +361,71 @@ fn garbage_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// The file-system interface over an ext4 image filled through the kernel (owners, devices,
+/// sockets, user and trusted attributes, an ACL, a large attribute in the attribute block)
+/// equals the kernel's read-only mount entry by entry.
+#[test]
+fn the_interface_matches_the_kernel_with_attributes() {
+    use common::{compare, fixture_tree, Exact, TreeOptions};
+    use mount::filesystem::FileSystem;
+    use std::sync::Arc;
+    if !is_root() {
+        eprintln!("skipped: a loop mount needs root (CI runs as root)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("attrs.img");
+    File::create(&img).unwrap().set_len(256 << 20).unwrap();
+    // 4 KiB blocks and 1 KiB inodes for the many attributes, ea_inode for the 60 KB one.
+    run(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-I",
+            "1024",
+            "-O",
+            "ea_inode",
+            img.to_str().unwrap(),
+        ],
+    );
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let (i, m) = (img.to_str().unwrap(), mnt.to_str().unwrap());
+    run("mount", &["-o", "loop", i, m]);
+    let filled = std::panic::catch_unwind(|| {
+        let opts = TreeOptions {
+            special: true,
+            xattrs: true,
+            huge: 3000,
+            simple: false,
+            utf8_only: false,
+        };
+        fixture_tree(&mnt, &opts);
+    });
+    run("umount", &[m]);
+    filled.unwrap();
+    let size = fs::metadata(&img).unwrap().len();
+    let fs: Arc<dyn FileSystem> = Arc::new(
+        Ext4::open(File::open(&img).unwrap(), size)
+            .unwrap()
+            .unwrap(),
+    );
+    run("mount", &["-o", "ro,noload,loop", i, m]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let exact = Exact {
+            kernel: true,
+            blocks: true,
+            nlink: true,
+            xattrs: true,
+            rdev: true,
+        };
+        compare(&fs, &mnt, &exact)
+    }));
+    run("umount", &[m]);
+    let seen = result.unwrap();
+    assert!(seen > 3000, "{seen} entries compared");
+}
