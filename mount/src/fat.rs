@@ -193,7 +193,8 @@ impl<R: ReadAt> Fat<R> {
             0 => le32(&b, 32) as u64,
             n => n as u64,
         };
-        let fat_sectors = match le16(&b, 22) {
+        let fat16_sectors = le16(&b, 22);
+        let fat_sectors = match fat16_sectors {
             0 => le32(&b, 36) as u64,
             n => n as u64,
         };
@@ -217,10 +218,11 @@ impl<R: ReadAt> Fat<R> {
             return Err(corrupt("the FATs and root directory fill the volume"));
         }
         let clusters = (total - data_sector) / per_cluster;
-        let kind = match clusters {
-            0..4085 => FatType::Fat12,
-            4085..65525 => FatType::Fat16,
-            _ => FatType::Fat32,
+        // As Linux decides: FAT32 when the 16-bit FAT size is 0, else FAT12 or FAT16 by count.
+        let kind = match (fat16_sectors, clusters) {
+            (0, _) => FatType::Fat32,
+            (_, 0..4085) => FatType::Fat12,
+            _ => FatType::Fat16,
         };
         let entry_bits = match kind {
             FatType::Fat12 => 12,
@@ -228,10 +230,12 @@ impl<R: ReadAt> Fat<R> {
             FatType::Fat32 => 32,
         };
         let fat_bytes = fat_sectors * sector;
-        if (clusters + 2) * entry_bits > fat_bytes * 8 || clusters > 0x0fff_fff5 {
-            return Err(corrupt(format!(
-                "{clusters} clusters do not fit in the FAT"
-            )));
+        // More clusters than the FAT has entries for: only those it describes (as Linux).
+        let clusters = clusters
+            .min((fat_bytes * 8 / entry_bits).saturating_sub(2))
+            .min(0x0fff_fff5);
+        if clusters == 0 {
+            return Err(corrupt("the FAT describes no cluster"));
         }
         let root_cluster = if kind == FatType::Fat32 {
             le32(&b, 44)
@@ -274,12 +278,24 @@ impl<R: ReadAt> Fat<R> {
         &self.dev
     }
 
+    /// A directory entry, its first cluster's high word used on FAT32 only (FAT12/16 keep other
+    /// data there).
+    fn dirent(&self, b: &[u8]) -> DirEnt {
+        let mut e = DirEnt::parse(b);
+        if self.l.kind != FatType::Fat32 {
+            e.first &= 0xffff;
+        }
+        e
+    }
+
     /// The clusters of the chain from `first`, at most `limit` of them.
     fn chain(&self, first: u32, limit: u64) -> io::Result<Vec<u32>> {
         let l = &self.l;
         let mut out = Vec::new();
         let mut c = first;
-        let mut window: (u64, Vec<u8>) = (u64::MAX, Vec::new());
+        // The last few 4 KiB windows of the FAT read (a chain jumping between a few places of
+        // the FAT, as a hostile cycle does, reads each once).
+        let mut windows: Vec<(u64, Vec<u8>)> = Vec::new();
         while (out.len() as u64) < limit {
             if !(2..l.clusters + 2).contains(&c) {
                 return Err(corrupt(format!(
@@ -297,13 +313,20 @@ impl<R: ReadAt> Fat<R> {
                 FatType::Fat32 => (c as u64 * 4, 4),
             };
             let win = at / 4096 * 4096;
-            if window.0 != win {
-                let len = (l.fat_bytes - win).min(4096 + 4) as usize;
-                let mut buf = vec![0u8; len];
-                self.dev.read_at(l.fat + win, &mut buf)?;
-                window = (win, buf);
-            }
-            let e = window
+            let k = match windows.iter().position(|w| w.0 == win) {
+                Some(k) => k,
+                None => {
+                    let len = (l.fat_bytes - win).min(4096 + 4) as usize;
+                    let mut buf = vec![0u8; len];
+                    self.dev.read_at(l.fat + win, &mut buf)?;
+                    if windows.len() == 8 {
+                        windows.remove(0);
+                    }
+                    windows.push((win, buf));
+                    windows.len() - 1
+                }
+            };
+            let e = windows[k]
                 .1
                 .get((at - win) as usize..(at - win) as usize + n)
                 .ok_or_else(|| corrupt(format!("cluster {c}'s FAT entry is past the FAT")))?;
@@ -364,7 +387,7 @@ impl<R: ReadAt> Fat<R> {
             })?;
         let mut b = [0u8; 32];
         self.dev.read_at(at, &mut b)?;
-        let e = DirEnt::parse(&b);
+        let e = self.dirent(&b);
         if b[0] == 0 || b[0] == 0xe5 || e.attr == ATTR_LFN || e.attr & ATTR_VOLUME != 0 {
             return Err(corrupt(format!(
                 "inode {ino} is not a file or directory entry"
@@ -439,7 +462,7 @@ impl<R: ReadAt> Fat<R> {
                     lfn.push((raw[0] & 0x1f, units));
                     continue;
                 }
-                let e = DirEnt::parse(raw);
+                let e = self.dirent(raw);
                 let long = std::mem::take(&mut lfn);
                 if e.attr & ATTR_VOLUME != 0 {
                     continue;
@@ -448,7 +471,12 @@ impl<R: ReadAt> Fat<R> {
                     Some(n) => n,
                     None => e.short_name(),
                 };
-                if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+                if name.is_empty()
+                    || name == b"."
+                    || name == b".."
+                    || name.contains(&b'/')
+                    || name.contains(&0)
+                {
                     continue;
                 }
                 if out.len() >= MAX_DIR_ENTRIES {
@@ -499,13 +527,45 @@ impl<D: CachedDevice + 'static> FileSystem for Fat<D> {
     }
 
     fn attr(&self, ino: u64) -> io::Result<Attr> {
+        named(ino, self.attr_of(ino))
+    }
+
+    fn read_dir(&self, ino: u64) -> io::Result<Vec<Entry>> {
+        named(ino, self.list(ino))
+    }
+
+    fn read_link(&self, _ino: u64) -> io::Result<Vec<u8>> {
+        Err(io::ErrorKind::InvalidInput.into())
+    }
+
+    fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {
+        named(ino, self.open_file(ino))
+    }
+}
+
+/// Damage in what concerns inode `ino`, named by it where the message does not already.
+fn named<T>(ino: u64, r: io::Result<T>) -> io::Result<T> {
+    r.map_err(|e| {
+        let m = e.to_string();
+        if e.kind() == io::ErrorKind::InvalidData && !m.contains(&format!(" {ino}")) {
+            corrupt(format!("inode {ino}: {}", m.trim_start_matches("fat: ")))
+        } else {
+            e
+        }
+    })
+}
+
+impl<D: CachedDevice + 'static> Fat<D> {
+    fn attr_of(&self, ino: u64) -> io::Result<Attr> {
         if ino == ROOT {
             let epoch = UNIX_EPOCH;
-            let size = self
-                .dir_bytes(ROOT)?
-                .iter()
-                .map(|(_, b)| b.len() as u64)
-                .sum();
+            let size = match self.l.kind {
+                FatType::Fat32 => {
+                    let n = self.chain(self.l.root_cluster, MAX_DIR_BYTES / self.l.cluster + 1)?;
+                    n.len() as u64 * self.l.cluster
+                }
+                _ => self.l.root_region.1,
+            };
             return Ok(Attr {
                 kind: Kind::Dir,
                 perm: 0o755,
@@ -551,15 +611,7 @@ impl<D: CachedDevice + 'static> FileSystem for Fat<D> {
         })
     }
 
-    fn read_dir(&self, ino: u64) -> io::Result<Vec<Entry>> {
-        self.list(ino)
-    }
-
-    fn read_link(&self, _ino: u64) -> io::Result<Vec<u8>> {
-        Err(io::ErrorKind::InvalidInput.into())
-    }
-
-    fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {
+    fn open_file(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {
         if ino == ROOT {
             return Err(io::ErrorKind::IsADirectory.into());
         }

@@ -174,6 +174,10 @@ impl CachedDevice for PartDev {
     fn range_key(&self, offset: u64, len: u64, key: &mut Vec<u8>) -> Option<()> {
         let cs = self.reader.chunk_size() as u64;
         for (start, n) in self.pieces(offset, len).ok()? {
+            // Only slots of the disk have names (a damaged map could point past it).
+            if start.checked_add(n)? > self.reader.size() {
+                return None;
+            }
             key.extend_from_slice(&start.to_le_bytes());
             for slot in start / cs..(start + n).div_ceil(cs) {
                 match self.reader.chunk_id(slot).ok()? {

@@ -26,10 +26,14 @@ pub const MAX_TEXT: u64 = 4 << 20;
 pub const MAX_DEPTH: usize = 16;
 /// Most values (assignments and list items) parsed from one text.
 pub const MAX_ITEMS: usize = 1 << 18;
+/// Most disk pieces one read of an LV maps to.
+pub const MAX_PIECES: usize = 1 << 16;
 /// Most logical volumes, segments per LV and stripes per segment taken from one VG.
 pub const MAX_LVS: usize = 4096;
 const MAX_SEGMENTS: usize = 4096;
 const MAX_STRIPES: usize = 128;
+/// The smallest stripe size LVM creates (and so the most pieces one read can split into).
+const MIN_STRIPE: u64 = 4096;
 
 const LABEL_ID: &[u8; 8] = b"LABELONE";
 const LABEL_TYPE: &[u8; 8] = b"LVM2 001";
@@ -99,15 +103,20 @@ pub fn read_pv(dev: &dyn ReadAt, size: u64) -> io::Result<Option<Pv>> {
             list.push((o, n));
         }
     }
-    let metadata = match lists[1].first() {
-        Some(&(o, n)) => Some(read_mda(dev, size, o, n)?),
-        None => None,
-    };
+    // The first metadata area LVM keeps metadata in (an area can be marked ignored).
+    let mut metadata = None;
+    for &(o, n) in lists[1].iter().take(2) {
+        if let Some(text) = read_mda(dev, size, o, n)? {
+            metadata = Some(text);
+            break;
+        }
+    }
     Ok(Some(Pv { uuid, metadata }))
 }
 
-/// The current text of the metadata area at `offset` (`len` bytes) of the PV.
-fn read_mda(dev: &dyn ReadAt, size: u64, offset: u64, len: u64) -> io::Result<String> {
+/// The current text of the metadata area at `offset` (`len` bytes) of the PV; None when the
+/// area is marked ignored (its VG keeps metadata elsewhere).
+fn read_mda(dev: &dyn ReadAt, size: u64, offset: u64, len: u64) -> io::Result<Option<String>> {
     if offset.checked_add(len).is_none_or(|end| end > size) || len < SECTOR {
         return Err(corrupt(format!(
             "metadata area at {offset} of {len} bytes is outside the PV"
@@ -122,6 +131,10 @@ fn read_mda(dev: &dyn ReadAt, size: u64, offset: u64, len: u64) -> io::Result<St
     let (Some(rel), Some(n)) = (le64(&h, 40), le64(&h, 48)) else {
         return Err(corrupt("metadata area header"));
     };
+    // raw_locn flags: bit 0 = RAW_LOCN_IGNORED.
+    if le32(&h, 60).unwrap_or(0) & 1 != 0 {
+        return Ok(None);
+    }
     if n == 0 {
         return Err(corrupt("the metadata area holds no metadata"));
     }
@@ -139,7 +152,9 @@ fn read_mda(dev: &dyn ReadAt, size: u64, offset: u64, len: u64) -> io::Result<St
     }
     let end = text.iter().position(|&c| c == 0).unwrap_or(text.len());
     text.truncate(end);
-    String::from_utf8(text).map_err(|_| corrupt("metadata text is not UTF-8"))
+    String::from_utf8(text)
+        .map(Some)
+        .map_err(|_| corrupt("metadata text is not UTF-8"))
 }
 
 /// A value of LVM's config syntax.
@@ -478,7 +493,7 @@ fn parse_lv(vg: &str, name: &str, v: &Value, extent_size: u64) -> io::Result<Lv>
             u64::try_from(ss)
                 .ok()
                 .and_then(|ss| ss.checked_mul(SECTOR))
-                .filter(|&ss| ss > 0 && (len / n as u64).is_multiple_of(ss))
+                .filter(|&ss| ss >= MIN_STRIPE && (len / n as u64).is_multiple_of(ss))
                 .ok_or_else(|| bad(format!("stripe size {ss}")))?
         } else {
             0
@@ -551,27 +566,36 @@ pub struct LvMap {
 }
 
 impl LvMap {
-    /// `lv` of `vg`, whose PVs start (their first extent) at `pv_starts` (by UUID, no dashes)
-    /// on the disk. None, with the reason, when a PV is missing or the LV is not read.
+    /// `lv` of `vg`, whose PVs lie at `pv_places` on the disk (by UUID without dashes: byte
+    /// offset and length of the PV). An error, with the reason, when a PV is missing, the LV is
+    /// not read, or a segment reaches past the end of its PV (hostile metadata must not make a
+    /// read leave the disk).
     pub fn new(
         vg: &VolumeGroup,
         lv: &Lv,
-        pv_starts: &BTreeMap<String, u64>,
+        pv_places: &BTreeMap<String, (u64, u64)>,
     ) -> Result<Self, String> {
         if let Some(why) = &lv.unsupported {
             return Err(why.clone());
         }
         let mut pvs = BTreeMap::new();
         for seg in &lv.segments {
-            for (name, _) in &seg.stripes {
+            let share = seg.len / seg.stripes.len() as u64;
+            for (name, at) in &seg.stripes {
                 let (uuid, pe_start) = vg
                     .pvs
                     .get(name)
                     .ok_or_else(|| format!("its PV {name} is not in the VG's metadata"))?;
-                let at = pv_starts
+                let &(start, len) = pv_places
                     .get(uuid)
                     .ok_or_else(|| format!("its PV {name} is not on this disk"))?;
-                pvs.insert(name.clone(), at + pe_start);
+                let end = pe_start.checked_add(*at).and_then(|x| x.checked_add(share));
+                if end.is_none_or(|end| end > len) {
+                    return Err(format!(
+                        "a segment reaches past the end of its PV {name} ({len} bytes)"
+                    ));
+                }
+                pvs.insert(name.clone(), start + pe_start);
             }
         }
         Ok(LvMap {
@@ -584,7 +608,8 @@ impl LvMap {
         self.lv.size
     }
 
-    /// The disk byte ranges `[offset, offset + len)` of the LV lies in, in order.
+    /// The disk byte ranges `[offset, offset + len)` of the LV lies in, in order; an error
+    /// past [`MAX_PIECES`] of them (a read is split at most at every stripe).
     pub fn pieces(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
         let end = offset
             .checked_add(len)
@@ -606,8 +631,15 @@ impl LvMap {
             let disk = self.pvs[pv]
                 .checked_add(pv_at)
                 .ok_or_else(|| corrupt(format!("LV {} maps past the disk", self.lv.name)))?;
+            let full = out.len() >= MAX_PIECES;
             match out.last_mut() {
                 Some(last) if last.0 + last.1 == disk => last.1 += n,
+                _ if full => {
+                    return Err(corrupt(format!(
+                        "a read of LV {} splits into more than {MAX_PIECES} pieces",
+                        self.lv.name
+                    )))
+                }
                 _ => out.push((disk, n)),
             }
             at += n;
@@ -628,9 +660,15 @@ pub fn check(bytes: &[u8]) {
     let Some(vg) = text.and_then(|t| parse_metadata(&t).ok()) else {
         return;
     };
-    let starts: BTreeMap<String, u64> = vg.pvs.values().map(|(id, _)| (id.clone(), 0)).collect();
+    // Every PV at a hostile offset near the end of the address space, with room to spare: maps
+    // must stay inside their PV and never overflow.
+    let places: BTreeMap<String, (u64, u64)> = vg
+        .pvs
+        .values()
+        .map(|(id, _)| (id.clone(), (u64::MAX / 2, u64::MAX / 4)))
+        .collect();
     for lv in &vg.lvs {
-        let Ok(map) = LvMap::new(&vg, lv, &starts) else {
+        let Ok(map) = LvMap::new(&vg, lv, &places) else {
             continue;
         };
         let mut at = 0;

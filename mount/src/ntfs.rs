@@ -38,8 +38,12 @@ pub const MAX_RUNS: usize = 1 << 20;
 pub const MAX_DIR_BYTES: u64 = 64 << 20;
 /// Entries of one listing.
 pub const MAX_DIR_ENTRIES: usize = 1 << 20;
+/// Bytes of names in one listing.
+pub const MAX_DIR_NAME_BYTES: usize = 32 << 20;
 /// Extension records gathered for one file.
 const MAX_EXTENSIONS: usize = 1024;
+/// Named streams shown for one file.
+const MAX_STREAMS: usize = 1024;
 /// Bytes of extended attributes (named streams) kept for one file.
 pub const MAX_XATTR_BYTES: u64 = 4 << 20;
 /// The root directory's record.
@@ -57,7 +61,8 @@ const AT_BITMAP: u32 = 0xb0;
 const AT_REPARSE_POINT: u32 = 0xc0;
 const AT_END: u32 = 0xffff_ffff;
 
-const FLAG_COMPRESSED: u16 = 0x0001;
+/// Any compression method (LZNT1 is 1); resident data is never compressed.
+const COMPRESSION_MASK: u16 = 0x00ff;
 const FLAG_ENCRYPTED: u16 = 0x4000;
 const FILE_ATTR_SYSTEM: u32 = 0x0004;
 const REPARSE_SYMLINK: u32 = 0xa000_000c;
@@ -258,6 +263,25 @@ impl<R: ReadAt> Ntfs<R> {
             len: (fs.g.record * 16).div_ceil(fs.g.cluster),
         }];
         fs.mft_records = 16;
+        // Record 0's own first $DATA piece maps at least the start of the MFT, where its
+        // extension records are (Windows and ntfs-3g put them in records 16-23); with that
+        // map the whole record, attribute list included, can be read.
+        let raw = fs.raw_record(0)?;
+        let mut base = Vec::new();
+        fs.parse_attrs(0, &raw, &mut base)?;
+        let first = base.iter().find_map(|a| match &a.body {
+            Body::NonResident {
+                first_vcn: 0,
+                runs,
+                size,
+                ..
+            } if a.kind == AT_DATA && a.name.is_empty() => Some((extents(runs), *size)),
+            _ => None,
+        });
+        if let Some((ext, size)) = first {
+            fs.mft = ext;
+            fs.mft_records = size / fs.g.record;
+        }
         let mft = fs.record(0)?;
         let data = fs.runs_of(&mft, AT_DATA, b"")?;
         let (extents, size, _) = data.ok_or_else(|| corrupt("the MFT has no data"))?;
@@ -487,6 +511,7 @@ impl<R: ReadAt> Ntfs<R> {
                 }
             };
             let mut others = Vec::new();
+            let mut seen = std::collections::HashSet::new();
             let mut at = 0;
             while at + 26 <= bytes.len() {
                 let e = Le(&bytes[at..]);
@@ -497,15 +522,15 @@ impl<R: ReadAt> Ntfs<R> {
                     )));
                 }
                 let r = e.u64(16)? & 0xffff_ffff_ffff;
-                if r != n && !others.contains(&r) {
+                if r != n && seen.insert(r) {
                     others.push(r);
+                    if others.len() > MAX_EXTENSIONS {
+                        return Err(corrupt(format!(
+                            "record {n}: more than {MAX_EXTENSIONS} extension records"
+                        )));
+                    }
                 }
                 at += len;
-            }
-            if others.len() > MAX_EXTENSIONS {
-                return Err(corrupt(format!(
-                    "record {n}: more than {MAX_EXTENSIONS} extension records"
-                )));
             }
             for r in others {
                 let eb = self.raw_record(r)?;
@@ -592,6 +617,14 @@ impl<R: ReadAt> Ntfs<R> {
         if let Some(v) = r.resident(kind, name) {
             return Ok(Some(v.to_vec()));
         }
+        if r.find(kind, name)
+            .any(|a| a.flags & (COMPRESSION_MASK | FLAG_ENCRYPTED) != 0)
+        {
+            return Err(unsupported(format!(
+                "record {}: attribute {kind:#x} is compressed or encrypted",
+                r.number
+            )));
+        }
         match self.runs_of(r, kind, name)? {
             None => Ok(None),
             Some((_, size, _)) if size > limit => Err(corrupt(format!(
@@ -612,11 +645,12 @@ impl<R: ReadAt> Ntfs<R> {
             return Err(io::ErrorKind::NotADirectory.into());
         }
         let mut out = Vec::new();
+        let mut name_bytes = 0;
         let root = r
             .resident(AT_INDEX_ROOT, b"$I30")
             .ok_or_else(|| corrupt(format!("directory {} has no index root", r.number)))?;
         // The root: 16 bytes of index header, then a node header.
-        self.node_entries(r.number, root, 16, &mut out)?;
+        self.node_entries(r.number, root, 16, &mut out, &mut name_bytes)?;
         let Some((ext, size, _)) = self.runs_of(r, AT_INDEX_ALLOCATION, b"$I30")? else {
             return Ok(out);
         };
@@ -645,13 +679,20 @@ impl<R: ReadAt> Ntfs<R> {
                 )));
             }
             self.fixup(&mut b, &format!("directory {} index record {i}", r.number))?;
-            self.node_entries(r.number, &b, 24, &mut out)?;
+            self.node_entries(r.number, &b, 24, &mut out, &mut name_bytes)?;
         }
         Ok(out)
     }
 
     /// The file-name entries of the index node whose header is at `hdr` of `b`.
-    fn node_entries(&self, dir: u64, b: &[u8], hdr: usize, out: &mut Vec<Entry>) -> io::Result<()> {
+    fn node_entries(
+        &self,
+        dir: u64,
+        b: &[u8],
+        hdr: usize,
+        out: &mut Vec<Entry>,
+        name_bytes: &mut usize,
+    ) -> io::Result<()> {
         let l = Le(b);
         let first = l.u32(hdr)? as usize;
         let total = l.u32(hdr + 4)? as usize;
@@ -669,6 +710,11 @@ impl<R: ReadAt> Ntfs<R> {
                 )));
             }
             let reference = e.u64(0)? & 0xffff_ffff_ffff;
+            if 16 + key_len > len {
+                return Err(corrupt(format!(
+                    "directory {dir}: an index key of {key_len} bytes in an entry of {len}"
+                )));
+            }
             let key = Le(e.bytes(16, key_len)?);
             let name_len = key.u8(64)? as usize;
             let namespace = key.u8(65)?;
@@ -687,6 +733,12 @@ impl<R: ReadAt> Ntfs<R> {
             if out.len() >= MAX_DIR_ENTRIES {
                 return Err(corrupt(format!(
                     "directory {dir} has more than {MAX_DIR_ENTRIES} entries"
+                )));
+            }
+            *name_bytes += name.len();
+            if *name_bytes > MAX_DIR_NAME_BYTES {
+                return Err(corrupt(format!(
+                    "directory {dir} has more than {MAX_DIR_NAME_BYTES} bytes of names"
                 )));
             }
             out.push(Entry {
@@ -786,10 +838,8 @@ fn extents(runs: &[(u64, Option<u64>, u64)]) -> Vec<Extent> {
 fn named<T>(n: u64, r: io::Result<T>) -> io::Result<T> {
     r.map_err(|e| {
         let m = e.to_string();
-        if e.kind() == io::ErrorKind::InvalidData
-            && !m.contains("record")
-            && !m.contains("directory")
-        {
+        let names = [format!("record {n}"), format!("directory {n}")];
+        if e.kind() == io::ErrorKind::InvalidData && !names.iter().any(|x| m.contains(x.as_str())) {
             corrupt(format!("record {n}: {}", m.trim_start_matches("ntfs: ")))
         } else {
             e
@@ -916,6 +966,9 @@ impl<D: CachedDevice + 'static> FileSystem for Ntfs<D> {
                     .collect();
                 names.sort();
                 names.dedup();
+                if names.len() > MAX_STREAMS {
+                    return Err(corrupt(format!("more than {MAX_STREAMS} named streams")));
+                }
                 let mut out = Vec::new();
                 let mut bytes = 0u64;
                 for name in names {
@@ -940,11 +993,24 @@ impl<D: CachedDevice + 'static> FileSystem for Ntfs<D> {
         if r.dir {
             return Err(io::ErrorKind::IsADirectory.into());
         }
-        if let Some(a) = r.find(AT_DATA, b"").next() {
+        if let Some(tag) = self
+            .value(&r, AT_REPARSE_POINT, b"", 16 << 10)?
+            .and_then(|v| Some(u32::from_le_bytes(v.get(..4)?.try_into().ok()?)))
+        {
+            return Err(unsupported(format!(
+                "record {ino}: a reparse point of tag {tag:#010x} (a Windows-compressed, \
+                 deduplicated or cloud file): its data is not in the file, and elastio does \
+                 not read it"
+            )));
+        }
+        let nonresident = r
+            .find(AT_DATA, b"")
+            .find(|a| matches!(a.body, Body::NonResident { .. }));
+        if let Some(a) = nonresident {
             if a.flags & FLAG_ENCRYPTED != 0 {
                 return Err(unsupported(format!("record {ino}: the file is encrypted (EFS); elastio reads no encrypted NTFS files")));
             }
-            if a.flags & FLAG_COMPRESSED != 0 {
+            if a.flags & COMPRESSION_MASK != 0 {
                 return Err(unsupported(format!(
                     "record {ino}: the file is NTFS-compressed, which elastio does not read yet"
                 )));

@@ -148,8 +148,8 @@ pub fn disk(vault: &Arc<Vault>, rp: &RecoveryPoint, opts: &ViewOptions) -> io::R
 /// The LVM volume groups found on a disk's places, and where their PVs start.
 #[derive(Default)]
 struct Volumes {
-    /// PV UUID (no dashes) → byte offset of the PV on the disk.
-    pv_starts: std::collections::BTreeMap<String, u64>,
+    /// PV UUID (no dashes) → (byte offset, length) of the PV on the disk.
+    pv_places: std::collections::BTreeMap<String, (u64, u64)>,
     /// By VG name: the metadata of the first PV read.
     vgs: std::collections::BTreeMap<String, lvm::VolumeGroup>,
 }
@@ -162,7 +162,7 @@ impl Volumes {
             Ok(None) => return lines.push(format!("{name}: lvm2, no readable PV label")),
             Err(e) => return lines.push(format!("{name}: lvm2, damaged: {e}")),
         };
-        self.pv_starts.insert(pv.uuid.clone(), start);
+        self.pv_places.insert(pv.uuid.clone(), (start, dev.len));
         let Some(text) = pv.metadata else {
             return lines.push(format!(
                 "{name}: LVM physical volume (its VG's metadata is on another PV)"
@@ -186,7 +186,7 @@ impl Volumes {
         for vg in self.vgs.values() {
             for lv in &vg.lvs {
                 let name = format!("lvm/{}/{}", vg.name, lv.name);
-                match lvm::LvMap::new(vg, lv, &self.pv_starts) {
+                match lvm::LvMap::new(vg, lv, &self.pv_places) {
                     Ok(map) => out.push((name, map)),
                     Err(why) => lines.push(format!("{name}: not readable by elastio: {why}")),
                 }

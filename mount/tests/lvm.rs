@@ -21,7 +21,7 @@ fn the_seed_pv_reads_as_its_volume_group() {
     assert_eq!(label.uuid, "AAAAAABBBBCCCCDDDDEEEEFFFFGGGGGG");
     let vg = parse_metadata(&label.metadata.unwrap()).unwrap();
     assert_eq!(vg.name, "vg0");
-    let starts = BTreeMap::from([(label.uuid.clone(), 1u64 << 30)]);
+    let starts = BTreeMap::from([(label.uuid.clone(), (1u64 << 30, 100u64 << 22))]);
     let root_lv = vg.lvs.iter().find(|l| l.name == "root").unwrap();
     let map = LvMap::new(&vg, root_lv, &starts).unwrap();
     let ext = 4u64 << 20;

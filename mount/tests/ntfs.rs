@@ -95,6 +95,11 @@ fn ntfs_matches_ntfs_3g() {
             &[0, 0, 0x08, 0x10],
         );
         fs::write(mnt.join("packed/text.txt"), "compress me ".repeat(10_000)).unwrap();
+        // A file whose data Windows keeps elsewhere (WOF, tag 0x80000017): a reparse point.
+        fs::write(mnt.join("wof.bin"), b"placeholder").unwrap();
+        let mut rp = 0x8000_0017u32.to_le_bytes().to_vec();
+        rp.extend_from_slice(&[8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0]);
+        set_xattr(&mnt.join("wof.bin"), "system.ntfs_reparse_data", &rp);
     });
     run("umount", &[m]);
     made.unwrap();
@@ -118,6 +123,21 @@ fn ntfs_matches_ntfs_3g() {
         .expect("a compressed file is refused");
     assert_eq!(err.kind(), std::io::ErrorKind::Unsupported, "{err}");
     assert!(err.to_string().contains("compressed"), "{err}");
+    let wof = fs
+        .read_dir(fs.root())
+        .unwrap()
+        .into_iter()
+        .find(|e| e.name == b"wof.bin")
+        .unwrap();
+    let err = fs
+        .clone()
+        .open(wof.ino)
+        .err()
+        .expect("a WOF file is refused");
+    assert!(
+        err.to_string().contains("reparse point of tag 0x80000017"),
+        "{err}"
+    );
     let small = fs
         .read_dir(fs.root())
         .unwrap()
