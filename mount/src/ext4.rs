@@ -201,6 +201,22 @@ pub enum Kind {
     Socket,
 }
 
+impl Kind {
+    /// The kind a POSIX mode's type bits name (as ext and XFS inodes store them).
+    pub fn of_mode(mode: u16) -> Option<Kind> {
+        Some(match mode & 0xf000 {
+            0x8000 => Kind::File,
+            0x4000 => Kind::Dir,
+            0xa000 => Kind::Symlink,
+            0x2000 => Kind::CharDevice,
+            0x6000 => Kind::BlockDevice,
+            0x1000 => Kind::Fifo,
+            0xc000 => Kind::Socket,
+            _ => return None,
+        })
+    }
+}
+
 /// Seconds and nanoseconds since the epoch (may be negative).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Time {
@@ -246,16 +262,7 @@ pub struct Inode {
 
 impl Inode {
     pub fn kind(&self) -> Option<Kind> {
-        Some(match self.mode & 0xf000 {
-            0x8000 => Kind::File,
-            0x4000 => Kind::Dir,
-            0xa000 => Kind::Symlink,
-            0x2000 => Kind::CharDevice,
-            0x6000 => Kind::BlockDevice,
-            0x1000 => Kind::Fifo,
-            0xc000 => Kind::Socket,
-            _ => return None,
-        })
+        Kind::of_mode(self.mode)
     }
 
     /// Permission bits including setuid, setgid and sticky.

@@ -27,8 +27,8 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::ext4::{read_extents_append, runs, Extent, Kind, ReadAt};
-use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem};
+use crate::ext4::{Extent, Kind, ReadAt};
+use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem, HasDevice, MappedFile};
 
 /// Directory bytes read for one listing.
 pub const MAX_DIR_BYTES: u64 = 64 << 20;
@@ -626,53 +626,20 @@ impl<D: CachedDevice + 'static> Fat<D> {
             self.extents(e.first, size.div_ceil(self.l.cluster))
                 .map_err(|err| corrupt(format!("inode {ino}: {err}")))?
         };
-        Ok(Arc::new(FatFile {
+        let unit = self.l.sector;
+        Ok(Arc::new(MappedFile {
             fs: self,
             extents,
+            unit,
             size,
         }))
     }
 }
 
-/// An open FAT file: its cluster runs, in sectors.
-struct FatFile<D> {
-    fs: Arc<Fat<D>>,
-    extents: Vec<Extent>,
-    size: u64,
-}
-
-impl<D: CachedDevice> FileData for FatFile<D> {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
-        read_extents_append(
-            &self.fs.dev,
-            &self.extents,
-            self.fs.l.sector,
-            offset,
-            len,
-            out,
-        )
-    }
-
-    fn disk_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        runs(&self.extents, self.fs.l.sector, offset, len)
-            .into_iter()
-            .filter_map(|r| Some((r.disk?, r.len)))
-            .collect()
-    }
-
-    fn is_cached(&self, offset: u64, len: u64) -> bool {
-        self.disk_ranges(offset, len)
-            .iter()
-            .all(|&(at, n)| self.fs.dev.is_range_cached(at, n))
-    }
-
-    fn content_key(&self) -> Option<Vec<u8>> {
-        let ranges = self.disk_ranges(0, self.size);
-        crate::filesystem::mapped_content_key(&self.fs.dev, self.size, &ranges)
+impl<D: CachedDevice + 'static> HasDevice for Fat<D> {
+    type Device = D;
+    fn dev(&self) -> &D {
+        &self.dev
     }
 }
 

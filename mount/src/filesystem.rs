@@ -87,6 +87,49 @@ pub trait FileData: Send + Sync {
     }
 }
 
+/// A reader that owns its device (what [`MappedFile`] reads through).
+pub trait HasDevice: Send + Sync {
+    type Device: CachedDevice;
+    fn dev(&self) -> &Self::Device;
+}
+
+/// An open file whose bytes are runs of the device (`extents` in units of `unit` bytes, holes
+/// read as zeros): how XFS and FAT files are read.
+pub struct MappedFile<F> {
+    pub fs: Arc<F>,
+    pub extents: Vec<crate::ext4::Extent>,
+    pub unit: u64,
+    pub size: u64,
+}
+
+impl<F: HasDevice> FileData for MappedFile<F> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+        crate::ext4::read_extents_append(self.fs.dev(), &self.extents, self.unit, offset, len, out)
+    }
+
+    fn disk_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        crate::ext4::runs(&self.extents, self.unit, offset, len)
+            .into_iter()
+            .filter_map(|r| Some((r.disk?, r.len)))
+            .collect()
+    }
+
+    fn is_cached(&self, offset: u64, len: u64) -> bool {
+        self.disk_ranges(offset, len)
+            .iter()
+            .all(|&(at, n)| self.fs.dev().is_range_cached(at, n))
+    }
+
+    fn content_key(&self) -> Option<Vec<u8>> {
+        let ranges = self.disk_ranges(0, self.size);
+        mapped_content_key(self.fs.dev(), self.size, &ranges)
+    }
+}
+
 /// The content key of a file mapped to `ranges` of `dev`: its size, the ranges, and the chunks
 /// under them (None when the device cannot name its chunks).
 pub fn mapped_content_key(

@@ -37,8 +37,10 @@ use std::collections::{BTreeSet, HashSet};
 use std::io;
 use std::sync::Arc;
 
-use crate::ext4::{read_extents_append, runs, Extent, Kind, ReadAt, Time};
-use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem, Xattrs};
+use crate::ext4::{read_extents_append, Extent, Kind, ReadAt, Time};
+use crate::filesystem::{
+    Attr, CachedDevice, Entry, FileData, FileSystem, HasDevice, MappedFile, Xattrs,
+};
 
 /// B+tree blocks visited to map one fork.
 pub const MAX_MAP_NODES: u64 = 1 << 16;
@@ -229,16 +231,7 @@ pub struct Inode {
 
 impl Inode {
     pub fn kind(&self) -> Option<Kind> {
-        Some(match self.mode & 0xf000 {
-            0x8000 => Kind::File,
-            0x4000 => Kind::Dir,
-            0xa000 => Kind::Symlink,
-            0x2000 => Kind::CharDevice,
-            0x6000 => Kind::BlockDevice,
-            0x1000 => Kind::Fifo,
-            0xc000 => Kind::Socket,
-            _ => return None,
-        })
+        Kind::of_mode(self.mode)
     }
 
     fn fork(&self, which: Fork) -> &[u8] {
@@ -1213,9 +1206,11 @@ impl<D: CachedDevice + 'static> FileSystem for Xfs<D> {
                 )))
             }
         };
-        Ok(Arc::new(XfsFile {
+        let unit = self.sb.block_size;
+        Ok(Arc::new(MappedFile {
             fs: self,
             extents,
+            unit,
             size: inode.size,
         }))
     }
@@ -1236,44 +1231,9 @@ fn named<T>(ino: u64, r: io::Result<T>) -> io::Result<T> {
     })
 }
 
-/// An open XFS file: its mapped extents.
-struct XfsFile<D> {
-    fs: Arc<Xfs<D>>,
-    extents: Vec<Extent>,
-    size: u64,
-}
-
-impl<D: CachedDevice> FileData for XfsFile<D> {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
-        read_extents_append(
-            &self.fs.dev,
-            &self.extents,
-            self.fs.sb.block_size,
-            offset,
-            len,
-            out,
-        )
-    }
-
-    fn disk_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        runs(&self.extents, self.fs.sb.block_size, offset, len)
-            .into_iter()
-            .filter_map(|r| Some((r.disk?, r.len)))
-            .collect()
-    }
-
-    fn is_cached(&self, offset: u64, len: u64) -> bool {
-        self.disk_ranges(offset, len)
-            .iter()
-            .all(|&(at, n)| self.fs.dev.is_range_cached(at, n))
-    }
-
-    fn content_key(&self) -> Option<Vec<u8>> {
-        let ranges = self.disk_ranges(0, self.size);
-        crate::filesystem::mapped_content_key(&self.fs.dev, self.size, &ranges)
+impl<D: CachedDevice + 'static> HasDevice for Xfs<D> {
+    type Device = D;
+    fn dev(&self) -> &D {
+        &self.dev
     }
 }

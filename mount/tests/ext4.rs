@@ -367,7 +367,7 @@ fn garbage_is_an_error_not_a_panic() {
 /// equals the kernel's read-only mount entry by entry.
 #[test]
 fn the_interface_matches_the_kernel_with_attributes() {
-    use common::{compare, fixture_tree, Exact, TreeOptions};
+    use common::{fixture_tree, Exact, TreeOptions};
     use mount::filesystem::FileSystem;
     use std::sync::Arc;
     if !is_root() {
@@ -414,18 +414,13 @@ fn the_interface_matches_the_kernel_with_attributes() {
             .unwrap()
             .unwrap(),
     );
-    run("mount", &["-o", "ro,noload,loop", i, m]);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let exact = Exact {
-            kernel: true,
-            blocks: true,
-            nlink: true,
-            xattrs: true,
-            rdev: true,
-        };
-        compare(&fs, &mnt, &exact)
-    }));
-    run("umount", &[m]);
-    let seen = result.unwrap();
+    let exact = Exact {
+        kernel: true,
+        blocks: true,
+        nlink: true,
+        xattrs: true,
+        rdev: true,
+    };
+    let seen = common::compare_mounted(&fs, &["mount", "-o", "ro,noload,loop", i, m], &mnt, &exact);
     assert!(seen > 3000, "{seen} entries compared");
 }

@@ -232,22 +232,8 @@ fn a_looping_directory_chain_is_an_error() {
 /// walk whole within the fuzz walk's limits.
 #[test]
 fn fuzz_seeds_and_crafted_inputs_walk() {
-    use mount::filesystem::{walk, SparseImage, WalkLimits};
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut opened = 0;
-    for (d, prefix) in [("fuzz/seeds/fat", ""), ("fixtures/hostile", "fat-")] {
-        for e in fs::read_dir(root.join(d)).unwrap() {
-            let p = e.unwrap().path();
-            if !p.file_name().unwrap().to_str().unwrap().starts_with(prefix) {
-                continue;
-            }
-            let img = SparseImage::parse(&fs::read(&p).unwrap(), 1 << 30);
-            if let Ok(Some(fat)) = Fat::open(img, 1 << 30) {
-                let fs: Arc<dyn FileSystem> = Arc::new(fat);
-                assert!(walk(&fs, WalkLimits::default()) > 3, "{}", p.display());
-                opened += 1;
-            }
-        }
-    }
+    let opened = common::walk_fuzz_inputs("fat", &|img| {
+        Some(Arc::new(Fat::open(img, 1 << 30).ok()??) as Arc<dyn FileSystem>)
+    });
     assert!(opened >= 3, "{opened} seeds opened");
 }

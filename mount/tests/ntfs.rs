@@ -9,7 +9,7 @@ use std::fs::{self, File};
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{compare, fixture_tree, is_root, run, set_xattr, Exact, TreeOptions};
+use common::{fixture_tree, is_root, run, set_xattr, Exact, TreeOptions};
 use mount::filesystem::FileSystem;
 use mount::ntfs::Ntfs;
 
@@ -69,19 +69,14 @@ fn ntfs_matches_ntfs_3g() {
     filled.unwrap();
     let fs = open(&img);
     assert_eq!(fs.type_name(), "ntfs");
-    run("ntfs-3g", &["-o", "ro", i, m]);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let exact = Exact {
-            kernel: true,
-            blocks: false,
-            nlink: true,
-            xattrs: true,
-            rdev: true,
-        };
-        compare(&fs, &mnt, &exact)
-    }));
-    run("umount", &[m]);
-    let seen = result.unwrap();
+    let exact = Exact {
+        kernel: true,
+        blocks: false,
+        nlink: true,
+        xattrs: true,
+        rdev: true,
+    };
+    let seen = common::compare_mounted(&fs, &["ntfs-3g", "-o", "ro", i, m], &mnt, &exact);
     assert!(seen > 3000, "{seen} entries compared");
 
     // NTFS compression (a directory flagged compressed compresses what is written into it):
@@ -151,22 +146,8 @@ fn ntfs_matches_ntfs_3g() {
 /// walk whole within the fuzz walk's limits (no root needed).
 #[test]
 fn fuzz_seeds_and_crafted_inputs_walk() {
-    use mount::filesystem::{walk, SparseImage, WalkLimits};
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut opened = 0;
-    for (d, prefix) in [("fuzz/seeds/ntfs", ""), ("fixtures/hostile", "ntfs-")] {
-        for e in fs::read_dir(root.join(d)).unwrap() {
-            let p = e.unwrap().path();
-            if !p.file_name().unwrap().to_str().unwrap().starts_with(prefix) {
-                continue;
-            }
-            let img = SparseImage::parse(&fs::read(&p).unwrap(), 1 << 30);
-            if let Ok(Some(n)) = Ntfs::open(img, 1 << 30) {
-                let fs: Arc<dyn FileSystem> = Arc::new(n);
-                assert!(walk(&fs, WalkLimits::default()) > 3, "{}", p.display());
-                opened += 1;
-            }
-        }
-    }
+    let opened = common::walk_fuzz_inputs("ntfs", &|img| {
+        Some(Arc::new(Ntfs::open(img, 1 << 30).ok()??) as Arc<dyn FileSystem>)
+    });
     assert!(opened >= 1, "{opened} seeds opened");
 }

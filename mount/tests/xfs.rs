@@ -79,19 +79,14 @@ fn check_with_kernel(name: &str, args: &[&str]) {
     filled.unwrap();
     let fs = open(&img);
     assert_eq!(fs.type_name(), "xfs");
-    run("mount", &["-o", "ro,loop", i, m]);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let exact = Exact {
-            kernel: true,
-            blocks: true,
-            nlink: true,
-            xattrs: true,
-            rdev: true,
-        };
-        compare(&fs, &mnt, &exact)
-    }));
-    run("umount", &[m]);
-    let seen = result.unwrap();
+    let exact = Exact {
+        kernel: true,
+        blocks: true,
+        nlink: true,
+        xattrs: true,
+        rdev: true,
+    };
+    let seen = common::compare_mounted(&fs, &["mount", "-o", "ro,loop", i, m], &mnt, &exact);
     assert!(seen > 20_000, "{name}: {seen} entries compared");
 }
 
@@ -391,33 +386,8 @@ fn superblock_geometry_is_validated() {
 /// walk whole, within the fuzz walk's limits, in bounded time.
 #[test]
 fn fuzz_seeds_and_crafted_inputs_walk_in_bounded_time() {
-    use mount::filesystem::{walk, SparseImage, WalkLimits};
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut inputs = Vec::new();
-    for (dir, prefix) in [("fuzz/seeds/xfs", ""), ("fixtures/hostile", "xfs-")] {
-        for e in fs::read_dir(root.join(dir)).unwrap() {
-            let p = e.unwrap().path();
-            let name = p.file_name().unwrap().to_str().unwrap().to_string();
-            if name.starts_with(prefix) && name.ends_with(".bin") {
-                inputs.push(p);
-            }
-        }
-    }
-    let mut opened = 0;
-    for p in &inputs {
-        let started = std::time::Instant::now();
-        let img = SparseImage::parse(&fs::read(p).unwrap(), 1 << 30);
-        if let Ok(Some(x)) = Xfs::open(img, 1 << 30) {
-            let fs: Arc<dyn FileSystem> = Arc::new(x);
-            let visited = walk(&fs, WalkLimits::default());
-            assert!(visited > 0, "{}", p.display());
-            opened += 1;
-        }
-        assert!(
-            started.elapsed().as_secs() < 10,
-            "{} took too long",
-            p.display()
-        );
-    }
-    assert!(opened >= 3, "{opened} of {} inputs opened", inputs.len());
+    let opened = common::walk_fuzz_inputs("xfs", &|img| {
+        Some(Arc::new(Xfs::open(img, 1 << 30).ok()??) as Arc<dyn FileSystem>)
+    });
+    assert!(opened >= 3, "{opened} seeds opened");
 }

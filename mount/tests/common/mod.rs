@@ -383,3 +383,52 @@ pub fn compare(fs: &Arc<dyn FileSystem>, root: &Path, exact: &Exact) -> usize {
     );
     seen
 }
+
+/// Mounts with `mount` (the command and its arguments, `mnt` last), compares `fs` with what
+/// it shows, unmounts (also when the comparison fails); returns the entries compared.
+pub fn compare_mounted(
+    fs: &Arc<dyn FileSystem>,
+    mount: &[&str],
+    mnt: &Path,
+    exact: &Exact,
+) -> usize {
+    run(mount[0], &mount[1..]);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compare(fs, mnt, exact)));
+    run("umount", &[mnt.to_str().unwrap()]);
+    result.unwrap()
+}
+
+/// Every file-system fuzz target's seeds (`fuzz/seeds/<target>`) and the crafted inputs found
+/// for it (`fixtures/hostile/<target>-*`), opened by `open` and walked within the fuzz walk's
+/// limits; returns how many opened.
+pub fn walk_fuzz_inputs(
+    target: &str,
+    open: &dyn Fn(mount::filesystem::SparseImage) -> Option<Arc<dyn FileSystem>>,
+) -> usize {
+    use mount::filesystem::{walk, SparseImage, WalkLimits};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut opened = 0;
+    let hostile = format!("{target}-");
+    for (d, prefix) in [
+        (format!("fuzz/seeds/{target}"), ""),
+        ("fixtures/hostile".to_string(), hostile.as_str()),
+    ] {
+        for e in fs::read_dir(root.join(d)).unwrap() {
+            let p = e.unwrap().path();
+            if !p.file_name().unwrap().to_str().unwrap().starts_with(prefix) {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            if let Some(fs) = open(SparseImage::parse(&fs::read(&p).unwrap(), 1 << 30)) {
+                assert!(walk(&fs, WalkLimits::default()) > 0, "{}", p.display());
+                opened += 1;
+            }
+            assert!(
+                started.elapsed().as_secs() < 10,
+                "{} took too long",
+                p.display()
+            );
+        }
+    }
+    opened
+}
