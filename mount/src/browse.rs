@@ -183,6 +183,11 @@ impl FileSystem for Volumes {
         fs.read_link(i)
     }
 
+    fn subtree_key(&self, ino: u64) -> Option<Vec<u8>> {
+        let (fs, _, i) = self.member(ino).ok()?;
+        fs.subtree_key(i)
+    }
+
     fn xattrs(&self, ino: u64) -> io::Result<Xattrs> {
         if self.name_dir(ino).is_some() {
             return Ok(Vec::new());
@@ -259,6 +264,8 @@ pub struct Walker<'a> {
     stack: Vec<(Vec<u8>, u64, usize)>,
     seen: HashSet<u64>,
     pending: Option<Skipped>,
+    /// The stack's length before the last item's entries were pushed.
+    before_entries: usize,
 }
 
 impl<'a> Walker<'a> {
@@ -271,6 +278,7 @@ impl<'a> Walker<'a> {
             stack: vec![(Vec::new(), start, 0)],
             seen: HashSet::new(),
             pending: None,
+            before_entries: 0,
         }
     }
 }
@@ -283,6 +291,7 @@ impl Iterator for Walker<'_> {
             return Some(Err(s));
         }
         let (path, ino, depth) = self.stack.pop()?;
+        self.before_entries = self.stack.len();
         let attr = match self.fs.attr(ino) {
             Ok(a) => a,
             Err(error) => return Some(Err(Skipped { path, error })),
@@ -315,6 +324,14 @@ impl Iterator for Walker<'_> {
             attr,
             depth,
         }))
+    }
+}
+
+impl Walker<'_> {
+    /// Leaves out everything below the item just returned (a directory known to be unchanged).
+    pub fn skip_entries(&mut self) {
+        self.stack.truncate(self.before_entries);
+        self.pending = None;
     }
 }
 
@@ -354,6 +371,8 @@ pub struct DiffStats {
     pub compared: u64,
     /// Files whose content keys matched, so their bytes were not read.
     pub same_by_key: u64,
+    /// Whole file systems whose chunks are all the same in both RPs, skipped unread.
+    pub same_subtrees: u64,
     /// Bytes read to compare files whose keys could not tell.
     pub bytes_read: u64,
     pub added: u64,
@@ -407,7 +426,17 @@ pub fn diff(
             std::cmp::Ordering::Equal => {
                 let (p, q) = (x.take().unwrap(), y.take().unwrap());
                 // The roots themselves are the RPs, not paths of them.
-                let compare = if p.depth == 0 {
+                // A file system whose every chunk is the same in both RPs: nothing below it
+                // differs, nothing of it is read.
+                let same = p.attr.kind == Kind::Dir
+                    && a.subtree_key(p.ino)
+                        .is_some_and(|k| b.subtree_key(q.ino).as_ref() == Some(&k));
+                if same {
+                    wa.skip_entries();
+                    wb.skip_entries();
+                    stats.same_subtrees += 1;
+                }
+                let compare = if p.depth == 0 || same {
                     Ok(Vec::new())
                 } else {
                     stats.compared += 1;

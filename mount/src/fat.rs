@@ -522,6 +522,10 @@ impl<D: CachedDevice + 'static> FileSystem for Fat<D> {
         "vfat"
     }
 
+    fn subtree_key(&self, ino: u64) -> Option<Vec<u8>> {
+        crate::filesystem::root_key(&self.dev, ROOT, ino)
+    }
+
     fn root(&self) -> u64 {
         ROOT
     }

@@ -64,6 +64,13 @@ pub trait FileSystem: Send + Sync {
     fn xattrs(&self, _ino: u64) -> io::Result<Xattrs> {
         Ok(Vec::new())
     }
+    /// A key equal for two trees (of two RPs of one vault) only if every byte under directory
+    /// `ino` is: `rp diff` skips such a subtree unread. Readers give one for their root (the
+    /// chunks of their whole device); None when they cannot tell.
+    fn subtree_key(&self, ino: u64) -> Option<Vec<u8>> {
+        let _ = ino;
+        None
+    }
     /// Regular file `ino`, mapped for reading (this is where a file's block map is parsed, so
     /// reads after it do no metadata work); `IsADirectory` for anything but a regular file.
     fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>>;
@@ -160,6 +167,15 @@ pub trait CachedDevice: ReadAt + Send + Sync {
     fn range_key(&self, _offset: u64, _len: u64, _key: &mut Vec<u8>) -> Option<()> {
         None
     }
+    /// The names of the chunks holding the whole device (its length first), if it has them.
+    fn whole_key(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// [`FileSystem::subtree_key`] of a reader on `dev` whose root is `root`.
+pub fn root_key(dev: &dyn CachedDevice, root: u64, ino: u64) -> Option<Vec<u8>> {
+    (ino == root).then(|| dev.whole_key()).flatten()
 }
 
 /// A plain file (an image on local disk): nothing is "cached" in the vault's sense.
@@ -229,6 +245,10 @@ impl<D: CachedDevice + 'static> FileSystem for Ext4<D> {
     fn xattrs(&self, ino: u64) -> io::Result<Xattrs> {
         let inode = self.inode(ext_ino(ino)?)?;
         Ext4::xattrs(self, &inode)
+    }
+
+    fn subtree_key(&self, ino: u64) -> Option<Vec<u8>> {
+        root_key(self.device(), Ext4::root(self) as u64, ino)
     }
 
     fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {

@@ -171,6 +171,12 @@ impl CachedDevice for PartDev {
         })
     }
 
+    fn whole_key(&self) -> Option<Vec<u8>> {
+        let mut key = self.len.to_le_bytes().to_vec();
+        self.range_key(0, self.len, &mut key)?;
+        Some(key)
+    }
+
     fn range_key(&self, offset: u64, len: u64, key: &mut Vec<u8>) -> Option<()> {
         let cs = self.reader.chunk_size() as u64;
         for (start, n) in self.pieces(offset, len).ok()? {

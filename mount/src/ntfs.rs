@@ -852,6 +852,10 @@ impl<D: CachedDevice + 'static> FileSystem for Ntfs<D> {
         "ntfs"
     }
 
+    fn subtree_key(&self, ino: u64) -> Option<Vec<u8>> {
+        crate::filesystem::root_key(&self.dev, ROOT, ino)
+    }
+
     fn root(&self) -> u64 {
         ROOT
     }

@@ -1151,6 +1151,10 @@ impl<D: CachedDevice + 'static> FileSystem for Xfs<D> {
         "xfs"
     }
 
+    fn subtree_key(&self, ino: u64) -> Option<Vec<u8>> {
+        crate::filesystem::root_key(&self.dev, self.sb.root, ino)
+    }
+
     fn root(&self) -> u64 {
         self.sb.root
     }

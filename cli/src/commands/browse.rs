@@ -86,8 +86,9 @@ pub struct RpFindArgs {
 #[derive(Args, Debug)]
 #[command(
     after_help = "Lines start with + (added), - (removed) or M (changed, with what \
-changed: type, content, target, device, mode, owner, mtime, xattrs). Files whose data lies in \
-the same chunks in both RPs are not read.\n\nExamples:\n  elastio rp diff \
+changed: type, content, target, device, mode, owner, mtime, xattrs). A file system whose chunks \
+are all the same in both RPs is skipped whole; files whose data lies in the same chunks in both \
+RPs are not read.\n\nExamples:\n  elastio rp diff \
 rp-01m80mb7eb9rts308j4hc4b1xn rp-01m80q0exmx4mr1kh8rkgkg9q4\n  elastio rp diff OLD NEW \
 --output-format json"
 )]
@@ -516,18 +517,20 @@ pub fn diff(ctx: &Ctx, a: RpDiffArgs) -> Result<()> {
             "changed": stats.changed,
             "compared": stats.compared,
             "same_by_key": stats.same_by_key,
+            "same_filesystems": stats.same_subtrees,
             "bytes_read": stats.bytes_read,
             "skipped": skipped,
             "seconds": seconds,
         }))?;
     } else if !ctx.global.quiet {
         eprintln!(
-            "{} added, {} removed, {} changed; {} paths compared ({} files by their chunks, {} read) in {seconds:.1} s",
+            "{} added, {} removed, {} changed; {} paths compared ({} files by their chunks, {} file systems unchanged and skipped, {} read) in {seconds:.1} s",
             stats.added,
             stats.removed,
             stats.changed,
             stats.compared,
             stats.same_by_key,
+            stats.same_subtrees,
             crate::output::bytes(stats.bytes_read)
         );
     }
