@@ -98,14 +98,7 @@ impl Volumes {
 
     /// The name-tree directory `ino` is ("" for the root), if it is one.
     fn name_dir(&self, ino: u64) -> Option<&str> {
-        if ino == ROOT {
-            return Some("");
-        }
-        let i = ino.checked_sub(FIRST_NAME_DIR)?;
-        self.names
-            .dirs
-            .get(usize::try_from(i).ok()?)
-            .map(String::as_str)
+        self.names.dir_of(ino, ROOT, FIRST_NAME_DIR)
     }
 
     fn member(&self, ino: u64) -> io::Result<(&Arc<dyn FileSystem>, usize, u64)> {

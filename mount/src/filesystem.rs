@@ -355,6 +355,16 @@ impl NameTree {
         NameTree { dirs }
     }
 
+    /// The directory inode `ino` names in a view whose root is `root` and whose name
+    /// directories are numbered from `first` ("" for the root); None for any other inode.
+    pub fn dir_of(&self, ino: u64, root: u64, first: u64) -> Option<&str> {
+        if ino == root {
+            return Some("");
+        }
+        let i = usize::try_from(ino.checked_sub(first)?).ok()?;
+        self.dirs.get(i).map(String::as_str)
+    }
+
     /// The entries of directory `dir` ("" for the view's root) among `names`.
     pub fn entries<'a>(
         &self,

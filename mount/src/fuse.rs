@@ -491,14 +491,7 @@ impl Shared {
 
     /// The name-tree directory `ino` is ("" for the root), if it is one.
     fn name_dir(&self, ino: u64) -> Option<&str> {
-        if ino == ROOT {
-            return Some("");
-        }
-        let i = ino.checked_sub(FIRST_NAME_DIR)?;
-        self.names
-            .dirs
-            .get(usize::try_from(i).ok()?)
-            .map(String::as_str)
+        self.names.dir_of(ino, ROOT, FIRST_NAME_DIR)
     }
 
     fn attr(&self, ino: u64) -> Result<FileAttr, i32> {

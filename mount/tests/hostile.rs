@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use mount::ext4::{Budget, Data, Error, Ext4, ReadAt};
 
+mod common;
+use common::random;
+
 /// An image in memory that claims to be `size` bytes: past its bytes it reads as zeros (a big
 /// sparse disk without a big file).
 struct Sparse {
@@ -110,18 +113,6 @@ fn timed<T>(limit: Duration, f: impl FnOnce() -> T) -> T {
     let took = start.elapsed();
     assert!(took < limit, "took {took:?} (limit {limit:?})");
     out
-}
-
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// `mkfs` (`mkfs.ext4` or `mkfs.ext2`) of a small tree into an image of `kib` KiB.
