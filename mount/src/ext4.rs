@@ -722,21 +722,10 @@ impl<R: ReadAt> Ext4<R> {
             return None;
         }
         let area = &x[4..];
-        let mut at = 0;
-        while at + 16 <= area.len() && le32(area, at) != 0 {
-            let (name_len, idx) = (area[at] as usize, area[at + 1]);
-            let (value_off, value_inum, value_size) = (
-                le16(area, at + 2) as usize,
-                le32(area, at + 4),
-                le32(area, at + 8) as usize,
-            );
-            let entry_name = area.get(at + 16..at + 16 + name_len)?;
-            if idx == index && entry_name == name && value_inum == 0 {
-                return area.get(value_off..value_off.checked_add(value_size)?);
-            }
-            at += (16 + name_len).div_ceil(4) * 4;
-        }
-        None
+        xattr_headers(area)
+            .map_while(Option::from)
+            .find(|h: &XattrHeader| h.index == index && h.name == name && h.value_inum == 0)
+            .and_then(|h| area.get(h.value_off..h.value_off.checked_add(h.value_size)?))
     }
 
     /// Walks the extent-tree node `node` (the inode's `i_block` or a tree block) of `depth`.
@@ -1004,18 +993,17 @@ impl<R: ReadAt> Ext4<R> {
         out: &mut Vec<(Vec<u8>, Vec<u8>)>,
     ) -> io::Result<()> {
         let bad = |what: &str| corrupt(format!("inode {ino}: {what} in its extended attributes"));
-        let mut at = 0;
-        while at + 16 <= entries.len() && le32(entries, at) != 0 {
-            let (name_len, idx) = (entries[at] as usize, entries[at + 1]);
-            let (value_off, value_inum, value_size) = (
-                le16(entries, at + 2) as usize,
-                le32(entries, at + 4),
-                le32(entries, at + 8) as usize,
-            );
-            let name = entries
-                .get(at + 16..at + 16 + name_len)
-                .ok_or_else(|| bad("a name past the end"))?;
-            at += (16 + name_len).div_ceil(4) * 4;
+        for h in xattr_headers(entries) {
+            let Some(h) = h else {
+                return Err(bad("a name past the end"));
+            };
+            let XattrHeader {
+                index: idx,
+                name,
+                value_off,
+                value_inum,
+                value_size,
+            } = h;
             if value_size > MAX_XATTR_VALUE {
                 return Err(bad("a value too large"));
             }
@@ -1069,6 +1057,42 @@ impl<R: ReadAt> Ext4<R> {
         }
         self.read_all(inode, self.sb.block_size.max(4096))
     }
+}
+
+/// One entry header of an ext4 extended-attribute area.
+struct XattrHeader<'a> {
+    index: u8,
+    name: &'a [u8],
+    value_off: usize,
+    value_inum: u32,
+    value_size: usize,
+}
+
+/// The entry headers of an attribute area (in the inode after its magic, or in a block after
+/// its header), until the terminating zero entry; `None` for an entry whose name runs past the
+/// area (and nothing after it).
+fn xattr_headers(area: &[u8]) -> impl Iterator<Item = Option<XattrHeader<'_>>> {
+    let mut at = 0;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done || at + 16 > area.len() || le32(area, at) == 0 {
+            return None;
+        }
+        let name_len = area[at] as usize;
+        let Some(name) = area.get(at + 16..at + 16 + name_len) else {
+            done = true;
+            return Some(None);
+        };
+        let h = XattrHeader {
+            index: area[at + 1],
+            name,
+            value_off: le16(area, at + 2) as usize,
+            value_inum: le32(area, at + 4),
+            value_size: le32(area, at + 8) as usize,
+        };
+        at += (16 + name_len).div_ceil(4) * 4;
+        Some(Some(h))
+    })
 }
 
 /// An ext4 ACL (version 1: tag and permissions, plus an id for named users and groups) in
