@@ -219,6 +219,9 @@ impl PartDev {
             Some("xfs") => Xfs::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
             Some("vfat") => crate::fat::Fat::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
             Some("ntfs") => crate::ntfs::Ntfs::open(self, len).map(|f| f.map(|f| Arc::new(f) as _)),
+            Some("btrfs") => {
+                crate::btrfs::Btrfs::open(self, len).map(|f| f.map(|f| Arc::new(f) as _))
+            }
             _ => Ok(None),
         };
         match opened {

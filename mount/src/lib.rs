@@ -6,7 +6,8 @@
 //! * [`fuse`]: a read-only FUSE view of a disk RP: `disk.img` (sparse-aware), `partN.img` per
 //!   partition, and a directory with the files of each file system elastio reads in user space,
 //!   behind one interface ([`filesystem`]): ext2/3/4 ([`ext4`]), XFS v4/v5 ([`xfs`]), NTFS
-//!   ([`ntfs`]) and FAT12/16/32 with long names ([`fat`]), inside partitions (MBR, logical
+//!   ([`ntfs`]), FAT12/16/32 with long names ([`fat`]) and single-device btrfs with its
+//!   subvolumes ([`btrfs`]), inside partitions (MBR, logical
 //!   partitions included, and GPT: [`partitions`]) and LVM2 logical volumes ([`lvm`]). EROFS on
 //!   writes, EIO (logged with the object name) on damaged data. Stream RPs show as one file.
 //!   [`views`] assembles what a mount of an RP shows.
@@ -40,6 +41,7 @@
 #![warn(unreachable_pub)]
 
 pub mod browse;
+pub mod btrfs;
 pub mod ext4;
 pub mod fat;
 pub mod filesystem;

@@ -416,6 +416,7 @@ fn the_interface_matches_the_kernel_with_attributes() {
     );
     let exact = Exact {
         kernel: true,
+        inos: true,
         blocks: true,
         nlink: true,
         xattrs: true,

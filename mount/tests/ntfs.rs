@@ -71,6 +71,7 @@ fn ntfs_matches_ntfs_3g() {
     assert_eq!(fs.type_name(), "ntfs");
     let exact = Exact {
         kernel: true,
+        inos: true,
         blocks: false,
         nlink: true,
         xattrs: true,

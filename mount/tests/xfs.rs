@@ -81,6 +81,7 @@ fn check_with_kernel(name: &str, args: &[&str]) {
     assert_eq!(fs.type_name(), "xfs");
     let exact = Exact {
         kernel: true,
+        inos: true,
         blocks: true,
         nlink: true,
         xattrs: true,
@@ -193,6 +194,7 @@ fn v4_without_file_types_matches_its_source_tree() {
     let fs = open(&img);
     let exact = Exact {
         kernel: false,
+        inos: false,
         blocks: false,
         nlink: true,
         xattrs: false,

@@ -50,6 +50,9 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("mcopy", "mtools"),
     ("mkntfs", "ntfs-3g"),
     ("ntfs-3g", "ntfs-3g"),
+    ("mkfs.btrfs", "btrfs-progs"),
+    ("btrfs", "btrfs-progs"),
+    ("filefrag", "e2fsprogs"),
 ];
 
 /// Benchmark peers.
