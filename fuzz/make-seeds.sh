@@ -2,14 +2,30 @@
 # Seeds for the fuzz targets, from real mkfs images (checked in under seeds/, each < 100 KiB):
 #   fuzz/make-seeds.sh [out-dir]     (default: fuzz/seeds)
 # Needs mkfs.ext2/3/4, e2fsck (e2fsprogs), mkfs.xfs (xfsprogs), mkfs.vfat (dosfstools),
-# mcopy (mtools), mkntfs and ntfscp (ntfs-3g) and python3. XFS seeds are
-# sparse-sector records (see mount::filesystem::SparseImage), < 256 KiB each.
+# mcopy (mtools), mkntfs and ntfscp (ntfs-3g), mkfs.btrfs and btrfs (btrfs-progs; the
+# compressed btrfs seed needs root for its loop mount) and python3. XFS, FAT, NTFS and btrfs
+# seeds are sparse-sector records (see mount::filesystem::SparseImage), < 256 KiB each.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/seeds}
-mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs" "$out/lvm" "$out/fat" "$out/ntfs"
+mkdir -p "$out/ext4" "$out/partitions" "$out/nbd_server" "$out/xfs" "$out/lvm" "$out/fat" "$out/ntfs" "$out/btrfs"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+
+# records IMG OUT [skip-ff]: IMG as sparse-sector records (mount::filesystem::SparseImage):
+# each non-zero 512-byte sector as its LE u32 number and its bytes (skip-ff: sectors of 0xff
+# bytes left out too).
+records() {
+    python3 - "$1" "$2" "${3:-}" <<'PY'
+import struct, sys
+d = open(sys.argv[1], "rb").read()
+with open(sys.argv[2], "wb") as o:
+    for i in range(0, len(d), 512):
+        s = d[i:i + 512]
+        if any(s) and not (sys.argv[3] == "skip-ff" and s == b"\xff" * 512):
+            o.write(struct.pack("<I", i // 512) + s)
+PY
+}
 
 # A tree with the cases the reader handles: inline-sized and block files, a hole, symlinks
 # short and long, a nested directory, a fifo.
@@ -63,14 +79,7 @@ mkxfs() { # name mkfs.xfs-args...
     local name=$1; shift
     truncate -s 300M "$tmp/$name.img"
     mkfs.xfs -q -f -d agcount=2 "$@" -p "$tmp/proto" "$tmp/$name.img" 2>/dev/null
-    python3 - "$tmp/$name.img" "$out/xfs/$name.bin" <<'PY'
-import struct, sys
-d = open(sys.argv[1], "rb").read()
-with open(sys.argv[2], "wb") as o:
-    for i in range(0, len(d), 512):
-        if any(d[i:i + 512]):
-            o.write(struct.pack("<I", i // 512) + d[i:i + 512])
-PY
+    records "$tmp/$name.img" "$out/xfs/$name.bin"
     rm "$tmp/$name.img"
 }
 mkxfs v4 -m crc=0 -n ftype=0
@@ -85,14 +94,7 @@ mkfat() { # name bits kib
     MTOOLS_SKIP_CHECK=1 mcopy -s -m -i "$tmp/$1.img" "$tree/small.txt" "$tree/dir" ::/
     printf 'long name\n' > "$tmp/A long file name.txt"
     MTOOLS_SKIP_CHECK=1 mcopy -m -i "$tmp/$1.img" "$tmp/A long file name.txt" ::/
-    python3 - "$tmp/$1.img" "$out/fat/$1.bin" <<'PY'
-import struct, sys
-d = open(sys.argv[1], "rb").read()
-with open(sys.argv[2], "wb") as o:
-    for i in range(0, len(d), 512):
-        if any(d[i:i + 512]):
-            o.write(struct.pack("<I", i // 512) + d[i:i + 512])
-PY
+    records "$tmp/$1.img" "$out/fat/$1.bin"
     rm "$tmp/$1.img"
 }
 mkfat fat12 12 1024
@@ -108,14 +110,29 @@ for f in small.txt dir/mid.txt sparse.bin; do
 done
 # mkntfs fills $LogFile with 0xff bytes: those sectors are left out (the reader never reads
 # the log), which keeps the seed small.
-python3 - "$tmp/ntfs.img" "$out/ntfs/small.bin" <<'PY'
-import struct, sys
-d = open(sys.argv[1], "rb").read()
-with open(sys.argv[2], "wb") as o:
-    for i in range(0, len(d), 512):
-        if any(d[i:i + 512]) and d[i:i + 512] != b"\xff" * 512:
-            o.write(struct.pack("<I", i // 512) + d[i:i + 512])
-PY
+records "$tmp/ntfs.img" "$out/ntfs/small.bin" skip-ff
+
+# btrfs (mkfs.btrfs --rootdir; and, as root, a loop mount adding files compressed with zlib,
+# LZO and zstd, a subvolume and a snapshot), as sparse-sector records.
+truncate -s 128M "$tmp/btrfs.img"
+mkfs.btrfs -q -n 4096 -m single --rootdir "$tree" "$tmp/btrfs.img"
+records "$tmp/btrfs.img" "$out/btrfs/rootdir.bin"
+if [ "$(id -u)" = 0 ]; then
+    mkdir "$tmp/mnt"
+    mount -o loop "$tmp/btrfs.img" "$tmp/mnt"
+    for alg in zlib lzo zstd; do
+        mkdir "$tmp/mnt/$alg"
+        btrfs property set "$tmp/mnt/$alg" compression "$alg"
+        head -c 1500 /dev/zero | tr '\0' 'a' > "$tmp/mnt/$alg/inline.txt"
+        head -c 9000 /dev/zero | tr '\0' 'b' > "$tmp/mnt/$alg/regular.txt"
+    done
+    btrfs -q subvolume create "$tmp/mnt/sub"
+    cp "$tree/small.txt" "$tmp/mnt/sub/"
+    btrfs -q subvolume snapshot "$tmp/mnt/sub" "$tmp/mnt/dir/snap"
+    setfattr -n user.note -v seed "$tmp/mnt/small.txt" 2>/dev/null || true
+    umount "$tmp/mnt"
+    records "$tmp/btrfs.img" "$out/btrfs/compressed.bin"
+fi
 
 # LVM2: a PV with a 64 KiB metadata area (label in sector 1, text after the area's header),
 # and the same text alone, with linear, striped and thin LVs.

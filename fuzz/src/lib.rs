@@ -75,6 +75,14 @@ pub fn walk_xfs(records: &[u8]) {
     });
 }
 
+/// Opens `records` (sparse-sector records) as a btrfs file system and reads everything
+/// reachable from the root within the walk's limits.
+pub fn walk_btrfs(records: &[u8]) {
+    walk_sparse(records, |img| {
+        Some(std::sync::Arc::new(mount::btrfs::Btrfs::open(img, XFS_IMAGE).ok()??) as _)
+    });
+}
+
 /// Opens `records` (sparse-sector records) as a FAT volume and reads everything reachable from
 /// the root within the walk's limits.
 pub fn walk_fat(records: &[u8]) {

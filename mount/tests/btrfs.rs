@@ -90,7 +90,10 @@ fn compressed_files(mnt: &Path, dir: &str, alg: &str, seed: u64) {
             .output()
             .unwrap();
         let out = String::from_utf8_lossy(&out.stdout);
-        assert!(out.contains("encoded"), "{dir}/{name} is not compressed:\n{out}");
+        assert!(
+            out.contains("encoded"),
+            "{dir}/{name} is not compressed:\n{out}"
+        );
     }
 }
 
@@ -264,4 +267,12 @@ fn mkfs_rootdir_image_matches_the_kernel() {
     e.inos = true;
     let seen = compare_mounted(&fs, &["mount", "-o", "ro,loop", i, m], &mnt, &e);
     assert!(seen > 3000, "{seen} entries compared");
+}
+
+#[test]
+fn fuzz_seeds_and_crafted_inputs_walk_in_bounded_time() {
+    let opened = common::walk_fuzz_inputs("btrfs", &|img| {
+        Some(Arc::new(Btrfs::open(img, 1 << 30).ok()??) as Arc<dyn FileSystem>)
+    });
+    assert!(opened >= 2, "{opened} seeds opened");
 }
