@@ -248,11 +248,7 @@ fn write_file(source: &dyn FileSource, dir: &OwnedFd, e: &Entry, as_root: bool) 
             }
         }
         fsx::fchmod(&file, e.mode).map_err(|err| err.to_string())?;
-        for (k, v) in &e.xattrs {
-            if let Err(err) = fsx::fsetxattr(&file, k, v) {
-                warnings.push(format!("{}: xattr {}: {err}", show(&e.path), show(k)));
-            }
-        }
+        set_xattrs(&file, e, &mut warnings);
         fsx::futimes(&file, e.mtime_ns).map_err(|err| err.to_string())?;
         fsx::rename_at(dir.as_raw_fd(), &tmp, name).map_err(|err| err.to_string())?;
         Ok(written)
@@ -262,6 +258,20 @@ fn write_file(source: &dyn FileSource, dir: &OwnedFd, e: &Entry, as_root: bool) 
         Err(err) => {
             let _ = fsx::unlink_at(dir.as_raw_fd(), &tmp, false);
             Done::Failed(format!("{}: {err}", show(&e.path)))
+        }
+    }
+}
+
+/// Sets `e`'s extended attributes on `fd`; each failure is a warning, except an NTFS security
+/// descriptor (`system.ntfs_acl`, from an NTFS volume in a disk RP) on a target that has no
+/// such attribute: only an ntfs-3g mount takes it, and anywhere else it is simply not restored.
+fn set_xattrs(fd: &impl AsRawFd, e: &Entry, warnings: &mut Vec<String>) {
+    for (k, v) in &e.xattrs {
+        if let Err(err) = fsx::fsetxattr(fd, k, v) {
+            let unsupported = err.raw_os_error() == Some(libc::EOPNOTSUPP);
+            if !(unsupported && k.starts_with(b"system.ntfs_")) {
+                warnings.push(format!("{}: xattr {}: {err}", show(&e.path), show(k)));
+            }
         }
     }
 }
@@ -566,11 +576,7 @@ impl Restorer {
                         warnings.push(format!("{}: owner: {err}", show(&d.path)));
                     }
                 }
-                for (k, v) in &d.xattrs {
-                    if let Err(err) = fsx::fsetxattr(&fd, k, v) {
-                        warnings.push(format!("{}: xattr {}: {err}", show(&d.path), show(k)));
-                    }
-                }
+                set_xattrs(&fd, d, warnings);
                 fsx::fchmod(&fd, d.mode)?;
                 fsx::futimes(&fd, d.mtime_ns)
             });

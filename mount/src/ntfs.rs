@@ -13,7 +13,10 @@
 //! every in-use `INDX` record of its `$INDEX_ALLOCATION` (order does not matter to a listing,
 //! so the B+tree is not walked). Files are their unnamed `$DATA` runs (sparse runs read as
 //! zeros; bytes past the initialized size too); named `$DATA` streams are extended attributes
-//! `user.<name>`, as ntfs-3g's default `streams_interface=xattr` shows them.
+//! `user.<name>`, as ntfs-3g's default `streams_interface=xattr` shows them. A file's security
+//! descriptor (owner, group, ACLs; self-relative, as Windows stores it) is the extended
+//! attribute `system.ntfs_acl`, ntfs-3g's name for it, so `getfattr -n system.ntfs_acl` reads
+//! the same bytes on either mount and a restore onto an ntfs-3g volume sets it back.
 //!
 //! Shown as ntfs-3g shows it without user mapping: owner 0:0, mode 0777 for directories and
 //! files alike (the DOS read-only attribute does not show in the mode), system files (records below 16) hidden, DOS-only names
@@ -25,8 +28,9 @@
 //! ([`MAX_RUNS`]), attribute lists in entries and extension records, listings in bytes and
 //! entries; a damaged object is an error naming its record, never a panic or a hang.
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::ext4::{read_extents_append, runs, Extent, Kind, ReadAt};
@@ -48,12 +52,20 @@ const MAX_STREAMS: usize = 1024;
 pub const MAX_XATTR_BYTES: u64 = 4 << 20;
 /// The root directory's record.
 const ROOT: u64 = 5;
+/// `$Secure`, the volume's shared security descriptors.
+const SECURE: u64 = 9;
+/// The largest security descriptor read (Windows caps an ACL at 64 KiB).
+const MAX_SECURITY: u64 = 1 << 16;
+/// The largest `$Secure:$SDS` indexed (a descriptor per distinct ACL: real volumes hold a few
+/// MiB).
+const MAX_SDS: u64 = 32 << 20;
 /// Records below this are the file system's own ($MFT, $Bitmap, ...): hidden, as ntfs-3g does.
 const FIRST_USER: u64 = 16;
 
 const AT_STANDARD_INFORMATION: u32 = 0x10;
 const AT_ATTRIBUTE_LIST: u32 = 0x20;
 const AT_FILE_NAME: u32 = 0x30;
+const AT_SECURITY_DESCRIPTOR: u32 = 0x50;
 const AT_DATA: u32 = 0x80;
 const AT_INDEX_ROOT: u32 = 0x90;
 const AT_INDEX_ALLOCATION: u32 = 0xa0;
@@ -184,6 +196,15 @@ pub struct Ntfs<R> {
     mft: Vec<Extent>,
     mft_records: u64,
     label: String,
+    /// `$Secure:$SDS`, indexed on first use (see [`Ntfs::security`]).
+    sds: OnceLock<Result<Sds, String>>,
+}
+
+/// The shared security descriptors of a volume (`$Secure:$SDS`): where each id's is.
+struct Sds {
+    extents: Vec<Extent>,
+    /// Security id → (offset of the descriptor in the stream, its length).
+    by_id: HashMap<u32, (u64, u32)>,
 }
 
 impl<R: ReadAt> Ntfs<R> {
@@ -256,6 +277,7 @@ impl<R: ReadAt> Ntfs<R> {
             }],
             mft_records: 1,
             label: String::new(),
+            sds: OnceLock::new(),
         };
         fs.mft = vec![Extent {
             logical: 0,
@@ -639,6 +661,63 @@ impl<R: ReadAt> Ntfs<R> {
         }
     }
 
+    /// The security descriptor of record `r` (self-relative, as Windows stores it): its own
+    /// `$SECURITY_DESCRIPTOR` attribute (NTFS 1.x), else the one its standard information's
+    /// security id names in `$Secure:$SDS`. None when it has neither.
+    fn security(&self, r: &Record) -> io::Result<Option<Vec<u8>>> {
+        if let Some(v) = self.value(r, AT_SECURITY_DESCRIPTOR, b"", MAX_SECURITY)? {
+            return Ok(Some(v));
+        }
+        let si = r.resident(AT_STANDARD_INFORMATION, b"").unwrap_or_default();
+        let Ok(id) = Le(si).u32(0x34) else {
+            return Ok(None);
+        };
+        let sds = self
+            .sds
+            .get_or_init(|| self.index_sds().map_err(|e| e.to_string()));
+        let sds = sds.as_ref().map_err(|e| corrupt(format!("$Secure: {e}")))?;
+        match sds.by_id.get(&id) {
+            Some(&(at, n)) => Ok(Some(self.read_mapped(&sds.extents, at, n as u64)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Indexes `$Secure:$SDS`: 256 KiB blocks of entries (each a 20-byte header — hash, id,
+    /// its own offset, length — and the descriptor, 16-byte aligned), every block followed by
+    /// its mirror copy, which is skipped.
+    fn index_sds(&self) -> io::Result<Sds> {
+        const BLOCK: u64 = 256 << 10;
+        let r = self.record(SECURE)?;
+        let (extents, size, init) = self
+            .runs_of(&r, AT_DATA, b"$SDS")?
+            .ok_or_else(|| corrupt("no $SDS stream"))?;
+        let size = size.min(init);
+        if size > MAX_SDS {
+            return Err(corrupt(format!("$SDS of {size} bytes")));
+        }
+        let mut by_id = HashMap::new();
+        for block in (0..size).step_by(2 * BLOCK as usize) {
+            let b = self.read_mapped(&extents, block, BLOCK.min(size - block))?;
+            let mut p = 0usize;
+            while p + 20 <= b.len() {
+                let h = Le(&b[p..]);
+                let (id, at, n) = (h.u32(4)?, h.u64(8)?, h.u32(16)? as u64);
+                if n < 20 || at != block + p as u64 || p as u64 + n > b.len() as u64 {
+                    break;
+                }
+                if n - 20 > MAX_SECURITY {
+                    return Err(corrupt(format!(
+                        "a security descriptor of {} bytes",
+                        n - 20
+                    )));
+                }
+                by_id.insert(id, (at + 20, (n - 20) as u32));
+                p += n.next_multiple_of(16) as usize;
+            }
+        }
+        Ok(Sds { extents, by_id })
+    }
+
     /// The entries of directory record `r`.
     fn list(&self, r: &Record) -> io::Result<Vec<Entry>> {
         if !r.dir {
@@ -987,6 +1066,9 @@ impl<D: CachedDevice + 'static> FileSystem for Ntfs<D> {
                     }
                     out.push(([b"user.", &name[..]].concat(), v));
                 }
+                if let Some(sd) = self.security(&r)? {
+                    out.push((b"system.ntfs_acl".to_vec(), sd));
+                }
                 Ok(out)
             })(),
         )
@@ -1094,10 +1176,8 @@ impl<D: CachedDevice> FileData for NtfsFile<D> {
         }
     }
 
-    fn is_cached(&self, offset: u64, len: u64) -> bool {
-        self.disk_ranges(offset, len)
-            .iter()
-            .all(|&(at, n)| self.fs.dev.is_range_cached(at, n))
+    fn device(&self) -> Option<&dyn CachedDevice> {
+        Some(&self.fs.dev)
     }
 
     fn content_key(&self) -> Option<Vec<u8>> {

@@ -83,25 +83,35 @@ pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
     );
 }
 
-/// The extended attributes of `path` (not following a symlink), sorted by name.
+/// The extended attributes of `path` (not following a symlink), sorted by name; and
+/// `system.ntfs_acl`, which ntfs-3g gives by name without listing it.
 pub fn xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
     let c = cstr(path);
     let mut names = vec![0u8; 1 << 16];
     // SAFETY: valid C string and a buffer of the given length.
     let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     assert!(n >= 0, "listxattr {}", path.display());
+    let get = |name: &[u8]| -> Option<Vec<u8>> {
+        let cn = CString::new(name).unwrap();
+        let mut v = vec![0u8; 1 << 16];
+        // SAFETY: valid C strings and a buffer of the given length.
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        (m >= 0).then(|| {
+            v.truncate(m as usize);
+            v
+        })
+    };
     let mut out = Vec::new();
     for name in names[..n as usize]
         .split(|&b| b == 0)
         .filter(|n| !n.is_empty())
     {
-        let cn = CString::new(name).unwrap();
-        let mut v = vec![0u8; 1 << 16];
-        // SAFETY: valid C strings and a buffer of the given length.
-        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
-        assert!(m >= 0, "getxattr {:?} {}", cn, path.display());
-        v.truncate(m as usize);
+        let v = get(name).unwrap_or_else(|| panic!("getxattr {name:?} {}", path.display()));
         out.push((name.to_vec(), v));
+    }
+    let hidden = b"system.ntfs_acl";
+    if !out.iter().any(|(n, _)| n == hidden) {
+        out.extend(get(hidden).map(|v| (hidden.to_vec(), v)));
     }
     out.sort();
     out
