@@ -120,13 +120,13 @@ pub enum Command {
     #[command(
         after_help = "The mountpoint shows `disk.img` (the whole disk), `partN.img` for each \
 MBR/GPT partition, `partN/` (`fs/` for a file system on the bare disk) with the files inside \
-each ext2/3/4, XFS, NTFS or FAT file system, and `lvm/<vg>/<lv>/` with those of each LVM logical \
+each ext2/3/4, XFS, NTFS, FAT or btrfs file system, and `lvm/<vg>/<lv>/` with those of each LVM logical \
 volume, read in user space: no root, loop device or kernel module needed. `.elastio-status` (and \
 the command's output) says what each partition holds and why one shows no files. Copy files out \
 with `cp -a`, or without mounting: `elastio rp ls|cat|find|diff` and `elastio file restore --rp \
 <disk rp> --include /part1/etc`. With --kernel (root), each partition is instead loop-mounted \
 read-only by the kernel's own driver at `partN/`, for file systems the built-in readers do not \
-know (btrfs, ...). Risk: the kernel then parses the image's bytes in ring 0, and a disk from a \
+know (multi-device btrfs, LUKS after unlocking elsewhere, ...). Risk: the kernel then parses the image's bytes in ring 0, and a disk from a \
 compromised host can be crafted to exploit a file system driver; only use --kernel on images you \
 trust. Its mounts use the type blkid detects (ext2/3/4, xfs, btrfs, vfat, ntfs; never a probe of \
 every driver) and nosuid,nodev,noexec. A file RP shows the paths it backed up under their absolute paths (`/etc` \

@@ -153,8 +153,10 @@ impl<'a> Le<'a> {
         })
     }
     fn time(self, at: usize) -> io::Result<Time> {
+        // Within ±2^40 s (35,000 years) of 1970, so every time is a valid SystemTime.
+        const LIMIT: i64 = 1 << 40;
         Ok(Time {
-            secs: self.u64(at)? as i64,
+            secs: (self.u64(at)? as i64).clamp(-LIMIT, LIMIT),
             nanos: self.u32(at + 8)?.min(999_999_999),
         })
     }
@@ -422,6 +424,7 @@ impl<R: ReadAt> Btrfs<R> {
         let tree = fs
             .find_tree(default)?
             .ok_or_else(|| corrupt(format!("the default subvolume {default} has no root")))?;
+        Self::ino(0, tree.root_dir)?;
         let mut trees = fs.trees.lock().unwrap();
         trees.list.push(tree);
         trees.by_id.insert(tree.id, 0);
@@ -1145,7 +1148,7 @@ impl<D: CachedDevice + 'static> FileSystem for Btrfs<D> {
         if objectid == EMPTY_SUBVOL_DIR {
             // The kernel makes this directory up when it is looked up, with that moment's
             // times; the times of the subvolume holding it are what does not change.
-            let holder = ino - EMPTY_SUBVOL_DIR + tree.root_dir;
+            let holder = Self::ino((ino >> INO_BITS) as usize, tree.root_dir)?;
             let t = named(holder, self.inode(holder))?;
             return Ok(Attr {
                 kind: Kind::Dir,
@@ -1258,7 +1261,12 @@ impl<F: std::ops::Deref<Target = Btrfs<D>>, D: ReadAt> BtrfsFile<F> {
             let within = a - e.start;
             match &e.data {
                 Data::Zeros => {}
-                Data::Plain(at) => self.fs.read_logical(at + within, dst)?,
+                Data::Plain(at) => {
+                    let at = at
+                        .checked_add(within)
+                        .ok_or_else(|| corrupt("an extent past 2^64"))?;
+                    self.fs.read_logical(at, dst)?
+                }
                 Data::Inline(bytes) => copy_from(bytes, within, dst),
                 Data::Compressed { offset: o, .. } => {
                     let bytes = inflate(k, e)?;
@@ -1296,7 +1304,10 @@ impl<F: std::ops::Deref<Target = Btrfs<D>>, D: ReadAt> BtrfsFile<F> {
             let (mut at, mut n) = match e.data {
                 Data::Plain(at) => {
                     let (a, b) = (e.start.max(offset), (e.start + e.len).min(end));
-                    (at + (a - e.start), b - a)
+                    let at = at
+                        .checked_add(a - e.start)
+                        .ok_or_else(|| corrupt("an extent past 2^64"))?;
+                    (at, b - a)
                 }
                 Data::Compressed { disk, disk_len, .. } => (disk, disk_len),
                 _ => continue,
@@ -1348,11 +1359,8 @@ impl<D: CachedDevice + 'static> FileData for OpenFile<D> {
         self.file.ranges(offset, len).unwrap_or_default()
     }
 
-    fn is_cached(&self, offset: u64, len: u64) -> bool {
-        self.file.ranges(offset, len).is_ok_and(|r| {
-            r.iter()
-                .all(|&(at, n)| self.file.fs.dev.is_range_cached(at, n))
-        })
+    fn device(&self) -> Option<&dyn CachedDevice> {
+        Some(&self.file.fs.dev)
     }
 
     fn content_key(&self) -> Option<Vec<u8>> {

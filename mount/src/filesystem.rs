@@ -1,6 +1,6 @@
 //! The one read-only file-system interface every reader of a disk RP's file systems implements
-//! (ext2/3/4, XFS, NTFS, FAT; and a file RP's tree), and that the FUSE view, `rp ls/cat/find/
-//! diff` and file restores from disk RPs use without knowing which file system it is.
+//! (ext2/3/4, XFS, NTFS, FAT, btrfs; and a file RP's tree), and that the FUSE view, `rp ls/cat/
+//! find/diff` and file restores from disk RPs use without knowing which file system it is.
 //!
 //! Readers parse bytes from images that may come from a compromised host: each bounds its work
 //! and memory (its module says how) and reports damage as `InvalidData` errors naming the inode,
@@ -84,9 +84,28 @@ pub trait FileData: Send + Sync {
     /// Where `[offset, offset + len)` of the file lies on the device, as (device offset, length)
     /// runs, holes left out: the file's allocation map.
     fn disk_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)>;
+    /// The device [`Self::disk_ranges`] are on (None: a file not on a device, a file RP's).
+    fn device(&self) -> Option<&dyn CachedDevice> {
+        None
+    }
     /// Whether reading `[offset, offset + len)` needs no fetch from the vault (its blocks are
     /// cached), so a caller can serve it inline instead of on a worker.
-    fn is_cached(&self, offset: u64, len: u64) -> bool;
+    fn is_cached(&self, offset: u64, len: u64) -> bool {
+        self.device().is_some_and(|dev| {
+            self.disk_ranges(offset, len)
+                .iter()
+                .all(|&(at, n)| dev.is_range_cached(at, n))
+        })
+    }
+    /// Asks the device to fetch `[offset, offset + len)` ahead of the reads that will follow
+    /// (a hint: nothing happens where the device cannot prefetch).
+    fn prefetch(&self, offset: u64, len: u64) {
+        if let Some(dev) = self.device() {
+            for (at, n) in self.disk_ranges(offset, len) {
+                dev.prefetch(at, n);
+            }
+        }
+    }
     /// A key that is equal for two files (of two RPs of one vault) only if their bytes are:
     /// `rp diff` compares keys instead of contents. None when the reader cannot tell.
     fn content_key(&self) -> Option<Vec<u8>> {
@@ -125,10 +144,8 @@ impl<F: HasDevice> FileData for MappedFile<F> {
             .collect()
     }
 
-    fn is_cached(&self, offset: u64, len: u64) -> bool {
-        self.disk_ranges(offset, len)
-            .iter()
-            .all(|&(at, n)| self.fs.dev().is_range_cached(at, n))
+    fn device(&self) -> Option<&dyn CachedDevice> {
+        Some(self.fs.dev())
     }
 
     fn content_key(&self) -> Option<Vec<u8>> {
@@ -171,6 +188,8 @@ pub trait CachedDevice: ReadAt + Send + Sync {
     fn whole_key(&self) -> Option<Vec<u8>> {
         None
     }
+    /// Starts fetching `[offset, offset + len)` in the background, if the device can.
+    fn prefetch(&self, _offset: u64, _len: u64) {}
 }
 
 /// [`FileSystem::subtree_key`] of a reader on `dev` whose root is `root`.
@@ -285,11 +304,8 @@ impl<D: CachedDevice> FileData for ExtFile<D> {
         self.fs.disk_ranges(&self.data, offset, len)
     }
 
-    fn is_cached(&self, offset: u64, len: u64) -> bool {
-        let dev = self.fs.device();
-        self.disk_ranges(offset, len)
-            .iter()
-            .all(|&(at, n)| dev.is_range_cached(at, n))
+    fn device(&self) -> Option<&dyn CachedDevice> {
+        Some(self.fs.device())
     }
 
     fn content_key(&self) -> Option<Vec<u8>> {

@@ -1,6 +1,7 @@
 //! `elastio rp ls|cat|find|diff` and file restores from disk RPs, through the real binary, on
-//! a GPT disk holding an ext4 (mkfs.ext4 -d) and an XFS (mkfs.xfs -p) file system made from
-//! one source tree, and on a file RP of the same tree. No root needed.
+//! a GPT disk holding an ext4 (mkfs.ext4 -d), an XFS (mkfs.xfs -p) and a btrfs (mkfs.btrfs
+//! --rootdir) file system made from one source tree, and on a file RP of the same tree. No root
+//! needed.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -140,12 +141,26 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
             p2.to_str().unwrap(),
         ],
     );
+    let p3 = env.path("p3.img");
+    sparse_file(&p3, 128 << 20);
+    run(
+        "mkfs.btrfs",
+        &[
+            "-q",
+            "-m",
+            "single",
+            "--rootdir",
+            src.to_str().unwrap(),
+            p3.to_str().unwrap(),
+        ],
+    );
     let disk = env.path("disk.img");
     let parts = [
         (2048u64, 81920u64, Some(p1.as_path())),
         (83968, 655360, Some(p2.as_path())),
+        (741376, 262144, Some(p3.as_path())),
     ];
-    make_disk(&disk, 400 << 20, "gpt", &parts);
+    make_disk(&disk, 520 << 20, "gpt", &parts);
     let a = env.backup(&disk, None)["rp"]["id"]
         .as_str()
         .unwrap()
@@ -159,8 +174,8 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
         .iter()
         .map(|e| e["path"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["/part1", "/part2"]);
-    for part in ["part1", "part2"] {
+    assert_eq!(names, ["/part1", "/part2", "/part3"]);
+    for part in ["part1", "part2", "part3"] {
         let all = env.json(&["rp", "ls", &a, part, "--recursive"]);
         assert_eq!(
             listed(&all, false),
@@ -186,6 +201,8 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
         "part1/etc/ssh/moduli",
         "part2/home/alice/big.bin",
         "/part2/var/log/empty",
+        "part3/home/alice/big.bin",
+        "/part3/etc/ssh/sshd_config",
     ] {
         let out = env.command(&["rp", "cat", &a, path]).output().unwrap();
         assert!(out.status.success(), "{path}");
@@ -217,7 +234,7 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
     ] {
         run("debugfs", &["-w", "-R", &cmd, p1.to_str().unwrap()]);
     }
-    make_disk(&disk, 400 << 20, "gpt", &parts);
+    make_disk(&disk, 520 << 20, "gpt", &parts);
     let b = env.backup(&disk, None)["rp"]["id"]
         .as_str()
         .unwrap()
@@ -264,12 +281,16 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
             expected.contains(&path.as_str()) || dir_times,
             "unexpected change {path}: {d}"
         );
-        assert!(!path.starts_with("/part2"), "part2 did not change: {d}");
+        assert!(
+            !path.starts_with("/part2") && !path.starts_with("/part3"),
+            "part2 and part3 did not change: {d}"
+        );
     }
-    // part2 did not change: its chunks are all the same, so it was skipped whole, unread.
+    // part2 and part3 did not change: their chunks are all the same, so they were skipped
+    // whole, unread.
     // part1's files share chunks with the metadata debugfs rewrote, so they were read (at most
     // all of them, from both RPs).
-    assert_eq!(d["same_filesystems"].as_u64(), Some(1), "{d}");
+    assert_eq!(d["same_filesystems"].as_u64(), Some(2), "{d}");
     assert!(d["bytes_read"].as_u64().unwrap() <= 2 * 5_700_000, "{d}");
 
     // find: which RPs hold a name, in both file systems.
@@ -290,6 +311,7 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
             "/part1/etc/ssh/moduli",
             "/part2/etc/ssh/moduli",
             "/part2/home/alice/big.bin",
+            "/part3/etc/ssh/moduli",
         ] {
             assert!(
                 hits.contains(&(rp.to_string(), p.to_string())),
@@ -313,6 +335,8 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
         "/part2/etc/ssh",
         "--include",
         "/part1/home",
+        "--include",
+        "/part3/etc/ssh",
         "--target",
         target.to_str().unwrap(),
     ]);
@@ -321,6 +345,7 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
         ("part2", "etc/ssh/sshd_config"),
         ("part2", "etc/ssh/moduli"),
         ("part1", "home/alice/big.bin"),
+        ("part3", "etc/ssh/moduli"),
     ] {
         let got = std::fs::read(target.join(part).join(rel)).unwrap();
         assert!(got == std::fs::read(src.join(rel)).unwrap(), "{part}/{rel}");
@@ -338,12 +363,12 @@ fn rp_ls_cat_find_diff_and_restore_from_disk_rps() {
         "--rp",
         &a,
         "--include",
-        "/part3/etc",
+        "/part4/etc",
         "--target",
         target.to_str().unwrap(),
     ]);
     assert!(!bad.status.success());
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("part3/etc"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("part4/etc"));
 
     // A file RP of the same tree lists and reads the same way.
     let f = env.json(&["file", "backup", src.to_str().unwrap()]);

@@ -181,7 +181,7 @@ fn check_fuse(mountpoint: &Path) -> Result<()> {
 pub fn mount(ctx: &Ctx, a: MountArgs) -> Result<()> {
     check_fuse(&a.mountpoint)?;
     if a.kernel && !is_root() {
-        bail!("--kernel loop-mounts partitions and needs root; without it, the files of ext2/3/4, XFS, NTFS, FAT and LVM volumes are shown by the built-in readers");
+        bail!("--kernel loop-mounts partitions and needs root; without it, the files of ext2/3/4, XFS, NTFS, FAT, btrfs and LVM volumes are shown by the built-in readers");
     }
     if !a.foreground {
         return mount_in_background(ctx, &a);
