@@ -1363,30 +1363,46 @@ impl<D: CachedDevice + 'static> FileData for OpenFile<D> {
         Some(&self.file.fs.dev)
     }
 
-    fn content_key(&self) -> Option<Vec<u8>> {
-        // Inline bytes live in tree nodes, which no range names.
-        if self
-            .file
-            .extents
-            .iter()
-            .any(|e| matches!(e.data, Data::Inline(_)))
-        {
-            return None;
-        }
-        let mut key = Vec::new();
-        for e in &self.file.extents {
-            key.extend_from_slice(&e.start.to_le_bytes());
-            key.extend_from_slice(&e.len.to_le_bytes());
-            if let Data::Compressed { offset, ram, .. } = e.data {
-                key.extend_from_slice(&offset.to_le_bytes());
-                key.extend_from_slice(&ram.to_le_bytes());
+    fn range_key(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        // Each extent under the range as where its bytes come from, and the chunks under the
+        // device ranges it reads (a compressed extent whole).
+        let mut key = [offset.to_le_bytes(), len.to_le_bytes()].concat();
+        let end = offset.saturating_add(len);
+        let extents = &self.file.extents;
+        let first = extents.partition_point(|e| e.start + e.len <= offset);
+        for e in extents[first..].iter().take_while(|e| e.start < end) {
+            let (at, n) = (e.start.max(offset), (e.start + e.len).min(end));
+            key.extend_from_slice(&at.to_le_bytes());
+            key.extend_from_slice(&n.to_le_bytes());
+            match &e.data {
+                Data::Zeros => key.push(0),
+                Data::Inline(bytes) => {
+                    key.extend(crate::filesystem::inline_key(bytes, at - e.start, n - at))
+                }
+                Data::Plain(disk) => {
+                    key.push(1);
+                    key.extend_from_slice(&disk.wrapping_add(at - e.start).to_le_bytes());
+                }
+                Data::Compressed {
+                    disk,
+                    offset,
+                    ram,
+                    method,
+                    ..
+                } => {
+                    key.push(2);
+                    let from = offset.wrapping_add(at - e.start);
+                    for v in [*disk, from, *ram, *method as u64] {
+                        key.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            for (p, m) in self.file.ranges(at, n - at).ok()? {
+                key.extend_from_slice(&p.to_le_bytes());
+                self.file.fs.dev.range_key(p, m, &mut key)?;
             }
         }
-        let ranges = self.file.ranges(0, self.file.size).ok()?;
-        let mut named =
-            crate::filesystem::mapped_content_key(&self.file.fs.dev, self.file.size, &ranges)?;
-        named.extend_from_slice(&key);
-        Some(named)
+        Some(key)
     }
 }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 pub use crate::ext4::Kind;
-use crate::ext4::{self, Ext4, ReadAt};
+use crate::ext4::{self, Ext4, ReadAt, Run};
 
 /// What `stat` shows of an inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,10 +106,16 @@ pub trait FileData: Send + Sync {
             }
         }
     }
-    /// A key that is equal for two files (of two RPs of one vault) only if their bytes are:
-    /// `rp diff` compares keys instead of contents. None when the reader cannot tell.
-    fn content_key(&self) -> Option<Vec<u8>> {
+    /// A key equal for bytes `[offset, offset + len)` of two files (of two RPs of one vault)
+    /// only if those bytes are equal: `rp diff` compares keys instead of contents, of whole
+    /// files first, then piece by piece. None when the reader cannot tell.
+    fn range_key(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let _ = (offset, len);
         None
+    }
+    /// [`Self::range_key`] of the whole file.
+    fn content_key(&self) -> Option<Vec<u8>> {
+        self.range_key(0, self.size())
     }
 }
 
@@ -148,30 +154,38 @@ impl<F: HasDevice> FileData for MappedFile<F> {
         Some(self.fs.dev())
     }
 
-    fn content_key(&self) -> Option<Vec<u8>> {
-        let ranges = self.disk_ranges(0, self.size);
-        mapped_content_key(self.fs.dev(), self.size, &ranges)
+    fn range_key(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let runs = crate::ext4::runs(&self.extents, self.unit, offset, len);
+        runs_key(self.fs.dev(), offset, len, &runs)
     }
 }
 
-/// The content key of a file mapped to `ranges` of `dev`: its size, the ranges, and the chunks
-/// under them (None when the device cannot name its chunks).
-pub fn mapped_content_key(
-    dev: &dyn CachedDevice,
-    size: u64,
-    ranges: &[(u64, u64)],
-) -> Option<Vec<u8>> {
+/// The key of bytes `[offset, offset + len)` of a file whose runs there are `runs` (in order,
+/// holes as `None`): the range, each run's length and device position (or a hole mark), and
+/// the names of the chunks under them. None when the device cannot name its chunks.
+pub fn runs_key(dev: &dyn CachedDevice, offset: u64, len: u64, runs: &[Run]) -> Option<Vec<u8>> {
     // At most this many bytes of device data named (a sparse file's extents can claim far
     // more than any device holds); past it, callers compare bytes.
     const MAX_NAMED: u64 = 1 << 40;
-    if ranges.iter().map(|r| r.1).sum::<u64>() > MAX_NAMED {
+    if runs
+        .iter()
+        .filter(|r| r.disk.is_some())
+        .map(|r| r.len)
+        .sum::<u64>()
+        > MAX_NAMED
+    {
         return None;
     }
-    let mut key = size.to_le_bytes().to_vec();
-    for &(at, n) in ranges {
-        key.extend_from_slice(&at.to_le_bytes());
-        key.extend_from_slice(&n.to_le_bytes());
-        dev.range_key(at, n, &mut key)?;
+    let mut key = [offset.to_le_bytes(), len.to_le_bytes()].concat();
+    for r in runs {
+        key.extend_from_slice(&r.len.to_le_bytes());
+        match r.disk {
+            Some(at) => {
+                key.extend_from_slice(&at.to_le_bytes());
+                dev.range_key(at, r.len, &mut key)?;
+            }
+            None => key.extend_from_slice(&u64::MAX.to_le_bytes()),
+        }
     }
     Some(key)
 }
@@ -308,13 +322,28 @@ impl<D: CachedDevice> FileData for ExtFile<D> {
         Some(self.fs.device())
     }
 
-    fn content_key(&self) -> Option<Vec<u8>> {
-        if let ext4::Data::Inline(bytes) = &self.data {
-            return Some([&self.size.to_le_bytes()[..], b"inline", bytes].concat());
+    fn range_key(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        match &self.data {
+            ext4::Data::Inline(bytes) => Some(inline_key(bytes, offset, len)),
+            ext4::Data::Extents(ext) => {
+                let runs = ext4::runs(ext, self.fs.block_size(), offset, len);
+                runs_key(self.fs.device(), offset, len, &runs)
+            }
         }
-        let ranges = self.disk_ranges(0, self.size);
-        mapped_content_key(self.fs.device(), self.size, &ranges)
     }
+}
+
+/// [`FileData::range_key`] of bytes held in metadata (inline or resident data): the bytes.
+pub fn inline_key(bytes: &[u8], offset: u64, len: u64) -> Vec<u8> {
+    let start = offset.min(bytes.len() as u64) as usize;
+    let end = offset.saturating_add(len).min(bytes.len() as u64) as usize;
+    let head = [
+        b"inline".as_slice(),
+        &offset.to_le_bytes(),
+        &len.to_le_bytes(),
+    ]
+    .concat();
+    [head.as_slice(), &bytes[start..end]].concat()
 }
 
 /// Inodes of a view of several file systems (a FUSE mount, [`crate::browse`]): inode `ino` of
@@ -607,6 +636,53 @@ mod tests {
             [("data".to_string(), NameTarget::Member(3))]
         );
         assert!(at("part1").is_empty());
+    }
+
+    /// A device whose chunk names are its bytes.
+    struct Named(Vec<u8>);
+
+    impl ReadAt for Named {
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    impl CachedDevice for Named {
+        fn is_range_cached(&self, _offset: u64, _len: u64) -> bool {
+            true
+        }
+        fn range_key(&self, offset: u64, len: u64, key: &mut Vec<u8>) -> Option<()> {
+            key.extend_from_slice(&self.0[offset as usize..(offset + len) as usize]);
+            Some(())
+        }
+    }
+
+    #[test]
+    fn range_keys_tell_where_the_holes_are() {
+        let dev = Named((0..8192u32).map(|i| i as u8).collect());
+        let run = |disk: Option<u64>| Run {
+            buf_offset: 0,
+            len: 4096,
+            disk,
+        };
+        // Hole then block 0, block 0 then hole (a collapsed range): the same device range.
+        let a = runs_key(&dev, 0, 8192, &[run(None), run(Some(0))]).unwrap();
+        let b = runs_key(&dev, 0, 8192, &[run(Some(0)), run(None)]).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            runs_key(&dev, 0, 8192, &[run(None), run(Some(0))]).unwrap()
+        );
+        // Another block with other bytes, and the same range of another window.
+        assert_ne!(
+            a,
+            runs_key(&dev, 0, 8192, &[run(None), run(Some(4096))]).unwrap()
+        );
+        assert_ne!(
+            a,
+            runs_key(&dev, 4096, 8192, &[run(None), run(Some(0))]).unwrap()
+        );
     }
 
     #[test]

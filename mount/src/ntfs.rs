@@ -1180,14 +1180,17 @@ impl<D: CachedDevice> FileData for NtfsFile<D> {
         Some(&self.fs.dev)
     }
 
-    fn content_key(&self) -> Option<Vec<u8>> {
+    fn range_key(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
         match &self.data {
-            Data::Resident(v) => Some([b"resident".as_slice(), v].concat()),
+            Data::Resident(v) => Some(crate::filesystem::inline_key(v, offset, len)),
             Data::Runs {
-                size, initialized, ..
+                extents,
+                initialized,
+                ..
             } => {
-                let ranges = self.disk_ranges(0, *size);
-                let mut key = crate::filesystem::mapped_content_key(&self.fs.dev, *size, &ranges)?;
+                let runs = runs(extents, self.fs.g.cluster, offset, len);
+                let mut key = crate::filesystem::runs_key(&self.fs.dev, offset, len, &runs)?;
+                // Bytes past the initialized size read as zeros, whatever the clusters hold.
                 key.extend_from_slice(&initialized.to_le_bytes());
                 Some(key)
             }
