@@ -97,15 +97,6 @@ pub trait FileData: Send + Sync {
                 .all(|&(at, n)| dev.is_range_cached(at, n))
         })
     }
-    /// Asks the device to fetch `[offset, offset + len)` ahead of the reads that will follow
-    /// (a hint: nothing happens where the device cannot prefetch).
-    fn prefetch(&self, offset: u64, len: u64) {
-        if let Some(dev) = self.device() {
-            for (at, n) in self.disk_ranges(offset, len) {
-                dev.prefetch(at, n);
-            }
-        }
-    }
     /// A key equal for bytes `[offset, offset + len)` of two files (of two RPs of one vault)
     /// only if those bytes are equal: `rp diff` compares keys instead of contents, of whole
     /// files first, then piece by piece. None when the reader cannot tell.
@@ -202,8 +193,6 @@ pub trait CachedDevice: ReadAt + Send + Sync {
     fn whole_key(&self) -> Option<Vec<u8>> {
         None
     }
-    /// Starts fetching `[offset, offset + len)` in the background, if the device can.
-    fn prefetch(&self, _offset: u64, _len: u64) {}
 }
 
 /// [`FileSystem::subtree_key`] of a reader on `dev` whose root is `root`.

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,12 +169,6 @@ impl CachedDevice for PartDev {
             p.iter()
                 .all(|&(at, n)| self.reader.is_range_cached(at, n).unwrap_or(false))
         })
-    }
-
-    fn prefetch(&self, offset: u64, len: u64) {
-        for (at, n) in self.pieces(offset, len).unwrap_or_default() {
-            self.reader.prefetch(at, n);
-        }
     }
 
     fn whole_key(&self) -> Option<Vec<u8>> {
@@ -401,21 +394,7 @@ struct Shared {
     dirs: Mutex<DirCache>,
     open: Mutex<HashMap<u64, Arc<Open>>>,
     next_fh: AtomicU64,
-    /// Where a lookup found each inode: its directory and its index in that listing, so
-    /// opening a file can prefetch the files listed after it (`find | xargs cat`, `cp -r` and
-    /// `tar` read a directory's files in listing order).
-    found_at: Mutex<LruCache<u64, (u64, usize)>>,
-    /// Per directory: the listing index up to which files were queued for prefetch.
-    prefetched: Mutex<LruCache<u64, usize>>,
 }
-
-/// Inodes whose place in a listing is remembered (a find ahead of a cat by a few thousand
-/// names is well within it).
-const FOUND_AT: usize = 1 << 16;
-/// Files after the one opened whose first bytes are prefetched.
-const PREFETCH_FILES: usize = 16;
-/// Bytes prefetched of each (more of a big file follows from sequential read-ahead).
-const PREFETCH_BYTES: u64 = 1 << 20;
 
 /// The FUSE session's file system. Work that parses image metadata at length (listing a
 /// directory, mapping a file's blocks at open) runs on the read workers, so the session thread
@@ -673,11 +652,7 @@ impl Shared {
     fn lookup(&self, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let found = self.listing(parent).and_then(|l| {
             let i = *l.by_name.get(name).ok_or(libc::ENOENT)?;
-            let ino = l.entries[i].0;
-            if l.entries[i].1 == FileType::RegularFile {
-                self.found_at.lock().unwrap().put(ino, (parent, i));
-            }
-            self.attr(ino)
+            self.attr(l.entries[i].0)
         });
         match found {
             Ok(a) => reply.entry(&TTL, &a, 0),
@@ -710,49 +685,13 @@ impl Shared {
 
     /// Opens file `i` of file system `k`: maps its blocks (bounded by the reader's budgets).
     fn open_file(&self, k: usize, i: u64, fs: Arc<dyn FileSystem>, reply: ReplyOpen) {
-        match fs.clone().open(i) {
-            Ok(file) => {
-                reply.opened(self.register(Open::File(file)), KEEP_CACHE);
-                if let Some(ino) = join(k, i) {
-                    self.prefetch_after(ino, &fs);
-                }
-            }
+        match fs.open(i) {
+            Ok(file) => reply.opened(self.register(Open::File(file)), KEEP_CACHE),
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::IsADirectory {
                     tracing::error!("{}: inode {i}: {e}", self.view.filesystems[k].name);
                 }
                 reply.error(errno(&e))
-            }
-        }
-    }
-
-    /// Prefetches the first bytes of the files listed after `ino` in its directory that are
-    /// not queued yet (opening each maps its blocks, which also brings in its metadata), so a
-    /// reader going through the directory in order finds them decoded.
-    fn prefetch_after(&self, ino: u64, fs: &Arc<dyn FileSystem>) {
-        let Some((dir, at)) = self.found_at.lock().unwrap().get(&ino).copied() else {
-            return;
-        };
-        let Some(listing) = self.cached_listing(dir) else {
-            return;
-        };
-        let (from, to) = {
-            let mut done = self.prefetched.lock().unwrap();
-            let from = done.get(&dir).copied().unwrap_or(0).max(at + 1);
-            let to = (at + 1 + PREFETCH_FILES).min(listing.entries.len());
-            if from >= to {
-                return;
-            }
-            done.put(dir, to);
-            (from, to)
-        };
-        for &(next, kind, _) in &listing.entries[from..to] {
-            let Some((_, i)) = split(next) else { continue };
-            if kind != FileType::RegularFile {
-                continue;
-            }
-            if let Ok(f) = fs.clone().open(i) {
-                f.prefetch(0, f.size().min(PREFETCH_BYTES));
             }
         }
     }
@@ -1052,8 +991,6 @@ pub fn serve(
                 names: NameTree::new(view.filesystems.iter().map(|f| f.name.as_str())),
                 view: Arc::new(view),
                 dirs: Mutex::new(DirCache::new(DIR_CACHE_BYTES)),
-                found_at: Mutex::new(LruCache::new(NonZeroUsize::new(FOUND_AT).unwrap())),
-                prefetched: Mutex::new(LruCache::new(NonZeroUsize::new(4096).unwrap())),
                 open: Mutex::new(HashMap::new()),
                 next_fh: AtomicU64::new(1),
             }),

@@ -66,9 +66,9 @@ struct Stream {
     queued_to: u64,
 }
 
-/// Sequential-read detection and the queue of slot ranges to prefetch.
+/// Sequential-read detection and the queue of slot groups to prefetch.
 struct ReadAhead {
-    queue: Sender<(u64, u64)>,
+    queue: Sender<u64>,
     /// Recently seen streams, most recent first.
     streams: Mutex<Vec<Stream>>,
     /// Slots to keep fetched ahead of a sequential reader.
@@ -109,7 +109,7 @@ impl DiskReader {
         };
         // Room for every stream's window: a full queue silently drops read-ahead.
         let (tx, rx) =
-            crossbeam_channel::bounded::<(u64, u64)>((window / group) as usize * MAX_STREAMS + 16);
+            crossbeam_channel::bounded::<u64>((window / group) as usize * MAX_STREAMS + 16);
         let ra = ReadAhead {
             queue: tx,
             streams: Mutex::new(Vec::new()),
@@ -124,10 +124,10 @@ impl DiskReader {
             std::thread::Builder::new()
                 .name("scalez-readahead".into())
                 .spawn(move || {
-                    for (lo, hi) in rx {
+                    for g in rx {
                         let Some(reader) = weak.upgrade() else { break };
                         // Errors surface when the slot is really read; prefetch stays quiet.
-                        let _ = reader.prefetch_slots(lo, hi);
+                        let _ = reader.prefetch_group(g, group);
                     }
                 })
                 .expect("spawn read-ahead thread");
@@ -138,12 +138,7 @@ impl DiskReader {
     /// sit in the packs and fetched as coalesced reads (one request per run on S3). Each run is
     /// claimed under one gate that readers of any of its chunks wait on.
     fn prefetch_group(&self, g: u64, group: u64) -> Result<()> {
-        self.prefetch_slots(g * group, (g + 1) * group)
-    }
-
-    /// Loads the uncached chunks of slots `[lo, hi)` (see [`Self::prefetch_group`]).
-    fn prefetch_slots(&self, lo: u64, hi: u64) -> Result<()> {
-        let hi = hi.min(self.map.slots());
+        let (lo, hi) = (g * group, ((g + 1) * group).min(self.map.slots()));
         let mut items = Vec::new();
         for slot in lo..hi {
             if let Some(id) = self.chunk_id(slot)? {
@@ -195,38 +190,13 @@ impl DiskReader {
         let to = stop.div_ceil(ra.group);
         let mut queued = from;
         for g in from..to {
-            if ra
-                .queue
-                .try_send((g * ra.group, (g + 1) * ra.group))
-                .is_err()
-            {
+            if ra.queue.try_send(g).is_err() {
                 break;
             }
             queued = g + 1;
         }
         st.queued_to = st.queued_to.max(queued);
         streams.insert(0, st);
-    }
-
-    /// Queues the chunks of `[offset, offset + len)` for the read-ahead threads (nothing when
-    /// read-ahead is off or its queue is full): a caller that knows what will be read next (the
-    /// files after the one being opened, in a directory walk) gets it decoded meanwhile.
-    pub fn prefetch(&self, offset: u64, len: u64) {
-        let Some(ra) = self.readahead.get() else {
-            return;
-        };
-        let cs = self.map.chunk_size as u64;
-        let end = offset.saturating_add(len).min(self.map.size);
-        let mut lo = offset / cs;
-        let hi = end.div_ceil(cs);
-        while lo < hi {
-            let next = (lo + ra.group).min(hi);
-            let wanted = (lo..next).any(|s| !self.is_cached(s).unwrap_or(true));
-            if wanted && ra.queue.try_send((lo, next)).is_err() {
-                return;
-            }
-            lo = next;
-        }
     }
 
     /// Bytes of the disk held in stored chunks (the rest is zeros), from a walk of the map pages
@@ -630,30 +600,5 @@ mod tests {
         assert!(!reader.is_cached(20).unwrap(), "the window is bounded");
         reader.read_at(10 * cs as u64, &mut buf).unwrap();
         assert_eq!(buf, vec![11u8; cs]);
-    }
-
-    #[test]
-    fn prefetch_loads_exactly_the_named_range() {
-        let cs = CS;
-        let disk: Vec<u8> = (0..64u8).flat_map(|i| vec![i + 1; cs]).collect();
-        let (vault, map) = store_disk(&disk);
-        let reader = Arc::new(DiskReader::new(vault, map, 64 * cs));
-        reader.prefetch(0, cs as u64);
-        assert!(!reader.is_cached(0).unwrap(), "no read-ahead, no prefetch");
-        reader.enable_readahead(8, 2);
-        // Slots 30..33 (the range starts and ends inside chunks).
-        reader.prefetch(30 * cs as u64 + 5, 2 * cs as u64);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !(30..33).all(|s| reader.is_cached(s).unwrap()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "prefetch did not load slots 30..33"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert!(!reader.is_cached(29).unwrap() && !reader.is_cached(33).unwrap());
-        let mut buf = vec![0u8; cs];
-        reader.read_at(31 * cs as u64, &mut buf).unwrap();
-        assert_eq!(buf, vec![32u8; cs]);
     }
 }
