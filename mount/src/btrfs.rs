@@ -45,7 +45,7 @@ use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 
 use crate::ext4::{Kind, ReadAt, Time};
-use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem, Xattrs};
+use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem, Le, Xattrs};
 
 /// Chunks of one file system (a chunk is ≥ 1 MiB: this covers 64 TiB at the smallest).
 pub const MAX_CHUNKS: usize = 1 << 16;
@@ -123,28 +123,8 @@ fn unsupported(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::Unsupported, format!("btrfs: {what}"))
 }
 
-/// Bounds-checked little-endian reads.
-#[derive(Clone, Copy)]
-struct Le<'a>(&'a [u8]);
-
-impl<'a> Le<'a> {
-    fn bytes(self, at: usize, n: usize) -> io::Result<&'a [u8]> {
-        at.checked_add(n)
-            .and_then(|end| self.0.get(at..end))
-            .ok_or_else(|| corrupt(format!("a structure runs past its {} bytes", self.0.len())))
-    }
-    fn u8(self, at: usize) -> io::Result<u8> {
-        Ok(self.bytes(at, 1)?[0])
-    }
-    fn u16(self, at: usize) -> io::Result<u16> {
-        Ok(u16::from_le_bytes(self.bytes(at, 2)?.try_into().unwrap()))
-    }
-    fn u32(self, at: usize) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(self.bytes(at, 4)?.try_into().unwrap()))
-    }
-    fn u64(self, at: usize) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(self.bytes(at, 8)?.try_into().unwrap()))
-    }
+/// btrfs's structures on top of the bounds-checked reads.
+impl Le<'_> {
     fn key(self, at: usize) -> io::Result<Key> {
         Ok(Key {
             objectid: self.u64(at)?,

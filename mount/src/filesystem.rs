@@ -110,6 +110,36 @@ pub trait FileData: Send + Sync {
     }
 }
 
+/// Bounds-checked little-endian reads of an on-disk structure (NTFS, btrfs): a read past its
+/// end is an `InvalidData` error, never a panic.
+#[derive(Clone, Copy)]
+pub(crate) struct Le<'a>(pub(crate) &'a [u8]);
+
+impl<'a> Le<'a> {
+    pub(crate) fn bytes(self, at: usize, n: usize) -> io::Result<&'a [u8]> {
+        at.checked_add(n)
+            .and_then(|end| self.0.get(at..end))
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("a structure runs past its {} bytes", self.0.len()),
+                )
+            })
+    }
+    pub(crate) fn u8(self, at: usize) -> io::Result<u8> {
+        Ok(self.bytes(at, 1)?[0])
+    }
+    pub(crate) fn u16(self, at: usize) -> io::Result<u16> {
+        Ok(u16::from_le_bytes(self.bytes(at, 2)?.try_into().unwrap()))
+    }
+    pub(crate) fn u32(self, at: usize) -> io::Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes(at, 4)?.try_into().unwrap()))
+    }
+    pub(crate) fn u64(self, at: usize) -> io::Result<u64> {
+        Ok(u64::from_le_bytes(self.bytes(at, 8)?.try_into().unwrap()))
+    }
+}
+
 /// A reader that owns its device (what [`MappedFile`] reads through).
 pub trait HasDevice: Send + Sync {
     type Device: CachedDevice;

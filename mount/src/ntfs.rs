@@ -34,7 +34,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::ext4::{read_extents_append, runs, Extent, Kind, ReadAt};
-use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem, Xattrs};
+use crate::filesystem::{Attr, CachedDevice, Entry, FileData, FileSystem, Le, Xattrs};
 
 /// Runs decoded for one attribute (all its pieces together).
 pub const MAX_RUNS: usize = 1 << 20;
@@ -87,30 +87,6 @@ fn corrupt(what: impl std::fmt::Display) -> io::Error {
 
 fn unsupported(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::Unsupported, format!("ntfs: {what}"))
-}
-
-/// Bounds-checked little-endian reads.
-#[derive(Clone, Copy)]
-struct Le<'a>(&'a [u8]);
-
-impl<'a> Le<'a> {
-    fn bytes(self, at: usize, n: usize) -> io::Result<&'a [u8]> {
-        at.checked_add(n)
-            .and_then(|end| self.0.get(at..end))
-            .ok_or_else(|| corrupt("a structure runs past its record"))
-    }
-    fn u8(self, at: usize) -> io::Result<u8> {
-        Ok(self.bytes(at, 1)?[0])
-    }
-    fn u16(self, at: usize) -> io::Result<u16> {
-        Ok(u16::from_le_bytes(self.bytes(at, 2)?.try_into().unwrap()))
-    }
-    fn u32(self, at: usize) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(self.bytes(at, 4)?.try_into().unwrap()))
-    }
-    fn u64(self, at: usize) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(self.bytes(at, 8)?.try_into().unwrap()))
-    }
 }
 
 /// NTFS time (100 ns since 1601) as a system time.
