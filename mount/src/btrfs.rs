@@ -30,7 +30,9 @@
 //! arithmetic, so a damaged or hostile image gives an `InvalidData` error naming the inode,
 //! never a panic or an unbounded allocation. Every node read must name its own address, the
 //! file system, and the level its parent expects (so descents end), and keys must rise
-//! strictly along every search (so no node is visited twice in one search). Budgets (exceeding
+//! strictly within every node and a child must start with the key its parent points at it by (so
+//! no node is reached twice in one search); extents and chunks must lie on sectors and only a
+//! file's first extent may be inline, as the kernel's tree checker requires. Budgets (exceeding
 //! one fails that one inode or search):
 //!
 //! * one search: at most [`MAX_SEARCH_NODES`] nodes;
@@ -67,6 +69,8 @@ pub const NODE_CACHE: usize = 1024;
 const MAX_LEVEL: u8 = 8;
 /// Inode numbers below this fit the packing (see the module comment).
 const INO_BITS: u32 = 40;
+/// The longest name of an entry or attribute (`BTRFS_NAME_LEN`).
+const MAX_NAME: usize = 255;
 /// The longest symlink target (`PATH_MAX` with its terminator).
 const MAX_SYMLINK: u64 = 4095;
 
@@ -299,12 +303,14 @@ fn parse_super(b: Le, size: u64) -> io::Result<Super> {
 }
 
 /// The chunk item at `at` of `b` as a chunk on device `devid`; its size in bytes.
-fn parse_chunk(b: Le, at: usize, logical: u64, devid: u64) -> io::Result<(Option<Chunk>, usize)> {
+fn parse_chunk(b: Le, at: usize, logical: u64, sb: &Super) -> io::Result<(Option<Chunk>, usize)> {
+    let devid = sb.devid;
     let len = b.u64(at)?;
     let kind = b.u64(at + 24)?;
     let stripes = b.u16(at + 44)? as usize;
     let size = CHUNK_ITEM_SIZE + stripes * STRIPE_SIZE;
     b.bytes(at, size)?;
+    let sector = sb.sector;
     if stripes == 0 || len == 0 || logical.checked_add(len).is_none() {
         return Err(corrupt(format!(
             "chunk at {logical}: {stripes} stripes of {len} bytes"
@@ -320,6 +326,12 @@ fn parse_chunk(b: Le, at: usize, logical: u64, devid: u64) -> io::Result<(Option
         let st = at + CHUNK_ITEM_SIZE + s * STRIPE_SIZE;
         if b.u64(st)? == devid {
             let physical = b.u64(st + 8)?;
+            if [logical, len, physical]
+                .iter()
+                .any(|v| !v.is_multiple_of(sector))
+            {
+                return Err(corrupt(format!("chunk at {logical} is not on sectors")));
+            }
             physical
                 .checked_add(len)
                 .ok_or_else(|| corrupt(format!("chunk at {logical} ends past 2^64")))?;
@@ -376,7 +388,7 @@ impl<R: ReadAt> Btrfs<R> {
                     "the superblock's system chunks hold something else",
                 ));
             }
-            let (chunk, n) = parse_chunk(array, at + KEY, key.offset, sb.devid)?;
+            let (chunk, n) = parse_chunk(array, at + KEY, key.offset, &sb)?;
             sys.extend(chunk);
             at += KEY + n;
         }
@@ -395,7 +407,7 @@ impl<R: ReadAt> Btrfs<R> {
             if chunks.len() >= MAX_CHUNKS {
                 return Err(corrupt(format!("more than {MAX_CHUNKS} chunks")));
             }
-            chunks.extend(parse_chunk(Le(item), 0, key.offset, fs.sb.devid)?.0);
+            chunks.extend(parse_chunk(Le(item), 0, key.offset, &fs.sb)?.0);
             Ok(true)
         })?;
         fs.chunks = sorted_chunks(chunks)?;
@@ -488,6 +500,11 @@ impl<R: ReadAt> Btrfs<R> {
         {
             return Err(corrupt(format!("node {logical} claims {items} items")));
         }
+        for i in 1..items {
+            if b.key(HEADER + (i - 1) * each)? >= b.key(HEADER + i * each)? {
+                return Err(corrupt(format!("node {logical}: keys out of order")));
+            }
+        }
         let raw = Arc::new(raw);
         self.nodes.lock().unwrap().put(logical, raw.clone());
         Ok(raw)
@@ -507,14 +524,17 @@ impl<R: ReadAt> Btrfs<R> {
             nodes: 0,
             last: None,
         };
-        self.descend(root, level, lo, hi, &mut s, f).map(|_| ())
+        self.descend(root, level, None, lo, hi, &mut s, f)
+            .map(|_| ())
     }
 
     /// One node of [`Self::search`]; false when the search is over.
+    #[allow(clippy::too_many_arguments)]
     fn descend(
         &self,
         at: u64,
         level: u8,
+        first_key: Option<Key>,
         lo: Key,
         hi: Key,
         s: &mut Search,
@@ -529,6 +549,13 @@ impl<R: ReadAt> Btrfs<R> {
         let node = self.node(at, level)?;
         let b = Le(&node);
         let items = b.u32(96)? as usize;
+        // A child starts with the key its parent points at it by (so, with keys rising in
+        // every node, no node is reached twice) and is never empty.
+        if let Some(k) = first_key {
+            if items == 0 || b.key(HEADER)? != k {
+                return Err(corrupt(format!("node {at} is not where its parent says")));
+            }
+        }
         if level == 0 {
             for i in 0..items {
                 let e = HEADER + i * LEAF_ITEM;
@@ -559,10 +586,11 @@ impl<R: ReadAt> Btrfs<R> {
         }
         for i in first..items {
             let e = HEADER + i * KEY_PTR;
-            if b.key(e)? > hi {
+            let key = b.key(e)?;
+            if key > hi {
                 return Ok(false);
             }
-            if !self.descend(b.u64(e + KEY)?, level - 1, lo, hi, s, f)? {
+            if !self.descend(b.u64(e + KEY)?, level - 1, Some(key), lo, hi, s, f)? {
                 return Ok(false);
             }
         }
@@ -718,6 +746,12 @@ impl<R: ReadAt> Btrfs<R> {
                 if out.len() >= MAX_DIR_ENTRIES {
                     return Err(corrupt(format!("more than {MAX_DIR_ENTRIES} entries")));
                 }
+                if name.contains(&b'/') || name.contains(&0) || name == b"." || name == b".." {
+                    return Err(corrupt(format!(
+                        "directory {dir}: an entry named {:?}",
+                        String::from_utf8_lossy(name)
+                    )));
+                }
                 let ino = match loc.kind {
                     INODE_ITEM => Self::ino(idx, loc.objectid)?,
                     ROOT_ITEM => match self.subvolume(loc.objectid)? {
@@ -794,6 +828,14 @@ impl<R: ReadAt> Btrfs<R> {
                 "the extent at offset {start} is encrypted or encoded"
             )));
         }
+        // As the kernel's tree checker: extents start on sectors, and only the first may be
+        // inline (so a file holds at most one inline extent in memory).
+        let sector = self.sb.sector;
+        if !start.is_multiple_of(sector) || (kind == 0 && start != 0) {
+            return Err(corrupt(format!(
+                "an extent of type {kind} at offset {start}"
+            )));
+        }
         if compression > COMPRESS_ZSTD {
             return Err(unsupported(format!("compression method {compression}")));
         }
@@ -823,9 +865,22 @@ impl<R: ReadAt> Btrfs<R> {
             1 | 2 => {
                 let (disk, disk_len, offset, len) =
                     (b.u64(21)?, b.u64(29)?, b.u64(37)?, end(b.u64(45)?)?);
+                if [disk, disk_len, offset, len]
+                    .iter()
+                    .any(|v| !v.is_multiple_of(sector))
+                {
+                    return Err(corrupt(format!(
+                        "the extent at offset {start} is not on sectors"
+                    )));
+                }
                 let data = if disk == 0 || kind == 2 {
                     Data::Zeros
                 } else if compression == 0 {
+                    if offset.checked_add(len).is_none_or(|e| e > disk_len) {
+                        return Err(corrupt(format!(
+                            "the extent at offset {start} reads past its {disk_len} bytes"
+                        )));
+                    }
                     Data::Plain(disk.checked_add(offset).ok_or_else(|| {
                         corrupt(format!("the extent at offset {start} ends past 2^64"))
                     })?)
@@ -917,8 +972,8 @@ fn for_each_dir_item(item: &[u8], f: &mut DirItemFn) -> io::Result<()> {
         let kind = b.u8(at + 29)?;
         let name = b.bytes(at + DIR_ITEM_SIZE, name_len)?;
         let data = b.bytes(at + DIR_ITEM_SIZE + name_len, data_len)?;
-        if name.is_empty() {
-            return Err(corrupt("an entry without a name"));
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(corrupt(format!("a name of {} bytes", name.len())));
         }
         f(loc, kind, name, data)?;
         at += DIR_ITEM_SIZE + name_len + data_len;
@@ -955,8 +1010,10 @@ fn decompress(method: u8, data: &[u8], ram: usize, sector: usize) -> io::Result<
 
 /// The first zstd frame of `data` (btrfs pads it to a sector), at most `limit` bytes of it.
 fn zstd_frame(data: &[u8], limit: usize) -> io::Result<Vec<u8>> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
     let mut d = Decoder::new()?;
+    // The kernel's btrfs writes windows of at most 128 KiB: refuse frames asking for more.
+    d.set_parameter(DParameter::WindowLogMax(17))?;
     let mut out = vec![0u8; limit];
     let mut input = InBuffer::around(data);
     let mut output = OutBuffer::around(&mut out[..]);
@@ -1210,7 +1267,7 @@ impl<D: CachedDevice + 'static> FileSystem for Btrfs<D> {
 }
 
 /// Gives the bytes of compressed extent (index, extent) of a file.
-type InflateFn<'a> = dyn FnMut(usize, &FileExtent) -> io::Result<Arc<Vec<u8>>> + 'a;
+type InflateFn<'a> = dyn FnMut(&FileExtent) -> io::Result<Arc<Vec<u8>>> + 'a;
 
 /// A file's extents on its file system (`F` is `&Btrfs` or `Arc<Btrfs>`).
 struct BtrfsFile<F> {
@@ -1232,7 +1289,7 @@ impl<F: std::ops::Deref<Target = Btrfs<D>>, D: ReadAt> BtrfsFile<F> {
         out.resize(start + len, 0);
         let end = offset + len as u64;
         let first = self.extents.partition_point(|e| e.start + e.len <= offset);
-        for (k, e) in self.extents.iter().enumerate().skip(first) {
+        for e in &self.extents[first..] {
             if e.start >= end {
                 break;
             }
@@ -1249,7 +1306,7 @@ impl<F: std::ops::Deref<Target = Btrfs<D>>, D: ReadAt> BtrfsFile<F> {
                 }
                 Data::Inline(bytes) => copy_from(bytes, within, dst),
                 Data::Compressed { offset: o, .. } => {
-                    let bytes = inflate(k, e)?;
+                    let bytes = inflate(e)?;
                     copy_from(&bytes, o + within, dst);
                 }
             }
@@ -1258,7 +1315,7 @@ impl<F: std::ops::Deref<Target = Btrfs<D>>, D: ReadAt> BtrfsFile<F> {
     }
 
     fn read(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
-        self.read_with(offset, len, out, &mut |_, e| self.inflate(e))
+        self.read_with(offset, len, out, &mut |e| self.inflate(e))
     }
 
     fn inflate(&self, e: &FileExtent) -> io::Result<Arc<Vec<u8>>> {
@@ -1310,11 +1367,15 @@ fn copy_from(src: &[u8], from: u64, dst: &mut [u8]) {
     dst[..n].copy_from_slice(&src[from..from + n]);
 }
 
-/// An open regular file: its extents, and the last compressed extent it decompressed (reads
-/// come in pieces smaller than an extent).
+/// A compressed extent: its disk address, disk length and method.
+type CompressedId = (u64, u64, u8);
+
+/// An open regular file: its extents, and the last compressed extent it decompressed, by
+/// (disk address, disk length, method): reads come in pieces smaller than an extent, and
+/// several file extents may share one compressed extent.
 struct OpenFile<D> {
     file: BtrfsFile<Arc<Btrfs<D>>>,
-    last: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
+    last: Mutex<Option<(CompressedId, Arc<Vec<u8>>)>>,
 }
 
 impl<D: CachedDevice + 'static> FileData for OpenFile<D> {
@@ -1323,14 +1384,23 @@ impl<D: CachedDevice + 'static> FileData for OpenFile<D> {
     }
 
     fn read_append(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
-        self.file.read_with(offset, len, out, &mut |k, e| {
+        self.file.read_with(offset, len, out, &mut |e| {
+            let id = match e.data {
+                Data::Compressed {
+                    disk,
+                    disk_len,
+                    method,
+                    ..
+                } => (disk, disk_len, method),
+                _ => (0, 0, 0),
+            };
             if let Some((i, b)) = &*self.last.lock().unwrap() {
-                if *i == k {
+                if *i == id {
                     return Ok(b.clone());
                 }
             }
             let b = self.file.inflate(e)?;
-            *self.last.lock().unwrap() = Some((k, b.clone()));
+            *self.last.lock().unwrap() = Some((id, b.clone()));
             Ok(b)
         })
     }
@@ -1346,6 +1416,8 @@ impl<D: CachedDevice + 'static> FileData for OpenFile<D> {
     fn range_key(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
         // Each extent under the range as where its bytes come from, and the chunks under the
         // device ranges it reads (a compressed extent whole).
+        const MAX_NAMED: u64 = 1 << 40;
+        let mut named = 0u64;
         let mut key = [offset.to_le_bytes(), len.to_le_bytes()].concat();
         let end = offset.saturating_add(len);
         let extents = &self.file.extents;
@@ -1378,6 +1450,12 @@ impl<D: CachedDevice + 'static> FileData for OpenFile<D> {
                 }
             }
             for (p, m) in self.file.ranges(at, n - at).ok()? {
+                // Extents sharing a compressed extent name it again each: bounded, like
+                // `filesystem::runs_key`, past which callers compare bytes.
+                named += m;
+                if named > MAX_NAMED {
+                    return None;
+                }
                 key.extend_from_slice(&p.to_le_bytes());
                 self.file.fs.dev.range_key(p, m, &mut key)?;
             }

@@ -648,9 +648,19 @@ impl<R: ReadAt> Ntfs<R> {
         let Ok(id) = Le(si).u32(0x34) else {
             return Ok(None);
         };
-        let sds = self
-            .sds
-            .get_or_init(|| self.index_sds().map_err(|e| e.to_string()));
+        let sds = match self.sds.get() {
+            Some(known) => known,
+            None => {
+                // Damage is kept (the image does not change); a failed read is tried again.
+                let indexed = self.index_sds();
+                if let Err(e) = &indexed {
+                    if e.kind() != io::ErrorKind::InvalidData {
+                        return Err(corrupt(format!("$Secure: {e}")));
+                    }
+                }
+                self.sds.get_or_init(|| indexed.map_err(|e| e.to_string()))
+            }
+        };
         let sds = sds.as_ref().map_err(|e| corrupt(format!("$Secure: {e}")))?;
         match sds.by_id.get(&id) {
             Some(&(at, n)) => Ok(Some(self.read_mapped(&sds.extents, at, n as u64)?)),
@@ -664,6 +674,11 @@ impl<R: ReadAt> Ntfs<R> {
     fn index_sds(&self) -> io::Result<Sds> {
         const BLOCK: u64 = 256 << 10;
         let r = self.record(SECURE)?;
+        if r.find(AT_DATA, b"$SDS")
+            .any(|a| a.flags & (COMPRESSION_MASK | FLAG_ENCRYPTED) != 0)
+        {
+            return Err(corrupt("$SDS is compressed or encrypted"));
+        }
         let (extents, size, init) = self
             .runs_of(&r, AT_DATA, b"$SDS")?
             .ok_or_else(|| corrupt("no $SDS stream"))?;
@@ -681,13 +696,10 @@ impl<R: ReadAt> Ntfs<R> {
                 if n < 20 || at != block + p as u64 || p as u64 + n > b.len() as u64 {
                     break;
                 }
-                if n - 20 > MAX_SECURITY {
-                    return Err(corrupt(format!(
-                        "a security descriptor of {} bytes",
-                        n - 20
-                    )));
+                // A descriptor past Windows' own limit is left out (its files show none).
+                if n - 20 <= MAX_SECURITY {
+                    by_id.insert(id, (at + 20, (n - 20) as u32));
                 }
-                by_id.insert(id, (at + 20, (n - 20) as u32));
                 p += n.next_multiple_of(16) as usize;
             }
         }
@@ -1042,8 +1054,11 @@ impl<D: CachedDevice + 'static> FileSystem for Ntfs<D> {
                     }
                     out.push(([b"user.", &name[..]].concat(), v));
                 }
-                if let Some(sd) = self.security(&r)? {
-                    out.push((b"system.ntfs_acl".to_vec(), sd));
+                // A damaged $Secure costs the descriptor, not the file's other attributes.
+                match self.security(&r) {
+                    Ok(Some(sd)) => out.push((b"system.ntfs_acl".to_vec(), sd)),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("ntfs: record {ino}: no security descriptor: {e}"),
                 }
                 Ok(out)
             })(),
