@@ -337,5 +337,9 @@ fn an_inline_extent_past_the_start_is_refused() {
     fs::write(&img, &bytes).unwrap();
     let fs = open(&img);
     let err = fs.clone().open(find(&fs)).err().expect("refused");
-    assert!(err.to_string().contains("an extent of type 0 at offset 4096"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("an extent of type 0 at offset 4096"),
+        "{err}"
+    );
 }
