@@ -576,8 +576,10 @@ impl Restorer {
                         warnings.push(format!("{}: owner: {err}", show(&d.path)));
                     }
                 }
-                set_xattrs(&fd, d, warnings);
+                // After the mode, as for files: a chmod on an ntfs-3g target rewrites the
+                // security descriptor that `system.ntfs_acl` sets.
                 fsx::fchmod(&fd, d.mode)?;
+                set_xattrs(&fd, d, warnings);
                 fsx::futimes(&fd, d.mtime_ns)
             });
             if let Err(err) = applied {

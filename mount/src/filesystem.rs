@@ -97,9 +97,9 @@ pub trait FileData: Send + Sync {
                 .all(|&(at, n)| dev.is_range_cached(at, n))
         })
     }
-    /// A key equal for bytes `[offset, offset + len)` of two files (of two RPs of one vault)
-    /// only if those bytes are equal: `rp diff` compares keys instead of contents, of whole
-    /// files first, then piece by piece. None when the reader cannot tell.
+    /// A key equal for bytes `[offset, offset + len)` of two files of equal size (of two RPs
+    /// of one vault) only if those bytes are equal: `rp diff` compares keys instead of contents,
+    /// of whole files first, then piece by piece. None when the reader cannot tell.
     fn range_key(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
         let _ = (offset, len);
         None

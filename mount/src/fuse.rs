@@ -184,11 +184,17 @@ impl CachedDevice for PartDev {
             if start.checked_add(n)? > self.reader.size() {
                 return None;
             }
+            // Each piece's place and length (an LV's pieces can move without their chunks
+            // changing), then each slot tagged: a chunk's name, or zeros.
             key.extend_from_slice(&start.to_le_bytes());
+            key.extend_from_slice(&n.to_le_bytes());
             for slot in start / cs..(start + n).div_ceil(cs) {
                 match self.reader.chunk_id(slot).ok()? {
-                    Some(id) => key.extend_from_slice(&id.0),
-                    None => key.push(0), // A slot of zeros.
+                    Some(id) => {
+                        key.push(1);
+                        key.extend_from_slice(&id.0);
+                    }
+                    None => key.push(0),
                 }
             }
         }

@@ -637,35 +637,35 @@ impl<R: ReadAt> Ntfs<R> {
         }
     }
 
-    /// The security descriptor of record `r` (self-relative, as Windows stores it): its own
-    /// `$SECURITY_DESCRIPTOR` attribute (NTFS 1.x), else the one its standard information's
-    /// security id names in `$Secure:$SDS`. None when it has neither.
+    /// The security descriptor of record `r` (self-relative, as Windows stores it): the one
+    /// its standard information's security id names in `$Secure:$SDS`, else its own
+    /// `$SECURITY_DESCRIPTOR` attribute (NTFS 1.x). None when it has neither.
     fn security(&self, r: &Record) -> io::Result<Option<Vec<u8>>> {
-        if let Some(v) = self.value(r, AT_SECURITY_DESCRIPTOR, b"", MAX_SECURITY)? {
-            return Ok(Some(v));
-        }
+        // As ntfs-3g: the shared descriptor of a non-zero security id first (chkdsk can leave
+        // both), the record's own attribute otherwise.
         let si = r.resident(AT_STANDARD_INFORMATION, b"").unwrap_or_default();
-        let Ok(id) = Le(si).u32(0x34) else {
-            return Ok(None);
-        };
-        let sds = match self.sds.get() {
-            Some(known) => known,
-            None => {
-                // Damage is kept (the image does not change); a failed read is tried again.
-                let indexed = self.index_sds();
-                if let Err(e) = &indexed {
-                    if e.kind() != io::ErrorKind::InvalidData {
-                        return Err(corrupt(format!("$Secure: {e}")));
+        let id = Le(si).u32(0x34).unwrap_or(0);
+        if id != 0 {
+            let sds = match self.sds.get() {
+                Some(known) => known,
+                None => {
+                    // What the image says is kept (it does not change); a failed read of the
+                    // vault is tried again.
+                    let indexed = self.index_sds();
+                    if let Err(e) = &indexed {
+                        if e.kind() == io::ErrorKind::Other {
+                            return Err(io::Error::new(e.kind(), format!("$Secure: {e}")));
+                        }
                     }
+                    self.sds.get_or_init(|| indexed.map_err(|e| e.to_string()))
                 }
-                self.sds.get_or_init(|| indexed.map_err(|e| e.to_string()))
+            };
+            let sds = sds.as_ref().map_err(|e| corrupt(format!("$Secure: {e}")))?;
+            if let Some(&(at, n)) = sds.by_id.get(&id) {
+                return Ok(Some(self.read_mapped(&sds.extents, at, n as u64)?));
             }
-        };
-        let sds = sds.as_ref().map_err(|e| corrupt(format!("$Secure: {e}")))?;
-        match sds.by_id.get(&id) {
-            Some(&(at, n)) => Ok(Some(self.read_mapped(&sds.extents, at, n as u64)?)),
-            None => Ok(None),
         }
+        self.value(r, AT_SECURITY_DESCRIPTOR, b"", MAX_SECURITY)
     }
 
     /// Indexes `$Secure:$SDS`: 256 KiB blocks of entries (each a 20-byte header — hash, id,
