@@ -43,6 +43,12 @@ pub enum AgentError {
     Ebs(String),
     #[error("{0}")]
     Kafka(String),
+    /// A backup plan that cannot apply (a changed map without a fitting parent).
+    #[error("{0}")]
+    Plan(String),
+    /// A chunk a changed-block source called unchanged differs from the parent's.
+    #[error("{0}")]
+    UnchangedDiffers(String),
     #[error("i/o engine: {0}")]
     Engine(String),
     #[error("interrupted")]

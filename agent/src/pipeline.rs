@@ -7,19 +7,20 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use scalez::disk_map::{MapReader, Page};
 use scalez::disk_writer::DiskWriter;
 use scalez::fetch::{plan_reads, FetchedChunks};
+use scalez::reader::DiskReader;
 use scalez::vault::Verify;
 use scalez::{Asset, ChunkId, DiskMapRef, RecoveryPoint, RpDraft, RpKind, SessionStats, Vault};
 
 use crate::block::engine::QUEUE_DEPTH;
-use crate::block::engine::{read_source, Block, IoEngine};
+use crate::block::engine::{read_source, Block, BlockKind, IoEngine, SourcePlan};
 use crate::block::{device_size, AlignedBuf, BlockSource, BufPool, DirectIo, ALIGN};
 use crate::error::AgentError;
 use crate::progress::{Cancel, Progress};
@@ -37,7 +38,21 @@ pub struct BackupOptions {
     pub block_size: usize,
     /// Asset name to record instead of the canonical source path.
     pub asset_name: Option<String>,
+    /// Free space to skip and, for a changed-block incremental, what changed since the parent.
+    pub plan: SourcePlan,
+    /// What a verified chunk that differs from the parent does to a changed-block incremental.
+    pub on_mismatch: OnMismatch,
     pub cancel: Cancel,
+}
+
+/// What to do when a chunk a changed-block source called unchanged differs from the parent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnMismatch {
+    /// Fail the backup, naming the range: the changed-block source cannot be trusted.
+    #[default]
+    Fail,
+    /// Start over reading everything (a full read, deduplicated against the vault).
+    FullRead,
 }
 
 impl Default for BackupOptions {
@@ -49,6 +64,8 @@ impl Default for BackupOptions {
             workers: default_workers(),
             block_size: 1 << 20,
             asset_name: None,
+            plan: SourcePlan::default(),
+            on_mismatch: OnMismatch::Fail,
             cancel: Cancel::new(),
         }
     }
@@ -64,7 +81,23 @@ pub struct BackupReport {
     pub engine: &'static str,
     pub direct_io: bool,
     pub session: SessionStats,
+    pub figures: ReadFigures,
+    /// Why a changed-block incremental fell back to a full read (`OnMismatch::FullRead`).
+    pub fell_back: Option<String>,
     pub elapsed: Duration,
+}
+
+/// Where the bytes of a disk backup came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReadFigures {
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes of the file systems' free space, not read (stored as zeros).
+    pub free_skipped: u64,
+    /// Bytes taken from the parent unread, as the changed-block source said they were unchanged.
+    pub unchanged_kept: u64,
+    /// Of those, bytes read anyway and compared with the parent (the verified sample).
+    pub unchanged_verified: u64,
 }
 
 /// This host's name, recorded with every asset.
@@ -100,8 +133,6 @@ pub fn block_asset(path: &Path, name: Option<&str>) -> Result<Asset, AgentError>
     })
 }
 
-type SlotIds = (u64, Vec<Option<ChunkId>>);
-
 /// Joins every worker and returns the first error (a panic counts as one).
 fn join_all(
     handles: Vec<std::thread::ScopedJoinHandle<'_, Result<(), AgentError>>>,
@@ -117,7 +148,31 @@ fn join_all(
 }
 
 /// Backs up an image file or block device into `vault` and commits a disk RP.
+///
+/// With a changed map in `opts.plan`, chunks outside it are kept from the parent RP (the
+/// asset's latest, which must have the source's size) and a sample of them is read and
+/// compared; a difference fails the backup or, by `opts.on_mismatch`, starts it over as a full
+/// read.
 pub fn backup_block(
+    vault: &Arc<Vault>,
+    path: &Path,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport, AgentError> {
+    match backup_block_once(vault, path, opts, progress) {
+        Err(AgentError::UnchangedDiffers(why)) if opts.on_mismatch == OnMismatch::FullRead => {
+            progress.message(&format!("{why}: starting over with a full read"));
+            let mut full = opts.clone();
+            full.plan.changed = None;
+            let mut report = backup_block_once(vault, path, &full, progress)?;
+            report.fell_back = Some(why);
+            Ok(report)
+        }
+        r => r,
+    }
+}
+
+fn backup_block_once(
     vault: &Arc<Vault>,
     path: &Path,
     opts: &BackupOptions,
@@ -126,15 +181,43 @@ pub fn backup_block(
     let started = Instant::now();
     let src = BlockSource::open(path, opts.direct)?;
     let asset = block_asset(path, opts.asset_name.as_deref())?;
-    let parent = vault.latest_rp(RpKind::Disk, &asset)?.map(|rp| rp.id);
-    let draft = RpDraft::new(asset, parent, opts.tags.clone());
+    let parent_rp = vault.latest_rp(RpKind::Disk, &asset)?;
+    let cs = vault.config().chunk_size as usize;
+    let parent = match (&opts.plan.changed, &parent_rp) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(AgentError::Plan(format!(
+                "a changed map lists changes since a parent recovery point, but asset {} has none \
+                 yet: make a full backup first",
+                asset.name
+            )))
+        }
+        (Some(_), Some(p)) => {
+            let map = p.disk()?.clone();
+            if map.size != src.size || map.chunk_size as usize != cs {
+                return Err(AgentError::Plan(format!(
+                    "parent recovery point {} holds {} bytes in {}-byte chunks, {} holds {} bytes: \
+                     a changed map cannot apply; back up without it",
+                    p.id,
+                    map.size,
+                    map.chunk_size,
+                    path.display(),
+                    src.size
+                )));
+            }
+            Some((
+                p.id.to_string(),
+                DiskReader::new(vault.clone(), map, 1 << 20),
+            ))
+        }
+    };
+    let draft = RpDraft::new(asset, parent_rp.map(|rp| rp.id), opts.tags.clone());
     let writer = DiskWriter::new(vault, src.size)?;
-    let cs = writer.chunk_size();
     let block_size = opts.block_size.max(cs).next_multiple_of(cs);
     let workers = opts.workers.max(1);
     progress.start(src.size);
 
-    let bytes_read = AtomicU64::new(0);
+    let figures = Mutex::new(ReadFigures::default());
     // Blocks alive at once: the reads in flight, two queued per worker, one being hashed per worker.
     let pool = BufPool::new(QUEUE_DEPTH as usize + workers * 3, block_size);
     let (btx, brx) = bounded::<Block>(workers * 2);
@@ -142,17 +225,34 @@ pub fn backup_block(
 
     let (collected, read, worked) = std::thread::scope(|s| {
         let reader = {
-            let (src, bytes_read, pool) = (&src, &bytes_read, &pool);
+            let (src, figures, pool) = (&src, &figures, &pool);
             s.spawn(move || {
-                read_source(src, block_size, opts.engine, pool, &mut |b: Block| {
-                    if opts.cancel.is_cancelled() {
-                        return Err(AgentError::Cancelled);
-                    }
-                    if b.data.is_some() {
-                        bytes_read.fetch_add(b.len as u64, Ordering::Relaxed);
-                    }
-                    btx.send(b).map_err(|_| AgentError::Stopped)
-                })
+                let plan = &opts.plan;
+                read_source(
+                    src,
+                    plan,
+                    block_size,
+                    cs,
+                    opts.engine,
+                    pool,
+                    &mut |b: Block| {
+                        if opts.cancel.is_cancelled() {
+                            return Err(AgentError::Cancelled);
+                        }
+                        let mut f = figures.lock().expect("figures");
+                        f.bytes_read += b.bytes_read;
+                        match b.kind {
+                            BlockKind::Keep => f.unchanged_kept += b.len as u64,
+                            BlockKind::Verify => {
+                                f.unchanged_kept += b.len as u64;
+                                f.unchanged_verified += b.len as u64;
+                            }
+                            BlockKind::Data | BlockKind::Zeros => {}
+                        }
+                        drop(f);
+                        btx.send(b).map_err(|_| AgentError::Stopped)
+                    },
+                )
             })
         };
         let handles: Vec<_> = (0..workers)
@@ -162,14 +262,16 @@ pub fn backup_block(
             })
             .collect();
         drop((brx, rtx));
-        let collected = collect_map(rrx, &writer);
+        let collected = collect_map(rrx, &writer, parent.as_ref(), &src.path);
         let read = reader.join().unwrap_or(Err(AgentError::Panicked));
         let worked = join_all(handles);
         (collected, read, worked)
     });
 
-    // The first real cause wins: a source error, then a worker's, then the collector's.
+    // The first real cause wins: a source error, then a worker's, then the collector's (a
+    // verified chunk that differs is the collector's, and the reason the others stopped).
     let outcome = match (read, worked, collected) {
+        (_, _, Err(e @ AgentError::UnchangedDiffers(_))) => Err(e),
         (Err(e), _, _) if !matches!(e, AgentError::Stopped) => Err(e),
         (_, Err(e), _) => Err(e),
         (_, _, Err(e)) => Err(e),
@@ -180,15 +282,31 @@ pub fn backup_block(
         Ok(x) => x,
         Err(e) => return Err(session_cause(e, writer.abandon())),
     };
-    let (rp, stats) = writer.commit(draft, map, bytes_read.load(Ordering::Relaxed))?;
+    let mut figures = figures.into_inner().expect("figures");
+    figures.free_skipped = opts.plan.free.bytes();
+    let (rp, stats) = writer.commit(draft, map, figures.bytes_read)?;
     Ok(BackupReport {
         rp,
         engine,
         direct_io: src.direct,
         session: stats,
+        figures,
+        fell_back: None,
         elapsed: started.elapsed(),
     })
 }
+
+/// What a worker made of a block's slots.
+enum Slots {
+    /// The ids of slots read or zero.
+    Ids(Vec<Option<ChunkId>>),
+    /// This many slots to take from the parent.
+    Keep(u64),
+    /// The ids of slots read to verify the parent's.
+    Verify(Vec<Option<ChunkId>>),
+}
+
+type SlotIds = (u64, Slots);
 
 /// One worker: stores the chunks of each block it receives and sends their ids on.
 fn hash_and_store(
@@ -200,9 +318,12 @@ fn hash_and_store(
     let cs = writer.chunk_size();
     for block in blocks {
         let first = block.offset / cs as u64;
-        let ids = match &block.data {
-            None => vec![None; block.len.div_ceil(cs)],
-            Some(buf) => writer.put(&buf[..block.len])?,
+        let slots = block.len.div_ceil(cs);
+        let ids = match (&block.data, block.kind) {
+            (_, BlockKind::Keep) => Slots::Keep(slots as u64),
+            (None, _) => Slots::Ids(vec![None; slots]),
+            (Some(buf), BlockKind::Verify) => Slots::Verify(writer.put(&buf[..block.len])?),
+            (Some(buf), _) => Slots::Ids(writer.put(&buf[..block.len])?),
         };
         progress.advance(block.len as u64);
         drop(block);
@@ -213,11 +334,46 @@ fn hash_and_store(
     Ok(())
 }
 
-/// Puts slot results back in disk order and builds the map.
-fn collect_map(results: Receiver<SlotIds>, writer: &DiskWriter) -> Result<DiskMapRef, AgentError> {
+/// Puts slot results back in disk order and builds the map; kept slots come from the parent
+/// (`parent`: its id and map), whose verified ones must equal what was read.
+fn collect_map(
+    results: Receiver<SlotIds>,
+    writer: &DiskWriter,
+    parent: Option<&(String, DiskReader)>,
+    path: &Path,
+) -> Result<DiskMapRef, AgentError> {
     let mut map = writer.map();
-    for (first, ids) in results {
-        map.put_at(first, ids)?;
+    let mut early: BTreeMap<u64, Slots> = BTreeMap::new();
+    let cs = writer.chunk_size() as u64;
+    for (first, slots) in results {
+        early.insert(first, slots);
+        while let Some(slots) = early.remove(&map.next_slot()) {
+            let from = map.next_slot();
+            match slots {
+                Slots::Ids(ids) => map.push(ids)?,
+                Slots::Keep(n) => {
+                    let (_, p) = parent.ok_or(AgentError::Stopped)?;
+                    for slot in from..from + n {
+                        map.keep(p.chunk_id(slot)?)?;
+                    }
+                }
+                Slots::Verify(ids) => {
+                    let (rp, p) = parent.ok_or(AgentError::Stopped)?;
+                    for (slot, id) in (from..).zip(ids) {
+                        if p.chunk_id(slot)? != id {
+                            return Err(AgentError::UnchangedDiffers(format!(
+                                "bytes {}..{} of {} differ from parent recovery point {rp}, \
+                                 though the changed map lists no change there (a sampled check)",
+                                slot * cs,
+                                ((slot + 1) * cs).min(writer.slots() * cs),
+                                path.display()
+                            )));
+                        }
+                        map.keep(id)?;
+                    }
+                }
+            }
+        }
     }
     if map.next_slot() != writer.slots() {
         // The reader stopped early; its error is reported instead of this one.

@@ -5,6 +5,8 @@
 pub mod ext4;
 #[path = "../../mount/src/partitions.rs"]
 pub mod partitions;
+#[path = "../../agent/src/block/ranges.rs"]
+pub mod ranges;
 
 use ext4::{Ext4, Kind, ReadAt};
 
@@ -22,6 +24,14 @@ pub fn walk_ext4(bytes: &[u8]) {
         return;
     };
     let _ = fs.label();
+    if let Ok(free) = fs.free_extents(64) {
+        assert!(free.len() <= 64, "free ranges over the budget");
+        assert!(
+            free.windows(2).all(|w| w[0].1 < w[1].0) && free.iter().all(|r| r.0 < r.1),
+            "free ranges unsorted, touching or empty"
+        );
+        assert!(free.last().is_none_or(|r| r.1 <= bytes.len() as u64), "free past the end");
+    }
     let mut left = (MAX_INODES, MAX_DIRS);
     walk(&fs, fs.root(), 0, &mut left);
 }
@@ -71,7 +81,18 @@ pub const XFS_IMAGE: u64 = 1 << 30;
 /// reachable from the root within the walk's limits.
 pub fn walk_xfs(records: &[u8]) {
     walk_sparse(records, |img| {
-        Some(std::sync::Arc::new(mount::xfs::Xfs::open(img, XFS_IMAGE).ok()??) as _)
+        let fs = mount::xfs::Xfs::open(img, XFS_IMAGE).ok()??;
+        // The free space a used-blocks backup skips, and whether the log allows trusting it.
+        let _ = fs.log_is_clean();
+        if let Ok(free) = fs.free_extents(64) {
+            assert!(free.len() <= 64, "free ranges over the budget");
+            assert!(
+                free.windows(2).all(|w| w[0].1 <= w[1].0) && free.iter().all(|r| r.0 < r.1),
+                "free ranges unsorted, overlapping or empty"
+            );
+            assert!(free.last().is_none_or(|r| r.1 <= XFS_IMAGE), "free past the end");
+        }
+        Some(std::sync::Arc::new(fs) as _)
     });
 }
 
@@ -283,4 +304,22 @@ pub fn nbd_server_session(data: &[u8]) {
     });
     let server = mount::nbd::server::fuzz_server(disk).expect("an overlay in the temp dir");
     rt.block_on(server.serve_client_bytes(data));
+}
+
+/// A changed map from the fuzzer's bytes, for a disk whose size the first 8 bytes give: parsing
+/// never panics, and what it returns is a sorted, disjoint set inside the disk, within budget.
+pub fn changed_map(data: &[u8]) {
+    let Some(size) = le64(data, 0) else { return };
+    let text = &data[8..];
+    let max = 64;
+    let Ok(set) = ranges::parse_changed_map(text, size, max) else {
+        return;
+    };
+    assert!(set.len() <= max, "{} ranges over the budget", set.len());
+    let mut last = None;
+    for &(s, e) in set.ranges() {
+        assert!(s < e && e <= size, "range {s}..{e} of a {size}-byte disk");
+        assert!(last.is_none_or(|l| l < s), "ranges out of order or touching");
+        last = Some(e);
+    }
 }

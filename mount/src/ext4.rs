@@ -91,7 +91,13 @@ const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_DIRDATA: u32 = 0x1000;
 const INCOMPAT_ENCRYPT: u32 = 0x10000;
 const INCOMPAT_CASEFOLD: u32 = 0x20000;
+const INCOMPAT_RECOVER: u32 = 0x4;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+const RO_COMPAT_GDT_CSUM: u32 = 0x10;
+const RO_COMPAT_BIGALLOC: u32 = 0x200;
+const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+/// Group descriptor flag: the block bitmap is not initialised (only its metadata is in use).
+const BG_BLOCK_UNINIT: u16 = 0x2;
 const RO_COMPAT_HUGE_FILE: u32 = 0x8;
 const COMPAT_SPARSE_SUPER2: u32 = 0x200;
 
@@ -317,6 +323,7 @@ struct Super {
     compat: u32,
     first_meta_bg: u64,
     backup_bgs: [u32; 2],
+    reserved_gdt_blocks: u64,
     label: String,
 }
 
@@ -449,6 +456,7 @@ impl<R: ReadAt> Ext4<R> {
             compat: le32(&b, 0x5c),
             first_meta_bg: le32(&b, 0x104) as u64,
             backup_bgs: [le32(&b, 0x24c), le32(&b, 0x250)],
+            reserved_gdt_blocks: le16(&b, 0xce) as u64,
             label: String::from_utf8_lossy(&b[0x78..0x88])
                 .trim_end_matches('\0')
                 .to_string(),
@@ -524,6 +532,154 @@ impl<R: ReadAt> Ext4<R> {
             }
         }
         Ok(tables)
+    }
+
+    /// The block of group descriptor `i` (the caller keeps `i` below the group count).
+    fn descriptor_at(&self, i: u64) -> (u64, usize) {
+        let per_block = self.sb.block_size / self.sb.desc_size;
+        let b = i / per_block;
+        let meta_bg = self.sb.incompat & INCOMPAT_META_BG != 0;
+        let block = if !meta_bg || b < self.sb.first_meta_bg {
+            self.sb.first_data_block + 1 + b
+        } else {
+            let g = b * per_block;
+            self.sb.first_data_block + g * self.sb.blocks_per_group + self.has_super(g) as u64
+        };
+        (block, ((i % per_block) * self.sb.desc_size) as usize)
+    }
+
+    /// The file system's free space as sorted, disjoint byte ranges of its device, from the
+    /// block bitmaps: what a backup of the used blocks only need not read.
+    ///
+    /// Conservative, as a wrong "free" loses data: a group whose bitmap disagrees with its
+    /// descriptor's free count counts as wholly used; uninitialised bitmaps are trusted only
+    /// with group checksums (as the kernel does), and then everything but the group's own
+    /// metadata is free; a journal that needs recovery is refused (its transactions may
+    /// allocate blocks the bitmaps still show free). Work: one bitmap block per group
+    /// ([`MAX_GROUPS`] at most); memory: at most `max_ranges` ranges (the smallest are dropped
+    /// past that, which only means reading them).
+    pub fn free_extents(&self, max_ranges: usize) -> io::Result<Vec<(u64, u64)>> {
+        let sb = &self.sb;
+        if sb.incompat & INCOMPAT_RECOVER != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "ext4: the journal needs recovery, so the block bitmaps may be stale",
+            ));
+        }
+        if sb.ro_compat & RO_COMPAT_BIGALLOC != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "ext4: bigalloc bitmaps (one bit a cluster) are not read for free space",
+            ));
+        }
+        let bs = sb.block_size;
+        let groups = self.inode_tables.len() as u64;
+        let csum = sb.ro_compat & (RO_COMPAT_GDT_CSUM | RO_COMPAT_METADATA_CSUM) != 0;
+        let wide = sb.desc_size >= 64;
+        let field = |d: &[u8], lo: usize, hi: usize| -> u64 {
+            le32(d, lo) as u64 | if wide { (le32(d, hi) as u64) << 32 } else { 0 }
+        };
+        let half = |d: &[u8], lo: usize, hi: usize| -> u64 {
+            le16(d, lo) as u64 | if wide { (le16(d, hi) as u64) << 16 } else { 0 }
+        };
+        // Per group: block bitmap, inode bitmap, inode table, free count, flags.
+        let mut descs: Vec<(u64, u64, u64, u64, u16)> = Vec::with_capacity(groups as usize);
+        let mut buf = vec![0u8; bs as usize];
+        let mut loaded = None;
+        for g in 0..groups {
+            let (block, at) = self.descriptor_at(g);
+            if loaded != Some(block) {
+                self.read_block(block, &mut buf)?;
+                loaded = Some(block);
+            }
+            let d = &buf[at..at + sb.desc_size as usize];
+            descs.push((
+                field(d, 0x0, 0x20),
+                field(d, 0x4, 0x24),
+                field(d, 0x8, 0x28),
+                half(d, 0xc, 0x2c),
+                le16(d, 0x12),
+            ));
+        }
+        // Where every group's bitmaps and inode table lie (flex_bg packs them together).
+        let itable_blocks = (u64::from(sb.inodes_per_group) * sb.inode_size).div_ceil(bs);
+        let mut meta: Vec<(u64, u64)> = descs
+            .iter()
+            .flat_map(|&(b, i, t, _, _)| [(b, 1), (i, 1), (t, itable_blocks)])
+            .collect();
+        meta.sort_unstable();
+        let gdt_blocks = groups.div_ceil(bs / sb.desc_size);
+        let mut out = Ranges::new(max_ranges);
+        let mut bitmap = vec![0u8; bs as usize];
+        for (g, &(bitmap_at, _, _, free, flags)) in descs.iter().enumerate() {
+            let g = g as u64;
+            let start = sb.first_data_block + g * sb.blocks_per_group;
+            let end = (start + sb.blocks_per_group).min(sb.blocks);
+            let count = end - start;
+            if csum && flags & BG_BLOCK_UNINIT != 0 {
+                if sb.incompat & INCOMPAT_META_BG != 0 {
+                    continue; // where meta_bg puts descriptors is not worth guessing: used
+                }
+                // Used: the superblock copy with the descriptors and their reserve, and any
+                // group's bitmaps and inode table that lie here; all else is free.
+                let head = if self.has_super(g) {
+                    (1 + gdt_blocks + sb.reserved_gdt_blocks).min(count)
+                } else {
+                    0
+                };
+                let mut used: Vec<(u64, u64)> = vec![(start, start + head)];
+                let first = meta.partition_point(|&(b, n)| b.saturating_add(n) <= start);
+                for &(b, n) in meta[first..].iter().take_while(|&&(b, _)| b < end) {
+                    used.push((b.max(start), b.saturating_add(n).min(end)));
+                }
+                used.sort_unstable();
+                let mut at = start;
+                let mut free_here = 0;
+                let mut pieces = Vec::new();
+                for (s, e) in used {
+                    if s > at {
+                        pieces.push((at, s));
+                        free_here += s - at;
+                    }
+                    at = at.max(e);
+                }
+                if end > at {
+                    pieces.push((at, end));
+                    free_here += end - at;
+                }
+                if free_here == free {
+                    for (s, e) in pieces {
+                        out.push(s * bs, e * bs);
+                    }
+                }
+                continue;
+            }
+            if bitmap_at < sb.first_data_block || bitmap_at >= sb.blocks {
+                return Err(corrupt(format!(
+                    "group {g}: block bitmap at block {bitmap_at}, outside the file system"
+                )));
+            }
+            self.read_block(bitmap_at, &mut bitmap)?;
+            let zeros = (0..count)
+                .filter(|&i| bitmap[(i / 8) as usize] & (1 << (i % 8)) == 0)
+                .count() as u64;
+            if zeros != free {
+                continue; // the bitmap and the descriptor disagree: trust neither
+            }
+            let mut run: Option<u64> = None;
+            for i in 0..=count {
+                let is_free = i < count && bitmap[(i / 8) as usize] & (1 << (i % 8)) == 0;
+                match (is_free, run) {
+                    (true, None) => run = Some(i),
+                    (false, Some(r)) => {
+                        out.push((start + r) * bs, (start + i) * bs);
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(out.finish())
     }
 
     fn read_block(&self, block: u64, buf: &mut [u8]) -> io::Result<()> {
@@ -1307,6 +1463,49 @@ pub fn runs(extents: &[Extent], block_size: u64, offset: u64, len: u64) -> Vec<R
         });
     }
     out
+}
+
+/// Free byte ranges found in disk order, merged when they touch, at most `max` of them: past
+/// that the smallest go (reading them is the cost), as a doubling minimum length.
+pub struct Ranges {
+    out: Vec<(u64, u64)>,
+    max: usize,
+    min_len: u64,
+}
+
+impl Ranges {
+    pub fn new(max: usize) -> Self {
+        Ranges {
+            out: Vec::new(),
+            max: max.max(1),
+            min_len: 0,
+        }
+    }
+
+    /// Adds `[s, e)`, which starts at or after every range so far.
+    pub fn push(&mut self, s: u64, e: u64) {
+        if s >= e {
+            return;
+        }
+        match self.out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => self.out.push((s, e)),
+        }
+        while self.out.len() > self.max {
+            self.min_len = self.min_len.saturating_mul(2).max(1);
+            let min = self.min_len;
+            // The last range may still grow: keep it whatever its length.
+            let last = self.out.pop();
+            self.out.retain(|(s, e)| e - s >= min);
+            self.out.extend(last);
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<(u64, u64)> {
+        let min = self.min_len;
+        self.out.retain(|(s, e)| e - s >= min);
+        self.out
+    }
 }
 
 #[cfg(test)]

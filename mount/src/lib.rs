@@ -23,6 +23,8 @@
 //!   image file.
 //! * [`browse`]: any RP as one [`filesystem::FileSystem`] (a file RP's tree, a disk RP's file
 //!   systems under the names above) for `rp ls/cat/find/diff` and file restores from disk RPs.
+//! * [`usage`]: the free space of a disk's ext4 and XFS file systems, from their own allocation
+//!   maps, for full backups that read only the used blocks.
 //! * [`tree_view`]: a file RP as the tree it backed up (metadata, symlinks, hard links, xattrs,
 //!   holes), read through the chunks its tree lists.
 //!
@@ -52,6 +54,7 @@ pub mod ntfs;
 pub mod overlay;
 pub mod partitions;
 pub mod tree_view;
+pub mod usage;
 pub mod views;
 pub mod xfs;
 

@@ -89,6 +89,8 @@ const DIFLAG2_BIGTIME: u64 = 1 << 3;
 /// `di_flags2`: 64-bit extent counters.
 const DIFLAG2_NREXT64: u64 = 1 << 4;
 
+/// `sb_versionnum`: log records are version 2 (always so on v5).
+const VERSION_LOGV2: u16 = 0x0400;
 const VERSION_DIRV2: u16 = 0x2000;
 const VERSION_MOREBITS: u16 = 0x8000;
 const FEATURES2_FTYPE: u32 = 0x200;
@@ -186,6 +188,21 @@ struct Super {
     ag_blocks: u64,
     ag_count: u64,
     ag_blk_log: u8,
+    /// Bytes per sector (`sb_sectsize`). The superblock, AGF, AGI and AGFL each take one
+    /// sector at the start of every allocation group.
+    sect_size: u64,
+    /// File-system block where the internal log starts (`sb_logstart`); 0 for an external log.
+    log_start: u64,
+    /// The log's length in file-system blocks (`sb_logblocks`).
+    log_blocks: u64,
+    /// Log records are version 2 (v5, or the v4 LOGV2 version bit).
+    log_v2: bool,
+    /// `sb_features_log_incompat` (v5; 0 on v4). The kernel sets these bits while the log may
+    /// hold items that older kernels cannot replay, and clears them when it quiesces the log
+    /// to unmount.
+    log_incompat: u32,
+    /// `sb_uuid`, which every log record header repeats.
+    uuid: [u8; 16],
     inode_size: u64,
     inop_blog: u8,
     root: u64,
@@ -296,6 +313,9 @@ impl<R: ReadAt> Xfs<R> {
     fn parse_super(b: Be, size: u64) -> io::Result<Super> {
         let block_size = b.u32(4)? as u64;
         let dblocks = b.u64(8)?;
+        let uuid: [u8; 16] = b.bytes(32, 16)?.try_into().expect("16 bytes");
+        let log_start = b.u64(48)?;
+        let log_blocks = b.u32(96)? as u64;
         let root = b.u64(56)?;
         let ag_blocks = b.u32(84)? as u64;
         let ag_count = b.u32(88)? as u64;
@@ -313,6 +333,8 @@ impl<R: ReadAt> Xfs<R> {
             5 => true,
             v => return Err(unsupported(format!("superblock version {v}"))),
         };
+        let log_v2 = v5 || version & VERSION_LOGV2 != 0;
+        let log_incompat = if v5 { b.u32(220)? } else { 0 };
         let pow2 = |v: u64, log: u8| v.is_power_of_two() && log < 64 && v == 1 << log;
         let geometry_ok = pow2(block_size, block_log)
             && (512..=65536).contains(&block_size)
@@ -368,6 +390,12 @@ impl<R: ReadAt> Xfs<R> {
             ag_blocks,
             ag_count,
             ag_blk_log,
+            sect_size,
+            log_start,
+            log_blocks,
+            log_v2,
+            log_incompat,
+            uuid,
             inode_size,
             inop_blog,
             root,
@@ -1239,5 +1267,525 @@ impl<D: CachedDevice + 'static> HasDevice for Xfs<D> {
     type Device = D;
     fn dev(&self) -> &D {
         &self.dev
+    }
+}
+
+/// `agf_magicnum`.
+const AGF_MAGIC: u32 = 0x5841_4746; // "XAGF"
+/// `agf_versionnum`.
+const AGF_VERSION: u32 = 1;
+/// Blocks of the free-space B+tree by block number (bnobt), v4 and v5.
+const ABTB_MAGIC: u32 = 0x4142_5442; // "ABTB"
+const AB3B_MAGIC: u32 = 0x4142_3342; // "AB3B"
+/// Header of a short-form (per-group) B+tree block: magic, level, record count and siblings.
+/// v5 adds the block's own address, LSN, UUID, owning group and CRC.
+const SHORT_BLOCK_LEN: usize = 16;
+const SHORT_BLOCK_CRC_LEN: usize = 56;
+/// Per-group B+trees deeper than this are corrupt. This is the kernel's old static bound;
+/// the deepest free-space tree possible (2^31 blocks of 512 bytes) needs 7 levels.
+const MAX_AG_BTREE_LEVELS: u32 = 9;
+/// Free-space B+tree blocks that one [`Xfs::free_extents`] call reads, each at most once.
+pub const MAX_FREE_NODES: u64 = 1 << 20;
+/// Free ranges returned at most, whatever the caller asks (16 bytes each).
+pub const MAX_FREE_RANGES: usize = 1 << 20;
+
+/// The log's unit: basic blocks of 512 bytes.
+const BB: u64 = 512;
+/// A log record header block starts with this instead of a cycle number.
+const LOG_HEADER_MAGIC: u32 = 0xfeed_babe;
+const LOG_VERSION_1: u32 = 1;
+const LOG_VERSION_2: u32 = 2;
+/// The data bytes covered by the first words saved in one record header block (64 basic
+/// blocks).
+const LOG_CYCLE_SIZE: u64 = 32 << 10;
+/// The largest log record (one in-core log buffer).
+const LOG_MAX_RECORD: u64 = 256 << 10;
+/// `struct xlog_op_header`: tid, len, clientid, flags, reserved.
+const LOG_OP_HEADER: u64 = 12;
+/// `oh_flags`: this operation is an unmount record.
+const LOG_UNMOUNT_TRANS: u8 = 0x20;
+/// Basic blocks checked on each side of the head. At most eight in-core logs of 256 KiB can
+/// be in flight, so a crash leaves torn writes only within these 2 MiB.
+const LOG_WINDOW: u64 = 8 * LOG_MAX_RECORD / BB;
+
+impl<R: ReadAt> Xfs<R> {
+    /// The data device's free space from each allocation group's free-space B+tree by block
+    /// number, as sorted, disjoint byte ranges `[start, end)` from the start of the device.
+    /// At most `max_ranges` are returned, and never more than [`MAX_FREE_RANGES`].
+    ///
+    /// The trees are the whole truth only when [`Xfs::log_is_clean`]: a dirty log may hold
+    /// transactions that allocated blocks which the on-disk trees still show free. When the
+    /// budget is exceeded, the minimum range length doubles (starting from one block) until
+    /// few enough ranges remain. Dropping a free range is always safe, because the caller then
+    /// reads it.
+    ///
+    /// Checks (any failure is an error naming the group): each AGF's magic, version, group
+    /// number and length; the tree's depth (1 to 9 levels); each tree block's magic, its level
+    /// (one less per step down), its record count within the block's capacity and, on v5, its
+    /// own address and owning group. Records must be non-empty, lie inside the group after its
+    /// headers, ascend and not overlap, and add up to `agf_freeblks`. No returned range may
+    /// cover a block of these trees, a by-size tree root or the internal log.
+    ///
+    /// Budgets: at most [`MAX_FREE_NODES`] tree blocks, each read once, and their block numbers
+    /// kept (8 bytes each, plus set overhead). The ranges in memory never exceed
+    /// max(2 × the budget, 1024).
+    pub fn free_extents(&self, max_ranges: usize) -> io::Result<Vec<(u64, u64)>> {
+        let sb = &self.sb;
+        let log = match sb.log_start {
+            0 => None,
+            fsb => {
+                let first = self.linear(fsb, sb.log_blocks)?;
+                Some((first, first + sb.log_blocks))
+            }
+        };
+        let mut walk = FreeWalk {
+            fs: self,
+            log,
+            keep: max_ranges.min(MAX_FREE_RANGES),
+            min_len: sb.block_size,
+            out: Vec::new(),
+            nodes: BTreeSet::new(),
+            ag: 0,
+            first: 0,
+            len: 0,
+            headers: 0,
+            next: 0,
+            blocks: 0,
+            cnt_root: 0,
+        };
+        for ag in 0..sb.ag_count {
+            walk.group(ag).map_err(|e| in_group(ag, e))?;
+        }
+        walk.trim();
+        // A free range must not hold a block of the trees that describe it. Dropped ranges
+        // are not checked: they will be read anyway.
+        let bs = sb.block_size;
+        for &(start, end) in &walk.out {
+            if let Some(node) = walk.nodes.range(start / bs..end / bs).next() {
+                return Err(corrupt(format!(
+                    "free space at byte {start} covers its own B+tree block {node}"
+                )));
+            }
+        }
+        Ok(walk.out)
+    }
+
+    /// Whether the internal log ends with an unmount record. If it does, nothing in the log
+    /// awaits replay, and the on-disk metadata (above all the free-space B+trees) is the whole
+    /// truth. `Ok(false)` means "not known clean", which is always the safe answer. An external
+    /// log is refused as unsupported. Log geometry in the superblock that lies outside the file
+    /// system is an error, because that is superblock damage. I/O errors pass through.
+    ///
+    /// The method follows the kernel's head and tail search, simplified and stricter, because
+    /// any doubt answers `false`:
+    ///
+    /// * v5 log-incompatible feature bits set: `false`. A clean unmount clears them.
+    /// * Each 512-byte basic block starts with the cycle (pass) number that wrote it. A record
+    ///   header block instead starts with 0xFEEDBABE and has its cycle at byte 4. Block 0
+    ///   holds the current cycle. A cycle of 0 means the log was never written: `false`.
+    /// * If the last block's cycle equals block 0's, the head is at the physical end. If it
+    ///   is one less, or 0 (first pass), a binary search (O(log n) one-sector reads) finds
+    ///   the first block of that older cycle. Any other cycle answers `false`.
+    /// * The window of `LOG_WINDOW` blocks on each side of the head (2 MiB each, wrapping)
+    ///   must be exactly the current cycle before the head and the older cycle after it. A
+    ///   clean unmount waits for every log write to finish, so torn writes (the mixed cycles a
+    ///   crash leaves) mean `false`.
+    /// * The last record header before the head, found within that window, must have the
+    ///   log's record version, an LSN naming its own cycle and block, this file system's UUID
+    ///   (or none, as IRIX wrote), one operation, and a length that ends the record exactly at
+    ///   the head. The first word of its first data block must carry the record's cycle. Once
+    ///   that word is restored from `h_cycle_data[0]`, the operation header must fit the record
+    ///   and have XLOG_UNMOUNT_TRANS set.
+    ///
+    /// Reads: two sectors, the binary search, and one window of at most 4 MiB.
+    pub fn log_is_clean(&self) -> io::Result<bool> {
+        let sb = &self.sb;
+        if sb.log_start == 0 {
+            return Err(unsupported("an external log"));
+        }
+        if sb.log_blocks == 0 {
+            return Err(corrupt("the internal log has no blocks"));
+        }
+        let first = self.linear(sb.log_start, sb.log_blocks)?;
+        if sb.log_incompat != 0 {
+            return Ok(false);
+        }
+        // Both fit: the log lies inside the file system, whose bytes fit in the device size.
+        let log = LogRing {
+            dev: &self.dev,
+            start: first * sb.block_size,
+            n: sb.log_blocks * (sb.block_size / BB),
+        };
+        let n = log.n;
+
+        // The head: the block the next write would go to (n when the whole log has one cycle).
+        let current = log.cycle(0)?;
+        if current == 0 {
+            return Ok(false);
+        }
+        let last = log.cycle(n - 1)?;
+        let (head, older) = if last == current {
+            (n, current)
+        } else if last == current - 1 || last == 0 {
+            // Invariant: block `lo` has the current cycle and block `hi` does not.
+            let (mut lo, mut hi) = (0, n - 1);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if log.cycle(mid)? == current {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            (hi, last)
+        } else {
+            return Ok(false);
+        };
+        let head_at = head % n;
+
+        // The window around the head: the current cycle before it, the older one after it.
+        let span = (2 * LOG_WINDOW).min(n);
+        let from = if span == n {
+            0
+        } else {
+            (head_at + n - LOG_WINDOW) % n
+        };
+        let win = LogWindow {
+            buf: log.read(from, span)?,
+            from,
+            n,
+        };
+        for i in 0..span {
+            let b = (from + i) % n;
+            let want = if head == n || b < head {
+                current
+            } else {
+                older
+            };
+            if cycle_of(win.block(b))? != want {
+                return Ok(false);
+            }
+        }
+
+        // The last record header before the head. Data blocks never start with the magic: the
+        // cycle stamp replaces their first word, and cycles skip the magic value.
+        let before = if span == n { n } else { LOG_WINDOW };
+        let found = (1..=before)
+            .map(|dist| (dist, (head_at + n - dist) % n))
+            .find(|&(_, b)| Be(win.block(b)).u32(0).ok() == Some(LOG_HEADER_MAGIC));
+        let Some((dist, rec)) = found else {
+            return Ok(false);
+        };
+        let h = Be(win.block(rec));
+        let cycle = h.u32(4)?;
+        let version = h.u32(8)?;
+        let len = h.u32(12)? as u64;
+        let lsn = h.u64(16)?;
+        let ops = h.u32(40)?;
+        let saved = h.u32(44)?; // h_cycle_data[0]: the first data block's own first word
+        let uuid = h.bytes(304, 16)?;
+        let size = h.u32(320)? as u64;
+        let want_version = if sb.log_v2 {
+            LOG_VERSION_2
+        } else {
+            LOG_VERSION_1
+        };
+        if version != want_version
+            || lsn >> 32 != cycle as u64
+            || lsn & 0xffff_ffff != rec
+            || (uuid != sb.uuid && uuid.iter().any(|&c| c != 0))
+        {
+            return Ok(false);
+        }
+        // Header blocks: one, or one per 32 KiB of in-core log on v2 logs with larger buffers.
+        let hblks = if version == LOG_VERSION_2 && size > LOG_CYCLE_SIZE {
+            if size > LOG_MAX_RECORD {
+                return Ok(false);
+            }
+            size.div_ceil(LOG_CYCLE_SIZE)
+        } else {
+            1
+        };
+        if !(LOG_OP_HEADER..=LOG_MAX_RECORD).contains(&len) {
+            return Ok(false);
+        }
+        let data = len.div_ceil(BB);
+        if data > hblks * (LOG_CYCLE_SIZE / BB) || dist != hblks + data || ops != 1 {
+            return Ok(false);
+        }
+        // The first data block: stamped with the record's cycle (one more where the record
+        // wrapped past the log's end). Its own first word (oh_tid) is restored from the header.
+        let raw = Be(win.block((rec + hblks) % n));
+        let stamp = if rec + hblks >= n {
+            next_cycle(cycle)
+        } else {
+            cycle
+        };
+        if raw.u32(0)? != stamp {
+            return Ok(false);
+        }
+        let mut op = [0u8; LOG_OP_HEADER as usize];
+        op.copy_from_slice(raw.bytes(0, LOG_OP_HEADER as usize)?);
+        op[..4].copy_from_slice(&saved.to_be_bytes());
+        let op = Be(&op);
+        let (op_len, flags) = (op.u32(4)? as u64, op.u8(9)?);
+        Ok(op_len + LOG_OP_HEADER <= len && flags & LOG_UNMOUNT_TRANS != 0)
+    }
+}
+
+/// `e` with the allocation group named, if it is this module's own damage report.
+fn in_group(ag: u64, e: io::Error) -> io::Error {
+    if let Some(Error::Corrupt(m)) = Error::of(&e) {
+        return corrupt(format!("allocation group {ag}: {m}"));
+    }
+    e
+}
+
+/// The free space being collected from the groups' free-space B+trees, with its budgets.
+struct FreeWalk<'a, R> {
+    fs: &'a Xfs<R>,
+    /// The internal log's linear blocks `[start, end)`, which no free range may touch.
+    log: Option<(u64, u64)>,
+    /// At most this many ranges are returned. Past that, only ranges of `min_len` bytes or
+    /// more are kept (it doubles from one block).
+    keep: usize,
+    min_len: u64,
+    out: Vec<(u64, u64)>,
+    /// Linear numbers of the tree blocks read: each read once, and none may be free.
+    nodes: BTreeSet<u64>,
+    /// The group being walked: its number, first linear block and length in blocks.
+    ag: u64,
+    first: u64,
+    len: u64,
+    /// Group blocks taken by the superblock, AGF, AGI and AGFL sectors.
+    headers: u64,
+    /// The next record must start here or later (ascending, disjoint, past the headers).
+    next: u64,
+    /// Free blocks counted in this group, for `agf_freeblks`.
+    blocks: u64,
+    /// The root of the group's by-size free-space tree, which cannot itself be free.
+    cnt_root: u64,
+}
+
+impl<R: ReadAt> FreeWalk<'_, R> {
+    /// Group `ag`: its AGF, then its by-block-number tree.
+    fn group(&mut self, ag: u64) -> io::Result<()> {
+        let fs = self.fs;
+        let sb = &fs.sb;
+        // parse_super ensures (ag_count - 1) * ag_blocks < dblocks <= ag_count * ag_blocks.
+        let first = ag * sb.ag_blocks;
+        let len = sb
+            .dblocks
+            .checked_sub(first)
+            .ok_or_else(|| corrupt("the group starts past the file system"))?
+            .min(sb.ag_blocks);
+        // The AGF is the group's second sector. `end` fits: dblocks * block_size <= size.
+        let end = (first + len) * sb.block_size;
+        let at = first
+            .checked_mul(sb.block_size)
+            .and_then(|b| b.checked_add(sb.sect_size))
+            .filter(|&a| a.checked_add(BB).is_some_and(|e| e <= end))
+            .ok_or_else(|| corrupt(format!("{len} blocks cannot hold the group's headers")))?;
+        let mut raw = [0u8; BB as usize];
+        fs.dev.read_at(at, &mut raw)?;
+        let b = Be(&raw);
+        let (magic, version) = (b.u32(0)?, b.u32(4)?);
+        let (seqno, length) = (b.u32(8)? as u64, b.u32(12)? as u64);
+        if magic != AGF_MAGIC || version != AGF_VERSION || seqno != ag || length != len {
+            return Err(corrupt(format!(
+                "AGF of magic {magic:#x}, version {version}, group {seqno} and {length} blocks \
+                 ({len} expected)"
+            )));
+        }
+        let (root, cnt_root) = (b.u32(16)? as u64, b.u32(20)? as u64);
+        let (levels, freeblks) = (b.u32(28)?, b.u32(52)? as u64);
+        if levels == 0 || levels > MAX_AG_BTREE_LEVELS || freeblks > len {
+            return Err(corrupt(format!(
+                "AGF with a free-space B+tree of {levels} levels and {freeblks} free blocks"
+            )));
+        }
+        let headers = (4 * sb.sect_size).div_ceil(sb.block_size);
+        (self.ag, self.first, self.len, self.headers) = (ag, first, len, headers);
+        (self.next, self.blocks, self.cnt_root) = (headers, 0, cnt_root);
+        self.node(root, levels - 1, true)?;
+        if self.blocks != freeblks {
+            return Err(corrupt(format!(
+                "the free-space B+tree holds {} free blocks, the AGF says {freeblks}",
+                self.blocks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Tree block `agbno` of the group, which must be at `level` (0: a leaf).
+    fn node(&mut self, agbno: u64, level: u32, root: bool) -> io::Result<()> {
+        let fs = self.fs;
+        let sb = &fs.sb;
+        if agbno < self.headers || agbno >= self.len {
+            return Err(corrupt(format!(
+                "free-space B+tree block {agbno} is outside the group"
+            )));
+        }
+        let linear = fs.linear(self.ag << sb.ag_blk_log | agbno, 1)?;
+        if self.nodes.len() as u64 >= MAX_FREE_NODES {
+            return Err(corrupt(format!(
+                "more than {MAX_FREE_NODES} free-space B+tree blocks"
+            )));
+        }
+        if !self.nodes.insert(linear) {
+            return Err(corrupt(format!(
+                "free-space B+tree block {agbno} is reached twice"
+            )));
+        }
+        let raw = fs.read_block(linear, 1)?;
+        let b = Be(&raw);
+        let (hdr, magic) = if sb.v5 {
+            (SHORT_BLOCK_CRC_LEN, AB3B_MAGIC)
+        } else {
+            (SHORT_BLOCK_LEN, ABTB_MAGIC)
+        };
+        let (m, lvl, n) = (b.u32(0)?, b.u16(4)? as u32, b.u16(6)? as usize);
+        // Leaves hold 8-byte records. Nodes hold `max` 8-byte keys, then `max` 4-byte pointers.
+        let body = raw.len().saturating_sub(hdr);
+        let max = if level == 0 { body / 8 } else { body / 12 };
+        // Only the root leaf of a full group may be empty.
+        let mut bad = m != magic || lvl != level || n > max || (n == 0 && !(root && level == 0));
+        if sb.v5 && !bad {
+            // Its own address in 512-byte units (fits: linear < dblocks), and its group.
+            let daddr = linear * (sb.block_size / BB);
+            bad = b.u64(16)? != daddr || b.u32(48)? as u64 != self.ag;
+        }
+        if bad {
+            return Err(corrupt(format!(
+                "free-space B+tree block {agbno} (magic {m:#x}, level {lvl}, {n} records)"
+            )));
+        }
+        if level == 0 {
+            return self.records(b, hdr, n);
+        }
+        for i in 0..n {
+            let ptr = b.u32(hdr + max * 8 + i * 4)? as u64;
+            self.node(ptr, level - 1, false)?;
+        }
+        Ok(())
+    }
+
+    /// `n` records (start block and block count within the group) from byte `at` of a leaf.
+    fn records(&mut self, b: Be, at: usize, n: usize) -> io::Result<()> {
+        let bs = self.fs.sb.block_size;
+        for i in 0..n {
+            let start = b.u32(at + i * 8)? as u64;
+            let count = b.u32(at + i * 8 + 4)? as u64;
+            let end = start + count; // two u32s
+            if count == 0 || start < self.next || end > self.len {
+                return Err(corrupt(format!(
+                    "free extent of {count} blocks at block {start} (free space may start at \
+                     block {} and ends at {})",
+                    self.next, self.len
+                )));
+            }
+            if (start..end).contains(&self.cnt_root) {
+                return Err(corrupt(format!(
+                    "free extent at block {start} covers the by-size tree's root"
+                )));
+            }
+            self.next = end;
+            self.blocks += count;
+            let (first, last) = (self.first + start, self.first + end);
+            if self.log.is_some_and(|(ls, le)| first < le && ls < last) {
+                return Err(corrupt(format!(
+                    "free extent at block {start} overlaps the log"
+                )));
+            }
+            // Fits: `last` <= dblocks, and dblocks * block_size <= size.
+            self.push(first * bs, last * bs);
+        }
+        Ok(())
+    }
+
+    /// Adds free bytes `[start, end)`, which come after every range so far.
+    fn push(&mut self, start: u64, end: u64) {
+        if let Some(last) = self.out.last_mut().filter(|l| l.1 == start) {
+            last.1 = end;
+        } else if end - start >= self.min_len {
+            self.out.push((start, end));
+        }
+        if self.out.len() > self.keep.saturating_mul(2).max(1024) {
+            self.trim();
+        }
+    }
+
+    /// Drops the shortest ranges, doubling the minimum length, until at most `keep` remain.
+    /// At most 64 rounds: the minimum grows beyond any range, and at u64::MAX nothing is kept.
+    fn trim(&mut self) {
+        while self.out.len() > self.keep {
+            if self.min_len == u64::MAX {
+                self.out.clear();
+                break;
+            }
+            self.min_len = self.min_len.saturating_mul(2);
+            let min = self.min_len;
+            self.out.retain(|&(s, e)| e - s >= min);
+        }
+    }
+}
+
+/// The internal log as a ring of `n` basic blocks from byte `start` of the device.
+struct LogRing<'a, R> {
+    dev: &'a R,
+    start: u64,
+    n: u64,
+}
+
+impl<R: ReadAt> LogRing<'_, R> {
+    /// `count` (at most `n`, and at most twice [`LOG_WINDOW`]) basic blocks from block `first`
+    /// (below `n`), wrapping at the log's end.
+    fn read(&self, first: u64, count: u64) -> io::Result<Vec<u8>> {
+        let tail = count.min(self.n.saturating_sub(first));
+        let mut buf = vec![0u8; (count * BB) as usize];
+        let (a, b) = buf.split_at_mut((tail * BB) as usize);
+        self.dev.read_at(self.start + first * BB, a)?;
+        if !b.is_empty() {
+            self.dev.read_at(self.start, b)?;
+        }
+        Ok(buf)
+    }
+
+    /// The cycle number of basic block `b`.
+    fn cycle(&self, b: u64) -> io::Result<u32> {
+        cycle_of(&self.read(b, 1)?)
+    }
+}
+
+/// Consecutive basic blocks of the log ring read from block `from`.
+struct LogWindow {
+    buf: Vec<u8>,
+    from: u64,
+    n: u64,
+}
+
+impl LogWindow {
+    /// Basic block `b` (below `n`). Outside the window this is empty, so reading it is an error
+    /// rather than a panic.
+    fn block(&self, b: u64) -> &[u8] {
+        let i = ((b + self.n - self.from) % self.n * BB) as usize;
+        self.buf.get(i..i + BB as usize).unwrap_or_default()
+    }
+}
+
+/// The cycle number a basic block was written in (a record header keeps it at byte 4).
+fn cycle_of(bb: &[u8]) -> io::Result<u32> {
+    let b = Be(bb);
+    match b.u32(0)? {
+        LOG_HEADER_MAGIC => b.u32(4),
+        c => Ok(c),
+    }
+}
+
+/// The cycle after `c`. Cycles never take the header magic's value.
+fn next_cycle(c: u32) -> u32 {
+    match c.wrapping_add(1) {
+        LOG_HEADER_MAGIC => LOG_HEADER_MAGIC.wrapping_add(1),
+        c => c,
     }
 }

@@ -15,6 +15,7 @@
 
 mod files;
 mod filesystems;
+mod live;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -76,6 +77,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", filesystems::report(&f));
         return Ok(());
     }
+    if args.iter().any(|a| a == "live") {
+        let f = live::bench(&root, &data, &work)?;
+        print!("{}", live::report(&f));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "files") {
         let f = files::bench_files(&root, &work)?;
         print!("{}", files::report_files(&f));
@@ -129,6 +135,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let stream = bench_stream(&root, &data, &work)?;
     let files = files::bench_files(&root, &work)?;
     let filesystems = filesystems::bench(&root, &data, &work)?;
+    let live = live::bench(&root, &data, &work)?;
     report(
         &samples,
         &nbd,
@@ -138,6 +145,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &work,
     )?;
     print!("{}", filesystems::report(&filesystems));
+    print!("{}", live::report(&live));
     Ok(())
 }
 

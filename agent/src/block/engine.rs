@@ -10,6 +10,7 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 
+use super::ranges::RangeSet;
 use super::{BlockSource, BufPool, PooledBuf};
 use crate::error::AgentError;
 
@@ -39,49 +40,221 @@ impl IoEngine {
     }
 }
 
-/// One planned read: `len` bytes at `offset`; `hole` when it lies entirely in a hole.
+/// What a backup does with a planned range of its source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// Read and stored.
+    Data,
+    /// Zeros, not read: a hole of the source, or free space of its file system.
+    Zeros,
+    /// Unchanged since the parent RP: its slots are taken from the parent map, not read.
+    Keep,
+    /// Unchanged since the parent by the changed-block source's word, read anyway (a sample) to
+    /// check that word: the pipeline compares its chunk ids with the parent's.
+    Verify,
+}
+
+/// One planned request: `len` bytes at `offset` (chunk-aligned), of one kind. Reads fill
+/// `pieces` (offset in the block, length); the rest of the block is zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Req {
     pub offset: u64,
     pub len: usize,
-    pub hole: bool,
+    pub kind: BlockKind,
+    pub pieces: Vec<(usize, usize)>,
 }
 
-/// A block handed to the pipeline; `data` is None for a hole (all zeros, not read).
+impl Req {
+    pub(crate) fn reads(&self) -> bool {
+        matches!(self.kind, BlockKind::Data | BlockKind::Verify)
+    }
+
+    /// Whether the pieces leave parts of the block unread (which must then be zeroed).
+    pub(crate) fn partial(&self) -> bool {
+        self.pieces.iter().map(|p| p.1).sum::<usize>() < self.len
+    }
+
+    pub(crate) fn bytes_read(&self) -> u64 {
+        self.pieces.iter().map(|p| p.1 as u64).sum()
+    }
+}
+
+/// A block handed to the pipeline; `data` is None unless it was read.
 pub struct Block {
     pub offset: u64,
     pub len: usize,
+    pub kind: BlockKind,
+    /// Bytes read from the source for it.
+    pub bytes_read: u64,
     pub data: Option<PooledBuf>,
 }
 
 impl Block {
-    pub(crate) fn hole(req: Req) -> Self {
+    pub(crate) fn unread(req: &Req) -> Self {
         Block {
             offset: req.offset,
             len: req.len,
+            kind: req.kind,
+            bytes_read: 0,
             data: None,
         }
     }
 }
 
-/// Splits a source into blocks and marks those inside holes.
+/// What a backup reads of its source beyond the holes it finds itself.
+#[derive(Debug, Clone, Default)]
+pub struct SourcePlan {
+    /// Bytes known to be free space of the source's file systems: never read, stored as zeros.
+    pub free: RangeSet,
+    /// A changed-block incremental: the bytes that may have changed since the parent RP. Chunks
+    /// outside them are taken from the parent unread (but for the verified sample).
+    pub changed: Option<RangeSet>,
+    /// Share (0..=1) of the chunks kept from the parent that are read anyway and compared.
+    pub verify_share: f64,
+}
+
+/// Splits a source into chunk-aligned requests of at most one block each: holes and free space
+/// become zeros, unchanged chunks (with a plan's changed map) keeps or sampled verifications.
 pub(crate) struct Planner<'a> {
     src: &'a BlockSource,
+    plan: &'a SourcePlan,
     block_size: u64,
+    chunk_size: u64,
     next: u64,
     extent: Option<(u64, u64)>,
     started: bool,
+    queue: std::collections::VecDeque<Req>,
+    rng: rand::rngs::StdRng,
 }
 
 impl<'a> Planner<'a> {
-    pub(crate) fn new(src: &'a BlockSource, block_size: usize) -> Self {
+    pub(crate) fn new(
+        src: &'a BlockSource,
+        plan: &'a SourcePlan,
+        block_size: usize,
+        chunk_size: usize,
+    ) -> Self {
+        use rand::SeedableRng;
+        assert!(block_size.is_multiple_of(chunk_size));
         Planner {
             src,
+            plan,
             block_size: block_size as u64,
+            chunk_size: chunk_size as u64,
             next: 0,
             extent: None,
             started: false,
+            queue: Default::default(),
+            rng: rand::rngs::StdRng::from_entropy(),
         }
+    }
+
+    /// Whether `[start, end)` lies entirely in a hole of the source.
+    fn in_hole(&mut self, start: u64, end: u64) -> io::Result<bool> {
+        let stale = match self.extent {
+            None => !self.started,
+            Some((_, e)) => e <= start,
+        };
+        if stale {
+            self.started = true;
+            self.extent = self.src.next_data(start)?;
+        }
+        Ok(match self.extent {
+            None => true,
+            Some((s, _)) => s >= end,
+        })
+    }
+
+    /// The kind of the chunk at `[s, e)`.
+    fn kind_of(&mut self, s: u64, e: u64) -> BlockKind {
+        use rand::Rng;
+        if self.plan.free.covers(s, e) {
+            return BlockKind::Zeros;
+        }
+        match &self.plan.changed {
+            Some(changed) if !changed.intersects(s, e) => {
+                let share = self.plan.verify_share.clamp(0.0, 1.0);
+                if share > 0.0 && self.rng.gen_bool(share) {
+                    BlockKind::Verify
+                } else {
+                    BlockKind::Keep
+                }
+            }
+            _ => BlockKind::Data,
+        }
+    }
+
+    /// The pieces of `[s, e)` to read: all but the free space, widened to [`ALIGN`] for
+    /// O_DIRECT (and clipped to the source's end).
+    fn pieces(&self, s: u64, e: u64) -> Vec<(usize, usize)> {
+        let align = super::ALIGN as u64;
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut at = s;
+        let free = self.plan.free.within(s, e).chain(std::iter::once((e, e)));
+        for (fs, fe) in free {
+            if fs > at {
+                let a = (at / align * align).max(s);
+                let b = fs.next_multiple_of(align).min(e);
+                match out.last_mut() {
+                    Some(last) if (last.0 + last.1) as u64 + s >= a => {
+                        last.1 = (b - s) as usize - last.0
+                    }
+                    _ => out.push(((a - s) as usize, (b - a) as usize)),
+                }
+            }
+            at = at.max(fe);
+        }
+        out
+    }
+
+    fn plan_block(&mut self, start: u64, end: u64) -> io::Result<()> {
+        if self.in_hole(start, end)? {
+            self.queue.push_back(Req {
+                offset: start,
+                len: (end - start) as usize,
+                kind: BlockKind::Zeros,
+                pieces: Vec::new(),
+            });
+            return Ok(());
+        }
+        let mut run: Option<(u64, BlockKind)> = None;
+        let mut s = start;
+        while s < end {
+            let e = (s + self.chunk_size).min(end);
+            let kind = self.kind_of(s, e);
+            match run {
+                Some((_, k)) if k == kind && kind != BlockKind::Verify => {}
+                Some((from, k)) => {
+                    self.push(from, s, k);
+                    run = Some((s, kind));
+                }
+                None => run = Some((s, kind)),
+            }
+            s = e;
+        }
+        if let Some((from, k)) = run {
+            self.push(from, end, k);
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, s: u64, e: u64, kind: BlockKind) {
+        let pieces = match kind {
+            BlockKind::Data | BlockKind::Verify => self.pieces(s, e),
+            BlockKind::Zeros | BlockKind::Keep => Vec::new(),
+        };
+        // A read with no piece left (every byte free) reads nothing: zeros, or a plain keep.
+        let kind = match kind {
+            BlockKind::Data if pieces.is_empty() => BlockKind::Zeros,
+            BlockKind::Verify if pieces.is_empty() => BlockKind::Keep,
+            k => k,
+        };
+        self.queue.push_back(Req {
+            offset: s,
+            len: (e - s) as usize,
+            kind,
+            pieces,
+        });
     }
 }
 
@@ -89,47 +262,36 @@ impl Iterator for Planner<'_> {
     type Item = io::Result<Req>;
 
     fn next(&mut self) -> Option<io::Result<Req>> {
-        if self.next >= self.src.size {
-            return None;
+        while self.queue.is_empty() {
+            if self.next >= self.src.size {
+                return None;
+            }
+            let start = self.next;
+            let end = (start + self.block_size).min(self.src.size);
+            self.next = end;
+            if let Err(e) = self.plan_block(start, end) {
+                return Some(Err(e));
+            }
         }
-        let start = self.next;
-        let end = (start + self.block_size).min(self.src.size);
-        self.next = end;
-        let stale = match self.extent {
-            None => !self.started,
-            Some((_, e)) => e <= start,
-        };
-        if stale {
-            self.started = true;
-            self.extent = match self.src.next_data(start) {
-                Ok(x) => x,
-                Err(e) => return Some(Err(e)),
-            };
-        }
-        let hole = match self.extent {
-            None => true,
-            Some((s, _)) => s >= end,
-        };
-        Some(Ok(Req {
-            offset: start,
-            len: (end - start) as usize,
-            hole,
-        }))
+        self.queue.pop_front().map(Ok)
     }
 }
 
-/// Reads all of `src` in `block_size` blocks, calling `sink` for each (holes included).
+/// Reads `src` as `plan` says in blocks of at most `block_size` bytes (whole chunks of
+/// `chunk_size`), calling `sink` for each in disk order of planning (holes, free space and kept
+/// chunks included, unread). Buffers come from `pool`, which bounds the blocks alive at once.
 /// Returns the name of the engine used.
-/// Buffers come from `pool`, which bounds the blocks alive at once. Returns the engine used.
 pub fn read_source(
     src: &BlockSource,
+    plan: &SourcePlan,
     block_size: usize,
+    chunk_size: usize,
     engine: IoEngine,
     pool: &BufPool,
     sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
 ) -> Result<&'static str, AgentError> {
     assert!(block_size.is_multiple_of(super::ALIGN));
-    let plan = Planner::new(src, block_size);
+    let plan = Planner::new(src, plan, block_size, chunk_size);
     match engine {
         IoEngine::Pread => read_pread(src, plan, pool, sink).map(|_| "pread"),
         IoEngine::IoUring => match super::uring::Ring::new(QUEUE_DEPTH) {
@@ -177,32 +339,142 @@ fn read_pread(
 ) -> Result<(), AgentError> {
     for req in plan {
         let req = req.map_err(|e| source_err(src, e))?;
-        if req.hole {
-            sink(Block::hole(req))?;
+        if !req.reads() {
+            sink(Block::unread(&req))?;
             continue;
         }
         let mut buf = pool.get(req.len.next_multiple_of(super::ALIGN));
-        let mut done = 0;
-        while done < req.len {
-            // O_DIRECT needs aligned lengths: read whole aligned units; EOF makes it short.
-            let want = (req.len - done).next_multiple_of(super::ALIGN);
-            let n = match src
-                .file
-                .read_at(&mut buf[done..done + want], req.offset + done as u64)
-            {
-                Ok(0) => return Err(shrank(src, req.offset + done as u64)),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(source_err(src, e)),
-            };
-            done += n;
+        if req.partial() {
+            buf.fill(0);
+        }
+        for &(at, len) in &req.pieces {
+            let mut done = 0;
+            while done < len {
+                // O_DIRECT needs aligned lengths: read whole aligned units; EOF makes it short.
+                let want = (len - done).next_multiple_of(super::ALIGN);
+                let from = at + done;
+                let n = match src
+                    .file
+                    .read_at(&mut buf[from..from + want], req.offset + from as u64)
+                {
+                    Ok(0) => return Err(shrank(src, req.offset + from as u64)),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(source_err(src, e)),
+                };
+                done += n;
+            }
         }
         buf.set_len(req.len);
         sink(Block {
             offset: req.offset,
             len: req.len,
+            kind: req.kind,
+            bytes_read: req.bytes_read(),
             data: Some(buf),
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::DirectIo;
+
+    /// A file of distinct non-zero bytes, read with free space in odd places: each engine
+    /// returns zeros exactly there and the file's bytes elsewhere, reading only the rest.
+    #[test]
+    fn free_space_reads_as_zeros_and_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let size = 3 * (1 << 20) + 12345;
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let src = BlockSource::open(&path, DirectIo::Never).unwrap();
+        let free = vec![
+            (0, 4096),                         // a whole first page
+            (100_000, 300_000),                // unaligned both ends, across chunks
+            (1 << 20, 2 << 20),                // a whole block
+            (3 * (1 << 20), size as u64 - 10), // to near the end
+        ];
+        let plan = SourcePlan {
+            free: RangeSet::from_unsorted(free.clone()),
+            ..SourcePlan::default()
+        };
+        let pool = BufPool::new(16, 1 << 20);
+        for engine in [IoEngine::Pread, IoEngine::IoUring] {
+            let mut image = vec![0xeeu8; size];
+            let mut read = 0;
+            let mut kinds = Vec::new();
+            read_source(
+                &src,
+                &plan,
+                1 << 20,
+                128 << 10,
+                engine,
+                &pool,
+                &mut |b: Block| {
+                    read += b.bytes_read;
+                    kinds.push((b.offset, b.kind));
+                    let at = b.offset as usize;
+                    match &b.data {
+                        Some(buf) => image[at..at + b.len].copy_from_slice(&buf[..b.len]),
+                        None => image[at..at + b.len].fill(0),
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+            let in_free = |i: u64| free.iter().any(|&(s, e)| (s..e).contains(&i));
+            for (i, &b) in image.iter().enumerate() {
+                // Free bytes within a read's 4 KiB alignment come back as their data.
+                let want_zero = in_free(i as u64)
+                    && in_free((i as u64) & !4095)
+                    && in_free((i as u64 | 4095).min(size as u64 - 1));
+                if want_zero {
+                    assert_eq!(b, 0, "{engine:?}: byte {i} is free");
+                } else if !in_free(i as u64) {
+                    assert_eq!(b, data[i], "{engine:?}: byte {i}");
+                }
+            }
+            assert!(kinds.contains(&(1 << 20, BlockKind::Zeros)), "{kinds:?}");
+            let used = size as u64 - free.iter().map(|(s, e)| e - s).sum::<u64>();
+            assert!(
+                read >= used && read <= used + 5 * 4096,
+                "{engine:?}: read {read} of {used}"
+            );
+        }
+    }
+
+    /// Unchanged chunks are kept, sampled ones verified, the rest read.
+    #[test]
+    fn changed_map_plans_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![1u8; 1 << 20]).unwrap();
+        let src = BlockSource::open(&path, DirectIo::Never).unwrap();
+        let cs = 128 << 10;
+        let plan = |share: f64| SourcePlan {
+            changed: Some(RangeSet::from_unsorted(vec![(cs + 5, cs + 6)])),
+            verify_share: share,
+            ..SourcePlan::default()
+        };
+        let kinds = |plan: &SourcePlan| -> Vec<(u64, usize, BlockKind)> {
+            Planner::new(&src, plan, 1 << 20, cs as usize)
+                .map(|r| r.map(|r| (r.offset, r.len, r.kind)).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            kinds(&plan(0.0)),
+            [
+                (0, cs as usize, BlockKind::Keep),
+                (cs, cs as usize, BlockKind::Data),
+                (2 * cs, 6 * cs as usize, BlockKind::Keep)
+            ]
+        );
+        let all = kinds(&plan(1.0));
+        assert_eq!(all.len(), 8, "one verify per kept chunk: {all:?}");
+        assert_eq!(all.iter().filter(|k| k.2 == BlockKind::Verify).count(), 7);
+    }
 }

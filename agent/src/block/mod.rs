@@ -4,6 +4,7 @@
 #![allow(unsafe_code)]
 
 pub mod engine;
+pub mod ranges;
 mod uring;
 
 use std::fs::{File, OpenOptions};

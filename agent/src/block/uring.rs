@@ -19,6 +19,8 @@ pub(crate) struct Ring {
 struct InFlight {
     req: Req,
     buf: PooledBuf,
+    /// The piece being read, and its bytes read so far.
+    piece: usize,
     done: usize,
 }
 
@@ -32,15 +34,16 @@ impl Ring {
     }
 
     fn push(&mut self, fd: i32, slot: usize, f: &mut InFlight) -> io::Result<()> {
-        let remaining = f.req.len - f.done;
-        let want = remaining
+        let (at, len) = f.req.pieces[f.piece];
+        let from = at + f.done;
+        let want = (len - f.done)
             .next_multiple_of(ALIGN)
-            .min(f.buf.capacity() - f.done);
+            .min(f.buf.capacity() - from);
         // SAFETY: the pointer is into a live heap buffer of `capacity` bytes that stays in
-        // `slots` (not moved or freed) until its completion is reaped; `done + want <= capacity`.
-        let ptr = unsafe { f.buf.as_mut_ptr().add(f.done) };
+        // `slots` (not moved or freed) until its completion is reaped; `from + want <= capacity`.
+        let ptr = unsafe { f.buf.as_mut_ptr().add(from) };
         let sqe = opcode::Read::new(types::Fd(fd), ptr, want as u32)
-            .offset(f.req.offset + f.done as u64)
+            .offset(f.req.offset + from as u64)
             .build()
             .user_data(slot as u64);
         // SAFETY: the entry refers to the buffer above, which outlives the operation (see
@@ -62,18 +65,23 @@ impl Ring {
         let mut in_flight = 0usize;
         let result = (|| -> Result<(), AgentError> {
             loop {
-                // Fill free slots; holes go straight to the sink.
+                // Fill free slots; what is not read goes straight to the sink.
                 while in_flight < self.depth {
                     let Some(req) = plan.next() else { break };
                     let req = req.map_err(|e| source_err(src, e))?;
-                    if req.hole {
-                        sink(Block::hole(req))?;
+                    if !req.reads() {
+                        sink(Block::unread(&req))?;
                         continue;
                     }
                     let slot = slots.iter().position(Option::is_none).expect("free slot");
+                    let mut buf = pool.get(req.len);
+                    if req.partial() {
+                        buf.fill(0);
+                    }
                     let mut f = InFlight {
                         req,
-                        buf: pool.get(req.len),
+                        buf,
+                        piece: 0,
                         done: 0,
                     };
                     self.push(fd, slot, &mut f)
@@ -110,12 +118,17 @@ impl Ring {
                         }
                         return Err(source_err(src, e));
                     }
+                    let (at, len) = f.req.pieces[f.piece];
                     if res == 0 {
-                        return Err(shrank(src, f.req.offset + f.done as u64));
+                        return Err(shrank(src, f.req.offset + (at + f.done) as u64));
                     }
                     f.done += res as usize;
-                    if f.done < f.req.len {
-                        // Short read before the end: ask for the rest.
+                    if f.done >= len && f.piece + 1 < f.req.pieces.len() {
+                        f.piece += 1;
+                        f.done = 0;
+                    }
+                    if f.done < f.req.pieces[f.piece].1 {
+                        // A short read or the next piece: ask for the rest.
                         self.push(fd, slot, &mut f)
                             .map_err(|e| source_err(src, e))?;
                         slots[slot] = Some(f);
@@ -126,6 +139,8 @@ impl Ring {
                     sink(Block {
                         offset: f.req.offset,
                         len: f.req.len,
+                        kind: f.req.kind,
+                        bytes_read: f.req.bytes_read(),
                         data: Some(f.buf),
                     })?;
                 }

@@ -3,8 +3,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use agent::block::engine::IoEngine;
+use agent::block::engine::SourcePlan;
+use agent::block::ranges::{parse_changed_map, RangeSet, MAX_RANGES};
 use agent::block::DirectIo;
-use agent::pipeline::{backup_block, restore_block, BackupOptions, RestoreOptions};
+use agent::pipeline::{backup_block, restore_block, BackupOptions, OnMismatch, RestoreOptions};
 use anyhow::{Context, Result};
 use scalez::RpKind;
 use serde_json::json;
@@ -26,6 +28,8 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
     let tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
     let engine = IoEngine::from_env()?;
     let vault = ctx.open_vault()?;
+    let mut free_lines = Vec::new();
+    let plan = source_plan(&a, &mut free_lines)?;
     let opts = BackupOptions {
         tags,
         engine,
@@ -35,6 +39,11 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             DirectIoArg::Never => DirectIo::Never,
         },
         asset_name: a.asset_name,
+        plan,
+        on_mismatch: match a.on_mismatch {
+            MismatchArg::Fail => OnMismatch::Fail,
+            MismatchArg::FullRead => OnMismatch::FullRead,
+        },
         cancel: crate::cancel_token(),
         ..BackupOptions::default()
     };
@@ -52,6 +61,9 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             "direct_io": report.direct_io,
             "packs_written": report.session.packs,
             "reduction_ratio": reduction,
+            "figures": report.figures,
+            "free_space": free_lines,
+            "fell_back_to_full_read": report.fell_back,
             "elapsed_ms": report.elapsed.as_millis() as u64,
             "store_requests": stats.requests,
             "store_retries": stats.retries,
@@ -66,6 +78,26 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             }
             println!("  logical size  {}", bytes(rp.logical_size));
             println!("  bytes read    {}", bytes(rp.bytes_read));
+            let f = &report.figures;
+            for l in &free_lines {
+                println!("  free space    {l}");
+            }
+            if f.free_skipped > 0 {
+                println!(
+                    "  free skipped  {} (file-system free space, not read)",
+                    bytes(f.free_skipped)
+                );
+            }
+            if f.unchanged_kept > 0 {
+                println!(
+                    "  unchanged     {} kept from the parent, {} of it re-read and verified",
+                    bytes(f.unchanged_kept),
+                    bytes(f.unchanged_verified)
+                );
+            }
+            if let Some(why) = &report.fell_back {
+                println!("  full read     {why}");
+            }
             println!(
                 "  new stored    {} ({} new chunks)",
                 bytes(rp.new_bytes_stored),
@@ -147,12 +179,31 @@ pub enum DirectIoArg {
     Never,
 }
 
+const BACKUP_HELP: &str = "\
+Examples:
+  elastio block backup /dev/nvme1n1
+  elastio block backup disk.img --tag env=prod
+  elastio block backup disk.img --changed-map changed.txt      # read only what changed
+
+Changed maps (--changed-map): a text file of the byte ranges that may have changed since the
+asset's latest recovery point, one `START LENGTH` per line (decimal or 0x-hex), in any order;
+`# comments` and blank lines are ignored; an optional first `unit BYTES` line (a power of two)
+makes both numbers count units, so thin_delta blocks or bitmap clusters need no arithmetic:
+    unit 65536
+    0 1
+    17 4
+Chunks outside the ranges are taken from the parent unread; --verify-share of them (1 % by
+default) is read anyway and compared, and a difference fails the backup naming the range (or,
+with --on-mismatch full-read, starts it over as a full read).
+
+The I/O engine is io_uring when the kernel allows it, else pread; set
+ELASTIO_IO_ENGINE=io_uring|pread to force one.";
+
 #[derive(Subcommand, Debug)]
 pub enum BlockCommand {
     /// Back up a block device or disk image into a new recovery point
     #[command(
-        after_help = "The I/O engine is io_uring when the kernel allows it, else pread; \
-set ELASTIO_IO_ENGINE=io_uring|pread to force one."
+        after_help = BACKUP_HELP
     )]
     Backup(BlockBackupArgs),
     /// Restore a disk recovery point to a file or block device
@@ -172,6 +223,90 @@ pub struct BlockBackupArgs {
     /// Bypass the page cache when reading
     #[arg(long, value_enum, default_value_t = DirectIoArg::Auto)]
     pub direct_io: DirectIoArg,
+    /// Neither read nor store the free space of the image's ext2/3/4 and XFS file systems (from
+    /// their block bitmaps and free-space trees); it restores as zeros. Refused for a block
+    /// device in use (mounted), whose on-disk maps are not current
+    #[arg(long)]
+    pub skip_free: bool,
+    /// Read only the byte ranges this file lists as changed since the asset's latest recovery
+    /// point; take the rest from it. Format: `START LENGTH` per line, optional `unit BYTES`
+    /// first (see the changed-map section of `elastio block backup --help`)
+    #[arg(long, value_name = "FILE")]
+    pub changed_map: Option<PathBuf>,
+    /// Share of the chunks a changed map calls unchanged that are read anyway and compared with
+    /// the parent, in percent
+    #[arg(long, value_name = "PERCENT", default_value_t = 1.0)]
+    pub verify_share: f64,
+    /// What a verified chunk that differs from the parent does
+    #[arg(long, value_enum, default_value_t = MismatchArg::Fail)]
+    pub on_mismatch: MismatchArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MismatchArg {
+    /// Fail the backup, naming the range that differs
+    Fail,
+    /// Start over with a full read of the source
+    FullRead,
+}
+
+/// The read plan of a block backup from its flags; what free space was found goes to
+/// `free_lines`.
+fn source_plan(a: &BlockBackupArgs, free_lines: &mut Vec<String>) -> Result<SourcePlan> {
+    if !(0.0..=100.0).contains(&a.verify_share) {
+        anyhow::bail!(
+            "--verify-share {} is not a percentage from 0 to 100",
+            a.verify_share
+        );
+    }
+    let mut plan = SourcePlan {
+        verify_share: a.verify_share / 100.0,
+        ..SourcePlan::default()
+    };
+    if let Some(path) = &a.changed_map {
+        let size = agent::block::BlockSource::open(&a.source, DirectIo::Never)?.size;
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open changed map {}", path.display()))?;
+        let map = parse_changed_map(std::io::BufReader::new(file), size, MAX_RANGES)
+            .with_context(|| format!("changed map {}", path.display()))?;
+        plan.changed = Some(map);
+    }
+    if a.skip_free {
+        let (free, lines) = free_space(&a.source)?;
+        plan.free = free;
+        free_lines.extend(lines);
+    }
+    Ok(plan)
+}
+
+/// Most free ranges a backup skips (16 bytes each); past that the smallest are read instead.
+const MAX_FREE_RANGES: usize = 1 << 20;
+
+/// The free space of the file systems on `source`, and a line per place saying what was found.
+fn free_space(source: &std::path::Path) -> Result<(RangeSet, Vec<String>)> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_device = std::fs::metadata(source)
+        .with_context(|| format!("cannot read {}", source.display()))?
+        .file_type()
+        .is_block_device();
+    // O_EXCL on a block device fails with EBUSY while it is mounted (or otherwise held): a
+    // live file system's on-disk free-space maps are not current, and trusting them loses data.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(if is_device { libc::O_EXCL } else { 0 })
+        .open(source)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => anyhow::anyhow!(
+                "--skip-free: {} is in use (mounted?): its file systems' free-space maps on \
+                 disk are not current; back up a snapshot of it, or leave out --skip-free",
+                source.display()
+            ),
+            _ => anyhow::Error::new(e).context(format!("cannot open {}", source.display())),
+        })?;
+    let size = agent::block::BlockSource::open(source, DirectIo::Never)?.size;
+    let found = mount::usage::free_space(&file, size, MAX_FREE_RANGES)
+        .with_context(|| format!("cannot read the partitions of {}", source.display()))?;
+    Ok((RangeSet::from_unsorted(found.ranges), found.lines))
 }
 
 #[derive(Args, Debug)]

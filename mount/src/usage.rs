@@ -1,0 +1,108 @@
+//! The free space of a disk's file systems, for full backups that read only the used blocks:
+//! the disk's places (its partitions, or the whole disk) are looked at, and where an ext2/3/4
+//! or XFS file system is, its own allocation maps say which blocks are free (ext4 block
+//! bitmaps, XFS free-space B+trees). Blocks found free are neither read nor stored; they
+//! restore as zeros, which their file system does not look at.
+//!
+//! Conservative by construction: anything not understood counts as used. A place whose file
+//! system is unknown, damaged, or whose journal or log needs recovery (its transactions may
+//! allocate blocks the maps still show free) is read whole, and the returned lines say so.
+//! Bounded like the readers it uses; at most `max_ranges` ranges in all.
+
+use std::io;
+
+use crate::ext4::{Ext4, ReadAt};
+use crate::xfs::Xfs;
+
+/// What [`free_space`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FreeSpace {
+    /// Free byte ranges of the disk, sorted and disjoint.
+    pub ranges: Vec<(u64, u64)>,
+    /// One line per place: what it holds and how much of it is free.
+    pub lines: Vec<String>,
+}
+
+/// Bytes `[start, start + len)` of a device.
+struct Window<'a> {
+    dev: &'a dyn ReadAt,
+    start: u64,
+    len: u64,
+}
+
+impl ReadAt for Window<'_> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        self.dev.read_at(self.start + offset, buf)
+    }
+}
+
+/// The free space of the file systems on `dev` (a disk of `size` bytes).
+pub fn free_space(dev: &dyn ReadAt, size: u64, max_ranges: usize) -> io::Result<FreeSpace> {
+    let mut read = |off: u64, buf: &mut [u8]| dev.read_at(off, buf);
+    let parts = crate::partitions::parse(size, &mut read)?;
+    let places: Vec<(String, u64, u64)> = if parts.is_empty() {
+        vec![("disk".into(), 0, size)]
+    } else {
+        parts
+            .iter()
+            .map(|p| (format!("part{}", p.number), p.start, p.len))
+            .collect()
+    };
+    let mut out = FreeSpace::default();
+    let per_place = (max_ranges / places.len().max(1)).max(1);
+    for (name, start, len) in places {
+        let w = Window { dev, start, len };
+        let (kind, found) = match crate::filesystem::detect(&w, len) {
+            Some("ext4") => (
+                "ext4",
+                Ext4::open(&w, len).and_then(|fs| match fs {
+                    Some(fs) => fs.free_extents(per_place),
+                    None => Ok(Vec::new()),
+                }),
+            ),
+            Some("xfs") => (
+                "xfs",
+                Xfs::open(&w, len).and_then(|fs| match fs {
+                    Some(fs) if fs.log_is_clean()? => fs.free_extents(per_place),
+                    Some(_) => Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "its log needs recovery, so the free-space trees may be stale",
+                    )),
+                    None => Ok(Vec::new()),
+                }),
+            ),
+            Some(other) => {
+                out.lines
+                    .push(format!("{name}: {other}, free space not known: read whole"));
+                continue;
+            }
+            None => {
+                out.lines
+                    .push(format!("{name}: no file system known: read whole"));
+                continue;
+            }
+        };
+        match found {
+            Ok(ranges) => {
+                let free: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+                out.lines.push(format!(
+                    "{name}: {kind}, {free} of {len} bytes free, not read"
+                ));
+                out.ranges.extend(
+                    ranges
+                        .into_iter()
+                        .map(|(s, e)| (s, e.min(len)))
+                        .filter(|(s, e)| s < e)
+                        .map(|(s, e)| (start + s, start + e)),
+                );
+            }
+            Err(e) => out.lines.push(format!("{name}: {kind}, read whole: {e}")),
+        }
+    }
+    out.ranges.sort_unstable();
+    Ok(out)
+}
