@@ -3,7 +3,10 @@
 //! * [`block`]: image files and block devices. Sizes come from metadata or `BLKGETSIZE64`; reads go
 //!   through an I/O engine ([`block::engine`]): io_uring with several reads in flight (O_DIRECT for
 //!   block devices), or positional reads as a fallback. Holes are found with SEEK_DATA/SEEK_HOLE
-//!   and never read.
+//!   and never read. A [`block::engine::SourcePlan`] adds what outside knowledge says: free
+//!   space of the file systems (never read, stored as zeros) and, for a changed-block
+//!   incremental, the changed ranges ([`block::ranges`], the `--changed-map` format); every other
+//!   chunk is kept from the parent RP unread, but for a random sample read to verify it.
 //! * [`pipeline`]: disk backup and restore. Backup = one reader thread → N worker threads feeding
 //!   scalez's `DiskWriter` (zero check, keyed hash, dedup, compress + encrypt, packer), while the
 //!   calling thread assembles the disk map in order (`MapAssembly`). Restore = the calling thread
@@ -38,6 +41,11 @@
 //!   bounded by a window of twice the request concurrency whatever order requests finish in. A
 //!   failed backup deletes the snapshot it made and commits nothing; a failed restore deletes the
 //!   pending snapshot instead of completing it.
+//! * A chunk is kept from the parent unread only where a changed-block source says nothing
+//!   changed, and only from a parent of the same size and chunk size; a sampled chunk that differs
+//!   fails the backup (or starts it over as a full read). Bytes are skipped as free only where a
+//!   file system's own maps say so and those maps are current (not a mounted device, no journal
+//!   or log awaiting recovery).
 
 // Every `pub` item is reachable from the crate root (or it is `pub(crate)`), so the public
 // surface is what lib.rs exports and nothing else.
