@@ -193,6 +193,24 @@ fn backup_block_once(
             )))
         }
         (Some(_), Some(p)) => {
+            match opts.plan.changed_since.as_deref() {
+                None => {
+                    return Err(AgentError::Plan(format!(
+                        "a changed map must name the recovery point its changes count from (a \
+                         `parent RP-ID` line, or --parent); the latest of asset {} is {}",
+                        asset.name, p.id
+                    )))
+                }
+                Some(since) if since != p.id.to_string() => {
+                    return Err(AgentError::Plan(format!(
+                        "the changed map counts changes from {since}, but the latest recovery \
+                         point of asset {} is {}: changes between them would be missed; make a \
+                         map from {} or back up without one",
+                        asset.name, p.id, p.id
+                    )))
+                }
+                Some(_) => {}
+            }
             let map = p.disk()?.clone();
             if map.size != src.size || map.chunk_size as usize != cs {
                 return Err(AgentError::Plan(format!(

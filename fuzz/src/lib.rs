@@ -312,9 +312,10 @@ pub fn changed_map(data: &[u8]) {
     let Some(size) = le64(data, 0) else { return };
     let text = &data[8..];
     let max = 64;
-    let Ok(set) = ranges::parse_changed_map(text, size, max) else {
+    let Ok(map) = ranges::parse_changed_map(text, size, max) else {
         return;
     };
+    let set = map.ranges;
     assert!(set.len() <= max, "{} ranges over the budget", set.len());
     let mut last = None;
     for &(s, e) in set.ranges() {

@@ -94,6 +94,8 @@ const INCOMPAT_CASEFOLD: u32 = 0x20000;
 const INCOMPAT_RECOVER: u32 = 0x4;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const RO_COMPAT_GDT_CSUM: u32 = 0x10;
+const STATE_VALID: u16 = 0x1;
+const STATE_ERROR: u16 = 0x2;
 const RO_COMPAT_BIGALLOC: u32 = 0x200;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 /// Group descriptor flag: the block bitmap is not initialised (only its metadata is in use).
@@ -324,6 +326,8 @@ struct Super {
     first_meta_bg: u64,
     backup_bgs: [u32; 2],
     reserved_gdt_blocks: u64,
+    /// `s_state`: [`STATE_VALID`] when cleanly unmounted, [`STATE_ERROR`] when errors were seen.
+    state: u16,
     label: String,
 }
 
@@ -457,6 +461,7 @@ impl<R: ReadAt> Ext4<R> {
             first_meta_bg: le32(&b, 0x104) as u64,
             backup_bgs: [le32(&b, 0x24c), le32(&b, 0x250)],
             reserved_gdt_blocks: le16(&b, 0xce) as u64,
+            state: le16(&b, 0x3a),
             label: String::from_utf8_lossy(&b[0x78..0x88])
                 .trim_end_matches('\0')
                 .to_string(),
@@ -564,6 +569,17 @@ impl<R: ReadAt> Ext4<R> {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 "ext4: the journal needs recovery, so the block bitmaps may be stale",
+            ));
+        }
+        // Cleared while mounted read-write (and after a crash): without a journal to replay,
+        // the bitmaps then lag behind data already written (ext2's fsync leaves them behind).
+        if sb.state & STATE_VALID == 0 || sb.state & STATE_ERROR != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "ext4: not cleanly unmounted (state {:#x}), so the block bitmaps may be stale",
+                    sb.state
+                ),
             ));
         }
         if sb.ro_compat & RO_COMPAT_BIGALLOC != 0 {

@@ -56,6 +56,14 @@ pub fn free_space(dev: &dyn ReadAt, size: u64, max_ranges: usize) -> io::Result<
     let per_place = (max_ranges / places.len().max(1)).max(1);
     for (name, start, len) in places {
         let w = Window { dev, start, len };
+        // A leftover signature of something else (the place was reused for RAID, LVM, swap...)
+        // makes the file system's maps meaningless for it: read whole.
+        if let Some(other) = other_signature(&w, len) {
+            out.lines.push(format!(
+                "{name}: also carries a {other} signature, free space not trusted: read whole"
+            ));
+            continue;
+        }
         let (kind, found) = match crate::filesystem::detect(&w, len) {
             Some("ext4") => (
                 "ext4",
@@ -105,4 +113,43 @@ pub fn free_space(dev: &dyn ReadAt, size: u64, max_ranges: usize) -> io::Result<
     }
     out.ranges.sort_unstable();
     Ok(out)
+}
+
+/// A signature of something other than a file system elastio reads free space of: md RAID
+/// superblocks (0.90/1.0 near the end, 1.1 at 0, 1.2 at 4 KiB), LVM, swap, LUKS, btrfs, NTFS.
+fn other_signature(dev: &dyn ReadAt, len: u64) -> Option<&'static str> {
+    let is = |offset: u64, magic: &[u8]| {
+        let mut b = vec![0u8; magic.len()];
+        offset
+            .checked_add(magic.len() as u64)
+            .is_some_and(|end| end <= len)
+            && dev.read_at(offset, &mut b).is_ok()
+            && b == magic
+    };
+    const MD: [u8; 4] = 0xa92b_4efc_u32.to_le_bytes();
+    let md_090 = (len & !0xffff).checked_sub(0x10000);
+    let md_10 = len.checked_sub(0x2000).map(|o| o & !0xfff);
+    if is(0, &MD)
+        || is(4096, &MD)
+        || md_090.is_some_and(|o| is(o, &MD))
+        || md_10.is_some_and(|o| is(o, &MD))
+    {
+        return Some("md RAID");
+    }
+    if (0..4).any(|s| is(s * 512, b"LABELONE")) {
+        return Some("LVM");
+    }
+    if is(4086, b"SWAPSPACE2") || is(4086, b"SWAP-SPACE") {
+        return Some("swap");
+    }
+    if is(0, b"LUKS\xba\xbe") {
+        return Some("LUKS");
+    }
+    if is(0x10040, b"_BHRfS_M") {
+        return Some("btrfs");
+    }
+    if is(3, b"NTFS    ") {
+        return Some("NTFS");
+    }
+    None
 }

@@ -48,7 +48,8 @@ fn changed_map_incremental_reads_only_the_listed_ranges() {
     std::fs::write(
         &map,
         format!(
-            "# elastio changed-map 1\n{} {}\n{:#x},{}\n\n{} {}  # 4 KiB units below would do too\n",
+            "# elastio changed-map 1\nparent {}\n{} {}\n{:#x},{}\n\n{} {}  # 4 KiB units below would do too\n",
+            first["rp"]["id"].as_str().unwrap(),
             changes[0].0, changes[0].1, changes[1].0, changes[1].1, changes[2].0, changes[2].1
         ),
     )
@@ -66,7 +67,8 @@ fn changed_map_incremental_reads_only_the_listed_ranges() {
     // The default sample: 1 % of the kept chunks re-read, the result the same.
     write_at(&img, 30 << 20, &pseudo_random(60, 4096));
     std::fs::write(&map, "unit 4096\n7680 1\n").unwrap();
-    let third = backup_with(&env, &img, &["--changed-map", m]);
+    let second_id = second["rp"]["id"].as_str().unwrap();
+    let third = backup_with(&env, &img, &["--changed-map", m, "--parent", second_id]);
     let f = &third["figures"];
     let read = f["bytes_read"].as_u64().unwrap();
     assert!(read >= CHUNK as u64 && read < size as u64 / 20, "{third}");
@@ -82,12 +84,13 @@ fn a_wrong_changed_map_is_caught_by_verification() {
     let env = Env::new();
     let img = env.path("disk.img");
     std::fs::write(&img, pseudo_random(2, 8 << 20)).unwrap();
-    backup_with(&env, &img, &[]);
+    let first = backup_with(&env, &img, &[]);
+    let first = first["rp"]["id"].as_str().unwrap();
     // Two changes, the map lists one.
     write_at(&img, 4096, &pseudo_random(70, 512));
     write_at(&img, 6 << 20, &pseudo_random(71, 512));
     let map = env.path("wrong.txt");
-    std::fs::write(&map, "4096 512\n").unwrap();
+    std::fs::write(&map, format!("parent {first}\n4096 512\n")).unwrap();
     let m = map.to_str().unwrap();
     let img_s = img.to_str().unwrap();
     let err = fails_with(
@@ -145,8 +148,18 @@ fn changed_map_errors_name_the_line_and_need_a_parent() {
         err.contains("has none yet: make a full backup first"),
         "{err}"
     );
-    backup_with(&env, &img, &[]);
-    std::fs::write(&map, "0 4096\n# fine\n1048000 4096\n").unwrap();
+    let first = backup_with(&env, &img, &[]);
+    let first = first["rp"]["id"].as_str().unwrap().to_string();
+    // A map must name the RP its changes count from, and that must be the latest.
+    let err = fails_with(&env, &["block", "backup", i, "--changed-map", m]);
+    assert!(err.contains("must name the recovery point"), "{err}");
+    std::fs::write(&map, "parent rp-0000000000000000000000000\n0 4096\n").unwrap();
+    let err = fails_with(&env, &["block", "backup", i, "--changed-map", m]);
+    assert!(
+        err.contains("changes between them would be missed"),
+        "{err}"
+    );
+    std::fs::write(&map, "0 4096\n# fine\n1052672 4096\n").unwrap();
     let err = fails_with(&env, &["block", "backup", i, "--changed-map", m]);
     assert!(
         err.contains("map.txt") && err.contains("line 3") && err.contains("past the disk"),
@@ -157,7 +170,7 @@ fn changed_map_errors_name_the_line_and_need_a_parent() {
     assert!(err.contains("line 1: expected START LENGTH"), "{err}");
     // A source that grew: the parent's map cannot apply.
     append_random(&img, 4, 1 << 20);
-    std::fs::write(&map, "0 4096\n").unwrap();
+    std::fs::write(&map, format!("parent {first}\n0 4096\n")).unwrap();
     let err = fails_with(&env, &["block", "backup", i, "--changed-map", m]);
     assert!(err.contains("cannot apply"), "{err}");
 }
@@ -303,6 +316,23 @@ fn used_blocks_only_refuses_stale_maps() {
             .contains("journal needs recovery"),
         "{report}"
     );
+    // Not cleanly unmounted (ext2 and journal-less ext4 have no journal flag to tell).
+    sh(
+        "debugfs",
+        &["-w", "-R", "feature ^needs_recovery", img.to_str().unwrap()],
+    );
+    sh(
+        "debugfs",
+        &["-w", "-R", "ssv state 0", img.to_str().unwrap()],
+    );
+    let report = backup_with(&env, &img, &["--skip-free"]);
+    assert_eq!(report["figures"]["free_skipped"], 0, "{report}");
+    assert!(
+        report["free_space"]
+            .to_string()
+            .contains("not cleanly unmounted"),
+        "{report}"
+    );
     // A file system the maps are not read for: read whole, said so.
     let raw = env.path("raw.img");
     std::fs::write(&raw, pseudo_random(5, 1 << 20)).unwrap();
@@ -391,6 +421,7 @@ fn used_blocks_only_backup_of_xfs_skips_free_space_and_refuses_a_dirty_log() {
         .to_string();
     sh("mount", &[&dev, mnt.to_str().unwrap()]);
     let out = env.run(&["block", "backup", &dev, "--skip-free"]);
+    let attached = env.run(&["block", "backup", img.to_str().unwrap(), "--skip-free"]);
     // A log left dirty: a shutdown without a log flush, then the unmount.
     std::fs::write(mnt.join("late"), b"written before the shutdown").unwrap();
     sh("sync", &[]); // the transactions reach the log; the shutdown stops it short of a clean end
@@ -400,6 +431,11 @@ fn used_blocks_only_backup_of_xfs_skips_free_space_and_refuses_a_dirty_log() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is in use (mounted?)"), "{err}");
+    let err = String::from_utf8_lossy(&attached.stderr);
+    assert!(
+        !attached.status.success() && err.contains("is attached to /dev/loop"),
+        "{err}"
+    );
     let report = backup_with(&env, &img, &["--skip-free"]);
     assert_eq!(report["figures"]["free_skipped"], 0, "{report}");
     assert!(

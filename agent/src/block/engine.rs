@@ -109,6 +109,8 @@ pub struct SourcePlan {
     /// A changed-block incremental: the bytes that may have changed since the parent RP. Chunks
     /// outside them are taken from the parent unread (but for the verified sample).
     pub changed: Option<RangeSet>,
+    /// The recovery point `changed` counts from: it must be the asset's latest.
+    pub changed_since: Option<String>,
     /// Share (0..=1) of the chunks kept from the parent that are read anyway and compared.
     pub verify_share: f64,
 }
@@ -174,7 +176,9 @@ impl<'a> Planner<'a> {
         match &self.plan.changed {
             Some(changed) if !changed.intersects(s, e) => {
                 let share = self.plan.verify_share.clamp(0.0, 1.0);
-                if share > 0.0 && self.rng.gen_bool(share) {
+                // A chunk with free space reads with zeros there, while the parent may hold
+                // the bytes (or the reverse): only wholly used chunks can be compared.
+                if share > 0.0 && self.rng.gen_bool(share) && !self.plan.free.intersects(s, e) {
                     BlockKind::Verify
                 } else {
                     BlockKind::Keep

@@ -8,6 +8,9 @@
 //!
 //! ```text
 //! # elastio changed-map 1          (comments start with '#'; blank lines are ignored)
+//! parent rp-01m80mb7eb9rts308j4hc4b1xn
+//!                                  (the recovery point the changes count from: it must be the
+//!                                   asset's latest, or `--parent` names it instead)
 //! unit 512                         (optional, before the first range: both numbers count units
 //!                                   of this many bytes; a power of two up to 1 GiB; default 1)
 //! 0 8                              (START LENGTH: decimal, or hexadecimal with 0x)
@@ -16,8 +19,10 @@
 //! ```
 //!
 //! Ranges may come in any order, overlap or touch; zero-length ranges are ignored. A range that
-//! ends past the disk is an error (the map belongs to another disk), as is any malformed line:
-//! the error names the line. Converters are one-liners: `thin_delta` reports data blocks (`unit`
+//! starts past the disk, or ends past it by a whole unit, is an error (the map belongs to another
+//! disk; the last unit of a disk of no whole number of units is clipped), as is any malformed
+//! line: the error names the line. Naming the parent matters: changes made after the parent but
+//! before the map's own starting point would otherwise be taken from the parent unread. Converters are one-liners: `thin_delta` reports data blocks (`unit`
 //! = the pool's block size), dm-era's `era_invalidate` blocks of its own size, QEMU dirty
 //! bitmaps granularity-sized clusters.
 //!
@@ -125,14 +130,15 @@ pub struct MapError {
 }
 
 /// Reads a changed map (format above) for a disk of `disk_size` bytes into the set of changed
-/// byte ranges, holding at most `max_ranges` ranges (coarsening past that).
+/// byte ranges, holding at most `max_ranges` ranges (coarsening past that), and its parent.
 pub fn parse_changed_map(
     mut input: impl BufRead,
     disk_size: u64,
     max_ranges: usize,
-) -> Result<RangeSet, MapError> {
+) -> Result<ChangedMap, MapError> {
     let max_ranges = max_ranges.max(2);
     let mut unit: Option<u64> = None;
+    let mut parent: Option<String> = None;
     let mut pending: Vec<(u64, u64)> = Vec::new();
     let mut set = RangeSet::default();
     let mut line = Vec::with_capacity(128);
@@ -147,7 +153,7 @@ pub fn parse_changed_map(
         if n == 0 {
             break;
         }
-        if line.len() > MAX_LINE {
+        if line.len() > MAX_LINE && !(line.len() == MAX_LINE + 1 && line.ends_with(b"\n")) {
             return Err(err(format!("longer than {MAX_LINE} bytes")));
         }
         let text = std::str::from_utf8(&line).map_err(|_| err("not UTF-8 text".into()))?;
@@ -163,6 +169,13 @@ pub fn parse_changed_map(
                 "expected START LENGTH or `unit BYTES`, found {text:?}"
             )));
         };
+        if a == "parent" {
+            if parent.is_some() {
+                return Err(err("`parent` must come once".into()));
+            }
+            parent = Some(b.to_string());
+            continue;
+        }
         if a == "unit" {
             if unit.is_some() || !pending.is_empty() || !set.is_empty() {
                 return Err(err("`unit` must come once, before the first range".into()));
@@ -182,12 +195,21 @@ pub fn parse_changed_map(
             .zip(len.checked_mul(u))
             .and_then(|(s, l)| Some((s, s.checked_add(l)?)))
             .ok_or_else(|| err("range overflows 64 bits".into()))?;
-        if end > disk_size {
+        // A last unit that covers the end of a disk of no whole number of units is clipped;
+        // a range starting past the end means the map is for another disk.
+        if start > disk_size || (start == disk_size && end > start) {
+            return Err(err(format!(
+                "range {start}..{end} starts past the disk's {disk_size} bytes (is the map for \
+                 another disk?)"
+            )));
+        }
+        if end > disk_size && end - disk_size >= u {
             return Err(err(format!(
                 "range {start}..{end} ends past the disk's {disk_size} bytes (is the map for \
                  another disk?)"
             )));
         }
+        let end = end.min(disk_size);
         if start < end {
             pending.push((start, end));
         }
@@ -196,7 +218,18 @@ pub fn parse_changed_map(
         }
     }
     merge_into(&mut set, &mut pending, max_ranges);
-    Ok(set)
+    Ok(ChangedMap {
+        ranges: set,
+        parent,
+    })
+}
+
+/// A parsed changed map: the changed ranges and the recovery point they are relative to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedMap {
+    pub ranges: RangeSet,
+    /// From a `parent RP-ID` line: the recovery point the changes are counted from.
+    pub parent: Option<String>,
 }
 
 fn merge_into(set: &mut RangeSet, pending: &mut Vec<(u64, u64)>, max: usize) {
@@ -218,7 +251,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str, size: u64) -> Result<Vec<(u64, u64)>, MapError> {
-        parse_changed_map(text.as_bytes(), size, MAX_RANGES).map(|s| s.ranges)
+        parse_changed_map(text.as_bytes(), size, MAX_RANGES).map(|s| s.ranges.ranges)
     }
 
     #[test]
@@ -226,6 +259,12 @@ mod tests {
         let text = "# elastio changed-map 1\n\n100 50\n0x0 10\n140,20 # overlaps\n10 5\n300 0\n";
         assert_eq!(parse(text, 1000).unwrap(), [(0, 15), (100, 160)]);
         assert_eq!(parse("unit 512\n1 2\n", 4096).unwrap(), [(512, 1536)]);
+        // The last unit clipped to a disk of no whole number of units.
+        assert_eq!(parse("unit 512\n7 1\n", 3800).unwrap(), [(3584, 3800)]);
+        let m = parse_changed_map("parent rp-1\n0 1\n".as_bytes(), 10, 8).unwrap();
+        assert_eq!(m.parent.as_deref(), Some("rp-1"));
+        let line = format!("{}\n", " ".repeat(MAX_LINE - 3) + "0 1");
+        assert_eq!(parse(&line, 10).unwrap(), [(0, 1)]);
     }
 
     #[test]
@@ -245,7 +284,9 @@ mod tests {
     #[test]
     fn many_ranges_coarsen_but_cover_everything() {
         let text: String = (0..1000u64).map(|i| format!("{} 1\n", i * 10)).collect();
-        let set = parse_changed_map(text.as_bytes(), 100_000, 16).unwrap();
+        let set = parse_changed_map(text.as_bytes(), 100_000, 16)
+            .unwrap()
+            .ranges;
         assert!(set.len() <= 16, "{} ranges", set.len());
         for i in 0..1000u64 {
             assert!(set.covers(i * 10, i * 10 + 1), "byte {} lost", i * 10);

@@ -29,7 +29,8 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
     let engine = IoEngine::from_env()?;
     let vault = ctx.open_vault()?;
     let mut free_lines = Vec::new();
-    let plan = source_plan(&a, &mut free_lines)?;
+    let mut held = None;
+    let plan = source_plan(&a, &mut free_lines, &mut held)?;
     let opts = BackupOptions {
         tags,
         engine,
@@ -50,6 +51,7 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
     let bar = Bar::new(ctx.global.quiet);
     let report = backup_block(&vault, &a.source, &opts, &bar)
         .with_context(|| format!("backup of {} failed", a.source.display()))?;
+    drop(held);
     bar.finish();
     let rp = &report.rp;
     let reduction = rp.logical_size as f64 / rp.new_bytes_stored.max(1) as f64;
@@ -183,12 +185,16 @@ const BACKUP_HELP: &str = "\
 Examples:
   elastio block backup /dev/nvme1n1
   elastio block backup disk.img --tag env=prod
+  elastio block backup disk.img --skip-free                    # not the file systems' free space
   elastio block backup disk.img --changed-map changed.txt      # read only what changed
 
 Changed maps (--changed-map): a text file of the byte ranges that may have changed since the
 asset's latest recovery point, one `START LENGTH` per line (decimal or 0x-hex), in any order;
-`# comments` and blank lines are ignored; an optional first `unit BYTES` line (a power of two)
-makes both numbers count units, so thin_delta blocks or bitmap clusters need no arithmetic:
+`# comments` and blank lines are ignored. A `parent RP-ID` line (or --parent) names the
+recovery point the changes count from, which must be the asset's latest. An optional `unit
+BYTES` line before the ranges (a power of two) makes both numbers count units, so thin_delta
+blocks or bitmap clusters need no arithmetic:
+    parent rp-01m80mb7eb9rts308j4hc4b1xn
     unit 65536
     0 1
     17 4
@@ -233,6 +239,10 @@ pub struct BlockBackupArgs {
     /// first (see the changed-map section of `elastio block backup --help`)
     #[arg(long, value_name = "FILE")]
     pub changed_map: Option<PathBuf>,
+    /// The recovery point the changed map counts from (instead of a `parent` line in it); it
+    /// must be the asset's latest
+    #[arg(long, value_name = "RP", requires = "changed_map")]
+    pub parent: Option<String>,
     /// Share of the chunks a changed map calls unchanged that are read anyway and compared with
     /// the parent, in percent
     #[arg(long, value_name = "PERCENT", default_value_t = 1.0)]
@@ -252,7 +262,13 @@ pub enum MismatchArg {
 
 /// The read plan of a block backup from its flags; what free space was found goes to
 /// `free_lines`.
-fn source_plan(a: &BlockBackupArgs, free_lines: &mut Vec<String>) -> Result<SourcePlan> {
+/// `held`: with --skip-free, the source opened exclusively (a block device cannot be mounted
+/// while it is open), to keep until the backup ends.
+fn source_plan(
+    a: &BlockBackupArgs,
+    free_lines: &mut Vec<String>,
+    held: &mut Option<std::fs::File>,
+) -> Result<SourcePlan> {
     if !(0.0..=100.0).contains(&a.verify_share) {
         anyhow::bail!(
             "--verify-share {} is not a percentage from 0 to 100",
@@ -269,12 +285,20 @@ fn source_plan(a: &BlockBackupArgs, free_lines: &mut Vec<String>) -> Result<Sour
             .with_context(|| format!("cannot open changed map {}", path.display()))?;
         let map = parse_changed_map(std::io::BufReader::new(file), size, MAX_RANGES)
             .with_context(|| format!("changed map {}", path.display()))?;
-        plan.changed = Some(map);
+        plan.changed_since = match (&a.parent, map.parent) {
+            (Some(flag), Some(line)) if *flag != line => anyhow::bail!(
+                "--parent {flag} but changed map {} names parent {line}",
+                path.display()
+            ),
+            (flag, line) => flag.clone().or(line),
+        };
+        plan.changed = Some(map.ranges);
     }
     if a.skip_free {
-        let (free, lines) = free_space(&a.source)?;
+        let (free, lines, claim) = free_space(&a.source)?;
         plan.free = free;
         free_lines.extend(lines);
+        *held = Some(claim);
     }
     Ok(plan)
 }
@@ -282,8 +306,9 @@ fn source_plan(a: &BlockBackupArgs, free_lines: &mut Vec<String>) -> Result<Sour
 /// Most free ranges a backup skips (16 bytes each); past that the smallest are read instead.
 const MAX_FREE_RANGES: usize = 1 << 20;
 
-/// The free space of the file systems on `source`, and a line per place saying what was found.
-fn free_space(source: &std::path::Path) -> Result<(RangeSet, Vec<String>)> {
+/// The free space of the file systems on `source`, a line per place saying what was found, and
+/// the source opened exclusively.
+fn free_space(source: &std::path::Path) -> Result<(RangeSet, Vec<String>, std::fs::File)> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let is_device = std::fs::metadata(source)
         .with_context(|| format!("cannot read {}", source.display()))?
@@ -303,10 +328,33 @@ fn free_space(source: &std::path::Path) -> Result<(RangeSet, Vec<String>)> {
             ),
             _ => anyhow::Error::new(e).context(format!("cannot open {}", source.display())),
         })?;
+    if !is_device {
+        if let Some(dev) = loop_device_of(source) {
+            anyhow::bail!(
+                "--skip-free: {} is attached to {dev}, whose file systems may be in use: its \
+                 free-space maps on disk are not current; detach it, or leave out --skip-free",
+                source.display()
+            );
+        }
+    }
     let size = agent::block::BlockSource::open(source, DirectIo::Never)?.size;
     let found = mount::usage::free_space(&file, size, MAX_FREE_RANGES)
         .with_context(|| format!("cannot read the partitions of {}", source.display()))?;
-    Ok((RangeSet::from_unsorted(found.ranges), found.lines))
+    Ok((RangeSet::from_unsorted(found.ranges), found.lines, file))
+}
+
+/// The loop device an image file is attached to, if any (from /sys/block/loop*/loop/backing_file).
+fn loop_device_of(image: &std::path::Path) -> Option<String> {
+    let image = std::fs::canonicalize(image).ok()?;
+    let entries = std::fs::read_dir("/sys/block").ok()?;
+    entries.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let backing = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+        let backing = backing
+            .trim_end_matches('\n')
+            .trim_end_matches(" (deleted)");
+        (std::path::Path::new(backing) == image).then(|| format!("/dev/{name}"))
+    })
 }
 
 #[derive(Args, Debug)]
