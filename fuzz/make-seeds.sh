@@ -262,4 +262,29 @@ bad = hello + opt(5) + opt(7, b"\xff" * 6) + opt(2)
 for n, d in [("ro", ro), ("rw", rw), ("export-name", old), ("bad-options", bad)]:
     open(f"{out}/{n}.bin", "wb").write(d)
 PY
+# nbd_client: what a server sends a client that asks for two meta contexts, reads and asks
+# for block status: the greeting, option replies, then structured reply chunks.
+mkdir -p "$out/nbd_client"
+python3 - "$out/nbd_client" <<'PY'
+import struct, sys
+out = sys.argv[1]
+def rep(opt, kind, data=b""):
+    return struct.pack(">QIII", 0x3e889045565a9, opt, kind, len(data)) + data
+def chunk(flags, kind, cookie, payload):
+    return struct.pack(">IHHQI", 0x668e33ef, flags, kind, cookie, len(payload)) + payload
+size = 1 << 20
+s = b"NBDMAGIC" + b"IHAVEOPT" + struct.pack(">H", 3)
+s += rep(8, 1)
+s += rep(10, 4, struct.pack(">I", 1) + b"base:allocation")
+s += rep(10, 4, struct.pack(">I", 2) + b"qemu:dirty-bitmap:b0") + rep(10, 1)
+s += rep(7, 3, struct.pack(">HQH", 0, size, 1 | 2 | 8))
+s += rep(7, 3, struct.pack(">HIII", 3, 1, 4096, 1 << 25)) + rep(7, 1)
+s += chunk(0, 1, 1, struct.pack(">Q", 0) + b"\x5a" * 4096)
+s += chunk(1, 2, 1, struct.pack(">QI", 4096, 65536 - 4096))
+s += chunk(1, 5, 2, struct.pack(">I", 1) + struct.pack(">II", 65536, 0) + struct.pack(">II", size - 65536, 3))
+s += chunk(1, 5, 3, struct.pack(">I", 2) + struct.pack(">II", 131072, 1) + struct.pack(">II", size - 131072, 0))
+open(f"{out}/session.bin", "wb").write(s)
+err = s[:s.index(b"\x66\x8e\x33\xef")] + chunk(1, 32769, 1, struct.pack(">IH", 5, 4) + b"oops")
+open(f"{out}/read-error.bin", "wb").write(err)
+PY
 ls -l "$out"/*

@@ -43,6 +43,9 @@ pub enum AgentError {
     Ebs(String),
     #[error("{0}")]
     Kafka(String),
+    /// QEMU (over QMP) refused or failed a step of a pull-mode backup.
+    #[error("qemu: {0}")]
+    Qemu(String),
     /// A backup plan that cannot apply (a changed map without a fitting parent).
     #[error("{0}")]
     Plan(String),

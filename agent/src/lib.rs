@@ -16,6 +16,9 @@
 //!   (O_DIRECT when allowed) write. The agent reads sources and writes targets; how an RP is
 //!   written, walked and read belongs to scalez.
 //!
+//! * [`qemu`]: pull-mode backups of a QEMU block node over QMP: a point-in-time fleece overlay
+//!   exported over NBD with a rotating dirty bitmap, torn down on every exit path.
+//!
 //! * [`stream`]: streams of unknown length (stdin, a file) in content-defined chunks, restored
 //!   in order to any writer.
 //! * [`mod@file`] and [`file_restore`]: directory trees (metadata, hard links, xattrs, holes),
@@ -62,6 +65,7 @@ mod fsx;
 pub mod kafka;
 pub mod pipeline;
 mod progress;
+pub mod qemu;
 pub mod stream;
 
 pub use error::AgentError;

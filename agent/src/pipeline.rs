@@ -159,12 +159,40 @@ pub fn backup_block(
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport, AgentError> {
-    match backup_block_once(vault, path, opts, progress) {
+    let src = BlockSource::open(path, opts.direct)?;
+    let asset = block_asset(path, opts.asset_name.as_deref())?;
+    backup_source(vault, &src, asset, opts, progress)
+}
+
+/// Backs up a remote source (an NBD export), recorded as asset `opts.asset_name` or `name`.
+pub fn backup_remote(
+    vault: &Arc<Vault>,
+    name: &str,
+    remote: Arc<dyn crate::block::RemoteSource>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport, AgentError> {
+    let src = BlockSource::remote(name, remote);
+    let asset = Asset {
+        name: opts.asset_name.clone().unwrap_or_else(|| name.to_string()),
+        host: hostname(),
+    };
+    backup_source(vault, &src, asset, opts, progress)
+}
+
+fn backup_source(
+    vault: &Arc<Vault>,
+    src: &BlockSource,
+    asset: Asset,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport, AgentError> {
+    match backup_block_once(vault, src, asset.clone(), opts, progress) {
         Err(AgentError::UnchangedDiffers(why)) if opts.on_mismatch == OnMismatch::FullRead => {
             progress.message(&format!("{why}: starting over with a full read"));
             let mut full = opts.clone();
             full.plan.changed = None;
-            let mut report = backup_block_once(vault, path, &full, progress)?;
+            let mut report = backup_block_once(vault, src, asset, &full, progress)?;
             report.fell_back = Some(why);
             Ok(report)
         }
@@ -174,13 +202,13 @@ pub fn backup_block(
 
 fn backup_block_once(
     vault: &Arc<Vault>,
-    path: &Path,
+    src: &BlockSource,
+    asset: Asset,
     opts: &BackupOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport, AgentError> {
     let started = Instant::now();
-    let src = BlockSource::open(path, opts.direct)?;
-    let asset = block_asset(path, opts.asset_name.as_deref())?;
+    let path = src.path.as_path();
     let parent_rp = vault.latest_rp(RpKind::Disk, &asset)?;
     let cs = vault.config().chunk_size as usize;
     let parent = match (&opts.plan.changed, &parent_rp) {
@@ -243,7 +271,7 @@ fn backup_block_once(
 
     let (collected, read, worked) = std::thread::scope(|s| {
         let reader = {
-            let (src, figures, pool) = (&src, &figures, &pool);
+            let (figures, pool) = (&figures, &pool);
             s.spawn(move || {
                 let plan = &opts.plan;
                 read_source(

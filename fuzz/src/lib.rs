@@ -324,3 +324,39 @@ pub fn changed_map(data: &[u8]) {
         last = Some(e);
     }
 }
+
+/// The NBD client's side of a session whose server bytes are the fuzzer's: handshake with
+/// meta contexts, then reads and block status, all within the client's bounds.
+pub fn nbd_client(data: &[u8]) {
+    struct Duplex<'a>(&'a [u8]);
+    impl std::io::Read for Duplex<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::io::Read::read(&mut self.0, buf)
+        }
+    }
+    impl std::io::Write for Duplex<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    use mount::nbd::client::Client;
+    let contexts = ["base:allocation", "qemu:dirty-bitmap:b0"];
+    let Ok(mut c) = Client::connect(Duplex(data), "vm0", &contexts) else {
+        return;
+    };
+    let size = c.size();
+    let mut buf = vec![0u8; 1 << 16];
+    let n = (size.min(1 << 16)) as usize;
+    let _ = c.read(0, &mut buf[..n]);
+    for name in contexts {
+        if let Some(id) = c.context_id(name) {
+            if let Ok(extents) = c.block_status(id, 0, size.min(1 << 20).max(1) as u32) {
+                let total: u64 = extents.iter().map(|e| e.0 as u64).sum();
+                assert!(total <= size.min(1 << 20).max(1), "extents past the request");
+            }
+        }
+    }
+}

@@ -445,3 +445,440 @@ fn used_blocks_only_backup_of_xfs_skips_free_space_and_refuses_a_dirty_log() {
         "{report}"
     );
 }
+
+/// `qemu-nbd` serving `image` (read-only, persistent, `args` added) on a Unix socket; killed on
+/// drop.
+struct QemuNbd {
+    child: std::process::Child,
+    uri: String,
+}
+
+impl QemuNbd {
+    fn start(env: &Env, image: &Path, args: &[&str]) -> QemuNbd {
+        let sock = env.path("nbd.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = std::process::Command::new("qemu-nbd")
+            .args(["-r", "-t", "-f", "qcow2", "-x", "vm0", "-k"])
+            .arg(&sock)
+            .args(args)
+            .arg(image)
+            .spawn()
+            .expect("qemu-nbd (qemu-utils) is installed by cargo xtask test");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        QemuNbd {
+            child,
+            uri: format!("nbd+unix:///vm0?socket={}", sock.display()),
+        }
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn nbd_source_full_then_dirty_bitmap_incremental() {
+    let env = Env::new();
+    // 64 MiB: 40 MiB of data, the rest never written (a hole the export reports as zeros).
+    let raw = env.path("raw.img");
+    std::fs::write(&raw, pseudo_random(9, 40 << 20)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let qcow = env.path("disk.qcow2");
+    let (raw_s, qcow_s) = (raw.to_str().unwrap(), qcow.to_str().unwrap());
+    sh(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qcow2", raw_s, qcow_s],
+    );
+    sh("qemu-img", &["bitmap", "--add", qcow_s, "b0"]);
+
+    let nbd = QemuNbd::start(&env, &qcow, &[]);
+    let full = env.json(&["block", "backup", &nbd.uri, "--asset-name", "vm0"]);
+    drop(nbd);
+    let f = &full["figures"];
+    assert_eq!(
+        f["bytes_read"],
+        40 << 20,
+        "the zero tail is not read: {full}"
+    );
+    restored_equals(&env, &full, &raw);
+
+    // 2 % of the disk changes through QEMU, which marks the bitmap: 10 writes of 4 KiB, in
+    // 10 distinct chunks, plus one of 1 MiB across 8 more.
+    let mut cmds = Vec::new();
+    for i in 0..10u64 {
+        cmds.push(format!("write -P 0x5a {} 4096", i * 3 * 1024 * 1024 + 8192));
+    }
+    cmds.push(format!("write -P 0x33 {} {}", 50 << 20, 1 << 20));
+    let mut args = vec!["-f", "qcow2"];
+    for c in &cmds {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(qcow_s);
+    sh("qemu-io", &args);
+    let now = env.path("now.raw");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            qcow_s,
+            now.to_str().unwrap(),
+        ],
+    );
+
+    let nbd = QemuNbd::start(&env, &qcow, &["-B", "b0"]);
+    let parent = full["rp"]["id"].as_str().unwrap();
+    let base = [
+        "block",
+        "backup",
+        &nbd.uri,
+        "--asset-name",
+        "vm0",
+        "--dirty-bitmap",
+        "b0",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--parent", parent, "--verify-share", "0"]);
+    let inc = env.json(&args);
+    let read = inc["figures"]["bytes_read"].as_u64().unwrap();
+    assert_eq!(
+        read,
+        18 * CHUNK as u64,
+        "only the dirty chunks are read: {inc}"
+    );
+    assert_eq!(inc["rp"]["parent"], full["rp"]["id"]);
+    restored_equals(&env, &inc, &now);
+    // The same point in time read whole (a full backup into another vault) is the same disk.
+    let other = Env::new();
+    let whole = other.json(&["block", "backup", &nbd.uri, "--asset-name", "vm0"]);
+    assert_eq!(whole["rp"]["logical_size"], inc["rp"]["logical_size"]);
+    restored_equals(&other, &whole, &now);
+
+    // The bitmap must count from a named parent, and must exist.
+    let err = fails_with(&env, &base);
+    assert!(err.contains("--parent"), "{err}");
+    let mut args = base.to_vec();
+    args[6] = "nosuch";
+    args.extend(["--parent", parent]);
+    let err = fails_with(&env, &args);
+    assert!(
+        err.contains("qemu:dirty-bitmap:nosuch") && err.contains("not offered"),
+        "{err}"
+    );
+}
+
+/// A minimal QMP client for checking what QEMU holds (connected only for one look: a monitor
+/// serves one client at a time).
+struct QmpProbe(std::io::BufReader<std::os::unix::net::UnixStream>);
+
+/// Exports, elastio's nodes, bitmaps of `node` and jobs of the QEMU on `sock`.
+fn qemu_state(sock: &Path, node: &str) -> String {
+    QmpProbe::connect(sock).state(node)
+}
+
+impl QmpProbe {
+    fn connect(sock: &Path) -> QmpProbe {
+        let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        let mut q = QmpProbe(std::io::BufReader::new(s));
+        q.line();
+        q.run("qmp_capabilities");
+        q
+    }
+    fn line(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        loop {
+            let mut l = String::new();
+            self.0.read_line(&mut l).unwrap();
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+    fn run(&mut self, cmd: &str) -> serde_json::Value {
+        use std::io::Write;
+        let msg = format!("{{\"execute\": \"{cmd}\"}}\n");
+        self.0.get_mut().write_all(msg.as_bytes()).unwrap();
+        self.line()["return"].clone()
+    }
+    /// Exports, elastio's nodes, bitmaps of `node` and jobs, for comparing with a clean state.
+    fn state(&mut self, node: &str) -> String {
+        let exports = self.run("query-block-exports");
+        let nodes = self.run("query-named-block-nodes");
+        let names: Vec<&str> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["node-name"].as_str())
+            .filter(|n| n.contains("elastio"))
+            .collect();
+        let bitmaps: Vec<String> = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["node-name"] == node)
+            .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+            .map(|b| format!("{}:{}", b["name"], b["recording"]))
+            .collect();
+        let jobs = self.run("query-block-jobs");
+        format!("exports {exports} elastio nodes {names:?} bitmaps {bitmaps:?} jobs {jobs}")
+    }
+}
+
+/// Block `i` (64 KiB) of the writer's pattern: where it lies on the 64 MiB disk.
+fn pattern_block(i: u64) -> u64 {
+    i * (1 << 20) + 192 * 1024
+}
+
+/// Whether the 32 pattern blocks of `img` read like one moment of the writer: round r written
+/// into blocks 0..j, round r - 1 still in the rest.
+fn consistent(img: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(img).unwrap();
+    let mut rounds = Vec::new();
+    for i in 0..32 {
+        let mut b = vec![0u8; 65536];
+        f.read_exact_at(&mut b, pattern_block(i)).unwrap();
+        let r = u64::from_le_bytes(b[..8].try_into().unwrap());
+        if b.chunks_exact(8)
+            .any(|w| u64::from_le_bytes(w.try_into().unwrap()) != r)
+        {
+            return Err(format!("block {i} is torn"));
+        }
+        rounds.push(r);
+    }
+    let top = rounds[0];
+    let ok = rounds.windows(2).all(|w| w[0] >= w[1]) && rounds.iter().all(|&r| r + 1 >= top);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("rounds {rounds:?} are no single moment"))
+    }
+}
+
+#[test]
+fn pull_mode_backup_of_a_live_qemu_node_with_a_dirty_bitmap() {
+    if !is_root() {
+        eprintln!("skipped: needs root (the writer goes through a FUSE export)");
+        return;
+    }
+    let env = Env::new();
+    let raw = env.path("raw.img");
+    std::fs::write(&raw, pseudo_random(12, 64 << 20)).unwrap();
+    let qcow = env.path("disk.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            qcow.to_str().unwrap(),
+        ],
+    );
+    let (qmp, fuse) = (env.path("qmp.sock"), env.path("fuse.img"));
+    std::fs::write(&fuse, b"").unwrap();
+    let qsd = std::process::Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            qcow.display()
+        ))
+        .args(["--blockdev", "driver=qcow2,node-name=disk0,file=file0"])
+        .arg("--export")
+        .arg(format!(
+            "type=fuse,id=w0,node-name=disk0,mountpoint={},writable=on",
+            fuse.display()
+        ))
+        .arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=qmp0",
+            qmp.display()
+        ))
+        .args(["--monitor", "chardev=qmp0"])
+        .spawn()
+        .expect("qemu-storage-daemon (qemu-utils)");
+    let _qsd = KillOnDrop(qsd, Some(fuse.clone()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !qmp.exists() || std::fs::metadata(&fuse).unwrap().len() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-storage-daemon did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The writer: rounds of 32 blocks of 64 KiB, each block written whole with its round
+    // number, synchronously, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, fuse) = (stop.clone(), fuse.clone());
+        std::thread::spawn(move || {
+            use std::os::unix::fs::{FileExt, OpenOptionsExt};
+            let f = std::fs::File::options()
+                .write(true)
+                .custom_flags(libc::O_DSYNC)
+                .open(&fuse)
+                .unwrap();
+            let mut round = 1u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let block: Vec<u8> = round.to_le_bytes().repeat(8192);
+                for i in 0..32 {
+                    f.write_all_at(&block, pattern_block(i)).unwrap();
+                }
+                round += 1;
+            }
+            round
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let q = qmp.to_str().unwrap();
+    let args = [
+        "block",
+        "backup",
+        "--qmp",
+        q,
+        "--node",
+        "disk0",
+        "--dirty-bitmap",
+        "b0",
+    ];
+    let full = env.json(&args);
+    assert_eq!(full["rp"]["asset"]["name"], "qemu:disk0");
+    assert!(
+        full["figures"]["unchanged_kept"] == 0,
+        "the first is a full read: {full}"
+    );
+    let target = env.path("full.img");
+    env.restore(full["rp"]["id"].as_str().unwrap(), &target);
+    consistent(&target).unwrap();
+
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let inc = env.json(&args);
+    assert_eq!(inc["rp"]["parent"], full["rp"]["id"]);
+    let f = &inc["figures"];
+    let read = f["bytes_read"].as_u64().unwrap();
+    let verified = f["unchanged_verified"].as_u64().unwrap();
+    // The dirty ranges: the 32 pattern blocks, a chunk each (bitmap granularity 64 KiB).
+    assert_eq!(read - verified, 32 * CHUNK as u64, "{inc}");
+    let target2 = env.path("inc.img");
+    env.restore(inc["rp"]["id"].as_str().unwrap(), &target2);
+    consistent(&target2).unwrap();
+    // Everything but the pattern blocks is the original disk.
+    {
+        use std::os::unix::fs::FileExt;
+        let (a, b) = (
+            std::fs::File::open(&target2).unwrap(),
+            std::fs::File::open(&raw).unwrap(),
+        );
+        for at in (0..64u64 << 20).step_by(1 << 20) {
+            let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+            a.read_exact_at(&mut x, at).unwrap();
+            b.read_exact_at(&mut y, at).unwrap();
+            let p = (pattern_block(at >> 20) - at) as usize;
+            x[p..p + 65536].fill(0);
+            y[p..p + 65536].fill(0);
+            assert!(
+                x == y,
+                "MiB {} differs outside the writer's block",
+                at >> 20
+            );
+        }
+    }
+    let clean = qemu_state(&qmp, "disk0");
+    assert!(
+        clean.contains("exports [{")
+            && clean.contains("elastio nodes []")
+            && clean.contains("jobs []"),
+        "{clean}"
+    );
+    assert!(
+        clean.contains("bitmaps [\"\\\"b0\\\":true\"]"),
+        "one recording bitmap: {clean}"
+    );
+
+    // A backup killed mid-way leaves its view behind; the next run removes it and carries on.
+    let mut c = env.command(&args);
+    c.env("ELASTIO_FAULTS", "latency_ms=400")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !qemu_state(&qmp, "disk0").contains("elastio-fleece") {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "the backup ended first: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the view never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        qemu_state(&qmp, "disk0").contains("elastio-fleece"),
+        "left behind by the kill"
+    );
+    let after = env.json(&args);
+    assert_eq!(
+        after["rp"]["parent"], inc["rp"]["id"],
+        "the bitmap still counts from inc"
+    );
+    assert_eq!(qemu_state(&qmp, "disk0"), clean);
+
+    // A node QEMU does not have: a clear error, nothing made.
+    let err = fails_with(&env, &["block", "backup", "--qmp", q, "--node", "nosuch"]);
+    assert!(
+        err.contains("QEMU has no block node named \"nosuch\""),
+        "{err}"
+    );
+    assert_eq!(qemu_state(&qmp, "disk0"), clean);
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.join().unwrap();
+    assert!(
+        rounds > 3,
+        "the writer kept writing during the backups ({rounds} rounds)"
+    );
+}
+
+/// A child process killed (and reaped) when the test ends, passed or not, and the FUSE export
+/// it served unmounted.
+struct KillOnDrop(std::process::Child, Option<std::path::PathBuf>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if let Some(m) = &self.1 {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(m)
+                .status();
+        }
+    }
+}

@@ -34,6 +34,12 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("nbdfuse", "libnbd-bin"),
     ("qemu-img", "qemu-utils"),
     ("qemu-io", "qemu-utils"),
+    // NBD exports of qcow2 images with dirty bitmaps, and pull-mode backups (issue 19)
+    ("qemu-nbd", "qemu-utils"),
+    ("qemu-storage-daemon", "qemu-utils"),
+    ("xfs_io", "xfsprogs"),
+    ("xfs_repair", "xfsprogs"),
+    ("dumpe2fs", "e2fsprogs"),
     ("fusermount3", "fuse3"),
     ("sfdisk", "fdisk"),
     // TLS test certificates for the NBD server

@@ -296,19 +296,29 @@ pub fn read_source(
 ) -> Result<&'static str, AgentError> {
     assert!(block_size.is_multiple_of(super::ALIGN));
     let plan = Planner::new(src, plan, block_size, chunk_size);
+    let file = match &src.backing {
+        super::Backing::File(f) => f,
+        super::Backing::Remote(r) => {
+            return read_remote(src, &**r, plan, pool, sink).map(|_| "nbd")
+        }
+    };
     match engine {
-        IoEngine::Pread => read_pread(src, plan, pool, sink).map(|_| "pread"),
+        IoEngine::Pread => read_pread(src, file, plan, pool, sink).map(|_| "pread"),
         IoEngine::IoUring => match super::uring::Ring::new(QUEUE_DEPTH) {
-            Ok(ring) => ring.read_all(src, plan, pool, sink).map(|_| "io_uring"),
+            Ok(ring) => ring
+                .read_all(src, file, plan, pool, sink)
+                .map(|_| "io_uring"),
             Err(e) => Err(AgentError::Engine(format!(
                 "io_uring is unavailable ({e}); unset {ENGINE_ENV} or set it to pread"
             ))),
         },
         IoEngine::Auto => match super::uring::Ring::new(QUEUE_DEPTH) {
-            Ok(ring) => ring.read_all(src, plan, pool, sink).map(|_| "io_uring"),
+            Ok(ring) => ring
+                .read_all(src, file, plan, pool, sink)
+                .map(|_| "io_uring"),
             Err(e) => {
                 tracing::info!("io_uring unavailable ({e}), reading with pread");
-                read_pread(src, plan, pool, sink).map(|_| "pread")
+                read_pread(src, file, plan, pool, sink).map(|_| "pread")
             }
         },
     }
@@ -337,6 +347,7 @@ pub(crate) fn shrank(src: &BlockSource, offset: u64) -> AgentError {
 
 fn read_pread(
     src: &BlockSource,
+    file: &std::fs::File,
     plan: Planner<'_>,
     pool: &BufPool,
     sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
@@ -357,16 +368,56 @@ fn read_pread(
                 // O_DIRECT needs aligned lengths: read whole aligned units; EOF makes it short.
                 let want = (len - done).next_multiple_of(super::ALIGN);
                 let from = at + done;
-                let n = match src
-                    .file
-                    .read_at(&mut buf[from..from + want], req.offset + from as u64)
-                {
+                let n = match file.read_at(&mut buf[from..from + want], req.offset + from as u64) {
                     Ok(0) => return Err(shrank(src, req.offset + from as u64)),
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(source_err(src, e)),
                 };
                 done += n;
+            }
+        }
+        buf.set_len(req.len);
+        sink(Block {
+            offset: req.offset,
+            len: req.len,
+            kind: req.kind,
+            bytes_read: req.bytes_read(),
+            data: Some(buf),
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads a remote source's planned pieces one request at a time (each at most its
+/// `max_read`).
+fn read_remote(
+    src: &BlockSource,
+    remote: &dyn super::RemoteSource,
+    plan: Planner<'_>,
+    pool: &BufPool,
+    sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
+    let max = remote.max_read().max(4096);
+    for req in plan {
+        let req = req.map_err(|e| source_err(src, e))?;
+        if !req.reads() {
+            sink(Block::unread(&req))?;
+            continue;
+        }
+        let mut buf = pool.get(req.len);
+        if req.partial() {
+            buf.fill(0);
+        }
+        for &(at, len) in &req.pieces {
+            let end = (at + len).min(req.len);
+            let mut from = at;
+            while from < end {
+                let n = (end - from).min(max);
+                remote
+                    .read_at(req.offset + from as u64, &mut buf[from..from + n])
+                    .map_err(|e| source_err(src, e))?;
+                from += n;
             }
         }
         buf.set_len(req.len);

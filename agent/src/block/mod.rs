@@ -32,10 +32,35 @@ pub enum DirectIo {
     Never,
 }
 
+/// A source read through something other than a local file descriptor: an NBD export.
+pub trait RemoteSource: Send + Sync {
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` (at most [`RemoteSource::max_read`] bytes) from `offset`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Longest read to ask for.
+    fn max_read(&self) -> usize;
+}
+
+/// Where a source's bytes come from.
+pub(crate) enum Backing {
+    File(File),
+    Remote(std::sync::Arc<dyn RemoteSource>),
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::File(file) => file.fmt(f),
+            Backing::Remote(_) => f.write_str("remote"),
+        }
+    }
+}
+
 /// An opened source.
 #[derive(Debug)]
 pub struct BlockSource {
-    pub(crate) file: File,
+    pub(crate) backing: Backing,
     pub path: PathBuf,
     pub size: u64,
     pub is_block_device: bool,
@@ -100,12 +125,23 @@ impl BlockSource {
             meta.len()
         };
         Ok(BlockSource {
-            file,
+            backing: Backing::File(file),
             path: path.to_path_buf(),
             size,
             is_block_device,
             direct: direct_used,
         })
+    }
+
+    /// A remote source, named `name` (its URI) in messages.
+    pub fn remote(name: &str, remote: std::sync::Arc<dyn RemoteSource>) -> Self {
+        BlockSource {
+            size: remote.size(),
+            backing: Backing::Remote(remote),
+            path: PathBuf::from(name),
+            is_block_device: false,
+            direct: false,
+        }
     }
 
     /// The first data extent that ends after `from`, as (start, end), or None if only holes
@@ -114,10 +150,11 @@ impl BlockSource {
         if from >= self.size {
             return Ok(None);
         }
-        if self.is_block_device {
-            return Ok(Some((from, self.size)));
-        }
-        let fd = self.file.as_raw_fd();
+        let file = match &self.backing {
+            Backing::File(f) if !self.is_block_device => f,
+            _ => return Ok(Some((from, self.size))),
+        };
+        let fd = file.as_raw_fd();
         // SAFETY: lseek on an fd we own; no memory is involved.
         let start = unsafe { libc::lseek(fd, from as libc::off_t, libc::SEEK_DATA) };
         if start < 0 {

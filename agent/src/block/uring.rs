@@ -55,11 +55,12 @@ impl Ring {
     pub(super) fn read_all(
         mut self,
         src: &BlockSource,
+        file: &std::fs::File,
         plan: Planner<'_>,
         pool: &BufPool,
         sink: &mut dyn FnMut(Block) -> Result<(), AgentError>,
     ) -> Result<(), AgentError> {
-        let fd = src.file.as_raw_fd();
+        let fd = file.as_raw_fd();
         let mut slots: Vec<Option<InFlight>> = (0..self.depth).map(|_| None).collect();
         let mut plan = plan;
         let mut in_flight = 0usize;

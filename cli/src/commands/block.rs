@@ -1,16 +1,20 @@
 use clap::{Args, Subcommand, ValueEnum};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agent::block::engine::IoEngine;
 use agent::block::engine::SourcePlan;
 use agent::block::ranges::{parse_changed_map, RangeSet, MAX_RANGES};
 use agent::block::DirectIo;
-use agent::pipeline::{backup_block, restore_block, BackupOptions, OnMismatch, RestoreOptions};
+use agent::block::RemoteSource;
+use agent::pipeline::{
+    backup_block, backup_remote, restore_block, BackupOptions, OnMismatch, RestoreOptions,
+};
 use anyhow::{Context, Result};
 use scalez::RpKind;
 use serde_json::json;
 
+use super::nbd_source;
 use crate::cli::OutputFormat;
 use crate::context::resolve_rp;
 use crate::context::Ctx;
@@ -28,9 +32,70 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
     let tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
     let engine = IoEngine::from_env()?;
     let vault = ctx.open_vault()?;
+    if !(0.0..=100.0).contains(&a.verify_share) {
+        anyhow::bail!(
+            "--verify-share {} is not a percentage from 0 to 100",
+            a.verify_share
+        );
+    }
     let mut free_lines = Vec::new();
     let mut held = None;
-    let plan = source_plan(&a, &mut free_lines, &mut held)?;
+    let mut pull = None;
+    let mut tags = tags;
+    let mut asset_name = a.asset_name.clone();
+    let source = match (&a.source, &a.qmp) {
+        (Some(s), None) => s.to_string_lossy().into_owned(),
+        (None, Some(_)) => String::new(),
+        _ => anyhow::bail!("give a source to back up, or --qmp SOCKET --node NODE (not both)"),
+    };
+    let (plan, nbd) = if let Some(qmp) = &a.qmp {
+        let node = a
+            .node
+            .as_deref()
+            .context("--qmp needs --node NODE (the block node to back up)")?;
+        let dir = private_dir()?;
+        let p = agent::qemu::Pull::begin(qmp, node, a.dirty_bitmap.as_deref(), dir.path())
+            .with_context(|| format!("setting up the pull-mode backup of {node}"))?;
+        let asset = asset_name
+            .get_or_insert_with(|| format!("qemu:{node}"))
+            .clone();
+        // An incremental only from the RP the bitmap has counted changes since.
+        let parent = match (&a.dirty_bitmap, p.bitmap_existed) {
+            (Some(b), true) => vault
+                .latest_rp(
+                    RpKind::Disk,
+                    &scalez::Asset {
+                        name: asset,
+                        host: agent::pipeline::hostname(),
+                    },
+                )?
+                .filter(|rp| rp.tags.get(RP_TAG_BITMAP) == Some(b))
+                .map(|rp| rp.id.to_string()),
+            _ => None,
+        };
+        if let Some(b) = &a.dirty_bitmap {
+            tags.insert(RP_TAG_BITMAP.into(), b.clone());
+        }
+        let bitmap = a.dirty_bitmap.as_deref().filter(|_| parent.is_some());
+        let uri = p.uri.clone();
+        pull = Some((p, dir));
+        let (plan, nbd) = nbd_plan(&a, &uri, bitmap, parent, &mut free_lines)?;
+        (plan, Some((uri, nbd)))
+    } else if nbd_source::is_nbd_uri(&source) {
+        let (plan, nbd) = nbd_plan(
+            &a,
+            &source,
+            a.dirty_bitmap.as_deref(),
+            a.parent.clone(),
+            &mut free_lines,
+        )?;
+        (plan, Some((source.clone(), nbd)))
+    } else {
+        if a.dirty_bitmap.is_some() {
+            anyhow::bail!("--dirty-bitmap needs an NBD source (nbd://… or nbd+unix://…) or --qmp");
+        }
+        (source_plan(&a, &mut free_lines, &mut held)?, None)
+    };
     let opts = BackupOptions {
         tags,
         engine,
@@ -39,7 +104,7 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             DirectIoArg::Always => DirectIo::Always,
             DirectIoArg::Never => DirectIo::Never,
         },
-        asset_name: a.asset_name,
+        asset_name,
         plan,
         on_mismatch: match a.on_mismatch {
             MismatchArg::Fail => OnMismatch::Fail,
@@ -49,9 +114,23 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
         ..BackupOptions::default()
     };
     let bar = Bar::new(ctx.global.quiet);
-    let report = backup_block(&vault, &a.source, &opts, &bar)
-        .with_context(|| format!("backup of {} failed", a.source.display()))?;
+    let report = match &nbd {
+        Some((uri, remote)) => backup_remote(&vault, uri, remote.clone(), &opts, &bar),
+        None => backup_block(&vault, Path::new(&source), &opts, &bar),
+    };
+    drop(nbd);
     drop(held);
+    if let Some((p, _dir)) = pull {
+        // The bitmap moves on only when the RP is committed.
+        let torn_down = p.finish(report.is_ok());
+        if let (Ok(_), Err(e)) = (&report, torn_down) {
+            eprintln!(
+                "warning: the backup committed, but tearing down the pull-mode view failed: {e}"
+            );
+        }
+    }
+    let what = opts.asset_name.as_deref().unwrap_or(&source);
+    let report = report.with_context(|| format!("backup of {what} failed"))?;
     bar.finish();
     let rp = &report.rp;
     let reduction = rp.logical_size as f64 / rp.new_bytes_stored.max(1) as f64;
@@ -187,6 +266,8 @@ Examples:
   elastio block backup disk.img --tag env=prod
   elastio block backup disk.img --skip-free                    # not the file systems' free space
   elastio block backup disk.img --changed-map changed.txt      # read only what changed
+  elastio block backup nbd+unix:///vm0?socket=/run/qsd.sock --dirty-bitmap b0 --parent RP
+  elastio block backup --qmp /run/qsd-qmp.sock --node disk0 --dirty-bitmap elastio  # pull mode
 
 Changed maps (--changed-map): a text file of the byte ranges that may have changed since the
 asset's latest recovery point, one `START LENGTH` per line (decimal or 0x-hex), in any order;
@@ -218,8 +299,17 @@ pub enum BlockCommand {
 
 #[derive(Args, Debug)]
 pub struct BlockBackupArgs {
-    /// Block device or image file to back up
-    pub source: PathBuf,
+    /// Block device, image file, or NBD export (nbd://HOST[:PORT]/EXPORT,
+    /// nbd+unix:///EXPORT?socket=PATH) to back up; none with --qmp
+    pub source: Option<PathBuf>,
+    /// Back up block node --node of the QEMU (or qemu-storage-daemon) listening for QMP on this
+    /// socket, from a point-in-time view it makes and removes (pull mode, as libvirt); with
+    /// --dirty-bitmap, QEMU tracks the changes between backups in that persistent bitmap
+    #[arg(long, value_name = "SOCKET", requires = "node")]
+    pub qmp: Option<PathBuf>,
+    /// With --qmp: the block node to back up (`node-name`, as `query-named-block-nodes` lists)
+    #[arg(long, value_name = "NODE", requires = "qmp")]
+    pub node: Option<String>,
     /// Tag the recovery point (repeatable)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
@@ -239,10 +329,15 @@ pub struct BlockBackupArgs {
     /// first (see the changed-map section of `elastio block backup --help`)
     #[arg(long, value_name = "FILE")]
     pub changed_map: Option<PathBuf>,
-    /// The recovery point the changed map counts from (instead of a `parent` line in it); it
-    /// must be the asset's latest
-    #[arg(long, value_name = "RP", requires = "changed_map")]
+    /// The recovery point the changed map or dirty bitmap counts from (instead of a `parent`
+    /// line in a map); it must be the asset's latest
+    #[arg(long, value_name = "RP")]
     pub parent: Option<String>,
+    /// With an NBD source: read only what this QEMU dirty bitmap (exported as meta context
+    /// `qemu:dirty-bitmap:NAME`) marks changed since --parent. With --qmp: the persistent
+    /// bitmap elastio keeps (made on the first run) to read only what changed since its last RP
+    #[arg(long, value_name = "NAME")]
+    pub dirty_bitmap: Option<String>,
     /// Share of the chunks a changed map calls unchanged that are read anyway and compared with
     /// the parent, in percent
     #[arg(long, value_name = "PERCENT", default_value_t = 1.0)]
@@ -280,7 +375,11 @@ fn source_plan(
         ..SourcePlan::default()
     };
     if let Some(path) = &a.changed_map {
-        let size = agent::block::BlockSource::open(&a.source, DirectIo::Never)?.size;
+        let source = a
+            .source
+            .as_deref()
+            .context("a changed map needs a source")?;
+        let size = agent::block::BlockSource::open(source, DirectIo::Never)?.size;
         let file = std::fs::File::open(path)
             .with_context(|| format!("cannot open changed map {}", path.display()))?;
         let map = parse_changed_map(std::io::BufReader::new(file), size, MAX_RANGES)
@@ -295,12 +394,91 @@ fn source_plan(
         plan.changed = Some(map.ranges);
     }
     if a.skip_free {
-        let (free, lines, claim) = free_space(&a.source)?;
+        let source = a.source.as_deref().context("--skip-free needs a source")?;
+        let (free, lines, claim) = free_space(source)?;
         plan.free = free;
         free_lines.extend(lines);
         *held = Some(claim);
     }
     Ok(plan)
+}
+
+/// The read plan of a backup of NBD export `uri`, and the connection to read it through: zeros
+/// from `base:allocation`, free space with --skip-free, changes from --dirty-bitmap.
+fn nbd_plan(
+    a: &BlockBackupArgs,
+    uri: &str,
+    bitmap: Option<&str>,
+    parent: Option<String>,
+    free_lines: &mut Vec<String>,
+) -> Result<(SourcePlan, Arc<nbd_source::NbdSource>)> {
+    if a.changed_map.is_some() {
+        anyhow::bail!("--changed-map is for files and devices; an NBD source takes --dirty-bitmap");
+    }
+    let bitmap_context = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+    let mut contexts = vec![mount::nbd::proto::BASE_ALLOCATION];
+    contexts.extend(bitmap_context.as_deref());
+    let mut client = nbd_source::connect(uri, &contexts)?;
+    let mut plan = SourcePlan {
+        verify_share: a.verify_share / 100.0,
+        ..SourcePlan::default()
+    };
+    let zeros = nbd_source::zero_ranges(&mut client)?;
+    if let Some(bitmap) = bitmap {
+        if parent.is_none() {
+            anyhow::bail!(
+                "--dirty-bitmap {bitmap}: name the recovery point the bitmap counts changes \
+                 from with --parent (it must be the asset's latest)"
+            );
+        }
+        plan.changed = Some(nbd_source::dirty_ranges(&mut client, bitmap)?);
+        plan.changed_since = parent;
+    }
+    let source = Arc::new(nbd_source::NbdSource::new(client));
+    let mut free = zeros.ranges().to_vec();
+    if a.skip_free {
+        let dev = nbd_source::ReadAtRemote(&source);
+        let found = mount::usage::free_space(&dev, RemoteSource::size(&*source), MAX_FREE_RANGES)
+            .with_context(|| format!("cannot read the partitions of {uri}"))?;
+        free.extend(found.ranges);
+        free_lines.extend(found.lines);
+    }
+    plan.free = RangeSet::from_unsorted(free);
+    Ok((plan, source))
+}
+
+/// The tag of RPs made with --qmp --dirty-bitmap: the bitmap that counts changes since them.
+const RP_TAG_BITMAP: &str = "qemu:dirty-bitmap";
+
+/// A private directory (0700) for a pull-mode backup's overlay and NBD socket.
+fn private_dir() -> Result<TempDir> {
+    use rand::Rng;
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::var_os("ELASTIO_PULL_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+    let path = base.join(format!(
+        "elastio-pull-{:016x}",
+        rand::thread_rng().gen::<u64>()
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(TempDir(path))
+}
+
+/// A directory removed (with what is in it) on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Most free ranges a backup skips (16 bytes each); past that the smallest are read instead.

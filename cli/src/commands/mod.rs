@@ -7,6 +7,7 @@ pub(crate) mod file;
 pub(crate) mod kafka;
 pub(crate) mod mount;
 pub(crate) mod nbd;
+pub(crate) mod nbd_source;
 pub(crate) mod prune;
 pub(crate) mod rp;
 pub(crate) mod stream;

@@ -2,6 +2,7 @@
 //! tokio server that serves one export per disk RP through the shared [`scalez::reader::DiskReader`].
 
 pub mod attach;
+pub mod client;
 pub mod proto;
 pub mod server;
 
