@@ -293,7 +293,7 @@ fn backup_block_once(
                                 f.unchanged_kept += b.len as u64;
                                 f.unchanged_verified += b.len as u64;
                             }
-                            BlockKind::Data | BlockKind::Zeros => {}
+                            BlockKind::Data | BlockKind::Zeros | BlockKind::Patch => {}
                         }
                         drop(f);
                         btx.send(b).map_err(|_| AgentError::Stopped)
@@ -304,7 +304,8 @@ fn backup_block_once(
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 let (brx, rtx, writer) = (brx.clone(), rtx.clone(), &writer);
-                s.spawn(move || hash_and_store(brx, rtx, writer, progress))
+                let parent = parent.as_ref().map(|(_, p)| p);
+                s.spawn(move || hash_and_store(brx, rtx, writer, parent, progress))
             })
             .collect();
         drop((brx, rtx));
@@ -359,9 +360,11 @@ fn hash_and_store(
     blocks: Receiver<Block>,
     results: Sender<SlotIds>,
     writer: &DiskWriter,
+    parent: Option<&DiskReader>,
     progress: &dyn Progress,
 ) -> Result<(), AgentError> {
     let cs = writer.chunk_size();
+    let mut patched = Vec::new();
     for block in blocks {
         let first = block.offset / cs as u64;
         let slots = block.len.div_ceil(cs);
@@ -369,6 +372,16 @@ fn hash_and_store(
             (_, BlockKind::Keep) => Slots::Keep(slots as u64),
             (None, _) => Slots::Ids(vec![None; slots]),
             (Some(buf), BlockKind::Verify) => Slots::Verify(writer.put(&buf[..block.len])?),
+            (Some(buf), BlockKind::Patch) => {
+                // The parent's bytes, with the pieces read laid over them.
+                let parent = parent.ok_or(AgentError::Stopped)?;
+                patched.resize(block.len, 0);
+                parent.read_at(block.offset, &mut patched)?;
+                for &(at, len) in &block.patch {
+                    patched[at..at + len].copy_from_slice(&buf[at..at + len]);
+                }
+                Slots::Ids(writer.put(&patched)?)
+            }
             (Some(buf), _) => Slots::Ids(writer.put(&buf[..block.len])?),
         };
         progress.advance(block.len as u64);

@@ -52,6 +52,9 @@ pub enum BlockKind {
     /// Unchanged since the parent by the changed-block source's word, read anyway (a sample) to
     /// check that word: the pipeline compares its chunk ids with the parent's.
     Verify,
+    /// Changed in part: only the changed pieces are read, the rest comes from the parent's
+    /// chunks (so an incremental reads what changed, not whole chunks around it).
+    Patch,
 }
 
 /// One planned request: `len` bytes at `offset` (chunk-aligned), of one kind. Reads fill
@@ -66,7 +69,10 @@ pub(crate) struct Req {
 
 impl Req {
     pub(crate) fn reads(&self) -> bool {
-        matches!(self.kind, BlockKind::Data | BlockKind::Verify)
+        matches!(
+            self.kind,
+            BlockKind::Data | BlockKind::Verify | BlockKind::Patch
+        )
     }
 
     /// Whether the pieces leave parts of the block unread (which must then be zeroed).
@@ -86,6 +92,9 @@ pub struct Block {
     pub kind: BlockKind,
     /// Bytes read from the source for it.
     pub bytes_read: u64,
+    /// For [`BlockKind::Patch`]: the pieces read (offset in the block, length); the rest of
+    /// `data` is zeros, to be filled from the parent.
+    pub patch: Vec<(usize, usize)>,
     pub data: Option<PooledBuf>,
 }
 
@@ -96,7 +105,24 @@ impl Block {
             len: req.len,
             kind: req.kind,
             bytes_read: 0,
+            patch: Vec::new(),
             data: None,
+        }
+    }
+
+    /// A block read for `req` into `buf`.
+    pub(crate) fn read(req: Req, buf: PooledBuf) -> Self {
+        Block {
+            offset: req.offset,
+            len: req.len,
+            kind: req.kind,
+            bytes_read: req.bytes_read(),
+            patch: if req.kind == BlockKind::Patch {
+                req.pieces
+            } else {
+                Vec::new()
+            },
+            data: Some(buf),
         }
     }
 }
@@ -174,6 +200,7 @@ impl<'a> Planner<'a> {
             return BlockKind::Zeros;
         }
         match &self.plan.changed {
+            Some(changed) if changed.intersects(s, e) && !changed.covers(s, e) => BlockKind::Patch,
             Some(changed) if !changed.intersects(s, e) => {
                 let share = self.plan.verify_share.clamp(0.0, 1.0);
                 // A chunk with free space reads with zeros there, while the parent may hold
@@ -191,24 +218,23 @@ impl<'a> Planner<'a> {
     /// The pieces of `[s, e)` to read: all but the free space, widened to [`ALIGN`] for
     /// O_DIRECT (and clipped to the source's end).
     fn pieces(&self, s: u64, e: u64) -> Vec<(usize, usize)> {
-        let align = super::ALIGN as u64;
-        let mut out: Vec<(usize, usize)> = Vec::new();
+        let mut used = Vec::new();
         let mut at = s;
-        let free = self.plan.free.within(s, e).chain(std::iter::once((e, e)));
-        for (fs, fe) in free {
+        for (fs, fe) in self.plan.free.within(s, e).chain(std::iter::once((e, e))) {
             if fs > at {
-                let a = (at / align * align).max(s);
-                let b = fs.next_multiple_of(align).min(e);
-                match out.last_mut() {
-                    Some(last) if (last.0 + last.1) as u64 + s >= a => {
-                        last.1 = (b - s) as usize - last.0
-                    }
-                    _ => out.push(((a - s) as usize, (b - a) as usize)),
-                }
+                used.push((at, fs));
             }
             at = at.max(fe);
         }
-        out
+        aligned_pieces(used.into_iter(), s, e)
+    }
+
+    /// The pieces of `[s, e)` a patch reads: the changed bytes, widened to [`ALIGN`].
+    fn changed_pieces(&self, s: u64, e: u64) -> Vec<(usize, usize)> {
+        match &self.plan.changed {
+            Some(changed) => aligned_pieces(changed.within(s, e), s, e),
+            None => vec![(0, (e - s) as usize)],
+        }
     }
 
     fn plan_block(&mut self, start: u64, end: u64) -> io::Result<()> {
@@ -227,7 +253,8 @@ impl<'a> Planner<'a> {
             let e = (s + self.chunk_size).min(end);
             let kind = self.kind_of(s, e);
             match run {
-                Some((_, k)) if k == kind && kind != BlockKind::Verify => {}
+                Some((_, k))
+                    if k == kind && !matches!(kind, BlockKind::Verify | BlockKind::Patch) => {}
                 Some((from, k)) => {
                     self.push(from, s, k);
                     run = Some((s, kind));
@@ -245,6 +272,7 @@ impl<'a> Planner<'a> {
     fn push(&mut self, s: u64, e: u64, kind: BlockKind) {
         let pieces = match kind {
             BlockKind::Data | BlockKind::Verify => self.pieces(s, e),
+            BlockKind::Patch => self.changed_pieces(s, e),
             BlockKind::Zeros | BlockKind::Keep => Vec::new(),
         };
         // A read with no piece left (every byte free) reads nothing: zeros, or a plain keep.
@@ -260,6 +288,25 @@ impl<'a> Planner<'a> {
             pieces,
         });
     }
+}
+
+/// Byte ranges within `[s, e)` (sorted, disjoint) as pieces of a block starting at `s`, each
+/// widened to [`ALIGN`] (O_DIRECT) within the block, overlapping ones merged.
+fn aligned_pieces(ranges: impl Iterator<Item = (u64, u64)>, s: u64, e: u64) -> Vec<(usize, usize)> {
+    let align = super::ALIGN as u64;
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (rs, re) in ranges {
+        let a = (rs / align * align).max(s);
+        let b = re.next_multiple_of(align).min(e);
+        if a >= b {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if (last.0 + last.1) as u64 + s >= a => last.1 = (b - s) as usize - last.0,
+            _ => out.push(((a - s) as usize, (b - a) as usize)),
+        }
+    }
+    out
 }
 
 impl Iterator for Planner<'_> {
@@ -378,13 +425,7 @@ fn read_pread(
             }
         }
         buf.set_len(req.len);
-        sink(Block {
-            offset: req.offset,
-            len: req.len,
-            kind: req.kind,
-            bytes_read: req.bytes_read(),
-            data: Some(buf),
-        })?;
+        sink(Block::read(req, buf))?;
     }
     Ok(())
 }
@@ -421,13 +462,7 @@ fn read_remote(
             }
         }
         buf.set_len(req.len);
-        sink(Block {
-            offset: req.offset,
-            len: req.len,
-            kind: req.kind,
-            bytes_read: req.bytes_read(),
-            data: Some(buf),
-        })?;
+        sink(Block::read(req, buf))?;
     }
     Ok(())
 }
@@ -524,10 +559,16 @@ mod tests {
             kinds(&plan(0.0)),
             [
                 (0, cs as usize, BlockKind::Keep),
-                (cs, cs as usize, BlockKind::Data),
+                (cs, cs as usize, BlockKind::Patch),
                 (2 * cs, 6 * cs as usize, BlockKind::Keep)
             ]
         );
+        // The patch reads the changed byte's 4 KiB page only.
+        let patch = Planner::new(&src, &plan(0.0), 1 << 20, cs as usize)
+            .map(Result::unwrap)
+            .find(|r| r.kind == BlockKind::Patch)
+            .unwrap();
+        assert_eq!(patch.pieces, [(0, 4096)]);
         let all = kinds(&plan(1.0));
         assert_eq!(all.len(), 8, "one verify per kept chunk: {all:?}");
         assert_eq!(all.iter().filter(|k| k.2 == BlockKind::Verify).count(), 7);

@@ -137,13 +137,7 @@ impl Ring {
                         continue;
                     }
                     f.buf.set_len(f.req.len);
-                    sink(Block {
-                        offset: f.req.offset,
-                        len: f.req.len,
-                        kind: f.req.kind,
-                        bytes_read: f.req.bytes_read(),
-                        data: Some(f.buf),
-                    })?;
+                    sink(Block::read(f.req, f.buf))?;
                 }
             }
         })();
