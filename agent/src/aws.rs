@@ -257,3 +257,108 @@ mod tests {
         assert!(err.to_string().contains("snap-1"), "{err}");
     }
 }
+
+/// This instance's id and region, from the instance metadata service (IMDSv2, token first; the
+/// endpoint from `AWS_EC2_METADATA_SERVICE_ENDPOINT` when set): `ec2 backup --self`.
+pub fn imds_identity() -> Result<(String, String), AgentError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| AgentError::Aws {
+        what: format!("instance metadata {what}"),
+        code: None,
+        reason: format!("{e} (is this an EC2 instance with IMDS enabled?)"),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| err("runtime", &e))?;
+    rt.block_on(async {
+        let c = aws_config::imds::Client::builder()
+            .max_attempts(2)
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .build();
+        let get = |path: &'static str| {
+            let c = c.clone();
+            async move {
+                c.get(path)
+                    .await
+                    .map(|v| v.as_ref().trim().to_string())
+                    .map_err(|e| err(path, &e))
+            }
+        };
+        let id = get("/latest/meta-data/instance-id").await?;
+        let region = get("/latest/meta-data/placement/region").await?;
+        if !id.starts_with("i-") || region.is_empty() {
+            return Err(err(
+                "",
+                &format!("unexpected instance id {id:?} or region {region:?}"),
+            ));
+        }
+        Ok((id, region))
+    })
+}
+
+/// The EBS volume id of an NVMe block device (or one of its partitions) on a Nitro instance,
+/// from the serial number the device reports (`vol0123…` → `vol-0123…`), read under `sys`
+/// (normally `/sys`).
+pub fn volume_of_device(
+    device: &std::path::Path,
+    sys: &std::path::Path,
+) -> Result<String, AgentError> {
+    let fail = |why: String| AgentError::Ebs(format!("{}: {why}", device.display()));
+    let real = std::fs::canonicalize(device).map_err(|e| fail(e.to_string()))?;
+    let name = real
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| fail("not a device path".into()))?;
+    let class = sys.join("class/block").join(name);
+    // A partition's own directory has no device/; its disk's has.
+    let serial = std::fs::read_to_string(class.join("device/serial"))
+        .or_else(|_| std::fs::read_to_string(class.join("../device/serial")))
+        .map_err(|_| fail("no NVMe serial number: not an EBS volume of a Nitro instance".into()))?;
+    let serial = serial.trim();
+    let hex = serial
+        .strip_prefix("vol")
+        .map(|h| h.strip_prefix('-').unwrap_or(h));
+    match hex {
+        Some(hex) if !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()) => {
+            Ok(format!("vol-{hex}"))
+        }
+        _ => Err(fail(format!("serial {serial:?} is not an EBS volume id"))),
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+
+    #[test]
+    fn nvme_serials_name_volumes() {
+        let sys = tempfile::tempdir().unwrap();
+        let dev = tempfile::tempdir().unwrap();
+        let disk = sys.path().join("class/block/nvme1n1");
+        std::fs::create_dir_all(disk.join("device")).unwrap();
+        std::fs::write(disk.join("device/serial"), "vol0123456789abcdef0 \n").unwrap();
+        std::fs::create_dir_all(disk.join("nvme1n1p1")).unwrap();
+        std::os::unix::fs::symlink(
+            disk.join("nvme1n1p1"),
+            sys.path().join("class/block/nvme1n1p1"),
+        )
+        .unwrap();
+        let other = sys.path().join("class/block/nvme0n1/device");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("serial"), "AWS1234\n").unwrap();
+        for n in ["nvme1n1", "nvme1n1p1", "nvme0n1", "loop0"] {
+            std::fs::write(dev.path().join(n), "").unwrap();
+        }
+        let of = |n: &str| volume_of_device(&dev.path().join(n), sys.path());
+        assert_eq!(of("nvme1n1").unwrap(), "vol-0123456789abcdef0");
+        assert_eq!(of("nvme1n1p1").unwrap(), "vol-0123456789abcdef0");
+        assert!(of("nvme0n1")
+            .unwrap_err()
+            .to_string()
+            .contains("not an EBS volume id"));
+        assert!(of("loop0")
+            .unwrap_err()
+            .to_string()
+            .contains("no NVMe serial"));
+    }
+}

@@ -84,6 +84,7 @@ async fn snapshot_instance(
     ctx: &Ctx,
     instance_id: &str,
     vault_id: &str,
+    quiesce: Option<&crate::ebs::Hook>,
 ) -> Result<SnapshotSet, AgentError> {
     let inst = describe_instance(aws, ctx, instance_id).await?;
     let attached: Vec<Attached> = inst
@@ -134,6 +135,9 @@ async fn snapshot_instance(
         .tags(ec2_tag(TAG_VAULT, vault_id))
         .tags(ec2_tag(TAG_INSTANCE, instance_id))
         .build();
+    if let Some(h) = quiesce {
+        h.0.before()?;
+    }
     let out = call(&ctx.aws_calls, None, &what, || async {
         aws.ec2
             .create_snapshots()
@@ -150,12 +154,23 @@ async fn snapshot_instance(
             .await
             .map_err(classify)
     })
-    .await?;
+    .await;
+    let resumed = quiesce.map_or(Ok(()), |h| h.0.after());
+    let out = out?;
     let snapshots: Vec<(String, String)> = out
         .snapshots()
         .iter()
         .filter_map(|s| Some((s.volume_id()?.to_string(), s.snapshot_id()?.to_string())))
         .collect();
+    if let Err(e) = resumed {
+        // Not the consistent point in time asked for: no backup from it.
+        for (_, snap) in &snapshots {
+            if let Err(de) = delete_snapshot(aws, ctx, snap).await {
+                tracing::warn!("cannot delete snapshot {snap}: {de}");
+            }
+        }
+        return Err(e);
+    }
     // Each snapshot also names its volume, for the per-volume snapshot lifecycle.
     for (vol, snap) in &snapshots {
         let what = || format!("CreateTags on {snap}");
@@ -293,9 +308,13 @@ pub fn backup_instance(
         attached,
         types,
         snapshots,
-    } = aws
-        .rt
-        .block_on(snapshot_instance(aws, &ctx, instance_id, &vault_id))?;
+    } = aws.rt.block_on(snapshot_instance(
+        aws,
+        &ctx,
+        instance_id,
+        &vault_id,
+        opts.quiesce.as_ref(),
+    ))?;
     let result = read_volumes(
         vault,
         aws,

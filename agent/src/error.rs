@@ -43,6 +43,9 @@ pub enum AgentError {
     Ebs(String),
     #[error("{0}")]
     Kafka(String),
+    /// A pre- or post-command, a freeze or a thaw failed.
+    #[error("{0}")]
+    Quiesce(String),
     /// QEMU (over QMP) refused or failed a step of a pull-mode backup.
     #[error("qemu: {0}")]
     Qemu(String),

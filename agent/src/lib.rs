@@ -61,6 +61,7 @@ pub mod ec2;
 mod error;
 pub mod file;
 pub mod file_restore;
+pub mod freeze;
 mod fsx;
 pub mod kafka;
 pub mod pipeline;

@@ -50,6 +50,14 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // The thaw watchdog of `--freeze` (agent::freeze): not a user command, no clap.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw
+        .get(1)
+        .is_some_and(|a| a == agent::freeze::WATCHDOG_COMMAND)
+    {
+        std::process::exit(agent::freeze::watchdog_main(&raw[2..]));
+    }
     let args = cli::Cli::parse();
     install_signal_handlers();
     if let Err(e) = commands::run(args) {

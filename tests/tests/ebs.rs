@@ -395,3 +395,213 @@ fn files_of_an_ebs_volume_are_browsable_through_fuse() {
     unmount_and_wait(&env, &mnt, pid);
     same.unwrap();
 }
+
+/// A writer appending to a file on `dir` with an fsync per write, recording the longest wait
+/// of one write and the writes done, until told to stop.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stats: std::sync::Arc<std::sync::Mutex<(std::time::Duration, u64, std::time::Instant)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(dir: &Path) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stats = std::sync::Arc::new(std::sync::Mutex::new((
+            std::time::Duration::ZERO,
+            0u64,
+            std::time::Instant::now(),
+        )));
+        let (s, st, path) = (stop.clone(), stats.clone(), dir.join("log"));
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&path).unwrap();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                f.write_all(&[7u8; 4096]).unwrap();
+                f.sync_data().unwrap();
+                let mut g = st.lock().unwrap();
+                g.0 = g.0.max(t.elapsed());
+                g.1 += 1;
+                g.2 = std::time::Instant::now();
+                drop(g);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        Writer {
+            stop,
+            stats,
+            thread: Some(thread),
+        }
+    }
+    /// (longest wait, writes, since the last write).
+    fn stats(&self) -> (std::time::Duration, u64, std::time::Duration) {
+        let g = self.stats.lock().unwrap();
+        (g.0, g.1, g.2.elapsed())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Thaws and unmounts `mnt` whatever the test did.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let m = self.0.to_str().unwrap();
+        let _ = std::process::Command::new("fsfreeze")
+            .args(["-u", m])
+            .status();
+        let _ = std::process::Command::new("umount").arg(m).status();
+    }
+}
+
+fn snapshots_in(emu: &AwsEmulator) -> usize {
+    emu.ec2("Action=DescribeSnapshots&Owner.1=self")
+        .matches("<snapshotId>")
+        .count()
+}
+
+#[test]
+fn ec2_self_backup_with_a_freeze_and_hooks() {
+    if !is_root() {
+        eprintln!("skipped: needs root (a loop-mounted file system to freeze)");
+        return;
+    }
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let run = emu.ec2(
+        "Action=RunInstances&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&InstanceType=t3.micro\
+         &Placement.AvailabilityZone=us-east-1a",
+    );
+    let instance = xml_field(&run, "instanceId");
+    let root_vol = xml_field(&run, "volumeId");
+    let root_img = env.path("root.img");
+    sparse_file(&root_img, 64 * MIB);
+    write_at(&root_img, 0, &pseudo_random(30, 4 * MIB as usize));
+    let body = serde_json::json!({"volume_id": root_vol, "image": root_img});
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "-d",
+            &body.to_string(),
+            &format!("{}/_emulator/volumes", emu.url),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    emu.config(serde_json::json!({"imds_instance_id": instance, "imds_region": "us-east-1"}));
+    // The file system to freeze: a loop-mounted ext4 with a writer on it.
+    let img = ext4_image(&env, "data.img", 64 * MIB);
+    let mnt = env.path("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    sh(
+        "mount",
+        &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
+    );
+    let _mounted = Mounted(mnt.clone());
+    let writer = Writer::start(&mnt);
+    let m = mnt.to_str().unwrap();
+    let self_backup = |extra: &[&str]| {
+        let mut args = vec!["ec2", "backup", "--self", "--freeze", m];
+        args.extend_from_slice(extra);
+        let mut c = emu.command(&env, &args);
+        // The instance and its region come from the emulator's IMDS.
+        c.env_remove("AWS_REGION")
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &emu.url);
+        c
+    };
+
+    // CreateSnapshots takes 400 ms here: the writer waits that long, then carries on.
+    emu.config(serde_json::json!({"latency_ms": 400}));
+    let marker = env.path("hooks");
+    let pre = format!("echo pre >> {}", marker.display());
+    let post = format!("echo post >> {}", marker.display());
+    let before = writer.stats().1;
+    let mut c = self_backup(&[
+        "--pre-cmd",
+        &pre,
+        "--post-cmd",
+        &post,
+        "--output-format",
+        "json",
+    ]);
+    let b = Env::json_of(&mut c);
+    assert_eq!(b["rp"]["asset"]["name"], instance.as_str());
+    assert_eq!(b["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "pre\npost\n");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (longest, writes, _) = writer.stats();
+    assert!(
+        longest >= std::time::Duration::from_millis(300),
+        "the writer never waited: {longest:?}"
+    );
+    assert!(
+        longest < std::time::Duration::from_secs(5),
+        "the freeze lasted {longest:?}"
+    );
+    assert!(
+        writes > before + 5,
+        "the writer resumed ({before} -> {writes})"
+    );
+    assert!(emu.calls("IMDS") >= 2, "{}", emu.stats());
+
+    // A failing pre-command: no snapshot, nothing frozen, the post-command still runs.
+    let snaps = snapshots_in(&emu);
+    let out = self_backup(&["--pre-cmd", "echo flushing; exit 3", "--post-cmd", &post])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--pre-cmd") && err.contains("exit status: 3"),
+        "{err}"
+    );
+    assert_eq!(snapshots_in(&emu), snaps, "no snapshot was made");
+    assert!(std::fs::read_to_string(&marker)
+        .unwrap()
+        .ends_with("post\npost\n"));
+    std::fs::write(mnt.join("after-pre"), b"not frozen").unwrap();
+
+    // A freeze that outlasts its timeout: the watchdog thaws, the backup fails and removes
+    // its snapshots.
+    emu.config(serde_json::json!({"latency_ms": 1500}));
+    let out = self_backup(&["--freeze-timeout", "0.3"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outlasted its timeout"), "{err}");
+    assert_eq!(
+        snapshots_in(&emu),
+        snaps,
+        "the inconsistent snapshots were deleted"
+    );
+
+    // elastio killed mid-freeze: its watchdog thaws at once (not at the 60 s timeout).
+    let mut child = self_backup(&["--freeze-timeout", "60"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while writer.stats().2 < std::time::Duration::from_millis(500) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the freeze never came"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let killed = std::time::Instant::now();
+    while writer.stats().2 > std::time::Duration::from_millis(100) {
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(3),
+            "still frozen after the kill"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -32,6 +32,12 @@ validation, EC2 snapshots without data); this launcher models what elastio relie
   `corrupt_index` (GetSnapshotBlock of that index always carries a wrong checksum) and
   `corrupt_first` (that many GetSnapshotBlock answers carry a wrong checksum).
 * `GET /_emulator/stats`: calls per EBS action, throttled answers; `POST /_emulator/stats/reset`.
+* Instance metadata (IMDSv2 only, as with HttpTokens=required) at `/latest/...`, for the
+  instance `imds_instance_id` (in `imds_region`) set with `POST /_emulator/config`: `PUT
+  /latest/api/token` (TTL header 1..21600 required) gives a token that every GET must carry
+  (401 without); `meta-data/instance-id`, `meta-data/placement/region`,
+  `meta-data/placement/availability-zone`, `dynamic/instance-identity/document` and
+  `meta-data/block-device-mapping/` (`ami`, `root`, `ebsN`) from moto's instance.
 """
 
 import argparse
@@ -72,7 +78,10 @@ CONFIG = {
     "corrupt_index": None,
     "corrupt_first": 0,
     "snapshot_seconds": 0.5,
+    "imds_instance_id": None,
+    "imds_region": "us-east-1",
 }
+IMDS_TOKENS = {}  # token -> expiry time
 STATS = Counter()
 BLOBS = {}  # sha256 digest -> block bytes (shared by every snapshot holding that content)
 
@@ -540,6 +549,59 @@ def control(req):
     return json_response(404, {"Message": f"unknown control call {req.method} {req.path}"})
 
 
+def imds(req):
+    """The instance metadata service, IMDSv2 only."""
+    text = lambda body, status=200: Response(body, status=status, content_type="text/plain")
+    if req.path == "/latest/api/token":
+        if req.method != "PUT":
+            return text("", 405)
+        ttl = req.headers.get("X-aws-ec2-metadata-token-ttl-seconds", "")
+        if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+            return text("", 400)
+        token = secrets.token_urlsafe(32)
+        with LOCK:
+            IMDS_TOKENS[token] = time.time() + int(ttl)
+        resp = text(token)
+        resp.headers["X-aws-ec2-metadata-token-ttl-seconds"] = ttl
+        return resp
+    if req.method != "GET":
+        return text("", 405)
+    with LOCK:
+        expiry = IMDS_TOKENS.get(req.headers.get("X-aws-ec2-metadata-token", ""))
+        STATS["IMDS"] += 1
+    if expiry is None or expiry < time.time():
+        return text("", 401)
+    region, iid = CONFIG["imds_region"], CONFIG["imds_instance_id"]
+    if not iid:
+        return text("", 404)
+    try:
+        inst = ec2_backends[DEFAULT_ACCOUNT_ID][region].get_instance(iid)
+    except Exception:
+        return text("", 404)
+    az = inst._placement.zone
+    path = req.path[len("/latest/"):]
+    bdm = sorted(inst.block_device_mapping.items())
+    names = {"ami": inst.root_device_name, "root": inst.root_device_name}
+    for i, (dev, _) in enumerate(d for d in bdm if d[0] != inst.root_device_name):
+        names[f"ebs{i + 1}"] = dev
+    if path == "meta-data/instance-id":
+        return text(iid)
+    if path == "meta-data/placement/region":
+        return text(region)
+    if path == "meta-data/placement/availability-zone":
+        return text(az)
+    if path == "dynamic/instance-identity/document":
+        doc = {"instanceId": iid, "region": region, "availabilityZone": az,
+               "accountId": DEFAULT_ACCOUNT_ID, "instanceType": inst.instance_type,
+               "imageId": inst.image_id, "architecture": "x86_64"}
+        return Response(json.dumps(doc), status=200, content_type="application/json")
+    if path == "meta-data/block-device-mapping/":
+        return text("\n".join(names))
+    if path.startswith("meta-data/block-device-mapping/") and path.rsplit("/", 1)[1] in names:
+        return text(names[path.rsplit("/", 1)[1]].removeprefix("/dev/"))
+    return text("", 404)
+
+
 SCOPE = re.compile(r"Credential=[^/]+/\d{8}/([^/]+)/([^/]+)/aws4_request")
 
 
@@ -551,6 +613,8 @@ class Emulator:
         req = Request(environ)
         if req.path.startswith("/_emulator/"):
             return control(req)(environ, start_response)
+        if req.path.startswith("/latest/"):
+            return imds(req)(environ, start_response)
         m = SCOPE.search(req.headers.get("Authorization", ""))
         region, service = (m.group(1), m.group(2)) if m else ("us-east-1", "")
         if service in ("ebs", "ec2"):

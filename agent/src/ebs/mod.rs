@@ -79,7 +79,19 @@ pub struct EbsOptions {
     pub poll: Duration,
     /// Blocks per list page (100..=10000; AWS's maximum unless testing paging).
     pub page_size: i32,
+    /// Runs around the snapshot call (pre-command, freeze, thaw, post-command).
+    pub quiesce: Option<Hook>,
     pub cancel: Cancel,
+}
+
+/// A [`SnapshotHook`](crate::freeze::SnapshotHook) shared by the calls of one backup.
+#[derive(Clone)]
+pub struct Hook(pub Arc<dyn crate::freeze::SnapshotHook>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotHook")
+    }
 }
 
 impl Default for EbsOptions {
@@ -92,6 +104,7 @@ impl Default for EbsOptions {
             keep_snapshots: false,
             poll: Duration::from_secs(1),
             page_size: MAX_PAGE,
+            quiesce: None,
             cancel: Cancel::new(),
         }
     }
@@ -297,6 +310,9 @@ pub fn backup_volume(
             .tags(ec2_tag(TAG_VOLUME, volume_id))
             .tags(ec2_tag(TAG_VAULT, &vault_id))
             .build();
+        if let Some(h) = &opts.quiesce {
+            h.0.before()?;
+        }
         let out = call(&ctx.aws_calls, None, &what, || async {
             aws.ec2
                 .create_snapshot()
@@ -307,9 +323,19 @@ pub fn backup_volume(
                 .await
                 .map_err(classify)
         })
-        .await?;
-        out.snapshot_id
-            .ok_or_else(|| AgentError::Ebs("CreateSnapshot returned no snapshot id".into()))
+        .await;
+        let resumed = opts.quiesce.as_ref().map_or(Ok(()), |h| h.0.after());
+        let id = out?
+            .snapshot_id
+            .ok_or_else(|| AgentError::Ebs("CreateSnapshot returned no snapshot id".into()))?;
+        if let Err(e) = resumed {
+            // Not the consistent point in time asked for: no backup from it.
+            if let Err(de) = delete_snapshot(aws, &ctx, &id).await {
+                tracing::warn!("cannot delete snapshot {id}: {de}");
+            }
+            return Err(e);
+        }
+        Ok(id)
     })?;
     progress.message(&format!("snapshot {snapshot_id} of {volume_id} started"));
     let result = (|| {

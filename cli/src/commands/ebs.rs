@@ -33,6 +33,59 @@ pub fn connect(ctx: &Ctx, a: &AwsArgs) -> Result<Aws> {
     Ok(Aws::connect(&cfg)?)
 }
 
+/// Like [`connect`], but on an instance (`on_instance`) without a region given, the region is
+/// the instance's own (from its metadata service).
+pub fn connect_here(ctx: &Ctx, a: &AwsArgs, on_instance: bool) -> Result<Aws> {
+    if on_instance && ctx.global.region.is_none() && std::env::var_os("AWS_REGION").is_none() {
+        let (_, region) = agent::aws::imds_identity()?;
+        let cfg = AwsConfig {
+            region: Some(region),
+            endpoint_url: a.aws_endpoint_url.clone(),
+            attempt_timeout: Duration::from_secs(a.request_timeout.max(1)),
+        };
+        return Ok(Aws::connect(&cfg)?);
+    }
+    connect(ctx, a)
+}
+
+/// What runs around the snapshot call: `--pre-cmd`, `--freeze`, `--post-cmd`.
+#[derive(Args, Debug, Default)]
+pub struct QuiesceArgs {
+    /// Freeze this mounted file system (FIFREEZE) from just before the snapshot call until it
+    /// returns, for an application-consistent snapshot (repeatable; needs root)
+    #[arg(long = "freeze", value_name = "MOUNTPOINT")]
+    pub freeze: Vec<std::path::PathBuf>,
+    /// Longest a freeze may last: past it a watchdog thaws and the backup fails (the snapshot
+    /// could postdate the thaw)
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub freeze_timeout: f64,
+    /// Run this (with sh -c) before the freeze, e.g. to flush a database; its failure aborts
+    /// the backup
+    #[arg(long, value_name = "COMMAND")]
+    pub pre_cmd: Option<String>,
+    /// Run this after the thaw (also when --pre-cmd failed, to undo what it did)
+    #[arg(long, value_name = "COMMAND")]
+    pub post_cmd: Option<String>,
+}
+
+impl QuiesceArgs {
+    pub fn hook(&self) -> Result<Option<agent::ebs::Hook>> {
+        if self.freeze.is_empty() && self.pre_cmd.is_none() && self.post_cmd.is_none() {
+            return Ok(None);
+        }
+        if !(self.freeze_timeout > 0.0 && self.freeze_timeout <= 3600.0) {
+            anyhow::bail!("--freeze-timeout must be between 0 and 3600 seconds");
+        }
+        let q = agent::freeze::Quiesce::new(
+            self.pre_cmd.clone(),
+            self.post_cmd.clone(),
+            self.freeze.clone(),
+            Duration::from_secs_f64(self.freeze_timeout),
+        )?;
+        Ok(Some(agent::ebs::Hook(std::sync::Arc::new(q))))
+    }
+}
+
 pub fn options(a: &AwsArgs, tags: &[String]) -> Result<EbsOptions> {
     if !a.max_rate.is_finite() || a.max_rate <= 0.0 {
         anyhow::bail!("--max-rate must be a positive number of requests per second");
@@ -51,11 +104,17 @@ pub fn options(a: &AwsArgs, tags: &[String]) -> Result<EbsOptions> {
 fn backup(ctx: &Ctx, a: EbsBackupArgs) -> Result<()> {
     let mut opts = options(&a.aws, &a.tags)?;
     opts.keep_snapshots = a.keep_snapshots;
+    opts.quiesce = a.quiesce.hook()?;
+    let volume_id = match (&a.volume_id, &a.device) {
+        (Some(v), None) => v.clone(),
+        (None, Some(d)) => agent::aws::volume_of_device(d, std::path::Path::new("/sys"))?,
+        _ => anyhow::bail!("give --volume-id or --device (one of them)"),
+    };
     let vault = ctx.open_vault()?;
-    let aws = connect(ctx, &a.aws)?;
+    let aws = connect_here(ctx, &a.aws, a.device.is_some())?;
     let bar = Bar::new(ctx.global.quiet);
-    let report = backup_volume(&vault, &aws, &a.volume_id, &opts, &bar)
-        .with_context(|| format!("backup of EBS volume {} failed", a.volume_id))?;
+    let report = backup_volume(&vault, &aws, &volume_id, &opts, &bar)
+        .with_context(|| format!("backup of EBS volume {volume_id} failed"))?;
     bar.finish();
     print_backup(ctx, &report)
 }
@@ -225,8 +284,14 @@ its SHA-256 checksum. The RP records the snapshot as tag ebs:snapshot-id."
 #[derive(Args, Debug)]
 pub struct EbsBackupArgs {
     /// The volume to back up (vol-...)
-    #[arg(long)]
-    pub volume_id: String,
+    #[arg(long, conflicts_with = "device")]
+    pub volume_id: Option<String>,
+    /// On an EC2 (Nitro) instance: back up the EBS volume behind this NVMe device of the
+    /// instance itself (its id from the device's serial number; the region from the instance)
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub quiesce: QuiesceArgs,
     /// Tag the recovery point (repeatable)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,

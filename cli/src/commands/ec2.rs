@@ -7,7 +7,9 @@ use scalez::RpKind;
 use serde_json::json;
 
 use crate::cli::OutputFormat;
-use crate::commands::ebs::{backup_json, connect, options, print_backup_human};
+use crate::commands::ebs::{
+    backup_json, connect, connect_here, options, print_backup_human, QuiesceArgs,
+};
 use crate::context::resolve_rp;
 use crate::context::Ctx;
 use crate::output::print_json;
@@ -23,11 +25,30 @@ pub fn run(ctx: &Ctx, cmd: Ec2Command) -> Result<()> {
 fn backup(ctx: &Ctx, a: Ec2BackupArgs) -> Result<()> {
     let mut opts = options(&a.aws, &a.tags)?;
     opts.keep_snapshots = a.keep_snapshots;
+    opts.quiesce = a.quiesce.hook()?;
     let vault = ctx.open_vault()?;
-    let aws = connect(ctx, &a.aws)?;
+    let (instance_id, aws) = match (&a.instance_id, a.self_) {
+        (Some(id), false) => (id.clone(), connect(ctx, &a.aws)?),
+        (None, true) => {
+            let (id, region) = agent::aws::imds_identity()?;
+            let aws = if ctx.global.region.is_some() || std::env::var_os("AWS_REGION").is_some() {
+                connect(ctx, &a.aws)?
+            } else {
+                connect_here(ctx, &a.aws, true)?
+            };
+            if aws.region != region {
+                anyhow::bail!(
+                    "this instance {id} runs in {region}, but the region given is {}",
+                    aws.region
+                );
+            }
+            (id, aws)
+        }
+        _ => anyhow::bail!("give --instance-id or --self (one of them)"),
+    };
     let bar = Bar::new(ctx.global.quiet);
-    let r = backup_instance(&vault, &aws, &a.instance_id, &opts, &bar)
-        .with_context(|| format!("backup of EC2 instance {} failed", a.instance_id))?;
+    let r = backup_instance(&vault, &aws, &instance_id, &opts, &bar)
+        .with_context(|| format!("backup of EC2 instance {instance_id} failed"))?;
     bar.finish();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
@@ -115,7 +136,15 @@ pub enum Ec2Command {
     #[command(
         after_help = "Creates one disk RP per volume (asset = the volume id, tags \
 ec2:instance-id and ec2:device, incremental like `ebs backup`) and then an instance RP that \
-records the instance type, AZ, image, tags and device names with the volume RPs."
+records the instance type, AZ, image, tags and device names with the volume RPs.
+
+Examples:
+  elastio ec2 backup --instance-id i-0123456789abcdef0
+  elastio ec2 backup --self --freeze /var/lib/db --pre-cmd 'psql -c CHECKPOINT'
+
+With --freeze, the file systems are frozen only while CreateSnapshots runs (milliseconds to a
+second): a watchdog process thaws them after --freeze-timeout or as soon as elastio exits, even
+if it is killed."
     )]
     Backup(Ec2BackupArgs),
     /// Recreate the volumes of an instance RP (and with --launch, the instance)
@@ -125,8 +154,14 @@ records the instance type, AZ, image, tags and device names with the volume RPs.
 #[derive(Args, Debug)]
 pub struct Ec2BackupArgs {
     /// The instance to back up (i-...)
-    #[arg(long)]
-    pub instance_id: String,
+    #[arg(long, conflicts_with = "self_")]
+    pub instance_id: Option<String>,
+    /// Back up the instance this runs on (its id and region from the instance metadata
+    /// service, IMDSv2)
+    #[arg(long = "self")]
+    pub self_: bool,
+    #[command(flatten)]
+    pub quiesce: QuiesceArgs,
     /// Tag the recovery points (repeatable)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,

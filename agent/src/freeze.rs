@@ -1,0 +1,313 @@
+//! Application-consistent snapshots: a pre-command (flush a database), a file-system freeze
+//! (`FIFREEZE`) for the milliseconds a snapshot call takes, the thaw (`FITHAW`) and a
+//! post-command, around EBS `CreateSnapshot(s)` ([`SnapshotHook`]).
+//!
+//! A frozen file system blocks every writer on the machine, so the thaw must happen whatever
+//! becomes of elastio. Before freezing, a watchdog process is started (this very binary, its
+//! hidden `internal-thaw-watchdog` command, in a session of its own): it opens the mount points
+//! itself and thaws them when the timeout passes or as soon as its stdin closes, which is when
+//! elastio has thawed them, or when elastio died, even by SIGKILL. The residual risk is the
+//! watchdog being killed too (`kill -9` of both) within the window: the file systems then stay
+//! frozen until `fsfreeze -u` (or `xfs_freeze -u`).
+// ioctls on directory descriptors; poll(2) on the watchdog's stdin.
+#![allow(unsafe_code)]
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::error::AgentError;
+
+/// `_IOWR('X', 119, int)` and `_IOWR('X', 120, int)`.
+const FIFREEZE: libc::c_ulong = 0xc004_5877;
+const FITHAW: libc::c_ulong = 0xc004_5878;
+
+/// The hidden command of the elastio binary that runs the watchdog.
+pub const WATCHDOG_COMMAND: &str = "internal-thaw-watchdog";
+
+/// What runs around a snapshot call.
+pub trait SnapshotHook: Send + Sync {
+    /// Right before the call: an error aborts the backup with nothing left frozen.
+    fn before(&self) -> Result<(), AgentError>;
+    /// Right after the call returned, whatever it returned: an error means the snapshot may
+    /// not be consistent (the backup then fails and removes it).
+    fn after(&self) -> Result<(), AgentError>;
+}
+
+fn qerr(what: String) -> AgentError {
+    AgentError::Quiesce(what)
+}
+
+/// Opens a mount point for the freeze ioctls.
+fn open_mount(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(path)
+}
+
+fn ioctl(f: &File, request: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: FIFREEZE and FITHAW take an int argument that the kernel ignores; the fd is ours.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), request, 0) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Pre-command, freeze of `mounts` bounded by `timeout`, thaw, post-command.
+pub struct Quiesce {
+    pub pre_cmd: Option<String>,
+    pub post_cmd: Option<String>,
+    pub mounts: Vec<PathBuf>,
+    pub timeout: Duration,
+    /// The elastio binary (runs the watchdog).
+    pub exe: PathBuf,
+    frozen: Mutex<Option<Frozen>>,
+}
+
+struct Frozen {
+    files: Vec<(PathBuf, File)>,
+    watchdog: Option<Child>,
+}
+
+impl Quiesce {
+    pub fn new(
+        pre_cmd: Option<String>,
+        post_cmd: Option<String>,
+        mounts: Vec<PathBuf>,
+        timeout: Duration,
+    ) -> Result<Self, AgentError> {
+        let exe = std::env::current_exe().map_err(|e| {
+            qerr(format!(
+                "cannot find the elastio binary for the watchdog: {e}"
+            ))
+        })?;
+        Ok(Quiesce {
+            pre_cmd,
+            post_cmd,
+            mounts,
+            timeout,
+            exe,
+            frozen: Mutex::new(None),
+        })
+    }
+
+    fn run(&self, which: &str, cmd: &str) -> Result<(), AgentError> {
+        let out = Command::new("sh")
+            .args(["-c", cmd])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| qerr(format!("{which} {cmd:?} cannot run: {e}")))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let tail: String = err
+                .chars()
+                .rev()
+                .take(500)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            return Err(qerr(format!(
+                "{which} {cmd:?} failed ({}): {}",
+                out.status,
+                tail.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    fn freeze(&self) -> Result<Frozen, AgentError> {
+        let mut frozen = Frozen {
+            files: Vec::new(),
+            watchdog: None,
+        };
+        if self.mounts.is_empty() {
+            return Ok(frozen);
+        }
+        let mut child = Command::new(&self.exe)
+            .arg(WATCHDOG_COMMAND)
+            .arg(self.timeout.as_millis().to_string())
+            .args(&self.mounts)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| qerr(format!("cannot start the thaw watchdog: {e}")))?;
+        let mut line = String::new();
+        let ready = child
+            .stdout
+            .as_mut()
+            .map(|o| BufReader::new(o).read_line(&mut line));
+        if !matches!(ready, Some(Ok(_))) || line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(qerr(format!(
+                "the thaw watchdog did not start: {}",
+                line.trim()
+            )));
+        }
+        frozen.watchdog = Some(child);
+        for m in &self.mounts {
+            let f = open_mount(m)
+                .map_err(|e| qerr(format!("cannot open mount point {}: {e}", m.display())));
+            let f = match f.and_then(|f| {
+                ioctl(&f, FIFREEZE)
+                    .map(|()| f)
+                    .map_err(|e| qerr(format!("cannot freeze {}: {e}", m.display())))
+            }) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = thaw(frozen);
+                    return Err(e);
+                }
+            };
+            frozen.files.push((m.clone(), f));
+        }
+        Ok(frozen)
+    }
+}
+
+/// Thaws what `frozen` froze and stops its watchdog; an error if the watchdog's timeout had
+/// thawed first (the snapshot then may postdate the thaw).
+fn thaw(frozen: Frozen) -> Result<(), AgentError> {
+    let mut failed = Vec::new();
+    for (m, f) in &frozen.files {
+        match ioctl(f, FITHAW) {
+            Ok(()) => {}
+            // Not frozen any more: the watchdog's timeout thawed it (reported below).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => failed.push(format!("{}: {e}", m.display())),
+        }
+    }
+    let mut said = String::new();
+    if let Some(mut child) = frozen.watchdog {
+        drop(child.stdin.take());
+        if let Some(mut out) = child.stdout.take() {
+            let _ = out.read_to_string(&mut said);
+        }
+        let _ = child.wait();
+    }
+    if !failed.is_empty() {
+        return Err(qerr(format!("cannot thaw {}", failed.join(", "))));
+    }
+    if said.contains("timeout") {
+        return Err(qerr(
+            "the freeze outlasted its timeout and was released before the snapshot call \
+             returned: the snapshot may not be application-consistent"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+impl SnapshotHook for Quiesce {
+    fn before(&self) -> Result<(), AgentError> {
+        if let Some(cmd) = &self.pre_cmd {
+            if let Err(e) = self.run("--pre-cmd", cmd) {
+                // It may have done part of its work (a lock taken): let the post-command undo it.
+                if let Some(post) = &self.post_cmd {
+                    if let Err(pe) = self.run("--post-cmd", post) {
+                        tracing::warn!("{pe}");
+                    }
+                }
+                return Err(e);
+            }
+        }
+        match self.freeze() {
+            Ok(f) => {
+                *self.frozen.lock().expect("freeze state") = Some(f);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(post) = &self.post_cmd {
+                    if let Err(pe) = self.run("--post-cmd", post) {
+                        tracing::warn!("{pe}");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn after(&self) -> Result<(), AgentError> {
+        let frozen = self.frozen.lock().expect("freeze state").take();
+        let thawed = frozen.map_or(Ok(()), thaw);
+        let posted = match &self.post_cmd {
+            Some(cmd) => self.run("--post-cmd", cmd),
+            None => Ok(()),
+        };
+        thawed.and(posted)
+    }
+}
+
+impl Drop for Quiesce {
+    fn drop(&mut self) {
+        // An error between before() and after() unwinds through here: never leave a freeze.
+        if let Some(f) = self.frozen.lock().ok().and_then(|mut g| g.take()) {
+            let _ = thaw(f);
+        }
+    }
+}
+
+/// The watchdog (`elastio internal-thaw-watchdog TIMEOUT_MS MOUNT...`): opens the mount points,
+/// says `ready`, and thaws them all when its stdin closes or the timeout passes (saying
+/// `timeout` first). Returns the exit code.
+pub fn watchdog_main(args: &[OsString]) -> i32 {
+    // Its own session: a signal to elastio's process group does not reach it.
+    // SAFETY: setsid has no preconditions; failure (already a leader) is harmless.
+    unsafe { libc::setsid() };
+    let Some(ms) = args.first().and_then(|a| a.to_str()?.parse::<u64>().ok()) else {
+        eprintln!("usage: elastio {WATCHDOG_COMMAND} TIMEOUT_MS MOUNT...");
+        return 2;
+    };
+    let mut files = Vec::new();
+    for m in &args[1..] {
+        match open_mount(Path::new(m)) {
+            Ok(f) => files.push(f),
+            Err(e) => {
+                eprintln!("thaw watchdog: cannot open {}: {e}", Path::new(m).display());
+                return 1;
+            }
+        }
+    }
+    let mut out = io::stdout();
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    let deadline = std::time::Instant::now() + Duration::from_millis(ms);
+    let mut buf = [0u8; 64];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            let _ = writeln!(out, "timeout");
+            let _ = out.flush();
+            break;
+        }
+        let mut pfd = libc::pollfd {
+            fd: 0,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let wait = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for stdin.
+        let r = unsafe { libc::poll(&mut pfd, 1, wait) };
+        if r > 0 {
+            // EOF (or an error): elastio is done or gone.
+            match io::stdin().read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+    for f in &files {
+        let _ = ioctl(f, FITHAW);
+    }
+    0
+}
