@@ -72,9 +72,22 @@ fn full_then_incremental_reads_only_changed_blocks() {
     emu.reset_stats();
     let inc = emu.json(
         &env,
-        &["ebs", "backup", "--volume-id", &vol, "--page-size", "100"],
+        &[
+            "ebs",
+            "backup",
+            "--volume-id",
+            &vol,
+            "--page-size",
+            "100",
+            "--verify-share",
+            "0",
+        ],
     );
     assert_eq!(inc["incremental"], true);
+    assert_eq!(
+        inc["blocks_verified"], 0,
+        "no sample asked for: exact call counts"
+    );
     assert_eq!(inc["base_snapshot_id"], first_snap.as_str());
     assert_eq!(inc["rp"]["parent"], full_rp.as_str());
     // 153 changed blocks listed; the zeroed one needs no read.
@@ -604,4 +617,49 @@ fn ec2_self_backup_with_a_freeze_and_hooks() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_lying_changed_block_list_is_caught_by_sampled_verification() {
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let img = volume_image(&env);
+    let vol = emu.volume(&img);
+    let first = emu.json(&env, &["ebs", "backup", "--volume-id", &vol]);
+    // Two blocks change; EBS "forgets" to list the second.
+    write_at(&img, 2 * BLOCK + 100, b"changed");
+    write_at(&img, 5 * BLOCK + 100, b"changed too");
+    emu.config(serde_json::json!({"hide_changed": 5}));
+    let mut c = emu.command(
+        &env,
+        &[
+            "ebs",
+            "backup",
+            "--volume-id",
+            &vol,
+            "--verify-share",
+            "100",
+        ],
+    );
+    let out = c.output().unwrap();
+    assert!(!out.status.success(), "the lie went unnoticed");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("EBS block 5 of snapshot") && err.contains(&rp_id(&first)),
+        "{err}"
+    );
+    // Without the lie, the default sample (1 %) passes and is counted.
+    emu.config(serde_json::json!({"hide_changed": null}));
+    let ok = emu.json(
+        &env,
+        &["ebs", "backup", "--volume-id", &vol, "--verify-share", "50"],
+    );
+    assert_eq!(ok["incremental"], true);
+    let verified = ok["blocks_verified"].as_u64().unwrap();
+    assert!(
+        verified > 500 && verified < 1600,
+        "about half of 2046 unchanged blocks: {verified}"
+    );
+    let restored = restored(&env, &rp_id(&ok), "r.img");
+    assert_eq!(sha256_file(&restored), sha256_file(&img));
 }

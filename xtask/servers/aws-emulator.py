@@ -30,7 +30,8 @@ validation, EC2 snapshots without data); this launcher models what elastio relie
 * Injected faults (`POST /_emulator/config`): `latency_ms` before every AWS call, `throttle_rate`
   (fraction of EBS/EC2 calls answered with RequestThrottledException / RequestLimitExceeded),
   `corrupt_index` (GetSnapshotBlock of that index always carries a wrong checksum) and
-  `corrupt_first` (that many GetSnapshotBlock answers carry a wrong checksum).
+  `corrupt_first` (that many GetSnapshotBlock answers carry a wrong checksum); `hide_changed`
+  (ListChangedBlocks leaves out that block index, a lie for sampled verification to catch).
 * `GET /_emulator/stats`: calls per EBS action, throttled answers; `POST /_emulator/stats/reset`.
 * Instance metadata (IMDSv2 only, as with HttpTokens=required) at `/latest/...`, for the
   instance `imds_instance_id` (in `imds_region`) set with `POST /_emulator/config`: `PUT
@@ -78,6 +79,7 @@ CONFIG = {
     "corrupt_index": None,
     "corrupt_first": 0,
     "snapshot_seconds": 0.5,
+    "hide_changed": None,
     "imds_instance_id": None,
     "imds_region": "us-east-1",
 }
@@ -336,6 +338,8 @@ def list_changed_blocks(req, second_id):
     a = first.blocks if first else {}
     b = second.blocks
     changed = {i for i in set(a) | set(b) if a.get(i) != b.get(i)}
+    # A lying changed list (tests of sampled verification).
+    changed.discard(CONFIG["hide_changed"])
     page, token = paged(changed, req, f"changed:{first_id}:{second_id}")
     out = []
     for i in page:

@@ -81,6 +81,9 @@ pub struct EbsOptions {
     pub page_size: i32,
     /// Runs around the snapshot call (pre-command, freeze, thaw, post-command).
     pub quiesce: Option<Hook>,
+    /// Share (0..=1) of the blocks an incremental takes from the parent unread (EBS did not list
+    /// them as changed) that are read anyway and compared; a difference fails the backup.
+    pub verify_share: f64,
     pub cancel: Cancel,
 }
 
@@ -105,6 +108,7 @@ impl Default for EbsOptions {
             poll: Duration::from_secs(1),
             page_size: MAX_PAGE,
             quiesce: None,
+            verify_share: 0.01,
             cancel: Cancel::new(),
         }
     }
@@ -132,6 +136,8 @@ pub struct EbsBackupReport {
     pub blocks_listed: u64,
     /// Blocks read with GetSnapshotBlock.
     pub blocks_read: u64,
+    /// Of the blocks an incremental took from the parent, those read anyway and compared.
+    pub blocks_verified: u64,
     pub calls: EbsCalls,
     pub deleted_snapshots: Vec<String>,
     pub session: SessionStats,

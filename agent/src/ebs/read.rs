@@ -135,11 +135,28 @@ pub(crate) fn read_snapshot(
         snapshot: &info.id,
         listed: AtomicU64::new(0),
         fetched: AtomicU64::new(0),
+        sampled: std::sync::Mutex::new(Vec::new()),
     };
     let map = match read.run(&writer, base.as_deref(), first_page, parent.as_ref()) {
         Ok(map) => map,
         Err(e) => return Err(crate::pipeline::session_cause(e, writer.abandon())),
     };
+    // Trust but verify: a sample of the blocks EBS did not list is read and compared.
+    let sampled = std::mem::take(&mut *read.sampled.lock().expect("samples"));
+    let verified = sampled.len() as u64;
+    if let (Some(b), Some(p), false) = (&base, &parent, sampled.is_empty()) {
+        let parent_id = draft
+            .parent
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let checked = aws.rt.block_on(verify_unlisted(
+            aws, ctx, &info.id, b, &parent_id, p, &writer, sampled,
+        ));
+        if let Err(e) = checked {
+            return Err(crate::pipeline::session_cause(e, writer.abandon()));
+        }
+    }
     let read_elapsed = started.elapsed();
     let tags = &mut draft.tags;
     tags.insert(RP_TAG_SNAPSHOT.into(), info.id.clone());
@@ -155,6 +172,7 @@ pub(crate) fn read_snapshot(
         base_snapshot: base,
         blocks_listed: read.listed.load(Ordering::Relaxed),
         blocks_read,
+        blocks_verified: verified,
         calls: ctx.calls(),
         deleted_snapshots: Vec::new(),
         session: stats,
@@ -232,6 +250,8 @@ struct ReadBlocks<'a> {
     snapshot: &'a str,
     listed: AtomicU64,
     fetched: AtomicU64,
+    /// Unlisted blocks picked for verification (incremental reads).
+    sampled: std::sync::Mutex<Vec<u64>>,
 }
 
 impl ReadBlocks<'_> {
@@ -271,6 +291,7 @@ impl ReadBlocks<'_> {
                     cancel: &self.opts.cancel,
                     window: &window,
                     listed: &self.listed,
+                    sample: base.map(|_| (&self.sampled, self.opts.verify_share)),
                     fetched: &self.fetched,
                     per_block,
                     res_tx: &res_tx,
@@ -323,6 +344,8 @@ struct Dispatch<'a> {
     listed: &'a AtomicU64,
     fetched: &'a AtomicU64,
     per_block: u64,
+    /// Incremental reads: where to put the unlisted blocks picked, and the share to pick.
+    sample: Option<(&'a std::sync::Mutex<Vec<u64>>, f64)>,
     res_tx: &'a crossbeam_channel::Sender<Result<BlockIds, AgentError>>,
     /// Fetched and verified blocks for the hash/compress/encrypt workers.
     work_tx: crossbeam_channel::Sender<(u64, u64, Vec<u8>)>,
@@ -358,6 +381,7 @@ async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
                     b.index as i64, d.snapshot
                 )));
             }
+            d.sample_gap(last.map_or(0, |l| l + 1), b.index);
             last = Some(b.index);
             // Room in the window and a request slot, while finishing fetches in flight (the
             // collector may be waiting for one of them) and the next page's listing.
@@ -399,10 +423,30 @@ async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
     while let Some(r) = in_flight.next().await {
         d.finished(r)?;
     }
+    d.sample_gap(last.map_or(0, |l| l + 1), d.blocks_total);
     Ok(())
 }
 
 impl Dispatch<'_> {
+    /// Picks the share of the unlisted blocks `from..to` to verify.
+    fn sample_gap(&self, from: u64, to: u64) {
+        use rand::Rng;
+        let Some((into, share)) = self.sample else {
+            return;
+        };
+        let share = share.clamp(0.0, 1.0);
+        if share == 0.0 || from >= to {
+            return;
+        }
+        let mut rng = rand::thread_rng();
+        let mut picked = into.lock().expect("samples");
+        for i in from..to {
+            if rng.gen_bool(share) {
+                picked.push(i);
+            }
+        }
+    }
+
     fn finished(&self, r: Result<(u64, u64, Vec<u8>), AgentError>) -> Result<(), AgentError> {
         let block = r?;
         self.fetched.fetch_add(1, Ordering::Relaxed);
@@ -506,6 +550,66 @@ fn fill(parent: Option<&DiskReader>, to: u64, map: &mut MapAssembly) -> Result<(
             Some(p) => p.chunk_id(slot)?,
             None => None,
         })?;
+    }
+    Ok(())
+}
+
+/// Reads the sampled blocks `picked` (not listed by ListChangedBlocks between `base` and
+/// `snapshot`) and compares their chunks with the parent map's: EBS says they did not change.
+#[allow(clippy::too_many_arguments)]
+async fn verify_unlisted(
+    aws: &Aws,
+    ctx: &Ctx,
+    snapshot: &str,
+    base: &str,
+    parent_rp: &str,
+    parent: &DiskReader,
+    writer: &DiskWriter,
+    picked: Vec<u64>,
+) -> Result<(), AgentError> {
+    let per_block = (EBS_BLOCK / writer.chunk_size()) as u64;
+    let check = |index: u64| async move {
+        // The block's token, if the snapshot holds it (else it reads as zeros).
+        let what = || format!("ListSnapshotBlocks {snapshot} from block {index}");
+        let out = call(&ctx.aws_calls, None, &what, || async {
+            aws.ebs
+                .list_snapshot_blocks()
+                .snapshot_id(snapshot)
+                .starting_block_index(index as i32)
+                .max_results(100)
+                .send()
+                .await
+                .map_err(classify)
+        })
+        .await?;
+        let token = out
+            .blocks()
+            .iter()
+            .find(|b| b.block_index() == Some(index as i32))
+            .and_then(|b| b.block_token().map(str::to_string));
+        let ids = match token {
+            Some(t) => {
+                let (_, _, data) = fetch_block(aws, ctx, snapshot, 0, index, t).await?;
+                writer.put(&data)?
+            }
+            None => vec![None; per_block as usize],
+        };
+        for (k, id) in ids.into_iter().enumerate() {
+            if parent.chunk_id(index * per_block + k as u64)? != id {
+                return Err(AgentError::UnchangedDiffers(format!(
+                    "EBS block {index} of snapshot {snapshot} differs from parent recovery point \
+                     {parent_rp}, though ListChangedBlocks from {base} did not list it (a \
+                     sampled check)"
+                )));
+            }
+        }
+        Ok::<(), AgentError>(())
+    };
+    let mut checks = futures_util::stream::iter(picked)
+        .map(check)
+        .buffer_unordered(16);
+    while let Some(r) = checks.next().await {
+        r?;
     }
     Ok(())
 }

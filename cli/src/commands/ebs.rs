@@ -66,9 +66,24 @@ pub struct QuiesceArgs {
     /// Run this after the thaw (also when --pre-cmd failed, to undo what it did)
     #[arg(long, value_name = "COMMAND")]
     pub post_cmd: Option<String>,
+    /// Share of the blocks an incremental takes from the previous snapshot unread (EBS lists
+    /// them as unchanged) that are read anyway and compared, in percent
+    #[arg(long, value_name = "PERCENT", default_value_t = 1.0)]
+    pub verify_share: f64,
 }
 
 impl QuiesceArgs {
+    /// --verify-share as a fraction.
+    pub fn verify_share(&self) -> Result<f64> {
+        if !(0.0..=100.0).contains(&self.verify_share) {
+            anyhow::bail!(
+                "--verify-share {} is not a percentage from 0 to 100",
+                self.verify_share
+            );
+        }
+        Ok(self.verify_share / 100.0)
+    }
+
     pub fn hook(&self) -> Result<Option<agent::ebs::Hook>> {
         if self.freeze.is_empty() && self.pre_cmd.is_none() && self.post_cmd.is_none() {
             return Ok(None);
@@ -105,6 +120,7 @@ fn backup(ctx: &Ctx, a: EbsBackupArgs) -> Result<()> {
     let mut opts = options(&a.aws, &a.tags)?;
     opts.keep_snapshots = a.keep_snapshots;
     opts.quiesce = a.quiesce.hook()?;
+    opts.verify_share = a.quiesce.verify_share()?;
     let volume_id = match (&a.volume_id, &a.device) {
         (Some(v), None) => v.clone(),
         (None, Some(d)) => agent::aws::volume_of_device(d, std::path::Path::new("/sys"))?,
@@ -149,6 +165,7 @@ pub fn backup_json(r: &EbsBackupReport) -> serde_json::Value {
         "incremental": r.base_snapshot.is_some(),
         "blocks_listed": r.blocks_listed,
         "blocks_read": r.blocks_read,
+        "blocks_verified": r.blocks_verified,
         "calls": r.calls,
         "deleted_snapshots": r.deleted_snapshots,
         "snapshot_wait_ms": r.snapshot_wait.as_millis() as u64,
@@ -170,8 +187,9 @@ pub fn print_backup_human(r: &EbsBackupReport) {
     }
     match &r.base_snapshot {
         Some(b) => println!(
-            "  read          incremental: {} changed blocks since {b}, {} read",
-            r.blocks_listed, r.blocks_read
+            "  read          incremental: {} changed blocks since {b}, {} read, {} unchanged \
+             ones verified",
+            r.blocks_listed, r.blocks_read, r.blocks_verified
         ),
         None => println!(
             "  read          full: {} blocks listed, {} read",

@@ -26,6 +26,7 @@ fn backup(ctx: &Ctx, a: Ec2BackupArgs) -> Result<()> {
     let mut opts = options(&a.aws, &a.tags)?;
     opts.keep_snapshots = a.keep_snapshots;
     opts.quiesce = a.quiesce.hook()?;
+    opts.verify_share = a.quiesce.verify_share()?;
     let vault = ctx.open_vault()?;
     let (instance_id, aws) = match (&a.instance_id, a.self_) {
         (Some(id), false) => (id.clone(), connect(ctx, &a.aws)?),

@@ -403,6 +403,8 @@ fn bench_bitmap(bin: &Path, data: &Path, work: &Path) -> Result<BitmapFigures> {
     qsd.0.wait()?;
     let _ = run_cmd("umount", &["-l", fuse.to_str().unwrap()], &[]);
 
+    // Both tools read their source from the page cache.
+    warm(&vm)?;
     let nbd = qemu_nbd(&vm, &sock, Some("b0"))?;
     let (secs, inc) = backup(&["--dirty-bitmap", "b0", "--parent", &parent])?;
     drop(nbd);
