@@ -94,6 +94,26 @@ const INCOMPAT_CASEFOLD: u32 = 0x20000;
 const INCOMPAT_RECOVER: u32 = 0x4;
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const RO_COMPAT_GDT_CSUM: u32 = 0x10;
+/// Features under which the block bitmaps say exactly what is free: filetype, recover (checked
+/// apart), meta_bg, extents, 64bit, flex_bg, ea_inode, csum_seed, largedir, inline_data.
+const INCOMPAT_FREE_SPACE_OK: u32 =
+    0x2 | 0x4 | 0x10 | 0x40 | 0x80 | 0x200 | 0x400 | 0x2000 | 0x4000 | 0x8000;
+/// sparse_super, large_file, btree_dir, huge_file, gdt_csum, dir_nlink, extra_isize, quota,
+/// bigalloc (refused apart), metadata_csum, readonly, project, shared_blocks, verity.
+const RO_COMPAT_FREE_SPACE_OK: u32 = 0x1
+    | 0x2
+    | 0x4
+    | 0x8
+    | 0x10
+    | 0x20
+    | 0x40
+    | 0x100
+    | 0x200
+    | 0x400
+    | 0x1000
+    | 0x2000
+    | 0x4000
+    | 0x8000;
 const STATE_VALID: u16 = 0x1;
 const STATE_ERROR: u16 = 0x2;
 const RO_COMPAT_BIGALLOC: u32 = 0x200;
@@ -579,6 +599,19 @@ impl<R: ReadAt> Ext4<R> {
                 format!(
                     "ext4: not cleanly unmounted (state {:#x}), so the block bitmaps may be stale",
                     sb.state
+                ),
+            ));
+        }
+        // Only features whose block accounting is the plain bitmaps' are trusted (not MMP in
+        // use elsewhere, pending orphans, snapshots, or what this code does not know).
+        let unknown_incompat = sb.incompat & !INCOMPAT_FREE_SPACE_OK;
+        let unknown_ro = sb.ro_compat & !RO_COMPAT_FREE_SPACE_OK;
+        if unknown_incompat != 0 || unknown_ro != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "ext4: features incompat {unknown_incompat:#x} / ro_compat {unknown_ro:#x} \
+                     are not trusted for free space"
                 ),
             ));
         }

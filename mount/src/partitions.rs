@@ -52,13 +52,32 @@ pub fn parse(
     size: u64,
     read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
 ) -> io::Result<Vec<Partition>> {
+    Ok(parse_table(size, read_at)?.parts)
+}
+
+/// Like [`parse`], but None when the table had entries that were dropped or clipped
+/// (overlapping, outside the disk) or primaries overlapping the extended partition: then where
+/// data lies is in doubt, and nothing may be skipped on the strength of one partition's maps.
+pub fn parse_strict(
+    size: u64,
+    read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<Option<Vec<Partition>>> {
+    let t = parse_table(size, read_at)?;
+    Ok((t.doubts == 0).then_some(t.parts))
+}
+
+fn parse_table(
+    size: u64,
+    read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<Table> {
+    let none = Table::new(size, SECTOR);
     if size < 2 * SECTOR {
-        return Ok(Vec::new());
+        return Ok(none);
     }
     let mut mbr = [0u8; 512];
     read_at(0, &mut mbr)?;
     if mbr[510..512] != [0x55, 0xaa] {
-        return Ok(Vec::new());
+        return Ok(none);
     }
     let entries: Vec<&[u8]> = (0..4)
         .map(|i| &mbr[446 + 16 * i..446 + 16 * (i + 1)])
@@ -81,9 +100,18 @@ pub fn parse(
         table.add(i as u32 + 1, start * SECTOR, sectors * SECTOR);
     }
     if let Some((start, sectors)) = extended {
+        let (s, e) = (start * SECTOR, (start + sectors) * SECTOR);
+        if table
+            .parts
+            .iter()
+            .any(|p| p.start < e && s < p.start + p.len)
+        {
+            tracing::warn!("a primary partition overlaps the extended partition");
+            table.doubts += 1;
+        }
         logical_partitions(&mut table, start, sectors, read_at)?;
     }
-    Ok(table.parts)
+    Ok(table)
 }
 
 /// Follows the chain of extended boot records of the extended partition at sector `base`
@@ -113,6 +141,7 @@ fn logical_partitions(
         if e[4] != 0 && n > 0 {
             if ebr + rel + n > end || rel == 0 {
                 tracing::warn!("logical partition {number} lies outside its extended partition");
+                table.doubts += 1;
             } else {
                 table.add(number, (ebr + rel) * SECTOR, n * SECTOR);
             }
@@ -131,6 +160,8 @@ struct Table {
     size: u64,
     reserved: u64,
     parts: Vec<Partition>,
+    /// Entries dropped or clipped.
+    doubts: u32,
 }
 
 impl Table {
@@ -139,6 +170,7 @@ impl Table {
             size,
             reserved,
             parts: Vec::new(),
+            doubts: 0,
         }
     }
 
@@ -152,10 +184,12 @@ impl Table {
                 self.size,
                 self.reserved
             );
+            self.doubts += 1;
             return;
         }
         let len = if len > self.size - start {
             tracing::warn!("partition {number} runs past the end of the disk: clipped");
+            self.doubts += 1;
             self.size - start
         } else {
             len
@@ -169,6 +203,7 @@ impl Table {
                 "partition {number} overlaps partition {}: ignored",
                 other.number
             );
+            self.doubts += 1;
             return;
         }
         self.parts.push(Partition { number, start, len });
@@ -178,7 +213,7 @@ impl Table {
 fn parse_gpt(
     size: u64,
     read_at: &mut dyn FnMut(u64, &mut [u8]) -> io::Result<()>,
-) -> io::Result<Vec<Partition>> {
+) -> io::Result<Table> {
     let last_lba = size / SECTOR - 1;
     let gpt = match read_gpt(size, 1, read_at)? {
         Ok(g) => g,
@@ -188,7 +223,7 @@ fn parse_gpt(
                 Ok(g) => g,
                 Err(why) => {
                     tracing::warn!("backup GPT header: {why}; no partitions");
-                    return Ok(Vec::new());
+                    return Ok(Table::new(size, SECTOR));
                 }
             }
         }
@@ -211,10 +246,13 @@ fn parse_gpt(
             .zip(first.checked_mul(SECTOR));
         match range {
             Some((len, start)) => table.add(number, start, len),
-            None => tracing::warn!("GPT entry {number}: sectors {first}..={last} are invalid"),
+            None => {
+                tracing::warn!("GPT entry {number}: sectors {first}..={last} are invalid");
+                table.doubts += 1;
+            }
         }
     }
-    Ok(table.parts)
+    Ok(table)
 }
 
 /// A GPT header and its entry array, both CRC-checked.

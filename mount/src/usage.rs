@@ -43,7 +43,16 @@ impl ReadAt for Window<'_> {
 /// The free space of the file systems on `dev` (a disk of `size` bytes).
 pub fn free_space(dev: &dyn ReadAt, size: u64, max_ranges: usize) -> io::Result<FreeSpace> {
     let mut read = |off: u64, buf: &mut [u8]| dev.read_at(off, buf);
-    let parts = crate::partitions::parse(size, &mut read)?;
+    let Some(parts) = crate::partitions::parse_strict(size, &mut read)? else {
+        return Ok(FreeSpace {
+            ranges: Vec::new(),
+            lines: vec![
+                "disk: its partition table has overlapping, invalid or clipped entries: free \
+                 space not trusted, read whole"
+                    .into(),
+            ],
+        });
+    };
     let places: Vec<(String, u64, u64)> = if parts.is_empty() {
         vec![("disk".into(), 0, size)]
     } else {
@@ -152,4 +161,33 @@ fn other_signature(dev: &dyn ReadAt, len: u64) -> Option<&'static str> {
         return Some("NTFS");
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An MBR with two overlapping partitions: one is dropped by the reader, so where data lies
+    /// is in doubt and nothing is skipped.
+    #[test]
+    fn overlapping_partitions_mean_no_free_space() {
+        let mut disk = vec![0u8; 4 << 20];
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        let entry = |disk: &mut Vec<u8>, i: usize, start: u32, sectors: u32| {
+            let e = &mut disk[446 + 16 * i..446 + 16 * (i + 1)];
+            e[4] = 0x83;
+            e[8..12].copy_from_slice(&start.to_le_bytes());
+            e[12..16].copy_from_slice(&sectors.to_le_bytes());
+        };
+        entry(&mut disk, 0, 2048, 4096);
+        entry(&mut disk, 1, 4096, 2048);
+        let found = free_space(&&disk[..], disk.len() as u64, 100).unwrap();
+        assert!(found.ranges.is_empty());
+        assert!(found.lines[0].contains("overlapping"), "{:?}", found.lines);
+        // Apart, they are two places (holding nothing known).
+        entry(&mut disk, 1, 6144, 2048);
+        let found = free_space(&&disk[..], disk.len() as u64, 100).unwrap();
+        assert_eq!(found.lines.len(), 2, "{:?}", found.lines);
+    }
 }
