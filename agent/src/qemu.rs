@@ -257,6 +257,16 @@ impl Drop for Pull {
     }
 }
 
+/// Removes what a pull of `node` left behind (a killed run): the export, the overlay, the job,
+/// and merges the changes tracked since back into `bitmap`, as the next backup would first.
+pub fn clean_up(socket: &Path, node: &str, bitmap: Option<&str>) -> Result<(), AgentError> {
+    let mut qmp = Qmp::connect(socket)?;
+    match cleanup(&mut qmp, node, bitmap, None, false) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// Removes whatever of a pull of `node` exists, in order (export, NBD server, bitmaps, job,
 /// overlay), each step tolerating its object's absence; returns the first real failure.
 /// `success`: rotate the bitmap forward, else merge the new changes back into it.

@@ -351,6 +351,15 @@ pub fn nbd_client(data: &[u8]) {
     let mut buf = vec![0u8; 1 << 16];
     let n = (size.min(1 << 16)) as usize;
     let _ = c.read(0, &mut buf[..n]);
+    // Two reads in flight, their chunks interleaved as the server likes.
+    if n >= 2 && c.send_read(0, n / 2).is_ok() && c.send_read((n / 2) as u64, n / 2).is_ok() {
+        for _ in 0..2 {
+            match c.recv_read() {
+                Ok((_, off, data)) => assert!(off + data.len() as u64 <= size, "data past the end"),
+                Err(_) => break,
+            }
+        }
+    }
     for name in contexts {
         if let Some(id) = c.context_id(name) {
             if let Ok(extents) = c.block_status(id, 0, size.min(1 << 20).max(1) as u32) {

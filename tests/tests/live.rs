@@ -842,6 +842,12 @@ fn pull_mode_backup_of_a_live_qemu_node_with_a_dirty_bitmap() {
         qemu_state(&qmp, "disk0").contains("elastio-fleece"),
         "left behind by the kill"
     );
+    // An explicit clean-up, without a backup, leaves QEMU as it was.
+    let mut cleanup = args.to_vec();
+    cleanup.push("--qmp-cleanup");
+    let out = env.json(&cleanup);
+    assert_eq!(out["cleaned_up"], "disk0");
+    assert_eq!(qemu_state(&qmp, "disk0"), clean);
     let after = env.json(&args);
     assert_eq!(
         after["rp"]["parent"], inc["rp"]["id"],

@@ -40,6 +40,21 @@ pub trait RemoteSource: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Longest read to ask for.
     fn max_read(&self) -> usize;
+    /// Reads that may be in flight at once through [`RemoteSource::submit`] (1: none, reads
+    /// go one by one through `read_at`).
+    fn max_in_flight(&self) -> usize {
+        1
+    }
+    /// Sends a read of `len` bytes at `offset`; its data comes from [`RemoteSource::complete`].
+    /// Returns an id for it.
+    fn submit(&self, offset: u64, len: usize) -> io::Result<u64> {
+        let _ = (offset, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    /// Waits for one submitted read: its id and data.
+    fn complete(&self) -> io::Result<(u64, Vec<u8>)> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }
 
 /// Where a source's bytes come from.

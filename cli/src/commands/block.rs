@@ -48,6 +48,20 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
         (None, Some(_)) => String::new(),
         _ => anyhow::bail!("give a source to back up, or --qmp SOCKET --node NODE (not both)"),
     };
+    if a.qmp_cleanup {
+        let (qmp, node) = (a.qmp.as_deref(), a.node.as_deref());
+        let (Some(qmp), Some(node)) = (qmp, node) else {
+            anyhow::bail!("--qmp-cleanup needs --qmp SOCKET --node NODE");
+        };
+        agent::qemu::clean_up(qmp, node, a.dirty_bitmap.as_deref())
+            .with_context(|| format!("cleaning up after a pull-mode backup of {node}"))?;
+        if ctx.global.output_format == OutputFormat::Json {
+            print_json(&json!({"cleaned_up": node}))?;
+        } else {
+            println!("removed what a pull-mode backup of {node} left behind (if anything)");
+        }
+        return Ok(());
+    }
     let (plan, nbd) = if let Some(qmp) = &a.qmp {
         let node = a
             .node
@@ -299,7 +313,7 @@ pub enum BlockCommand {
 
 #[derive(Args, Debug)]
 pub struct BlockBackupArgs {
-    /// Block device, image file, or NBD export (nbd://HOST[:PORT]/EXPORT,
+    /// Block device, image file, or NBD export (nbd://HOST:PORT/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH) to back up; none with --qmp
     pub source: Option<PathBuf>,
     /// Back up block node --node of the QEMU (or qemu-storage-daemon) listening for QMP on this
@@ -310,6 +324,11 @@ pub struct BlockBackupArgs {
     /// With --qmp: the block node to back up (`node-name`, as `query-named-block-nodes` lists)
     #[arg(long, value_name = "NODE", requires = "qmp")]
     pub node: Option<String>,
+    /// With --qmp --node (and --dirty-bitmap): only remove what a killed pull-mode backup left
+    /// in QEMU (its export, overlay and job; the bitmap's new changes merged back), back nothing
+    /// up. The next backup does this by itself first
+    #[arg(long, requires = "qmp")]
+    pub qmp_cleanup: bool,
     /// Tag the recovery point (repeatable)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,

@@ -113,6 +113,18 @@ impl RemoteSource for NbdSource {
     fn max_read(&self) -> usize {
         self.max
     }
+    fn max_in_flight(&self) -> usize {
+        8
+    }
+    fn submit(&self, offset: u64, len: usize) -> io::Result<u64> {
+        let mut c = self.client.lock().expect("nbd client");
+        Ok(c.send_read(offset, len)?)
+    }
+    fn complete(&self) -> io::Result<(u64, Vec<u8>)> {
+        let mut c = self.client.lock().expect("nbd client");
+        let (id, _, data) = c.recv_read()?;
+        Ok((id, data))
+    }
 }
 
 /// The byte ranges whose extents in meta context `name` have any of `flags`: (ranges, extents

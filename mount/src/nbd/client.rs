@@ -22,6 +22,17 @@ pub const MAX_STATUS_REPLY: u32 = 4 + 8 * (64 << 10);
 const MAX_OPTION_REPLIES: usize = 64;
 /// Largest read request sent.
 pub const MAX_READ: u32 = 32 << 20;
+/// Most reads in flight on one connection ([`Client::send_read`]).
+pub const MAX_IN_FLIGHT: usize = 16;
+
+/// A read sent and not yet answered in full.
+struct InFlight {
+    cookie: u64,
+    offset: u64,
+    data: Vec<u8>,
+    covered: u64,
+    chunks: u64,
+}
 
 /// Errors of an NBD client; each says what the server did.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +71,7 @@ pub struct Client<S> {
     cookie: u64,
     /// The server's preferred and largest request sizes (NBD_INFO_BLOCK_SIZE), if it said.
     max_request: u32,
+    in_flight: Vec<InFlight>,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -95,6 +107,7 @@ impl<S: Read + Write> Client<S> {
             contexts: Vec::new(),
             cookie: 0,
             max_request: MAX_READ,
+            in_flight: Vec::new(),
         };
         c.option(OPT_STRUCTURED_REPLY, &[])?;
         c.replies(OPT_STRUCTURED_REPLY, "structured replies", &mut |_, _| {
@@ -254,8 +267,12 @@ impl<S: Read + Write> Client<S> {
         Ok(self.cookie)
     }
 
-    /// Reads one structured chunk header of the reply to `cookie`: (flags, type, length).
-    fn chunk(&mut self, cookie: u64) -> Result<(u16, u16, u32), ClientError> {
+    /// Reads one structured chunk header: (flags, type, length, cookie), the cookie one of
+    /// `expected` (the requests in flight).
+    fn chunk_of(
+        &mut self,
+        expected: &dyn Fn(u64) -> bool,
+    ) -> Result<(u16, u16, u32, u64), ClientError> {
         let mut h = [0u8; 20];
         self.sock.read_exact(&mut h[..4])?;
         let magic = be32(&h, 0);
@@ -263,7 +280,7 @@ impl<S: Read + Write> Client<S> {
             // Only an error may come as a simple reply once structured replies are on.
             self.sock.read_exact(&mut h[4..16])?;
             let (error, c) = (be32(&h, 4), be64(&h, 8));
-            if c != cookie || error == 0 {
+            if !expected(c) || error == 0 {
                 return Err(bad("a simple reply after structured replies were agreed"));
             }
             return Err(ClientError::Io(io::Error::from_raw_os_error(error as i32)));
@@ -272,13 +289,19 @@ impl<S: Read + Write> Client<S> {
             return Err(bad(format!("reply magic {magic:#x}")));
         }
         self.sock.read_exact(&mut h[4..])?;
-        if be64(&h, 8) != cookie {
+        let c = be64(&h, 8);
+        if !expected(c) {
             return Err(bad(format!(
-                "a reply to cookie {} while {cookie} was asked",
-                be64(&h, 8)
+                "a reply to cookie {c}, which is not in flight"
             )));
         }
-        Ok((be16(&h, 4), be16(&h, 6), be32(&h, 16)))
+        Ok((be16(&h, 4), be16(&h, 6), be32(&h, 16), c))
+    }
+
+    /// Reads one structured chunk header of the reply to `cookie`: (flags, type, length).
+    fn chunk(&mut self, cookie: u64) -> Result<(u16, u16, u32), ClientError> {
+        let (f, k, l, _) = self.chunk_of(&|c| c == cookie)?;
+        Ok((f, k, l))
     }
 
     /// Reads an error chunk's payload and returns it as an error.
@@ -301,18 +324,65 @@ impl<S: Read + Write> Client<S> {
 
     /// Fills `buf` from `offset` (one request of at most [`Client::max_request`] bytes).
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
-        let len = buf.len() as u64;
-        if len > self.max_request as u64 || offset.checked_add(len).is_none_or(|e| e > self.size) {
+        if !self.in_flight.is_empty() {
+            return Err(bad("a read while others are in flight"));
+        }
+        self.send_read(offset, buf.len())?;
+        let (_, _, data) = self.recv_read()?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Sends a read of `len` bytes at `offset` (at most [`Client::max_request`] bytes, at most
+    /// [`MAX_IN_FLIGHT`] reads at once) and returns its cookie; [`Client::recv_read`] returns its
+    /// data when it comes.
+    pub fn send_read(&mut self, offset: u64, len: usize) -> Result<u64, ClientError> {
+        let len64 = len as u64;
+        if len == 0
+            || len64 > self.max_request as u64
+            || offset.checked_add(len64).is_none_or(|e| e > self.size)
+        {
             return Err(bad(format!(
                 "read of {len} bytes at {offset} is outside the export"
             )));
         }
-        let what = format!("read of {len} bytes at {offset}");
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            return Err(bad("too many reads in flight"));
+        }
         let cookie = self.request(CMD_READ, 0, offset, len as u32)?;
-        let mut covered = 0u64;
-        // Each chunk covers at least one byte: a reply holds at most `len` of them, plus NONE.
-        for _ in 0..=len + 1 {
-            let (flags, kind, clen) = self.chunk(cookie)?;
+        self.in_flight.push(InFlight {
+            cookie,
+            offset,
+            data: vec![0u8; len],
+            covered: 0,
+            chunks: 0,
+        });
+        Ok(cookie)
+    }
+
+    /// Reads reply chunks until one read in flight is complete: (cookie, offset, data).
+    pub fn recv_read(&mut self) -> Result<(u64, u64, Vec<u8>), ClientError> {
+        if self.in_flight.is_empty() {
+            return Err(bad("no read in flight"));
+        }
+        loop {
+            let cookies: Vec<u64> = self.in_flight.iter().map(|r| r.cookie).collect();
+            let (flags, kind, clen, cookie) = self.chunk_of(&|c| cookies.contains(&c))?;
+            let k = self
+                .in_flight
+                .iter()
+                .position(|r| r.cookie == cookie)
+                .expect("in flight");
+            let (offset, len) = (
+                self.in_flight[k].offset,
+                self.in_flight[k].data.len() as u64,
+            );
+            let what = format!("read of {len} bytes at {offset}");
+            // Each chunk covers at least one byte: a reply holds at most `len` of them, plus NONE.
+            self.in_flight[k].chunks += 1;
+            if self.in_flight[k].chunks > len + 1 {
+                return Err(bad(format!("too many chunks in the reply to the {what}")));
+            }
             match kind {
                 REPLY_TYPE_OFFSET_DATA => {
                     let n = (clen as u64)
@@ -324,9 +394,10 @@ impl<S: Read + Write> Client<S> {
                         .checked_sub(offset)
                         .filter(|&at| n > 0 && at.checked_add(n).is_some_and(|e| e <= len))
                         .ok_or_else(|| bad(format!("a data chunk outside the {what}")))?;
+                    let r = &mut self.in_flight[k];
                     self.sock
-                        .read_exact(&mut buf[at as usize..(at + n) as usize])?;
-                    covered += n;
+                        .read_exact(&mut r.data[at as usize..(at + n) as usize])?;
+                    r.covered += n;
                 }
                 REPLY_TYPE_OFFSET_HOLE => {
                     if clen != 12 {
@@ -339,26 +410,29 @@ impl<S: Read + Write> Client<S> {
                         .checked_sub(offset)
                         .filter(|&at| n > 0 && at.checked_add(n).is_some_and(|e| e <= len))
                         .ok_or_else(|| bad(format!("a hole chunk outside the {what}")))?;
-                    buf[at as usize..(at + n) as usize].fill(0);
-                    covered += n;
+                    let r = &mut self.in_flight[k];
+                    r.data[at as usize..(at + n) as usize].fill(0);
+                    r.covered += n;
                 }
                 REPLY_TYPE_NONE if clen == 0 => {}
-                k if k & (1 << 15) != 0 => return Err(self.chunk_error(k, clen, &what)),
-                k => return Err(bad(format!("chunk type {k} (length {clen}) to a read"))),
+                t if t & (1 << 15) != 0 => return Err(self.chunk_error(t, clen, &what)),
+                t => return Err(bad(format!("chunk type {t} (length {clen}) to a read"))),
             }
-            if covered > len {
+            let r = &self.in_flight[k];
+            if r.covered > len {
                 return Err(bad(format!("chunks overlap in the reply to the {what}")));
             }
             if flags & REPLY_FLAG_DONE != 0 {
-                if covered != len {
+                if r.covered != len {
                     return Err(bad(format!(
-                        "{covered} of {len} bytes in the reply to the {what}"
+                        "{} of {len} bytes in the reply to the {what}",
+                        r.covered
                     )));
                 }
-                return Ok(());
+                let r = self.in_flight.swap_remove(k);
+                return Ok((r.cookie, r.offset, r.data));
             }
         }
-        Err(bad(format!("too many chunks in the reply to the {what}")))
     }
 
     /// The extents of meta context `context` from `offset` for up to `len` bytes, as (length,
@@ -373,6 +447,9 @@ impl<S: Read + Write> Client<S> {
             return Err(bad(format!(
                 "block status of {len} bytes at {offset} is outside the export"
             )));
+        }
+        if !self.in_flight.is_empty() {
+            return Err(bad("block status while reads are in flight"));
         }
         let what = format!("block status of {len} bytes at {offset}");
         let cookie = self.request(CMD_BLOCK_STATUS, 0, offset, len)?;
