@@ -14,7 +14,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -141,12 +141,21 @@ impl Quiesce {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| qerr(format!("cannot start the thaw watchdog: {e}")))?;
-        let mut line = String::new();
-        let ready = child
-            .stdout
-            .as_mut()
-            .map(|o| BufReader::new(o).read_line(&mut line));
-        if !matches!(ready, Some(Ok(_))) || line.trim() != "ready" {
+        // Byte by byte: nothing after "ready" may be swallowed by a buffer.
+        let mut line = Vec::new();
+        let mut ready = false;
+        if let Some(o) = child.stdout.as_mut() {
+            let mut b = [0u8; 1];
+            while line.len() < 64 && matches!(o.read(&mut b), Ok(1)) {
+                if b[0] == b'\n' {
+                    ready = line == b"ready";
+                    break;
+                }
+                line.push(b[0]);
+            }
+        }
+        let line = String::from_utf8_lossy(&line).into_owned();
+        if !ready {
             let _ = child.kill();
             let _ = child.wait();
             return Err(qerr(format!(
@@ -261,9 +270,23 @@ impl Drop for Quiesce {
 /// says `ready`, and thaws them all when its stdin closes or the timeout passes (saying
 /// `timeout` first). Returns the exit code.
 pub fn watchdog_main(args: &[OsString]) -> i32 {
-    // Its own session: a signal to elastio's process group does not reach it.
-    // SAFETY: setsid has no preconditions; failure (already a leader) is harmless.
-    unsafe { libc::setsid() };
+    // Its own session: a signal to elastio's process group does not reach it; and the usual
+    // termination signals are ignored (`systemctl stop` sends SIGTERM to the whole cgroup): its
+    // life is bounded by the timeout and its stdin anyway.
+    // SAFETY: setsid has no preconditions; failure (already a leader) is harmless. Ignoring
+    // signals with SIG_IGN involves no handler code.
+    unsafe {
+        libc::setsid();
+        for sig in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGPIPE,
+        ] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
     let Some(ms) = args.first().and_then(|a| a.to_str()?.parse::<u64>().ok()) else {
         eprintln!("usage: elastio {WATCHDOG_COMMAND} TIMEOUT_MS MOUNT...");
         return 2;
@@ -283,19 +306,32 @@ pub fn watchdog_main(args: &[OsString]) -> i32 {
     let _ = out.flush();
     let deadline = std::time::Instant::now() + Duration::from_millis(ms);
     let mut buf = [0u8; 64];
+    let mut timed_out = false;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
+        if left.is_zero() && !timed_out {
+            timed_out = true;
             let _ = writeln!(out, "timeout");
             let _ = out.flush();
-            break;
+        }
+        if timed_out {
+            // Past the deadline, thaw and keep thawing while elastio lives: a freeze still
+            // waiting for writers when the deadline came (FITHAW fails then) is caught when it
+            // completes.
+            for f in &files {
+                let _ = ioctl(f, FITHAW);
+            }
         }
         let mut pfd = libc::pollfd {
             fd: 0,
             events: libc::POLLIN,
             revents: 0,
         };
-        let wait = left.as_millis().min(i32::MAX as u128) as i32;
+        let wait = if timed_out {
+            100
+        } else {
+            left.as_millis().clamp(1, i32::MAX as u128) as i32
+        };
         // SAFETY: one valid pollfd for stdin.
         let r = unsafe { libc::poll(&mut pfd, 1, wait) };
         if r > 0 {

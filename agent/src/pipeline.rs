@@ -215,7 +215,7 @@ fn backup_block_once(
         (None, _) => None,
         (Some(_), None) => {
             return Err(AgentError::Plan(format!(
-                "a changed map lists changes since a parent recovery point, but asset {} has none \
+                "a changed-block list (changed map, dirty bitmap) counts from a parent recovery point, but asset {} has none \
                  yet: make a full backup first",
                 asset.name
             )))
@@ -224,14 +224,14 @@ fn backup_block_once(
             match opts.plan.changed_since.as_deref() {
                 None => {
                     return Err(AgentError::Plan(format!(
-                        "a changed map must name the recovery point its changes count from (a \
+                        "a changed map or dirty bitmap must name the recovery point its changes count from (a \
                          `parent RP-ID` line, or --parent); the latest of asset {} is {}",
                         asset.name, p.id
                     )))
                 }
                 Some(since) if since != p.id.to_string() => {
                     return Err(AgentError::Plan(format!(
-                        "the changed map counts changes from {since}, but the latest recovery \
+                        "the changed-block list counts changes from {since}, but the latest recovery \
                          point of asset {} is {}: changes between them would be missed; make a \
                          map from {} or back up without one",
                         asset.name, p.id, p.id
@@ -243,7 +243,7 @@ fn backup_block_once(
             if map.size != src.size || map.chunk_size as usize != cs {
                 return Err(AgentError::Plan(format!(
                     "parent recovery point {} holds {} bytes in {}-byte chunks, {} holds {} bytes: \
-                     a changed map cannot apply; back up without it",
+                     its changed blocks cannot apply; back up without them",
                     p.id,
                     map.size,
                     map.chunk_size,
@@ -258,6 +258,10 @@ fn backup_block_once(
         }
     };
     let draft = RpDraft::new(asset, parent_rp.map(|rp| rp.id), opts.tags.clone());
+    // Partly changed chunks are completed from the parent's chunks only where fetching those is
+    // cheap (a local vault); from a remote one each would cost a GET, so the chunk is read whole.
+    let mut plan = opts.plan.clone();
+    plan.patch = vault.store().read_parallelism() <= 1;
     let writer = DiskWriter::new(vault, src.size)?;
     let block_size = opts.block_size.max(cs).next_multiple_of(cs);
     let workers = opts.workers.max(1);
@@ -271,9 +275,8 @@ fn backup_block_once(
 
     let (collected, read, worked) = std::thread::scope(|s| {
         let reader = {
-            let (figures, pool) = (&figures, &pool);
+            let (figures, pool, plan) = (&figures, &pool, &plan);
             s.spawn(move || {
-                let plan = &opts.plan;
                 read_source(
                     src,
                     plan,
@@ -422,7 +425,7 @@ fn collect_map(
                         if p.chunk_id(slot)? != id {
                             return Err(AgentError::UnchangedDiffers(format!(
                                 "bytes {}..{} of {} differ from parent recovery point {rp}, \
-                                 though the changed map lists no change there (a sampled check)",
+                                 though the changed-block list has no change there (a sampled check)",
                                 slot * cs,
                                 ((slot + 1) * cs).min(writer.slots() * cs),
                                 path.display()

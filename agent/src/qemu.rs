@@ -4,16 +4,19 @@
 //! At the point in time, in one QMP transaction: `blockdev-backup sync=none` from the node into a
 //! temporary qcow2 "fleece" overlay whose backing is the node (QEMU inserts a copy-before-write
 //! filter above the node, so a guest write first copies the old data into the overlay: reading
-//! the overlay shows the disk as it was) and, with a dirty bitmap `B`: `B` is disabled (it holds
-//! the changes since the previous backup, up to now) and `B.elastio-next` starts tracking the
-//! changes from now on. The overlay is exported over NBD (with `B` as a meta context) on a
-//! private Unix socket, and read like any NBD source.
+//! the overlay shows the disk as it was; where QEMU supports it, a failing overlay write breaks
+//! the snapshot, not the guest's write), and with a dirty bitmap: a new generation `B@G` (a
+//! random G) starts counting, and the generation the asset's latest RP was tagged with (`B@F`,
+//! which counted the changes since that RP) is disabled and exported with the overlay on a
+//! private Unix socket. Naming generations ties a bitmap to exactly one RP: a lost, recreated,
+//! disabled or inconsistent bitmap, a deleted RP or another VM's RP under the same asset name
+//! can only lead to a full read, never to an incremental from the wrong parent.
 //!
-//! After a successful backup `B` becomes `B.elastio-next` (clear, merge, enable, remove, in one
-//! transaction): it counts changes since this backup. After a failure both merge back into `B`,
-//! which then counts since the previous backup again, so nothing is ever lost from the bitmap.
-//! Every object has a fixed name derived from the node, so a run killed before it could clean
-//! up is cleaned up by the next one ([`Pull::begin`] first removes any leftover).
+//! After a committed backup (tagged `B@G`) the old generation is removed; after a failure the
+//! new one is merged back into the old one, which records again. A run killed before it could
+//! clean up is cleaned up by the next one (or `--qmp-cleanup`): leftover generations merge into
+//! the one the latest RP names. One pull of a node at a time (a lock file); QEMU's NBD server is
+//! stopped only if elastio started it.
 //!
 //! QMP replies are bounded (lines of at most [`MAX_LINE`] bytes, a timeout on every read).
 
@@ -116,10 +119,18 @@ pub struct Pull {
     /// client per monitor, and a backup should not lock others out of it for hours.
     socket: PathBuf,
     node: String,
-    bitmap: Option<String>,
-    /// Whether the bitmap existed before (an incremental is possible) or was made now.
-    pub bitmap_existed: bool,
+    /// The bitmap that counts changes since the asset's latest RP (exported when usable).
+    current: Option<String>,
+    /// Whether `current` exists, records and is consistent: an incremental may use it.
+    pub incremental: bool,
+    /// The bitmap made at this point in time (`BASE@GENERATION`): it counts the changes after
+    /// this backup, so the RP made is tagged with its name.
+    pub new_bitmap: Option<String>,
+    /// The node's size in bytes.
+    pub size: u64,
     dir: PathBuf,
+    /// Held until the pull is torn down: one pull of a node at a time.
+    _lock: std::fs::File,
     /// The export to read: `nbd+unix:///elastio?socket=...`.
     pub uri: String,
     done: bool,
@@ -134,22 +145,122 @@ fn names(node: &str) -> (String, String, String) {
     )
 }
 
-fn next_of(bitmap: &str) -> String {
-    format!("{bitmap}.elastio-next")
+/// The bitmaps of `node` as (name, recording, inconsistent).
+fn bitmaps(q: &mut Qmp, node: &str) -> Result<Vec<(String, bool, bool)>, AgentError> {
+    let nodes = q.execute("query-named-block-nodes", json!({"flat": true}))?;
+    let info = nodes
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["node-name"] == node))
+        .ok_or_else(|| qerr(format!("QEMU has no block node named {node:?}")))?;
+    Ok(info["dirty-bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| {
+                    Some((
+                        m["name"].as_str()?.to_string(),
+                        m["recording"].as_bool().unwrap_or(false),
+                        m["inconsistent"].as_bool().unwrap_or(false),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The per-node work directory and lock file under `base` (a pull of the same node always uses
+/// the same ones, so a killed run's overlay is found and removed).
+fn work_paths(base: &Path, socket: &Path, node: &str) -> (PathBuf, PathBuf) {
+    // FNV-1a of the monitor and node: short, stable names.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let key = format!("{}\0{node}", socket.display());
+    for b in key.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    (
+        base.join(format!("elastio-pull-{h:016x}")),
+        base.join(format!("elastio-pull-{h:016x}.lock")),
+    )
+}
+
+/// Takes the lock of a pull of `node` (failing at once if another holds it) and makes its
+/// empty private work directory.
+fn lock_and_dir(
+    base: &Path,
+    socket: &Path,
+    node: &str,
+) -> Result<(std::fs::File, PathBuf), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+    let (dir, lock) = work_paths(base, socket, node);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&lock)
+        .map_err(|e| qerr(format!("cannot open lock file {}: {e}", lock.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::flock(
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if r != 0 {
+        return Err(qerr(format!(
+            "another pull-mode backup of {node} is running (lock {})",
+            lock.display()
+        )));
+    }
+    // A killed run's directory: ours only if it is a real directory we own.
+    match std::fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() && m.uid() == unsafe_geteuid() => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(_) => {
+            return Err(qerr(format!(
+                "{} exists and is not a directory of this user: remove it",
+                dir.display()
+            )))
+        }
+        Err(_) => {}
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| qerr(format!("cannot create {}: {e}", dir.display())))?;
+    Ok((f, dir))
+}
+
+fn unsafe_geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid()
+    }
 }
 
 impl Pull {
-    /// Sets up the point-in-time view of `node` (and rotates `bitmap`, creating it on the first
-    /// run), after removing what a killed earlier run left behind. `dir`: where the fleece
-    /// overlay and the NBD socket live (a private directory).
+    /// Sets up the point-in-time view of `node`, after removing what a killed earlier run left
+    /// behind. With `bitmap` (a base name B): `current` is the exact bitmap the asset's latest
+    /// RP was tagged with (`B@…`); it is exported if it still records and is consistent, and a
+    /// new generation `B@…` starts counting now. `base`: where the per-node work directory (the
+    /// fleece overlay, the NBD socket) goes.
     pub fn begin(
         socket: &Path,
         node: &str,
         bitmap: Option<&str>,
-        dir: &Path,
+        current: Option<&str>,
+        base: &Path,
     ) -> Result<Pull, AgentError> {
+        let (lock, dir) = lock_and_dir(base, socket, node)?;
         let mut qmp = Qmp::connect(socket)?;
-        cleanup(&mut qmp, node, bitmap, None, false);
+        let current = current.filter(|c| bitmap.is_some_and(|b| is_generation_of(c, b)));
+        if let Some(e) = cleanup(&mut qmp, node, bitmap, current, true, None, false) {
+            tracing::warn!("cleaning up an earlier pull of {node}: {e}");
+        }
         let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true}))?;
         let info = nodes
             .as_array()
@@ -158,10 +269,15 @@ impl Pull {
         let size = info["image"]["virtual-size"]
             .as_u64()
             .ok_or_else(|| qerr(format!("block node {node:?} reports no size")))?;
-        let bitmap_existed = bitmap.is_some_and(|b| {
-            info["dirty-bitmaps"]
-                .as_array()
-                .is_some_and(|a| a.iter().any(|m| m["name"] == b))
+        let usable = current.is_some_and(|c| {
+            bitmaps(&mut qmp, node)
+                .unwrap_or_default()
+                .iter()
+                .any(|(n, recording, inconsistent)| n == c && *recording && !*inconsistent)
+        });
+        let new_bitmap = bitmap.map(|b| {
+            use rand::Rng;
+            format!("{b}@{:016x}", rand::thread_rng().gen::<u64>())
         });
         let (fleece, job, export) = names(node);
         let overlay = dir.join("fleece.qcow2");
@@ -181,9 +297,12 @@ impl Pull {
         let mut pull = Pull {
             socket: socket.to_path_buf(),
             node: node.to_string(),
-            bitmap: bitmap.map(str::to_string),
-            bitmap_existed,
-            dir: dir.to_path_buf(),
+            current: current.map(str::to_string),
+            incremental: usable,
+            new_bitmap: new_bitmap.clone(),
+            size,
+            dir: dir.clone(),
+            _lock: lock,
             uri: String::new(),
             done: false,
         };
@@ -194,30 +313,46 @@ impl Pull {
                 json!({"driver": "qcow2", "node-name": fleece, "backing": node,
                        "file": {"driver": "file", "filename": overlay}}),
             )?;
-            let mut actions = vec![json!({"type": "blockdev-backup", "data": {
-                "device": node, "target": fleece, "sync": "none", "job-id": job,
-                "auto-finalize": true, "auto-dismiss": true}})];
-            if let Some(b) = bitmap {
-                if !bitmap_existed {
-                    actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-                        "node": node, "name": b, "persistent": true, "disabled": true}}));
-                } else {
-                    actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {
-                        "node": node, "name": b}}));
-                }
+            let backup = json!({"device": node, "target": fleece, "sync": "none", "job-id": job,
+                                "auto-finalize": true, "auto-dismiss": true});
+            let mut actions = Vec::new();
+            if let Some(n) = &new_bitmap {
                 actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-                    "node": node, "name": next_of(b), "persistent": true}}));
+                    "node": node, "name": n, "persistent": true}}));
             }
-            q.execute("transaction", json!({"actions": actions}))?;
+            if let Some(c) = current.filter(|_| usable) {
+                actions.push(json!({"type": "block-dirty-bitmap-disable", "data": {
+                    "node": node, "name": c}}));
+            }
+            // A full overlay must fail the backup, not the guest's writes, where QEMU can say so.
+            let mut safe = backup.clone();
+            safe["on-cbw-error"] = json!("break-snapshot");
+            let with = |b: &Value| {
+                let mut a = vec![json!({"type": "blockdev-backup", "data": b})];
+                a.extend(actions.iter().cloned());
+                json!({ "actions": a })
+            };
+            match q.execute("transaction", with(&safe)) {
+                Err(AgentError::Qemu(m)) if m.contains("on-cbw-error") => {
+                    q.execute("transaction", with(&backup))?
+                }
+                r => r?,
+            };
             let sock = dir.join("nbd.sock");
             q.execute(
                 "nbd-server-start",
                 json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-            )?;
+            )
+            .map_err(|e| {
+                qerr(format!(
+                    "{e}: QEMU runs one NBD server and elastio starts its own; if another is \
+                     running, back up through it instead (nbd://… --dirty-bitmap)"
+                ))
+            })?;
             let mut args = json!({"type": "nbd", "id": export, "node-name": fleece,
                                   "name": "elastio", "writable": false});
-            if let Some(b) = bitmap.filter(|_| bitmap_existed) {
-                args["bitmaps"] = json!([{"node": node, "name": b}]);
+            if let Some(c) = current.filter(|_| usable) {
+                args["bitmaps"] = json!([{"node": node, "name": c}]);
             }
             q.execute("block-export-add", args)?;
             Ok(sock)
@@ -228,7 +363,8 @@ impl Pull {
         Ok(pull)
     }
 
-    /// Tears the view down; `success`: the backup committed, so the bitmap now counts from it.
+    /// Tears the view down; `success`: the backup committed (tagged with `new_bitmap`), so the
+    /// new generation counts from it and the old one goes.
     pub fn finish(mut self, success: bool) -> Result<(), AgentError> {
         self.done = true;
         self.teardown(success)
@@ -236,8 +372,29 @@ impl Pull {
 
     fn teardown(&mut self, success: bool) -> Result<(), AgentError> {
         let mut qmp = Qmp::connect(&self.socket)?;
-        let (node, bitmap) = (self.node.clone(), self.bitmap.clone());
-        match cleanup(&mut qmp, &node, bitmap.as_deref(), Some(&self.dir), success) {
+        let node = self.node.clone();
+        let base = self
+            .new_bitmap
+            .as_deref()
+            .and_then(|n| n.rsplit_once('@'))
+            .map(|(b, _)| b);
+        // On success the new generation is current; on failure the old one stays current.
+        let keep = if success {
+            self.new_bitmap.clone()
+        } else {
+            self.current.clone()
+        };
+        let r = cleanup(
+            &mut qmp,
+            &node,
+            base,
+            keep.as_deref(),
+            !success,
+            Some(&self.dir),
+            true,
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+        match r {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -257,25 +414,48 @@ impl Drop for Pull {
     }
 }
 
+/// Whether `name` is a generation (`BASE@HEX`) of bitmap `base`.
+fn is_generation_of(name: &str, base: &str) -> bool {
+    name.rsplit_once('@').is_some_and(|(b, g)| {
+        b == base && !g.is_empty() && g.chars().all(|c| c.is_ascii_hexdigit())
+    })
+}
+
 /// Removes what a pull of `node` left behind (a killed run): the export, the overlay, the job,
-/// and merges the changes tracked since back into `bitmap`, as the next backup would first.
-pub fn clean_up(socket: &Path, node: &str, bitmap: Option<&str>) -> Result<(), AgentError> {
+/// and merges the generations of `bitmap` made since `current` back into it (or removes them
+/// when there is no `current`), as the next backup would first.
+pub fn clean_up(
+    socket: &Path,
+    node: &str,
+    bitmap: Option<&str>,
+    current: Option<&str>,
+    base: &Path,
+) -> Result<(), AgentError> {
+    let (_lock, dir) = lock_and_dir(base, socket, node)?;
     let mut qmp = Qmp::connect(socket)?;
-    match cleanup(&mut qmp, node, bitmap, None, false) {
+    let r = cleanup(&mut qmp, node, bitmap, current, true, Some(&dir), false);
+    let _ = std::fs::remove_dir_all(&dir);
+    match r {
         Some(e) => Err(e),
         None => Ok(()),
     }
 }
 
-/// Removes whatever of a pull of `node` exists, in order (export, NBD server, bitmaps, job,
-/// overlay), each step tolerating its object's absence; returns the first real failure.
-/// `success`: rotate the bitmap forward, else merge the new changes back into it.
+/// Removes whatever of a pull of `node` exists, in order (export, NBD server, job, overlay,
+/// bitmaps), each step tolerating its object's absence; returns the first real failure.
+/// Bitmaps: every generation of `bitmap` other than `keep` is removed, its changes first merged
+/// into `keep` when `merge` (a failed or killed run: `keep` must count them too); `keep`
+/// records again. Without `keep`, every generation is removed. The NBD
+/// server is stopped only when `ours` (this run started it) or an elastio export was found and
+/// no other export remains (a killed run's server).
 fn cleanup(
     q: &mut Qmp,
     node: &str,
     bitmap: Option<&str>,
+    keep: Option<&str>,
+    merge: bool,
     dir: Option<&Path>,
-    success: bool,
+    ours: bool,
 ) -> Option<AgentError> {
     let (fleece, job, export) = names(node);
     let mut first: Option<AgentError> = None;
@@ -291,67 +471,38 @@ fn cleanup(
         "not found",
         "No such",
         "Cannot find",
+        "Failed to find",
         "not running",
         "doesn't exist",
         "No job",
     ];
+    // The NBD exports (the server serves only those; FUSE and vhost exports do not need it).
+    let exports = |q: &mut Qmp| -> Vec<String> {
+        q.execute("query-block-exports", json!({}))
+            .ok()
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter(|e| e["type"] == "nbd")
+                        .filter_map(|e| e["id"].as_str().map(String::from))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let had_ours = exports(q).contains(&export);
     note(
         q.execute("block-export-del", json!({"id": export, "mode": "hard"})),
         &gone,
     );
     // The export goes away asynchronously; its bitmap stays busy until then.
     let deadline = Instant::now() + TIMEOUT;
-    while Instant::now() < deadline {
-        match q.execute("query-block-exports", json!({})) {
-            Ok(v)
-                if v.as_array()
-                    .is_some_and(|a| a.iter().any(|e| e["id"] == export)) =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            _ => break,
-        }
+    while Instant::now() < deadline && exports(q).contains(&export) {
+        std::thread::sleep(Duration::from_millis(20));
     }
-    note(q.execute("nbd-server-stop", json!({})), &gone);
-    if let Some(b) = bitmap {
-        let next = next_of(b);
-        let has_next = q
-            .execute("query-named-block-nodes", json!({"flat": true}))
-            .ok()
-            .and_then(|v| {
-                v.as_array()?
-                    .iter()
-                    .find(|n| n["node-name"] == node)
-                    .map(|n| {
-                        n["dirty-bitmaps"]
-                            .as_array()
-                            .is_some_and(|a| a.iter().any(|m| m["name"] == next.as_str()))
-                    })
-            })
-            .unwrap_or(false);
-        if has_next {
-            let mut actions = Vec::new();
-            if success {
-                actions.push(
-                    json!({"type": "block-dirty-bitmap-clear", "data": {"node": node, "name": b}}),
-                );
-            }
-            actions.extend([
-                json!({"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": b, "bitmaps": [next]}}),
-                json!({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": b}}),
-                json!({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": next}}),
-            ]);
-            note(q.execute("transaction", json!({"actions": actions})), &[]);
-        } else if success {
-            // The first run made the bitmap disabled at the point in time: it starts counting now.
-            note(
-                q.execute(
-                    "block-dirty-bitmap-enable",
-                    json!({"node": node, "name": b}),
-                ),
-                &gone,
-            );
-        }
+    let others = exports(q);
+    if ours || (had_ours && others.is_empty()) {
+        note(q.execute("nbd-server-stop", json!({})), &gone);
     }
     note(
         q.execute("block-job-cancel", json!({"device": job, "force": true})),
@@ -373,6 +524,33 @@ fn cleanup(
         q.execute("blockdev-del", json!({"node-name": fleece})),
         &gone,
     );
+    if let Some(b) = bitmap {
+        let all = bitmaps(q, node).unwrap_or_default();
+        let keep_exists = keep.is_some_and(|k| all.iter().any(|(n, ..)| n == k));
+        let stale: Vec<&String> = all
+            .iter()
+            .map(|(n, ..)| n)
+            .filter(|n| is_generation_of(n, b) && Some(n.as_str()) != keep)
+            .collect();
+        let mut actions = Vec::new();
+        if let (Some(k), true) = (keep, keep_exists) {
+            if merge && !stale.is_empty() {
+                actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+                    "node": node, "target": k, "bitmaps": stale}}));
+            }
+            actions.push(
+                json!({"type": "block-dirty-bitmap-enable", "data": {"node": node, "name": k}}),
+            );
+        }
+        for n in &stale {
+            actions.push(
+                json!({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": n}}),
+            );
+        }
+        if !actions.is_empty() {
+            note(q.execute("transaction", json!({"actions": actions})), &[]);
+        }
+    }
     if let Some(dir) = dir {
         let _ = std::fs::remove_file(dir.join("fleece.qcow2"));
         let _ = std::fs::remove_file(dir.join("nbd.sock"));

@@ -613,8 +613,14 @@ impl QmpProbe {
         }
     }
     fn run(&mut self, cmd: &str) -> serde_json::Value {
+        self.run_with(cmd, serde_json::json!({}))
+    }
+    fn run_with(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
         use std::io::Write;
-        let msg = format!("{{\"execute\": \"{cmd}\"}}\n");
+        let msg = format!(
+            "{}\n",
+            serde_json::json!({"execute": cmd, "arguments": args})
+        );
         self.0.get_mut().write_all(msg.as_bytes()).unwrap();
         self.line()["return"].clone()
     }
@@ -635,7 +641,13 @@ impl QmpProbe {
             .iter()
             .filter(|n| n["node-name"] == node)
             .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
-            .map(|b| format!("{}:{}", b["name"], b["recording"]))
+            .map(|b| {
+                // Generations (`b0@<16 hex>`) compare as one name.
+                let name = b["name"].as_str().unwrap_or_default();
+                let base = name.rsplit_once('@').map_or(name, |(b, _)| b);
+                let generation = if name.contains('@') { "@G" } else { "" };
+                format!("{base}{generation}:{}", b["recording"])
+            })
             .collect();
         let jobs = self.run("query-block-jobs");
         format!("exports {exports} elastio nodes {names:?} bitmaps {bitmaps:?} jobs {jobs}")
@@ -762,7 +774,15 @@ fn pull_mode_backup_of_a_live_qemu_node_with_a_dirty_bitmap() {
         "b0",
     ];
     let full = env.json(&args);
-    assert_eq!(full["rp"]["asset"]["name"], "qemu:disk0");
+    assert_eq!(
+        full["rp"]["asset"]["name"],
+        format!("qemu:{}:disk0", qmp.display()),
+        "the monitor names the VM"
+    );
+    assert!(full["rp"]["tags"]["qemu:dirty-bitmap"]
+        .as_str()
+        .unwrap()
+        .starts_with("b0@"));
     assert!(
         full["figures"]["unchanged_kept"] == 0,
         "the first is a full read: {full}"
@@ -811,7 +831,7 @@ fn pull_mode_backup_of_a_live_qemu_node_with_a_dirty_bitmap() {
         "{clean}"
     );
     assert!(
-        clean.contains("bitmaps [\"\\\"b0\\\":true\"]"),
+        clean.contains("bitmaps [\"b0@G:true\"]"),
         "one recording bitmap: {clean}"
     );
 
@@ -853,6 +873,47 @@ fn pull_mode_backup_of_a_live_qemu_node_with_a_dirty_bitmap() {
         after["rp"]["parent"], inc["rp"]["id"],
         "the bitmap still counts from inc"
     );
+    assert_eq!(qemu_state(&qmp, "disk0"), clean);
+
+    // A bitmap generation that went away (qemu-img convert without --bitmaps, a crash left it
+    // inconsistent and someone removed it): the next backup is a full read, not an incremental
+    // from a parent the bitmap no longer counts from.
+    let current = after["rp"]["tags"]["qemu:dirty-bitmap"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    QmpProbe::connect(&qmp).run_with(
+        "block-dirty-bitmap-remove",
+        serde_json::json!({"node": "disk0", "name": current}),
+    );
+    let full_again = env.json(&args);
+    assert_eq!(full_again["figures"]["unchanged_kept"], 0, "{full_again}");
+    consistent(&{
+        let t = env.path("full-again.img");
+        env.restore(full_again["rp"]["id"].as_str().unwrap(), &t);
+        t
+    })
+    .unwrap();
+    // Two pulls of one node at once: the second is refused, the first unharmed.
+    let mut c = env.command(&args);
+    c.env("ELASTIO_FAULTS", "latency_ms=300")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut slow = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !qemu_state(&qmp, "disk0").contains("elastio-fleece") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first pull never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let err = fails_with(&env, &args);
+    assert!(
+        err.contains("another pull-mode backup of disk0 is running"),
+        "{err}"
+    );
+    assert!(slow.wait().unwrap().success(), "the first pull failed");
     assert_eq!(qemu_state(&qmp, "disk0"), clean);
 
     // A node QEMU does not have: a clear error, nothing made.

@@ -139,6 +139,9 @@ pub struct SourcePlan {
     pub changed_since: Option<String>,
     /// Share (0..=1) of the chunks kept from the parent that are read anyway and compared.
     pub verify_share: f64,
+    /// Whether a partly changed chunk reads only its changed pieces and takes the rest from the
+    /// parent's chunk (set by the pipeline where that chunk is cheap to fetch).
+    pub patch: bool,
 }
 
 /// Splits a source into chunk-aligned requests of at most one block each: holes and free space
@@ -200,7 +203,11 @@ impl<'a> Planner<'a> {
             return BlockKind::Zeros;
         }
         match &self.plan.changed {
-            Some(changed) if changed.intersects(s, e) && !changed.covers(s, e) => BlockKind::Patch,
+            Some(changed)
+                if self.plan.patch && changed.intersects(s, e) && !changed.covers(s, e) =>
+            {
+                BlockKind::Patch
+            }
             Some(changed) if !changed.intersects(s, e) => {
                 let share = self.plan.verify_share.clamp(0.0, 1.0);
                 // A chunk with free space reads with zeros there, while the parent may hold
@@ -619,6 +626,7 @@ mod tests {
         let plan = |share: f64| SourcePlan {
             changed: Some(RangeSet::from_unsorted(vec![(cs + 5, cs + 6)])),
             verify_share: share,
+            patch: true,
             ..SourcePlan::default()
         };
         let kinds = |plan: &SourcePlan| -> Vec<(u64, usize, BlockKind)> {

@@ -48,13 +48,44 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
         (None, Some(_)) => String::new(),
         _ => anyhow::bail!("give a source to back up, or --qmp SOCKET --node NODE (not both)"),
     };
+    // Before any QEMU object exists: a Ctrl-C from here on cancels (and cleans up), it does not
+    // end the process on the spot.
+    let cancel = crate::cancel_token();
+    // With --qmp: the asset, its latest RP, and the bitmap generation that RP was tagged with.
+    let pulled = match (&a.qmp, &a.node) {
+        (Some(qmp), Some(node)) => {
+            let name = asset_name
+                .get_or_insert_with(|| format!("qemu:{}:{node}", qmp.display()))
+                .clone();
+            let latest = vault.latest_rp(
+                RpKind::Disk,
+                &scalez::Asset {
+                    name,
+                    host: agent::pipeline::hostname(),
+                },
+            )?;
+            let current = latest
+                .as_ref()
+                .and_then(|rp| rp.tags.get(RP_TAG_BITMAP).cloned());
+            Some((qmp.clone(), node.clone(), latest, current))
+        }
+        (Some(_), None) => anyhow::bail!("--qmp needs --node NODE (the block node to back up)"),
+        _ => None,
+    };
+    let pull_base = std::env::var_os("ELASTIO_PULL_DIR")
+        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     if a.qmp_cleanup {
-        let (qmp, node) = (a.qmp.as_deref(), a.node.as_deref());
-        let (Some(qmp), Some(node)) = (qmp, node) else {
+        let Some((qmp, node, _, current)) = &pulled else {
             anyhow::bail!("--qmp-cleanup needs --qmp SOCKET --node NODE");
         };
-        agent::qemu::clean_up(qmp, node, a.dirty_bitmap.as_deref())
-            .with_context(|| format!("cleaning up after a pull-mode backup of {node}"))?;
+        agent::qemu::clean_up(
+            qmp,
+            node,
+            a.dirty_bitmap.as_deref(),
+            current.as_deref(),
+            &pull_base,
+        )
+        .with_context(|| format!("cleaning up after a pull-mode backup of {node}"))?;
         if ctx.global.output_format == OutputFormat::Json {
             print_json(&json!({"cleaned_up": node}))?;
         } else {
@@ -62,37 +93,31 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let (plan, nbd) = if let Some(qmp) = &a.qmp {
-        let node = a
-            .node
-            .as_deref()
-            .context("--qmp needs --node NODE (the block node to back up)")?;
-        let dir = private_dir()?;
-        let p = agent::qemu::Pull::begin(qmp, node, a.dirty_bitmap.as_deref(), dir.path())
-            .with_context(|| format!("setting up the pull-mode backup of {node}"))?;
-        let asset = asset_name
-            .get_or_insert_with(|| format!("qemu:{node}"))
-            .clone();
-        // An incremental only from the RP the bitmap has counted changes since.
-        let parent = match (&a.dirty_bitmap, p.bitmap_existed) {
-            (Some(b), true) => vault
-                .latest_rp(
-                    RpKind::Disk,
-                    &scalez::Asset {
-                        name: asset,
-                        host: agent::pipeline::hostname(),
-                    },
-                )?
-                .filter(|rp| rp.tags.get(RP_TAG_BITMAP) == Some(b))
-                .map(|rp| rp.id.to_string()),
-            _ => None,
-        };
-        if let Some(b) = &a.dirty_bitmap {
-            tags.insert(RP_TAG_BITMAP.into(), b.clone());
+    let (plan, nbd) = if let Some((qmp, node, latest, current)) = &pulled {
+        let p = agent::qemu::Pull::begin(
+            qmp,
+            node,
+            a.dirty_bitmap.as_deref(),
+            current.as_deref(),
+            &pull_base,
+        )
+        .with_context(|| format!("setting up the pull-mode backup of {node}"))?;
+        // An incremental only from the RP the exported bitmap generation counts from, and only
+        // while the disk has that RP's size (a resized disk is read whole).
+        let parent = latest
+            .as_ref()
+            .filter(|_| p.incremental)
+            .filter(|rp| rp.disk.as_ref().is_some_and(|m| m.size == p.size))
+            .map(|rp| rp.id.to_string());
+        if p.incremental && parent.is_none() {
+            eprintln!("note: {node} changed size since its last backup: a full read");
         }
-        let bitmap = a.dirty_bitmap.as_deref().filter(|_| parent.is_some());
+        if let Some(n) = &p.new_bitmap {
+            tags.insert(RP_TAG_BITMAP.into(), n.clone());
+        }
+        let bitmap = current.as_deref().filter(|_| parent.is_some());
         let uri = p.uri.clone();
-        pull = Some((p, dir));
+        pull = Some(p);
         let (plan, nbd) = nbd_plan(&a, &uri, bitmap, parent, &mut free_lines)?;
         (plan, Some((uri, nbd)))
     } else if nbd_source::is_nbd_uri(&source) {
@@ -124,7 +149,7 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             MismatchArg::Fail => OnMismatch::Fail,
             MismatchArg::FullRead => OnMismatch::FullRead,
         },
-        cancel: crate::cancel_token(),
+        cancel,
         ..BackupOptions::default()
     };
     let bar = Bar::new(ctx.global.quiet);
@@ -134,7 +159,7 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
     };
     drop(nbd);
     drop(held);
-    if let Some((p, _dir)) = pull {
+    if let Some(p) = pull {
         // The bitmap moves on only when the RP is committed.
         let torn_down = p.finish(report.is_ok());
         if let (Ok(_), Err(e)) = (&report, torn_down) {
@@ -468,37 +493,6 @@ fn nbd_plan(
 
 /// The tag of RPs made with --qmp --dirty-bitmap: the bitmap that counts changes since them.
 const RP_TAG_BITMAP: &str = "qemu:dirty-bitmap";
-
-/// A private directory (0700) for a pull-mode backup's overlay and NBD socket.
-fn private_dir() -> Result<TempDir> {
-    use rand::Rng;
-    use std::os::unix::fs::DirBuilderExt;
-    let base = std::env::var_os("ELASTIO_PULL_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
-    let path = base.join(format!(
-        "elastio-pull-{:016x}",
-        rand::thread_rng().gen::<u64>()
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    Ok(TempDir(path))
-}
-
-/// A directory removed (with what is in it) on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Most free ranges a backup skips (16 bytes each); past that the smallest are read instead.
 const MAX_FREE_RANGES: usize = 1 << 20;

@@ -32,6 +32,22 @@ struct InFlight {
     data: Vec<u8>,
     covered: u64,
     chunks: u64,
+    /// The byte ranges chunks have filled, by start: chunks may not overlap.
+    filled: std::collections::BTreeMap<u64, u64>,
+}
+
+impl InFlight {
+    /// Records `[at, at + n)` as filled; false when it overlaps what was.
+    fn fill(&mut self, at: u64, n: u64) -> bool {
+        let end = at + n;
+        let before = self.filled.range(..end).next_back();
+        if before.is_some_and(|(_, &e)| e > at) {
+            return false;
+        }
+        self.filled.insert(at, end);
+        self.covered += n;
+        true
+    }
 }
 
 /// Errors of an NBD client; each says what the server did.
@@ -356,6 +372,7 @@ impl<S: Read + Write> Client<S> {
             data: vec![0u8; len],
             covered: 0,
             chunks: 0,
+            filled: Default::default(),
         });
         Ok(cookie)
     }
@@ -395,9 +412,11 @@ impl<S: Read + Write> Client<S> {
                         .filter(|&at| n > 0 && at.checked_add(n).is_some_and(|e| e <= len))
                         .ok_or_else(|| bad(format!("a data chunk outside the {what}")))?;
                     let r = &mut self.in_flight[k];
+                    if !r.fill(at, n) {
+                        return Err(bad(format!("chunks overlap in the reply to the {what}")));
+                    }
                     self.sock
                         .read_exact(&mut r.data[at as usize..(at + n) as usize])?;
-                    r.covered += n;
                 }
                 REPLY_TYPE_OFFSET_HOLE => {
                     if clen != 12 {
@@ -411,10 +430,12 @@ impl<S: Read + Write> Client<S> {
                         .filter(|&at| n > 0 && at.checked_add(n).is_some_and(|e| e <= len))
                         .ok_or_else(|| bad(format!("a hole chunk outside the {what}")))?;
                     let r = &mut self.in_flight[k];
+                    if !r.fill(at, n) {
+                        return Err(bad(format!("chunks overlap in the reply to the {what}")));
+                    }
                     r.data[at as usize..(at + n) as usize].fill(0);
-                    r.covered += n;
                 }
-                REPLY_TYPE_NONE if clen == 0 => {}
+                REPLY_TYPE_NONE if clen == 0 && flags & REPLY_FLAG_DONE != 0 => {}
                 t if t & (1 << 15) != 0 => return Err(self.chunk_error(t, clen, &what)),
                 t => return Err(bad(format!("chunk type {t} (length {clen}) to a read"))),
             }
