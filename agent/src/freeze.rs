@@ -249,11 +249,15 @@ impl SnapshotHook for Quiesce {
     fn after(&self) -> Result<(), AgentError> {
         let frozen = self.frozen.lock().expect("freeze state").take();
         let thawed = frozen.map_or(Ok(()), thaw);
-        let posted = match &self.post_cmd {
-            Some(cmd) => self.run("--post-cmd", cmd),
-            None => Ok(()),
-        };
-        thawed.and(posted)
+        // The snapshot's consistency does not depend on the post-command: its failure is
+        // reported, not a reason to throw the snapshot away.
+        if let Some(cmd) = &self.post_cmd {
+            if let Err(e) = self.run("--post-cmd", cmd) {
+                tracing::warn!("{e}");
+                eprintln!("warning: {e}");
+            }
+        }
+        thawed
     }
 }
 

@@ -151,7 +151,15 @@ pub(crate) fn read_snapshot(
             .map(|id| id.to_string())
             .unwrap_or_default();
         let checked = aws.rt.block_on(verify_unlisted(
-            aws, ctx, &info.id, b, &parent_id, p, &writer, sampled,
+            aws,
+            ctx,
+            &info.id,
+            b,
+            &parent_id,
+            p,
+            &writer,
+            sampled,
+            &opts.cancel,
         ));
         if let Err(e) = checked {
             return Err(crate::pipeline::session_cause(e, writer.abandon()));
@@ -441,6 +449,10 @@ impl Dispatch<'_> {
         let mut rng = rand::thread_rng();
         let mut picked = into.lock().expect("samples");
         for i in from..to {
+            // Memory stays bounded whatever the volume's size and the share asked for.
+            if picked.len() >= MAX_SAMPLES {
+                return;
+            }
             if rng.gen_bool(share) {
                 picked.push(i);
             }
@@ -554,6 +566,9 @@ fn fill(parent: Option<&DiskReader>, to: u64, map: &mut MapAssembly) -> Result<(
     Ok(())
 }
 
+/// Most blocks one backup verifies (8 bytes each while listing).
+const MAX_SAMPLES: usize = 1 << 20;
+
 /// Reads the sampled blocks `picked` (not listed by ListChangedBlocks between `base` and
 /// `snapshot`) and compares their chunks with the parent map's: EBS says they did not change.
 #[allow(clippy::too_many_arguments)]
@@ -566,9 +581,13 @@ async fn verify_unlisted(
     parent: &DiskReader,
     writer: &DiskWriter,
     picked: Vec<u64>,
+    cancel: &Cancel,
 ) -> Result<(), AgentError> {
     let per_block = (EBS_BLOCK / writer.chunk_size()) as u64;
     let check = |index: u64| async move {
+        if cancel.is_cancelled() {
+            return Err(AgentError::Cancelled);
+        }
         // The block's token, if the snapshot holds it (else it reads as zeros).
         let what = || format!("ListSnapshotBlocks {snapshot} from block {index}");
         let out = call(&ctx.aws_calls, None, &what, || async {
