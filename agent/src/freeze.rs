@@ -4,9 +4,10 @@
 //!
 //! A frozen file system blocks every writer on the machine, so the thaw must happen whatever
 //! becomes of elastio. Before freezing, a watchdog process is started (this very binary, its
-//! hidden `internal-thaw-watchdog` command, in a session of its own): it opens the mount points
-//! itself and thaws them when the timeout passes or as soon as its stdin closes, which is when
-//! elastio has thawed them, or when elastio died, even by SIGKILL. The residual risk is the
+//! hidden `internal-thaw-watchdog` command, in a session of its own): it inherits the very
+//! descriptors elastio froze (no path is opened twice) and thaws them when the timeout passes
+//! or as soon as its stdin closes, which is when elastio has thawed them, or when elastio died,
+//! even by SIGKILL. The residual risk is the
 //! watchdog being killed too (`kill -9` of both) within the window: the file systems then stay
 //! frozen until `fsfreeze -u` (or `xfs_freeze -u`).
 // ioctls on directory descriptors; poll(2) on the watchdog's stdin.
@@ -132,15 +133,40 @@ impl Quiesce {
         if self.mounts.is_empty() {
             return Ok(frozen);
         }
-        let mut child = Command::new(&self.exe)
+        // Opened once: the descriptors frozen are the ones the watchdog inherits, so no path
+        // swapped in between (a symlink someone else controls) can make it thaw something else.
+        let mut opened = Vec::new();
+        for m in &self.mounts {
+            let f = open_mount(m)
+                .map_err(|e| qerr(format!("cannot open mount point {}: {e}", m.display())))?;
+            opened.push((m.clone(), f));
+        }
+        // Inheritable copies for the watchdog (the originals are close-on-exec).
+        let mut inherited = Vec::new();
+        for (m, f) in &opened {
+            // SAFETY: F_DUPFD on a descriptor we own returns a new one (without FD_CLOEXEC).
+            let fd = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_DUPFD, 3) };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                close_all(&inherited);
+                return Err(qerr(format!(
+                    "cannot pass {} to the watchdog: {e}",
+                    m.display()
+                )));
+            }
+            inherited.push(fd);
+        }
+        let spawned = Command::new(&self.exe)
             .arg(WATCHDOG_COMMAND)
             .arg(self.timeout.as_millis().to_string())
-            .args(&self.mounts)
+            .args(inherited.iter().map(|fd| fd.to_string()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| qerr(format!("cannot start the thaw watchdog: {e}")))?;
+            .spawn();
+        close_all(&inherited);
+        let mut child =
+            spawned.map_err(|e| qerr(format!("cannot start the thaw watchdog: {e}")))?;
         // Byte by byte: nothing after "ready" may be swallowed by a buffer.
         let mut line = Vec::new();
         let mut ready = false;
@@ -164,23 +190,21 @@ impl Quiesce {
             )));
         }
         frozen.watchdog = Some(child);
-        for m in &self.mounts {
-            let f = open_mount(m)
-                .map_err(|e| qerr(format!("cannot open mount point {}: {e}", m.display())));
-            let f = match f.and_then(|f| {
-                ioctl(&f, FIFREEZE)
-                    .map(|()| f)
-                    .map_err(|e| qerr(format!("cannot freeze {}: {e}", m.display())))
-            }) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = thaw(frozen);
-                    return Err(e);
-                }
-            };
-            frozen.files.push((m.clone(), f));
+        for (m, f) in opened {
+            if let Err(e) = ioctl(&f, FIFREEZE) {
+                let _ = thaw(frozen);
+                return Err(qerr(format!("cannot freeze {}: {e}", m.display())));
+            }
+            frozen.files.push((m, f));
         }
         Ok(frozen)
+    }
+}
+
+fn close_all(fds: &[libc::c_int]) {
+    for &fd in fds {
+        // SAFETY: closing descriptors this process made and nothing else uses.
+        unsafe { libc::close(fd) };
     }
 }
 
@@ -270,8 +294,8 @@ impl Drop for Quiesce {
     }
 }
 
-/// The watchdog (`elastio internal-thaw-watchdog TIMEOUT_MS MOUNT...`): opens the mount points,
-/// says `ready`, and thaws them all when its stdin closes or the timeout passes (saying
+/// The watchdog (`elastio internal-thaw-watchdog TIMEOUT_MS FD...`): takes the mount points'
+/// descriptors it inherited, says `ready`, and thaws them all when its stdin closes or the timeout passes (saying
 /// `timeout` first). Returns the exit code.
 pub fn watchdog_main(args: &[OsString]) -> i32 {
     // Its own session: a signal to elastio's process group does not reach it; and the usual
@@ -292,18 +316,32 @@ pub fn watchdog_main(args: &[OsString]) -> i32 {
         }
     }
     let Some(ms) = args.first().and_then(|a| a.to_str()?.parse::<u64>().ok()) else {
-        eprintln!("usage: elastio {WATCHDOG_COMMAND} TIMEOUT_MS MOUNT...");
+        eprintln!("usage: elastio {WATCHDOG_COMMAND} TIMEOUT_MS FD...");
         return 2;
     };
+    // The mount points' descriptors, inherited from elastio (which froze these very ones).
     let mut files = Vec::new();
-    for m in &args[1..] {
-        match open_mount(Path::new(m)) {
-            Ok(f) => files.push(f),
-            Err(e) => {
-                eprintln!("thaw watchdog: cannot open {}: {e}", Path::new(m).display());
-                return 1;
-            }
+    for a in &args[1..] {
+        let Some(fd) = a
+            .to_str()
+            .and_then(|a| a.parse::<libc::c_int>().ok())
+            .filter(|&fd| fd > 2)
+        else {
+            eprintln!("thaw watchdog: {a:?} is not a descriptor number");
+            return 2;
+        };
+        // SAFETY: the descriptor was inherited for this process alone to own; fstat first checks
+        // that it is open.
+        let open = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstat(fd, &mut st) == 0
+        };
+        if !open {
+            eprintln!("thaw watchdog: descriptor {fd} is not open");
+            return 1;
         }
+        // SAFETY: as above: open, and owned by nothing else in this process.
+        files.push(unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) });
     }
     let mut out = io::stdout();
     let _ = writeln!(out, "ready");

@@ -343,7 +343,10 @@ pub struct BlockBackupArgs {
     pub source: Option<PathBuf>,
     /// Back up block node --node of the QEMU (or qemu-storage-daemon) listening for QMP on this
     /// socket, from a point-in-time view it makes and removes (pull mode, as libvirt); with
-    /// --dirty-bitmap, QEMU tracks the changes between backups in that persistent bitmap
+    /// --dirty-bitmap, QEMU tracks the changes between backups in that persistent bitmap. The
+    /// view's overlay holds what the guest overwrites during the backup: it lives under
+    /// $ELASTIO_PULL_DIR (default /var/tmp), which needs room for it (QEMU before the
+    /// `on-cbw-error` option of blockdev-backup fails guest writes when the overlay cannot grow)
     #[arg(long, value_name = "SOCKET", requires = "node")]
     pub qmp: Option<PathBuf>,
     /// With --qmp: the block node to back up (`node-name`, as `query-named-block-nodes` lists)
