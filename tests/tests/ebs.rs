@@ -648,6 +648,32 @@ fn a_lying_changed_block_list_is_caught_by_sampled_verification() {
         err.contains("EBS block 5 of snapshot") && err.contains(&rp_id(&first)),
         "{err}"
     );
+    // By option, the backup starts over as a full read and is right.
+    let full = emu.json(
+        &env,
+        &[
+            "ebs",
+            "backup",
+            "--volume-id",
+            &vol,
+            "--verify-share",
+            "100",
+            "--on-mismatch",
+            "full-read",
+        ],
+    );
+    assert!(
+        full["fell_back_to_full_read"]
+            .as_str()
+            .unwrap()
+            .contains("EBS block 5"),
+        "{full}"
+    );
+    assert_eq!(full["incremental"], false);
+    assert_eq!(
+        sha256_file(&restored(&env, &rp_id(&full), "f.img")),
+        sha256_file(&img)
+    );
     // Without the lie, the default sample (1 %) passes and is counted.
     emu.config(serde_json::json!({"hide_changed": null}));
     let ok = emu.json(

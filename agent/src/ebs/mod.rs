@@ -84,6 +84,8 @@ pub struct EbsOptions {
     /// Share (0..=1) of the blocks an incremental takes from the parent unread (EBS did not list
     /// them as changed) that are read anyway and compared; a difference fails the backup.
     pub verify_share: f64,
+    /// A sampled block that differs starts the read over in full (else the backup fails).
+    pub full_read_on_mismatch: bool,
     pub cancel: Cancel,
 }
 
@@ -109,6 +111,7 @@ impl Default for EbsOptions {
             page_size: MAX_PAGE,
             quiesce: None,
             verify_share: 0.01,
+            full_read_on_mismatch: false,
             cancel: Cancel::new(),
         }
     }
@@ -138,6 +141,8 @@ pub struct EbsBackupReport {
     pub blocks_read: u64,
     /// Of the blocks an incremental took from the parent, those read anyway and compared.
     pub blocks_verified: u64,
+    /// Why an incremental started over as a full read (a sampled block differed).
+    pub fell_back: Option<String>,
     pub calls: EbsCalls,
     pub deleted_snapshots: Vec<String>,
     pub session: SessionStats,

@@ -105,6 +105,29 @@ pub(crate) fn read_snapshot(
     opts: &EbsOptions,
     progress: &dyn Progress,
 ) -> Result<EbsBackupReport, AgentError> {
+    match read_snapshot_once(vault, aws, ctx, info, asset.clone(), opts, progress, false) {
+        Err(AgentError::UnchangedDiffers(why)) if opts.full_read_on_mismatch => {
+            progress.message(&format!("{why}: starting over with a full read"));
+            let mut r = read_snapshot_once(vault, aws, ctx, info, asset, opts, progress, true)?;
+            r.fell_back = Some(why);
+            Ok(r)
+        }
+        r => r,
+    }
+}
+
+/// One read of `info`; `full`: read every block even when an incremental is possible.
+#[allow(clippy::too_many_arguments)]
+fn read_snapshot_once(
+    vault: &Arc<Vault>,
+    aws: &Aws,
+    ctx: &Ctx,
+    info: &SnapshotInfo,
+    asset: Asset,
+    opts: &EbsOptions,
+    progress: &dyn Progress,
+    full: bool,
+) -> Result<EbsBackupReport, AgentError> {
     let started = Instant::now();
     let cs = vault.config().chunk_size as usize;
     if cs > EBS_BLOCK || (EBS_BLOCK / cs) * cs != EBS_BLOCK {
@@ -124,7 +147,15 @@ pub(crate) fn read_snapshot(
         base,
         first_page,
         parent,
-    } = plan_read(vault, aws, ctx, info, parent.as_ref(), size, progress)?;
+    } = plan_read(
+        vault,
+        aws,
+        ctx,
+        info,
+        parent.as_ref().filter(|_| !full),
+        size,
+        progress,
+    )?;
     progress.start(size);
     let writer = DiskWriter::new(vault, size)?;
     let read = ReadBlocks {
@@ -181,6 +212,7 @@ pub(crate) fn read_snapshot(
         blocks_listed: read.listed.load(Ordering::Relaxed),
         blocks_read,
         blocks_verified: verified,
+        fell_back: None,
         calls: ctx.calls(),
         deleted_snapshots: Vec::new(),
         session: stats,

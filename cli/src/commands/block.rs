@@ -394,9 +394,10 @@ pub struct BlockBackupArgs {
     pub on_mismatch: MismatchArg,
 }
 
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MismatchArg {
     /// Fail the backup, naming the range that differs
+    #[default]
     Fail,
     /// Start over with a full read of the source
     FullRead,

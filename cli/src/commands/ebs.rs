@@ -70,6 +70,9 @@ pub struct QuiesceArgs {
     /// them as unchanged) that are read anyway and compared, in percent
     #[arg(long, value_name = "PERCENT", default_value_t = 1.0)]
     pub verify_share: f64,
+    /// What a verified block that differs from the parent does
+    #[arg(long, value_enum, default_value_t = crate::commands::block::MismatchArg::Fail)]
+    pub on_mismatch: crate::commands::block::MismatchArg,
 }
 
 impl QuiesceArgs {
@@ -121,6 +124,8 @@ fn backup(ctx: &Ctx, a: EbsBackupArgs) -> Result<()> {
     opts.keep_snapshots = a.keep_snapshots;
     opts.quiesce = a.quiesce.hook()?;
     opts.verify_share = a.quiesce.verify_share()?;
+    opts.full_read_on_mismatch =
+        a.quiesce.on_mismatch == crate::commands::block::MismatchArg::FullRead;
     let volume_id = match (&a.volume_id, &a.device) {
         (Some(v), None) => v.clone(),
         (None, Some(d)) => agent::aws::volume_of_device(d, std::path::Path::new("/sys"))?,
@@ -166,6 +171,7 @@ pub fn backup_json(r: &EbsBackupReport) -> serde_json::Value {
         "blocks_listed": r.blocks_listed,
         "blocks_read": r.blocks_read,
         "blocks_verified": r.blocks_verified,
+        "fell_back_to_full_read": r.fell_back,
         "calls": r.calls,
         "deleted_snapshots": r.deleted_snapshots,
         "snapshot_wait_ms": r.snapshot_wait.as_millis() as u64,

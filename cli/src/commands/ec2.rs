@@ -27,6 +27,8 @@ fn backup(ctx: &Ctx, a: Ec2BackupArgs) -> Result<()> {
     opts.keep_snapshots = a.keep_snapshots;
     opts.quiesce = a.quiesce.hook()?;
     opts.verify_share = a.quiesce.verify_share()?;
+    opts.full_read_on_mismatch =
+        a.quiesce.on_mismatch == crate::commands::block::MismatchArg::FullRead;
     let vault = ctx.open_vault()?;
     let (instance_id, aws) = match (&a.instance_id, a.self_) {
         (Some(id), false) => (id.clone(), connect(ctx, &a.aws)?),
