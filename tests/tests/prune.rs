@@ -34,14 +34,17 @@ fn check_clean(env: &Env) {
     );
 }
 
-/// Rewrites `n` random 1 MiB stretches of `img` with fresh data.
-fn mutate(img: &Path, seed: u64, n: u64) {
+/// Rewrites `n` random 1 MiB stretches of `img` with fresh data; returns their offsets.
+fn mutate(img: &Path, seed: u64, n: u64) -> Vec<u64> {
     let len = std::fs::metadata(img).unwrap().len();
-    for i in 0..n {
-        let off =
-            (seed.wrapping_mul(7919).wrapping_add(i * 104729) % (len / MIB as u64)) * MIB as u64;
-        write_at(img, off, &pseudo_random(seed * 1000 + i, MIB));
-    }
+    (0..n)
+        .map(|i| {
+            let off = (seed.wrapping_mul(7919).wrapping_add(i * 104729) % (len / MIB as u64))
+                * MIB as u64;
+            write_at(img, off, &pseudo_random(seed * 1000 + i, MIB));
+            off
+        })
+        .collect()
 }
 
 #[test]
@@ -126,7 +129,9 @@ fn tree_sha(dir: &Path) -> String {
 
 /// Rounds of block, file and stream backups and a prune (`--keep-last 2`) at once; returns the
 /// RPs reported created. Content cycles with period 3, so each round's backups deduplicate
-/// against data of the RP that round's prune expires: exactly the data prune condemns.
+/// against data of the RP that round's prune expires: exactly the data prune condemns. The
+/// second disk is backed up as a changed-map incremental from its last RP once it has one: its
+/// unchanged chunks are kept from that parent unread, the reference prune must see.
 fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String, Made> {
     let imgs: Vec<PathBuf> = (0..2)
         .map(|i| {
@@ -141,11 +146,17 @@ fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String,
     let stream_src = env.path("stream.bin");
     let mut created = BTreeMap::new();
     let (mut retried, mut spared) = (0, 0);
+    // The second disk: changes since its last RP (kept across failed rounds), and that RP.
+    let (mut pending, mut last_ok): (Vec<u64>, Option<String>) = (Vec::new(), None);
+    let map = env.path("disk1.map");
     for round in 0..rounds {
         let variant = round % 3;
         let mut expect = Vec::new();
         for (i, img) in imgs.iter().enumerate() {
-            mutate(img, variant * 10 + i as u64 + 1, 2);
+            let changed = mutate(img, variant * 10 + i as u64 + 1, 2);
+            if i == 1 {
+                pending.extend(changed);
+            }
             expect.push(Made {
                 kind: "disk",
                 sha: sha256_file(img),
@@ -167,6 +178,19 @@ fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String,
             .iter()
             .map(|img| vec!["block", "backup", img.to_str().unwrap()])
             .collect();
+        if let Some(parent) = &last_ok {
+            let mut text = format!("parent {parent}\n");
+            for off in &pending {
+                text += &format!("{off} {MIB}\n");
+            }
+            std::fs::write(&map, text).unwrap();
+            commands[1].extend([
+                "--changed-map",
+                map.to_str().unwrap(),
+                "--verify-share",
+                "5",
+            ]);
+        }
         commands.push(vec!["file", "backup", tree.to_str().unwrap()]);
         commands.push(vec![
             "stream",
@@ -202,10 +226,21 @@ fn backups_racing_prune(env: &Env, rounds: u64, size: usize) -> BTreeMap<String,
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        for (child, made) in backups.into_iter().zip(expect) {
+        for (k, (child, made)) in backups.into_iter().zip(expect).enumerate() {
             let out = child.wait_with_output().unwrap();
             if out.status.success() {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if k == 1 {
+                    if last_ok.is_some() {
+                        // Read: the listed changes (and the verified sample), no more.
+                        let f = &v["figures"];
+                        let read = f["bytes_read"].as_u64().unwrap()
+                            - f["unchanged_verified"].as_u64().unwrap();
+                        assert!(read <= (pending.len() * MIB) as u64, "{v}");
+                    }
+                    last_ok = Some(rp_of(&v));
+                    pending.clear();
+                }
                 created.insert(rp_of(&v), made);
             } else {
                 // Allowed only for the documented reason: a concurrent prune condemned data
