@@ -296,6 +296,13 @@ pub fn imds_identity() -> Result<(String, String), AgentError> {
     })
 }
 
+/// Where sysfs is: `/sys`, or `$ELASTIO_SYSFS` (tests give a tree of their own).
+pub fn sys_root() -> std::path::PathBuf {
+    std::env::var_os("ELASTIO_SYSFS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/sys".into())
+}
+
 /// The EBS volume id of an NVMe block device (or one of its partitions) on a Nitro instance,
 /// from the serial number the device reports (`vol0123…` → `vol-0123…`), read under `sys`
 /// (normally `/sys`).
@@ -314,6 +321,10 @@ pub fn volume_of_device(
     let serial = std::fs::read_to_string(class.join("device/serial"))
         .or_else(|_| std::fs::read_to_string(class.join("../device/serial")))
         .map_err(|_| fail("no NVMe serial number: not an EBS volume of a Nitro instance".into()))?;
+    volume_of_serial(&serial).map_err(fail)
+}
+
+fn volume_of_serial(serial: &str) -> Result<String, String> {
     let serial = serial.trim();
     let hex = serial
         .strip_prefix("vol")
@@ -322,8 +333,73 @@ pub fn volume_of_device(
         Some(hex) if !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit()) => {
             Ok(format!("vol-{hex}"))
         }
-        _ => Err(fail(format!("serial {serial:?} is not an EBS volume id"))),
+        _ => Err(format!("serial {serial:?} is not an EBS volume id")),
     }
+}
+
+/// Where a block device lies on an EBS volume of this instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeExtent {
+    pub volume_id: String,
+    /// The device's name (`nvme1n1p2`).
+    pub name: String,
+    /// Its first byte on the volume (a partition's start; 0 for the whole disk).
+    pub start: u64,
+    pub len: u64,
+}
+
+/// The EBS volume and byte range of block device `dev` (a `st_dev`, as a mounted file system
+/// reports it), from sysfs under `sys`: a whole NVMe disk, or a partition of one.
+pub fn volume_extent(dev: u64, sys: &std::path::Path) -> Result<VolumeExtent, AgentError> {
+    let (major, minor) = crate::fsmap::major_minor(dev);
+    let fail = |why: String| AgentError::Ebs(format!("device {major}:{minor}: {why}"));
+    let link = sys.join(format!("dev/block/{major}:{minor}"));
+    let dir = std::fs::canonicalize(&link)
+        .map_err(|e| fail(format!("not a block device in {}: {e}", sys.display())))?;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let number = |file: &std::path::Path| -> Result<u64, AgentError> {
+        let text =
+            std::fs::read_to_string(file).map_err(|e| fail(format!("{}: {e}", file.display())))?;
+        text.trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|sectors| sectors.checked_mul(512))
+            .ok_or_else(|| {
+                fail(format!(
+                    "{}: {:?} is not a sector count",
+                    file.display(),
+                    text
+                ))
+            })
+    };
+    let len = number(&dir.join("size"))?;
+    let (disk, start) = if dir.join("partition").exists() {
+        let disk = dir
+            .parent()
+            .ok_or_else(|| fail("a partition without a disk".into()))?;
+        (disk.to_path_buf(), number(&dir.join("start"))?)
+    } else {
+        (dir.clone(), 0)
+    };
+    let serial = std::fs::read_to_string(disk.join("device/serial")).map_err(|_| {
+        fail(format!(
+            "{name}: no NVMe serial number: not an EBS volume of a Nitro instance"
+        ))
+    })?;
+    let volume_id = volume_of_serial(&serial).map_err(|e| fail(format!("{name}: {e}")))?;
+    start
+        .checked_add(len)
+        .ok_or_else(|| fail("its extent overflows".into()))?;
+    Ok(VolumeExtent {
+        volume_id,
+        name,
+        start,
+        len,
+    })
 }
 
 #[cfg(test)]
@@ -360,5 +436,43 @@ mod device_tests {
             .unwrap_err()
             .to_string()
             .contains("no NVMe serial"));
+    }
+
+    #[test]
+    fn device_numbers_lead_to_volumes_and_partition_offsets() {
+        let sys = tempfile::tempdir().unwrap();
+        let disk = sys.path().join("devices/pci0000:00/nvme/nvme1/nvme1n1");
+        std::fs::create_dir_all(disk.join("device")).unwrap();
+        std::fs::write(disk.join("device/serial"), "vol0abc\n").unwrap();
+        std::fs::write(disk.join("size"), "16777216\n").unwrap();
+        let part = disk.join("nvme1n1p2");
+        std::fs::create_dir_all(&part).unwrap();
+        std::fs::write(part.join("partition"), "2\n").unwrap();
+        std::fs::write(part.join("start"), "2048\n").unwrap();
+        std::fs::write(part.join("size"), "4096\n").unwrap();
+        let loop0 = sys.path().join("devices/virtual/block/loop0");
+        std::fs::create_dir_all(&loop0).unwrap();
+        std::fs::write(loop0.join("size"), "8\n").unwrap();
+        let links = sys.path().join("dev/block");
+        std::fs::create_dir_all(&links).unwrap();
+        std::os::unix::fs::symlink(&disk, links.join("259:0")).unwrap();
+        std::os::unix::fs::symlink(&part, links.join("259:2")).unwrap();
+        std::os::unix::fs::symlink(&loop0, links.join("7:0")).unwrap();
+        let of = |maj: u64, min: u64| volume_extent((maj << 8) | min, sys.path());
+        let whole = of(259, 0).unwrap();
+        assert_eq!(
+            (whole.volume_id.as_str(), whole.start, whole.len),
+            ("vol-0abc", 0, 16777216 * 512)
+        );
+        let p = of(259, 2).unwrap();
+        assert_eq!(
+            (p.volume_id.as_str(), p.name.as_str(), p.start, p.len),
+            ("vol-0abc", "nvme1n1p2", 2048 * 512, 4096 * 512)
+        );
+        assert!(of(7, 0).unwrap_err().to_string().contains("no NVMe serial"));
+        assert!(of(8, 1)
+            .unwrap_err()
+            .to_string()
+            .contains("not a block device"));
     }
 }

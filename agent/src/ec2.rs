@@ -19,9 +19,9 @@ use scalez::{
 
 use crate::aws::{call, classify, Aws};
 use crate::ebs::{
-    delete_snapshot, ec2_tag, prune_snapshots, read_snapshot, restore_to_snapshot, volume_asset,
-    wait_snapshot, wait_volume, CreateVolume, Ctx, EbsBackupReport, EbsOptions, EbsRestoreOptions,
-    EbsRestoreReport, TAG_CREATED_BY, TAG_VAULT, TAG_VOLUME,
+    delete_snapshot, ec2_tag, free_on_volumes, prune_snapshots, read_snapshot, restore_to_snapshot,
+    volume_asset, wait_snapshot, wait_volume, CreateVolume, Ctx, EbsBackupReport, EbsOptions,
+    EbsRestoreOptions, EbsRestoreReport, TAG_CREATED_BY, TAG_VAULT, TAG_VOLUME,
 };
 use crate::error::AgentError;
 use crate::progress::Progress;
@@ -204,6 +204,7 @@ fn read_volumes(
     progress: &dyn Progress,
 ) -> Result<Vec<(String, EbsBackupReport)>, AgentError> {
     let (attached, snapshots) = set;
+    let free = free_on_volumes(opts.quiesce.as_ref(), progress);
     let mut reports = Vec::new();
     for a in attached {
         let snap = snapshots
@@ -231,7 +232,8 @@ fn read_volumes(
             .insert(RP_TAG_INSTANCE.into(), instance_id.into());
         vopts.tags.insert(RP_TAG_DEVICE.into(), a.device.clone());
         let asset = volume_asset(&aws.region, &a.volume_id);
-        let r = read_snapshot(vault, aws, ctx, &info, asset, &vopts, progress)?;
+        let free = free.get(&a.volume_id).map(Vec::as_slice);
+        let r = read_snapshot(vault, aws, ctx, &info, asset, &vopts, free, progress)?;
         reports.push((a.device.clone(), r));
     }
     Ok(reports)

@@ -10,6 +10,11 @@
 //! even by SIGKILL. The residual risk is the
 //! watchdog being killed too (`kill -9` of both) within the window: the file systems then stay
 //! frozen until `fsfreeze -u` (or `xfs_freeze -u`).
+//!
+//! With `skip_free`, each file system is asked for its free space ([`crate::fsmap`]) while it
+//! is frozen, right before the snapshot call: that map is exactly the snapshot's, so the EBS
+//! read can leave the free blocks unread. The question has half the timeout; a file system that
+//! does not answer in time (or at all) is read whole.
 // ioctls on directory descriptors; poll(2) on the watchdog's stdin.
 #![allow(unsafe_code)]
 
@@ -39,7 +44,24 @@ pub trait SnapshotHook: Send + Sync {
     /// Right after the call returned, whatever it returned: an error means the snapshot may
     /// not be consistent (the backup then fails and removes it).
     fn after(&self) -> Result<(), AgentError>;
+    /// The free space the frozen file systems reported during the last freeze, when asked for.
+    fn free_space(&self) -> Vec<MountFree> {
+        Vec::new()
+    }
 }
+
+/// The free space of one file system frozen for a snapshot, asked for while it was frozen.
+#[derive(Debug, Clone)]
+pub struct MountFree {
+    pub mount: PathBuf,
+    /// Its data device (`st_dev`).
+    pub dev: u64,
+    /// Free byte ranges of that device ([`crate::fsmap`]), or why there are none.
+    pub free: Result<Vec<(u64, u64)>, String>,
+}
+
+/// Most free ranges asked of one file system (16 bytes each).
+const MAX_FREE_RANGES: usize = 1 << 20;
 
 fn qerr(what: String) -> AgentError {
     AgentError::Quiesce(what)
@@ -70,7 +92,10 @@ pub struct Quiesce {
     pub timeout: Duration,
     /// The elastio binary (runs the watchdog).
     pub exe: PathBuf,
+    /// Ask each frozen file system for its free space while it is frozen.
+    pub skip_free: bool,
     frozen: Mutex<Option<Frozen>>,
+    free: Mutex<Vec<MountFree>>,
 }
 
 struct Frozen {
@@ -96,7 +121,9 @@ impl Quiesce {
             mounts,
             timeout,
             exe,
+            skip_free: false,
             frozen: Mutex::new(None),
+            free: Mutex::new(Vec::new()),
         })
     }
 
@@ -197,7 +224,31 @@ impl Quiesce {
             }
             frozen.files.push((m, f));
         }
+        if self.skip_free {
+            *self.free.lock().expect("free space") = self.ask_free(&frozen);
+        }
         Ok(frozen)
+    }
+
+    /// The free space of each frozen file system. Half the freeze's timeout at most, so the
+    /// snapshot call still fits: a file system that does not answer in time is read whole.
+    fn ask_free(&self, frozen: &Frozen) -> Vec<MountFree> {
+        use std::os::unix::fs::MetadataExt;
+        let deadline = std::time::Instant::now() + self.timeout / 2;
+        frozen
+            .files
+            .iter()
+            .map(|(m, f)| {
+                let dev = f.metadata().map(|md| md.dev()).unwrap_or(0);
+                let free = crate::fsmap::free_space(f, MAX_FREE_RANGES, deadline)
+                    .map_err(|e| e.to_string());
+                MountFree {
+                    mount: m.clone(),
+                    dev,
+                    free,
+                }
+            })
+            .collect()
     }
 }
 
@@ -242,7 +293,12 @@ fn thaw(frozen: Frozen) -> Result<(), AgentError> {
 }
 
 impl SnapshotHook for Quiesce {
+    fn free_space(&self) -> Vec<MountFree> {
+        self.free.lock().expect("free space").clone()
+    }
+
     fn before(&self) -> Result<(), AgentError> {
+        self.free.lock().expect("free space").clear();
         if let Some(cmd) = &self.pre_cmd {
             if let Err(e) = self.run("--pre-cmd", cmd) {
                 // It may have done part of its work (a lock taken): let the post-command undo it.

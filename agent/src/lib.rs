@@ -48,7 +48,8 @@
 //!   changed, and only from a parent of the same size and chunk size; a sampled chunk that differs
 //!   fails the backup (or starts it over as a full read). Bytes are skipped as free only where a
 //!   file system's own maps say so and those maps are current (not a mounted device, no journal
-//!   or log awaiting recovery).
+//!   or log awaiting recovery), or where a mounted file system told the kernel's GETFSMAP
+//!   ([`fsmap`]) while frozen for the very snapshot being read ([`freeze`], EBS and EC2).
 
 // Every `pub` item is reachable from the crate root (or it is `pub(crate)`), so the public
 // surface is what lib.rs exports and nothing else.
@@ -62,6 +63,7 @@ mod error;
 pub mod file;
 pub mod file_restore;
 pub mod freeze;
+pub mod fsmap;
 mod fsx;
 pub mod kafka;
 pub mod pipeline;

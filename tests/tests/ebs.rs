@@ -469,8 +469,10 @@ struct Mounted(PathBuf);
 impl Drop for Mounted {
     fn drop(&mut self) {
         let m = self.0.to_str().unwrap();
+        // Not frozen (EINVAL) is the usual case: say nothing.
         let _ = std::process::Command::new("fsfreeze")
             .args(["-u", m])
+            .stderr(std::process::Stdio::null())
             .status();
         let _ = std::process::Command::new("umount").arg(m).status();
     }
@@ -688,4 +690,226 @@ fn a_lying_changed_block_list_is_caught_by_sampled_verification() {
     );
     let restored = restored(&env, &rp_id(&ok), "r.img");
     assert_eq!(sha256_file(&restored), sha256_file(&img));
+}
+
+/// Pseudo-random files `name0..` of `each` bytes under `dir`, `count` of them.
+fn fill_files(dir: &Path, seed: u64, count: usize, each: usize) {
+    for i in 0..count {
+        std::fs::write(
+            dir.join(format!("f{i}")),
+            pseudo_random(seed + i as u64, each),
+        )
+        .unwrap();
+    }
+}
+
+/// Bytes a mounted file system holds (its blocks minus its free blocks).
+fn used_bytes(mnt: &Path) -> u64 {
+    let out = sh("stat", &["-f", "-c", "%S %b %f", mnt.to_str().unwrap()]);
+    let v: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    v[0] * (v[1] - v[2])
+}
+
+/// Copies bytes `start..start+len` of `from` into a new file `to`.
+fn extract(from: &Path, start: u64, len: u64, to: &Path) {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(from).unwrap();
+    f.seek(std::io::SeekFrom::Start(start)).unwrap();
+    let mut out = std::fs::File::create(to).unwrap();
+    std::io::copy(&mut f.take(len), &mut out).unwrap();
+}
+
+/// Loop devices over parts of a file, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn over(file: &Path, offset: u64, len: u64) -> Loop {
+        let dev = sh(
+            "losetup",
+            &[
+                "-f",
+                "--show",
+                "-o",
+                &offset.to_string(),
+                "--sizelimit",
+                &len.to_string(),
+                file.to_str().unwrap(),
+            ],
+        );
+        Loop(dev.trim().to_string())
+    }
+
+    /// (major, minor).
+    fn numbers(&self) -> (u64, u64) {
+        let out = sh("stat", &["-c", "%t %T", &self.0]);
+        let v: Vec<u64> = out
+            .split_whitespace()
+            .map(|x| u64::from_str_radix(x, 16).unwrap())
+            .collect();
+        (v[0], v[1])
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn ec2_self_backup_skips_what_the_frozen_file_systems_report_free() {
+    if !is_root() {
+        eprintln!("skipped: needs root (loop-mounted file systems to freeze)");
+        return;
+    }
+    let env = Env::new();
+    let emu = AwsEmulator::start();
+    let run = emu.ec2(
+        "Action=RunInstances&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&InstanceType=t3.micro\
+         &Placement.AvailabilityZone=us-east-1a",
+    );
+    let instance = xml_field(&run, "instanceId");
+    let vol = xml_field(&run, "volumeId");
+    // The instance's volume holds two partitions: XFS at 1 MiB, ext4 at 330 MiB. Each is a
+    // loop device over its part of the volume's image, as a partition is over its disk.
+    let img = env.path("volume.img");
+    sparse_file(&img, 512 * MIB);
+    let parts = [(MIB, 320 * MIB), (330 * MIB, 128 * MIB)];
+    let p1 = Loop::over(&img, parts[0].0, parts[0].1);
+    let p2 = Loop::over(&img, parts[1].0, parts[1].1);
+    sh("mkfs.xfs", &["-q", "-f", &p1.0]);
+    sh("mkfs.ext4", &["-q", "-F", &p2.0]);
+    let (m1, m2) = (env.path("xfs"), env.path("ext4"));
+    let mut mounted = Vec::new();
+    for (dev, m) in [(&p1.0, &m1), (&p2.0, &m2)] {
+        std::fs::create_dir_all(m).unwrap();
+        sh("mount", &[dev.as_str(), m.to_str().unwrap()]);
+        mounted.push(Mounted(m.clone()));
+    }
+    // Files, a third of them deleted: their bytes stay behind in free space.
+    fill_files(&m1, 100, 24, 5 * MIB as usize);
+    fill_files(&m2, 200, 12, 5 * MIB as usize);
+    sh("sync", &[]);
+    for (m, n) in [(&m1, 24), (&m2, 12)] {
+        for i in (0..n).step_by(3) {
+            std::fs::remove_file(m.join(format!("f{i}"))).unwrap();
+        }
+    }
+    sh("sync", &[]);
+    let deleted = (8 + 4) * 5 * MIB;
+    let used = used_bytes(&m1) + used_bytes(&m2);
+    let body = serde_json::json!({"volume_id": vol, "image": img});
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "-d",
+            &body.to_string(),
+            &format!("{}/_emulator/volumes", emu.url),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    emu.config(serde_json::json!({"imds_instance_id": instance, "imds_region": "us-east-1"}));
+    // The NVMe view of the instance: both loop devices are partitions of the EBS volume's
+    // disk, whose serial number names the volume (as sysfs shows it on a Nitro instance).
+    let sys = env.path("sys");
+    let disk = sys.join("devices/pci0000:00/nvme/nvme1/nvme1n1");
+    std::fs::create_dir_all(disk.join("device")).unwrap();
+    std::fs::write(disk.join("device/serial"), vol.replace('-', "")).unwrap();
+    std::fs::write(disk.join("size"), format!("{}\n", 8u64 << 21)).unwrap();
+    std::fs::create_dir_all(sys.join("dev/block")).unwrap();
+    for (k, (p, (start, len))) in [(&p1, parts[0]), (&p2, parts[1])].into_iter().enumerate() {
+        let dir = disk.join(format!("nvme1n1p{}", k + 1));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("partition"), format!("{}\n", k + 1)).unwrap();
+        std::fs::write(dir.join("start"), format!("{}\n", start / 512)).unwrap();
+        std::fs::write(dir.join("size"), format!("{}\n", len / 512)).unwrap();
+        let (maj, min) = p.numbers();
+        std::os::unix::fs::symlink(&dir, sys.join(format!("dev/block/{maj}:{min}"))).unwrap();
+    }
+    let self_backup = |env: &Env, extra: &[&str]| {
+        let mut args = vec!["ec2", "backup", "--self"];
+        args.extend_from_slice(extra);
+        args.extend(["--output-format", "json"]);
+        let mut c = emu.command(env, &args);
+        c.env_remove("AWS_REGION")
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &emu.url)
+            .env("ELASTIO_SYSFS", &sys);
+        Env::json_of(&mut c)
+    };
+    let (s1, s2) = (m1.to_str().unwrap(), m2.to_str().unwrap());
+
+    // The same instance into a second vault without --skip-free: every written block is read.
+    let plain = Env::new();
+    let full = self_backup(&plain, &["--freeze", s1, "--freeze", s2]);
+    let full = &full["volumes"][0];
+    assert_eq!(full["blocks_free"], 0);
+
+    let b = self_backup(&env, &["--freeze", s1, "--freeze", s2, "--skip-free"]);
+    let v = &b["volumes"][0];
+    let (read, free) = (
+        v["blocks_read"].as_u64().unwrap(),
+        v["blocks_free"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "listed {}, read {read}, free {free} blocks; {used} bytes in use, {deleted} deleted",
+        v["blocks_listed"]
+    );
+    assert_eq!(v["blocks_listed"], full["blocks_listed"]);
+    assert_eq!(
+        read + free,
+        full["blocks_read"].as_u64().unwrap(),
+        "every listed block was read or skipped as free: {v}"
+    );
+    assert!(
+        free * BLOCK >= deleted * 8 / 10,
+        "the deleted files' {deleted} bytes were mostly skipped: {free} blocks"
+    );
+    assert!(
+        read * BLOCK <= used + 8 * MIB,
+        "read {read} blocks for {used} bytes in use"
+    );
+    assert!(
+        v["rp"]["new_bytes_stored"].as_u64().unwrap()
+            < full["rp"]["new_bytes_stored"].as_u64().unwrap(),
+        "less stored"
+    );
+
+    // The restored volume: each file system mounts (XFS replays the log a freeze leaves),
+    // holds every file, and then checks clean.
+    let back = restored(&env, v["rp"]["id"].as_str().unwrap(), "back.img");
+    for (k, (live, opts, n, seed)) in [(&m1, "loop,nouuid", 24, 100), (&m2, "loop", 12, 200)]
+        .into_iter()
+        .enumerate()
+    {
+        let part = env.path(&format!("back-p{k}.img"));
+        extract(&back, parts[k].0, parts[k].1, &part);
+        let m = env.path(&format!("check-{k}"));
+        std::fs::create_dir_all(&m).unwrap();
+        sh(
+            "mount",
+            &["-o", opts, part.to_str().unwrap(), m.to_str().unwrap()],
+        );
+        let unmount = Mounted(m.clone());
+        for i in 0..n {
+            let name = format!("f{i}");
+            assert_eq!(m.join(&name).exists(), i % 3 != 0, "{name}");
+            if i % 3 != 0 {
+                assert_eq!(
+                    std::fs::read(m.join(&name)).unwrap(),
+                    pseudo_random(seed + i as u64, 5 * MIB as usize),
+                    "{name} of {}",
+                    live.display()
+                );
+            }
+        }
+        drop(unmount);
+        match k {
+            0 => sh("xfs_repair", &["-n", "-f", part.to_str().unwrap()]),
+            _ => sh("e2fsck", &["-fn", part.to_str().unwrap()]),
+        };
+    }
 }

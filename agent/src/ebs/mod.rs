@@ -89,6 +89,65 @@ pub struct EbsOptions {
     pub cancel: Cancel,
 }
 
+/// Free byte ranges on each EBS volume (by id): sorted, disjoint.
+pub(crate) type VolumesFree = BTreeMap<String, Vec<(u64, u64)>>;
+
+/// Places the free space the file systems frozen for a snapshot reported on the EBS volumes
+/// under them (a partition's ranges shifted by its start). A file system not directly on an
+/// EBS volume, or one that did not answer, is read whole (said through `progress`); so is a
+/// volume where two of them overlap.
+pub(crate) fn free_on_volumes(hook: Option<&Hook>, progress: &dyn Progress) -> VolumesFree {
+    // Per volume: (start, end, free ranges) of each file system on it.
+    type Part = (u64, u64, Vec<(u64, u64)>);
+    let mut extents: BTreeMap<String, Vec<Part>> = BTreeMap::new();
+    let Some(hook) = hook else {
+        return VolumesFree::new();
+    };
+    let sys = crate::aws::sys_root();
+    for m in hook.0.free_space() {
+        let ranges = match m.free {
+            Ok(r) => r,
+            Err(e) => {
+                progress.message(&format!(
+                    "{}: no free-space map ({e}); read whole",
+                    m.mount.display()
+                ));
+                continue;
+            }
+        };
+        let ext = match crate::aws::volume_extent(m.dev, &sys) {
+            Ok(x) => x,
+            Err(e) => {
+                progress.message(&format!("{}: free space not used ({e})", m.mount.display()));
+                continue;
+            }
+        };
+        let shifted = ranges
+            .into_iter()
+            .filter_map(|(s, e)| {
+                let (s, e) = (s.min(ext.len), e.min(ext.len));
+                (s < e).then(|| (ext.start + s, ext.start + e))
+            })
+            .collect();
+        extents
+            .entry(ext.volume_id)
+            .or_default()
+            .push((ext.start, ext.start + ext.len, shifted));
+    }
+    let mut out = VolumesFree::new();
+    for (volume, mut parts) in extents {
+        parts.sort_by_key(|p| p.0);
+        if parts.windows(2).any(|w| w[1].0 < w[0].1) {
+            progress.message(&format!(
+                "{volume}: frozen file systems overlap on it; free space not used"
+            ));
+            continue;
+        }
+        out.insert(volume, parts.into_iter().flat_map(|p| p.2).collect());
+    }
+    out
+}
+
 /// A [`SnapshotHook`](crate::freeze::SnapshotHook) shared by the calls of one backup.
 #[derive(Clone)]
 pub struct Hook(pub Arc<dyn crate::freeze::SnapshotHook>);
@@ -141,6 +200,9 @@ pub struct EbsBackupReport {
     pub blocks_read: u64,
     /// Of the blocks an incremental took from the parent, those read anyway and compared.
     pub blocks_verified: u64,
+    /// Listed blocks not read because the file systems on the volume, frozen for the snapshot,
+    /// reported them free (`--skip-free`); they are stored as zeros.
+    pub blocks_free: u64,
     /// Why an incremental started over as a full read (a sampled block differed).
     pub fell_back: Option<String>,
     pub calls: EbsCalls,
@@ -361,7 +423,10 @@ pub fn backup_volume(
         ))?;
         let snapshot_wait = waited.elapsed();
         let asset = volume_asset(&aws.region, volume_id);
-        read_snapshot(vault, aws, &ctx, &info, asset, opts, progress).map(|r| (r, snapshot_wait))
+        let free = free_on_volumes(opts.quiesce.as_ref(), progress);
+        let free = free.get(volume_id).map(Vec::as_slice);
+        read_snapshot(vault, aws, &ctx, &info, asset, opts, free, progress)
+            .map(|r| (r, snapshot_wait))
     })();
     let (mut report, snapshot_wait) = match result {
         Ok(r) => r,
@@ -463,7 +528,7 @@ pub fn import_snapshot(
         info.volume_id.clone()
     };
     let asset = volume_asset(&aws.region, &name);
-    let mut report = read_snapshot(vault, aws, &ctx, &info, asset, opts, progress)?;
+    let mut report = read_snapshot(vault, aws, &ctx, &info, asset, opts, None, progress)?;
     report.calls = ctx.calls();
     report.elapsed = started.elapsed();
     Ok(report)

@@ -96,6 +96,10 @@ fn check_block_size(size: Option<i32>) -> Result<(), Failure> {
 /// Result of one listed block: its sequence number, index and the chunk ids of its slots.
 type BlockIds = (u64, u64, Vec<Option<ChunkId>>);
 
+/// Reads snapshot `info` into a disk RP of `asset`. The listed blocks wholly inside `free`
+/// (byte ranges the volume's file systems, frozen for this very snapshot, reported free) are
+/// not fetched and stored as zeros.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn read_snapshot(
     vault: &Arc<Vault>,
     aws: &Aws,
@@ -103,12 +107,26 @@ pub(crate) fn read_snapshot(
     info: &SnapshotInfo,
     asset: Asset,
     opts: &EbsOptions,
+    free: Option<&[(u64, u64)]>,
     progress: &dyn Progress,
 ) -> Result<EbsBackupReport, AgentError> {
-    match read_snapshot_once(vault, aws, ctx, info, asset.clone(), opts, progress, false) {
+    let free = free.map(FreeBlocks::new);
+    let free = free.as_ref();
+    match read_snapshot_once(
+        vault,
+        aws,
+        ctx,
+        info,
+        asset.clone(),
+        opts,
+        free,
+        progress,
+        false,
+    ) {
         Err(AgentError::UnchangedDiffers(why)) if opts.full_read_on_mismatch => {
             progress.message(&format!("{why}: starting over with a full read"));
-            let mut r = read_snapshot_once(vault, aws, ctx, info, asset, opts, progress, true)?;
+            let mut r =
+                read_snapshot_once(vault, aws, ctx, info, asset, opts, free, progress, true)?;
             r.fell_back = Some(why);
             Ok(r)
         }
@@ -125,6 +143,7 @@ fn read_snapshot_once(
     info: &SnapshotInfo,
     asset: Asset,
     opts: &EbsOptions,
+    free: Option<&FreeBlocks>,
     progress: &dyn Progress,
     full: bool,
 ) -> Result<EbsBackupReport, AgentError> {
@@ -164,8 +183,10 @@ fn read_snapshot_once(
         opts,
         progress,
         snapshot: &info.id,
+        free,
         listed: AtomicU64::new(0),
         fetched: AtomicU64::new(0),
+        free_skipped: AtomicU64::new(0),
         sampled: std::sync::Mutex::new(Vec::new()),
     };
     let map = match read.run(&writer, base.as_deref(), first_page, parent.as_ref()) {
@@ -212,6 +233,7 @@ fn read_snapshot_once(
         blocks_listed: read.listed.load(Ordering::Relaxed),
         blocks_read,
         blocks_verified: verified,
+        blocks_free: read.free_skipped.load(Ordering::Relaxed),
         fell_back: None,
         calls: ctx.calls(),
         deleted_snapshots: Vec::new(),
@@ -288,8 +310,10 @@ struct ReadBlocks<'a> {
     opts: &'a EbsOptions,
     progress: &'a dyn Progress,
     snapshot: &'a str,
+    free: Option<&'a FreeBlocks>,
     listed: AtomicU64,
     fetched: AtomicU64,
+    free_skipped: AtomicU64,
     /// Unlisted blocks picked for verification (incremental reads).
     sampled: std::sync::Mutex<Vec<u64>>,
 }
@@ -331,6 +355,8 @@ impl ReadBlocks<'_> {
                     cancel: &self.opts.cancel,
                     window: &window,
                     listed: &self.listed,
+                    free: self.free,
+                    free_skipped: &self.free_skipped,
                     sample: base.map(|_| (&self.sampled, self.opts.verify_share)),
                     fetched: &self.fetched,
                     per_block,
@@ -382,6 +408,8 @@ struct Dispatch<'a> {
     cancel: &'a Cancel,
     window: &'a Semaphore,
     listed: &'a AtomicU64,
+    free: Option<&'a FreeBlocks>,
+    free_skipped: &'a AtomicU64,
     fetched: &'a AtomicU64,
     per_block: u64,
     /// Incremental reads: where to put the unlisted blocks picked, and the share to pick.
@@ -440,7 +468,14 @@ async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
             d.listed.fetch_add(1, Ordering::Relaxed);
             let my_seq = seq;
             seq += 1;
-            match b.token {
+            let token = match b.token {
+                Some(_) if d.free.is_some_and(|f| f.covers(b.index)) => {
+                    d.free_skipped.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                t => t,
+            };
+            match token {
                 None => {
                     let _ = d
                         .res_tx
@@ -598,6 +633,29 @@ fn fill(parent: Option<&DiskReader>, to: u64, map: &mut MapAssembly) -> Result<(
     Ok(())
 }
 
+/// The EBS blocks wholly inside a volume's free byte ranges.
+pub(crate) struct FreeBlocks(Vec<(u64, u64)>);
+
+impl FreeBlocks {
+    /// `ranges`: sorted, disjoint byte ranges.
+    fn new(ranges: &[(u64, u64)]) -> Self {
+        FreeBlocks(ranges.to_vec())
+    }
+
+    /// Whether every byte of block `index` is free.
+    fn covers(&self, index: u64) -> bool {
+        let Some(start) = index.checked_mul(EBS_BLOCK as u64) else {
+            return false;
+        };
+        let Some(end) = start.checked_add(EBS_BLOCK as u64) else {
+            return false;
+        };
+        // The last range starting at or before the block's start.
+        let i = self.0.partition_point(|r| r.0 <= start);
+        i > 0 && self.0[i - 1].1 >= end
+    }
+}
+
 /// Most blocks one backup verifies (8 bytes each while listing).
 const MAX_SAMPLES: usize = 1 << 20;
 
@@ -663,4 +721,29 @@ async fn verify_unlisted(
         r?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_wholly_free_blocks_are_skipped() {
+        let b = EBS_BLOCK as u64;
+        let f = FreeBlocks::new(&[
+            (0, b),
+            (2 * b + 4096, 5 * b),
+            (5 * b, 6 * b),
+            (7 * b, 7 * b + 100),
+            (7 * b + 100, 8 * b),
+        ]);
+        assert!(f.covers(0));
+        assert!(!f.covers(1)); // used
+        assert!(!f.covers(2)); // its first page is used
+        assert!(f.covers(3) && f.covers(4) && f.covers(5));
+        assert!(!f.covers(6));
+        assert!(!f.covers(7)); // split across two ranges (not merged): read
+        assert!(!f.covers(8));
+        assert!(!f.covers(u64::MAX));
+    }
 }

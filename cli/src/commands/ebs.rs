@@ -59,6 +59,11 @@ pub struct QuiesceArgs {
     /// could postdate the thaw)
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub freeze_timeout: f64,
+    /// With --freeze: ask each frozen file system (XFS, ext4) for its free space while it is
+    /// frozen (FS_IOC_GETFSMAP), and neither read nor store the 512 KiB blocks of the snapshot
+    /// that are wholly free; they restore as zeros
+    #[arg(long, requires = "freeze")]
+    pub skip_free: bool,
     /// Run this (with sh -c) before the freeze, e.g. to flush a database; its failure aborts
     /// the backup
     #[arg(long, value_name = "COMMAND")]
@@ -94,12 +99,13 @@ impl QuiesceArgs {
         if !(self.freeze_timeout > 0.0 && self.freeze_timeout <= 3600.0) {
             anyhow::bail!("--freeze-timeout must be between 0 and 3600 seconds");
         }
-        let q = agent::freeze::Quiesce::new(
+        let mut q = agent::freeze::Quiesce::new(
             self.pre_cmd.clone(),
             self.post_cmd.clone(),
             self.freeze.clone(),
             Duration::from_secs_f64(self.freeze_timeout),
         )?;
+        q.skip_free = self.skip_free;
         Ok(Some(agent::ebs::Hook(std::sync::Arc::new(q))))
     }
 }
@@ -128,7 +134,7 @@ fn backup(ctx: &Ctx, a: EbsBackupArgs) -> Result<()> {
         a.quiesce.on_mismatch == crate::commands::block::MismatchArg::FullRead;
     let volume_id = match (&a.volume_id, &a.device) {
         (Some(v), None) => v.clone(),
-        (None, Some(d)) => agent::aws::volume_of_device(d, std::path::Path::new("/sys"))?,
+        (None, Some(d)) => agent::aws::volume_of_device(d, &agent::aws::sys_root())?,
         _ => anyhow::bail!("give --volume-id or --device (one of them)"),
     };
     let vault = ctx.open_vault()?;
@@ -171,6 +177,7 @@ pub fn backup_json(r: &EbsBackupReport) -> serde_json::Value {
         "blocks_listed": r.blocks_listed,
         "blocks_read": r.blocks_read,
         "blocks_verified": r.blocks_verified,
+        "blocks_free": r.blocks_free,
         "fell_back_to_full_read": r.fell_back,
         "calls": r.calls,
         "deleted_snapshots": r.deleted_snapshots,
@@ -201,6 +208,13 @@ pub fn print_backup_human(r: &EbsBackupReport) {
             "  read          full: {} blocks listed, {} read",
             r.blocks_listed, r.blocks_read
         ),
+    }
+    if r.blocks_free > 0 {
+        println!(
+            "  skipped       {} listed blocks free in the frozen file systems ({}), not read",
+            r.blocks_free,
+            bytes(r.blocks_free * agent::ebs::EBS_BLOCK as u64)
+        );
     }
     println!("  volume size   {}", bytes(rp.logical_size));
     println!(
@@ -295,7 +309,15 @@ pub enum EbsCommand {
 elastio:vault. After the recovery point is committed, older snapshots this tool made of the \
 volume for this vault are deleted (--keep-snapshots keeps them); the newest stays so the next \
 backup only reads the blocks that changed (ListChangedBlocks). Every block is checked against \
-its SHA-256 checksum. The RP records the snapshot as tag ebs:snapshot-id."
+its SHA-256 checksum. The RP records the snapshot as tag ebs:snapshot-id.
+
+Examples:
+  elastio ebs backup --volume-id vol-0123456789abcdef0
+  elastio ebs backup --device /dev/nvme1n1 --freeze /data --skip-free
+
+On the instance itself, --freeze holds the file systems still only while CreateSnapshot runs;
+with --skip-free they also report their free space at that moment (GETFSMAP), and the blocks
+of the snapshot that are wholly free are neither read nor stored."
     )]
     Backup(EbsBackupArgs),
     /// Back up an existing snapshot (incremental against the asset's previous RP when EBS

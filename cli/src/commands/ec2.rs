@@ -144,10 +144,14 @@ records the instance type, AZ, image, tags and device names with the volume RPs.
 Examples:
   elastio ec2 backup --instance-id i-0123456789abcdef0
   elastio ec2 backup --self --freeze /var/lib/db --pre-cmd 'psql -c CHECKPOINT'
+  elastio ec2 backup --self --freeze / --freeze /data --skip-free
 
 With --freeze, the file systems are frozen only while CreateSnapshots runs (milliseconds to a
 second): a watchdog process thaws them after --freeze-timeout or as soon as elastio exits, even
-if it is killed."
+if it is killed. With --skip-free, each frozen XFS or ext4 file system also reports its free
+space while frozen (GETFSMAP), which is exactly the snapshot's; the blocks of its EBS volume
+(found through the NVMe serial number, a partition through its offset) that are wholly free are
+neither read nor stored, and restore as zeros."
     )]
     Backup(Ec2BackupArgs),
     /// Recreate the volumes of an instance RP (and with --launch, the instance)
