@@ -2,7 +2,8 @@
 
 /// Receives progress of a long operation. Implementations must be cheap and thread-safe.
 pub trait Progress: Send + Sync {
-    /// Total bytes the operation will cover (logical size).
+    /// Total bytes the operation will cover (logical size); called again when it starts over
+    /// (a read that falls back to a full read), which resets what was done.
     fn start(&self, _total: u64) {}
     /// `bytes` more of the total are done.
     fn advance(&self, _bytes: u64) {}

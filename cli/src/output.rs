@@ -77,9 +77,11 @@ impl Bar {
 }
 
 impl agent::Progress for Bar {
+    /// A pass over `total` bytes begins (again, when a read starts over in full).
     fn start(&self, total: u64) {
         if let Some(pb) = &self.0 {
             pb.set_length(total);
+            pb.set_position(0);
         }
     }
     fn advance(&self, n: u64) {
