@@ -296,11 +296,27 @@ pub fn imds_identity() -> Result<(String, String), AgentError> {
     })
 }
 
-/// Where sysfs is: `/sys`, or `$ELASTIO_SYSFS` (tests give a tree of their own).
+/// Where sysfs is: `/sys`, or `$ELASTIO_SYSFS` (tests give a tree of their own) when that
+/// is a directory owned by root and writable by root only: a forged tree could move a
+/// partition's offset and so lay free space over data.
 pub fn sys_root() -> std::path::PathBuf {
-    std::env::var_os("ELASTIO_SYSFS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/sys".into())
+    use std::os::unix::fs::MetadataExt;
+    let Some(p) = std::env::var_os("ELASTIO_SYSFS").map(std::path::PathBuf::from) else {
+        return "/sys".into();
+    };
+    match std::fs::symlink_metadata(&p) {
+        Ok(md) if md.is_dir() && md.uid() == 0 && md.mode() & 0o022 == 0 => p,
+        _ => {
+            let e = format!(
+                "ELASTIO_SYSFS={} ignored: not a directory owned by root and writable by root \
+                 only",
+                p.display()
+            );
+            tracing::warn!("{e}");
+            eprintln!("warning: {e}");
+            "/sys".into()
+        }
+    }
 }
 
 /// The EBS volume id of an NVMe block device (or one of its partitions) on a Nitro instance,

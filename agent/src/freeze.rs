@@ -54,11 +54,15 @@ pub trait SnapshotHook: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct MountFree {
     pub mount: PathBuf,
-    /// Its data device (`st_dev`).
-    pub dev: u64,
+    /// Where its data device lies on an EBS volume (looked up while frozen, so no partition
+    /// change or device reuse after the thaw can move it), or why it is not on one.
+    pub extent: Result<crate::aws::VolumeExtent, String>,
     /// Free byte ranges of that device ([`crate::fsmap`]), or why there are none.
     pub free: Result<Vec<(u64, u64)>, String>,
 }
+
+/// Longest the free-space question may hold a freeze: every writer on the machine waits.
+const MAX_FREE_SCAN: Duration = Duration::from_secs(2);
 
 /// Most free ranges asked of one file system (16 bytes each).
 const MAX_FREE_RANGES: usize = 1 << 20;
@@ -230,21 +234,29 @@ impl Quiesce {
         Ok(frozen)
     }
 
-    /// The free space of each frozen file system. Half the freeze's timeout at most, so the
-    /// snapshot call still fits: a file system that does not answer in time is read whole.
+    /// The free space of each frozen file system and where it lies on an EBS volume. A
+    /// quarter of the freeze's timeout (2 s at most), so the snapshot call still fits: a file
+    /// system that does not answer in time is read whole.
     fn ask_free(&self, frozen: &Frozen) -> Vec<MountFree> {
         use std::os::unix::fs::MetadataExt;
-        let deadline = std::time::Instant::now() + self.timeout / 2;
+        let deadline = std::time::Instant::now() + (self.timeout / 4).min(MAX_FREE_SCAN);
+        let sys = crate::aws::sys_root();
         frozen
             .files
             .iter()
             .map(|(m, f)| {
-                let dev = f.metadata().map(|md| md.dev()).unwrap_or(0);
-                let free = crate::fsmap::free_space(f, MAX_FREE_RANGES, deadline)
-                    .map_err(|e| e.to_string());
+                let extent = f.metadata().map_err(|e| e.to_string()).and_then(|md| {
+                    crate::aws::volume_extent(md.dev(), &sys).map_err(|e| e.to_string())
+                });
+                // Off an EBS volume the map would go unused: the freeze is not held for it.
+                let free = match &extent {
+                    Ok(_) => crate::fsmap::free_space(f, MAX_FREE_RANGES, 512 * 1024, deadline)
+                        .map_err(|e| e.to_string()),
+                    Err(_) => Err("not asked".into()),
+                };
                 MountFree {
                     mount: m.clone(),
-                    dev,
+                    extent,
                     free,
                 }
             })
@@ -260,14 +272,16 @@ fn close_all(fds: &[libc::c_int]) {
 }
 
 /// Thaws what `frozen` froze and stops its watchdog; an error if the watchdog's timeout had
-/// thawed first (the snapshot then may postdate the thaw).
-fn thaw(frozen: Frozen) -> Result<(), AgentError> {
+/// thawed first (the snapshot then may postdate the thaw). Returns the mount points that were
+/// no longer frozen (thawed by someone else, or by the watchdog).
+fn thaw(frozen: Frozen) -> Result<Vec<PathBuf>, AgentError> {
     let mut failed = Vec::new();
+    let mut early = Vec::new();
     for (m, f) in &frozen.files {
         match ioctl(f, FITHAW) {
             Ok(()) => {}
-            // Not frozen any more: the watchdog's timeout thawed it (reported below).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            // Not frozen any more: the watchdog's timeout (reported below), or someone else.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => early.push(m.clone()),
             Err(e) => failed.push(format!("{}: {e}", m.display())),
         }
     }
@@ -289,7 +303,7 @@ fn thaw(frozen: Frozen) -> Result<(), AgentError> {
                 .into(),
         ));
     }
-    Ok(())
+    Ok(early)
 }
 
 impl SnapshotHook for Quiesce {
@@ -328,7 +342,23 @@ impl SnapshotHook for Quiesce {
 
     fn after(&self) -> Result<(), AgentError> {
         let frozen = self.frozen.lock().expect("freeze state").take();
-        let thawed = frozen.map_or(Ok(()), thaw);
+        let thawed = frozen.map_or(Ok(Vec::new()), thaw).map(|early| {
+            // Thawed before the snapshot call returned: its free-space map may not be the
+            // snapshot's any more (blocks allocated since), so it is not used.
+            let mut free = self.free.lock().expect("free space");
+            for m in free.iter_mut().filter(|f| early.contains(&f.mount)) {
+                if m.free.is_ok() {
+                    let e = format!(
+                        "{} was thawed by someone else before the snapshot call returned; its \
+                         free space is read",
+                        m.mount.display()
+                    );
+                    tracing::warn!("{e}");
+                    eprintln!("warning: {e}");
+                }
+                m.free = Err("thawed early".into());
+            }
+        });
         // The snapshot's consistency does not depend on the post-command: its failure is
         // reported, not a reason to throw the snapshot away.
         if let Some(cmd) = &self.post_cmd {

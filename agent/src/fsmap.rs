@@ -40,6 +40,9 @@ struct Fsmap {
     reserved: [u64; 3],
 }
 
+const _: () = assert!(std::mem::size_of::<Fsmap>() == 64);
+const _: () = assert!(std::mem::size_of::<FsmapHead>() == 192 + 64 * BATCH);
+
 #[repr(C)]
 struct FsmapHead {
     iflags: u32,
@@ -81,33 +84,44 @@ pub fn free_ranges(
     records: impl IntoIterator<Item = Record>,
     device: u32,
     max_ranges: usize,
+    min_len: u64,
 ) -> io::Result<Vec<(u64, u64)>> {
-    let mut acc = FreeAcc::new(device, max_ranges);
+    let mut acc = FreeAcc::new(device, max_ranges, min_len);
     for r in records {
         acc.add(r)?;
     }
-    Ok(acc.finish())
+    acc.finish()
 }
 
 /// Collects the free ranges of one device from records as they come.
 struct FreeAcc {
     device: u32,
     max_ranges: usize,
+    /// Merged ranges shorter than this are of no use to the caller and are dropped.
+    min_len: u64,
     ranges: Vec<(u64, u64)>,
+    /// Whether any record was about `device`.
+    seen: bool,
 }
 
 impl FreeAcc {
-    fn new(device: u32, max_ranges: usize) -> Self {
+    fn new(device: u32, max_ranges: usize, min_len: u64) -> Self {
         FreeAcc {
             device,
             max_ranges,
+            min_len,
             ranges: Vec::new(),
+            seen: false,
         }
     }
 
     fn add(&mut self, r: Record) -> io::Result<()> {
+        if r.device != self.device {
+            return Ok(());
+        }
+        self.seen = true;
         let free = r.owner == FMR_OWN_FREE && r.flags & FMR_OF_SPECIAL_OWNER != 0;
-        if !free || r.device != self.device || r.length == 0 {
+        if !free || r.length == 0 {
             return Ok(());
         }
         let end = r.physical.checked_add(r.length).ok_or_else(|| {
@@ -123,6 +137,12 @@ impl FreeAcc {
                 return Ok(());
             }
         }
+        // The last range is complete (records come in order): too short, it makes room.
+        if let Some(last) = self.ranges.last() {
+            if last.1 - last.0 < self.min_len {
+                self.ranges.pop();
+            }
+        }
         if self.ranges.len() >= self.max_ranges {
             return Err(io::Error::other(format!(
                 "more than {} free ranges",
@@ -133,8 +153,14 @@ impl FreeAcc {
         Ok(())
     }
 
-    /// Sorted and merged (whatever order the records came in).
-    fn finish(mut self) -> Vec<(u64, u64)> {
+    /// Sorted and merged (whatever order the records came in), short ranges dropped. An error
+    /// when no record was about the device (its numbers are not what the kernel reports).
+    fn finish(mut self) -> io::Result<Vec<(u64, u64)>> {
+        if !self.seen {
+            return Err(io::Error::other(
+                "the space map says nothing of the file system's data device",
+            ));
+        }
         self.ranges.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.ranges.len());
         for (s, e) in self.ranges {
@@ -143,7 +169,8 @@ impl FreeAcc {
                 _ => merged.push((s, e)),
             }
         }
-        merged
+        merged.retain(|r| r.1 - r.0 >= self.min_len);
+        Ok(merged)
     }
 }
 
@@ -213,15 +240,20 @@ fn walk(
     )))
 }
 
-/// Free byte ranges of the data device of the file system `dir` is in (see the module doc),
-/// at most `max_ranges` of them, asked for until `deadline`.
-pub fn free_space(dir: &File, max_ranges: usize, deadline: Instant) -> io::Result<Vec<(u64, u64)>> {
+/// Free byte ranges of the data device of the file system `dir` is in (see the module doc):
+/// at most `max_ranges` of them, none shorter than `min_len`, asked for until `deadline`.
+pub fn free_space(
+    dir: &File,
+    max_ranges: usize,
+    min_len: u64,
+    deadline: Instant,
+) -> io::Result<Vec<(u64, u64)>> {
     use std::os::unix::fs::MetadataExt;
     let dev = dir.metadata()?.dev();
     let (major, minor) = major_minor(dev);
-    let mut acc = FreeAcc::new(encode_dev(major, minor), max_ranges);
+    let mut acc = FreeAcc::new(encode_dev(major, minor), max_ranges, min_len);
     walk(dir, deadline, |r| acc.add(r))?;
-    Ok(acc.finish())
+    acc.finish()
 }
 
 #[cfg(test)]
@@ -266,18 +298,29 @@ mod tests {
             free(4096, 2048), // out of order: sorted and merged at the end
             free(6144, 2048),
         ];
-        let got = free_ranges(recs, d, 10).unwrap();
+        let got = free_ranges(recs.clone(), d, 10, 1).unwrap();
         assert_eq!(got, vec![(4096, 16384), (65536, 69632)]);
+        // Ranges too short for the caller are dropped.
+        assert_eq!(
+            free_ranges(recs.clone(), d, 10, 8192).unwrap(),
+            vec![(4096, 16384)]
+        );
+        // A device nothing was said of: its numbers are not the kernel's.
+        assert!(free_ranges(recs, encode_dev(9, 9), 10, 1).is_err());
     }
 
     #[test]
     fn budgets_and_overflow_fail() {
         let d = 1;
         let free = |p, l| rec(d, FMR_OWN_FREE, FMR_OF_SPECIAL_OWNER, p, l);
-        assert!(free_ranges(vec![free(u64::MAX - 1, 2)], d, 10).is_err());
+        assert!(free_ranges(vec![free(u64::MAX - 1, 2)], d, 10, 1).is_err());
         let many: Vec<_> = (0..5).map(|i| free(i * 100, 10)).collect();
-        assert!(free_ranges(many.clone(), d, 4).is_err());
-        assert_eq!(free_ranges(many, d, 5).unwrap().len(), 5);
+        assert!(free_ranges(many.clone(), d, 4, 1).is_err());
+        assert_eq!(free_ranges(many.clone(), d, 5, 1).unwrap().len(), 5);
+        // Short ranges make room as they come: a budget of 1 holds the one long range.
+        let mut mixed = many;
+        mixed.push(free(1000, 4096));
+        assert_eq!(free_ranges(mixed, d, 1, 4096).unwrap(), vec![(1000, 5096)]);
     }
 
     #[test]

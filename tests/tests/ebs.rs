@@ -912,4 +912,56 @@ fn ec2_self_backup_skips_what_the_frozen_file_systems_report_free() {
             _ => sh("e2fsck", &["-fn", part.to_str().unwrap()]),
         };
     }
+    assert!(v["rp"]["tags"]["ebs:free-skipped"].is_string(), "{v}");
+
+    // An incremental on top, every unlisted block verified: the blocks the parent skipped are
+    // free now too, so none of them is taken for a lie.
+    let inc = self_backup(
+        &env,
+        &[
+            "--freeze",
+            s1,
+            "--freeze",
+            s2,
+            "--skip-free",
+            "--verify-share",
+            "100",
+        ],
+    );
+    let inc = &inc["volumes"][0];
+    assert!(inc["base_snapshot_id"].is_string(), "incremental: {inc}");
+    assert!(inc["blocks_verified"].as_u64().unwrap() > 0, "{inc}");
+    assert!(inc["rp"]["tags"]["ebs:free-skipped"].is_string(), "{inc}");
+
+    // Then, unmounted, a plain incremental: it reads the stale bytes its parents hold as zeros,
+    // and the RP is the volume byte for byte.
+    drop(mounted);
+    let mut c = emu.command(
+        &env,
+        &[
+            "ebs",
+            "backup",
+            "--volume-id",
+            &vol,
+            "--verify-share",
+            "100",
+            "--output-format",
+            "json",
+        ],
+    );
+    let last = Env::json_of(&mut c);
+    assert!(last["base_snapshot_id"].is_string(), "incremental: {last}");
+    assert!(
+        last["blocks_read"].as_u64().unwrap() >= free * 9 / 10,
+        "the {free} skipped blocks were read: {last}"
+    );
+    assert!(last["rp"]["tags"]["ebs:free-skipped"].is_null(), "{last}");
+    let whole = restored(&env, last["rp"]["id"].as_str().unwrap(), "whole.img");
+    let head = env.path("whole-head.img");
+    extract(&whole, 0, 512 * MIB, &head);
+    assert_eq!(
+        sha256_file(&head),
+        sha256_file(&img),
+        "the volume, byte for byte"
+    );
 }

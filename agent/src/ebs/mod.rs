@@ -61,6 +61,11 @@ pub const TAG_RP: &str = "elastio:rp-id";
 pub const RP_TAG_SNAPSHOT: &str = "ebs:snapshot-id";
 pub const RP_TAG_VOLUME: &str = "ebs:volume-id";
 pub const RP_TAG_REGION: &str = "ebs:region";
+/// RP tag of a backup that stored zeros where the snapshot held stale bytes of free space
+/// (`--skip-free`), or kept such zeros from its parent: an incremental on top of it cannot take
+/// "not listed as changed" to mean "as the parent RP holds it" for the blocks the parent holds
+/// as zeros. The value is the count of blocks skipped by that backup.
+pub const RP_TAG_FREE_SKIPPED: &str = "ebs:free-skipped";
 
 /// Knobs of an EBS backup or restore.
 #[derive(Debug, Clone)]
@@ -93,9 +98,9 @@ pub struct EbsOptions {
 pub(crate) type VolumesFree = BTreeMap<String, Vec<(u64, u64)>>;
 
 /// Places the free space the file systems frozen for a snapshot reported on the EBS volumes
-/// under them (a partition's ranges shifted by its start). A file system not directly on an
-/// EBS volume, or one that did not answer, is read whole (said through `progress`); so is a
-/// volume where two of them overlap.
+/// under them (a partition's ranges shifted by its start, as sysfs said while they were
+/// frozen). A file system not directly on an EBS volume, or one that did not answer, is read
+/// whole (said through `progress`); so is a volume where two of them overlap.
 pub(crate) fn free_on_volumes(hook: Option<&Hook>, progress: &dyn Progress) -> VolumesFree {
     // Per volume: (start, end, free ranges) of each file system on it.
     type Part = (u64, u64, Vec<(u64, u64)>);
@@ -103,22 +108,18 @@ pub(crate) fn free_on_volumes(hook: Option<&Hook>, progress: &dyn Progress) -> V
     let Some(hook) = hook else {
         return VolumesFree::new();
     };
-    let sys = crate::aws::sys_root();
     for m in hook.0.free_space() {
-        let ranges = match m.free {
-            Ok(r) => r,
-            Err(e) => {
+        let (ext, ranges) = match (m.extent, m.free) {
+            (Ok(x), Ok(r)) => (x, r),
+            (Err(e), _) => {
+                progress.message(&format!("{}: free space not used ({e})", m.mount.display()));
+                continue;
+            }
+            (_, Err(e)) => {
                 progress.message(&format!(
                     "{}: no free-space map ({e}); read whole",
                     m.mount.display()
                 ));
-                continue;
-            }
-        };
-        let ext = match crate::aws::volume_extent(m.dev, &sys) {
-            Ok(x) => x,
-            Err(e) => {
-                progress.message(&format!("{}: free space not used ({e})", m.mount.display()));
                 continue;
             }
         };

@@ -157,6 +157,10 @@ fn read_snapshot_once(
     }
     let size = info.size_gib * GIB;
     let parent = vault.latest_rp(RpKind::Disk, &asset)?;
+    let parent_skipped = !full
+        && parent
+            .as_ref()
+            .is_some_and(|p| p.tags.contains_key(RP_TAG_FREE_SKIPPED));
     let mut draft = RpDraft::new(
         asset,
         parent.as_ref().map(|p| p.id.clone()),
@@ -175,9 +179,46 @@ fn read_snapshot_once(
         size,
         progress,
     )?;
+    // The parent holds zeros where its snapshot held stale free space: the blocks it holds as
+    // zeros that this snapshot holds, and that are not free now, are read too.
+    let per_block = (EBS_BLOCK / cs) as u64;
+    let stale = match (&base, &parent) {
+        (Some(_), Some(p)) if parent_skipped => {
+            match aws.rt.block_on(stale_blocks(
+                aws,
+                ctx,
+                &info.id,
+                p,
+                free,
+                per_block,
+                size / EBS_BLOCK as u64,
+            ))? {
+                Some(v) => v,
+                None => {
+                    progress.message(&format!(
+                        "more than {MAX_STALE} blocks the parent skipped as free hold data now: \
+                         full read"
+                    ));
+                    return read_snapshot_once(
+                        vault,
+                        aws,
+                        ctx,
+                        info,
+                        draft.asset,
+                        opts,
+                        free,
+                        progress,
+                        true,
+                    );
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
     progress.start(size);
     let writer = DiskWriter::new(vault, size)?;
     let read = ReadBlocks {
+        stale: &stale,
         aws,
         ctx,
         opts,
@@ -219,6 +260,11 @@ fn read_snapshot_once(
     }
     let read_elapsed = started.elapsed();
     let tags = &mut draft.tags;
+    let skipped = read.free_skipped.load(Ordering::Relaxed);
+    // Zeros over stale bytes: skipped now, or kept from a parent that skipped them.
+    if skipped > 0 || (parent_skipped && base.is_some() && free.is_some()) {
+        tags.insert(RP_TAG_FREE_SKIPPED.into(), skipped.to_string());
+    }
     tags.insert(RP_TAG_SNAPSHOT.into(), info.id.clone());
     tags.insert(RP_TAG_REGION.into(), aws.region.clone());
     if info.volume_id.starts_with("vol-") && info.volume_id != "vol-ffffffff" {
@@ -233,7 +279,7 @@ fn read_snapshot_once(
         blocks_listed: read.listed.load(Ordering::Relaxed),
         blocks_read,
         blocks_verified: verified,
-        blocks_free: read.free_skipped.load(Ordering::Relaxed),
+        blocks_free: skipped,
         fell_back: None,
         calls: ctx.calls(),
         deleted_snapshots: Vec::new(),
@@ -311,6 +357,8 @@ struct ReadBlocks<'a> {
     progress: &'a dyn Progress,
     snapshot: &'a str,
     free: Option<&'a FreeBlocks>,
+    /// Unlisted blocks to read anyway (see [`stale_blocks`]), ascending.
+    stale: &'a [u64],
     listed: AtomicU64,
     fetched: AtomicU64,
     free_skipped: AtomicU64,
@@ -356,6 +404,7 @@ impl ReadBlocks<'_> {
                     window: &window,
                     listed: &self.listed,
                     free: self.free,
+                    stale: self.stale,
                     free_skipped: &self.free_skipped,
                     sample: base.map(|_| (&self.sampled, self.opts.verify_share)),
                     fetched: &self.fetched,
@@ -409,6 +458,7 @@ struct Dispatch<'a> {
     window: &'a Semaphore,
     listed: &'a AtomicU64,
     free: Option<&'a FreeBlocks>,
+    stale: &'a [u64],
     free_skipped: &'a AtomicU64,
     fetched: &'a AtomicU64,
     per_block: u64,
@@ -426,9 +476,30 @@ async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
     let mut page = first_page;
     let mut seq = 0u64;
     let mut last: Option<u64> = None;
+    let mut last_listed: Option<u64> = None;
+    let mut stale = d.stale.iter().copied().peekable();
     let mut in_flight = FuturesUnordered::new();
     loop {
         let (blocks, next) = page;
+        // The listed blocks with the stale ones merged in, in index order.
+        let mut items: Vec<(u64, Option<String>, bool)> = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            if b.index >= d.blocks_total || last_listed.is_some_and(|l| b.index <= l) {
+                return Err(AgentError::Ebs(format!(
+                    "EBS listed block {} of snapshot {} out of order or beyond its size",
+                    b.index as i64, d.snapshot
+                )));
+            }
+            last_listed = Some(b.index);
+            while let Some(e) = stale.next_if(|&e| e < b.index) {
+                items.push((e, None, true));
+            }
+            stale.next_if_eq(&b.index);
+            items.push((b.index, b.token, false));
+        }
+        if next.is_none() {
+            items.extend(stale.by_ref().map(|e| (e, None, true)));
+        }
         let next_page = async {
             match next {
                 Some(t) => list_page(d.aws, d.ctx, d.snapshot, d.base, Some(t))
@@ -439,18 +510,12 @@ async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
         };
         tokio::pin!(next_page);
         let mut next_result = None;
-        for b in blocks {
+        for (index, token, is_stale) in items {
             if d.cancel.is_cancelled() {
                 return Err(AgentError::Cancelled);
             }
-            if b.index >= d.blocks_total || last.is_some_and(|l| b.index <= l) {
-                return Err(AgentError::Ebs(format!(
-                    "EBS listed block {} of snapshot {} out of order or beyond its size",
-                    b.index as i64, d.snapshot
-                )));
-            }
-            d.sample_gap(last.map_or(0, |l| l + 1), b.index);
-            last = Some(b.index);
+            d.sample_gap(last.map_or(0, |l| l + 1), index);
+            last = Some(index);
             // Room in the window and a request slot, while finishing fetches in flight (the
             // collector may be waiting for one of them) and the next page's listing.
             loop {
@@ -465,25 +530,29 @@ async fn dispatch(d: Dispatch<'_>, first_page: Page) -> Result<(), AgentError> {
                     },
                 }
             }
-            d.listed.fetch_add(1, Ordering::Relaxed);
+            if !is_stale {
+                d.listed.fetch_add(1, Ordering::Relaxed);
+            }
             let my_seq = seq;
             seq += 1;
-            let token = match b.token {
-                Some(_) if d.free.is_some_and(|f| f.covers(b.index)) => {
+            let token = match token {
+                Some(_) if d.free.is_some_and(|f| f.covers(index)) => {
                     d.free_skipped.fetch_add(1, Ordering::Relaxed);
                     None
                 }
                 t => t,
             };
-            match token {
-                None => {
+            match (token, is_stale) {
+                // Not in the snapshot, or free: zeros.
+                (None, false) => {
                     let _ = d
                         .res_tx
-                        .send(Ok((my_seq, b.index, vec![None; d.per_block as usize])));
+                        .send(Ok((my_seq, index, vec![None; d.per_block as usize])));
                 }
-                Some(token) => in_flight.push(fetch_block(
-                    d.aws, d.ctx, d.snapshot, my_seq, b.index, token,
-                )),
+                // A stale block is looked up when its turn comes (tokens expire).
+                (token, _) => {
+                    in_flight.push(fetch_block(d.aws, d.ctx, d.snapshot, my_seq, index, token))
+                }
             }
         }
         let next = match next_result {
@@ -520,6 +589,10 @@ impl Dispatch<'_> {
             if picked.len() >= MAX_SAMPLES {
                 return;
             }
+            // Free now: what it holds does not matter, and the parent may hold it as zeros.
+            if self.free.is_some_and(|f| f.covers(i)) {
+                continue;
+            }
             if rng.gen_bool(share) {
                 picked.push(i);
             }
@@ -533,15 +606,49 @@ impl Dispatch<'_> {
     }
 }
 
-/// Fetches one block with retries until its data matches the SHA-256 checksum EBS sent.
+/// The token of block `index` of `snapshot`, if the snapshot holds it (else it reads as zeros).
+async fn block_token(
+    aws: &Aws,
+    ctx: &Ctx,
+    snapshot: &str,
+    index: u64,
+) -> Result<Option<String>, AgentError> {
+    let what = || format!("ListSnapshotBlocks {snapshot} from block {index}");
+    let out = call(&ctx.aws_calls, None, &what, || async {
+        aws.ebs
+            .list_snapshot_blocks()
+            .snapshot_id(snapshot)
+            .starting_block_index(index as i32)
+            .max_results(100)
+            .send()
+            .await
+            .map_err(classify)
+    })
+    .await?;
+    Ok(out
+        .blocks()
+        .iter()
+        .find(|b| b.block_index() == Some(index as i32))
+        .and_then(|b| b.block_token().map(str::to_string)))
+}
+
+/// Fetches one block with retries until its data matches the SHA-256 checksum EBS sends.
+/// Without a token, it is looked up first (a block the snapshot does not hold is zeros).
 async fn fetch_block(
     aws: &Aws,
     ctx: &Ctx,
     snapshot: &str,
     seq: u64,
     index: u64,
-    token: String,
+    token: Option<String>,
 ) -> Result<(u64, u64, Vec<u8>), AgentError> {
+    let token = match token {
+        Some(t) => t,
+        None => match block_token(aws, ctx, snapshot, index).await? {
+            Some(t) => t,
+            None => return Ok((seq, index, vec![0; EBS_BLOCK])),
+        },
+    };
     let mut mismatches = 0;
     loop {
         let what = || format!("GetSnapshotBlock {snapshot} block {index}");
@@ -656,6 +763,58 @@ impl FreeBlocks {
     }
 }
 
+/// Most stale blocks one backup reads on top of the changed ones (8 bytes each while listing);
+/// past it, the backup reads in full.
+const MAX_STALE: usize = 1 << 20;
+
+/// The blocks of `snapshot` that the parent RP holds as zeros (perhaps because it skipped them
+/// as free while the snapshot held stale bytes there) and that are not free now: listed by
+/// ListSnapshotBlocks, all-zero chunks in the parent map, not covered by `free`. An unchanged
+/// block among them holds bytes the parent RP does not, so they are read. `None` when there are
+/// more than [`MAX_STALE`].
+async fn stale_blocks(
+    aws: &Aws,
+    ctx: &Ctx,
+    snapshot: &str,
+    parent: &DiskReader,
+    free: Option<&FreeBlocks>,
+    per_block: u64,
+    blocks_total: u64,
+) -> Result<Option<Vec<u64>>, AgentError> {
+    let mut out = Vec::new();
+    let mut token = None;
+    let mut last: Option<u64> = None;
+    loop {
+        let (blocks, next) = list_page(aws, ctx, snapshot, None, token).await?;
+        for b in blocks {
+            if b.index >= blocks_total || last.is_some_and(|l| b.index <= l) {
+                return Err(AgentError::Ebs(format!(
+                    "EBS listed block {} of snapshot {snapshot} out of order or beyond its size",
+                    b.index as i64
+                )));
+            }
+            last = Some(b.index);
+            if b.token.is_none() || free.is_some_and(|f| f.covers(b.index)) {
+                continue;
+            }
+            let mut zeros = true;
+            for k in 0..per_block {
+                zeros &= parent.chunk_id(b.index * per_block + k)?.is_none();
+            }
+            if zeros {
+                if out.len() >= MAX_STALE {
+                    return Ok(None);
+                }
+                out.push(b.index);
+            }
+        }
+        match next {
+            Some(t) => token = Some(t),
+            None => return Ok(Some(out)),
+        }
+    }
+}
+
 /// Most blocks one backup verifies (8 bytes each while listing).
 const MAX_SAMPLES: usize = 1 << 20;
 
@@ -678,27 +837,9 @@ async fn verify_unlisted(
         if cancel.is_cancelled() {
             return Err(AgentError::Cancelled);
         }
-        // The block's token, if the snapshot holds it (else it reads as zeros).
-        let what = || format!("ListSnapshotBlocks {snapshot} from block {index}");
-        let out = call(&ctx.aws_calls, None, &what, || async {
-            aws.ebs
-                .list_snapshot_blocks()
-                .snapshot_id(snapshot)
-                .starting_block_index(index as i32)
-                .max_results(100)
-                .send()
-                .await
-                .map_err(classify)
-        })
-        .await?;
-        let token = out
-            .blocks()
-            .iter()
-            .find(|b| b.block_index() == Some(index as i32))
-            .and_then(|b| b.block_token().map(str::to_string));
-        let ids = match token {
+        let ids = match block_token(aws, ctx, snapshot, index).await? {
             Some(t) => {
-                let (_, _, data) = fetch_block(aws, ctx, snapshot, 0, index, t).await?;
+                let (_, _, data) = fetch_block(aws, ctx, snapshot, 0, index, Some(t)).await?;
                 writer.put(&data)?
             }
             None => vec![None; per_block as usize],

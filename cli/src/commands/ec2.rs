@@ -151,7 +151,10 @@ second): a watchdog process thaws them after --freeze-timeout or as soon as elas
 if it is killed. With --skip-free, each frozen XFS or ext4 file system also reports its free
 space while frozen (GETFSMAP), which is exactly the snapshot's; the blocks of its EBS volume
 (found through the NVMe serial number, a partition through its offset) that are wholly free are
-neither read nor stored, and restore as zeros."
+neither read nor stored, and restore as zeros. That question holds the freeze a little longer
+(a quarter of --freeze-timeout, 2 s at most; a file system that has not answered by then is
+read whole). The RPs are tagged ebs:free-skipped, and the next incremental also reads the blocks
+they hold as zeros that are in use again."
     )]
     Backup(Ec2BackupArgs),
     /// Recreate the volumes of an instance RP (and with --launch, the instance)
