@@ -94,8 +94,12 @@ impl Ctx {
     }
 
     /// The store for `vault init`: created (directory, or bucket if missing) and empty.
-    pub fn new_store(&self) -> Result<Arc<dyn ObjectStore>> {
+    /// `object_lock`: the bucket must have S3 Object Lock (made with it when new).
+    pub fn new_store(&self, object_lock: bool) -> Result<Arc<dyn ObjectStore>> {
         match self.location()? {
+            Location::Local(_) if object_lock => {
+                bail!("--object-lock needs an S3 vault (s3://bucket/prefix): a local directory has no Object Lock")
+            }
             Location::Local(path) => {
                 if path.join("config").exists() {
                     bail!("a vault already exists at {}", path.display());
@@ -115,7 +119,12 @@ impl Ctx {
             Location::S3(c) => {
                 let url = c.url();
                 let s3 = S3Store::connect(c)?;
-                s3.ensure_bucket()?;
+                if object_lock {
+                    use scalez::store::lock::ObjectLockStore;
+                    s3.ensure_lock_bucket()?;
+                } else {
+                    s3.ensure_bucket()?;
+                }
                 let store = self.wrap(s3)?;
                 let existing = store.list("")?;
                 if existing.iter().any(|o| o.key == "config") {

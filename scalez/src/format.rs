@@ -6,8 +6,12 @@
 
 use crate::ids::{ChunkId, PackId, RecoveryPointId};
 
-/// Vault format version (`config` object); readers refuse newer ones.
-pub const FORMAT_VERSION: u32 = 1;
+/// Vault format version (`config` object); readers refuse newer ones. Version 2 is version 1
+/// plus `object_lock` in the config (S3 Object Lock: writers must lock what they write, so a
+/// reader of version 1 must not write there); a vault without it is still written as 1.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of vaults without Object Lock.
+pub const FORMAT_VERSION_UNLOCKED: u32 = 1;
 /// The `format` field of the `config` object.
 pub const CONFIG_FORMAT: &str = "elastio-scalez-vault";
 /// The key of the config object.

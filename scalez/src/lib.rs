@@ -83,6 +83,7 @@ pub mod fetch;
 pub mod format;
 pub mod gc;
 mod ids;
+pub mod immutable;
 pub mod index;
 mod keyring;
 mod pack;

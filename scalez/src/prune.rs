@@ -94,6 +94,11 @@ pub struct PruneReport {
     pub postponed: Option<String>,
     pub waited_ms: u64,
     pub elapsed_ms: u64,
+    /// A locked vault's upkeep (S3 Object Lock): extended, destroyed and postponed versions.
+    pub lock: Option<crate::immutable::LockReport>,
+    /// The pack keys this prune deleted.
+    #[serde(skip)]
+    pub deleted_packs: Vec<String>,
 }
 
 /// Marks the chunks (map pages included) every RP in `rps` references. A referenced chunk that is
@@ -161,9 +166,14 @@ pub fn prune(
     let started = Instant::now();
     let plan = PrunePlan::new(vault, opts, progress)?;
     let mut report = plan.report(opts.dry_run);
+    let mut indexed: HashSet<String> = plan.usage.keys().map(PackId::key).collect();
     if !opts.dry_run {
         plan.execute(vault, opts, progress, &mut report)?;
     }
+    for k in &report.deleted_packs {
+        indexed.remove(k);
+    }
+    report.lock = crate::immutable::maintain(vault, &indexed, opts.dry_run, progress)?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }
@@ -342,6 +352,7 @@ impl PrunePlan {
         progress(&format!("deleting {} packs", deleted.len()));
         for p in &deleted {
             vault.store().delete(&p.key())?;
+            report.deleted_packs.push(p.key());
             report.packs_deleted += 1;
             report.bytes_deleted += self.listed.get(p).copied().unwrap_or(0);
         }

@@ -40,6 +40,8 @@ pub struct VaultOptions {
     pub pack_size: u32,
     pub zstd_level: i32,
     pub kdf: KdfParams,
+    /// S3 Object Lock for every object the vault's writers make (the store must offer it).
+    pub object_lock: Option<ObjectLock>,
 }
 
 impl Default for VaultOptions {
@@ -49,6 +51,24 @@ impl Default for VaultOptions {
             pack_size: DEFAULT_PACK_SIZE,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             kdf: KdfParams::default(),
+            object_lock: None,
+        }
+    }
+}
+
+/// A locked vault's policy, in its config (so it is under the config MAC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectLock {
+    pub mode: crate::store::lock::LockMode,
+    /// Every version written is kept at least this long; prune keeps what is live locked.
+    pub retention_secs: u64,
+}
+
+impl ObjectLock {
+    pub fn policy(&self) -> crate::store::lock::LockPolicy {
+        crate::store::lock::LockPolicy {
+            mode: self.mode,
+            retention: std::time::Duration::from_secs(self.retention_secs),
         }
     }
 }
@@ -63,6 +83,9 @@ pub struct VaultConfig {
     pub pack_size: u32,
     pub zstd_level: i32,
     pub created: String,
+    /// Absent in vaults without Object Lock (format 1), so their MAC is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<ObjectLock>,
 }
 
 impl VaultConfig {
@@ -89,6 +112,22 @@ struct ConfigObject {
     config: VaultConfig,
     /// Keyed BLAKE3 (config MAC key) of the JSON of `config`.
     mac: String,
+}
+
+/// Makes `store` write under `lock`; a store without Object Lock cannot hold a locked vault.
+fn apply_lock(store: &dyn ObjectStore, lock: &ObjectLock) -> Result<()> {
+    match store.object_lock() {
+        Some(l) => {
+            l.set_policy(lock.policy());
+            Ok(())
+        }
+        None => Err(Error::InvalidParameter(format!(
+            "{}: this vault is under S3 Object Lock ({} mode), which this store cannot apply \
+             (only an S3 store can)",
+            store.location(),
+            lock.mode
+        ))),
+    }
 }
 
 pub fn now_rfc3339() -> String {
@@ -147,14 +186,22 @@ impl Vault {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
+        if let Some(lock) = &opts.object_lock {
+            // The key file and the config are locked too: set before the first write.
+            apply_lock(store.as_ref(), lock)?;
+        }
         let config = VaultConfig {
             format: CONFIG_FORMAT.into(),
-            version: FORMAT_VERSION,
+            version: match opts.object_lock {
+                Some(_) => FORMAT_VERSION,
+                None => crate::format::FORMAT_VERSION_UNLOCKED,
+            },
             vault_id: hex::encode(rand::random::<[u8; 16]>()),
             chunk_size: opts.chunk_size,
             pack_size: opts.pack_size,
             zstd_level: opts.zstd_level,
             created: now_rfc3339(),
+            object_lock: opts.object_lock,
         };
         let master = MasterKey::generate();
         let keyfile = KeyFile::wrap(&master, password, opts.kdf, &config.vault_id)
@@ -219,6 +266,9 @@ impl Vault {
                 key: CONFIG_KEY.into(),
                 detail: "config MAC does not match (the config was modified)".into(),
             });
+        }
+        if let Some(lock) = &config.object_lock {
+            apply_lock(store.as_ref(), lock)?;
         }
         let vault = Vault::unloaded(store, keys, config);
         vault.refresh()?;

@@ -83,9 +83,14 @@ impl Env {
 
     /// A vault in a new bucket of the S3 server at `endpoint`.
     pub fn s3(endpoint: &str) -> Self {
+        Self::s3_with_init_args(endpoint, &[])
+    }
+
+    /// A vault in a new bucket on `endpoint`, made with `vault init ARGS`.
+    pub fn s3_with_init_args(endpoint: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let vault = PathBuf::from(format!("s3://{}/vault", unique_bucket()));
-        Self::init(dir, vault, Some(endpoint.to_string()), &[])
+        Self::init(dir, vault, Some(endpoint.to_string()), args)
     }
 
     fn init(

@@ -471,3 +471,159 @@ fn sse_kms_on_every_object() {
     env.restore(&rp_of(&report), &out);
     assert_eq!(sha256_file(&out), sha256_file(&img));
 }
+
+/// The S3 store under an [`Env::s3`] vault, to look at (and attack) its objects directly.
+fn vault_store(env: &Env, url: &str) -> S3Store {
+    let s = env.vault.to_str().unwrap();
+    let mut c = S3Config::from_url(s).unwrap();
+    c.endpoint_url = Some(url.into());
+    c.attempt_timeout = Some(Duration::from_secs(20));
+    S3Store::connect(c).unwrap()
+}
+
+#[test]
+fn object_lock_on_every_server() {
+    use scalez::store::lock::{is_locked_key, ObjectLockStore};
+    use std::time::SystemTime;
+    let retention = 8u64;
+    for (name, url) in s3_servers() {
+        let env = Env::s3_with_init_args(
+            &url,
+            &[
+                "--object-lock",
+                "governance",
+                "--retention",
+                &format!("{retention}s"),
+            ],
+        );
+        let img = env.path("l.img");
+        std::fs::write(&img, pseudo_random(40, 3 << 20)).unwrap();
+        let rp1 = rp_of(&env.backup(&img, None));
+        std::fs::write(&img, pseudo_random(41, 3 << 20)).unwrap();
+        let rp2 = rp_of(&env.backup(&img, None));
+        let s = vault_store(&env, &url);
+        let lock: &dyn ObjectLockStore = &s;
+
+        // Every object but the scratch ones is locked in the vault's mode, for the retention.
+        let now = SystemTime::now();
+        let versions = lock.versions("").unwrap();
+        let current: Vec<_> = versions
+            .iter()
+            .filter(|v| v.is_latest && !v.is_delete_marker)
+            .collect();
+        assert!(
+            current.iter().any(|v| v.key.starts_with("packs/")),
+            "{name}"
+        );
+        assert!(current.iter().any(|v| v.key == "config"), "{name}");
+        for v in &current {
+            let r = lock.retention(&v.key, &v.version_id).unwrap();
+            if is_locked_key(&v.key) {
+                let (mode, until) = r.unwrap_or_else(|| panic!("{name}: {} is not locked", v.key));
+                assert_eq!(mode, scalez::store::lock::LockMode::Governance, "{name}");
+                assert!(
+                    until > now && until < now + Duration::from_secs(retention + 60),
+                    "{name}: {} until {until:?}",
+                    v.key
+                );
+            } else {
+                assert!(r.is_none(), "{name}: scratch {} is locked", v.key);
+            }
+        }
+        let st = env.json(&["vault", "lock", "status"]);
+        assert_eq!(st["lock"]["mode"], "governance", "{name}: {st}");
+        assert_eq!(
+            st["lock"]["unlocked"].as_array().unwrap().len(),
+            0,
+            "{name}: {st}"
+        );
+        assert!(st["lock"]["objects"].as_u64().unwrap() >= current.len() as u64 - 2);
+        assert!(
+            st["lock"]["oldest_lock_expires"].is_string(),
+            "{name}: {st}"
+        );
+        assert_eq!(st["lock"]["bucket_lock_enabled"], true, "{name}: {st}");
+
+        // Someone with the vault's credentials cannot destroy a locked version.
+        let pack = current
+            .iter()
+            .find(|v| v.key.starts_with("packs/"))
+            .unwrap();
+        let before = lock.get_version(&pack.key, &pack.version_id).unwrap();
+        assert!(
+            lock.delete_version(&pack.key, &pack.version_id).is_err(),
+            "{name}: a locked version was destroyed"
+        );
+        assert_eq!(s.get(&pack.key).unwrap(), before, "{name}");
+
+        // Prune: RP1's packs are only hidden, and kept while locked and in their grace period.
+        env.ok(&["rp", "delete", &rp1]);
+        let p = env.json(&["prune"]);
+        assert!(p["packs_deleted"].as_u64().unwrap() > 0, "{name}: {p}");
+        assert!(p["lock"]["postponed"].as_u64().unwrap() > 0, "{name}: {p}");
+        let hidden: Vec<_> = lock
+            .versions("packs/")
+            .unwrap()
+            .into_iter()
+            .filter(|v| !v.is_latest && !v.is_delete_marker)
+            .collect();
+        assert!(
+            !hidden.is_empty(),
+            "{name}: the deleted packs stay as old versions"
+        );
+        // Past a retention the live objects' locks are extended; past two, the hidden versions
+        // (a retention old, unlocked) are destroyed.
+        std::thread::sleep(Duration::from_secs(retention * 2 + 2));
+        let p = env.json(&["prune"]);
+        assert!(p["lock"]["extended"].as_u64().unwrap() > 0, "{name}: {p}");
+        assert_eq!(p["lock"]["postponed"], 0, "{name}: {p}");
+        assert!(
+            p["lock"]["destroyed"].as_u64().unwrap() >= hidden.len() as u64,
+            "{name}: {p}"
+        );
+        assert!(
+            lock.versions("packs/")
+                .unwrap()
+                .iter()
+                .all(|v| v.is_latest && !v.is_delete_marker),
+            "{name}: only live packs remain"
+        );
+        let st = env.json(&["vault", "lock", "status"]);
+        assert_eq!(
+            st["lock"]["unlocked"].as_array().unwrap().len(),
+            0,
+            "{name}: {st}"
+        );
+        let out = env.path("out.img");
+        env.restore(&rp2, &out);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            pseudo_random(41, 3 << 20),
+            "{name}"
+        );
+        env.ok(&["check", "--read-data"]);
+
+        // An overwrite of a pack makes a new version; the locked one is intact, and prune
+        // leaves the key alone and says so.
+        let live = lock
+            .versions("packs/")
+            .unwrap()
+            .into_iter()
+            .find(|v| v.is_latest)
+            .unwrap();
+        let original = s.get(&live.key).unwrap();
+        s.put(&live.key, b"ransom", PutMode::Overwrite).unwrap();
+        assert_eq!(
+            lock.get_version(&live.key, &live.version_id).unwrap(),
+            original
+        );
+        let p = env.json(&["prune"]);
+        let tampered = p["lock"]["tampered"].as_array().unwrap();
+        assert!(
+            tampered
+                .iter()
+                .any(|t| t.as_str().unwrap().contains(&live.key)),
+            "{name}: {p}"
+        );
+    }
+}

@@ -90,6 +90,31 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
             if let Some(p) = &r.postponed {
                 println!("deletion postponed: {p}");
             }
+            if let Some(l) = &r.lock {
+                println!(
+                    "object lock ({}): {} live objects' locks extended; {} hidden versions \
+                     destroyed ({})",
+                    l.mode,
+                    l.extended,
+                    l.destroyed,
+                    bytes(l.destroyed_bytes)
+                );
+                if l.postponed > 0 {
+                    println!(
+                        "  {} hidden versions ({}) kept until their lock expires and they are \
+                         a retention old{}",
+                        l.postponed,
+                        bytes(l.postponed_bytes),
+                        l.next_release
+                            .as_deref()
+                            .map(|t| format!(" (first at {t})"))
+                            .unwrap_or_default()
+                    );
+                }
+                for t in &l.tampered {
+                    println!("  WARNING, left alone: {t}");
+                }
+            }
             println!("time {:.2} s", r.elapsed_ms as f64 / 1000.0);
             Ok(())
         }

@@ -14,11 +14,74 @@ pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
     match cmd {
         VaultCommand::Init(a) => init(ctx, a),
         VaultCommand::Info => info(ctx),
+        VaultCommand::Lock(LockCommand::Status) => lock_status(ctx),
+    }
+}
+
+fn lock_status(ctx: &Ctx) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let bar = crate::output::Bar::new(ctx.global.quiet);
+    let st = scalez::immutable::status(&vault, &|m| agent::Progress::message(&bar, m))?;
+    bar.finish();
+    let Some(st) = st else {
+        anyhow::bail!(
+            "{} has no Object Lock (create a locked vault with `vault init --object-lock \
+             governance|compliance --retention 30d` on S3)",
+            vault.location()
+        );
+    };
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({ "vault": vault.location(), "lock": st })),
+        OutputFormat::Human => {
+            println!("vault          {}", vault.location());
+            println!(
+                "mode           {} (every object kept at least {})",
+                st.mode,
+                humantime::format_duration(std::time::Duration::from_secs(st.retention_secs))
+            );
+            println!(
+                "bucket         Object Lock {}{}",
+                if st.bucket_lock_enabled {
+                    "enabled"
+                } else {
+                    "NOT enabled"
+                },
+                st.bucket_default
+                    .as_deref()
+                    .map(|d| format!(", default retention {d}"))
+                    .unwrap_or_default()
+            );
+            println!("objects        {} locked", st.objects - st.unlocked.len());
+            if let Some(t) = &st.oldest_lock_expires {
+                println!("oldest lock    expires {t} (prune extends live ones)");
+            }
+            println!("old versions   {} (hidden or replaced)", st.hidden_versions);
+            if !st.unlocked.is_empty() {
+                println!(
+                    "NOT LOCKED     {} objects, e.g. {} (run prune to lock them again)",
+                    st.unlocked.len(),
+                    st.unlocked[..st.unlocked.len().min(3)].join(", ")
+                );
+            }
+            Ok(())
+        }
     }
 }
 
 fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
+    let object_lock = match (a.object_lock, &a.retention) {
+        (Some(mode), Some(r)) => Some(scalez::vault::ObjectLock {
+            mode: mode.into(),
+            retention_secs: scalez::store::lock::parse_retention(r)
+                .map_err(|e| anyhow::anyhow!("--retention {e}"))?
+                .as_secs(),
+        }),
+        (None, None) => None,
+        (Some(_), None) => anyhow::bail!("--object-lock needs --retention (e.g. 30d)"),
+        (None, Some(_)) => anyhow::bail!("--retention goes with --object-lock"),
+    };
     let opts = VaultOptions {
+        object_lock,
         chunk_size: u32::try_from(a.chunk_size).context("chunk size too large")?,
         pack_size: u32::try_from(a.pack_size).context("pack size too large")?,
         zstd_level: a.zstd_level,
@@ -28,7 +91,7 @@ fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
             parallelism: KdfParams::default().parallelism,
         },
     };
-    let store = ctx.new_store()?;
+    let store = ctx.new_store(object_lock.is_some())?;
     let password = ctx.password(true)?;
     let vault = Vault::init(store, &password, opts)?;
     let c = vault.config();
@@ -43,6 +106,13 @@ fn init(ctx: &Ctx, a: VaultInitArgs) -> Result<()> {
                 bytes(c.pack_size as u64),
                 c.zstd_level
             );
+            if let Some(l) = &c.object_lock {
+                println!(
+                    "  S3 Object Lock: {} mode, every object kept at least {}",
+                    l.mode,
+                    humantime::format_duration(std::time::Duration::from_secs(l.retention_secs))
+                );
+            }
             println!("  keep your password safe: without it the data cannot be recovered");
         }
     }
@@ -87,9 +157,47 @@ fn info(ctx: &Ctx) -> Result<()> {
 #[derive(Subcommand, Debug)]
 pub enum VaultCommand {
     /// Create a new vault with a random master key wrapped by your password (Argon2id)
+    #[command(after_help = "Examples:
+  elastio --vault /var/backups/vault vault init
+  elastio --vault s3://backups/prod vault init --object-lock compliance --retention 30d
+
+With --object-lock, every object is written under S3 Object Lock with a retain-until date of
+now + retention, so nobody (compliance) or nobody without s3:BypassGovernanceRetention
+(governance) can destroy it before then, not even with the backup host's credentials. Deleting
+only hides objects (a delete marker); prune extends the locks of what recovery points still
+need and destroys hidden versions once they are a retention old and unlocked.
+`elastio vault lock status` shows the state.")]
     Init(VaultInitArgs),
     /// Show a vault's parameters and contents
     Info,
+    /// S3 Object Lock of a locked vault
+    #[command(subcommand)]
+    Lock(LockCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LockCommand {
+    /// Mode, retention, the bucket's configuration, and the lock of every live object (one
+    /// HEAD each): how many are locked and when the earliest lock expires
+    Status,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockModeArg {
+    /// Versions cannot be destroyed before their date, except by principals granted
+    /// s3:BypassGovernanceRetention (elastio never uses it)
+    Governance,
+    /// Versions cannot be destroyed before their date by anyone, the account root included
+    Compliance,
+}
+
+impl From<LockModeArg> for scalez::store::lock::LockMode {
+    fn from(m: LockModeArg) -> Self {
+        match m {
+            LockModeArg::Governance => scalez::store::lock::LockMode::Governance,
+            LockModeArg::Compliance => scalez::store::lock::LockMode::Compliance,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -109,4 +217,12 @@ pub struct VaultInitArgs {
     /// Argon2id passes
     #[arg(long, default_value_t = 3)]
     pub kdf_iterations: u32,
+    /// Write every object under S3 Object Lock in this mode (S3 vaults; the bucket is created
+    /// with Object Lock, or an existing one must have it)
+    #[arg(long, value_enum, value_name = "MODE", requires = "retention")]
+    pub object_lock: Option<LockModeArg>,
+    /// With --object-lock: how long every object is kept at least (30d, 12h, 1y, ...); prune
+    /// keeps extending the locks of what recovery points still need
+    #[arg(long, value_name = "DURATION")]
+    pub retention: Option<String>,
 }

@@ -150,6 +150,9 @@ impl<S: ObjectStore> ObjectStore for CachedStore<S> {
         self.inner.read_parallelism()
     }
 
+    fn object_lock(&self) -> Option<&dyn super::lock::ObjectLockStore> {
+        self.inner.object_lock()
+    }
     fn stats(&self) -> StoreStats {
         self.inner.stats()
     }

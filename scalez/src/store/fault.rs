@@ -158,6 +158,9 @@ impl<S: ObjectStore> ObjectStore for FaultStore<S> {
         self.inner.read_parallelism()
     }
 
+    fn object_lock(&self) -> Option<&dyn super::lock::ObjectLockStore> {
+        self.inner.object_lock()
+    }
     fn stats(&self) -> StoreStats {
         self.inner.stats()
     }

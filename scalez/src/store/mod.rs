@@ -18,6 +18,7 @@ pub mod cache;
 pub mod conformance;
 pub mod fault;
 pub mod local;
+pub mod lock;
 pub mod memory;
 pub mod retry;
 #[cfg(feature = "s3")]
@@ -136,6 +137,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug {
     fn stats(&self) -> StoreStats {
         StoreStats::default()
     }
+    /// The Object Lock operations, for a store that has them (S3).
+    fn object_lock(&self) -> Option<&dyn lock::ObjectLockStore> {
+        None
+    }
 }
 
 /// Counters of a store, for summaries and benchmarks.
@@ -180,6 +185,9 @@ impl<T: ObjectStore + ?Sized> ObjectStore for std::sync::Arc<T> {
     }
     fn stats(&self) -> StoreStats {
         (**self).stats()
+    }
+    fn object_lock(&self) -> Option<&dyn lock::ObjectLockStore> {
+        (**self).object_lock()
     }
 }
 

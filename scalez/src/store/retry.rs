@@ -165,6 +165,9 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
         self.inner.read_parallelism()
     }
 
+    fn object_lock(&self) -> Option<&dyn super::lock::ObjectLockStore> {
+        self.inner.object_lock()
+    }
     fn stats(&self) -> StoreStats {
         let inner = self.inner.stats();
         StoreStats {

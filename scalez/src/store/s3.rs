@@ -41,7 +41,12 @@ use bytes::Bytes;
 
 use crate::aws_error::{self, AwsFailure};
 
+use super::lock::{
+    is_locked_key, BucketLock, LockMode, LockPolicy, ObjectLockStore, ObjectVersion,
+};
 use super::{validate_key, ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
+use aws_sdk_s3::types::ObjectLockMode;
+use std::time::SystemTime;
 
 /// Objects larger than this are uploaded in parts.
 pub const MULTIPART_THRESHOLD: usize = 64 << 20;
@@ -114,7 +119,12 @@ pub struct S3Store {
     config: S3Config,
     conditional: AtomicU8,
     requests: AtomicU64,
+    /// Object Lock of a locked vault: every locked key is written with it.
+    lock: std::sync::RwLock<Option<LockPolicy>>,
 }
+
+/// The lock headers of one put: mode and retain-until date.
+type LockHeaders = Option<(ObjectLockMode, aws_sdk_s3::primitives::DateTime)>;
 
 /// How a failed request is reported.
 type Failure = AwsFailure;
@@ -184,6 +194,7 @@ impl S3Store {
             },
             conditional: AtomicU8::new(COND_UNKNOWN),
             requests: AtomicU64::new(0),
+            lock: std::sync::RwLock::new(None),
         })
     }
 
@@ -300,7 +311,26 @@ impl S3Store {
         }
     }
 
-    async fn put_once(&self, full: &str, data: &Bytes, if_none_match: bool) -> Result<(), Failure> {
+    /// The lock a put of `key` carries now (None: unlocked vault or a scratch key).
+    fn lock_headers(&self, key: &str) -> LockHeaders {
+        let policy = (*self.lock.read().expect("lock policy"))?;
+        if !is_locked_key(key) {
+            return None;
+        }
+        let until = SystemTime::now() + policy.retention;
+        Some((
+            s3_mode(policy.mode),
+            aws_sdk_s3::primitives::DateTime::from(until),
+        ))
+    }
+
+    async fn put_once(
+        &self,
+        full: &str,
+        data: &Bytes,
+        if_none_match: bool,
+        lock: LockHeaders,
+    ) -> Result<(), Failure> {
         self.count(1);
         let mut req = self
             .client
@@ -310,6 +340,13 @@ impl S3Store {
             .body(ByteStream::from(data.clone()));
         if if_none_match {
             req = req.if_none_match("*");
+        }
+        if let Some((mode, until)) = lock {
+            // S3 requires a body digest on puts with a retention.
+            req = req
+                .object_lock_mode(mode)
+                .object_lock_retain_until_date(until)
+                .content_md5(md5_base64(data));
         }
         if let Some(k) = &self.config.kms_key_id {
             req = req
@@ -329,6 +366,7 @@ impl S3Store {
         full: &str,
         data: &Bytes,
         if_none_match: bool,
+        lock: LockHeaders,
     ) -> Result<(), Failure> {
         let bucket = &self.config.bucket;
         self.count(1);
@@ -337,6 +375,12 @@ impl S3Store {
             .create_multipart_upload()
             .bucket(bucket)
             .key(full);
+        let locked = lock.is_some();
+        if let Some((mode, until)) = lock {
+            create = create
+                .object_lock_mode(mode)
+                .object_lock_retain_until_date(until);
+        }
         if let Some(k) = &self.config.kms_key_id {
             create = create
                 .server_side_encryption(ServerSideEncryption::AwsKms)
@@ -350,6 +394,7 @@ impl S3Store {
             async move {
                 self.count(1);
                 let n = i as i32 + 1;
+                let md5 = locked.then(|| md5_base64(&part));
                 let out = self
                     .client
                     .upload_part()
@@ -357,6 +402,7 @@ impl S3Store {
                     .key(full)
                     .upload_id(id)
                     .part_number(n)
+                    .set_content_md5(md5)
                     .body(ByteStream::from(part))
                     .customize()
                     .disable_payload_signing()
@@ -458,9 +504,9 @@ impl S3Store {
         }
         let key = format!("locks/probe-{}", hex::encode(rand::random::<[u8; 8]>()));
         let full = self.full_key(&key);
-        let first = self.block(self.put_once(&full, &Bytes::from_static(b"probe"), true));
+        let first = self.block(self.put_once(&full, &Bytes::from_static(b"probe"), true, None));
         first.map_err(|f| self.fail("put", &key, f))?;
-        let second = self.block(self.put_once(&full, &Bytes::from_static(b"probe"), true));
+        let second = self.block(self.put_once(&full, &Bytes::from_static(b"probe"), true, None));
         let supported = match second {
             Ok(()) => false,
             Err(f) if f.status == Some(412) || f.code.as_deref() == Some("PreconditionFailed") => {
@@ -555,10 +601,11 @@ impl ObjectStore for S3Store {
                 key: key.to_string(),
             });
         }
+        let lock = self.lock_headers(key);
         let result = if multipart {
-            self.block(self.put_multipart(&full, data, conditional))
+            self.block(self.put_multipart(&full, data, conditional, lock))
         } else {
-            self.block(self.put_once(&full, data, conditional))
+            self.block(self.put_once(&full, data, conditional, lock))
         };
         result.map_err(|f| self.fail("put", key, f))
     }
@@ -717,6 +764,332 @@ impl ObjectStore for S3Store {
             requests: self.requests.load(Ordering::Relaxed),
             retries: 0,
         }
+    }
+
+    fn object_lock(&self) -> Option<&dyn ObjectLockStore> {
+        Some(self)
+    }
+}
+
+fn s3_mode(mode: LockMode) -> ObjectLockMode {
+    match mode {
+        LockMode::Governance => ObjectLockMode::Governance,
+        LockMode::Compliance => ObjectLockMode::Compliance,
+    }
+}
+
+fn lock_mode(mode: &ObjectLockMode) -> Option<LockMode> {
+    match mode {
+        ObjectLockMode::Governance => Some(LockMode::Governance),
+        ObjectLockMode::Compliance => Some(LockMode::Compliance),
+        _ => None,
+    }
+}
+
+fn md5_base64(data: &[u8]) -> String {
+    use md5::Digest;
+    aws_smithy_types::base64::encode(md5::Md5::digest(data))
+}
+
+fn system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<SystemTime> {
+    SystemTime::try_from(*t).ok()
+}
+
+/// Attempts of one Object Lock request (these calls bypass [`super::retry::RetryStore`]).
+const LOCK_ATTEMPTS: u32 = 4;
+
+impl S3Store {
+    /// Runs `op` until it succeeds, fails for good, or [`LOCK_ATTEMPTS`] have failed.
+    fn with_retries<T, F, Fut>(&self, what: &'static str, key: &str, op: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, Failure>> + Send,
+        T: Send,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.count(1);
+            match self.block(op()) {
+                Ok(v) => return Ok(v),
+                Err(f) if f.retryable && attempt < LOCK_ATTEMPTS => {
+                    std::thread::sleep(Duration::from_millis(100 << attempt));
+                }
+                Err(f) => return Err(self.fail(what, key, f)),
+            }
+        }
+    }
+
+    fn vault_key<'a>(&self, full: &'a str) -> Option<&'a str> {
+        if self.config.prefix.is_empty() {
+            Some(full)
+        } else {
+            full.strip_prefix(&self.config.prefix)?.strip_prefix('/')
+        }
+    }
+}
+
+impl ObjectLockStore for S3Store {
+    fn set_policy(&self, policy: LockPolicy) {
+        *self.lock.write().expect("lock policy") = Some(policy);
+    }
+
+    fn policy(&self) -> Option<LockPolicy> {
+        *self.lock.read().expect("lock policy")
+    }
+
+    fn bucket_lock(&self) -> Result<BucketLock, StoreError> {
+        let bucket = self.config.bucket.clone();
+        let out = self.with_retries("lock configuration", "(bucket)", || async {
+            match self
+                .client
+                .get_object_lock_configuration()
+                .bucket(&bucket)
+                .send()
+                .await
+            {
+                Ok(o) => Ok(Some(o)),
+                Err(e) => {
+                    let f = classify(&e);
+                    // No configuration at all: not a lock bucket.
+                    if f.status == Some(404)
+                        || f.code.as_deref() == Some("ObjectLockConfigurationNotFoundError")
+                    {
+                        Ok(None)
+                    } else {
+                        Err(f)
+                    }
+                }
+            }
+        })?;
+        let Some(conf) = out.and_then(|o| o.object_lock_configuration) else {
+            return Ok(BucketLock {
+                enabled: false,
+                default: None,
+            });
+        };
+        let enabled = conf.object_lock_enabled().map(|e| e.as_str()) == Some("Enabled");
+        let default = conf
+            .rule()
+            .and_then(|r| r.default_retention())
+            .and_then(|d| {
+                let mode = match d.mode()? {
+                    aws_sdk_s3::types::ObjectLockRetentionMode::Governance => LockMode::Governance,
+                    aws_sdk_s3::types::ObjectLockRetentionMode::Compliance => LockMode::Compliance,
+                    _ => return None,
+                };
+                let days = d.days().map(|d| d.max(0) as u64 * 86400);
+                let years = d.years().map(|y| y.max(0) as u64 * 365 * 86400);
+                Some((mode, Duration::from_secs(days.or(years)?)))
+            });
+        Ok(BucketLock { enabled, default })
+    }
+
+    fn ensure_lock_bucket(&self) -> Result<(), StoreError> {
+        let bucket = self.config.bucket.clone();
+        self.count(1);
+        let exists = match self.block(self.client.head_bucket().bucket(&bucket).send()) {
+            Ok(_) => true,
+            Err(e) => {
+                let f = classify(&e);
+                if f.status != Some(404) && f.code.as_deref() != Some("NoSuchBucket") {
+                    return Err(self.fail("check", "(bucket)", f));
+                }
+                false
+            }
+        };
+        if !exists {
+            let region = self.client.config().region().map(|r| r.to_string());
+            let mut req = self
+                .client
+                .create_bucket()
+                .bucket(&bucket)
+                .object_lock_enabled_for_bucket(true);
+            if let Some(r) =
+                region.filter(|r| r != "us-east-1" && self.config.endpoint_url.is_none())
+            {
+                req = req.create_bucket_configuration(
+                    aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                        .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                            r.as_str(),
+                        ))
+                        .build(),
+                );
+            }
+            self.count(1);
+            if let Err(e) = self.block(req.send()) {
+                let f = classify(&e);
+                if !matches!(f.code.as_deref(), Some("BucketAlreadyOwnedByYou")) {
+                    return Err(self.fail("creation", "(bucket)", f));
+                }
+            }
+        }
+        if !self.bucket_lock()?.enabled {
+            return Err(StoreError::Remote {
+                store: self.location(),
+                key: "(bucket)".into(),
+                op: "Object Lock check",
+                reason: format!(
+                    "bucket {bucket} exists without Object Lock (it can only be enabled on a \
+                     versioned bucket: `aws s3api put-bucket-versioning` then \
+                     `put-object-lock-configuration`), or use a new bucket"
+                ),
+                retryable: false,
+            });
+        }
+        Ok(())
+    }
+
+    fn versions(&self, prefix: &str) -> Result<Vec<ObjectVersion>, StoreError> {
+        let full = self.full_key(prefix);
+        let mut out = Vec::new();
+        let (mut key_marker, mut version_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let (km, vm) = (key_marker.clone(), version_marker.clone());
+            let page = self.with_retries("version listing", prefix, || async {
+                self.client
+                    .list_object_versions()
+                    .bucket(&self.config.bucket)
+                    .prefix(&full)
+                    .set_key_marker(km.clone())
+                    .set_version_id_marker(vm.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(&e))
+            })?;
+            for v in page.versions() {
+                let (Some(k), Some(id)) = (v.key(), v.version_id()) else {
+                    continue;
+                };
+                let Some(key) = self.vault_key(k) else {
+                    continue;
+                };
+                out.push(ObjectVersion {
+                    key: key.to_string(),
+                    version_id: id.to_string(),
+                    is_latest: v.is_latest() == Some(true),
+                    is_delete_marker: false,
+                    size: v.size().unwrap_or(0).max(0) as u64,
+                    modified: v.last_modified().and_then(system_time),
+                });
+            }
+            for m in page.delete_markers() {
+                let (Some(k), Some(id)) = (m.key(), m.version_id()) else {
+                    continue;
+                };
+                let Some(key) = self.vault_key(k) else {
+                    continue;
+                };
+                out.push(ObjectVersion {
+                    key: key.to_string(),
+                    version_id: id.to_string(),
+                    is_latest: m.is_latest() == Some(true),
+                    is_delete_marker: true,
+                    size: 0,
+                    modified: m.last_modified().and_then(system_time),
+                });
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        // Per key: newest first (the latest, then by time).
+        out.sort_by(|a, b| {
+            a.key
+                .cmp(&b.key)
+                .then(b.is_latest.cmp(&a.is_latest))
+                .then(b.modified.cmp(&a.modified))
+        });
+        Ok(out)
+    }
+
+    fn retention(
+        &self,
+        key: &str,
+        version_id: &str,
+    ) -> Result<Option<(LockMode, SystemTime)>, StoreError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        let head = self.with_retries("head", key, || async {
+            self.client
+                .head_object()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .version_id(version_id)
+                .send()
+                .await
+                .map_err(|e| classify(&e))
+        })?;
+        let mode = head.object_lock_mode().and_then(lock_mode);
+        let until = head.object_lock_retain_until_date().and_then(system_time);
+        Ok(mode.zip(until))
+    }
+
+    fn extend(&self, key: &str, version_id: &str, until: SystemTime) -> Result<(), StoreError> {
+        validate_key(key)?;
+        let Some(policy) = self.policy() else {
+            return Ok(());
+        };
+        let full = self.full_key(key);
+        let retention = aws_sdk_s3::types::ObjectLockRetention::builder()
+            .mode(match policy.mode {
+                LockMode::Governance => aws_sdk_s3::types::ObjectLockRetentionMode::Governance,
+                LockMode::Compliance => aws_sdk_s3::types::ObjectLockRetentionMode::Compliance,
+            })
+            .retain_until_date(aws_sdk_s3::primitives::DateTime::from(until))
+            .build();
+        self.with_retries("retention extension", key, || async {
+            self.client
+                .put_object_retention()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .version_id(version_id)
+                .retention(retention.clone())
+                .content_md5(md5_base64(b""))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(&e))
+        })
+    }
+
+    fn delete_version(&self, key: &str, version_id: &str) -> Result<(), StoreError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        self.with_retries("version delete", key, || async {
+            self.client
+                .delete_object()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .version_id(version_id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify(&e))
+        })
+    }
+
+    fn get_version(&self, key: &str, version_id: &str) -> Result<Vec<u8>, StoreError> {
+        validate_key(key)?;
+        let full = self.full_key(key);
+        self.with_retries("get", key, || async {
+            let out = self
+                .client
+                .get_object()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .version_id(version_id)
+                .send()
+                .await
+                .map_err(|e| classify(&e))?;
+            let len = out.content_length().map(|l| l.max(0) as u64);
+            read_body(out.body, len).await
+        })
     }
 }
 
