@@ -52,6 +52,9 @@
 //!    are skipped when damaged and their KDF cost is capped before hashing (see FORMAT.md).
 //! 8. What an RP references is defined once, by one walk (`walk::for_each_chunk`): prune's mark and spare steps and check
 //!    all use it, so they cannot disagree about what must be kept.
+//! 9. A locked vault (S3 Object Lock, [`store::lock`]) cannot lose data to stolen credentials:
+//!    every object but the scratch leases is written locked, prune keeps live objects locked and
+//!    destroys hidden versions only a retention after they were hidden ([`immutable`]).
 //!
 //! ## Concurrency
 //! | operation | may run with | why it is safe |
