@@ -82,10 +82,7 @@ pub fn maintain(
         let objects: Vec<&ObjectVersion> = group.iter().filter(|v| !v.is_delete_marker).collect();
         if !is_locked_key(key) {
             // Scratch: keep the current object only.
-            for v in group
-                .iter()
-                .filter(|v| !v.is_latest || v.is_delete_marker)
-            {
+            for v in group.iter().filter(|v| !v.is_latest || v.is_delete_marker) {
                 destroy(lock, v, dry_run, &mut report);
             }
             continue;

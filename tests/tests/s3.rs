@@ -627,3 +627,193 @@ fn object_lock_on_every_server() {
         );
     }
 }
+
+/// An RGW user with its own keys; returns (access key, secret).
+fn rgw_user(uid: &str) -> (String, String) {
+    let dir = std::env::var("ELASTIO_TEST_RGW_DIR").expect("ELASTIO_TEST_RGW_DIR");
+    let (access, secret) = (format!("{uid}-key"), format!("{uid}-secret"));
+    sh(
+        "radosgw-admin",
+        &[
+            "-c",
+            &format!("{dir}/ceph.conf"),
+            "user",
+            "create",
+            &format!("--uid={uid}"),
+            &format!("--display-name={uid}"),
+            &format!("--access-key={access}"),
+            &format!("--secret={secret}"),
+        ],
+    );
+    (access, secret)
+}
+
+/// Runs `code` (Python with boto3) with `c`, an S3 client on `url` with the given keys, and
+/// `bucket` defined; returns what it prints.
+fn boto3(url: &str, keys: (&str, &str), bucket: &str, code: &str) -> String {
+    let python = std::env::var("ELASTIO_TEST_PYTHON").expect("ELASTIO_TEST_PYTHON");
+    let script = format!(
+        "import boto3, botocore, sys\n\
+         c = boto3.client('s3', endpoint_url={url:?}, aws_access_key_id={:?}, \
+         aws_secret_access_key={:?}, region_name='us-east-1')\n\
+         bucket = {bucket:?}\n{code}\n",
+        keys.0, keys.1
+    );
+    let out = Command::new(python).args(["-c", &script]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn roles_that_cannot_hurt_on_rgw() {
+    let url = s3_server("rgw");
+    let env = Env::s3_with_init_args(&url, &["--object-lock", "governance", "--retention", "1d"]);
+    let vault = env.vault.to_str().unwrap().to_string();
+    let bucket = vault["s3://".len()..]
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let tag = hex::encode(rand::random::<[u8; 4]>());
+    let users: Vec<(&str, (String, String))> = ["backup", "restore", "prune"]
+        .iter()
+        .map(|r| (*r, rgw_user(&format!("{r}-{tag}"))))
+        .collect();
+    // One bucket policy: each user gets what `vault iam-policy` prints for its role.
+    let mut statements = Vec::new();
+    for (role, _) in &users {
+        let p = env.json(&[
+            "vault",
+            "iam-policy",
+            "--role",
+            role,
+            "--principal",
+            &format!("arn:aws:iam:::user/{role}-{tag}"),
+        ]);
+        statements.extend(p["Statement"].as_array().unwrap().iter().cloned());
+    }
+    let policy = serde_json::json!({"Version": "2012-10-17", "Statement": statements});
+    boto3(
+        &url,
+        ("testing", "testing"),
+        &bucket,
+        &format!(
+            "c.put_bucket_policy(Bucket=bucket, Policy={:?})",
+            policy.to_string()
+        ),
+    );
+    let as_user = |role: &str, args: &[&str]| {
+        let (_, (access, secret)) = users.iter().find(|(r, _)| *r == role).unwrap();
+        let mut c = env.command(args);
+        c.env("AWS_ACCESS_KEY_ID", access)
+            .env("AWS_SECRET_ACCESS_KEY", secret);
+        c.output().unwrap()
+    };
+    let keys = |role: &str| {
+        let (_, (a, s)) = users.iter().find(|(r, _)| *r == role).unwrap();
+        (a.clone(), s.clone())
+    };
+
+    // Backup and restore with their own credentials.
+    let img = env.path("r.img");
+    std::fs::write(&img, pseudo_random(50, 3 << 20)).unwrap();
+    let out = as_user(
+        "backup",
+        &[
+            "block",
+            "backup",
+            img.to_str().unwrap(),
+            "--output-format",
+            "json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "backup with the backup role: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rp = rp_of(&serde_json::from_slice(&out.stdout).unwrap());
+    let back = env.path("back.img");
+    let out = as_user(
+        "restore",
+        &["block", "restore", "--rp", &rp, back.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "restore with the restore role: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&back).unwrap(), pseudo_random(50, 3 << 20));
+
+    // The backup role cannot remove anything: not an RP, not a pack, not a version.
+    let out = as_user("backup", &["rp", "delete", &rp]);
+    assert!(!out.status.success(), "rp delete with the backup role");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("access denied"), "{err}");
+    let (a, s) = keys("backup");
+    let attack = boto3(
+        &url,
+        (&a, &s),
+        &bucket,
+        r#"
+out = []
+key = c.list_objects_v2(Bucket=bucket, Prefix='vault/packs/')['Contents'][0]['Key']
+for call in (lambda: c.delete_object(Bucket=bucket, Key=key),
+             lambda: c.delete_objects(Bucket=bucket, Delete={'Objects': [{'Key': key}]})):
+    try:
+        r = call()
+        out.append('denied' if r.get('Errors') else 'deleted')
+    except botocore.exceptions.ClientError:
+        out.append('denied')
+print(' '.join(out))
+"#,
+    );
+    assert_eq!(
+        attack.trim(),
+        "denied denied",
+        "the backup role deleted a pack"
+    );
+    // Nor can the prune role destroy a locked version.
+    let (a, s) = keys("prune");
+    let attack = boto3(
+        &url,
+        (&a, &s),
+        &bucket,
+        r#"
+key = c.list_objects_v2(Bucket=bucket, Prefix='vault/packs/')['Contents'][0]['Key']
+vid = c.list_object_versions(Bucket=bucket, Prefix=key)['Versions'][0]['VersionId']
+try:
+    c.delete_object(Bucket=bucket, Key=key, VersionId=vid)
+    print('destroyed')
+except botocore.exceptions.ClientError as e:
+    print('refused', e.response['Error']['Code'])
+"#,
+    );
+    assert!(attack.starts_with("refused"), "a locked version: {attack}");
+    let out = as_user("restore", &["check", "--read-data"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The prune role deletes RPs and prunes (hiding, since everything is locked).
+    let out = as_user("prune", &["rp", "delete", &rp]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_user("prune", &["prune", "--output-format", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(p["lock"]["postponed"].as_u64().unwrap() > 0, "{p}");
+}

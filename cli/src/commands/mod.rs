@@ -4,6 +4,7 @@ pub(crate) mod check;
 pub(crate) mod ebs;
 pub(crate) mod ec2;
 pub(crate) mod file;
+pub(crate) mod iam;
 pub(crate) mod kafka;
 pub(crate) mod mount;
 pub(crate) mod nbd;

@@ -15,7 +15,16 @@ pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
         VaultCommand::Init(a) => init(ctx, a),
         VaultCommand::Info => info(ctx),
         VaultCommand::Lock(LockCommand::Status) => lock_status(ctx),
+        VaultCommand::IamPolicy(a) => iam_policy(ctx, a),
     }
+}
+
+fn iam_policy(ctx: &Ctx, a: IamPolicyArgs) -> Result<()> {
+    let crate::context::Location::S3(c) = ctx.location()? else {
+        anyhow::bail!("vault iam-policy is for S3 vaults (--vault s3://bucket/prefix)");
+    };
+    let p = crate::commands::iam::policy(a.role, &c.bucket, &c.prefix, a.principal.as_deref());
+    print_json(&p)
 }
 
 fn lock_status(ctx: &Ctx) -> Result<()> {
@@ -173,6 +182,31 @@ need and destroys hidden versions once they are a retention old and unlocked.
     /// S3 Object Lock of a locked vault
     #[command(subcommand)]
     Lock(LockCommand),
+    /// Print a least-privilege S3 policy for one role on this vault's bucket and prefix
+    #[command(after_help = "Examples:
+  elastio --vault s3://backups/prod vault iam-policy --role backup > backup-policy.json
+  aws iam put-role-policy --role-name elastio-backup --policy-name vault \\
+      --policy-document file://backup-policy.json
+  elastio --vault s3://backups/prod vault iam-policy --role restore \\
+      --principal arn:aws:iam::123456789012:role/restore    # a bucket policy instead
+
+Roles: restore reads; backup also writes new objects and deletes only its own leases/ and
+locks/ (never data); prune also deletes (on a locked vault that only hides a key), reads and
+extends locks, and destroys versions (refused by S3 while they are locked); admin may do
+anything. No role gets s3:BypassGovernanceRetention. Give backup hosts the backup role and run
+prune from elsewhere: a stolen backup host can then add to the vault but not remove from it.")]
+    IamPolicy(IamPolicyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IamPolicyArgs {
+    /// Which commands the credentials will run
+    #[arg(long, value_enum)]
+    pub role: crate::commands::iam::Role,
+    /// Print a bucket policy granting the role to this principal (an IAM ARN, or an RGW user as
+    /// arn:aws:iam:::user/NAME) instead of an identity policy
+    #[arg(long, value_name = "ARN")]
+    pub principal: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
