@@ -65,6 +65,11 @@ pub struct GlobalArgs {
     /// own encryption
     #[arg(long, global = true, env = "ELASTIO_KMS_KEY_ID", value_name = "KEY")]
     pub kms_key_id: Option<String>,
+    /// Open an S3 vault read-only as it was at this moment (UTC, e.g. 2026-12-01T10:00:00Z):
+    /// objects deleted or overwritten since read as they were (the bucket must be versioned,
+    /// as an Object Lock bucket is)
+    #[arg(long, global = true, value_name = "TIME", value_parser = parse_time)]
+    pub point_in_time: Option<std::time::SystemTime>,
     /// Read the vault password from the first line of this file
     #[arg(long, global = true, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
@@ -221,4 +226,10 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
         return Err(format!("percentage {s:?} is not between 0 and 100"));
     }
     Ok(v / 100.0)
+}
+
+/// A moment in UTC: RFC 3339 (`2026-12-01T10:00:00Z`), or `2026-12-01 10:00:00`.
+pub fn parse_time(s: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(s.trim_end_matches('Z'))
+        .map_err(|e| format!("{s:?} is not a time like 2026-12-01T10:00:00Z: {e}"))
 }

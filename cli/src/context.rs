@@ -73,8 +73,18 @@ impl Ctx {
         })
     }
 
-    /// The store of an existing vault (local, or S3 with retries and the metadata cache).
+    /// The store of an existing vault (local, or S3 with retries and the metadata cache; with
+    /// `--point-in-time`, a read-only view of the versions current then).
     pub fn store(&self) -> Result<Arc<dyn ObjectStore>> {
+        if let Some(at) = self.global.point_in_time {
+            let Location::S3(c) = self.location()? else {
+                bail!("--point-in-time needs an S3 vault in a versioned bucket");
+            };
+            let raw = self.wrap(S3Store::connect(c)?)?;
+            return Ok(Arc::new(
+                scalez::store::point_in_time::PointInTimeStore::new(raw, at)?,
+            ));
+        }
         match self.location()? {
             Location::Local(path) => {
                 if !path.exists() {
@@ -91,6 +101,15 @@ impl Ctx {
                 Ok(Arc::new(CachedStore::new(store, &cache_dir(&id)?)))
             }
         }
+    }
+
+    /// The S3 store of a vault with retries, nothing else (no cache, no config read): for
+    /// repairs of a vault that may not open.
+    pub fn raw_s3_store(&self) -> Result<Arc<dyn ObjectStore>> {
+        let Location::S3(c) = self.location()? else {
+            bail!("this needs an S3 vault (--vault s3://bucket/prefix)");
+        };
+        self.wrap(S3Store::connect(c)?)
     }
 
     /// The store for `vault init`: created (directory, or bucket if missing) and empty.

@@ -240,3 +240,76 @@ pub fn status(vault: &Vault, progress: &dyn Fn(&str)) -> Result<Option<LockStatu
     st.oldest_lock_expires = oldest.map(rfc3339);
     Ok(Some(st))
 }
+
+/// What [`restore_versions`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreVersionsReport {
+    pub at: String,
+    /// Keys hidden since then, shown again (the newer delete markers removed).
+    pub unhidden: Vec<String>,
+    /// Keys overwritten since then, whose old version was copied back as the current one.
+    pub restored: Vec<String>,
+    /// Keys unchanged since then.
+    pub unchanged: usize,
+    /// Keys created since then (later backups): left as they are.
+    pub newer: usize,
+}
+
+/// Undoes deletions and overwrites since `at` (a versioned store): every key that existed then
+/// is made current again in the version it had, by removing the delete markers above it or,
+/// where newer versions were written, by copying it back. Keys created since are kept. Works on
+/// the raw store, so it repairs a vault too damaged to open.
+pub fn restore_versions(
+    store: &dyn crate::store::ObjectStore,
+    at: SystemTime,
+    dry_run: bool,
+    progress: &dyn Fn(&str),
+) -> Result<RestoreVersionsReport> {
+    let lock = store.object_lock().ok_or_else(|| {
+        crate::error::Error::InvalidParameter(format!(
+            "{}: only a versioned S3 bucket keeps old versions",
+            store.location()
+        ))
+    })?;
+    progress("listing versions");
+    let versions = lock.versions("")?;
+    let mut report = RestoreVersionsReport {
+        at: rfc3339(at),
+        ..RestoreVersionsReport::default()
+    };
+    for group in versions.chunk_by(|a, b| a.key == b.key) {
+        let key = &group[0].key;
+        if !is_locked_key(key) {
+            continue;
+        }
+        let latest = group.iter().find(|v| v.is_latest).unwrap_or(&group[0]);
+        let Some(wanted) = crate::store::point_in_time::version_at(group.iter(), at) else {
+            if !latest.is_delete_marker {
+                report.newer += 1;
+            }
+            continue;
+        };
+        if latest.version_id == wanted.version_id {
+            report.unchanged += 1;
+            continue;
+        }
+        let newer: Vec<&ObjectVersion> = group
+            .iter()
+            .filter(|v| v.modified > wanted.modified)
+            .collect();
+        if newer.iter().all(|v| v.is_delete_marker) {
+            if !dry_run {
+                for m in &newer {
+                    lock.delete_version(key, &m.version_id)?;
+                }
+            }
+            report.unhidden.push(key.clone());
+        } else {
+            if !dry_run {
+                lock.restore_version(key, &wanted.version_id)?;
+            }
+            report.restored.push(key.clone());
+        }
+    }
+    Ok(report)
+}

@@ -817,3 +817,105 @@ except botocore.exceptions.ClientError as e:
     let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(p["lock"]["postponed"].as_u64().unwrap() > 0, "{p}");
 }
+
+#[test]
+fn point_in_time_recovers_from_an_attacker_on_every_server() {
+    use scalez::store::lock::ObjectLockStore;
+    for (name, url) in s3_servers() {
+        let env =
+            Env::s3_with_init_args(&url, &["--object-lock", "governance", "--retention", "1d"]);
+        let img = env.path("p.img");
+        std::fs::write(&img, pseudo_random(60, 3 << 20)).unwrap();
+        let rp1 = rp_of(&env.backup(&img, None));
+        std::fs::write(&img, pseudo_random(61, 3 << 20)).unwrap();
+        let rp2 = rp_of(&env.backup(&img, None));
+        // Listings give times to the second on some servers.
+        std::thread::sleep(Duration::from_millis(1500));
+        let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        std::thread::sleep(Duration::from_millis(1500));
+
+        // The attacker, with the vault's own credentials: a catalog entry deleted, an index
+        // object and a pack overwritten.
+        let s = vault_store(&env, &url);
+        s.delete(&format!("catalog/{rp1}")).unwrap();
+        let index = s.list("index/").unwrap()[0].key.clone();
+        s.put(&index, b"encrypted by ransomware", PutMode::Overwrite)
+            .unwrap();
+        let packs = s.list("packs/").unwrap();
+        for p in &packs {
+            s.put(&p.key, b"encrypted by ransomware", PutMode::Overwrite)
+                .unwrap();
+        }
+        let listed = env.json(&["rp", "list"]);
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{name}: {listed}");
+        let out = env.path("o.img");
+        let failed = env
+            .command(&["block", "restore", "--rp", &rp2, out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!failed.status.success(), "{name}: the damage is real");
+        assert!(
+            !out.exists(),
+            "{name}: a failed restore left its target: {}",
+            String::from_utf8_lossy(&failed.stderr)
+        );
+
+        // As it was: every RP restores.
+        let then = env.json(&["--point-in-time", &at, "rp", "list"]);
+        assert_eq!(then.as_array().unwrap().len(), 2, "{name}: {then}");
+        for (rp, seed) in [(&rp1, 60), (&rp2, 61)] {
+            let out = env.path(&format!("then-{seed}.img"));
+            env.ok(&[
+                "--point-in-time",
+                &at,
+                "block",
+                "restore",
+                "--rp",
+                rp,
+                out.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                std::fs::read(&out).unwrap(),
+                pseudo_random(seed, 3 << 20),
+                "{name}"
+            );
+        }
+        let denied = env
+            .command(&["--point-in-time", &at, "rp", "delete", &rp2])
+            .output()
+            .unwrap();
+        assert!(
+            !denied.status.success(),
+            "{name}: a point in time is read only"
+        );
+
+        // The repair: the vault is as it was, and new backups go on.
+        let r = env.json(&["vault", "restore-versions", "--to", &at]);
+        let report = &r["report"];
+        assert_eq!(
+            report["unhidden"].as_array().unwrap().len(),
+            1,
+            "{name}: {r}"
+        );
+        assert_eq!(
+            report["restored"].as_array().unwrap().len(),
+            packs.len() + 1,
+            "{name}: {r}"
+        );
+        for (rp, seed) in [(&rp1, 60), (&rp2, 61)] {
+            let out = env.path(&format!("now-{seed}.img"));
+            env.restore(rp, &out);
+            assert_eq!(
+                std::fs::read(&out).unwrap(),
+                pseudo_random(seed, 3 << 20),
+                "{name}"
+            );
+        }
+        env.ok(&["check", "--read-data"]);
+        let lock: &dyn ObjectLockStore = &s;
+        assert!(
+            lock.versions("packs/").unwrap().len() > packs.len(),
+            "{name}"
+        );
+    }
+}

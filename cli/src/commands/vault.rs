@@ -16,6 +16,42 @@ pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
         VaultCommand::Info => info(ctx),
         VaultCommand::Lock(LockCommand::Status) => lock_status(ctx),
         VaultCommand::IamPolicy(a) => iam_policy(ctx, a),
+        VaultCommand::RestoreVersions(a) => restore_versions(ctx, a),
+    }
+}
+
+fn restore_versions(ctx: &Ctx, a: RestoreVersionsArgs) -> Result<()> {
+    let store = ctx.raw_s3_store()?;
+    let bar = crate::output::Bar::new(ctx.global.quiet);
+    let r = scalez::immutable::restore_versions(store.as_ref(), a.to, a.dry_run, &|m| {
+        agent::Progress::message(&bar, m)
+    })?;
+    bar.finish();
+    match ctx.global.output_format {
+        OutputFormat::Json => {
+            print_json(&json!({ "vault": store.location(), "dry_run": a.dry_run, "report": r }))
+        }
+        OutputFormat::Human => {
+            let verb = if a.dry_run {
+                "would bring back"
+            } else {
+                "brought back"
+            };
+            println!(
+                "{verb} {} deleted and {} overwritten objects as they were at {}",
+                r.unhidden.len(),
+                r.restored.len(),
+                r.at
+            );
+            for k in r.unhidden.iter().chain(&r.restored).take(20) {
+                println!("  {k}");
+            }
+            println!(
+                "{} objects unchanged since; {} newer ones kept",
+                r.unchanged, r.newer
+            );
+            Ok(())
+        }
     }
 }
 
@@ -196,6 +232,28 @@ extends locks, and destroys versions (refused by S3 while they are locked); admi
 anything. No role gets s3:BypassGovernanceRetention. Give backup hosts the backup role and run
 prune from elsewhere: a stolen backup host can then add to the vault but not remove from it.")]
     IamPolicy(IamPolicyArgs),
+    /// Undo deletions and overwrites since a moment: every object that existed then is made
+    /// current again as it was (versioned S3 buckets)
+    #[command(after_help = "Examples:
+  elastio --point-in-time 2026-12-01T10:00:00Z rp list      # what the vault held then
+  elastio vault restore-versions --to 2026-12-01T10:00:00Z --dry-run
+  elastio vault restore-versions --to 2026-12-01T10:00:00Z
+
+Objects created since (later backups) are kept. Deleted objects come back by removing the delete
+markers above them; overwritten ones by a server-side copy of their old version (the newer
+versions stay, and prune reports them as tampered). Needs the prune role (or admin). Works on
+the bucket directly, so it repairs a vault too damaged to open.")]
+    RestoreVersions(RestoreVersionsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreVersionsArgs {
+    /// The moment to go back to (UTC, e.g. 2026-12-01T10:00:00Z)
+    #[arg(long, value_name = "TIME", value_parser = crate::cli::parse_time)]
+    pub to: std::time::SystemTime,
+    /// Say what would be brought back, change nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

@@ -102,6 +102,16 @@ pub trait ObjectLockStore: Send + Sync {
     fn delete_version(&self, key: &str, version_id: &str) -> Result<(), StoreError>;
     /// The bytes of one version (to restore what an attacker hid or overwrote).
     fn get_version(&self, key: &str, version_id: &str) -> Result<Vec<u8>, StoreError>;
+    /// Bytes `range` of one version (inside it).
+    fn get_version_range(
+        &self,
+        key: &str,
+        version_id: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, StoreError>;
+    /// Makes version `version_id` of `key` current again: a server-side copy of it as a new
+    /// version (locked like any put).
+    fn restore_version(&self, key: &str, version_id: &str) -> Result<(), StoreError>;
 }
 
 /// Parses a retention such as `30d`, `12h`, `90s` (days, hours, minutes, seconds; `y` = 365

@@ -20,6 +20,7 @@ pub mod fault;
 pub mod local;
 pub mod lock;
 pub mod memory;
+pub mod point_in_time;
 pub mod retry;
 #[cfg(feature = "s3")]
 pub mod s3;

@@ -1,0 +1,162 @@
+//! A read-only view of a versioned store as it was at one moment (`--point-in-time`).
+//!
+//! For every key, the view holds the newest version written at or before the moment, unless
+//! that is a delete marker (then the key did not exist). So objects that were deleted or
+//! overwritten since (by an attacker with the vault's credentials, say) read as they were, as
+//! long as their versions still exist, which S3 Object Lock guarantees for one retention period
+//! ([`crate::immutable`]). Writes and deletes are refused.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use super::lock::{ObjectLockStore, ObjectVersion};
+use super::{ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
+
+/// Of one key's versions (any order), the object version that was current at `at` (None if
+/// the key did not exist then, or was hidden by a delete marker).
+pub fn version_at<'a>(
+    versions: impl Iterator<Item = &'a ObjectVersion>,
+    at: SystemTime,
+) -> Option<&'a ObjectVersion> {
+    versions
+        .filter(|v| v.modified.is_some_and(|m| m <= at))
+        .max_by_key(|v| v.modified)
+        .filter(|v| !v.is_delete_marker)
+}
+
+#[derive(Debug)]
+pub struct PointInTimeStore {
+    inner: Arc<dyn ObjectStore>,
+    at: SystemTime,
+    /// Key → the version in the view (None: absent), filled by listings and lookups.
+    chosen: Mutex<HashMap<String, Option<(String, u64)>>>,
+}
+
+impl PointInTimeStore {
+    /// `inner` must keep versions (an S3 store).
+    pub fn new(inner: Arc<dyn ObjectStore>, at: SystemTime) -> Result<Self, StoreError> {
+        if inner.object_lock().is_none() {
+            return Err(StoreError::Remote {
+                store: inner.location(),
+                key: String::new(),
+                op: "point-in-time open",
+                reason: "only a versioned S3 bucket keeps the versions a point in time needs"
+                    .into(),
+                retryable: false,
+            });
+        }
+        Ok(PointInTimeStore {
+            inner,
+            at,
+            chosen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> &dyn ObjectLockStore {
+        self.inner.object_lock().expect("checked at new")
+    }
+
+    /// Of one key's versions (any order), the one in the view.
+    fn pick<'a>(&self, versions: impl Iterator<Item = &'a ObjectVersion>) -> Option<(String, u64)> {
+        version_at(versions, self.at).map(|v| (v.version_id.clone(), v.size))
+    }
+
+    fn version_of(&self, key: &str) -> Result<(String, u64), StoreError> {
+        if let Some(c) = self.chosen.lock().expect("view").get(key) {
+            return c.clone().ok_or_else(|| self.not_found(key));
+        }
+        let versions = self.lock().versions(key)?;
+        let picked = self.pick(versions.iter().filter(|v| v.key == key));
+        self.chosen
+            .lock()
+            .expect("view")
+            .insert(key.to_string(), picked.clone());
+        picked.ok_or_else(|| self.not_found(key))
+    }
+
+    fn not_found(&self, key: &str) -> StoreError {
+        StoreError::NotFound {
+            store: self.location(),
+            key: key.to_string(),
+        }
+    }
+
+    fn read_only(&self, op: &'static str, key: &str) -> StoreError {
+        StoreError::Remote {
+            store: self.location(),
+            key: key.to_string(),
+            op,
+            reason: "the vault is open as it was at a point in time: read only".into(),
+            retryable: false,
+        }
+    }
+}
+
+impl ObjectStore for PointInTimeStore {
+    fn location(&self) -> String {
+        format!(
+            "{} at {}",
+            self.inner.location(),
+            humantime::format_rfc3339_seconds(self.at)
+        )
+    }
+
+    fn put(&self, key: &str, _data: &[u8], _mode: PutMode) -> Result<(), StoreError> {
+        Err(self.read_only("put", key))
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>, StoreError> {
+        let (version, _) = self.version_of(key)?;
+        self.lock().get_version(key, &version)
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, StoreError> {
+        let (version, size) = self.version_of(key)?;
+        if range.start > range.end || range.end > size {
+            return Err(StoreError::BadRange {
+                store: self.location(),
+                key: key.to_string(),
+                start: range.start,
+                end: range.end,
+                size,
+            });
+        }
+        self.lock().get_version_range(key, &version, range)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let versions = self.lock().versions(prefix)?;
+        let mut out = Vec::new();
+        let mut chosen = self.chosen.lock().expect("view");
+        for group in versions.chunk_by(|a, b| a.key == b.key) {
+            let picked = self.pick(group.iter());
+            if let Some((_, size)) = &picked {
+                out.push(ObjectMeta {
+                    key: group[0].key.clone(),
+                    size: *size,
+                });
+            }
+            chosen.insert(group[0].key.clone(), picked);
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        Err(self.read_only("delete", key))
+    }
+
+    fn read_parallelism(&self) -> usize {
+        self.inner.read_parallelism()
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+
+    /// The vault's lock policy applies to the view too (it writes nothing anyway).
+    fn object_lock(&self) -> Option<&dyn ObjectLockStore> {
+        self.inner.object_lock()
+    }
+}
