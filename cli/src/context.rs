@@ -217,7 +217,7 @@ impl Ctx {
 }
 
 /// `$XDG_CACHE_HOME/elastio/<vault id>`, else `~/.cache/elastio/<vault id>`.
-fn cache_dir(vault_id: &str) -> Result<PathBuf> {
+pub fn cache_dir(vault_id: &str) -> Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(

@@ -113,6 +113,14 @@ impl DiskWriter {
         Ok((rp, stats))
     }
 
+    /// Flushes every pack and index object, then makes `rp` visible as it is (a copy of an RP
+    /// from another vault, whose map this writer assembled: [`crate::copy`]).
+    pub(crate) fn commit_as(mut self, rp: &RecoveryPoint) -> Result<SessionStats> {
+        let stats = self.session.finish()?;
+        self.session.commit(rp)?;
+        Ok(stats)
+    }
+
     /// Gives up the RP: flushes what was stored (it stays unreferenced until a prune) and returns
     /// the session's own error, if it had one — the real cause behind a worker's "the pack writer
     /// stopped".

@@ -78,6 +78,7 @@ pub mod aws_error;
 pub mod cache;
 pub mod catalog;
 pub mod check;
+pub mod copy;
 pub mod crypto;
 pub mod disk_map;
 pub mod disk_writer;

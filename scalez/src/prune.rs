@@ -96,9 +96,6 @@ pub struct PruneReport {
     pub elapsed_ms: u64,
     /// A locked vault's upkeep (S3 Object Lock): extended, destroyed and postponed versions.
     pub lock: Option<crate::immutable::LockReport>,
-    /// The pack keys this prune deleted.
-    #[serde(skip)]
-    pub deleted_packs: Vec<String>,
 }
 
 /// Marks the chunks (map pages included) every RP in `rps` references. A referenced chunk that is
@@ -164,16 +161,42 @@ pub fn prune(
     progress: &dyn Fn(&str),
 ) -> Result<PruneReport> {
     let started = Instant::now();
-    let plan = PrunePlan::new(vault, opts, progress)?;
+    let plan = match PrunePlan::new(vault, opts, progress) {
+        Ok(p) => p,
+        Err(e) => {
+            // A locked vault's live objects stay locked even when the plan fails (a planted
+            // object, a damaged index): every pack counts as indexed, so none is destroyed.
+            if vault.store().object_lock().is_some() && !opts.dry_run {
+                let all: HashSet<String> = vault
+                    .store()
+                    .list("packs/")
+                    .map(|l| l.into_iter().map(|o| o.key).collect())
+                    .unwrap_or_default();
+                if let Err(le) = crate::immutable::maintain(vault, &all, false, progress) {
+                    tracing::warn!("lock upkeep after a failed prune plan: {le}");
+                }
+            }
+            return Err(e);
+        }
+    };
     let mut report = plan.report(opts.dry_run);
-    let mut indexed: HashSet<String> = plan.usage.keys().map(PackId::key).collect();
-    if !opts.dry_run {
+    // Lock upkeep first, on what the index names now: nothing this prune hides can be
+    // destroyed in the same run anyway (grace), and tampering must stop the deletions below.
+    let indexed: HashSet<String> = plan.usage.keys().map(PackId::key).collect();
+    report.lock = crate::immutable::maintain(vault, &indexed, opts.dry_run, progress)?;
+    let tampered = report.lock.as_ref().is_some_and(|l| !l.tampered.is_empty());
+    if tampered && !opts.dry_run {
+        report.postponed = Some(
+            "objects of this vault were overwritten (listed below): nothing was deleted; \
+             bring them back with `vault restore-versions --to <a time before>`"
+                .into(),
+        );
+        report.rps_deleted = 0;
+        report.packs_deleted = 0;
+        report.bytes_deleted = 0;
+    } else if !opts.dry_run {
         plan.execute(vault, opts, progress, &mut report)?;
     }
-    for k in &report.deleted_packs {
-        indexed.remove(k);
-    }
-    report.lock = crate::immutable::maintain(vault, &indexed, opts.dry_run, progress)?;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(report)
 }
@@ -352,7 +375,6 @@ impl PrunePlan {
         progress(&format!("deleting {} packs", deleted.len()));
         for p in &deleted {
             vault.store().delete(&p.key())?;
-            report.deleted_packs.push(p.key());
             report.packs_deleted += 1;
             report.bytes_deleted += self.listed.get(p).copied().unwrap_or(0);
         }

@@ -114,6 +114,41 @@ struct ConfigObject {
     mac: String,
 }
 
+/// On a versioned store: refuses a config whose current bytes are not the ones first written
+/// (someone with write access replaced it, e.g. to turn Object Lock off): `vault
+/// restore-versions` brings the first one back.
+fn check_config_versions(store: &dyn ObjectStore) -> Result<()> {
+    let Some(lock) = store.object_lock() else {
+        return Ok(());
+    };
+    let versions = match lock.versions(CONFIG_KEY) {
+        Ok(v) => v,
+        // A store or a role that cannot list versions: nothing to compare.
+        Err(e) => {
+            tracing::debug!("{}: config versions not listed: {e}", store.location());
+            return Ok(());
+        }
+    };
+    let objs: Vec<_> = versions
+        .iter()
+        .filter(|v| v.key == CONFIG_KEY && !v.is_delete_marker)
+        .collect();
+    if let (Some(current), Some(first)) = (objs.first(), objs.last()) {
+        if objs.len() > 1 && (current.etag.is_none() || current.etag != first.etag) {
+            return Err(Error::Corrupt {
+                location: store.location(),
+                key: CONFIG_KEY.into(),
+                detail: format!(
+                    "it was replaced after the vault was made ({} versions): bring the first \
+                     one back with `vault restore-versions`",
+                    objs.len()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Makes `store` write under `lock`; a store without Object Lock cannot hold a locked vault.
 fn apply_lock(store: &dyn ObjectStore, lock: &ObjectLock) -> Result<()> {
     match store.object_lock() {
@@ -268,8 +303,26 @@ impl Vault {
             });
         }
         if let Some(lock) = &config.object_lock {
+            let bad = |detail: String| Error::Corrupt {
+                location: location.clone(),
+                key: CONFIG_KEY.into(),
+                detail,
+            };
+            if config.version < 2 {
+                return Err(bad(format!(
+                    "version {} cannot have object_lock",
+                    config.version
+                )));
+            }
+            if !(1..=crate::store::lock::MAX_RETENTION_SECS).contains(&lock.retention_secs) {
+                return Err(bad(format!(
+                    "object_lock retention of {} seconds is out of range",
+                    lock.retention_secs
+                )));
+            }
             apply_lock(store.as_ref(), lock)?;
         }
+        check_config_versions(store.as_ref())?;
         let vault = Vault::unloaded(store, keys, config);
         vault.refresh()?;
         Ok(vault)

@@ -333,12 +333,12 @@ fn a_vault_of_a_newer_format_is_refused() {
     let env = Env::new();
     let config = env.vault.join("config");
     let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, text.replace("\"version\": 1", "\"version\": 2")).unwrap();
+    std::fs::write(&config, text.replace("\"version\": 1", "\"version\": 3")).unwrap();
     let out = env.run(&["rp", "list"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("format version 2") && err.contains("upgrade"),
+        err.contains("format version 3") && err.contains("upgrade"),
         "{err}"
     );
 }

@@ -612,17 +612,39 @@ fn object_lock_on_every_server() {
             .find(|v| v.is_latest)
             .unwrap();
         let original = s.get(&live.key).unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let before = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        std::thread::sleep(Duration::from_millis(1500));
         s.put(&live.key, b"ransom", PutMode::Overwrite).unwrap();
         assert_eq!(
             lock.get_version(&live.key, &live.version_id).unwrap(),
             original
         );
-        let p = env.json(&["prune"]);
+        env.ok(&["rp", "delete", &rp2]);
+        let out = env
+            .command(&["prune", "--output-format", "json", "--allow-empty"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{name}: prune went on over an overwritten pack"
+        );
+        let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let tampered = p["lock"]["tampered"].as_array().unwrap();
         assert!(
             tampered
                 .iter()
                 .any(|t| t.as_str().unwrap().contains(&live.key)),
+            "{name}: {p}"
+        );
+        assert_eq!(p["packs_deleted"], 0, "{name}: nothing deleted: {p}");
+        // The repair: the pack as it was, and prune goes on.
+        let r = env.json(&["vault", "restore-versions", "--to", &before]);
+        assert_eq!(r["report"]["restored"][0], live.key.as_str(), "{name}: {r}");
+        assert_eq!(s.get(&live.key).unwrap(), original, "{name}");
+        let p = env.json(&["prune", "--allow-empty"]);
+        assert!(
+            p["lock"]["tampered"].as_array().unwrap().is_empty(),
             "{name}: {p}"
         );
     }
@@ -913,8 +935,9 @@ fn point_in_time_recovers_from_an_attacker_on_every_server() {
         }
         env.ok(&["check", "--read-data"]);
         let lock: &dyn ObjectLockStore = &s;
+        // The attacker's versions (unlocked) are gone: each pack is its one first version.
         assert!(
-            lock.versions("packs/").unwrap().len() > packs.len(),
+            lock.versions("packs/").unwrap().len() == packs.len(),
             "{name}"
         );
     }

@@ -46,8 +46,23 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
             eprintln!("{stage}");
         }
     })?;
+    print(ctx, &opts, &r)?;
+    // Unextended locks put live data at risk: a failure the caller must see.
+    match &r.lock {
+        Some(l) if l.error_count > 0 => anyhow::bail!(
+            "object lock upkeep failed on {} objects (listed above); their locks may run out",
+            l.error_count
+        ),
+        _ if r.lock.as_ref().is_some_and(|l| !l.tampered.is_empty()) => {
+            anyhow::bail!("objects of this vault were overwritten; nothing was deleted (see above)")
+        }
+        _ => Ok(()),
+    }
+}
+
+fn print(ctx: &Ctx, opts: &PruneOptions, r: &scalez::prune::PruneReport) -> Result<()> {
     match ctx.global.output_format {
-        OutputFormat::Json => print_json(&r),
+        OutputFormat::Json => print_json(r),
         OutputFormat::Human => {
             let verb = if r.dry_run { "would delete" } else { "deleted" };
             let rows: Vec<Vec<String>> = r
@@ -112,7 +127,16 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<()> {
                     );
                 }
                 for t in &l.tampered {
-                    println!("  WARNING, left alone: {t}");
+                    println!("  TAMPERED: {t}");
+                }
+                for k in &l.kept {
+                    println!("  kept for good: {k}");
+                }
+                for e in &l.errors {
+                    println!("  FAILED: {e}");
+                }
+                if l.error_count > l.errors.len() {
+                    println!("  ... and {} more failures", l.error_count - l.errors.len());
                 }
             }
             println!("time {:.2} s", r.elapsed_ms as f64 / 1000.0);

@@ -17,16 +17,156 @@ pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
         VaultCommand::Lock(LockCommand::Status) => lock_status(ctx),
         VaultCommand::IamPolicy(a) => iam_policy(ctx, a),
         VaultCommand::RestoreVersions(a) => restore_versions(ctx, a),
+        VaultCommand::Copy(a) => copy(ctx, a),
+    }
+}
+
+/// Opens the vault at `location` (a path or s3:// URL) with `password`.
+fn open_other(
+    ctx: &Ctx,
+    location: &std::path::Path,
+    password: &[u8],
+) -> Result<std::sync::Arc<Vault>> {
+    let mut global = ctx.global.clone();
+    global.vault = Some(location.to_path_buf());
+    global.point_in_time = None;
+    let other = Ctx { global };
+    let store = other.store()?;
+    Vault::read_config(store.as_ref())?;
+    Ok(std::sync::Arc::new(Vault::open(store, password)?))
+}
+
+fn copy(ctx: &Ctx, a: CopyArgs) -> Result<()> {
+    let from = match &a.from {
+        Some(f) => {
+            let password = ctx.password(false)?;
+            open_other(ctx, f, &password)?
+        }
+        None => ctx.open_vault()?,
+    };
+    let password = match (&a.to_password_file, std::env::var_os("ELASTIO_TO_PASSWORD")) {
+        (Some(f), _) => {
+            let mut global = ctx.global.clone();
+            global.password_file = Some(f.clone());
+            global.password_stdin = false;
+            Ctx { global }.password(false)?
+        }
+        (None, Some(p)) if !p.is_empty() => zeroize::Zeroizing::new(p.into_encoded_bytes()),
+        _ => ctx.password(false)?,
+    };
+    let to = open_other(ctx, &a.to, &password)
+        .with_context(|| format!("cannot open the target vault {}", a.to.display()))?;
+    if from.config().vault_id == to.config().vault_id {
+        anyhow::bail!(
+            "{} and {} are the same vault (id {})",
+            from.location(),
+            to.location(),
+            to.config().vault_id
+        );
+    }
+    let tags = scalez::catalog::parse_tags(a.tags.iter().map(String::as_str))?;
+    let all = from.list_rps()?;
+    let mut picked: Vec<scalez::RecoveryPoint> = all
+        .iter()
+        .filter(|rp| a.asset.as_deref().is_none_or(|x| rp.asset.name == x))
+        .filter(|rp| a.kind.is_none_or(|k| rp.kind == k))
+        .filter(|rp| tags.iter().all(|(k, v)| rp.tags.get(k) == Some(v)))
+        .filter(|rp| {
+            a.since.is_none_or(|t| {
+                humantime::parse_rfc3339_weak(rp.created.trim_end_matches('Z'))
+                    .is_ok_and(|c| c >= t)
+            })
+        })
+        .cloned()
+        .collect();
+    // An instance RP needs the disk RPs of its volumes.
+    let volumes: Vec<_> = picked
+        .iter()
+        .filter_map(|rp| rp.instance.as_ref())
+        .flat_map(|i| i.volumes.iter().map(|v| v.rp.clone()))
+        .collect();
+    for id in volumes {
+        if !picked.iter().any(|rp| rp.id == id) {
+            if let Some(rp) = all.iter().find(|rp| rp.id == id) {
+                picked.push(rp.clone());
+            }
+        }
+    }
+    if picked.is_empty() {
+        anyhow::bail!(
+            "no recovery point of {} matches the selection",
+            from.location()
+        );
+    }
+    let bar = crate::output::Bar::new(ctx.global.quiet);
+    let r = scalez::copy::copy_rps(&from, &to, &picked, a.dry_run, &|m| {
+        agent::Progress::message(&bar, m)
+    })
+    .with_context(|| format!("copy from {} to {} failed", from.location(), to.location()))?;
+    bar.finish();
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&json!({
+            "from": from.location(),
+            "to": to.location(),
+            "selected": picked.len(),
+            "report": r,
+        })),
+        OutputFormat::Human => {
+            let verb = if r.dry_run { "would copy" } else { "copied" };
+            println!(
+                "{verb} {} of {} recovery points from {} to {} ({} already there)",
+                r.copied.len(),
+                picked.len(),
+                from.location(),
+                to.location(),
+                r.already_there
+            );
+            println!(
+                "  read     {} chunks ({}); {} disk slots taken from the copied parent unread",
+                r.chunks_read,
+                bytes(r.bytes_read),
+                r.slots_kept
+            );
+            println!(
+                "  sent     {} new chunks ({}); {} stored, {} requests",
+                r.chunks_sent,
+                bytes(r.bytes_sent),
+                bytes(r.stored_bytes),
+                r.requests
+            );
+            println!("  time     {:.2} s", r.elapsed_ms as f64 / 1000.0);
+            Ok(())
+        }
     }
 }
 
 fn restore_versions(ctx: &Ctx, a: RestoreVersionsArgs) -> Result<()> {
     let store = ctx.raw_s3_store()?;
+    // The vault as it was then, opened with the password: its authenticated config says how
+    // the copies brought back must be locked.
+    let then = {
+        let mut global = ctx.global.clone();
+        global.point_in_time = Some(a.to);
+        let then_ctx = Ctx { global };
+        then_ctx
+            .open_vault()
+            .context("cannot open the vault as it was at --to (the repair needs its config)")?
+    };
+    let policy = then.config().object_lock.map(|l| l.policy());
     let bar = crate::output::Bar::new(ctx.global.quiet);
-    let r = scalez::immutable::restore_versions(store.as_ref(), a.to, a.dry_run, &|m| {
+    let r = scalez::immutable::restore_versions(store.as_ref(), a.to, policy, a.dry_run, &|m| {
         agent::Progress::message(&bar, m)
     })?;
     bar.finish();
+    if !a.dry_run {
+        // The metadata cache may hold bytes read while the vault was damaged.
+        if let Ok(dir) = crate::context::cache_dir(&then.config().vault_id) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    if let Some(w) = &r.warning {
+        eprintln!("warning: {w}");
+    }
     match ctx.global.output_format {
         OutputFormat::Json => {
             print_json(&json!({ "vault": store.location(), "dry_run": a.dry_run, "report": r }))
@@ -47,9 +187,25 @@ fn restore_versions(ctx: &Ctx, a: RestoreVersionsArgs) -> Result<()> {
                 println!("  {k}");
             }
             println!(
-                "{} objects unchanged since; {} newer ones kept",
-                r.unchanged, r.newer
+                "{} objects unchanged since; {} newer ones kept{}",
+                r.unchanged,
+                r.newer_count,
+                if r.newer.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({}{})",
+                        r.newer[..r.newer.len().min(5)].join(", "),
+                        if r.newer_count > 5 { ", ..." } else { "" }
+                    )
+                }
             );
+            for e in &r.errors {
+                println!("  FAILED {e}");
+            }
+            if !r.errors.is_empty() {
+                anyhow::bail!("{} objects could not be brought back", r.errors.len());
+            }
             Ok(())
         }
     }
@@ -59,7 +215,14 @@ fn iam_policy(ctx: &Ctx, a: IamPolicyArgs) -> Result<()> {
     let crate::context::Location::S3(c) = ctx.location()? else {
         anyhow::bail!("vault iam-policy is for S3 vaults (--vault s3://bucket/prefix)");
     };
-    let p = crate::commands::iam::policy(a.role, &c.bucket, &c.prefix, a.principal.as_deref());
+    // The vault's lock, when it exists (unauthenticated: it only shapes the policy printed).
+    let lock = ctx
+        .raw_s3_store()
+        .ok()
+        .and_then(|s| Vault::read_config(s.as_ref()).ok())
+        .and_then(|c| c.object_lock);
+    let p =
+        crate::commands::iam::policy(a.role, &c.bucket, &c.prefix, a.principal.as_deref(), lock);
     print_json(&p)
 }
 
@@ -244,6 +407,46 @@ markers above them; overwritten ones by a server-side copy of their old version 
 versions stay, and prune reports them as tampered). Needs the prune role (or admin). Works on
 the bucket directly, so it repairs a vault too damaged to open.")]
     RestoreVersions(RestoreVersionsArgs),
+    /// Copy recovery points, with everything they reference, to another vault
+    #[command(after_help = "Examples:
+  elastio vault copy --to s3://offsite/prod                      # every RP of --vault
+  elastio vault copy --from /var/backups/vault --to s3://offsite/prod --asset /dev/nvme1n1
+  elastio vault copy --to s3://offsite/prod --since 2026-12-01T00:00:00Z --dry-run
+
+Chunks are re-hashed and re-sealed with the target's keys; an RP keeps its id, time, tags and
+parent, so it is the same RP in both vaults. Incremental: RPs the target has are skipped, chunks
+it has are not sent, and a disk RP whose parent was copied reads only what changed. A copy
+killed midway is simply run again. The target's password: --to-password-file, else
+$ELASTIO_TO_PASSWORD, else the source's.")]
+    Copy(CopyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// The source vault (default: --vault)
+    #[arg(long, value_name = "PATH|URL")]
+    pub from: Option<std::path::PathBuf>,
+    /// The target vault (made beforehand with `vault init`)
+    #[arg(long, value_name = "PATH|URL")]
+    pub to: std::path::PathBuf,
+    /// Only RPs of this asset
+    #[arg(long)]
+    pub asset: Option<String>,
+    /// Only RPs with this tag (repeatable: all must match)
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Only RPs of this type: disk, file, stream or instance (with the disks of its volumes)
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<scalez::RpKind>,
+    /// Only RPs created at or after this time (UTC)
+    #[arg(long, value_name = "TIME", value_parser = crate::cli::parse_time)]
+    pub since: Option<std::time::SystemTime>,
+    /// Read the target vault's password from this file
+    #[arg(long, value_name = "FILE")]
+    pub to_password_file: Option<std::path::PathBuf>,
+    /// Count what would be read and sent, write nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

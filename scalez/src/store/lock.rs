@@ -66,6 +66,18 @@ pub struct ObjectVersion {
     pub is_delete_marker: bool,
     pub size: u64,
     pub modified: Option<SystemTime>,
+    /// The server's ETag (an MD5 of the bytes for a single-part put): tells versions apart.
+    pub etag: Option<String>,
+}
+
+/// The keys a vault writes (FORMAT.md): lock upkeep and repairs touch nothing else.
+pub fn is_vault_key(key: &str) -> bool {
+    key == "config"
+        || [
+            "keys/", "catalog/", "tags/", "index/", "packs/", "gc/", "leases/", "locks/",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
 }
 
 /// The bucket's Object Lock configuration.
@@ -87,7 +99,8 @@ pub trait ObjectLockStore: Send + Sync {
     /// Creates the bucket with Object Lock if it does not exist; an existing bucket must have
     /// it enabled.
     fn ensure_lock_bucket(&self) -> Result<(), StoreError>;
-    /// Every version and delete marker under `prefix`, sorted by key, newest first per key.
+    /// Every version and delete marker under `prefix`, sorted by key, the latest first per key,
+    /// then newest first (ties in the listing's order).
     fn versions(&self, prefix: &str) -> Result<Vec<ObjectVersion>, StoreError>;
     /// The mode and retain-until date of one version (None: not locked).
     fn retention(
@@ -114,6 +127,9 @@ pub trait ObjectLockStore: Send + Sync {
     fn restore_version(&self, key: &str, version_id: &str) -> Result<(), StoreError>;
 }
 
+/// The longest retention a vault may have (100 years).
+pub const MAX_RETENTION_SECS: u64 = 100 * 365 * 86400;
+
 /// Parses a retention such as `30d`, `12h`, `90s` (days, hours, minutes, seconds; `y` = 365
 /// days): at least one second, at most 100 years.
 pub fn parse_retention(s: &str) -> Result<Duration, String> {
@@ -132,7 +148,7 @@ pub fn parse_retention(s: &str) -> Result<Duration, String> {
     };
     let total = n
         .checked_mul(secs)
-        .filter(|&t| (1..=100 * 365 * 86400).contains(&t))
+        .filter(|&t| (1..=MAX_RETENTION_SECS).contains(&t))
         .ok_or_else(|| format!("{s:?}: a retention is between 1 second and 100 years"))?;
     Ok(Duration::from_secs(total))
 }

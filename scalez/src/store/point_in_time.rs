@@ -14,15 +14,20 @@ use std::time::SystemTime;
 use super::lock::{ObjectLockStore, ObjectVersion};
 use super::{ObjectMeta, ObjectStore, PutMode, StoreError, StoreStats};
 
-/// Of one key's versions (any order), the object version that was current at `at` (None if
-/// the key did not exist then, or was hidden by a delete marker).
-pub fn version_at<'a>(
-    versions: impl Iterator<Item = &'a ObjectVersion>,
-    at: SystemTime,
-) -> Option<&'a ObjectVersion> {
+/// Of one key's versions (newest first, as [`ObjectLockStore::versions`] sorts them), the
+/// position of the one that was current at `at`, object or delete marker (None: the key did not
+/// exist then).
+pub fn position_at(versions: &[ObjectVersion], at: SystemTime) -> Option<usize> {
     versions
-        .filter(|v| v.modified.is_some_and(|m| m <= at))
-        .max_by_key(|v| v.modified)
+        .iter()
+        .position(|v| v.modified.is_some_and(|m| m <= at))
+}
+
+/// The object version that was current at `at` (None if the key did not exist then, or was
+/// hidden by a delete marker).
+pub fn version_at(versions: &[ObjectVersion], at: SystemTime) -> Option<&ObjectVersion> {
+    position_at(versions, at)
+        .map(|i| &versions[i])
         .filter(|v| !v.is_delete_marker)
 }
 
@@ -54,12 +59,13 @@ impl PointInTimeStore {
         })
     }
 
+    /// The versioned store underneath.
     fn lock(&self) -> &dyn ObjectLockStore {
         self.inner.object_lock().expect("checked at new")
     }
 
-    /// Of one key's versions (any order), the one in the view.
-    fn pick<'a>(&self, versions: impl Iterator<Item = &'a ObjectVersion>) -> Option<(String, u64)> {
+    /// Of one key's versions (newest first), the one in the view.
+    fn pick(&self, versions: &[ObjectVersion]) -> Option<(String, u64)> {
         version_at(versions, self.at).map(|v| (v.version_id.clone(), v.size))
     }
 
@@ -67,8 +73,13 @@ impl PointInTimeStore {
         if let Some(c) = self.chosen.lock().expect("view").get(key) {
             return c.clone().ok_or_else(|| self.not_found(key));
         }
-        let versions = self.lock().versions(key)?;
-        let picked = self.pick(versions.iter().filter(|v| v.key == key));
+        let versions: Vec<ObjectVersion> = self
+            .lock()
+            .versions(key)?
+            .into_iter()
+            .filter(|v| v.key == key)
+            .collect();
+        let picked = self.pick(&versions);
         self.chosen
             .lock()
             .expect("view")
@@ -131,7 +142,7 @@ impl ObjectStore for PointInTimeStore {
         let mut out = Vec::new();
         let mut chosen = self.chosen.lock().expect("view");
         for group in versions.chunk_by(|a, b| a.key == b.key) {
-            let picked = self.pick(group.iter());
+            let picked = self.pick(group);
             if let Some((_, size)) = &picked {
                 out.push(ObjectMeta {
                     key: group[0].key.clone(),
@@ -155,8 +166,53 @@ impl ObjectStore for PointInTimeStore {
         self.inner.stats()
     }
 
-    /// The vault's lock policy applies to the view too (it writes nothing anyway).
+    /// The view's own: it reads versions, never changes a lock or destroys anything (so no
+    /// prune upkeep runs against it).
     fn object_lock(&self) -> Option<&dyn ObjectLockStore> {
-        self.inner.object_lock()
+        Some(self)
+    }
+}
+
+impl ObjectLockStore for PointInTimeStore {
+    /// Nothing is written through the view: the policy has nothing to apply to.
+    fn set_policy(&self, _policy: super::lock::LockPolicy) {}
+    fn policy(&self) -> Option<super::lock::LockPolicy> {
+        None
+    }
+    fn bucket_lock(&self) -> Result<super::lock::BucketLock, StoreError> {
+        self.lock().bucket_lock()
+    }
+    fn ensure_lock_bucket(&self) -> Result<(), StoreError> {
+        Err(self.read_only("Object Lock set-up", "(bucket)"))
+    }
+    fn versions(&self, prefix: &str) -> Result<Vec<ObjectVersion>, StoreError> {
+        self.lock().versions(prefix)
+    }
+    fn retention(
+        &self,
+        key: &str,
+        version_id: &str,
+    ) -> Result<Option<(super::lock::LockMode, SystemTime)>, StoreError> {
+        self.lock().retention(key, version_id)
+    }
+    fn extend(&self, key: &str, _version_id: &str, _until: SystemTime) -> Result<(), StoreError> {
+        Err(self.read_only("retention extension", key))
+    }
+    fn delete_version(&self, key: &str, _version_id: &str) -> Result<(), StoreError> {
+        Err(self.read_only("version delete", key))
+    }
+    fn get_version(&self, key: &str, version_id: &str) -> Result<Vec<u8>, StoreError> {
+        self.lock().get_version(key, version_id)
+    }
+    fn get_version_range(
+        &self,
+        key: &str,
+        version_id: &str,
+        range: Range<u64>,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.lock().get_version_range(key, version_id, range)
+    }
+    fn restore_version(&self, key: &str, _version_id: &str) -> Result<(), StoreError> {
+        Err(self.read_only("version restore", key))
     }
 }

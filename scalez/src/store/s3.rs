@@ -778,28 +778,6 @@ fn s3_mode(mode: LockMode) -> ObjectLockMode {
     }
 }
 
-fn lock_mode(mode: &ObjectLockMode) -> Option<LockMode> {
-    match mode {
-        ObjectLockMode::Governance => Some(LockMode::Governance),
-        ObjectLockMode::Compliance => Some(LockMode::Compliance),
-        _ => None,
-    }
-}
-
-/// A key as the `x-amz-copy-source` header wants it: vault keys are ASCII letters, digits,
-/// `-_./` (see `validate_key`), none of which needs escaping but for safety `%` escapes
-/// anything else.
-fn urlencode_key(key: &str) -> String {
-    key.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn md5_base64(data: &[u8]) -> String {
     use md5::Digest;
     aws_smithy_types::base64::encode(md5::Md5::digest(data))
@@ -985,6 +963,7 @@ impl ObjectLockStore for S3Store {
                     is_delete_marker: false,
                     size: v.size().unwrap_or(0).max(0) as u64,
                     modified: v.last_modified().and_then(system_time),
+                    etag: v.e_tag().map(str::to_string),
                 });
             }
             for m in page.delete_markers() {
@@ -1001,6 +980,7 @@ impl ObjectLockStore for S3Store {
                     is_delete_marker: true,
                     size: 0,
                     modified: m.last_modified().and_then(system_time),
+                    etag: None,
                 });
             }
             if page.is_truncated() != Some(true) {
@@ -1029,19 +1009,70 @@ impl ObjectLockStore for S3Store {
     ) -> Result<Option<(LockMode, SystemTime)>, StoreError> {
         validate_key(key)?;
         let full = self.full_key(key);
-        let head = self.with_retries("head", key, || async {
-            self.client
+        // HEAD answers everywhere (Ceph RGW 16 sends GetObjectRetention answers the SDK cannot
+        // read); an object HEAD cannot read (SSE-C: 400) is asked with GetObjectRetention.
+        let head = self.with_retries("lock read", key, || async {
+            match self
+                .client
                 .head_object()
                 .bucket(&self.config.bucket)
                 .key(&full)
                 .version_id(version_id)
                 .send()
                 .await
-                .map_err(|e| classify(&e))
+            {
+                Ok(h) => Ok(Some(h)),
+                Err(e) => {
+                    let f = classify(&e);
+                    if f.status == Some(400) {
+                        Ok(None)
+                    } else {
+                        Err(f)
+                    }
+                }
+            }
         })?;
-        let mode = head.object_lock_mode().and_then(lock_mode);
-        let until = head.object_lock_retain_until_date().and_then(system_time);
-        Ok(mode.zip(until))
+        if let Some(h) = head {
+            let mode = h.object_lock_mode().and_then(|m| match m {
+                ObjectLockMode::Governance => Some(LockMode::Governance),
+                ObjectLockMode::Compliance => Some(LockMode::Compliance),
+                _ => None,
+            });
+            let until = h.object_lock_retain_until_date().and_then(system_time);
+            return Ok(mode.zip(until));
+        }
+        let out = self.with_retries("lock read", key, || async {
+            match self
+                .client
+                .get_object_retention()
+                .bucket(&self.config.bucket)
+                .key(&full)
+                .version_id(version_id)
+                .send()
+                .await
+            {
+                Ok(o) => Ok(Some(o)),
+                Err(e) => {
+                    let f = classify(&e);
+                    if f.code.as_deref() == Some("NoSuchObjectLockConfiguration") {
+                        Ok(None)
+                    } else {
+                        Err(f)
+                    }
+                }
+            }
+        })?;
+        let Some(r) = out.and_then(|o| o.retention) else {
+            return Ok(None);
+        };
+        let mode = match r.mode() {
+            Some(aws_sdk_s3::types::ObjectLockRetentionMode::Governance) => LockMode::Governance,
+            Some(aws_sdk_s3::types::ObjectLockRetentionMode::Compliance) => LockMode::Compliance,
+            _ => return Ok(None),
+        };
+        Ok(r.retain_until_date()
+            .and_then(system_time)
+            .map(|u| (mode, u)))
     }
 
     fn extend(&self, key: &str, version_id: &str, until: SystemTime) -> Result<(), StoreError> {
@@ -1064,7 +1095,6 @@ impl ObjectLockStore for S3Store {
                 .key(&full)
                 .version_id(version_id)
                 .retention(retention.clone())
-                .content_md5(md5_base64(b""))
                 .send()
                 .await
                 .map(|_| ())
@@ -1131,33 +1161,10 @@ impl ObjectLockStore for S3Store {
     }
 
     fn restore_version(&self, key: &str, version_id: &str) -> Result<(), StoreError> {
-        validate_key(key)?;
-        let full = self.full_key(key);
-        let source = format!(
-            "{}/{}?versionId={version_id}",
-            self.config.bucket,
-            urlencode_key(&full)
-        );
-        let lock = self.lock_headers(key);
-        self.with_retries("version restore", key, || async {
-            let mut req = self
-                .client
-                .copy_object()
-                .bucket(&self.config.bucket)
-                .key(&full)
-                .copy_source(&source);
-            if let Some((mode, until)) = &lock {
-                req = req
-                    .object_lock_mode(mode.clone())
-                    .object_lock_retain_until_date(*until);
-            }
-            if let Some(k) = &self.config.kms_key_id {
-                req = req
-                    .server_side_encryption(ServerSideEncryption::AwsKms)
-                    .ssekms_key_id(k);
-            }
-            req.send().await.map(|_| ()).map_err(|e| classify(&e))
-        })
+        // Through this client, not CopyObject: a put carries the lock and its Content-MD5 the
+        // same way everywhere (moto refuses a locked CopyObject without a digest).
+        let data = self.get_version(key, version_id)?;
+        self.put_bytes(key, &Bytes::from(data), PutMode::Overwrite)
     }
 
     fn get_version(&self, key: &str, version_id: &str) -> Result<Vec<u8>, StoreError> {
