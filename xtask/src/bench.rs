@@ -13,6 +13,7 @@
 //! third, restore of the full backup (sha256 verified). elastio also times an unchanged re-backup.
 //! Each step reports wall and CPU seconds, peak RSS (wait4), and the repository size after it.
 
+mod copy;
 mod files;
 mod filesystems;
 mod live;
@@ -77,6 +78,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", filesystems::report(&f));
         return Ok(());
     }
+    if args.iter().any(|a| a == "copy") {
+        let f = copy::bench(&root, &data, &work)?;
+        print!("{}", copy::report(&f));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "live") {
         let f = live::bench(&root, &data, &work)?;
         print!("{}", live::report(&f));
@@ -136,6 +142,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let files = files::bench_files(&root, &work)?;
     let filesystems = filesystems::bench(&root, &data, &work)?;
     let live = live::bench(&root, &data, &work)?;
+    let copied = copy::bench(&root, &data, &work)?;
     report(
         &samples,
         &nbd,
@@ -146,6 +153,7 @@ pub fn run(args: &[String]) -> Result<()> {
     )?;
     print!("{}", filesystems::report(&filesystems));
     print!("{}", live::report(&live));
+    print!("{}", copy::report(&copied));
     Ok(())
 }
 
