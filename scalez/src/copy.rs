@@ -59,6 +59,10 @@ pub struct CopyReport {
     /// Bytes the target's store received (sealed, compressed), and its requests.
     pub stored_bytes: u64,
     pub requests: u64,
+    /// A dry run's estimate of the requests the copy would send: per RP, a pack per pack size
+    /// of new bytes (before compression: an upper bound), an index object per 8 packs, the
+    /// catalog entry and the session's lease (write, refresh, delete).
+    pub requests_estimate: u64,
     pub elapsed_ms: u64,
 }
 
@@ -95,6 +99,7 @@ pub fn copy_rps(
             "copying {} ({} {})",
             rp.id, rp.kind, rp.asset.name
         ));
+        let sent_before = report.bytes_sent;
         let mut c = Copier {
             from,
             to,
@@ -121,6 +126,8 @@ pub fn copy_rps(
                 }
             }
         }
+        let packs = (report.bytes_sent - sent_before).div_ceil(to.config().pack_size as u64);
+        report.requests_estimate += packs + packs.div_ceil(8) + 1 + 3;
         report.copied.push(rp.id.to_string());
     }
     report.requests = to.store().stats().requests - requests;

@@ -212,5 +212,9 @@ fn vault_copy_local_to_rgw_and_back() {
     let fresh = Env::new();
     let dry = copy(&local, &fresh, &rgw, &["--dry-run"]);
     assert!(dry["report"]["bytes_sent"].as_u64().unwrap() > 0, "{dry}");
+    assert!(
+        dry["report"]["requests_estimate"].as_u64().unwrap() >= 5 * 4,
+        "{dry}"
+    );
     assert_eq!(fresh.json(&["rp", "list"]).as_array().unwrap().len(), 0);
 }

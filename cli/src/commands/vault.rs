@@ -134,6 +134,12 @@ fn copy(ctx: &Ctx, a: CopyArgs) -> Result<()> {
                 bytes(r.stored_bytes),
                 r.requests
             );
+            if r.dry_run {
+                println!(
+                    "  would send about {} requests at most",
+                    r.requests_estimate
+                );
+            }
             println!("  time     {:.2} s", r.elapsed_ms as f64 / 1000.0);
             Ok(())
         }
