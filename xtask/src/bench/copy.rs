@@ -166,50 +166,31 @@ pub fn bench(root: &Path, data: &Path, work: &Path) -> Result<CopyFigures> {
     }
     let remote = "s3://bench-copy/vault";
     measure(&mut elastio(remote, &["--quiet", "vault", "init"]))?;
-    let before = proxy.count();
-    let started = Instant::now();
-    let out = elastio(
-        local_s,
-        &[
-            "--quiet",
-            "vault",
-            "copy",
-            "--to",
-            remote,
-            "--output-format",
-            "json",
-        ],
-    )
-    .output()
-    .context("vault copy")?;
-    if !out.status.success() {
-        bail!("vault copy: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let elastio_secs = started.elapsed().as_secs_f64();
-    let elastio_requests = proxy.count() - before;
-    let before = proxy.count();
-    let started = Instant::now();
-    let again = elastio(
-        local_s,
-        &[
-            "--quiet",
-            "vault",
-            "copy",
-            "--to",
-            remote,
-            "--output-format",
-            "json",
-        ],
-    )
-    .output()?;
-    if !again.status.success() {
-        bail!(
-            "vault copy again: {}",
-            String::from_utf8_lossy(&again.stderr)
-        );
-    }
-    let elastio_again_secs = started.elapsed().as_secs_f64();
-    let elastio_again_requests = proxy.count() - before;
+    // (seconds, requests) of one `vault copy` of every RP to RGW.
+    let copy_all = || -> Result<(f64, u64)> {
+        let before = proxy.count();
+        let started = Instant::now();
+        let out = elastio(
+            local_s,
+            &[
+                "--quiet",
+                "vault",
+                "copy",
+                "--to",
+                remote,
+                "--output-format",
+                "json",
+            ],
+        )
+        .output()
+        .context("vault copy")?;
+        if !out.status.success() {
+            bail!("vault copy: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok((started.elapsed().as_secs_f64(), proxy.count() - before))
+    };
+    let (elastio_secs, elastio_requests) = copy_all()?;
+    let (elastio_again_secs, elastio_again_requests) = copy_all()?;
     // Every copied RP restores from RGW as the image it was made of.
     for (rp, img) in &rps {
         let target = dir.join(format!("restored-{img}"));
