@@ -411,7 +411,11 @@ prune from elsewhere: a stolen backup host can then add to the vault but not rem
 Objects created since (later backups) are kept. Deleted objects come back by removing the delete
 markers above them; overwritten ones by a server-side copy of their old version (the newer
 versions stay, and prune reports them as tampered). Needs the prune role (or admin). Works on
-the bucket directly, so it repairs a vault too damaged to open.")]
+the bucket directly, so it repairs a vault too damaged to open.
+
+Pick a time before the credentials were stolen, not just before the damage showed: an attacker
+holding an open multipart upload can give a later write an earlier time. Versions from before
+the time must still exist: they are kept at least one retention after they were hidden.")]
     RestoreVersions(RestoreVersionsArgs),
     /// Copy recovery points, with everything they reference, to another vault
     #[command(after_help = "Examples:
@@ -522,8 +526,10 @@ pub struct VaultInitArgs {
     /// with Object Lock, or an existing one must have it)
     #[arg(long, value_enum, value_name = "MODE", requires = "retention")]
     pub object_lock: Option<LockModeArg>,
-    /// With --object-lock: how long every object is kept at least (30d, 12h, 1y, ...); prune
-    /// keeps extending the locks of what recovery points still need
+    /// With --object-lock: how long every object is kept at least (30d, 12h, 1y, ...; days or
+    /// more outside tests). It is also how long an attack can go unnoticed and still be undone;
+    /// prune keeps extending the locks of what recovery points still need (run it at least
+    /// every half retention)
     #[arg(long, value_name = "DURATION")]
     pub retention: Option<String>,
 }
