@@ -144,6 +144,17 @@ impl Ctx {
                 } else {
                     s3.ensure_bucket()?;
                 }
+                // A vault deleted here before still has versions of its config: a new one would
+                // be taken for a replaced config.
+                {
+                    use scalez::store::lock::ObjectLockStore;
+                    if s3.versions("config")?.iter().any(|v| v.key == "config") {
+                        bail!(
+                            "{url} held a vault before (its config has old versions): choose \
+                             a new prefix or bucket"
+                        );
+                    }
+                }
                 let store = self.wrap(s3)?;
                 let existing = store.list("")?;
                 if existing.iter().any(|o| o.key == "config") {

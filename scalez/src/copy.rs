@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::catalog::{RecoveryPoint, RpKind, StreamRef, TreeRef};
 use crate::disk_writer::{is_zero, DiskWriter};
 use crate::error::{Error, Result};
-use crate::ids::{ChunkId, RecoveryPointId};
+use crate::ids::ChunkId;
 use crate::reader::DiskReader;
 use crate::session::BackupSession;
 use crate::stream_map;
@@ -48,6 +48,8 @@ pub struct CopyReport {
     pub copied: Vec<String>,
     /// Selected RPs the target already had.
     pub already_there: usize,
+    /// Selected RPs the target had and deleted since: not copied again.
+    pub deleted_in_target: Vec<String>,
     /// Chunks read from the source (decrypted and re-hashed).
     pub chunks_read: u64,
     pub bytes_read: u64,
@@ -80,7 +82,6 @@ pub fn copy_rps(
         dry_run,
         ..CopyReport::default()
     };
-    let selected: std::collections::HashSet<&RecoveryPointId> = rps.iter().map(|r| &r.id).collect();
     // Creation order, instances after the disks they name.
     let mut order: Vec<&RecoveryPoint> = rps.iter().collect();
     order.sort_by(|a, b| {
@@ -91,9 +92,24 @@ pub fn copy_rps(
         ))
     });
     for rp in order {
-        if to.get_rp(&rp.id).is_ok() {
-            report.already_there += 1;
-            continue;
+        match to.get_rp(&rp.id) {
+            Ok(_) => {
+                report.already_there += 1;
+                continue;
+            }
+            Err(Error::RpNotFound { .. }) => {}
+            // Damaged or unreachable: copying over it would fail at the commit anyway.
+            Err(e) => return Err(e),
+        }
+        // Deleted in the target (its own retention, or rp delete): a versioned target still
+        // has the catalog entry's versions. Writing it again would bring back what the target
+        // removed, and on a locked target look like tampering.
+        if let Some(lock) = to.store().object_lock() {
+            let key = rp.id.catalog_key();
+            if lock.versions(&key)?.iter().any(|v| v.key == key) {
+                report.deleted_in_target.push(rp.id.to_string());
+                continue;
+            }
         }
         progress(&format!(
             "copying {} ({} {})",
@@ -112,11 +128,14 @@ pub fn copy_rps(
             RpKind::File => c.tree_rp(rp)?,
             RpKind::Instance => {
                 let record = rp.instance()?;
+                // Right before the commit: every volume RP must be in the target (copied above,
+                // or there already), not merely selected.
                 for v in &record.volumes {
-                    if !selected.contains(&v.rp) && to.get_rp(&v.rp).is_err() {
+                    if !dry_run && to.get_rp(&v.rp).is_err() {
                         return Err(Error::InvalidParameter(format!(
-                            "instance RP {} names disk RP {} ({}), which is neither selected \
-                             nor in the target: select it too",
+                            "instance RP {} names disk RP {} ({}), which the target does not \
+                             have (not selected, or deleted there): nothing of the instance \
+                             was committed",
                             rp.id, v.rp, v.device_name
                         )));
                     }
@@ -193,8 +212,9 @@ impl Copier<'_> {
         };
         let stats = s.finish()?;
         self.report.stored_bytes += stats.bytes_written;
-        s.commit(&rp)?;
-        self.verify(&rp)
+        // Verified before it becomes visible: a failure leaves no RP a rerun would skip.
+        self.verify(&rp)?;
+        s.commit(&rp)
     }
 
     fn disk(&mut self, rp: &RecoveryPoint) -> Result<()> {
@@ -286,9 +306,9 @@ impl Copier<'_> {
         let writer = writer.expect("a map has a writer");
         let mut copy = rp.clone();
         copy.disk = Some(new_map);
-        let stats = writer.commit_as(&copy)?;
+        let stats = writer.commit_as(&copy, |rp| self.verify(rp))?;
         self.report.stored_bytes += stats.bytes_written;
-        self.verify(&copy)
+        Ok(())
     }
 
     /// Every chunk the copied RP references is indexed in the target.

@@ -115,8 +115,14 @@ impl DiskWriter {
 
     /// Flushes every pack and index object, then makes `rp` visible as it is (a copy of an RP
     /// from another vault, whose map this writer assembled: [`crate::copy`]).
-    pub(crate) fn commit_as(mut self, rp: &RecoveryPoint) -> Result<SessionStats> {
+    /// `check` runs once everything is flushed and indexed, before the RP becomes visible.
+    pub(crate) fn commit_as(
+        mut self,
+        rp: &RecoveryPoint,
+        check: impl FnOnce(&RecoveryPoint) -> Result<()>,
+    ) -> Result<SessionStats> {
         let stats = self.session.finish()?;
+        check(rp)?;
         self.session.commit(rp)?;
         Ok(stats)
     }

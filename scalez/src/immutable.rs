@@ -78,22 +78,32 @@ fn objects(group: &[ObjectVersion]) -> Vec<&ObjectVersion> {
     group.iter().filter(|v| !v.is_delete_marker).collect()
 }
 
-/// Whether a key's current bytes are not the ones first written (see the module doc).
-fn overwritten(group: &[ObjectVersion]) -> bool {
+/// Whether a key's current bytes are not the ones first written (see the module doc). ETags
+/// decide when they match; when they differ (they are no MD5 under SSE-KMS or SSE-C, so a
+/// repaired key's do too), the bytes of both versions are compared.
+pub fn overwritten(lock: &dyn ObjectLockStore, group: &[ObjectVersion]) -> Result<bool> {
     let objs = objects(group);
     let (Some(latest), Some(first)) = (group.first(), objs.last()) else {
-        return false;
+        return Ok(false);
     };
-    !latest.is_delete_marker
-        && objs.len() > 1
-        && (latest.etag.is_none() || latest.etag != first.etag)
+    if latest.is_delete_marker || objs.len() < 2 {
+        return Ok(false);
+    }
+    if latest.etag.is_some() && latest.etag == first.etag {
+        return Ok(false);
+    }
+    let now = lock.get_version(&latest.key, &latest.version_id)?;
+    let then = lock.get_version(&first.key, &first.version_id)?;
+    Ok(now != then)
 }
 
 /// Runs the invariants above over every version in the vault. `indexed_packs`: the pack keys
-/// the index names. Does nothing (None) on a vault without Object Lock.
+/// the index names. `destroy`: whether hidden versions may be destroyed at all (not when the
+/// index could not be read). Does nothing (None) on a vault without Object Lock.
 pub fn maintain(
     vault: &Vault,
     indexed_packs: &HashSet<String>,
+    destroy: bool,
     dry_run: bool,
     progress: &dyn Fn(&str),
 ) -> Result<Option<LockReport>> {
@@ -114,11 +124,32 @@ pub fn maintain(
     let versions = lock.versions("")?;
     report.versions = versions.len();
     let mut next: Option<SystemTime> = None;
+    // First, tampering: while there is any, nothing at all is destroyed.
+    let mut tampered: HashSet<&str> = HashSet::new();
+    for group in versions.chunk_by(|a, b| a.key == b.key) {
+        let key = &group[0].key;
+        if !is_vault_key(key) || !is_locked_key(key) {
+            continue;
+        }
+        match overwritten(lock, group) {
+            Ok(false) => {}
+            Ok(true) => {
+                tampered.insert(key);
+            }
+            Err(e) => {
+                // Undecided: treated as tampered (nothing destroyed), and said.
+                tampered.insert(key);
+                report.error(key, e);
+            }
+        }
+    }
+    let destroy = destroy && tampered.is_empty();
     let mut up = Upkeep {
         lock,
         retention,
         now,
         dry_run,
+        destroy,
         report: &mut report,
     };
     for group in versions.chunk_by(|a, b| a.key == b.key) {
@@ -137,7 +168,7 @@ pub fn maintain(
         }
         let objs = objects(group);
         if !latest.is_delete_marker {
-            if overwritten(group) {
+            if tampered.contains(key.as_str()) {
                 up.report.tampered.push(format!(
                     "{key}: overwritten ({} versions, the current one differs from the first)",
                     objs.len()
@@ -203,6 +234,8 @@ struct Upkeep<'a> {
     retention: Duration,
     now: SystemTime,
     dry_run: bool,
+    /// Whether anything may be destroyed in this run (see [`maintain`]).
+    destroy: bool,
     report: &'a mut LockReport,
 }
 
@@ -233,8 +266,14 @@ impl Upkeep<'_> {
         self.report.extended += 1;
     }
 
-    /// Destroys a version; whether it went (a refusal is an error in the report).
+    /// Destroys a version; whether it went (a refusal is an error in the report). In a run
+    /// that may destroy nothing, it is counted as postponed.
     fn destroy(&mut self, v: &ObjectVersion) -> bool {
+        if !self.destroy {
+            self.report.postponed += 1;
+            self.report.postponed_bytes += v.size;
+            return false;
+        }
         if !self.dry_run {
             if let Err(e) = self.lock.delete_version(&v.key, &v.version_id) {
                 self.report.error(&v.key, e);
@@ -397,11 +436,16 @@ pub fn restore_versions(
                 }
             }
             if let (Some(why), false) = (&failed, hidden_only) {
-                // A newer version is locked: bring the old bytes back on top of it.
-                failed = lock
-                    .restore_version(key, &wanted.version_id)
+                // A newer version is locked: bring the old state back on top of it (the bytes,
+                // or a delete marker if the key was hidden then).
+                let back = if wanted.is_delete_marker {
+                    store.delete(key)
+                } else {
+                    lock.restore_version(key, &wanted.version_id)
+                };
+                failed = back
                     .err()
-                    .map(|e| format!("{why}; copying the old version back failed: {e}"));
+                    .map(|e| format!("{why}; bringing the old version back failed: {e}"));
             }
         }
         match failed {

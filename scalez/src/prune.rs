@@ -172,7 +172,8 @@ pub fn prune(
                     .list("packs/")
                     .map(|l| l.into_iter().map(|o| o.key).collect())
                     .unwrap_or_default();
-                if let Err(le) = crate::immutable::maintain(vault, &all, false, progress) {
+                // Extend only: without the index, no hidden pack is known to be unneeded.
+                if let Err(le) = crate::immutable::maintain(vault, &all, false, false, progress) {
                     tracing::warn!("lock upkeep after a failed prune plan: {le}");
                 }
             }
@@ -183,7 +184,7 @@ pub fn prune(
     // Lock upkeep first, on what the index names now: nothing this prune hides can be
     // destroyed in the same run anyway (grace), and tampering must stop the deletions below.
     let indexed: HashSet<String> = plan.usage.keys().map(PackId::key).collect();
-    report.lock = crate::immutable::maintain(vault, &indexed, opts.dry_run, progress)?;
+    report.lock = crate::immutable::maintain(vault, &indexed, true, opts.dry_run, progress)?;
     let tampered = report.lock.as_ref().is_some_and(|l| !l.tampered.is_empty());
     if tampered && !opts.dry_run {
         report.postponed = Some(

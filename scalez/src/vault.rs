@@ -129,19 +129,26 @@ fn check_config_versions(store: &dyn ObjectStore) -> Result<()> {
             return Ok(());
         }
     };
-    let objs: Vec<_> = versions
-        .iter()
-        .filter(|v| v.key == CONFIG_KEY && !v.is_delete_marker)
+    let group: Vec<_> = versions
+        .into_iter()
+        .filter(|v| v.key == CONFIG_KEY)
         .collect();
-    if let (Some(current), Some(first)) = (objs.first(), objs.last()) {
-        if objs.len() > 1 && (current.etag.is_none() || current.etag != first.etag) {
+    let changed = match crate::immutable::overwritten(lock, &group) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("{}: config versions not compared: {e}", store.location());
+            false
+        }
+    };
+    let objs = group.iter().filter(|v| !v.is_delete_marker).count();
+    {
+        if changed {
             return Err(Error::Corrupt {
                 location: store.location(),
                 key: CONFIG_KEY.into(),
                 detail: format!(
-                    "it was replaced after the vault was made ({} versions): bring the first \
-                     one back with `vault restore-versions`",
-                    objs.len()
+                    "it was replaced after the vault was made ({objs} versions): bring the \
+                     first one back with `vault restore-versions`"
                 ),
             });
         }

@@ -863,13 +863,19 @@ fn point_in_time_recovers_from_an_attacker_on_every_server() {
         let index = s.list("index/").unwrap()[0].key.clone();
         s.put(&index, b"encrypted by ransomware", PutMode::Overwrite)
             .unwrap();
+        // The config too: the vault no longer opens.
+        s.put("config", b"{\"config\": {}}", PutMode::Overwrite)
+            .unwrap();
         let packs = s.list("packs/").unwrap();
         for p in &packs {
             s.put(&p.key, b"encrypted by ransomware", PutMode::Overwrite)
                 .unwrap();
         }
-        let listed = env.json(&["rp", "list"]);
-        assert_eq!(listed.as_array().unwrap().len(), 1, "{name}: {listed}");
+        let listed = env.command(&["rp", "list"]).output().unwrap();
+        assert!(
+            !listed.status.success(),
+            "{name}: the vault does not open any more"
+        );
         let out = env.path("o.img");
         let failed = env
             .command(&["block", "restore", "--rp", &rp2, out.to_str().unwrap()])
@@ -920,8 +926,9 @@ fn point_in_time_recovers_from_an_attacker_on_every_server() {
             "{name}: {r}"
         );
         assert_eq!(
+            // Every pack, the index object and the config.
             report["restored"].as_array().unwrap().len(),
-            packs.len() + 1,
+            packs.len() + 2,
             "{name}: {r}"
         );
         for (rp, seed) in [(&rp1, 60), (&rp2, 61)] {

@@ -22,14 +22,19 @@ pub fn run(ctx: &Ctx, cmd: VaultCommand) -> Result<()> {
 }
 
 /// Opens the vault at `location` (a path or s3:// URL) with `password`.
+/// `keep_point_in_time`: the source of a copy may be read as it was (`--point-in-time`); a
+/// target never is.
 fn open_other(
     ctx: &Ctx,
     location: &std::path::Path,
     password: &[u8],
+    keep_point_in_time: bool,
 ) -> Result<std::sync::Arc<Vault>> {
     let mut global = ctx.global.clone();
     global.vault = Some(location.to_path_buf());
-    global.point_in_time = None;
+    if !keep_point_in_time {
+        global.point_in_time = None;
+    }
     let other = Ctx { global };
     let store = other.store()?;
     Vault::read_config(store.as_ref())?;
@@ -37,12 +42,15 @@ fn open_other(
 }
 
 fn copy(ctx: &Ctx, a: CopyArgs) -> Result<()> {
+    // The source's password is read once (it may come from standard input).
+    let source_password = ctx.password(false)?;
     let from = match &a.from {
-        Some(f) => {
-            let password = ctx.password(false)?;
-            open_other(ctx, f, &password)?
+        Some(f) => open_other(ctx, f, &source_password, true)?,
+        None => {
+            let store = ctx.store()?;
+            Vault::read_config(store.as_ref())?;
+            std::sync::Arc::new(Vault::open(store, &source_password)?)
         }
-        None => ctx.open_vault()?,
     };
     let password = match (&a.to_password_file, std::env::var_os("ELASTIO_TO_PASSWORD")) {
         (Some(f), _) => {
@@ -52,9 +60,9 @@ fn copy(ctx: &Ctx, a: CopyArgs) -> Result<()> {
             Ctx { global }.password(false)?
         }
         (None, Some(p)) if !p.is_empty() => zeroize::Zeroizing::new(p.into_encoded_bytes()),
-        _ => ctx.password(false)?,
+        _ => source_password.clone(),
     };
-    let to = open_other(ctx, &a.to, &password)
+    let to = open_other(ctx, &a.to, &password, false)
         .with_context(|| format!("cannot open the target vault {}", a.to.display()))?;
     if from.config().vault_id == to.config().vault_id {
         anyhow::bail!(
@@ -121,6 +129,13 @@ fn copy(ctx: &Ctx, a: CopyArgs) -> Result<()> {
                 to.location(),
                 r.already_there
             );
+            if !r.deleted_in_target.is_empty() {
+                println!(
+                    "  not copied again: {} deleted in the target since ({})",
+                    r.deleted_in_target.len(),
+                    r.deleted_in_target[..r.deleted_in_target.len().min(3)].join(", ")
+                );
+            }
             println!(
                 "  read     {} chunks ({}); {} disk slots taken from the copied parent unread",
                 r.chunks_read,
@@ -175,7 +190,11 @@ fn restore_versions(ctx: &Ctx, a: RestoreVersionsArgs) -> Result<()> {
     }
     match ctx.global.output_format {
         OutputFormat::Json => {
-            print_json(&json!({ "vault": store.location(), "dry_run": a.dry_run, "report": r }))
+            print_json(&json!({ "vault": store.location(), "dry_run": a.dry_run, "report": r }))?;
+            if !r.errors.is_empty() {
+                anyhow::bail!("{} objects could not be brought back", r.errors.len());
+            }
+            Ok(())
         }
         OutputFormat::Human => {
             let verb = if a.dry_run {
@@ -222,11 +241,19 @@ fn iam_policy(ctx: &Ctx, a: IamPolicyArgs) -> Result<()> {
         anyhow::bail!("vault iam-policy is for S3 vaults (--vault s3://bucket/prefix)");
     };
     // The vault's lock, when it exists (unauthenticated: it only shapes the policy printed).
-    let lock = ctx
+    let lock = match ctx
         .raw_s3_store()
-        .ok()
-        .and_then(|s| Vault::read_config(s.as_ref()).ok())
-        .and_then(|c| c.object_lock);
+        .and_then(|s| Ok(Vault::read_config(s.as_ref())?))
+    {
+        Ok(c) => c.object_lock,
+        Err(e) => {
+            eprintln!(
+                "warning: the vault's config cannot be read ({e}): the policy does not bound \
+                 the locks a backup may set"
+            );
+            None
+        }
+    };
     let p =
         crate::commands::iam::policy(a.role, &c.bucket, &c.prefix, a.principal.as_deref(), lock);
     print_json(&p)

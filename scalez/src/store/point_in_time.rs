@@ -185,8 +185,21 @@ impl ObjectLockStore for PointInTimeStore {
     fn ensure_lock_bucket(&self) -> Result<(), StoreError> {
         Err(self.read_only("Object Lock set-up", "(bucket)"))
     }
+    /// The history up to the view's moment: what came later is not there, and the latest
+    /// of each key is the one current then.
     fn versions(&self, prefix: &str) -> Result<Vec<ObjectVersion>, StoreError> {
-        self.lock().versions(prefix)
+        let mut out: Vec<ObjectVersion> = self
+            .lock()
+            .versions(prefix)?
+            .into_iter()
+            .filter(|v| v.modified.is_some_and(|m| m <= self.at))
+            .collect();
+        for group in out.chunk_by_mut(|a, b| a.key == b.key) {
+            for (i, v) in group.iter_mut().enumerate() {
+                v.is_latest = i == 0;
+            }
+        }
+        Ok(out)
     }
     fn retention(
         &self,
