@@ -350,6 +350,25 @@ fn backups_and_prune_at_the_same_time_s3() {
     check_clean(&env);
 }
 
+/// The same race on a vault under S3 Object Lock: prune's lock upkeep runs too, and hides
+/// instead of destroying.
+#[test]
+fn backups_and_prune_at_the_same_time_on_a_locked_vault() {
+    let env = Env::s3_with_init_args(
+        &s3_server("rgw"),
+        &["--object-lock", "governance", "--retention", "1d"],
+    );
+    let created = backups_racing_prune(&env, 4, 2 * MIB);
+    assert!(created.len() >= 10, "{}", created.len());
+    let n = verify_listed(&env, &created);
+    for kind in ["disk", "file", "stream"] {
+        assert!(n.get(kind).copied().unwrap_or(0) >= 1, "{kind}: {n:?}");
+    }
+    check_clean(&env);
+    let st = env.json(&["vault", "lock", "status"]);
+    assert_eq!(st["lock"]["unlocked"].as_array().unwrap().len(), 0, "{st}");
+}
+
 #[allow(unsafe_code)]
 fn kill_after(mut child: Child, after: Duration) -> bool {
     let deadline = Instant::now() + after;
