@@ -478,6 +478,30 @@ impl Drop for Mounted {
     }
 }
 
+/// An instance of the emulator whose root volume reads `image` and for which its IMDS answers
+/// (the machine elastio runs on, for `--self`): (instance id, volume id).
+fn own_instance(emu: &AwsEmulator, image: &Path) -> (String, String) {
+    let run = emu.ec2(
+        "Action=RunInstances&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&InstanceType=t3.micro\
+         &Placement.AvailabilityZone=us-east-1a",
+    );
+    let instance = xml_field(&run, "instanceId");
+    let vol = xml_field(&run, "volumeId");
+    let body = serde_json::json!({"volume_id": vol, "image": image});
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "-d",
+            &body.to_string(),
+            &format!("{}/_emulator/volumes", emu.url),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    emu.config(serde_json::json!({"imds_instance_id": instance, "imds_region": "us-east-1"}));
+    (instance, vol)
+}
+
 fn snapshots_in(emu: &AwsEmulator) -> usize {
     emu.ec2("Action=DescribeSnapshots&Owner.1=self")
         .matches("<snapshotId>")
@@ -492,27 +516,10 @@ fn ec2_self_backup_with_a_freeze_and_hooks() {
     }
     let env = Env::new();
     let emu = AwsEmulator::start();
-    let run = emu.ec2(
-        "Action=RunInstances&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&InstanceType=t3.micro\
-         &Placement.AvailabilityZone=us-east-1a",
-    );
-    let instance = xml_field(&run, "instanceId");
-    let root_vol = xml_field(&run, "volumeId");
     let root_img = env.path("root.img");
     sparse_file(&root_img, 64 * MIB);
     write_at(&root_img, 0, &pseudo_random(30, 4 * MIB as usize));
-    let body = serde_json::json!({"volume_id": root_vol, "image": root_img});
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sf",
-            "-d",
-            &body.to_string(),
-            &format!("{}/_emulator/volumes", emu.url),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    emu.config(serde_json::json!({"imds_instance_id": instance, "imds_region": "us-east-1"}));
+    let (instance, _) = own_instance(&emu, &root_img);
     // The file system to freeze: a loop-mounted ext4 with a writer on it.
     let img = ext4_image(&env, "data.img", 64 * MIB);
     let mnt = env.path("mnt");
@@ -766,12 +773,6 @@ fn ec2_self_backup_skips_what_the_frozen_file_systems_report_free() {
     }
     let env = Env::new();
     let emu = AwsEmulator::start();
-    let run = emu.ec2(
-        "Action=RunInstances&ImageId=ami-12c6146b&MinCount=1&MaxCount=1&InstanceType=t3.micro\
-         &Placement.AvailabilityZone=us-east-1a",
-    );
-    let instance = xml_field(&run, "instanceId");
-    let vol = xml_field(&run, "volumeId");
     // The instance's volume holds two partitions: XFS at 1 MiB, ext4 at 330 MiB. Each is a
     // loop device over its part of the volume's image, as a partition is over its disk.
     let img = env.path("volume.img");
@@ -800,18 +801,7 @@ fn ec2_self_backup_skips_what_the_frozen_file_systems_report_free() {
     sh("sync", &[]);
     let deleted = (8 + 4) * 5 * MIB;
     let used = used_bytes(&m1) + used_bytes(&m2);
-    let body = serde_json::json!({"volume_id": vol, "image": img});
-    let out = std::process::Command::new("curl")
-        .args([
-            "-sf",
-            "-d",
-            &body.to_string(),
-            &format!("{}/_emulator/volumes", emu.url),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    emu.config(serde_json::json!({"imds_instance_id": instance, "imds_region": "us-east-1"}));
+    let (_, vol) = own_instance(&emu, &img);
     // The NVMe view of the instance: both loop devices are partitions of the EBS volume's
     // disk, whose serial number names the volume (as sysfs shows it on a Nitro instance).
     let sys = env.path("sys");
