@@ -383,6 +383,18 @@ pub fn diff(
     report: &mut dyn FnMut(&Item, Change) -> io::Result<()>,
     skipped: &mut dyn FnMut(Skipped),
 ) -> io::Result<DiffStats> {
+    diff_all(a, b, report, &mut |_| {}, skipped)
+}
+
+/// [`diff`], also calling `unchanged` with each path of `b` found the same in `a` (the paths
+/// under a skipped identical file system excepted).
+pub fn diff_all(
+    a: &Arc<dyn FileSystem>,
+    b: &Arc<dyn FileSystem>,
+    report: &mut dyn FnMut(&Item, Change) -> io::Result<()>,
+    unchanged: &mut dyn FnMut(&Item),
+    skipped: &mut dyn FnMut(Skipped),
+) -> io::Result<DiffStats> {
     let mut stats = DiffStats::default();
     let next = |w: &mut Walker, skipped: &mut dyn FnMut(Skipped)| loop {
         match w.next() {
@@ -436,7 +448,11 @@ pub fn diff(
                     differences(a, b, &p, &q, &mut stats)
                 };
                 match compare {
-                    Ok(what) if what.is_empty() => {}
+                    Ok(what) if what.is_empty() => {
+                        if p.depth > 0 {
+                            unchanged(&q)
+                        }
+                    }
                     Ok(what) => {
                         stats.changed += 1;
                         report(&q, Change::Changed(what))?;

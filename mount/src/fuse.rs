@@ -1067,15 +1067,13 @@ const READ_AHEAD_KB: u32 = 4096;
 
 /// Raises the read-ahead of the mount's backing device info (sysfs; needs root, and is
 /// skipped quietly otherwise: it only changes speed).
-#[allow(unsafe_code)]
 fn widen_readahead(mountpoint: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(mountpoint) else {
         return;
     };
     let dev = meta.dev();
-    // SAFETY: major/minor are pure bit arithmetic on a dev_t.
-    let (major, minor) = unsafe { (libc::major(dev), libc::minor(dev)) };
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
     let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, READ_AHEAD_KB.to_string()) {
         tracing::debug!("cannot raise read-ahead ({path}): {e}");
