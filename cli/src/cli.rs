@@ -151,6 +151,8 @@ with the index. --read-data also reads, authenticates and re-hashes every chunk;
 names the damaged object and the recovery points it affects. Exit code 0: healthy; 3: damaged."
     )]
     Check(CheckArgs),
+    /// Scan a recovery point (or a directory) for ransomware, malware and file-system damage
+    Iscan(crate::commands::iscan::IscanArgs),
     /// Apply a retention policy and reclaim the space of deleted recovery points
     #[command(
         after_help = "Retention is applied per asset (and RP type): --keep-last N keeps \

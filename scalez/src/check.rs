@@ -170,6 +170,7 @@ pub fn check(vault: &Arc<Vault>, data: DataCheck, progress: &dyn Fn(&str)) -> Re
     progress("checking recovery points");
     let rps = c.catalog()?;
     c.tags()?;
+    c.scans()?;
     c.references(&rps)?;
     let Checker {
         mut report,
@@ -463,6 +464,39 @@ impl Checker<'_> {
                 if let Ok(id) = rp.parse::<RecoveryPointId>() {
                     problems.affect(&obj.key, &id);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Scan reports: canonical names, each opens and speaks of its own RP.
+    fn scans(&mut self) -> Result<()> {
+        let vault = self.vault;
+        let store = vault.store();
+        let Checker { problems, .. } = self;
+        for obj in store.list("scans/")? {
+            let Some(rp) = crate::scans::is_canonical_scan_key(&obj.key) else {
+                problems.add(
+                    &obj.key,
+                    "scan report with a non-canonical name (a planted copy?); listing ignores it",
+                );
+                continue;
+            };
+            let opened = store.get(&obj.key).map_err(Error::from).and_then(|sealed| {
+                let plain = vault
+                    .keys()
+                    .open(&crate::format::scan_aad(&obj.key), &sealed)
+                    .map_err(|e| vault.corrupt(&obj.key, e.to_string()))?;
+                let r: crate::scans::ScanReport = serde_json::from_slice(&plain)
+                    .map_err(|e| vault.corrupt(&obj.key, e.to_string()))?;
+                if r.rp != rp {
+                    return Err(vault.corrupt(&obj.key, format!("holds a report of {}", r.rp)));
+                }
+                Ok(())
+            });
+            if let Err(e) = opened {
+                problems.add(&obj.key, format!("damaged scan report: {e}"));
+                problems.affect(&obj.key, &rp);
             }
         }
         Ok(())

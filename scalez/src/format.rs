@@ -66,6 +66,11 @@ pub fn tag_aad(key: &str) -> Vec<u8> {
     format!("tag:{key}").into_bytes()
 }
 
+/// AAD of a scan report: binds it to its key (`scans/<rp-id>/<ulid>`).
+pub fn scan_aad(key: &str) -> Vec<u8> {
+    format!("scan:{key}").into_bytes()
+}
+
 /// AAD of a backup session's lease: binds it to its key.
 pub fn lease_aad(key: &str) -> Vec<u8> {
     format!("lease:{key}").into_bytes()

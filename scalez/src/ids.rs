@@ -114,6 +114,10 @@ impl RecoveryPointId {
         format!("tags/{}/", self.0)
     }
 
+    pub fn scans_prefix(&self) -> String {
+        format!("scans/{}/", self.0)
+    }
+
     /// The RP an object name (`catalog/<name>`) stands for, only if the name is exactly the
     /// canonical spelling of its id. User input may be in any case ([`FromStr`]), object names
     /// may not: a copy of `catalog/rp-<id>` under another spelling authenticates (the sealed

@@ -94,6 +94,7 @@ mod pack;
 pub mod prune;
 pub mod reader;
 pub mod retention;
+pub mod scans;
 mod session;
 pub mod store;
 pub mod stream_map;

@@ -24,13 +24,16 @@ use crate::store::PutMode;
 use crate::vault::{index_aad, Vault};
 use crate::walk;
 
-/// Deletes RPs' catalog entries and tag updates. Their data stays until the next prune.
+/// Deletes RPs' catalog entries, tag updates and scan reports. Their data stays until the next
+/// prune.
 pub fn delete_rps(vault: &Vault, ids: &[RecoveryPointId]) -> Result<()> {
     for id in ids {
         // The catalog entry first: once it is gone the RP is invisible.
         vault.store().delete(&id.catalog_key())?;
-        for t in vault.store().list(&id.tags_prefix())? {
-            vault.store().delete(&t.key)?;
+        for prefix in [id.tags_prefix(), id.scans_prefix()] {
+            for t in vault.store().list(&prefix)? {
+                vault.store().delete(&t.key)?;
+            }
         }
     }
     Ok(())

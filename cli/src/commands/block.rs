@@ -172,10 +172,12 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
     let report = report.with_context(|| format!("backup of {what} failed"))?;
     bar.finish();
     let rp = &report.rp;
+    let scan = crate::commands::iscan::AfterBackup::run(ctx, &vault, &rp.id, &a.scan)?;
     let reduction = rp.logical_size as f64 / rp.new_bytes_stored.max(1) as f64;
     let stats = vault.store().stats();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
+            "iscan": scan.as_ref().map(|s| s.json()),
             "rp": rp,
             "engine": report.engine,
             "direct_io": report.direct_io,
@@ -238,7 +240,10 @@ fn backup(ctx: &Ctx, a: BlockBackupArgs) -> Result<()> {
             print_store_stats(stats);
         }
     }
-    Ok(())
+    match scan {
+        Some(s) => s.finish(ctx),
+        None => Ok(()),
+    }
 }
 
 /// Request and retry counts of remote stores (local vaults have nothing to say).
@@ -338,6 +343,8 @@ pub enum BlockCommand {
 
 #[derive(Args, Debug)]
 pub struct BlockBackupArgs {
+    #[command(flatten)]
+    pub scan: crate::commands::iscan::BackupScan,
     /// Block device, image file, or NBD export (nbd://HOST:PORT/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH) to back up; none with --qmp
     pub source: Option<PathBuf>,

@@ -56,8 +56,10 @@ fn backup(ctx: &Ctx, a: FileBackupArgs) -> Result<()> {
         .with_context(|| format!("backup of {} failed", names.join(", ")))?;
     bar.finish();
     let rp = &report.rp;
-    match ctx.global.output_format {
+    let scan = crate::commands::iscan::AfterBackup::run(ctx, &vault, &rp.id, &a.scan)?;
+    let printed = match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
+            "iscan": scan.as_ref().map(|s| s.json()),
             "rp": rp,
             "entries": report.entries,
             "files": report.files,
@@ -109,6 +111,11 @@ fn backup(ctx: &Ctx, a: FileBackupArgs) -> Result<()> {
             );
             Ok(())
         }
+    };
+    printed?;
+    match scan {
+        Some(s) => s.finish(ctx),
+        None => Ok(()),
     }
 }
 
@@ -225,6 +232,8 @@ and it never follows a symlink in the target. Exit code 3 if some data could not
 
 #[derive(Args, Debug)]
 pub struct FileBackupArgs {
+    #[command(flatten)]
+    pub scan: crate::commands::iscan::BackupScan,
     /// Files or directories to back up
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,

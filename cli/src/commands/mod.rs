@@ -5,6 +5,7 @@ pub(crate) mod ebs;
 pub(crate) mod ec2;
 pub(crate) mod file;
 pub(crate) mod iam;
+pub(crate) mod iscan;
 pub(crate) mod kafka;
 pub(crate) mod mount;
 pub(crate) mod nbd;
@@ -35,6 +36,7 @@ pub fn run(args: Cli) -> Result<()> {
         Command::Nbd(c) => nbd::run(&ctx, c),
         Command::Mount(a) => mount::mount(&ctx, a),
         Command::Check(a) => check::run(&ctx, a),
+        Command::Iscan(a) => iscan::run(&ctx, a),
         Command::Prune(a) => prune::run(&ctx, a),
         Command::Umount { mountpoint } => mount::umount(&ctx, &mountpoint),
     }

@@ -1,5 +1,6 @@
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
+use scalez::scans::ScanReport;
 use scalez::{RecoveryPoint, TagUpdate};
 
 use crate::cli::OutputFormat;
@@ -12,6 +13,7 @@ pub fn run(ctx: &Ctx, cmd: RpCommand) -> Result<()> {
     match cmd {
         RpCommand::List(a) => list(ctx, a),
         RpCommand::Show { rp } => show(ctx, &rp),
+        RpCommand::LastClean(a) => last_clean(ctx, a),
         RpCommand::Tag(a) => tag(ctx, a),
         RpCommand::Delete { rps, force } => delete(ctx, &rps, force),
         RpCommand::Protect { rps } => protect(ctx, &rps, true),
@@ -37,8 +39,17 @@ fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
         })
         .filter(|rp| want_tags.iter().all(|(k, v)| rp.tags.get(k) == Some(v)))
         .collect();
+    let scans = vault.latest_scans()?;
+    let rps: Vec<RecoveryPoint> = rps
+        .into_iter()
+        .filter(|rp| !a.clean || scans.get(&rp.id).is_some_and(ScanReport::is_clean))
+        .collect();
     match ctx.global.output_format {
-        OutputFormat::Json => print_json(&rps),
+        OutputFormat::Json => print_json(
+            &rps.iter()
+                .map(|rp| with_scan(rp, scans.get(&rp.id)))
+                .collect::<Vec<_>>(),
+        ),
         OutputFormat::Human => {
             if rps.is_empty() {
                 println!("no recovery points");
@@ -58,6 +69,7 @@ fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
                         format!("{} ({})", rp.asset.name, rp.asset.host),
                         bytes(rp.logical_size),
                         bytes(rp.new_bytes_stored),
+                        scans.get(&rp.id).map_or("-".into(), |s| s.verdict.clone()),
                         rp.tags
                             .iter()
                             .map(|(k, v)| format!("{k}={v}"))
@@ -74,6 +86,7 @@ fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
                     "ASSET",
                     "SIZE",
                     "NEW STORED",
+                    "SCAN",
                     "TAGS",
                 ],
                 &rows,
@@ -143,10 +156,99 @@ fn print_rp(rp: &RecoveryPoint) {
 fn show(ctx: &Ctx, spec: &str) -> Result<()> {
     let vault = ctx.open_vault()?;
     let rp = resolve_rp(&vault, spec, None, None)?;
+    let scan = vault.scans_of(&rp.id)?.pop();
     match ctx.global.output_format {
-        OutputFormat::Json => print_json(&rp),
+        OutputFormat::Json => print_json(&with_scan(&rp, scan.as_ref())),
         OutputFormat::Human => {
             print_rp(&rp);
+            print_scan(scan.as_ref());
+            Ok(())
+        }
+    }
+}
+
+/// An RP as JSON with its newest scan's summary (`scan`: null when never scanned).
+fn with_scan(rp: &RecoveryPoint, scan: Option<&ScanReport>) -> serde_json::Value {
+    let mut v = serde_json::to_value(rp).expect("serialisable");
+    v["scan"] = match scan {
+        Some(s) => serde_json::json!({
+            "verdict": s.verdict,
+            "score": s.score,
+            "time": s.time,
+            "baseline": s.baseline,
+            "findings": s.report.get("findings").and_then(|f| f.as_array()).map_or(0, Vec::len),
+        }),
+        None => serde_json::Value::Null,
+    };
+    v
+}
+
+fn print_scan(scan: Option<&ScanReport>) {
+    let Some(s) = scan else {
+        println!("scan          - (never scanned: elastio iscan --rp <id>)");
+        return;
+    };
+    println!(
+        "scan          {} (score {}, {}, {})",
+        s.verdict,
+        s.score,
+        s.time,
+        s.baseline
+            .as_ref()
+            .map_or("full".to_string(), |b| format!("against {b}"))
+    );
+    let findings = s.report.get("findings").and_then(|f| f.as_array());
+    for f in findings.into_iter().flatten().take(20) {
+        let field = |k: &str| f.get(k).and_then(|x| x.as_str()).unwrap_or("-").to_string();
+        println!(
+            "              {} {} {}",
+            field("signal"),
+            field("path"),
+            field("evidence")
+        );
+    }
+}
+
+/// The newest RP of an asset whose newest scan is clean.
+fn last_clean(ctx: &Ctx, a: RpLastCleanArgs) -> Result<()> {
+    let vault = ctx.open_vault()?;
+    let scans = vault.latest_scans()?;
+    let rps = vault.list_rps()?;
+    let of_asset =
+        |rp: &&RecoveryPoint| rp.asset.name == a.asset && a.kind.is_none_or(|k| rp.kind == k);
+    if !rps.iter().any(|rp| of_asset(&rp)) {
+        bail!(
+            "no recovery point of asset {} in vault {}",
+            a.asset,
+            vault.location()
+        );
+    }
+    let Some(rp) = rps
+        .iter()
+        .filter(of_asset)
+        .rfind(|rp| scans.get(&rp.id).is_some_and(ScanReport::is_clean))
+    else {
+        bail!(
+            "no recovery point of asset {} scanned clean (elastio iscan --rp <id>; \
+             elastio rp list --asset {} shows each RP's scan)",
+            a.asset,
+            a.asset
+        );
+    };
+    let scan = scans.get(&rp.id);
+    match ctx.global.output_format {
+        OutputFormat::Json => print_json(&with_scan(rp, scan)),
+        OutputFormat::Human => {
+            println!("{}", rp.id);
+            if !ctx.global.quiet {
+                eprintln!(
+                    "{} {} of {}, scanned clean {}",
+                    rp.created,
+                    rp.kind,
+                    rp.asset.name,
+                    scan.map_or("", |s| s.time.as_str())
+                );
+            }
             Ok(())
         }
     }
@@ -244,6 +346,13 @@ pub enum RpCommand {
     List(RpListArgs),
     /// Show one recovery point in full
     Show { rp: String },
+    /// The newest recovery point of an asset that scanned clean (`elastio iscan`)
+    #[command(
+        after_help = "Prints the RP's id (the RP to restore after an attack): the newest RP of \
+the asset whose newest scan report says clean. RPs never scanned do not count.\n\nExample:\n  \
+elastio rp last-clean --asset web-1"
+    )]
+    LastClean(RpLastCleanArgs),
     /// Add, change or remove tags of a recovery point
     Tag(RpTagArgs),
     /// Delete recovery points (their data is freed by the next `elastio prune`)
@@ -296,6 +405,19 @@ pub struct RpListArgs {
     /// Only RPs having this tag (repeatable; all must match)
     #[arg(long = "tag", value_name = "KEY=VALUE")]
     pub tags: Vec<String>,
+    /// Only RPs whose newest scan (`elastio iscan`) found nothing
+    #[arg(long)]
+    pub clean: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RpLastCleanArgs {
+    /// The asset (its exact name)
+    #[arg(long)]
+    pub asset: String,
+    /// Only this type: disk, file or stream
+    #[arg(long = "type", value_name = "TYPE")]
+    pub kind: Option<scalez::RpKind>,
 }
 
 #[derive(Args, Debug)]

@@ -74,7 +74,7 @@ pub struct ObjectVersion {
 pub fn is_vault_key(key: &str) -> bool {
     key == "config"
         || [
-            "keys/", "catalog/", "tags/", "index/", "packs/", "gc/", "leases/", "locks/",
+            "keys/", "catalog/", "tags/", "scans/", "index/", "packs/", "gc/", "leases/", "locks/",
         ]
         .iter()
         .any(|p| key.starts_with(p))
