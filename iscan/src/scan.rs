@@ -621,21 +621,22 @@ impl Scan<'_> {
                 .iter()
                 .filter(|c| matches!(c, Some(Class::Low | Class::High)))
                 .count();
-            if turned_in_sample == 0 {
-                return Ok(());
-            }
             // Scale the sample back to all uniform windows.
             let turned = (turned_in_sample as u64 * uniform).div_ceil(sample.len() as u64);
             let old_magic = magic::detect(&old_head);
+            let lost = old_magic.is_some()
+                && found.is_none()
+                && read.classes.first() == Some(&Some(Class::Uniform));
+            if turned == 0 && !lost {
+                // Uniform before too (a dense file rewritten): nothing new.
+                return Ok(());
+            }
             let how = if renamed {
                 format!("renamed from {}; ", shown(&old_path))
             } else {
                 String::new()
             };
-            let (signal, evidence) = if old_magic.is_some()
-                && found.is_none()
-                && read.classes.first() == Some(&Some(Class::Uniform))
-            {
+            let (signal, evidence) = if lost {
                 (
                     "magic_lost",
                     format!(

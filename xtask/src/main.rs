@@ -59,6 +59,11 @@ pub const TEST_TOOLS: &[(&str, &str)] = &[
     ("mkfs.btrfs", "btrfs-progs"),
     ("btrfs", "btrfs-progs"),
     ("filefrag", "e2fsprogs"),
+    // integrity scans (issue 21): benign changes made with real tools
+    ("cjpeg", "libjpeg-turbo-progs"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+    ("gzip", "gzip"),
 ];
 
 /// Benchmark peers.
