@@ -21,8 +21,8 @@
 //! * **Notes** ([`notes`]): a new small file (≤ 64 KiB) named like a ransom note (40), or
 //!   carrying a Tor onion address (40).
 //! * **Bursts**: ≥ 200 renames in one folder (50, Veeam's threshold); ≥ 100 deletions that are
-//!   > 50 % of an extension's files (50, Veeam's); ≥ 10 new or renamed uniform files with one
-//!   extension the baseline did not have (100).
+//!   more than 50 % of an extension's files (50, Veeam's); ≥ 10 new or renamed uniform files
+//!   with one extension the baseline did not have (100).
 //! * An RP whose score reaches **100** is judged hit by ransomware (exit code 201). Each
 //!   report lists every finding with its file, signal, evidence and weight, and the thresholds.
 //! * **Malware** ([`rules`]): YARA rules (yara-x) over the judged files — the built-in test set

@@ -49,8 +49,8 @@ fn text(seed: u64, len: usize) -> Vec<u8> {
         x ^= x << 17;
         let w = WORDS[(x % WORDS.len() as u64) as usize];
         out.extend_from_slice(w.as_bytes());
-        out.push(if x % 11 == 0 { b'\n' } else { b' ' });
-        if x % 7 == 0 {
+        out.push(if x.is_multiple_of(11) { b'\n' } else { b' ' });
+        if x.is_multiple_of(7) {
             out.extend_from_slice(format!("{} ", x % 100_000).as_bytes());
         }
     }

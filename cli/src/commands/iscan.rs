@@ -255,8 +255,7 @@ fn auto_baseline(vault: &Vault, rp: &RecoveryPoint) -> Result<Option<RecoveryPoi
     Ok(vault
         .list_rps()?
         .into_iter()
-        .filter(|o| o.kind == rp.kind && o.asset == rp.asset && o.id < rp.id)
-        .next_back())
+        .rfind(|o| o.kind == rp.kind && o.asset == rp.asset && o.id < rp.id))
 }
 
 /// Scans `rp` (each volume of an instance RP) and saves the reports.
