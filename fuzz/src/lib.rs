@@ -7,6 +7,12 @@ pub mod ext4;
 pub mod partitions;
 #[path = "../../agent/src/block/ranges.rs"]
 pub mod ranges;
+#[path = "../../iscan/src/entropy.rs"]
+pub mod entropy;
+#[path = "../../iscan/src/magic.rs"]
+pub mod magic;
+#[path = "../../iscan/src/notes.rs"]
+pub mod notes;
 
 use ext4::{Ext4, Kind, ReadAt};
 
@@ -368,4 +374,32 @@ pub fn nbd_client(data: &[u8]) {
             }
         }
     }
+}
+
+/// What an integrity scan reads of a file's bytes and name (iscan: magic, extension, promise,
+/// note names, onion addresses, window classes): the first byte is the name's length.
+pub fn iscan_content(data: &[u8]) {
+    let Some((&n, rest)) = data.split_first() else { return };
+    let n = (n as usize).min(rest.len());
+    let (name, content) = rest.split_at(n);
+    let _ = magic::detect(content);
+    if let Some(ext) = magic::extension(name) {
+        assert!(!ext.is_empty() && ext.len() <= 16, "extension {ext:?}");
+        let _ = magic::promise(&ext);
+        let _ = magic::ransomware_extension(&ext);
+    }
+    let _ = notes::is_note_name(name);
+    if let Some(onion) = notes::onion_address(content) {
+        assert!(onion.ends_with(".onion") && (onion.len() == 62 || onion.len() == 22), "{onion}");
+    }
+    let mut total = 0;
+    for w in content.chunks(entropy::MIN_WINDOW) {
+        let h = entropy::Histogram::of(w);
+        total += h.len();
+        let e = h.entropy();
+        assert!((0.0..=8.0 + 1e-9).contains(&e), "entropy {e}");
+        assert!(h.chi2() >= 0.0);
+        let _ = h.class();
+    }
+    assert_eq!(total, content.len() as u64);
 }

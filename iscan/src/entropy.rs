@@ -26,8 +26,7 @@ pub const UNIFORM_ENTROPY: f64 = 7.9;
 pub const UNIFORM_CHI2: f64 = 420.0;
 
 /// What a window of bytes looks like.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     /// Text, code, tables, executables: structure.
     Low,
