@@ -16,6 +16,7 @@
 mod copy;
 mod files;
 mod filesystems;
+mod iscan;
 mod live;
 
 use std::fs::{self, File, OpenOptions};
@@ -83,6 +84,11 @@ pub fn run(args: &[String]) -> Result<()> {
         print!("{}", copy::report(&f));
         return Ok(());
     }
+    if args.iter().any(|a| a == "iscan") {
+        let f = iscan::bench(&root, &data, &work)?;
+        print!("{}", iscan::report(&f));
+        return Ok(());
+    }
     if args.iter().any(|a| a == "live") {
         let f = live::bench(&root, &data, &work)?;
         print!("{}", live::report(&f));
@@ -143,6 +149,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let filesystems = filesystems::bench(&root, &data, &work)?;
     let live = live::bench(&root, &data, &work)?;
     let copied = copy::bench(&root, &data, &work)?;
+    let scans = iscan::bench(&root, &data, &work)?;
     report(
         &samples,
         &nbd,
@@ -154,6 +161,7 @@ pub fn run(args: &[String]) -> Result<()> {
     print!("{}", filesystems::report(&filesystems));
     print!("{}", live::report(&live));
     print!("{}", copy::report(&copied));
+    print!("{}", iscan::report(&scans));
     Ok(())
 }
 

@@ -15,7 +15,7 @@ usage: cargo xtask <command>
   test    install missing test tools (as root), check formatting, clippy -D warnings, all tests, docs,
           every fuzz target for 10 s (ELASTIO_FUZZ_SECONDS)
   demo    back up a small ext4 image into a local vault, list it, restore it and verify it
-  bench [s3|stream|files|index|prune|ebs|fuse|filesystems|live]  time elastio against restic, borg
+  bench [s3|stream|files|index|prune|ebs|fuse|filesystems|live|copy|iscan]  time elastio against restic, borg
           and the kernel on the same images (release build); one section with its name
   deps    install the test tools and the benchmark peers (restic, borg) from apt
   servers start the S3 test servers (Ceph RGW, moto) and print their environment

@@ -1,0 +1,115 @@
+//! `cargo xtask bench iscan` (issue 21): integrity scans of the bench's disk RPs. base.img and
+//! changed.img (~7 % of its used blocks rewritten) are backed up as one asset; the RP of
+//! changed.img is scanned incrementally (against the base RP: only files whose chunks changed
+//! are read) and in full (every file of its ext4 read and judged). Reports wall time, bytes
+//! read, files judged, and the scan throughput in MiB/s of file data judged.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::elastio_cmd;
+
+pub struct Scan {
+    pub wall_s: f64,
+    pub files: u64,
+    pub bytes_read: u64,
+    pub baseline_bytes_read: u64,
+    pub unchanged: u64,
+    pub verdict: String,
+}
+
+pub struct IscanFigures {
+    pub incremental: Scan,
+    pub full: Scan,
+}
+
+fn scan(bin: &Path, vault: &Path, args: &[&str]) -> Result<Scan> {
+    let mut a = vec!["iscan", "--no-save", "--output-format", "json"];
+    a.extend(args);
+    let started = Instant::now();
+    let out = elastio_cmd(bin, vault, &a).output()?;
+    let wall_s = started.elapsed().as_secs_f64();
+    if !matches!(out.status.code(), Some(0 | 201 | 202 | 203 | 204)) {
+        bail!(
+            "elastio {a:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).context("iscan JSON")?;
+    let n = |k: &str| v["stats"][k].as_u64().unwrap_or(0);
+    Ok(Scan {
+        wall_s,
+        files: n("files_scanned"),
+        bytes_read: n("bytes_read"),
+        baseline_bytes_read: n("baseline_bytes_read"),
+        unchanged: n("files_unchanged"),
+        verdict: v["verdict"].as_str().unwrap_or("?").to_string(),
+    })
+}
+
+pub fn bench(root: &Path, data: &Path, work: &Path) -> Result<IscanFigures> {
+    let bin = root.join("target/release/elastio");
+    let dir = work.join("iscan");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let vault = dir.join("vault");
+    println!("==> iscan: backing up base.img and changed.img as one asset");
+    let ok = |a: &[&str]| -> Result<Value> {
+        let out = elastio_cmd(&bin, &vault, a).output()?;
+        if !out.status.success() {
+            bail!("elastio {a:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    };
+    ok(&["vault", "init"])?;
+    let mut rps = Vec::new();
+    for img in ["base.img", "changed.img"] {
+        let v = ok(&[
+            "block",
+            "backup",
+            data.join(img).to_str().unwrap(),
+            "--asset-name",
+            "bench-iscan",
+            "--output-format",
+            "json",
+        ])?;
+        rps.push(v["rp"]["id"].as_str().context("rp id")?.to_string());
+    }
+    println!("==> iscan: incremental scan of the changed RP");
+    let incremental = scan(&bin, &vault, &["--rp", &rps[1], "--baseline", &rps[0]])?;
+    println!("==> iscan: full scan of the changed RP");
+    let full = scan(&bin, &vault, &["--rp", &rps[1], "--full"])?;
+    Ok(IscanFigures { incremental, full })
+}
+
+pub fn report(f: &IscanFigures) -> String {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let line = |name: &str, s: &Scan| {
+        format!(
+            "  {name:<12} {:>7.2} s  {:>6} files judged  {:>8.1} MiB read (+{:.1} MiB of the baseline)  {:>6.1} MiB/s  {} unchanged skipped  verdict {}\n",
+            s.wall_s,
+            s.files,
+            mib(s.bytes_read),
+            mib(s.baseline_bytes_read),
+            mib(s.bytes_read) / s.wall_s.max(1e-9),
+            s.unchanged,
+            s.verdict
+        )
+    };
+    let mut out = String::from(
+        "iscan (the RP of changed.img: ~7 % of base.img's used blocks rewritten; ext4 inside):\n",
+    );
+    out += &line("incremental", &f.incremental);
+    out += &line("full", &f.full);
+    let (i, full) = (&f.incremental, &f.full);
+    out += &format!(
+        "  incremental vs full: {:.1}x faster, {:.1}x fewer bytes read\n",
+        full.wall_s / i.wall_s.max(1e-9),
+        full.bytes_read as f64 / (i.bytes_read + i.baseline_bytes_read).max(1) as f64
+    );
+    out
+}
