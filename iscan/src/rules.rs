@@ -39,6 +39,9 @@ pub struct Rules {
     rules: yara_x::Rules,
     /// The rule files compiled (besides the built-in set).
     pub files: Vec<PathBuf>,
+    /// BLAKE3 of the built-in set and every rule file's bytes, in path order (hex, 128 bits):
+    /// scans with equal fingerprints judged files by the same rules.
+    pub fingerprint: String,
 }
 
 impl Rules {
@@ -51,6 +54,8 @@ impl Rules {
             .add_source(BUILTIN)
             .map_err(|e| Error::Rules(format!("built-in rules: {e}")))?;
         let mut files = Vec::new();
+        let mut hash = blake3::Hasher::new();
+        hash.update(BUILTIN.as_bytes());
         if let Some(path) = path {
             collect(path, 0, &mut files)?;
             if files.is_empty() {
@@ -63,6 +68,8 @@ impl Rules {
             for (i, f) in files.iter().enumerate() {
                 let src =
                     std::fs::read(f).map_err(|e| Error::Rules(format!("{}: {e}", f.display())))?;
+                hash.update(&(src.len() as u64).to_le_bytes());
+                hash.update(&src);
                 let stem = f
                     .file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
@@ -83,6 +90,7 @@ impl Rules {
         Ok(Rules {
             rules: compiler.build(),
             files,
+            fingerprint: hex::encode(&hash.finalize().as_bytes()[..16]),
         })
     }
 

@@ -414,6 +414,22 @@ fn ransomware_in_file_rps_is_found_named_and_the_parent_is_last_clean() {
     // encryption needs its baseline to show.)
     let (code, v) = iscan(&env, &["--rp", &bad, "--full", "--no-save"]);
     assert_eq!(code, 201, "{v:#}");
+    // The next RP, unchanged since the attack: its baseline is the last RP scanned clean, not
+    // its parent, so the encrypted files it carries are judged again.
+    let after = backup_files(&env, &src);
+    let (code, v) = iscan(&env, &["--rp", &after]);
+    assert_eq!(
+        (code, v["baseline"].as_str()),
+        (201, Some(ok.as_str())),
+        "{v:#}"
+    );
+    // A baseline that never scanned clean is refused for a kept report.
+    let out = env.run(&["iscan", "--rp", &after, "--baseline", &bad]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&bad) && err.contains("no clean scan"),
+        "{err}"
+    );
 
     // The reports are in the vault.
     let list = env.json(&["rp", "list"]);
@@ -423,7 +439,7 @@ fn ransomware_in_file_rps_is_found_named_and_the_parent_is_last_clean() {
         .iter()
         .map(|rp| rp["scan"]["verdict"].as_str().unwrap())
         .collect();
-    assert_eq!(verdicts, ["clean", "clean", "ransomware"]);
+    assert_eq!(verdicts, ["clean", "clean", "ransomware", "ransomware"]);
     let last = env.ok(&["rp", "last-clean", "--asset", s(&src)]);
     assert_eq!(last.trim(), ok, "the parent of the attacked RP");
     let clean = env.json(&["rp", "list", "--clean"]);
@@ -432,7 +448,7 @@ fn ransomware_in_file_rps_is_found_named_and_the_parent_is_last_clean() {
     assert_eq!(show["scan"]["verdict"], "ransomware");
     // check reads the reports too; deleting the RP deletes its reports.
     env.ok(&["check"]);
-    env.ok(&["rp", "delete", &bad]);
+    env.ok(&["rp", "delete", &bad, &after]);
     let reports = env.path("vault").join("scans").join(&bad);
     assert!(
         std::fs::read_dir(&reports).map_or(0, |d| d.count()) == 0,
@@ -454,9 +470,19 @@ fn ransomware_in_file_rps_is_found_named_and_the_parent_is_last_clean() {
     )
     .unwrap();
     let both = backup_files(&env, &src);
+    // The clean baseline was scanned with the built-in rules only: a kept report needs a full
+    // scan under the new rules, an ad-hoc comparison may use it.
     let (code, v) = iscan(
         &env,
-        &["--rp", &both, "--baseline", &ok, "--yara-rules", s(&rules)],
+        &[
+            "--rp",
+            &both,
+            "--baseline",
+            &ok,
+            "--yara-rules",
+            s(&rules),
+            "--no-save",
+        ],
     );
     assert_eq!(code, 203, "{v:#}");
     assert!(findings(&v, &prefix).contains(&("yara".into(), "usr/bin/helper.sh".into())));

@@ -104,8 +104,22 @@ pub fn run(ctx: &Ctx, a: IscanArgs) -> Result<()> {
     )?;
     let baseline = match a.baseline.as_str() {
         _ if a.opts.full => None,
-        "auto" => auto_baseline(&vault, &rp)?,
-        spec => Some(resolve_rp(&vault, spec, None, None)?),
+        "auto" => auto_baseline(&vault, &rp, &rules)?,
+        spec => {
+            let b = resolve_rp(&vault, spec, None, None)?;
+            // Unchanged files are not read: they count as judged by the baseline's scan. A
+            // report built on a baseline that never scanned clean with these rules would call
+            // an RP clean that carries the baseline's encrypted or infected files.
+            if !a.no_save && !judged_clean(&vault, &b, &rules)? {
+                bail!(
+                    "baseline {} has no clean scan with these rules (its newest report is not \
+                     clean, or used other YARA rules): scan it first, use --full, or add \
+                     --no-save for a comparison that is not kept",
+                    b.id
+                );
+            }
+            Some(b)
+        }
     };
     let scans = scan_rp(
         ctx,
@@ -163,7 +177,7 @@ impl AfterBackup {
             cache_size: 256 << 20,
         };
         let rp = vault.get_rp(rp)?;
-        let base = auto_baseline(vault, &rp)?;
+        let base = auto_baseline(vault, &rp, &rules)?;
         let scans = scan_rp(ctx, vault, &rp, base.as_ref(), &rules, &so, true)
             .with_context(|| format!("the backup committed {}, but its scan failed", rp.id))?;
         Ok(Some(AfterBackup { scans, rules }))
@@ -242,20 +256,34 @@ fn options(o: &ScanOpts) -> Options {
     }
 }
 
-/// The RP a scan of `rp` compares with by default.
-fn auto_baseline(vault: &Vault, rp: &RecoveryPoint) -> Result<Option<RecoveryPoint>> {
-    if let Some(p) = &rp.parent {
-        match vault.get_rp(p) {
-            Ok(p) if p.kind == rp.kind => return Ok(Some(p)),
-            Ok(_) => {}
-            Err(scalez::Error::RpNotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+/// The RP a scan of `rp` compares with by default: the newest earlier RP of its asset (and
+/// type) whose newest scan is clean with the same rules, so every file the scan does not read
+/// was judged clean before. None (a full scan) when there is no such RP.
+fn auto_baseline(
+    vault: &Vault,
+    rp: &RecoveryPoint,
+    rules: &Rules,
+) -> Result<Option<RecoveryPoint>> {
+    let scans = vault.latest_scans()?;
+    Ok(vault.list_rps()?.into_iter().rfind(|o| {
+        o.kind == rp.kind
+            && o.asset == rp.asset
+            && o.id < rp.id
+            && scans.get(&o.id).is_some_and(|s| clean_with(s, rules))
+    }))
+}
+
+fn clean_with(s: &ScanReport, rules: &Rules) -> bool {
+    s.is_clean()
+        && s.report.get("rules_fingerprint").and_then(|f| f.as_str())
+            == Some(rules.fingerprint.as_str())
+}
+
+fn judged_clean(vault: &Vault, rp: &RecoveryPoint, rules: &Rules) -> Result<bool> {
     Ok(vault
-        .list_rps()?
-        .into_iter()
-        .rfind(|o| o.kind == rp.kind && o.asset == rp.asset && o.id < rp.id))
+        .scans_of(&rp.id)?
+        .last()
+        .is_some_and(|s| clean_with(s, rules)))
 }
 
 /// Scans `rp` (each volume of an instance RP) and saves the reports.
@@ -278,7 +306,7 @@ fn scan_rp(
                 let base = if opts.full {
                     None
                 } else {
-                    auto_baseline(vault, &vrp)?
+                    auto_baseline(vault, &vrp, rules)?
                 };
                 all.extend(scan_rp(ctx, vault, &vrp, base.as_ref(), rules, so, save)?);
             }
@@ -397,6 +425,7 @@ fn report_json(out: &Outcome, rules: &Rules) -> serde_json::Value {
         "filesystems": out.filesystems,
         "thresholds": iscan::scan::thresholds_json(),
         "rule_files": rules.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "rules_fingerprint": rules.fingerprint,
     })
 }
 

@@ -19,9 +19,14 @@ pub struct Scan {
     pub baseline_bytes_read: u64,
     pub unchanged: u64,
     pub verdict: String,
+    pub findings: usize,
+    /// (signal, path, evidence) of the first few findings.
+    pub first: Vec<String>,
 }
 
 pub struct IscanFigures {
+    /// The base RP in full: ~1.1 GiB of real /usr files, which must scan clean.
+    pub base: Scan,
     pub incremental: Scan,
     pub full: Scan,
 }
@@ -48,6 +53,14 @@ fn scan(bin: &Path, vault: &Path, args: &[&str]) -> Result<Scan> {
         baseline_bytes_read: n("baseline_bytes_read"),
         unchanged: n("files_unchanged"),
         verdict: v["verdict"].as_str().unwrap_or("?").to_string(),
+        findings: v["findings"].as_array().map_or(0, Vec::len),
+        first: v["findings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .take(5)
+            .map(|f| format!("{} {} ({})", f["signal"], f["path"], f["evidence"]))
+            .collect(),
     })
 }
 
@@ -79,11 +92,17 @@ pub fn bench(root: &Path, data: &Path, work: &Path) -> Result<IscanFigures> {
         ])?;
         rps.push(v["rp"]["id"].as_str().context("rp id")?.to_string());
     }
+    println!("==> iscan: full scan of the base RP");
+    let base = scan(&bin, &vault, &["--rp", &rps[0], "--full"])?;
     println!("==> iscan: incremental scan of the changed RP");
     let incremental = scan(&bin, &vault, &["--rp", &rps[1], "--baseline", &rps[0]])?;
     println!("==> iscan: full scan of the changed RP");
     let full = scan(&bin, &vault, &["--rp", &rps[1], "--full"])?;
-    Ok(IscanFigures { incremental, full })
+    Ok(IscanFigures {
+        base,
+        incremental,
+        full,
+    })
 }
 
 pub fn report(f: &IscanFigures) -> String {
@@ -103,6 +122,10 @@ pub fn report(f: &IscanFigures) -> String {
     let mut out = String::from(
         "iscan (the RP of changed.img: ~7 % of base.img's used blocks rewritten; ext4 inside):\n",
     );
+    out += &line("base, full", &f.base);
+    for x in &f.base.first {
+        out += &format!("      base finding: {x}\n");
+    }
     out += &line("incremental", &f.incremental);
     out += &line("full", &f.full);
     let (i, full) = (&f.incremental, &f.full);
