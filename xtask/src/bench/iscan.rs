@@ -109,14 +109,15 @@ pub fn report(f: &IscanFigures) -> String {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let line = |name: &str, s: &Scan| {
         format!(
-            "  {name:<12} {:>7.2} s  {:>6} files judged  {:>8.1} MiB read (+{:.1} MiB of the baseline)  {:>6.1} MiB/s  {} unchanged skipped  verdict {}\n",
+            "  {name:<12} {:>7.2} s  {:>6} files judged  {:>8.1} MiB read (+{:.1} MiB of the baseline)  {:>6.1} MiB/s  {} unchanged skipped  verdict {} ({} findings)\n",
             s.wall_s,
             s.files,
             mib(s.bytes_read),
             mib(s.baseline_bytes_read),
             mib(s.bytes_read) / s.wall_s.max(1e-9),
             s.unchanged,
-            s.verdict
+            s.verdict,
+            s.findings
         )
     };
     let mut out = String::from(
