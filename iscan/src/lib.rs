@@ -47,6 +47,7 @@ pub mod magic;
 pub mod notes;
 pub mod rules;
 pub mod scan;
+pub mod stream;
 
 pub use scan::{scan, Finding, FindingKind, FsStatus, Options, Outcome, Stats};
 

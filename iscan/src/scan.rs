@@ -220,7 +220,7 @@ pub fn scan(
         progress,
     };
     s.check_places(status);
-    s.check_structure();
+    s.check_structure()?;
     match s.base.clone() {
         Some(base) => s.incremental(&base)?,
         None => s.full()?,
@@ -230,6 +230,21 @@ pub fn scan(
     out.ransomware = out.score >= RANSOMWARE_SCORE;
     out.stats.elapsed_ms = started.elapsed().as_millis() as u64;
     Ok(s.out)
+}
+
+/// Whether a read failed because the vault is damaged (a chunk missing or not authentic): the
+/// scan stops (exit 3) instead of blaming the file system inside the RP.
+fn vault_damage(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|i| i.downcast_ref::<scalez::Error>())
+        .is_some_and(|s| {
+            matches!(
+                s,
+                scalez::Error::Corrupt { .. }
+                    | scalez::Error::MissingChunk { .. }
+                    | scalez::Error::MissingBody { .. }
+            )
+        })
 }
 
 fn shown(path: &[u8]) -> String {
@@ -320,24 +335,24 @@ impl Scan<'_> {
 
     /// The structure of every file system: each directory lists, each inode reads, each file's
     /// block map parses. Whatever fails is named.
-    fn check_structure(&mut self) {
+    fn check_structure(&mut self) -> io::Result<()> {
         let fs = self.new.clone();
         let mut walker = Walker::new(fs.as_ref(), fs.root(), true);
-        let mut problems = Vec::new();
         for item in &mut walker {
-            match item {
-                Err(Skipped { path, error }) => problems.push((path, error.to_string())),
-                Ok(item) if item.attr.kind == Kind::File => {
-                    if let Err(e) = fs.clone().open(item.ino) {
-                        problems.push((item.path, e.to_string()));
-                    }
-                }
-                Ok(_) => {}
+            let (path, error) = match item {
+                Err(Skipped { path, error }) => (path, error),
+                Ok(item) if item.attr.kind == Kind::File => match fs.clone().open(item.ino) {
+                    Ok(_) => continue,
+                    Err(e) => (item.path, e),
+                },
+                Ok(_) => continue,
+            };
+            if vault_damage(&error) {
+                return Err(error);
             }
+            self.add(FindingKind::Filesystem, "unreadable", Some(&path), error.to_string(), 0);
         }
-        for (path, error) in problems {
-            self.add(FindingKind::Filesystem, "unreadable", Some(&path), error, 0);
-        }
+        Ok(())
     }
 
     fn full(&mut self) -> io::Result<()> {
@@ -511,6 +526,7 @@ impl Scan<'_> {
         let fs = self.new.clone();
         let read = match self.read(&fs, item.ino, true) {
             Ok(r) => r,
+            Err(e) if vault_damage(&e) => return Err(e),
             Err(e) => {
                 self.add(
                     FindingKind::Filesystem,

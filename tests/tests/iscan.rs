@@ -582,3 +582,38 @@ fn ransomware_and_damage_in_ext4_file_systems_of_disk_rps() {
     );
     assert!(code == 204 || code == 201 || code == 203, "{code}: {v:#}");
 }
+
+#[test]
+fn streams_are_judged_as_one_file() {
+    let env = Env::new();
+    let dump = env.path("dump.sql");
+    std::fs::write(&dump, text(1, 3 << 20)).unwrap();
+    let backup = |extra: &[&str]| -> (i32, Value) {
+        let mut a = vec!["stream", "backup", "--stream-name", "pg/main", "--from-file", s(&dump)];
+        a.extend(extra);
+        a.extend(["--output-format", "json"]);
+        let out = env.run(&a);
+        let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+        (out.status.code().unwrap(), v)
+    };
+    let (code, v) = backup(&["--iscan"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["iscan"][0]["verdict"], "clean");
+    // The same dump again: unchanged, not read.
+    let (code, v) = backup(&["--iscan"]);
+    assert_eq!(code, 0);
+    assert_eq!(v["iscan"][0]["stats"]["files_scanned"], 0, "{v:#}");
+    // Encrypted by an attacker: the stream turned ciphertext.
+    let enc = aes_ctr(&env, &std::fs::read(&dump).unwrap(), 5);
+    std::fs::write(&dump, enc).unwrap();
+    let (code, v) = backup(&["--iscan"]);
+    assert_eq!(code, 201, "{v:#}");
+    assert_eq!(findings(&v["iscan"][0], ""), [("encrypted".to_string(), "pg_main".to_string())].into());
+    // A planted string: malware (judged against the last stream that scanned clean).
+    let mut planted = text(2, 1 << 20);
+    planted.extend_from_slice(b"-- ELASTIO-ISCAN-TEST-MALWARE-5f0c1a\n");
+    std::fs::write(&dump, planted).unwrap();
+    let (code, v) = backup(&["--iscan"]);
+    assert_eq!(code, 202, "{v:#}");
+    assert_eq!(v["iscan"][0]["findings"][0]["evidence"], "rule builtin:elastio_test_malware");
+}

@@ -143,7 +143,19 @@ fn backup(ctx: &Ctx, a: EbsBackupArgs) -> Result<()> {
     let report = backup_volume(&vault, &aws, &volume_id, &opts, &bar)
         .with_context(|| format!("backup of EBS volume {volume_id} failed"))?;
     bar.finish();
-    print_backup(ctx, &report)
+    let scan = crate::commands::iscan::AfterBackup::run(ctx, &vault, &report.rp.id, &a.scan)?;
+    match (&scan, ctx.global.output_format) {
+        (Some(s), OutputFormat::Json) => {
+            let mut j = backup_json(&report);
+            j["iscan"] = s.json();
+            print_json(&j)?;
+        }
+        _ => print_backup(ctx, &report)?,
+    }
+    match scan {
+        Some(s) => s.finish(ctx),
+        None => Ok(()),
+    }
 }
 
 fn import(ctx: &Ctx, a: EbsImportArgs) -> Result<()> {
@@ -329,6 +341,8 @@ of the snapshot that are wholly free are neither read nor stored."
 
 #[derive(Args, Debug)]
 pub struct EbsBackupArgs {
+    #[command(flatten)]
+    pub scan: crate::commands::iscan::BackupScan,
     /// The volume to back up (vol-...)
     #[arg(long, conflicts_with = "device")]
     pub volume_id: Option<String>,

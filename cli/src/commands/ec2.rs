@@ -53,8 +53,10 @@ fn backup(ctx: &Ctx, a: Ec2BackupArgs) -> Result<()> {
     let r = backup_instance(&vault, &aws, &instance_id, &opts, &bar)
         .with_context(|| format!("backup of EC2 instance {instance_id} failed"))?;
     bar.finish();
-    match ctx.global.output_format {
+    let scan = crate::commands::iscan::AfterBackup::run(ctx, &vault, &r.rp.id, &a.scan)?;
+    let printed = match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
+            "iscan": scan.as_ref().map(|s| s.json()),
             "rp": r.rp,
             "volumes": r.volumes.iter().map(|(device, v)| {
                 let mut j = backup_json(v);
@@ -79,6 +81,11 @@ fn backup(ctx: &Ctx, a: Ec2BackupArgs) -> Result<()> {
             println!("  total time    {:.2} s", r.elapsed.as_secs_f64());
             Ok(())
         }
+    };
+    printed?;
+    match scan {
+        Some(s) => s.finish(ctx),
+        None => Ok(()),
     }
 }
 
@@ -163,6 +170,8 @@ they hold as zeros that are in use again."
 
 #[derive(Args, Debug)]
 pub struct Ec2BackupArgs {
+    #[command(flatten)]
+    pub scan: crate::commands::iscan::BackupScan,
     /// The instance to back up (i-...)
     #[arg(long, conflicts_with = "self_")]
     pub instance_id: Option<String>,

@@ -298,7 +298,7 @@ fn scan_rp(
 ) -> Result<Vec<Scanned>> {
     let opts = &options(so);
     match rp.kind {
-        RpKind::Disk | RpKind::File => {}
+        RpKind::Disk | RpKind::File | RpKind::Stream => {}
         RpKind::Instance => {
             let mut all = Vec::new();
             for v in &rp.instance()?.volumes {
@@ -312,15 +312,20 @@ fn scan_rp(
             }
             return Ok(all);
         }
-        RpKind::Stream => bail!(
-            "{} is a stream RP: it holds bytes, not files; restore it and scan the result with \
-             `elastio iscan --path`",
-            rp.id
-        ),
     }
-    let open = |r: &RecoveryPoint| {
-        mount::browse::open(vault, r, so.cache_size.min(usize::MAX as u64) as usize)
-            .with_context(|| format!("reading the files of {}", r.id))
+    let cache = so.cache_size.min(usize::MAX as u64) as usize;
+    let open = |r: &RecoveryPoint| -> Result<mount::browse::Opened> {
+        if r.kind == RpKind::Stream {
+            let reader = scalez::stream_map::StreamReader::open(vault.clone(), r.stream()?, cache)
+                .with_context(|| format!("reading stream {}", r.id))?;
+            let time = humantime::parse_rfc3339_weak(r.created.trim_end_matches('Z'))
+                .unwrap_or(std::time::UNIX_EPOCH);
+            return Ok(mount::browse::Opened {
+                fs: Arc::new(iscan::stream::StreamFs::new(reader, &r.asset.name, time)),
+                status: Vec::new(),
+            });
+        }
+        mount::browse::open(vault, r, cache).with_context(|| format!("reading the files of {}", r.id))
     };
     let new = open(rp)?;
     let base = match baseline {

@@ -55,8 +55,10 @@ fn backup(ctx: &Ctx, a: KafkaBackupArgs) -> Result<()> {
              before this backup (messages lost between backups)"
         );
     }
-    match ctx.global.output_format {
+    let scan = crate::commands::iscan::AfterBackup::run(ctx, &vault, &rp.id, &a.scan)?;
+    let printed = match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
+            "iscan": scan.as_ref().map(|s| s.json()),
             "rp": rp,
             "messages": report.messages,
             "partitions": report.partitions.iter().map(|(p, (s, e))| json!({
@@ -80,6 +82,11 @@ fn backup(ctx: &Ctx, a: KafkaBackupArgs) -> Result<()> {
             println!("  new stored    {}", bytes(rp.new_bytes_stored));
             Ok(())
         }
+    };
+    printed?;
+    match scan {
+        Some(s) => s.finish(ctx),
+        None => Ok(()),
     }
 }
 
@@ -141,6 +148,8 @@ simply repeated. Example: `elastio kafka backup --brokers k1:9092 --topic orders
 
 #[derive(Args, Debug)]
 pub struct KafkaBackupArgs {
+    #[command(flatten)]
+    pub scan: crate::commands::iscan::BackupScan,
     /// Bootstrap brokers (host:port, comma-separated)
     #[arg(long, env = "ELASTIO_KAFKA_BROKERS")]
     pub brokers: String,

@@ -44,8 +44,10 @@ fn backup(ctx: &Ctx, a: StreamBackupArgs) -> Result<()> {
     .with_context(|| format!("backup of stream {} failed", a.stream_name))?;
     bar.finish();
     let rp = &report.rp;
-    match ctx.global.output_format {
+    let scan = crate::commands::iscan::AfterBackup::run(ctx, &vault, &rp.id, &a.scan)?;
+    let printed = match ctx.global.output_format {
         OutputFormat::Json => print_json(&json!({
+            "iscan": scan.as_ref().map(|s| s.json()),
             "rp": rp,
             "packs_written": report.session.packs,
             "elapsed_ms": report.elapsed.as_millis() as u64,
@@ -73,6 +75,11 @@ fn backup(ctx: &Ctx, a: StreamBackupArgs) -> Result<()> {
             );
             Ok(())
         }
+    };
+    printed?;
+    match scan {
+        Some(s) => s.finish(ctx),
+        None => Ok(()),
     }
 }
 
@@ -159,6 +166,8 @@ bytes were inserted. Memory stays bounded whatever the stream's length. Example:
 
 #[derive(Args, Debug)]
 pub struct StreamBackupArgs {
+    #[command(flatten)]
+    pub scan: crate::commands::iscan::BackupScan,
     /// Name of the stream (the asset its RPs are listed under)
     #[arg(long)]
     pub stream_name: String,
