@@ -17,7 +17,8 @@
 //!   uniform bytes), `magic_mismatch` (a new file of uniform bytes whose extension promises a
 //!   format or text it is not: a `.docx` that is no zip), `ransomware_extension` (uniform,
 //!   no magic, an extension of known families). A new uniform file with no other sign:
-//!   `uniform_new_file`, weight 1.
+//!   `uniform_new_file`, weight 1. A stream RP is one file: its turning to ciphertext weighs
+//!   the full 100.
 //! * **Notes** ([`notes`]): a new small file (≤ 64 KiB) named like a ransom note (40), or
 //!   carrying a Tor onion address (40).
 //! * **Bursts**: ≥ 200 renames in one folder (50, Veeam's threshold); ≥ 100 deletions that are

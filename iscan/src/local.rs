@@ -37,11 +37,12 @@ impl LocalDir {
 
 fn time(secs: i64, nanos: i64) -> std::time::SystemTime {
     let d = Duration::new(secs.unsigned_abs(), nanos.clamp(0, 999_999_999) as u32);
-    if secs >= 0 {
-        UNIX_EPOCH + d
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(d)
     } else {
-        UNIX_EPOCH - d
-    }
+        UNIX_EPOCH.checked_sub(d)
+    };
+    t.unwrap_or(UNIX_EPOCH)
 }
 
 impl FileSystem for LocalDir {

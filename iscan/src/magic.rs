@@ -108,6 +108,21 @@ pub fn promise(ext: &str) -> Option<Promise> {
     })
 }
 
+/// Formats whose content is uniform by nature (range coders, ciphertext containers): a file
+/// that is one, and is named as one, may turn uniform without being suspect.
+pub fn uniform_by_nature(format: &str) -> bool {
+    matches!(format, "xz" | "7z" | "rar" | "age" | "luks" | "kdbx")
+}
+
+/// Extensions of files encrypted on purpose (keys, vaults, PGP): a new one of uniform bytes is
+/// expected.
+pub fn encrypted_by_design(ext: &str) -> bool {
+    matches!(
+        ext,
+        "gpg" | "pgp" | "asc" | "age" | "kdbx" | "p12" | "pfx" | "jks" | "keystore" | "aes"
+    )
+}
+
 /// Extensions ransomware families are known to append. Only ever a signal together with
 /// uniform content and no magic.
 pub fn ransomware_extension(ext: &str) -> bool {

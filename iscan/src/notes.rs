@@ -41,6 +41,15 @@ pub fn is_note_name(name: &[u8]) -> bool {
     NOTE_STEMS.contains(&stem)
 }
 
+/// Whether a note's text speaks of encryption (every ransom note does: it is what it sells).
+pub fn speaks_of_encryption(text: &[u8]) -> bool {
+    let lower = String::from_utf8_lossy(&text[..text.len().min(MAX_NOTE_BYTES as usize)])
+        .to_ascii_lowercase();
+    ["encrypt", "decrypt", "crypted", "ransom"]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
 /// The first Tor onion address in `text` (v3: 56 base32 characters, v2: 16), if any.
 pub fn onion_address(text: &[u8]) -> Option<String> {
     const SUFFIX: &[u8] = b".onion";

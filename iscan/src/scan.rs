@@ -1,6 +1,6 @@
 //! The scan: which files to judge, how each is judged, and the verdict.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,21 +9,25 @@ use mount::browse::{self, Change, Item, Skipped, Walker};
 use mount::filesystem::{FileSystem, Kind};
 use serde::Serialize;
 
-use crate::entropy::{Class, Histogram, MIN_WINDOW, WINDOW};
+use crate::entropy::{self, Class, Histogram, MIN_WINDOW, WINDOW};
 use crate::magic::{self, Promise};
 use crate::notes;
 use crate::rules::{self, Rules};
 
 /// Signal weights and thresholds (documented in the crate's docs; the report repeats them).
 pub mod thresholds {
-    /// Score at which an RP is judged hit by ransomware.
+    /// Score at which an RP is judged hit by ransomware. Any score above 0 makes it
+    /// `suspicious`: never clean, never a baseline.
     pub const RANSOMWARE_SCORE: u32 = 100;
     /// A file that became ciphertext, whole or in part, or lost or contradicts its magic.
     pub const ENCRYPTED_FILE: u32 = 25;
-    /// A new small file named like a ransom note.
+    /// A new small text file named like a ransom note that speaks of encryption.
     pub const RANSOM_NOTE: u32 = 40;
     /// A new small file carrying a Tor onion address.
     pub const ONION_ADDRESS: u32 = 40;
+    /// Notes and onion addresses together add at most this much: alone they never make
+    /// ransomware.
+    pub const NOTES_CAP: u32 = 80;
     /// A new file of uniform bytes without magic and with no other sign.
     pub const UNIFORM_NEW_FILE: u32 = 1;
     /// Renames in one folder (Veeam's threshold).
@@ -34,17 +38,29 @@ pub mod thresholds {
     pub const DELETION_BURST_COUNT: u64 = 100;
     pub const DELETION_BURST_SHARE: f64 = 0.5;
     pub const DELETION_BURST: u32 = 50;
-    /// New or renamed files of uniform bytes sharing one extension the baseline did not have.
+    /// New or renamed files of uniform bytes sharing one extension the baseline did not have
+    /// (incremental scans only: a full scan has no baseline to say what is new).
     pub const EXTENSION_BURST_COUNT: u64 = 10;
     pub const EXTENSION_BURST: u32 = 100;
-    /// Share of a file's windows that must be uniform for it to count as encrypted whole.
+    /// A file system the baseline read that is now unreadable (a whole volume encrypted).
+    pub const FILESYSTEM_LOST: u32 = 100;
+    /// Share of a file's windows that must be uniform for it to count as encrypted whole, and
+    /// share of them that must have turned uniform since the baseline.
     pub const ENCRYPTED_SHARE: f64 = 0.75;
+    pub const TURNED_SHARE: f64 = 0.5;
     /// Share (and least number) of a file's windows that turned uniform for partial
     /// (intermittent) encryption.
     pub const PARTIAL_SHARE: f64 = 0.10;
     pub const PARTIAL_MIN_WINDOWS: u64 = 2;
     /// Windows of the baseline file read to compare with at most, per file.
     pub const BASELINE_SAMPLES: usize = 16;
+    /// File-system findings kept at most (each kind has its own cap, so thousands of damaged
+    /// inodes cannot push the encrypted files out of the report).
+    pub const MAX_FS_FINDINGS: usize = 1000;
+    /// Bytes of a path shown in a finding.
+    pub const MAX_PATH_SHOWN: usize = 4096;
+    /// Bytes the rule pieces of a large file overlap by (a match across the cut is seen).
+    pub const YARA_OVERLAP: usize = 1 << 20;
 }
 use thresholds::*;
 
@@ -53,10 +69,13 @@ use thresholds::*;
 pub struct Options {
     /// Judge every file, not only those changed since the baseline.
     pub full: bool,
-    /// A file's bytes held for YARA at most (larger files: their first this many bytes, and
-    /// the report counts them as truncated). Memory is about this much per scan.
+    /// Bytes of a file the rules see at once; larger files are matched piece by piece (pieces
+    /// overlapping by [`YARA_OVERLAP`]). Memory is about this much per scan.
     pub max_yara_bytes: usize,
-    /// Stop after this many findings (the verdict is already clear; memory stays bounded).
+    /// Bytes of one file judged at most (a sparse file of a petabyte must not read forever);
+    /// a file cut short makes the RP `suspicious`.
+    pub max_file_bytes: u64,
+    /// Ransomware and malware findings kept at most (the verdict counts past the cap).
     pub max_findings: usize,
 }
 
@@ -65,6 +84,7 @@ impl Default for Options {
         Options {
             full: false,
             max_yara_bytes: 64 << 20,
+            max_file_bytes: 64 << 30,
             max_findings: 10_000,
         }
     }
@@ -82,9 +102,10 @@ pub enum FindingKind {
 #[derive(Debug, Clone, Serialize)]
 pub struct Finding {
     pub kind: FindingKind,
-    /// `encrypted`, `partial_encryption`, `magic_lost`, `magic_mismatch`,
+    /// `encrypted`, `partial_encryption`, `header_encrypted`, `magic_lost`, `magic_mismatch`,
     /// `ransomware_extension`, `uniform_new_file`, `ransom_note`, `onion_address`,
-    /// `rename_burst`, `deletion_burst`, `extension_burst`, `yara`, `damaged`, `unreadable`.
+    /// `rename_burst`, `deletion_burst`, `extension_burst`, `filesystem_lost`, `yara`,
+    /// `damaged`, `unreadable`.
     pub signal: &'static str,
     /// The file or directory (for a disk RP, under its file system's place: `part1/etc/x`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,9 +130,11 @@ pub struct Stats {
     pub files_changed: u64,
     pub files_removed: u64,
     pub files_renamed: u64,
-    /// Files larger than the YARA limit: only their first bytes were matched.
-    pub yara_truncated: u64,
-    /// Files the rules could not scan (time limit).
+    /// Hard links to a file already judged in this scan.
+    pub hard_links_skipped: u64,
+    /// Files judged only up to `max_file_bytes`.
+    pub files_truncated: u64,
+    /// Files the rules could not finish (time limit).
     pub yara_errors: u64,
     pub elapsed_ms: u64,
 }
@@ -131,15 +154,15 @@ pub struct Outcome {
     pub malware: bool,
     pub damaged: bool,
     pub findings: Vec<Finding>,
-    /// Findings left out past [`Options::max_findings`].
+    /// Findings left out past the caps.
     pub findings_dropped: u64,
     pub stats: Stats,
     pub filesystems: Vec<FsStatus>,
 }
 
 impl Outcome {
-    /// The exit code: 0 clean, 201 ransomware, 202 malware, 203 both, 204 only file-system
-    /// damage.
+    /// The exit code: 0 clean (or suspicious), 201 ransomware, 202 malware, 203 both, 204 only
+    /// file-system damage.
     pub fn exit_code(&self) -> i32 {
         match (self.ransomware, self.malware, self.damaged) {
             (true, true, _) => 203,
@@ -150,13 +173,17 @@ impl Outcome {
         }
     }
 
-    /// `clean`, `ransomware`, `malware`, `ransomware+malware` or `damaged`.
+    /// `clean`, `suspicious` (signals below the ransomware score, or files the scan could not
+    /// judge whole), `ransomware`, `malware`, `ransomware+malware` or `damaged`.
     pub fn verdict(&self) -> &'static str {
         match self.exit_code() {
             203 => "ransomware+malware",
             201 => "ransomware",
             202 => "malware",
             204 => "damaged",
+            _ if self.score > 0 || self.stats.yara_errors > 0 || self.stats.files_truncated > 0 => {
+                "suspicious"
+            }
             _ => "clean",
         }
     }
@@ -167,6 +194,13 @@ struct Removed {
     ino: u64,
     ext: Option<String>,
     paired: bool,
+}
+
+/// The baseline version of a judged file.
+struct Old {
+    path: Vec<u8>,
+    ino: u64,
+    renamed: bool,
 }
 
 struct Scan<'a> {
@@ -181,25 +215,33 @@ struct Scan<'a> {
     /// Extension → new or renamed files of uniform bytes without magic.
     uniform_by_ext: BTreeMap<String, u64>,
     renames_by_dir: HashMap<Vec<u8>, u64>,
+    /// Inodes judged (hard links are read once).
+    judged: HashSet<u64>,
+    notes_score: u32,
+    fs_findings: usize,
+    other_findings: usize,
     buf: Vec<u8>,
+    hits: Vec<String>,
     progress: &'a dyn Fn(&Stats),
 }
 
 /// Scans file system `new`, against `base` (the baseline RP's) unless `opts.full` or there is
-/// none. `status` lines of a disk RP's places (`part2: ext4, damaged: …`) become file-system
-/// findings. `progress` is called after each file.
+/// none. `status` and `base_status` are the places of the two disk RPs (`part2: ext4, damaged:
+/// …`): damaged places are findings, and a place the baseline read that is unreadable now is
+/// ransomware. `progress` is called after each file.
 pub fn scan(
     new: &Arc<dyn FileSystem>,
-    base: Option<&Arc<dyn FileSystem>>,
+    base: Option<(&Arc<dyn FileSystem>, &[String])>,
     status: &[String],
     rules: &Rules,
     opts: &Options,
     progress: &dyn Fn(&Stats),
 ) -> io::Result<Outcome> {
     let started = Instant::now();
+    let base = if opts.full { None } else { base };
     let mut s = Scan {
         new: new.clone(),
-        base: if opts.full { None } else { base.cloned() },
+        base: base.map(|(b, _)| b.clone()),
         yara: rules.scanner(),
         opts,
         out: Outcome {
@@ -216,13 +258,18 @@ pub fn scan(
         base_exts: HashMap::new(),
         uniform_by_ext: BTreeMap::new(),
         renames_by_dir: HashMap::new(),
+        judged: HashSet::new(),
+        notes_score: 0,
+        fs_findings: 0,
+        other_findings: 0,
         buf: Vec::new(),
+        hits: Vec::new(),
         progress,
     };
-    s.check_places(status);
+    s.check_places(status, base.map(|(_, st)| st));
     s.check_structure()?;
     match s.base.clone() {
-        Some(base) => s.incremental(&base)?,
+        Some(b) => s.incremental(&b)?,
         None => s.full()?,
     }
     s.bursts();
@@ -248,7 +295,8 @@ fn vault_damage(e: &io::Error) -> bool {
 }
 
 fn shown(path: &[u8]) -> String {
-    String::from_utf8_lossy(path).into_owned()
+    let cut = &path[..path.len().min(MAX_PATH_SHOWN)];
+    String::from_utf8_lossy(cut).into_owned()
 }
 
 fn name_of(path: &[u8]) -> &[u8] {
@@ -259,6 +307,11 @@ fn dir_of(path: &[u8]) -> &[u8] {
     path.iter()
         .rposition(|&b| b == b'/')
         .map_or(&[][..], |p| &path[..p])
+}
+
+/// Whether a place's status line says its files were read.
+fn readable(status: &str) -> bool {
+    status.contains(", files in ")
 }
 
 /// What reading one file showed.
@@ -283,6 +336,11 @@ impl Read {
         let n = self.judged();
         n > 0 && self.uniform() as f64 >= n as f64 * ENCRYPTED_SHARE
     }
+    /// The class of the first 4 KiB (where headers are, and what "encrypt the first N KiB"
+    /// families destroy).
+    fn head_class(&self) -> Option<Class> {
+        entropy::classify(&self.head[..self.head.len().min(MIN_WINDOW)])
+    }
 }
 
 impl Scan<'_> {
@@ -294,16 +352,21 @@ impl Scan<'_> {
         evidence: String,
         weight: u32,
     ) {
-        // The verdict does not depend on the cap on findings kept.
+        // The verdict does not depend on the caps on findings kept.
         match kind {
             FindingKind::Ransomware => self.out.score = self.out.score.saturating_add(weight),
             FindingKind::Malware => self.out.malware = true,
             FindingKind::Filesystem => self.out.damaged = true,
         }
-        if self.out.findings.len() >= self.opts.max_findings {
+        let (count, cap) = match kind {
+            FindingKind::Filesystem => (&mut self.fs_findings, MAX_FS_FINDINGS),
+            _ => (&mut self.other_findings, self.opts.max_findings),
+        };
+        if *count >= cap {
             self.out.findings_dropped += 1;
             return;
         }
+        *count += 1;
         self.out.findings.push(Finding {
             kind,
             signal,
@@ -313,22 +376,45 @@ impl Scan<'_> {
         });
     }
 
-    /// A disk RP's places: damaged ones are findings; every one is listed.
-    fn check_places(&mut self, status: &[String]) {
+    /// Notes and onion addresses, their total capped.
+    fn add_note(&mut self, signal: &'static str, path: &[u8], evidence: String, weight: u32) {
+        let w = weight.min(NOTES_CAP.saturating_sub(self.notes_score));
+        self.notes_score += w;
+        self.add(FindingKind::Ransomware, signal, Some(path), evidence, w);
+    }
+
+    /// A disk RP's places: damaged ones are findings, file systems the baseline read that
+    /// are unreadable now are ransomware; every place is listed.
+    fn check_places(&mut self, status: &[String], base: Option<&[String]>) {
+        let split = |line: &str| -> (String, String) {
+            let (p, w) = line.split_once(": ").unwrap_or((line, ""));
+            (p.to_string(), w.to_string())
+        };
+        let before: HashMap<String, String> =
+            base.unwrap_or(&[]).iter().map(|l| split(l)).collect();
         for line in status {
-            let (place, what) = line.split_once(": ").unwrap_or((line.as_str(), ""));
-            if what.contains("damaged") {
+            let (place, what) = split(line);
+            if what.contains(", damaged") {
                 self.add(
                     FindingKind::Filesystem,
                     "damaged",
                     Some(place.as_bytes()),
-                    what.to_string(),
+                    what.clone(),
                     0,
+                );
+            } else if !readable(&what) && before.get(&place).is_some_and(|b| readable(b)) {
+                let was = &before[&place];
+                self.add(
+                    FindingKind::Ransomware,
+                    "filesystem_lost",
+                    Some(place.as_bytes()),
+                    format!("the baseline read it ({was}); now: {what}"),
+                    FILESYSTEM_LOST,
                 );
             }
             self.out.filesystems.push(FsStatus {
-                place: place.to_string(),
-                status: what.to_string(),
+                place,
+                status: what,
             });
         }
     }
@@ -350,7 +436,13 @@ impl Scan<'_> {
             if vault_damage(&error) {
                 return Err(error);
             }
-            self.add(FindingKind::Filesystem, "unreadable", Some(&path), error.to_string(), 0);
+            self.add(
+                FindingKind::Filesystem,
+                "unreadable",
+                Some(&path),
+                error.to_string(),
+                0,
+            );
         }
         Ok(())
     }
@@ -370,12 +462,13 @@ impl Scan<'_> {
     fn incremental(&mut self, base: &Arc<dyn FileSystem>) -> io::Result<()> {
         let new = self.new.clone();
         let mut unchanged: HashMap<String, u64> = HashMap::new();
+        let mut skipped = Vec::new();
         let stats = {
             let this = &mut *self;
             browse::diff_all(
                 base,
                 &new,
-                &mut |item, change| {
+                &mut |item, change, old| {
                     if item.attr.kind != Kind::File {
                         return Ok(());
                     }
@@ -398,14 +491,18 @@ impl Scan<'_> {
                         Change::Added => {
                             this.out.stats.files_added += 1;
                             let from = this.rename_source(&item.path);
-                            this.judge(item, from.map(|(p, ino)| (p, ino, true)))?;
+                            this.judge(item, from)?;
                         }
                         Change::Changed(what) => {
                             this.count_base_ext(&item.path);
                             if what.contains(&"content") || what.contains(&"type") {
                                 this.out.stats.files_changed += 1;
-                                let old = browse::resolve(base.as_ref(), &item.path).ok();
-                                this.judge(item, old.map(|ino| (item.path.clone(), ino, false)))?;
+                                let old = old.filter(|o| o.attr.kind == Kind::File).map(|o| Old {
+                                    path: o.path.clone(),
+                                    ino: o.ino,
+                                    renamed: false,
+                                });
+                                this.judge(item, old)?;
                             }
                         }
                     }
@@ -418,15 +515,34 @@ impl Scan<'_> {
                         }
                     }
                 },
-                // The structure check walked the scanned RP already; the baseline's damage is
-                // its own scan's business.
-                &mut |_| {},
+                &mut |s| skipped.push(s),
             )?
         };
         for (ext, n) in unchanged {
             *self.base_exts.entry(ext).or_default() += n;
         }
         self.out.stats.files_unchanged = stats.same_by_key;
+        // Paths the diff could not compare (a baseline inode that does not read, attributes
+        // that do not parse): judged as new files, never skipped.
+        for Skipped { path, error } in skipped {
+            if vault_damage(&error) {
+                return Err(error);
+            }
+            let Ok(ino) = browse::resolve(new.as_ref(), &path) else {
+                continue;
+            };
+            let Ok(attr) = new.attr(ino) else { continue };
+            if attr.kind == Kind::File {
+                let item = Item {
+                    path,
+                    ino,
+                    attr,
+                    depth: 1,
+                };
+                self.out.stats.files_changed += 1;
+                self.judge(&item, None)?;
+            }
+        }
         Ok(())
     }
 
@@ -436,14 +552,15 @@ impl Scan<'_> {
         }
     }
 
-    /// The removed file `path` was renamed from: same directory, `path` is its name plus
-    /// an extension (`report.docx` → `report.docx.locked`).
-    fn rename_source(&mut self, path: &[u8]) -> Option<(Vec<u8>, u64)> {
-        let dot = path.iter().rposition(|&b| b == b'.')?;
-        let stem = &path[..dot];
-        if stem.ends_with(b"/") || stem.is_empty() {
+    /// The removed file `path` was renamed from: same directory, `path`'s name is its name
+    /// plus an extension (`report.docx` → `report.docx.locked`).
+    fn rename_source(&mut self, path: &[u8]) -> Option<Old> {
+        let name = name_of(path);
+        let dot = name.iter().rposition(|&b| b == b'.')?;
+        if dot == 0 {
             return None;
         }
+        let stem = &path[..path.len() - name.len() + dot];
         let r = self.removed.get_mut(stem)?;
         if r.paired {
             return None;
@@ -454,21 +571,58 @@ impl Scan<'_> {
             .renames_by_dir
             .entry(dir_of(path).to_vec())
             .or_default() += 1;
-        Some((stem.to_vec(), r.ino))
+        Some(Old {
+            path: stem.to_vec(),
+            ino: r.ino,
+            renamed: true,
+        })
     }
 
-    /// Reads file `ino` of `fs` window by window; with `keep`, holds up to the YARA limit.
-    fn read(&mut self, fs: &Arc<dyn FileSystem>, ino: u64, keep: bool) -> io::Result<Read> {
-        let file = fs.clone().open(ino)?;
+    /// Runs the rules over the bytes held, keeping the last [`YARA_OVERLAP`] of them when
+    /// `more` follow.
+    fn match_rules(&mut self, path: &[u8], more: bool) {
+        let bytes = std::mem::take(&mut self.buf);
+        match rules::matches(&mut self.yara, &bytes) {
+            Ok(hits) => {
+                for h in hits {
+                    if !self.hits.contains(&h) {
+                        self.hits.push(h);
+                    }
+                }
+            }
+            Err(e) => {
+                self.out.stats.yara_errors += 1;
+                tracing::warn!(path = %shown(path), "YARA rules did not finish: {e}");
+            }
+        }
+        self.buf = bytes;
+        if more {
+            let keep = self.buf.len().min(YARA_OVERLAP);
+            let from = self.buf.len() - keep;
+            self.buf.drain(..from);
+        } else {
+            self.buf.clear();
+        }
+    }
+
+    /// Reads file `ino` window by window (up to `max_file_bytes`), classifying each window
+    /// and matching the rules piece by piece.
+    fn read(&mut self, ino: u64, path: &[u8]) -> io::Result<Read> {
+        let file = self.new.clone().open(ino)?;
         let size = file.size();
+        let end = size.min(self.opts.max_file_bytes);
+        if end < size {
+            self.out.stats.files_truncated += 1;
+        }
         let mut classes = Vec::new();
         let mut head = Vec::new();
-        let mut hist = Histogram::default();
         let mut piece = Vec::with_capacity(WINDOW);
         self.buf.clear();
+        self.hits.clear();
+        let piece_limit = self.opts.max_yara_bytes.max(2 * YARA_OVERLAP);
         let mut off = 0u64;
-        while off < size {
-            let n = (size - off).min(WINDOW as u64) as usize;
+        while off < end {
+            let n = (end - off).min(WINDOW as u64) as usize;
             piece.clear();
             file.read_append(off, n, &mut piece)?;
             if piece.len() != n {
@@ -477,23 +631,22 @@ impl Scan<'_> {
             if off == 0 {
                 head = piece.clone();
             }
-            hist.add(&piece);
-            classes.push(hist.class());
-            hist = Histogram::default();
-            if keep && self.buf.len() < self.opts.max_yara_bytes {
-                let room = self.opts.max_yara_bytes - self.buf.len();
-                self.buf.extend_from_slice(&piece[..piece.len().min(room)]);
-            }
+            classes.push(Histogram::of(&piece).class());
+            self.buf.extend_from_slice(&piece);
             off += n as u64;
+            if self.buf.len() >= piece_limit && off < end {
+                self.match_rules(path, true);
+            }
         }
+        self.match_rules(path, false);
         Ok(Read {
-            size,
+            size: end,
             classes,
             head,
         })
     }
 
-    /// Classes of the baseline file's windows at `at` (window indexes).
+    /// Classes of the baseline file's windows at `at` (window indexes), and its head.
     fn sample_base(&mut self, ino: u64, at: &[usize]) -> io::Result<(Vec<Option<Class>>, Vec<u8>)> {
         let base = self.base.clone().expect("a baseline");
         let file = base.open(ino)?;
@@ -519,12 +672,14 @@ impl Scan<'_> {
         Ok((out, head))
     }
 
-    /// Judges one new or changed file; `old` is the baseline's version (its path, inode, and
-    /// whether it was renamed to this one).
-    fn judge(&mut self, item: &Item, old: Option<(Vec<u8>, u64, bool)>) -> io::Result<()> {
+    /// Judges one new or changed file against its baseline version, if any.
+    fn judge(&mut self, item: &Item, old: Option<Old>) -> io::Result<()> {
         let path = item.path.clone();
-        let fs = self.new.clone();
-        let read = match self.read(&fs, item.ino, true) {
+        if !self.judged.insert(item.ino) {
+            self.out.stats.hard_links_skipped += 1;
+            return Ok(());
+        }
+        let read = match self.read(item.ino, &path) {
             Ok(r) => r,
             Err(e) if vault_damage(&e) => return Err(e),
             Err(e) => {
@@ -540,65 +695,74 @@ impl Scan<'_> {
         };
         self.out.stats.files_scanned += 1;
         self.out.stats.bytes_read += read.size;
-        // Malware.
-        if read.size > self.opts.max_yara_bytes as u64 {
-            self.out.stats.yara_truncated += 1;
+        for rule in std::mem::take(&mut self.hits) {
+            self.add(
+                FindingKind::Malware,
+                "yara",
+                Some(&path),
+                format!("rule {rule}"),
+                0,
+            );
         }
-        let bytes = std::mem::take(&mut self.buf);
-        match rules::matches(&mut self.yara, &bytes) {
-            Ok(hits) => {
-                for rule in hits {
-                    self.add(
-                        FindingKind::Malware,
-                        "yara",
-                        Some(&path),
-                        format!("rule {rule}"),
-                        0,
-                    );
-                }
-            }
-            Err(e) => {
-                self.out.stats.yara_errors += 1;
-                tracing::warn!(path = %shown(&path), "YARA rules did not finish: {e}");
-            }
-        }
-        // Ransom notes: small new or changed files.
         if read.size <= notes::MAX_NOTE_BYTES && read.size > 0 {
-            if notes::is_note_name(name_of(&path)) {
-                self.add(
-                    FindingKind::Ransomware,
-                    "ransom_note",
-                    Some(&path),
-                    "named like a ransom note".into(),
-                    RANSOM_NOTE,
-                );
-            }
-            if let Some(onion) = notes::onion_address(&bytes) {
-                self.add(
-                    FindingKind::Ransomware,
-                    "onion_address",
-                    Some(&path),
-                    format!("carries the Tor address {onion}"),
-                    ONION_ADDRESS,
-                );
-            }
+            self.judge_note(&path, &read.head);
         }
-        self.buf = bytes;
         self.judge_content(&path, &read, old)?;
         (self.progress)(&self.out.stats);
         Ok(())
     }
 
-    fn judge_content(
-        &mut self,
-        path: &[u8],
-        read: &Read,
-        old: Option<(Vec<u8>, u64, bool)>,
-    ) -> io::Result<()> {
+    /// A small new or changed file: a ransom note (named like one, text, speaking of
+    /// encryption), or a carrier of an onion address.
+    fn judge_note(&mut self, path: &[u8], bytes: &[u8]) {
+        let text = !bytes.is_empty()
+            && bytes
+                .iter()
+                .filter(|&&b| b.is_ascii_graphic() || b.is_ascii_whitespace() || b >= 0x80)
+                .count()
+                * 10
+                >= bytes.len() * 9;
+        if text && notes::is_note_name(name_of(path)) && notes::speaks_of_encryption(bytes) {
+            self.add_note(
+                "ransom_note",
+                path,
+                "named like a ransom note, and speaks of encryption".into(),
+                RANSOM_NOTE,
+            );
+        }
+        if let Some(onion) = notes::onion_address(bytes) {
+            self.add_note(
+                "onion_address",
+                path,
+                format!("carries the Tor address {onion}"),
+                ONION_ADDRESS,
+            );
+        }
+    }
+
+    fn judge_content(&mut self, path: &[u8], read: &Read, old: Option<Old>) -> io::Result<()> {
+        if read.judged() == 0 {
+            return Ok(());
+        }
         let ext = magic::extension(name_of(path));
         let found = magic::detect(&read.head);
         let promise = ext.as_deref().and_then(magic::promise);
-        // Dense content explained by a format that is dense by nature and matches the name.
+        // The file's name promises the format its magic shows.
+        let promised = found.is_some_and(|f| match promise {
+            Some(Promise::Formats(names)) => names.contains(&f.name),
+            _ => false,
+        });
+        if let Some(old) = old {
+            // Against its baseline version, magic excuses nothing: ciphertext behind a forged
+            // header is still windows that turned uniform. Only a file whose name promises a
+            // format that is uniform by nature (an .xz that is an xz) may be uniform now.
+            if promised && found.is_some_and(|f| magic::uniform_by_nature(f.name)) {
+                return Ok(());
+            }
+            return self.judge_changed(path, read, ext, found, old);
+        }
+        // A new file (or any file of a full scan): dense content is explained by a dense
+        // format's magic its name does not contradict.
         let explained = found.is_some_and(|f| {
             f.dense
                 && match promise {
@@ -607,92 +771,15 @@ impl Scan<'_> {
                     Some(Promise::Text) => false,
                 }
         });
-        if explained || read.judged() == 0 {
+        if explained || !read.mostly_uniform() {
             return Ok(());
         }
-        let uniform = read.uniform();
-        let judged = read.judged();
-        if let Some((old_path, old_ino, renamed)) = old {
-            if uniform == 0 {
-                return Ok(());
-            }
-            // Compare the windows that are uniform now with the same windows before (a sample).
-            let idx: Vec<usize> = read
-                .classes
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| **c == Some(Class::Uniform))
-                .map(|(i, _)| i)
-                .collect();
-            let step = idx.len().div_ceil(BASELINE_SAMPLES).max(1);
-            let sample: Vec<usize> = idx.iter().copied().step_by(step).collect();
-            let (before, old_head) = match self.sample_base(old_ino, &sample) {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(path = %shown(&old_path), "baseline file unreadable: {e}");
-                    return Ok(());
-                }
-            };
-            let turned_in_sample = before
-                .iter()
-                .filter(|c| matches!(c, Some(Class::Low | Class::High)))
-                .count();
-            // Scale the sample back to all uniform windows.
-            let turned = (turned_in_sample as u64 * uniform).div_ceil(sample.len() as u64);
-            let old_magic = magic::detect(&old_head);
-            let lost = old_magic.is_some()
-                && found.is_none()
-                && read.classes.first() == Some(&Some(Class::Uniform));
-            if turned == 0 && !lost {
-                // Uniform before too (a dense file rewritten): nothing new.
-                return Ok(());
-            }
-            let how = if renamed {
-                format!("renamed from {}; ", shown(&old_path))
-            } else {
-                String::new()
-            };
-            let (signal, evidence) = if lost {
-                (
-                    "magic_lost",
-                    format!(
-                        "{how}was {}, now starts with uniform bytes; {uniform} of {judged} windows uniform",
-                        old_magic.map_or("?", |m| m.name)
-                    ),
-                )
-            } else if read.mostly_uniform() {
-                (
-                    "encrypted",
-                    format!(
-                        "{how}{uniform} of {judged} 64 KiB windows are uniform (χ²), they were not"
-                    ),
-                )
-            } else if turned >= PARTIAL_MIN_WINDOWS
-                && turned as f64 >= judged as f64 * PARTIAL_SHARE
-            {
-                (
-                    "partial_encryption",
-                    format!("{how}{turned} of {judged} 64 KiB windows turned uniform (χ²): intermittent encryption"),
-                )
-            } else {
-                return Ok(());
-            };
-            if let Some(e) = ext.filter(|_| renamed) {
-                *self.uniform_by_ext.entry(e).or_default() += 1;
-            }
-            self.add(
-                FindingKind::Ransomware,
-                signal,
-                Some(path),
-                evidence,
-                ENCRYPTED_FILE,
-            );
+        if ext.as_deref().is_some_and(magic::encrypted_by_design) {
             return Ok(());
         }
-        if !read.mostly_uniform() {
-            return Ok(());
-        }
+        let (uniform, judged) = (read.uniform(), read.judged());
         let what = format!("{uniform} of {judged} 64 KiB windows uniform (χ²)");
+        let heavy = self.file_weight();
         let (signal, evidence, weight) = match (promise, ext.as_deref()) {
             (Some(Promise::Formats(names)), Some(e)) => (
                 "magic_mismatch",
@@ -704,17 +791,17 @@ impl Scan<'_> {
                         f.name
                     ))
                 ),
-                ENCRYPTED_FILE,
+                heavy,
             ),
             (Some(Promise::Text), Some(e)) => (
                 "magic_mismatch",
                 format!("a .{e} file of uniform bytes, not text; {what}"),
-                ENCRYPTED_FILE,
+                heavy,
             ),
             (None, Some(e)) if magic::ransomware_extension(e) => (
                 "ransomware_extension",
                 format!("extension .{e} of ransomware families, and {what}"),
-                ENCRYPTED_FILE,
+                heavy,
             ),
             _ => ("uniform_new_file", what, UNIFORM_NEW_FILE),
         };
@@ -729,6 +816,107 @@ impl Scan<'_> {
             weight,
         );
         Ok(())
+    }
+
+    /// A changed or renamed file against its baseline version.
+    fn judge_changed(
+        &mut self,
+        path: &[u8],
+        read: &Read,
+        ext: Option<String>,
+        found: Option<magic::Format>,
+        old: Old,
+    ) -> io::Result<()> {
+        let (uniform, judged) = (read.uniform(), read.judged());
+        // Compare the windows that are uniform now with the same windows before (a sample),
+        // and the heads.
+        let idx: Vec<usize> = read
+            .classes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c == Some(Class::Uniform))
+            .map(|(i, _)| i)
+            .collect();
+        let step = idx.len().div_ceil(BASELINE_SAMPLES).max(1);
+        let sample: Vec<usize> = idx.iter().copied().step_by(step).collect();
+        let (before, old_head) = match self.sample_base(old.ino, &sample) {
+            Ok(x) => x,
+            Err(e) if vault_damage(&e) => return Err(e),
+            Err(e) => {
+                // The baseline version does not read: judged as a new file.
+                tracing::warn!(path = %shown(&old.path), "baseline file unreadable: {e}");
+                return self.judge_content(path, read, None);
+            }
+        };
+        let turned_in_sample = before
+            .iter()
+            .filter(|c| matches!(c, Some(Class::Low | Class::High)))
+            .count() as u64;
+        // Scaled back to all uniform windows.
+        let turned = (turned_in_sample * uniform)
+            .checked_div(sample.len() as u64)
+            .unwrap_or(0);
+        let old_magic = magic::detect(&old_head);
+        let old_head_class = entropy::classify(&old_head[..old_head.len().min(MIN_WINDOW)]);
+        let head_turned = read.head_class() == Some(Class::Uniform)
+            && matches!(old_head_class, Some(Class::Low | Class::High));
+        let lost =
+            old_magic.is_some() && found.is_none() && read.head_class() == Some(Class::Uniform);
+        let how = if old.renamed {
+            format!("renamed from {}; ", shown(&old.path))
+        } else {
+            String::new()
+        };
+        let (signal, evidence) = if lost {
+            (
+                "magic_lost",
+                format!(
+                    "{how}was {}, now starts with uniform bytes; {uniform} of {judged} windows uniform",
+                    old_magic.map_or("?", |m| m.name)
+                ),
+            )
+        } else if read.mostly_uniform() && turned as f64 >= judged as f64 * TURNED_SHARE {
+            (
+                "encrypted",
+                format!("{how}{uniform} of {judged} 64 KiB windows are uniform (χ²), {turned} of them were not"),
+            )
+        } else if turned >= PARTIAL_MIN_WINDOWS && turned as f64 >= judged as f64 * PARTIAL_SHARE {
+            (
+                "partial_encryption",
+                format!(
+                    "{how}{turned} of {judged} 64 KiB windows turned uniform (χ²): intermittent encryption"
+                ),
+            )
+        } else if head_turned {
+            (
+                "header_encrypted",
+                format!("{how}its first 4 KiB turned uniform (χ²), they were not"),
+            )
+        } else {
+            return Ok(());
+        };
+        if let Some(e) = ext.filter(|_| old.renamed) {
+            *self.uniform_by_ext.entry(e).or_default() += 1;
+        }
+        let weight = self.file_weight();
+        self.add(
+            FindingKind::Ransomware,
+            signal,
+            Some(path),
+            evidence,
+            weight,
+        );
+        Ok(())
+    }
+
+    /// What one encrypted file weighs: a stream RP is one file, so its turning to ciphertext
+    /// is the whole asset's.
+    fn file_weight(&self) -> u32 {
+        if self.new.type_name() == "stream" {
+            RANSOMWARE_SCORE
+        } else {
+            ENCRYPTED_FILE
+        }
     }
 
     /// The RP-level signals.
@@ -766,10 +954,13 @@ impl Scan<'_> {
                 );
             }
         }
+        if self.base.is_none() {
+            // A full scan has no baseline to say which extensions are new.
+            return;
+        }
         let exts: Vec<(String, u64)> = self
             .uniform_by_ext
             .iter()
-            // Only extensions the baseline did not have (all of them when there is none).
             .filter(|(e, &n)| n >= EXTENSION_BURST_COUNT && !self.base_exts.contains_key(*e))
             .map(|(e, &n)| (e.clone(), n))
             .collect();
@@ -793,19 +984,22 @@ pub fn thresholds_json() -> serde_json::Value {
             "encrypted_file": ENCRYPTED_FILE,
             "ransom_note": RANSOM_NOTE,
             "onion_address": ONION_ADDRESS,
+            "notes_cap": NOTES_CAP,
             "uniform_new_file": UNIFORM_NEW_FILE,
             "rename_burst": RENAME_BURST,
             "deletion_burst": DELETION_BURST,
             "extension_burst": EXTENSION_BURST,
+            "filesystem_lost": FILESYSTEM_LOST,
         },
         "rename_burst_count": RENAME_BURST_COUNT,
         "deletion_burst": { "count": DELETION_BURST_COUNT, "share": DELETION_BURST_SHARE },
         "extension_burst_count": EXTENSION_BURST_COUNT,
         "encrypted_share": ENCRYPTED_SHARE,
+        "turned_share": TURNED_SHARE,
         "partial": { "share": PARTIAL_SHARE, "min_windows": PARTIAL_MIN_WINDOWS },
         "window_bytes": WINDOW,
         "min_window_bytes": MIN_WINDOW,
-        "uniform": { "entropy": crate::entropy::UNIFORM_ENTROPY, "chi2": crate::entropy::UNIFORM_CHI2 },
+        "uniform": { "entropy": entropy::UNIFORM_ENTROPY, "chi2": entropy::UNIFORM_CHI2 },
     })
 }
 
@@ -855,7 +1049,15 @@ mod tests {
             full,
             ..Options::default()
         };
-        scan(&new, base.as_ref(), &[], &rules, &opts, &|_| {}).unwrap()
+        scan(
+            &new,
+            base.as_ref().map(|b| (b, &[][..])),
+            &[],
+            &rules,
+            &opts,
+            &|_| {},
+        )
+        .unwrap()
     }
 
     fn signals(o: &Outcome) -> Vec<(&'static str, String)> {
@@ -879,7 +1081,8 @@ mod tests {
         }
         std::fs::write(
             b.join("docs/HOW_TO_DECRYPT.txt"),
-            "pay at http://vww6ybal4bd7szmgncyruucpgfkqahzddi37ktceo3ah7ngmcopnpyyd.onion/",
+            "your files are encrypted; pay at \
+             http://vww6ybal4bd7szmgncyruucpgfkqahzddi37ktceo3ah7ngmcopnpyyd.onion/",
         )
         .unwrap();
         // Intermittent: every other 64 KiB of the log encrypted in place.
@@ -967,8 +1170,88 @@ mod tests {
             s.contains(&("magic_mismatch", "docs/r3.pdf".into())),
             "{s:?}"
         );
-        assert!(s.iter().any(|(sig, _)| *sig == "extension_burst"), "{s:?}");
+        // No baseline to say .zzq is new: one point each, no burst.
+        assert!(
+            s.contains(&("uniform_new_file", "docs/x3.zzq".into())),
+            "{s:?}"
+        );
+        assert!(!s.iter().any(|(sig, _)| *sig == "extension_burst"), "{s:?}");
         assert!(s.contains(&("yara", "dropper.sh".into())), "{s:?}");
         assert_eq!(o.exit_code(), 203);
+    }
+
+    /// What a careful attacker does: ciphertext behind a forged gzip header, only the first
+    /// 4 KiB encrypted, a whole file system encrypted; and what must stay quiet: files named
+    /// like notes that are no notes.
+    #[test]
+    fn forged_magic_header_only_encryption_and_lost_file_systems_are_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        tree(&a);
+        tree(&b);
+        for i in 0..3u64 {
+            let p = b.join(format!("docs/report{i}.txt"));
+            let n = std::fs::metadata(&p).unwrap().len() as usize;
+            std::fs::remove_file(&p).unwrap();
+            let mut forged = b"\x1f\x8b".to_vec();
+            forged.extend(random(n, 40 + i));
+            std::fs::write(b.join(format!("docs/report{i}.txt.locked")), forged).unwrap();
+        }
+        for i in 10..12u64 {
+            let p = b.join(format!("docs/report{i}.txt"));
+            let mut data = std::fs::read(&p).unwrap();
+            data[..MIN_WINDOW].copy_from_slice(&random(MIN_WINDOW, i));
+            std::fs::write(&p, data).unwrap();
+        }
+        for n in ["EVP_DecryptInit.txt", "decrypt.py", "how_to_decrypt.md"] {
+            std::fs::write(b.join(n), "int main(void) { return 0; }\n").unwrap();
+        }
+        let o = run(Some(&a), &b, false);
+        let s = signals(&o);
+        for i in 0..3 {
+            assert!(
+                s.contains(&("encrypted", format!("docs/report{i}.txt.locked"))),
+                "{s:?}"
+            );
+        }
+        for i in 10..12 {
+            assert!(
+                s.contains(&("header_encrypted", format!("docs/report{i}.txt"))),
+                "{s:?}"
+            );
+        }
+        assert!(!s.iter().any(|(sig, _)| *sig == "ransom_note"), "{s:?}");
+        assert_eq!(o.score, 5 * ENCRYPTED_FILE, "{s:?}");
+        assert!(o.ransomware);
+
+        // A file system the baseline read, unreadable now.
+        let rules = Rules::load(None).unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(LocalDir::new(a.clone()));
+        let before = [
+            "part1: ext4, files in part1/".to_string(),
+            "part2: swap, not readable by elastio yet".into(),
+        ];
+        let now = [
+            "part1: no known file system".to_string(),
+            "part2: swap, not readable by elastio yet".into(),
+        ];
+        let o = scan(
+            &fs,
+            Some((&fs, &before[..])),
+            &now,
+            &rules,
+            &Options::default(),
+            &|_| {},
+        )
+        .unwrap();
+        assert_eq!(signals(&o), [("filesystem_lost", "part1".to_string())]);
+        assert_eq!(o.exit_code(), 201);
+        // Below the score, a signal makes the RP suspicious, never clean.
+        let few = Outcome {
+            score: 25,
+            ransomware: false,
+            ..o.clone()
+        };
+        assert_eq!((few.exit_code(), few.verdict()), (0, "suspicious"));
     }
 }

@@ -49,7 +49,12 @@ impl FileSystem for StreamFs {
         let (kind, size, perm) = match ino {
             ROOT => (Kind::Dir, 0, 0o555),
             FILE => (Kind::File, self.reader.size(), 0o444),
-            _ => return Err(io::Error::new(io::ErrorKind::NotFound, format!("no inode {ino}"))),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no inode {ino}"),
+                ))
+            }
         };
         Ok(Attr {
             kind,
@@ -69,7 +74,10 @@ impl FileSystem for StreamFs {
 
     fn read_dir(&self, ino: u64) -> io::Result<Vec<Entry>> {
         if ino != ROOT {
-            return Err(io::Error::new(io::ErrorKind::NotADirectory, "not a directory"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "not a directory",
+            ));
         }
         Ok(vec![Entry {
             name: self.name.clone(),
@@ -84,7 +92,10 @@ impl FileSystem for StreamFs {
 
     fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {
         if ino != FILE {
-            return Err(io::Error::new(io::ErrorKind::IsADirectory, "not a regular file"));
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "not a regular file",
+            ));
         }
         Ok(Arc::new(StreamData(self.reader.clone())))
     }
@@ -101,7 +112,7 @@ impl FileData for StreamData {
         self.0
             .read_append(offset, len, out)
             .map(|_| ())
-            .map_err(|e| io::Error::other(e))
+            .map_err(io::Error::other)
     }
 
     fn disk_ranges(&self, _offset: u64, _len: u64) -> Vec<(u64, u64)> {

@@ -383,15 +383,26 @@ pub fn diff(
     report: &mut dyn FnMut(&Item, Change) -> io::Result<()>,
     skipped: &mut dyn FnMut(Skipped),
 ) -> io::Result<DiffStats> {
-    diff_all(a, b, report, &mut |_| {}, skipped)
+    diff_all(
+        a,
+        b,
+        &mut |item, change, _| report(item, change),
+        &mut |_| {},
+        skipped,
+    )
 }
 
-/// [`diff`], also calling `unchanged` with each path of `b` found the same in `a` (the paths
-/// under a skipped identical file system excepted).
+/// What [`diff_all`] calls for each change: the path's item in the new RP (the old one's for a
+/// removal), what changed, and for a change the item in the old RP.
+pub type ChangeReport<'a> = dyn FnMut(&Item, Change, Option<&Item>) -> io::Result<()> + 'a;
+
+/// [`diff`], also giving `report` the path's item in `a` for a change (the same path, so a
+/// caller needs no lookup), and calling `unchanged` with each path of `b` found the same in `a`
+/// (the paths under a skipped identical file system excepted).
 pub fn diff_all(
     a: &Arc<dyn FileSystem>,
     b: &Arc<dyn FileSystem>,
-    report: &mut dyn FnMut(&Item, Change) -> io::Result<()>,
+    report: &mut ChangeReport<'_>,
     unchanged: &mut dyn FnMut(&Item),
     skipped: &mut dyn FnMut(Skipped),
 ) -> io::Result<DiffStats> {
@@ -419,13 +430,13 @@ pub fn diff_all(
             std::cmp::Ordering::Less => {
                 let p = x.take().unwrap();
                 stats.removed += 1;
-                report(&p, Change::Removed)?;
+                report(&p, Change::Removed, None)?;
                 x = next(&mut wa, skipped);
             }
             std::cmp::Ordering::Greater => {
                 let q = y.take().unwrap();
                 stats.added += 1;
-                report(&q, Change::Added)?;
+                report(&q, Change::Added, None)?;
                 y = next(&mut wb, skipped);
             }
             std::cmp::Ordering::Equal => {
@@ -455,7 +466,7 @@ pub fn diff_all(
                     }
                     Ok(what) => {
                         stats.changed += 1;
-                        report(&q, Change::Changed(what))?;
+                        report(&q, Change::Changed(what), Some(&p))?;
                     }
                     Err(error) => skipped(Skipped {
                         path: q.path.clone(),

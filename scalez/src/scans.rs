@@ -1,8 +1,13 @@
 //! Scan reports: what an integrity scan (`elastio iscan`) found in an RP, kept in the vault
 //! beside it as immutable objects `scans/<rp-id>/<ulid>` (sealed JSON, aad `"scan:"+key`,
-//! written create-only). An RP may be scanned again (new rules); its status is its newest
-//! report's. The engine stores and lists reports; what a scan looks for is the scanner's
-//! business, so the body beyond the summary is opaque JSON here.
+//! written create-only). An RP may be scanned again (new rules). Its **status** is its newest
+//! report that is not clean, if any, else its newest report: a later scan with weaker rules
+//! cannot wash a finding away. The engine stores and lists reports; what a scan looks for is the
+//! scanner's business, so the body beyond the summary is opaque JSON here.
+//!
+//! Listing reads only the reports of RPs in the catalog (at most [`MAX_REPORTS`] per RP, the
+//! newest), and skips (with a warning; `check` names them) objects that do not authenticate, so
+//! planted objects under `scans/` cost a listing entry each, never a read or a failure.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +21,12 @@ use crate::vault::Vault;
 
 /// The verdict of a report that found nothing.
 pub const CLEAN: &str = "clean";
+
+/// Reports of one RP read for its status at most (the newest).
+pub const MAX_REPORTS: usize = 64;
+
+/// A report's largest sealed size (findings are capped by the scanner well below it).
+pub const MAX_REPORT_BYTES: usize = 64 << 20;
 
 /// One scan of one RP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,6 +47,16 @@ pub struct ScanReport {
 impl ScanReport {
     pub fn is_clean(&self) -> bool {
         self.verdict == CLEAN
+    }
+
+    /// The status of an RP with these reports (oldest first): the newest that is not clean,
+    /// else the newest.
+    pub fn status_of(reports: &[ScanReport]) -> Option<&ScanReport> {
+        reports
+            .iter()
+            .rev()
+            .find(|r| !r.is_clean())
+            .or_else(|| reports.last())
     }
 }
 
@@ -65,8 +86,25 @@ impl Vault {
         Ok(key)
     }
 
+    /// One report; None if it vanished (deleted with its RP) or does not authenticate (a
+    /// planted or damaged object: warned about, `check` names it).
     fn read_scan(&self, key: &str, rp: &RecoveryPointId) -> Result<Option<ScanReport>> {
+        match self.read_scan_strict(key, rp) {
+            Err(e @ Error::Corrupt { .. }) => {
+                tracing::warn!("{e}");
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    fn read_scan_strict(&self, key: &str, rp: &RecoveryPointId) -> Result<Option<ScanReport>> {
         let sealed = match self.store().get(key) {
+            Ok(s) if s.len() > MAX_REPORT_BYTES => {
+                return Err(
+                    self.corrupt(key, format!("{} bytes, more than a report holds", s.len()))
+                )
+            }
             Ok(s) => s,
             // Deleted with its RP since the listing.
             Err(e) if e.is_not_found() => return Ok(None),
@@ -84,49 +122,55 @@ impl Vault {
         Ok(Some(report))
     }
 
-    /// The reports of RP `rp`, oldest first.
+    /// The reports of RP `rp` (the newest [`MAX_REPORTS`]), oldest first.
     pub fn scans_of(&self, rp: &RecoveryPointId) -> Result<Vec<ScanReport>> {
         let mut keys: Vec<String> = self
             .store()
             .list(&rp.scans_prefix())?
             .into_iter()
+            .filter(|o| o.size <= MAX_REPORT_BYTES as u64)
             .map(|o| o.key)
             .filter(|k| is_canonical_scan_key(k).as_ref() == Some(rp))
             .collect();
         keys.sort();
+        let skip = keys.len().saturating_sub(MAX_REPORTS);
         let mut out = Vec::new();
-        for k in keys {
-            out.extend(self.read_scan(&k, rp)?);
+        for k in &keys[skip..] {
+            out.extend(self.read_scan(k, rp)?);
         }
         Ok(out)
     }
 
-    /// Each scanned RP's newest report (one listing of `scans/`, one read per RP).
-    pub fn latest_scans(&self) -> Result<BTreeMap<RecoveryPointId, ScanReport>> {
-        let mut newest: BTreeMap<RecoveryPointId, String> = BTreeMap::new();
+    /// The status ([`ScanReport::status_of`]) of each of `rps` that was scanned: one listing
+    /// of `scans/`, then reads of those RPs' reports only.
+    pub fn scan_status(
+        &self,
+        rps: &[crate::catalog::RecoveryPoint],
+    ) -> Result<BTreeMap<RecoveryPointId, ScanReport>> {
+        let wanted: std::collections::BTreeSet<&RecoveryPointId> =
+            rps.iter().map(|r| &r.id).collect();
+        let mut keys: BTreeMap<RecoveryPointId, Vec<String>> = BTreeMap::new();
         for obj in self.store().list("scans/")? {
-            let Some(rp) = is_canonical_scan_key(&obj.key) else {
-                tracing::warn!(key = %obj.key, "ignoring a scan object whose name is not canonical");
-                continue;
-            };
-            let slot = newest.entry(rp).or_default();
-            if obj.key > *slot {
-                *slot = obj.key;
+            match is_canonical_scan_key(&obj.key) {
+                Some(rp) if wanted.contains(&rp) && obj.size <= MAX_REPORT_BYTES as u64 => {
+                    keys.entry(rp).or_default().push(obj.key)
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!(key = %obj.key, "ignoring a scan object whose name is not canonical")
+                }
             }
         }
         let mut out = BTreeMap::new();
-        for (rp, key) in newest {
-            match self.read_scan(&key, &rp) {
-                Ok(Some(r)) => {
-                    out.insert(rp, r);
-                }
-                Ok(None) => {}
-                Err(e @ Error::Corrupt { .. }) => {
-                    // A damaged or planted report must not make an RP look clean, nor stop the
-                    // listing: the RP shows as unscanned and check names the object.
-                    tracing::warn!("{e}");
-                }
-                Err(e) => return Err(e),
+        for (rp, mut ks) in keys {
+            ks.sort();
+            let skip = ks.len().saturating_sub(MAX_REPORTS);
+            let mut reports = Vec::new();
+            for k in &ks[skip..] {
+                reports.extend(self.read_scan(k, &rp)?);
+            }
+            if let Some(s) = ScanReport::status_of(&reports) {
+                out.insert(rp, s.clone());
             }
         }
         Ok(out)

@@ -589,7 +589,14 @@ fn streams_are_judged_as_one_file() {
     let dump = env.path("dump.sql");
     std::fs::write(&dump, text(1, 3 << 20)).unwrap();
     let backup = |extra: &[&str]| -> (i32, Value) {
-        let mut a = vec!["stream", "backup", "--stream-name", "pg/main", "--from-file", s(&dump)];
+        let mut a = vec![
+            "stream",
+            "backup",
+            "--stream-name",
+            "pg/main",
+            "--from-file",
+            s(&dump),
+        ];
         a.extend(extra);
         a.extend(["--output-format", "json"]);
         let out = env.run(&a);
@@ -608,12 +615,18 @@ fn streams_are_judged_as_one_file() {
     std::fs::write(&dump, enc).unwrap();
     let (code, v) = backup(&["--iscan"]);
     assert_eq!(code, 201, "{v:#}");
-    assert_eq!(findings(&v["iscan"][0], ""), [("encrypted".to_string(), "pg_main".to_string())].into());
+    assert_eq!(
+        findings(&v["iscan"][0], ""),
+        [("encrypted".to_string(), "pg_main".to_string())].into()
+    );
     // A planted string: malware (judged against the last stream that scanned clean).
     let mut planted = text(2, 1 << 20);
     planted.extend_from_slice(b"-- ELASTIO-ISCAN-TEST-MALWARE-5f0c1a\n");
     std::fs::write(&dump, planted).unwrap();
     let (code, v) = backup(&["--iscan"]);
     assert_eq!(code, 202, "{v:#}");
-    assert_eq!(v["iscan"][0]["findings"][0]["evidence"], "rule builtin:elastio_test_malware");
+    assert_eq!(
+        v["iscan"][0]["findings"][0]["evidence"],
+        "rule builtin:elastio_test_malware"
+    );
 }

@@ -107,6 +107,15 @@ pub fn run(ctx: &Ctx, a: IscanArgs) -> Result<()> {
         "auto" => auto_baseline(&vault, &rp, &rules)?,
         spec => {
             let b = resolve_rp(&vault, spec, None, None)?;
+            if !a.no_save && (b.id >= rp.id || b.asset != rp.asset) {
+                bail!(
+                    "baseline {} is not an earlier RP of {}'s asset {}: a kept report compares \
+                     with the asset's past (or add --no-save)",
+                    b.id,
+                    rp.id,
+                    rp.asset.name
+                );
+            }
             // Unchanged files are not read: they count as judged by the baseline's scan. A
             // report built on a baseline that never scanned clean with these rules would call
             // an RP clean that carries the baseline's encrypted or infected files.
@@ -264,8 +273,9 @@ fn auto_baseline(
     rp: &RecoveryPoint,
     rules: &Rules,
 ) -> Result<Option<RecoveryPoint>> {
-    let scans = vault.latest_scans()?;
-    Ok(vault.list_rps()?.into_iter().rfind(|o| {
+    let rps = vault.list_rps()?;
+    let scans = vault.scan_status(&rps)?;
+    Ok(rps.into_iter().rfind(|o| {
         o.kind == rp.kind
             && o.asset == rp.asset
             && o.id < rp.id
@@ -280,10 +290,7 @@ fn clean_with(s: &ScanReport, rules: &Rules) -> bool {
 }
 
 fn judged_clean(vault: &Vault, rp: &RecoveryPoint, rules: &Rules) -> Result<bool> {
-    Ok(vault
-        .scans_of(&rp.id)?
-        .last()
-        .is_some_and(|s| clean_with(s, rules)))
+    Ok(ScanReport::status_of(&vault.scans_of(&rp.id)?).is_some_and(|s| clean_with(s, rules)))
 }
 
 /// Scans `rp` (each volume of an instance RP) and saves the reports.
@@ -325,7 +332,8 @@ fn scan_rp(
                 status: Vec::new(),
             });
         }
-        mount::browse::open(vault, r, cache).with_context(|| format!("reading the files of {}", r.id))
+        mount::browse::open(vault, r, cache)
+            .with_context(|| format!("reading the files of {}", r.id))
     };
     let new = open(rp)?;
     let base = match baseline {
@@ -336,11 +344,18 @@ fn scan_rp(
             b.id,
             b.kind
         ),
-        Some(b) => Some(open(b)?.fs),
+        Some(b) => Some(open(b)?),
         None => None,
     };
     let out = with_progress(ctx, |p| {
-        iscan::scan(&new.fs, base.as_ref(), &new.status, rules, opts, p)
+        iscan::scan(
+            &new.fs,
+            base.as_ref().map(|b| (&b.fs, b.status.as_slice())),
+            &new.status,
+            rules,
+            opts,
+            p,
+        )
     })
     .with_context(|| format!("scanning {}", rp.id))?;
     let baseline_id = baseline.filter(|_| !opts.full).map(|b| b.id.clone());

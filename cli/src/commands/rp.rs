@@ -39,7 +39,7 @@ fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
         })
         .filter(|rp| want_tags.iter().all(|(k, v)| rp.tags.get(k) == Some(v)))
         .collect();
-    let scans = vault.latest_scans()?;
+    let scans = vault.scan_status(&rps)?;
     let rps: Vec<RecoveryPoint> = rps
         .into_iter()
         .filter(|rp| !a.clean || scans.get(&rp.id).is_some_and(ScanReport::is_clean))
@@ -156,7 +156,7 @@ fn print_rp(rp: &RecoveryPoint) {
 fn show(ctx: &Ctx, spec: &str) -> Result<()> {
     let vault = ctx.open_vault()?;
     let rp = resolve_rp(&vault, spec, None, None)?;
-    let scan = vault.scans_of(&rp.id)?.pop();
+    let scan = ScanReport::status_of(&vault.scans_of(&rp.id)?).cloned();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(&with_scan(&rp, scan.as_ref())),
         OutputFormat::Human => {
@@ -212,8 +212,8 @@ fn print_scan(scan: Option<&ScanReport>) {
 /// The newest RP of an asset whose newest scan is clean.
 fn last_clean(ctx: &Ctx, a: RpLastCleanArgs) -> Result<()> {
     let vault = ctx.open_vault()?;
-    let scans = vault.latest_scans()?;
     let rps = vault.list_rps()?;
+    let scans = vault.scan_status(&rps)?;
     let of_asset =
         |rp: &&RecoveryPoint| rp.asset.name == a.asset && a.kind.is_none_or(|k| rp.kind == k);
     if !rps.iter().any(|rp| of_asset(&rp)) {
