@@ -217,6 +217,8 @@ struct Scan<'a> {
     renames_by_dir: HashMap<Vec<u8>, u64>,
     /// Inodes judged (hard links are read once).
     judged: HashSet<u64>,
+    /// Paths of the scanned RP that did not read (the first [`MAX_FS_FINDINGS`]).
+    unreadable: Vec<Vec<u8>>,
     notes_score: u32,
     fs_findings: usize,
     other_findings: usize,
@@ -259,6 +261,7 @@ pub fn scan(
         uniform_by_ext: BTreeMap::new(),
         renames_by_dir: HashMap::new(),
         judged: HashSet::new(),
+        unreadable: Vec::new(),
         notes_score: 0,
         fs_findings: 0,
         other_findings: 0,
@@ -436,6 +439,9 @@ impl Scan<'_> {
             if vault_damage(&error) {
                 return Err(error);
             }
+            if self.unreadable.len() < MAX_FS_FINDINGS {
+                self.unreadable.push(path.clone());
+            }
             self.add(
                 FindingKind::Filesystem,
                 "unreadable",
@@ -445,6 +451,16 @@ impl Scan<'_> {
             );
         }
         Ok(())
+    }
+
+    /// Whether `path` is at or under a path of the scanned RP that did not read (its files
+    /// look removed to the diff, but they are damage, not deletions).
+    fn under_unreadable(&self, path: &[u8]) -> bool {
+        self.unreadable.iter().any(|u| {
+            u.is_empty()
+                || path == &u[..]
+                || (path.starts_with(u) && path.get(u.len()) == Some(&b'/'))
+        })
     }
 
     fn full(&mut self) -> io::Result<()> {
@@ -937,8 +953,8 @@ impl Scan<'_> {
             );
         }
         let mut deleted: BTreeMap<String, u64> = BTreeMap::new();
-        for r in self.removed.values().filter(|r| !r.paired) {
-            if let Some(e) = &r.ext {
+        for (path, r) in self.removed.iter().filter(|(_, r)| !r.paired) {
+            if let Some(e) = r.ext.as_ref().filter(|_| !self.under_unreadable(path)) {
                 *deleted.entry(e.clone()).or_default() += 1;
             }
         }

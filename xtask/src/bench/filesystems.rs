@@ -65,7 +65,7 @@ fn umount(dir: &Path) -> Result<()> {
 }
 
 /// The XFS and NTFS images, made once from the base image's files (cached in `data`).
-fn prepare(data: &Path, work: &Path) -> Result<()> {
+pub(super) fn prepare(data: &Path, work: &Path) -> Result<()> {
     let stamp = data.join("fs-stamp");
     if fs::read_to_string(&stamp).ok().as_deref() == Some(FS_DATA_VERSION) {
         return Ok(());

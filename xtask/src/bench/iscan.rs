@@ -1,8 +1,12 @@
-//! `cargo xtask bench iscan` (issue 21): integrity scans of the bench's disk RPs. base.img and
-//! changed.img (~7 % of its used blocks rewritten) are backed up as one asset; the RP of
-//! changed.img is scanned incrementally (against the base RP: only files whose chunks changed
-//! are read) and in full (every file of its ext4 read and judged). Reports wall time, bytes
-//! read, files judged, and the scan throughput in MiB/s of file data judged.
+//! `cargo xtask bench iscan` (issue 21): integrity scans of the bench's disk RPs. xfs.img (the
+//! base image's ~1.1 GiB of /usr files in XFS) and xfs-changed.img (the same after file-level
+//! changes through the kernel: every 30th file appended to, every 97th removed, 100 added; made
+//! by `bench filesystems`, root needed) are backed up as one asset. The base RP is scanned in
+//! full (and must be clean: real files, no false positive), then the changed RP incrementally
+//! (against the base RP: only files whose chunks changed are read) and in full. Reports wall
+//! time, bytes read, files judged, and the scan throughput in MiB/s of file data judged.
+//! (changed.img, whose blocks were rewritten at random, holds a damaged ext4: a scan of it is
+//! a damage report, not a measure of throughput.)
 
 use std::path::Path;
 use std::time::Instant;
@@ -31,8 +35,11 @@ pub struct IscanFigures {
     pub full: Scan,
 }
 
-fn scan(bin: &Path, vault: &Path, args: &[&str]) -> Result<Scan> {
-    let mut a = vec!["iscan", "--no-save", "--output-format", "json"];
+fn scan(bin: &Path, vault: &Path, args: &[&str], save: bool) -> Result<Scan> {
+    let mut a = vec!["iscan", "--output-format", "json"];
+    if !save {
+        a.push("--no-save");
+    }
     a.extend(args);
     let started = Instant::now();
     let out = elastio_cmd(bin, vault, &a).output()?;
@@ -66,11 +73,13 @@ fn scan(bin: &Path, vault: &Path, args: &[&str]) -> Result<Scan> {
 
 pub fn bench(root: &Path, data: &Path, work: &Path) -> Result<IscanFigures> {
     let bin = root.join("target/release/elastio");
+    super::filesystems::prepare(data, work)
+        .context("the XFS images of `bench filesystems` (root needed)")?;
     let dir = work.join("iscan");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let vault = dir.join("vault");
-    println!("==> iscan: backing up base.img and changed.img as one asset");
+    println!("==> iscan: backing up xfs.img and xfs-changed.img as one asset");
     let ok = |a: &[&str]| -> Result<Value> {
         let out = elastio_cmd(&bin, &vault, a).output()?;
         if !out.status.success() {
@@ -80,7 +89,7 @@ pub fn bench(root: &Path, data: &Path, work: &Path) -> Result<IscanFigures> {
     };
     ok(&["vault", "init"])?;
     let mut rps = Vec::new();
-    for img in ["base.img", "changed.img"] {
+    for img in ["xfs.img", "xfs-changed.img"] {
         let v = ok(&[
             "block",
             "backup",
@@ -92,12 +101,17 @@ pub fn bench(root: &Path, data: &Path, work: &Path) -> Result<IscanFigures> {
         ])?;
         rps.push(v["rp"]["id"].as_str().context("rp id")?.to_string());
     }
-    println!("==> iscan: full scan of the base RP");
-    let base = scan(&bin, &vault, &["--rp", &rps[0], "--full"])?;
+    println!("==> iscan: full scan of the base RP (its report kept: the baseline)");
+    let base = scan(&bin, &vault, &["--rp", &rps[0], "--full"], true)?;
     println!("==> iscan: incremental scan of the changed RP");
-    let incremental = scan(&bin, &vault, &["--rp", &rps[1], "--baseline", &rps[0]])?;
+    let incremental = scan(
+        &bin,
+        &vault,
+        &["--rp", &rps[1], "--baseline", &rps[0]],
+        false,
+    )?;
     println!("==> iscan: full scan of the changed RP");
-    let full = scan(&bin, &vault, &["--rp", &rps[1], "--full"])?;
+    let full = scan(&bin, &vault, &["--rp", &rps[1], "--full"], false)?;
     Ok(IscanFigures {
         base,
         incremental,
@@ -121,7 +135,7 @@ pub fn report(f: &IscanFigures) -> String {
         )
     };
     let mut out = String::from(
-        "iscan (the RP of changed.img: ~7 % of base.img's used blocks rewritten; ext4 inside):\n",
+        "iscan (disk RPs of xfs.img, then xfs-changed.img: files appended to, removed and added):\n",
     );
     out += &line("base, full", &f.base);
     for x in &f.base.first {
