@@ -18,7 +18,8 @@ const MAGICS: &[(&str, usize, &[u8], bool)] = &[
     ("zip", 0, b"PK\x03\x04", true),
     ("zip", 0, b"PK\x05\x06", true),
     ("zip", 0, b"PK\x07\x08", true),
-    ("gzip", 0, b"\x1f\x8b", true),
+    // With its method byte (deflate): two bytes alone are too easy to meet by chance.
+    ("gzip", 0, b"\x1f\x8b\x08", true),
     ("xz", 0, b"\xfd7zXZ\x00", true),
     ("zstd", 0, b"\x28\xb5\x2f\xfd", true),
     ("bzip2", 0, b"BZh", true),
@@ -49,6 +50,10 @@ const MAGICS: &[(&str, usize, &[u8], bool)] = &[
     ("tiff", 0, b"II*\x00", false),
     ("tiff", 0, b"MM\x00*", false),
     ("qcow2", 0, b"QFI\xfb", true),
+    ("matroska", 0, b"\x1a\x45\xdf\xa3", true),
+    ("squashfs", 0, b"hsqs", true),
+    ("avi", 8, b"AVI ", true),
+    ("wav", 8, b"WAVE", false),
     ("tar", 257, b"ustar", false),
 ];
 
@@ -74,8 +79,11 @@ pub enum Promise {
 pub fn promise(ext: &str) -> Option<Promise> {
     use Promise::*;
     Some(match ext {
-        "zip" | "docx" | "xlsx" | "pptx" | "odt" | "ods" | "odp" | "jar" | "apk" | "epub"
-        | "whl" | "xpi" | "nupkg" => Formats(&["zip"]),
+        // A password-protected OOXML document is an OLE2 container.
+        "docx" | "xlsx" | "pptx" => Formats(&["zip", "ole2"]),
+        "zip" | "odt" | "ods" | "odp" | "jar" | "apk" | "epub" | "whl" | "xpi" | "nupkg" => {
+            Formats(&["zip"])
+        }
         "gz" | "tgz" => Formats(&["gzip"]),
         "xz" | "txz" => Formats(&["xz"]),
         "zst" | "zstd" | "tzst" => Formats(&["zstd"]),
@@ -88,6 +96,9 @@ pub fn promise(ext: &str) -> Option<Promise> {
         "webp" => Formats(&["webp"]),
         "mp4" | "m4a" | "m4v" | "mov" | "heic" => Formats(&["mp4"]),
         "ogg" | "opus" => Formats(&["ogg"]),
+        "mkv" | "webm" | "mka" => Formats(&["matroska"]),
+        "squashfs" | "snap" => Formats(&["squashfs"]),
+        "avi" => Formats(&["avi"]),
         "flac" => Formats(&["flac"]),
         "pdf" => Formats(&["pdf"]),
         "doc" | "xls" | "ppt" | "msg" | "msi" => Formats(&["ole2"]),

@@ -41,13 +41,39 @@ pub fn is_note_name(name: &[u8]) -> bool {
     NOTE_STEMS.contains(&stem)
 }
 
-/// Whether a note's text speaks of encryption (every ransom note does: it is what it sells).
-pub fn speaks_of_encryption(text: &[u8]) -> bool {
+/// Whether a text reads like a ransom note: it speaks of encryption (what it sells) and of
+/// getting paid or contacted (how it sells it). Source code that decrypts things does the
+/// first only.
+pub fn reads_like_ransom(text: &[u8]) -> bool {
     let lower = String::from_utf8_lossy(&text[..text.len().min(MAX_NOTE_BYTES as usize)])
         .to_ascii_lowercase();
-    ["encrypt", "decrypt", "crypted", "ransom"]
-        .iter()
-        .any(|w| lower.contains(w))
+    let crypto = ["encrypt", "decrypt", "crypted", "ransom"];
+    let sell = [
+        "bitcoin",
+        "btc",
+        "monero",
+        "xmr",
+        "payment",
+        "pay ",
+        "tor browser",
+        ".onion",
+        "contact",
+        "your id",
+        "personal id",
+        "price",
+        "recover your",
+        "restore your",
+        "decryptor",
+    ];
+    crypto.iter().any(|w| lower.contains(w)) && sell.iter().any(|w| lower.contains(w))
+}
+
+/// Whether a file with extension `ext` can be a note people open (text, web pages, HTA).
+pub fn is_note_extension(ext: Option<&str>) -> bool {
+    matches!(
+        ext,
+        None | Some("txt" | "html" | "htm" | "hta" | "rtf" | "md" | "url" | "log" | "nfo")
+    )
 }
 
 /// The first Tor onion address in `text` (v3: 56 base32 characters, v2: 16), if any.
@@ -99,6 +125,19 @@ mod tests {
         ] {
             assert!(!is_note_name(n.as_bytes()), "{n}");
         }
+    }
+
+    #[test]
+    fn ransom_vocabulary() {
+        assert!(reads_like_ransom(
+            b"All your files are encrypted. Pay 0.5 BTC to get the decryptor."
+        ));
+        assert!(!reads_like_ransom(
+            b"int decrypt(const uint8_t *key, uint8_t *buf);"
+        ));
+        assert!(!reads_like_ransom(b"invoice: please pay by friday"));
+        assert!(is_note_extension(Some("txt")) && is_note_extension(None));
+        assert!(!is_note_extension(Some("js")) && !is_note_extension(Some("gz")));
     }
 
     #[test]

@@ -28,8 +28,10 @@ pub mod thresholds {
     /// Notes and onion addresses together add at most this much: alone they never make
     /// ransomware.
     pub const NOTES_CAP: u32 = 80;
-    /// A new file of uniform bytes without magic and with no other sign.
-    pub const UNIFORM_NEW_FILE: u32 = 1;
+    /// A new file of uniform bytes without magic and with no other sign: listed, weighs
+    /// nothing alone (videos, squashfs images, firmware blobs are such files); ten with one
+    /// new extension are a burst.
+    pub const UNIFORM_NEW_FILE: u32 = 0;
     /// Renames in one folder (Veeam's threshold).
     pub const RENAME_BURST_COUNT: u64 = 200;
     pub const RENAME_BURST: u32 = 50;
@@ -58,7 +60,7 @@ pub mod thresholds {
     /// inodes cannot push the encrypted files out of the report).
     pub const MAX_FS_FINDINGS: usize = 1000;
     /// Bytes of a path shown in a finding.
-    pub const MAX_PATH_SHOWN: usize = 4096;
+    pub const MAX_PATH_SHOWN: usize = 1024;
     /// Bytes the rule pieces of a large file overlap by (a match across the cut is seen).
     pub const YARA_OVERLAP: usize = 1 << 20;
 }
@@ -85,7 +87,7 @@ impl Default for Options {
             full: false,
             max_yara_bytes: 64 << 20,
             max_file_bytes: 64 << 30,
-            max_findings: 10_000,
+            max_findings: 5_000,
         }
     }
 }
@@ -161,29 +163,30 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The exit code: 0 clean (or suspicious), 201 ransomware, 202 malware, 203 both, 204 only
-    /// file-system damage.
+    /// The exit code: 0 clean, 201 ransomware, 202 malware, 203 both, 204 only file-system
+    /// damage, 205 suspicious (signals below the ransomware score, or files the scan could
+    /// not judge whole).
     pub fn exit_code(&self) -> i32 {
+        let suspicious =
+            self.score > 0 || self.stats.yara_errors > 0 || self.stats.files_truncated > 0;
         match (self.ransomware, self.malware, self.damaged) {
             (true, true, _) => 203,
             (true, false, _) => 201,
             (false, true, _) => 202,
             (false, false, true) => 204,
+            (false, false, false) if suspicious => 205,
             (false, false, false) => 0,
         }
     }
 
-    /// `clean`, `suspicious` (signals below the ransomware score, or files the scan could not
-    /// judge whole), `ransomware`, `malware`, `ransomware+malware` or `damaged`.
+    /// `clean`, `suspicious`, `ransomware`, `malware`, `ransomware+malware` or `damaged`.
     pub fn verdict(&self) -> &'static str {
         match self.exit_code() {
             203 => "ransomware+malware",
             201 => "ransomware",
             202 => "malware",
             204 => "damaged",
-            _ if self.score > 0 || self.stats.yara_errors > 0 || self.stats.files_truncated > 0 => {
-                "suspicious"
-            }
+            205 => "suspicious",
             _ => "clean",
         }
     }
@@ -218,9 +221,15 @@ struct Scan<'a> {
     /// Inodes judged (hard links are read once).
     judged: HashSet<u64>,
     /// Paths of the scanned RP that did not read (the first [`MAX_FS_FINDINGS`]).
-    unreadable: Vec<Vec<u8>>,
+    unreadable: HashSet<Vec<u8>>,
+    /// Files added since the baseline, judged once every removal is known (renames pair in
+    /// any name order).
+    added: Vec<Item>,
+    /// Removed files by their path without the last extension (`dir/a` for `dir/a.docx`).
+    removed_stems: HashMap<Vec<u8>, Vec<u8>>,
     notes_score: u32,
     fs_findings: usize,
+    malware_findings: usize,
     other_findings: usize,
     buf: Vec<u8>,
     hits: Vec<String>,
@@ -261,9 +270,12 @@ pub fn scan(
         uniform_by_ext: BTreeMap::new(),
         renames_by_dir: HashMap::new(),
         judged: HashSet::new(),
-        unreadable: Vec::new(),
+        unreadable: HashSet::new(),
+        added: Vec::new(),
+        removed_stems: HashMap::new(),
         notes_score: 0,
         fs_findings: 0,
+        malware_findings: 0,
         other_findings: 0,
         buf: Vec::new(),
         hits: Vec::new(),
@@ -363,9 +375,11 @@ impl Scan<'_> {
         }
         let (count, cap) = match kind {
             FindingKind::Filesystem => (&mut self.fs_findings, MAX_FS_FINDINGS),
-            _ => (&mut self.other_findings, self.opts.max_findings),
+            FindingKind::Malware => (&mut self.malware_findings, self.opts.max_findings),
+            FindingKind::Ransomware => (&mut self.other_findings, self.opts.max_findings),
         };
-        if *count >= cap {
+        // RP-level signals (no path) are few and always kept.
+        if *count >= cap && path.is_some() {
             self.out.findings_dropped += 1;
             return;
         }
@@ -393,8 +407,24 @@ impl Scan<'_> {
             let (p, w) = line.split_once(": ").unwrap_or((line, ""));
             (p.to_string(), w.to_string())
         };
-        let before: HashMap<String, String> =
+        let before: BTreeMap<String, String> =
             base.unwrap_or(&[]).iter().map(|l| split(l)).collect();
+        let now: BTreeMap<String, String> = status.iter().map(|l| split(l)).collect();
+        // A file system the baseline read that is gone now (the partition table or an LVM
+        // physical volume encrypted: its place vanished or reads as nothing known).
+        for (place, was) in before.iter().filter(|(_, w)| readable(w)) {
+            let what = now.get(place).map_or("gone from the disk", String::as_str);
+            if !readable(what) && !what.contains(", damaged") {
+                self.add(
+                    FindingKind::Ransomware,
+                    "filesystem_lost",
+                    Some(place.as_bytes()),
+                    format!("the baseline read it ({was}); now: {what}"),
+                    FILESYSTEM_LOST,
+                );
+                self.unreadable.insert(place.as_bytes().to_vec());
+            }
+        }
         for line in status {
             let (place, what) = split(line);
             if what.contains(", damaged") {
@@ -404,15 +434,6 @@ impl Scan<'_> {
                     Some(place.as_bytes()),
                     what.clone(),
                     0,
-                );
-            } else if !readable(&what) && before.get(&place).is_some_and(|b| readable(b)) {
-                let was = &before[&place];
-                self.add(
-                    FindingKind::Ransomware,
-                    "filesystem_lost",
-                    Some(place.as_bytes()),
-                    format!("the baseline read it ({was}); now: {what}"),
-                    FILESYSTEM_LOST,
                 );
             }
             self.out.filesystems.push(FsStatus {
@@ -440,7 +461,7 @@ impl Scan<'_> {
                 return Err(error);
             }
             if self.unreadable.len() < MAX_FS_FINDINGS {
-                self.unreadable.push(path.clone());
+                self.unreadable.insert(path.clone());
             }
             self.add(
                 FindingKind::Filesystem,
@@ -456,11 +477,20 @@ impl Scan<'_> {
     /// Whether `path` is at or under a path of the scanned RP that did not read (its files
     /// look removed to the diff, but they are damage, not deletions).
     fn under_unreadable(&self, path: &[u8]) -> bool {
-        self.unreadable.iter().any(|u| {
-            u.is_empty()
-                || path == &u[..]
-                || (path.starts_with(u) && path.get(u.len()) == Some(&b'/'))
-        })
+        if self.unreadable.is_empty() {
+            return false;
+        }
+        // The path and each of its ancestors (the root is the empty path).
+        std::iter::once(path)
+            .chain(
+                path.iter()
+                    .enumerate()
+                    .rev()
+                    .filter(|(_, &b)| b == b'/')
+                    .map(|(i, _)| &path[..i]),
+            )
+            .chain(std::iter::once(&[][..]))
+            .any(|p| self.unreadable.contains(p))
     }
 
     fn full(&mut self) -> io::Result<()> {
@@ -495,6 +525,15 @@ impl Scan<'_> {
                             if let Some(e) = &ext {
                                 *this.base_exts.entry(e.clone()).or_default() += 1;
                             }
+                            let name = name_of(&item.path);
+                            if let Some(dot) =
+                                name.iter().rposition(|&b| b == b'.').filter(|&d| d > 0)
+                            {
+                                let stem = item.path[..item.path.len() - name.len() + dot].to_vec();
+                                this.removed_stems
+                                    .entry(stem)
+                                    .or_insert_with(|| item.path.clone());
+                            }
                             this.removed.insert(
                                 item.path.clone(),
                                 Removed {
@@ -506,8 +545,7 @@ impl Scan<'_> {
                         }
                         Change::Added => {
                             this.out.stats.files_added += 1;
-                            let from = this.rename_source(&item.path);
-                            this.judge(item, from)?;
+                            this.added.push(item.clone());
                         }
                         Change::Changed(what) => {
                             this.count_base_ext(&item.path);
@@ -538,6 +576,10 @@ impl Scan<'_> {
             *self.base_exts.entry(ext).or_default() += n;
         }
         self.out.stats.files_unchanged = stats.same_by_key;
+        for item in std::mem::take(&mut self.added) {
+            let from = self.rename_source(&item.path);
+            self.judge(&item, from)?;
+        }
         // Paths the diff could not compare (a baseline inode that does not read, attributes
         // that do not parse): judged as new files, never skipped.
         for Skipped { path, error } in skipped {
@@ -572,24 +614,35 @@ impl Scan<'_> {
     /// plus an extension (`report.docx` → `report.docx.locked`).
     fn rename_source(&mut self, path: &[u8]) -> Option<Old> {
         let name = name_of(path);
-        let dot = name.iter().rposition(|&b| b == b'.')?;
-        if dot == 0 {
-            return None;
-        }
-        let stem = &path[..path.len() - name.len() + dot];
-        let r = self.removed.get_mut(stem)?;
-        if r.paired {
-            return None;
-        }
+        let dir_len = path.len() - name.len();
+        // `x.docx.id[..].[mail].eking` was `x.docx` (the longest removed name it extends), and
+        // `x.locked` was `x.docx` (an extension replaced).
+        let prefixes: Vec<Vec<u8>> = name
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|&(i, &b)| b == b'.' && i > 0)
+            .map(|(i, _)| path[..dir_len + i].to_vec())
+            .collect();
+        let unpaired = |p: &Vec<u8>| self.removed.get(p).is_some_and(|r| !r.paired);
+        let stem = prefixes.iter().find(|p| unpaired(p)).cloned().or_else(|| {
+            prefixes
+                .iter()
+                .filter_map(|p| self.removed_stems.get(p))
+                .find(|p| unpaired(p))
+                .cloned()
+        })?;
+        let r = self.removed.get_mut(&stem)?;
         r.paired = true;
         self.out.stats.files_renamed += 1;
         *self
             .renames_by_dir
             .entry(dir_of(path).to_vec())
             .or_default() += 1;
+        let ino = r.ino;
         Some(Old {
-            path: stem.to_vec(),
-            ino: r.ino,
+            path: stem,
+            ino,
             renamed: true,
         })
     }
@@ -683,6 +736,12 @@ impl Scan<'_> {
             piece.clear();
             file.read_append(off, n, &mut piece)?;
             self.out.stats.baseline_bytes_read += n as u64;
+            // Zeros (preallocated, sparse) filled with encrypted pages since (a database with
+            // encryption at rest, a guest-encrypted disk) are no sign.
+            if piece.iter().all(|&b| b == 0) {
+                out.push(None);
+                continue;
+            }
             out.push(Histogram::of(&piece).class());
         }
         Ok((out, head))
@@ -720,7 +779,7 @@ impl Scan<'_> {
                 0,
             );
         }
-        if read.size <= notes::MAX_NOTE_BYTES && read.size > 0 {
+        if read.size <= notes::MAX_NOTE_BYTES && read.size > 0 && old.is_none() {
             self.judge_note(&path, &read.head);
         }
         self.judge_content(&path, &read, old)?;
@@ -728,8 +787,8 @@ impl Scan<'_> {
         Ok(())
     }
 
-    /// A small new or changed file: a ransom note (named like one, text, speaking of
-    /// encryption), or a carrier of an onion address.
+    /// A small new file: a ransom note (a text named like one that reads like one), or a
+    /// carrier of an onion address.
     fn judge_note(&mut self, path: &[u8], bytes: &[u8]) {
         let text = !bytes.is_empty()
             && bytes
@@ -738,11 +797,18 @@ impl Scan<'_> {
                 .count()
                 * 10
                 >= bytes.len() * 9;
-        if text && notes::is_note_name(name_of(path)) && notes::speaks_of_encryption(bytes) {
+        let name = name_of(path);
+        let ext = magic::extension(name);
+        if text
+            && notes::is_note_extension(ext.as_deref())
+            && notes::is_note_name(name)
+            && notes::reads_like_ransom(bytes)
+        {
             self.add_note(
                 "ransom_note",
                 path,
-                "named like a ransom note, and speaks of encryption".into(),
+                "named like a ransom note, and reads like one (encryption, payment or contact)"
+                    .into(),
                 RANSOM_NOTE,
             );
         }
@@ -769,16 +835,15 @@ impl Scan<'_> {
             _ => false,
         });
         if let Some(old) = old {
-            // Against its baseline version, magic excuses nothing: ciphertext behind a forged
-            // header is still windows that turned uniform. Only a file whose name promises a
-            // format that is uniform by nature (an .xz that is an xz) may be uniform now.
-            if promised && found.is_some_and(|f| magic::uniform_by_nature(f.name)) {
-                return Ok(());
-            }
-            return self.judge_changed(path, read, ext, found, old);
+            // Against its baseline version, magic excuses little: ciphertext behind a forged
+            // header is still windows that turned uniform (judge_changed).
+            return self.judge_changed(path, read, ext, found, promised, old);
         }
-        // A new file (or any file of a full scan): dense content is explained by a dense
-        // format's magic its name does not contradict.
+        // A new file (or any file of a full scan): its magic matching its name explains it (an
+        // encrypted .xlsx is an OLE2 file of uniform bytes), as does a dense format's magic
+        // under a name that promises nothing else. (Deflate and zstd output can be as uniform
+        // as ciphertext, so a dense format's magic cannot be second-guessed here; changed and
+        // renamed files are compared with their baseline instead.)
         let explained = found.is_some_and(|f| {
             f.dense
                 && match promise {
@@ -787,7 +852,7 @@ impl Scan<'_> {
                     Some(Promise::Text) => false,
                 }
         });
-        if explained || !read.mostly_uniform() {
+        if explained || promised || !read.mostly_uniform() {
             return Ok(());
         }
         if ext.as_deref().is_some_and(magic::encrypted_by_design) {
@@ -841,6 +906,7 @@ impl Scan<'_> {
         read: &Read,
         ext: Option<String>,
         found: Option<magic::Format>,
+        promised: bool,
         old: Old,
     ) -> io::Result<()> {
         let (uniform, judged) = (read.uniform(), read.judged());
@@ -873,8 +939,23 @@ impl Scan<'_> {
             .checked_div(sample.len() as u64)
             .unwrap_or(0);
         let old_magic = magic::detect(&old_head);
+        // A file named as and being a format uniform by nature: xz (what `xz file` or a log
+        // rotation makes of a text), or an archive or container that already was one. A text
+        // turned 7z or rar is what Qlocker-style attacks leave.
+        if promised
+            && found.is_some_and(|f| {
+                f.name == "xz"
+                    || (magic::uniform_by_nature(f.name)
+                        && old_magic.is_some_and(|o| o.name == f.name))
+            })
+        {
+            return Ok(());
+        }
         let old_head_class = entropy::classify(&old_head[..old_head.len().min(MIN_WINDOW)]);
-        let head_turned = read.head_class() == Some(Class::Uniform)
+        // Only without magic now: a compressor's first 4 KiB can pass for uniform (χ² has
+        // little power on 4 KiB), and ransomware that encrypts the head destroys the magic.
+        let head_turned = found.is_none()
+            && read.head_class() == Some(Class::Uniform)
             && matches!(old_head_class, Some(Class::Low | Class::High));
         let lost =
             old_magic.is_some() && found.is_none() && read.head_class() == Some(Class::Uniform);
@@ -1154,8 +1235,14 @@ mod tests {
         std::fs::write(b.join("big.log"), text(1 << 20, 7)).unwrap();
         std::fs::write(b.join("docs/report3.txt"), text(50_000, 1234)).unwrap();
         for i in 0..12 {
+            // Entropy-coded data is dense but skewed (JPEG stuffs a zero after every 0xff);
+            // the e2e tests use real cjpeg output.
             let mut jpg = b"\xff\xd8\xff\xe0".to_vec();
-            jpg.extend(random(70_000, 50 + i));
+            let mut body = random(70_000, 50 + i);
+            for b in body.iter_mut().step_by(8) {
+                *b &= 0x7f;
+            }
+            jpg.extend(body);
             std::fs::write(b.join(format!("docs/photo{i}.jpg")), jpg).unwrap();
         }
         let o = run(Some(&a), &b, false);
@@ -1209,7 +1296,7 @@ mod tests {
             let p = b.join(format!("docs/report{i}.txt"));
             let n = std::fs::metadata(&p).unwrap().len() as usize;
             std::fs::remove_file(&p).unwrap();
-            let mut forged = b"\x1f\x8b".to_vec();
+            let mut forged = b"\x1f\x8b\x08\x00".to_vec();
             forged.extend(random(n, 40 + i));
             std::fs::write(b.join(format!("docs/report{i}.txt.locked")), forged).unwrap();
         }
@@ -1268,6 +1355,52 @@ mod tests {
             ransomware: false,
             ..o.clone()
         };
-        assert_eq!((few.exit_code(), few.verdict()), (0, "suspicious"));
+        assert_eq!((few.exit_code(), few.verdict()), (205, "suspicious"));
+    }
+
+    /// Benign compression of renamed files stays quiet (`xz x`, `zstd x`, `gzip x`); the same
+    /// names over ciphertext (a forged 7z archive, an extension replaced) do not.
+    #[test]
+    fn compressed_renames_are_quiet_and_archives_of_ciphertext_are_not() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        tree(&a);
+        tree(&b);
+        let text_of = |i: u64| std::fs::read(b.join(format!("docs/report{i}.txt"))).unwrap();
+        // Real compressors, through their command-line tools.
+        for (i, tool, ext) in [(1u64, "xz", "xz"), (2, "zstd", "zst"), (3, "gzip", "gz")] {
+            let p = b.join(format!("docs/report{i}.txt"));
+            let mut cmd = std::process::Command::new(tool);
+            if tool == "zstd" {
+                cmd.arg("--rm");
+            }
+            let out = cmd.arg("-q").arg(&p).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{tool}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(b.join(format!("docs/report{i}.txt.{ext}")).exists());
+        }
+        // Ciphertext behind a 7z header, and under a replaced extension.
+        let mut forged = b"7z\xbc\xaf\x27\x1c".to_vec();
+        forged.extend(random(text_of(4).len(), 9));
+        std::fs::remove_file(b.join("docs/report4.txt")).unwrap();
+        std::fs::write(b.join("docs/report4.txt.7z"), forged).unwrap();
+        let n = text_of(5).len();
+        std::fs::remove_file(b.join("docs/report5.txt")).unwrap();
+        std::fs::write(b.join("docs/report5.crypt"), random(n, 10)).unwrap();
+        let o = run(Some(&a), &b, false);
+        let s = signals(&o);
+        assert!(
+            s.contains(&("encrypted", "docs/report4.txt.7z".into())),
+            "{s:?}"
+        );
+        assert!(
+            s.contains(&("encrypted", "docs/report5.crypt".into())),
+            "{s:?}"
+        );
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(o.stats.files_renamed, 5, "{:?}", o.stats);
     }
 }

@@ -22,6 +22,9 @@ use crate::vault::Vault;
 /// The verdict of a report that found nothing.
 pub const CLEAN: &str = "clean";
 
+/// The verdict standing for a report that does not read.
+pub const UNREADABLE: &str = "unreadable";
+
 /// Reports of one RP read for its status at most (the newest).
 pub const MAX_REPORTS: usize = 64;
 
@@ -81,18 +84,35 @@ impl Vault {
             ulid::Ulid::new().to_string().to_ascii_lowercase()
         );
         let body = serde_json::to_vec(report).expect("serialisable");
+        if body.len() > MAX_REPORT_BYTES / 2 {
+            return Err(Error::InvalidParameter(format!(
+                "the scan report of {} is {} bytes, more than {} (fewer findings kept: \
+                 --max-findings)",
+                report.rp,
+                body.len(),
+                MAX_REPORT_BYTES / 2
+            )));
+        }
         let sealed = self.keys().seal(&scan_aad(&key), &body, None);
         self.store().put(&key, &sealed, PutMode::Create)?;
         Ok(key)
     }
 
-    /// One report; None if it vanished (deleted with its RP) or does not authenticate (a
-    /// planted or damaged object: warned about, `check` names it).
+    /// One report; None if it vanished (deleted with its RP). A report that does not read (too
+    /// large, not authentic: damaged or planted) stands as verdict [`UNREADABLE`], so it can
+    /// only make the RP's status worse, never fall back to an older clean one; `check` names it.
     fn read_scan(&self, key: &str, rp: &RecoveryPointId) -> Result<Option<ScanReport>> {
         match self.read_scan_strict(key, rp) {
             Err(e @ Error::Corrupt { .. }) => {
                 tracing::warn!("{e}");
-                Ok(None)
+                Ok(Some(ScanReport {
+                    rp: rp.clone(),
+                    time: String::new(),
+                    verdict: UNREADABLE.into(),
+                    score: 0,
+                    baseline: None,
+                    report: serde_json::json!({ "error": e.to_string(), "key": key }),
+                }))
             }
             other => other,
         }
@@ -100,7 +120,7 @@ impl Vault {
 
     fn read_scan_strict(&self, key: &str, rp: &RecoveryPointId) -> Result<Option<ScanReport>> {
         let sealed = match self.store().get(key) {
-            Ok(s) if s.len() > MAX_REPORT_BYTES => {
+            Ok(s) if s.len() > MAX_REPORT_BYTES + 64 => {
                 return Err(
                     self.corrupt(key, format!("{} bytes, more than a report holds", s.len()))
                 )

@@ -501,6 +501,19 @@ fn ransomware_in_file_rps_is_found_named_and_the_parent_is_last_clean() {
     );
     assert_eq!(code, 202, "{v:#}");
     assert_eq!(v["verdict"], "malware");
+
+    // A baseline found infected later (new rules) taints every clean report built on it.
+    std::fs::write(
+        rules.join("words.yar"),
+        "rule invoice_word { strings: $a = \"invoice\" condition: $a }",
+    )
+    .unwrap();
+    let (code, _) = iscan(&env, &["--rp", &base, "--full", "--yara-rules", s(&rules)]);
+    assert_eq!(code, 202);
+    let clean = env.json(&["rp", "list", "--clean"]);
+    assert_eq!(clean.as_array().unwrap().len(), 0, "{clean:#}");
+    let out = env.run(&["rp", "last-clean", "--asset", s(&src)]);
+    assert!(!out.status.success());
 }
 
 #[test]

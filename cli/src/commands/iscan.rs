@@ -33,8 +33,9 @@ folder), deletions (≥ 100 and > 50 % of an extension) and uniform files with o
 built-in test set: EICAR and elastio's marker, plus --yara-rules). File systems: damaged \
 partitions and unreadable directories, inodes or block maps are named.\n\nThe report is kept in \
 the vault beside the RP (`elastio rp show`, `rp list --clean`, `rp last-clean --asset A`).\n\n\
-Exit codes: 0 clean, 201 ransomware, 202 malware, 203 both, 204 file-system damage only, 3 a \
-damaged vault.\n\nExamples:\n  elastio iscan --rp latest --asset web-1\n  elastio iscan --rp \
+Exit codes: 0 clean, 201 ransomware, 202 malware, 203 both, 204 file-system damage only, 205 \
+suspicious (signals below the ransomware score, or files not judged whole: never clean, never a \
+baseline), 3 a damaged vault.\n\nExamples:\n  elastio iscan --rp latest --asset web-1\n  elastio iscan --rp \
 rp-01m80mb7eb9rts308j4hc4b1xn --full --yara-rules /etc/yara\n  elastio iscan --path /srv/share \
 --output-format json"
 )]
@@ -68,12 +69,17 @@ pub struct ScanOpts {
     /// YARA rules: a .yar/.yara file or a directory of them (the built-in test set is always on)
     #[arg(long, value_name = "PATH")]
     pub yara_rules: Option<PathBuf>,
-    /// Bytes of one file the YARA rules see at most (larger files: their beginning)
+    /// Bytes of a file the YARA rules see at once (larger files are matched piece by piece,
+    /// pieces overlapping by 1 MiB; 2 MiB to 1 GiB)
     #[arg(long, default_value = "64MiB", value_parser = parse_size)]
     pub max_yara_bytes: u64,
     /// Decoded chunks kept in memory while reading
     #[arg(long = "scan-cache-size", default_value = "256MiB", value_parser = parse_size)]
     pub cache_size: u64,
+    /// Ransomware and malware findings named in the report at most, each (the verdict counts
+    /// them all)
+    #[arg(long, default_value_t = 5000)]
+    pub max_findings: usize,
 }
 
 pub fn run(ctx: &Ctx, a: IscanArgs) -> Result<()> {
@@ -184,6 +190,7 @@ impl AfterBackup {
             yara_rules: None,
             max_yara_bytes: 64 << 20,
             cache_size: 256 << 20,
+            max_findings: 5000,
         };
         let rp = vault.get_rp(rp)?;
         let base = auto_baseline(vault, &rp, &rules)?;
@@ -260,7 +267,8 @@ fn exit(code: i32) -> ! {
 fn options(o: &ScanOpts) -> Options {
     Options {
         full: o.full,
-        max_yara_bytes: o.max_yara_bytes.min(usize::MAX as u64) as usize,
+        max_yara_bytes: o.max_yara_bytes.clamp(2 << 20, 1 << 30) as usize,
+        max_findings: o.max_findings.clamp(1, 50_000),
         ..Options::default()
     }
 }
@@ -280,7 +288,32 @@ fn auto_baseline(
             && o.asset == rp.asset
             && o.id < rp.id
             && scans.get(&o.id).is_some_and(|s| clean_with(s, rules))
+            && clean_chain(&scans, &o.id)
     }))
+}
+
+/// Whether RP `id` counts as clean: its status is clean, and so is the status of the baseline
+/// its clean report relied on, and that one's, … (a baseline found infected later taints every
+/// report built on it). A baseline deleted since (pruned) is taken as it was judged.
+pub fn clean_chain(
+    scans: &std::collections::BTreeMap<scalez::RecoveryPointId, ScanReport>,
+    id: &scalez::RecoveryPointId,
+) -> bool {
+    let mut seen = std::collections::HashSet::new();
+    let mut at = id;
+    loop {
+        let Some(s) = scans.get(at) else {
+            // Never scanned: not clean; a baseline gone since: as it was judged.
+            return at != id;
+        };
+        if !s.is_clean() || !seen.insert(at.clone()) {
+            return false;
+        }
+        match &s.baseline {
+            Some(b) => at = b,
+            None => return true,
+        }
+    }
 }
 
 fn clean_with(s: &ScanReport, rules: &Rules) -> bool {
@@ -290,7 +323,9 @@ fn clean_with(s: &ScanReport, rules: &Rules) -> bool {
 }
 
 fn judged_clean(vault: &Vault, rp: &RecoveryPoint, rules: &Rules) -> Result<bool> {
-    Ok(ScanReport::status_of(&vault.scans_of(&rp.id)?).is_some_and(|s| clean_with(s, rules)))
+    let rps = vault.list_rps()?;
+    let scans = vault.scan_status(&rps)?;
+    Ok(scans.get(&rp.id).is_some_and(|s| clean_with(s, rules)) && clean_chain(&scans, &rp.id))
 }
 
 /// Scans `rp` (each volume of an instance RP) and saves the reports.
@@ -316,6 +351,33 @@ fn scan_rp(
                     auto_baseline(vault, &vrp, rules)?
                 };
                 all.extend(scan_rp(ctx, vault, &vrp, base.as_ref(), rules, so, save)?);
+            }
+            if save {
+                // The instance's own report: its volumes' worst, so `rp list --clean` and
+                // `rp last-clean` answer for instance assets too.
+                let verdict = all
+                    .iter()
+                    .map(|s| s.out.verdict())
+                    .max_by_key(|v| verdict_rank(v))
+                    .unwrap_or("clean");
+                let report = ScanReport {
+                    rp: rp.id.clone(),
+                    time: scalez::vault::now_rfc3339(),
+                    verdict: verdict.to_string(),
+                    score: all.iter().map(|s| s.out.score).max().unwrap_or(0),
+                    baseline: None,
+                    report: json!({
+                        "volumes": all.iter().map(|s| json!({
+                            "rp": s.target,
+                            "verdict": s.out.verdict(),
+                            "saved_as": s.saved,
+                        })).collect::<Vec<_>>(),
+                        "rules_fingerprint": rules.fingerprint,
+                    }),
+                };
+                vault
+                    .put_scan(&report)
+                    .with_context(|| format!("saving the scan report of {}", rp.id))?;
             }
             return Ok(all);
         }
@@ -384,6 +446,18 @@ fn scan_rp(
     }])
 }
 
+/// How bad a verdict is (for an instance's report: its worst volume's).
+fn verdict_rank(v: &str) -> u8 {
+    match v {
+        "clean" => 0,
+        "suspicious" => 1,
+        "damaged" => 2,
+        "malware" => 3,
+        "ransomware" => 4,
+        _ => 5,
+    }
+}
+
 /// The exit code of two scans together.
 fn worse(a: i32, b: i32) -> i32 {
     let bits = |c: i32| match c {
@@ -391,6 +465,7 @@ fn worse(a: i32, b: i32) -> i32 {
         202 => 2,
         203 => 3,
         204 => 4,
+        205 => 8,
         _ => 0,
     };
     match bits(a) | bits(b) {
@@ -398,6 +473,7 @@ fn worse(a: i32, b: i32) -> i32 {
         x if x & 1 == 1 => 201,
         x if x & 2 == 2 => 202,
         x if x & 4 == 4 => 204,
+        x if x & 8 == 8 => 205,
         _ => 0,
     }
 }

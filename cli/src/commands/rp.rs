@@ -42,7 +42,7 @@ fn list(ctx: &Ctx, a: RpListArgs) -> Result<()> {
     let scans = vault.scan_status(&rps)?;
     let rps: Vec<RecoveryPoint> = rps
         .into_iter()
-        .filter(|rp| !a.clean || scans.get(&rp.id).is_some_and(ScanReport::is_clean))
+        .filter(|rp| !a.clean || crate::commands::iscan::clean_chain(&scans, &rp.id))
         .collect();
     match ctx.global.output_format {
         OutputFormat::Json => print_json(
@@ -226,7 +226,7 @@ fn last_clean(ctx: &Ctx, a: RpLastCleanArgs) -> Result<()> {
     let Some(rp) = rps
         .iter()
         .filter(of_asset)
-        .rfind(|rp| scans.get(&rp.id).is_some_and(ScanReport::is_clean))
+        .rfind(|rp| crate::commands::iscan::clean_chain(&scans, &rp.id))
     else {
         bail!(
             "no recovery point of asset {} scanned clean (elastio iscan --rp <id>; \
