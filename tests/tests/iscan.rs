@@ -643,3 +643,49 @@ fn streams_are_judged_as_one_file() {
         "rule builtin:elastio_test_malware"
     );
 }
+
+/// A scan report written by the first release of integrity scans
+/// (fixtures/golden-scan-report-v1, over the golden vault of format 1) keeps reading: this fails
+/// when the report's format changes by accident.
+#[test]
+fn golden_scan_report_still_reads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    let env = Env::new();
+    let vault = env.path("golden");
+    run("cp", &["-r", s(&root.join("golden-vault-v1")), s(&vault)]);
+    run(
+        "cp",
+        &[
+            "-r",
+            s(&root.join("golden-scan-report-v1/scans")),
+            s(&vault),
+        ],
+    );
+    let json = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--output-format", "json"]);
+        let mut c = env.command(&a);
+        c.env("ELASTIO_VAULT", &vault)
+            .env("ELASTIO_PASSWORD", "golden");
+        Env::json_of(&mut c)
+    };
+    let rp = "rp-01m80q0exmx4mr1kh8rkgkg9q4";
+    let show = json(&["rp", "show", rp]);
+    assert_eq!(show["scan"]["verdict"], "clean", "{show:#}");
+    assert_eq!(show["scan"]["score"], 0);
+    assert!(show["scan"]["baseline"].is_null());
+    assert_eq!(json(&["rp", "list", "--clean"])[0]["id"], rp);
+    assert_eq!(
+        json(&["rp", "last-clean", "--asset", "golden.img"])["id"],
+        rp
+    );
+    let mut c = env.command(&["check"]);
+    c.env("ELASTIO_VAULT", &vault)
+        .env("ELASTIO_PASSWORD", "golden");
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
