@@ -22,8 +22,9 @@ use crate::output::{bytes, print_json};
 #[command(
     after_help = "Judges the files of a recovery point (a file RP's tree, every file \
 system in a disk RP) for ransomware, malware and file-system damage. By default only the files \
-that changed since the baseline are read (the RP's parent; unchanged files are told apart by \
-their chunks, unread); --full reads every file.\n\nRansomware signals: files whose content became \
+that changed since the baseline are read (the asset's newest earlier RP that scanned clean with \
+the same rules; unchanged files are told apart by their chunks, unread, and count as judged by \
+that scan); --full reads every file.\n\nRansomware signals: files whose content became \
 uniform bytes (Shannon entropy and a χ² test of each 64 KiB window: ciphertext is uniform, \
 compressed formats are not, and dense formats are recognised by their magic), whole or in part \
 (intermittent encryption); magic numbers lost or contradicting the extension (a .docx that is no \
@@ -49,8 +50,9 @@ pub struct IscanArgs {
     /// With `--rp latest`: the asset
     #[arg(long)]
     pub asset: Option<String>,
-    /// The RP to compare with: an id, or `auto` (the RP's parent, else the asset's previous RP
-    /// of the same type; a full scan when there is none)
+    /// The RP to compare with: an id (an earlier RP of the asset that scanned clean with the
+    /// same rules, unless --no-save), or `auto` (the newest such RP; a full scan when there is
+    /// none)
     #[arg(long, default_value = "auto")]
     pub baseline: String,
     #[command(flatten)]
