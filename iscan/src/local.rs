@@ -1,37 +1,121 @@
-//! A local directory as a read-only [`FileSystem`], for `elastio iscan --path`.
+//! A local directory as a read-only [`FileSystem`], for `elastio iscan --path` (often run as
+//! root over trees other users write).
 //!
-//! Nothing is followed: entries are looked at with `lstat`, files opened with `O_NOFOLLOW`, so a
-//! symlink planted in the tree is reported as a symlink, never read through. Inode numbers are
-//! positions in a table of the paths seen (one entry per directory entry listed).
+//! Nothing is followed and no path is resolved again: the root directory is opened once, and
+//! every entry is reached from it through a chain of directory descriptors, one component at a
+//! time with `O_NOFOLLOW|O_DIRECTORY` (`openat` semantics through `/proc/self/fd/N/name`, where
+//! the kernel starts from the open directory, not from a path). Entries are looked at with
+//! `lstat` on their parent's descriptor, files opened with `O_NOFOLLOW|O_NONBLOCK`. A symlink
+//! planted in the tree, or a directory swapped for a symlink during the scan, is reported or
+//! fails; it is never read through. Inode numbers are positions in a table of (parent, name)
+//! pairs seen (one entry per directory entry listed).
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use mount::filesystem::{Attr, Entry, FileData, FileSystem, Kind};
 
 pub struct LocalDir {
-    paths: Mutex<Vec<PathBuf>>,
+    shown: PathBuf,
+    root: File,
+    /// (parent inode, name); the root is entry 0.
+    entries: Mutex<Vec<(usize, OsString)>>,
+}
+
+/// `name` inside the directory open as `dir`, for the *at-style calls below.
+fn at(dir: &File, name: &OsString) -> PathBuf {
+    Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
+}
+
+fn open_dir_at(dir: &File, name: &OsString) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(at(dir, name))
 }
 
 impl LocalDir {
-    pub fn new(root: PathBuf) -> Self {
-        LocalDir {
-            paths: Mutex::new(vec![root]),
+    pub fn new(root: PathBuf) -> io::Result<Self> {
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&root)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", root.display())))?;
+        if !Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "scanning a directory needs /proc mounted",
+            ));
+        }
+        Ok(LocalDir {
+            shown: root,
+            root: dir,
+            entries: Mutex::new(vec![(0, OsString::new())]),
+        })
+    }
+
+    /// The names from the root down to `ino` (empty for the root).
+    fn chain(&self, ino: u64) -> io::Result<Vec<OsString>> {
+        let entries = self.entries.lock().unwrap();
+        let mut at = usize::try_from(ino)
+            .ok()
+            .filter(|&i| i < entries.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no inode {ino}")))?;
+        let mut names = Vec::new();
+        while at != 0 {
+            let (parent, name) = &entries[at];
+            names.push(name.clone());
+            at = *parent;
+        }
+        names.reverse();
+        Ok(names)
+    }
+
+    /// `ino`'s parent directory, opened through the chain, and `ino`'s name in it (None for
+    /// the root).
+    fn parent_of(&self, ino: u64) -> io::Result<(File, Option<OsString>)> {
+        let mut names = self.chain(ino)?;
+        let last = names.pop();
+        let mut dir = self.root.try_clone()?;
+        for n in &names {
+            dir = open_dir_at(&dir, n).map_err(|e| self.err(&names, e))?;
+        }
+        Ok((dir, last))
+    }
+
+    /// `ino` as a directory.
+    fn dir(&self, ino: u64) -> io::Result<File> {
+        match self.parent_of(ino)? {
+            (dir, None) => Ok(dir),
+            (parent, Some(name)) => open_dir_at(&parent, &name).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP)
+                {
+                    io::Error::new(io::ErrorKind::NotADirectory, "not a directory")
+                } else {
+                    e
+                }
+            }),
         }
     }
 
-    fn path(&self, ino: u64) -> io::Result<PathBuf> {
-        self.paths
-            .lock()
-            .unwrap()
-            .get(ino as usize)
-            .cloned()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no inode {ino}")))
+    fn err(&self, names: &[OsString], e: io::Error) -> io::Error {
+        let mut p = self.shown.clone();
+        p.extend(names);
+        io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+    }
+
+    fn lstat(&self, ino: u64) -> io::Result<std::fs::Metadata> {
+        match self.parent_of(ino)? {
+            (dir, None) => dir.metadata(),
+            (parent, Some(name)) => std::fs::symlink_metadata(at(&parent, &name)),
+        }
     }
 }
 
@@ -55,9 +139,7 @@ impl FileSystem for LocalDir {
     }
 
     fn attr(&self, ino: u64) -> io::Result<Attr> {
-        let p = self.path(ino)?;
-        let m = std::fs::symlink_metadata(&p)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+        let m = self.lstat(ino)?;
         let ft = m.file_type();
         use std::os::unix::fs::FileTypeExt;
         let kind = if ft.is_dir() {
@@ -92,28 +174,21 @@ impl FileSystem for LocalDir {
     }
 
     fn read_dir(&self, ino: u64) -> io::Result<Vec<Entry>> {
-        let p = self.path(ino)?;
-        let m = std::fs::symlink_metadata(&p)?;
-        if !m.is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotADirectory,
-                format!("{}: not a directory", p.display()),
-            ));
-        }
+        let dir = self.dir(ino)?;
         let mut names = Vec::new();
-        for e in std::fs::read_dir(&p)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?
-        {
+        for e in std::fs::read_dir(Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())))? {
             names.push(e?.file_name());
         }
-        let mut paths = self.paths.lock().unwrap();
+        let mut entries = self.entries.lock().unwrap();
+        let parent = ino as usize;
         Ok(names
             .into_iter()
             .map(|n| {
-                paths.push(p.join(&n));
+                let name = n.as_bytes().to_vec();
+                entries.push((parent, n));
                 Entry {
-                    name: n.as_bytes().to_vec(),
-                    ino: paths.len() as u64 - 1,
+                    name,
+                    ino: entries.len() as u64 - 1,
                     kind: None,
                 }
             })
@@ -121,24 +196,32 @@ impl FileSystem for LocalDir {
     }
 
     fn read_link(&self, ino: u64) -> io::Result<Vec<u8>> {
-        Ok(std::fs::read_link(self.path(ino)?)?
-            .as_os_str()
-            .as_bytes()
-            .to_vec())
+        match self.parent_of(ino)? {
+            (_, None) => Err(io::Error::new(io::ErrorKind::InvalidInput, "not a symlink")),
+            (parent, Some(name)) => Ok(std::fs::read_link(at(&parent, &name))?
+                .as_os_str()
+                .as_bytes()
+                .to_vec()),
+        }
     }
 
     fn open(self: Arc<Self>, ino: u64) -> io::Result<Arc<dyn FileData>> {
-        let p = self.path(ino)?;
+        let (parent, Some(name)) = self.parent_of(ino)? else {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "the root is a directory",
+            ));
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc_o_nofollow())
-            .open(&p)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+            .open(at(&parent, &name))
+            .map_err(|e| self.err(&self.chain(ino).unwrap_or_default(), e))?;
         let m = file.metadata()?;
         if !m.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::IsADirectory,
-                format!("{}: not a regular file", p.display()),
+                "not a regular file",
             ));
         }
         Ok(Arc::new(LocalFile {
@@ -182,5 +265,61 @@ impl FileData for LocalFile {
 
     fn disk_ranges(&self, _offset: u64, _len: u64) -> Vec<(u64, u64)> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mount::browse::Walker;
+
+    /// Symlinks to elsewhere are listed as symlinks and never read through; a directory
+    /// swapped for a symlink after it was listed fails instead of leading outside.
+    #[test]
+    fn nothing_outside_the_tree_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let (tree, outside) = (d.path().join("tree"), d.path().join("outside"));
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "not yours").unwrap();
+        std::fs::write(tree.join("sub/mine"), "yours").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), tree.join("file-link")).unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(LocalDir::new(tree.clone()).unwrap());
+        let mut seen = Vec::new();
+        for item in Walker::new(fs.as_ref(), fs.root(), true).flatten() {
+            seen.push((
+                String::from_utf8(item.path.clone()).unwrap(),
+                item.attr.kind,
+            ));
+        }
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            seen,
+            [
+                (String::new(), Kind::Dir),
+                ("file-link".into(), Kind::Symlink),
+                ("link".into(), Kind::Symlink),
+                ("sub".into(), Kind::Dir),
+                ("sub/mine".into(), Kind::File),
+            ]
+        );
+        let ino = |path: &str| mount::browse::resolve(fs.as_ref(), path.as_bytes()).unwrap();
+        let (file_link, mine) = (ino("file-link"), ino("sub/mine"));
+        assert!(fs.clone().open(file_link).is_err(), "a symlink was opened");
+        let data = fs.clone().open(mine).unwrap();
+        let mut out = Vec::new();
+        data.read_append(0, 5, &mut out).unwrap();
+        assert_eq!(out, b"yours");
+        // `sub` swapped for a symlink to outside after listing: `sub/mine` must not resolve
+        // to anything there.
+        std::fs::rename(tree.join("sub"), d.path().join("moved")).unwrap();
+        std::fs::create_dir_all(outside.join("x")).unwrap();
+        std::fs::write(outside.join("mine"), "not yours either").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("sub")).unwrap();
+        assert!(
+            fs.clone().open(mine).is_err(),
+            "followed a swapped-in symlink"
+        );
     }
 }

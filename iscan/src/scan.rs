@@ -1139,9 +1139,9 @@ mod tests {
 
     fn run(base: Option<&Path>, new: &Path, full: bool) -> Outcome {
         let rules = Rules::load(None).unwrap();
-        let new: Arc<dyn FileSystem> = Arc::new(LocalDir::new(new.to_path_buf()));
+        let new: Arc<dyn FileSystem> = Arc::new(LocalDir::new(new.to_path_buf()).unwrap());
         let base: Option<Arc<dyn FileSystem>> =
-            base.map(|b| Arc::new(LocalDir::new(b.to_path_buf())) as _);
+            base.map(|b| Arc::new(LocalDir::new(b.to_path_buf()).unwrap()) as _);
         let opts = Options {
             full,
             ..Options::default()
@@ -1329,7 +1329,7 @@ mod tests {
 
         // A file system the baseline read, unreadable now.
         let rules = Rules::load(None).unwrap();
-        let fs: Arc<dyn FileSystem> = Arc::new(LocalDir::new(a.clone()));
+        let fs: Arc<dyn FileSystem> = Arc::new(LocalDir::new(a.clone()).unwrap());
         let before = [
             "part1: ext4, files in part1/".to_string(),
             "part2: swap, not readable by elastio yet".into(),

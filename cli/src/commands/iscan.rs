@@ -91,7 +91,7 @@ pub fn run(ctx: &Ctx, a: IscanArgs) -> Result<()> {
         if !meta.is_dir() {
             bail!("{} is not a directory", dir.display());
         }
-        let fs: Arc<dyn FileSystem> = Arc::new(iscan::local::LocalDir::new(dir.clone()));
+        let fs: Arc<dyn FileSystem> = Arc::new(iscan::local::LocalDir::new(dir.clone())?);
         let opts = options(&a.opts);
         let out = with_progress(ctx, |p| iscan::scan(&fs, None, &[], &rules, &opts, p))?;
         let s = Scanned {
