@@ -1106,16 +1106,26 @@ mod tests {
     use crate::local::LocalDir;
     use std::path::Path;
 
-    fn random(n: usize, mut x: u64) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = x;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                (z ^ (z >> 31)) as u8
-            })
-            .collect()
+    use crate::entropy::pseudo_random as random;
+
+    /// A baseline tree `a` and its copy `b` to change (the directory holds both).
+    fn twins() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        tree(&a);
+        tree(&b);
+        (d, a, b)
+    }
+
+    /// Replaces `docs/report{i}.txt` of `b` with `name` holding `head` and ciphertext of its
+    /// length, as ransomware renaming what it encrypts does.
+    fn lock(b: &Path, i: u64, name: &str, head: &[u8], seed: u64) {
+        let p = b.join(format!("docs/report{i}.txt"));
+        let n = std::fs::metadata(&p).unwrap().len() as usize;
+        std::fs::remove_file(&p).unwrap();
+        let mut bytes = head.to_vec();
+        bytes.extend(random(n, seed));
+        std::fs::write(b.join("docs").join(name), bytes).unwrap();
     }
 
     fn text(n: usize, seed: u64) -> Vec<u8> {
@@ -1166,15 +1176,9 @@ mod tests {
 
     #[test]
     fn encrypted_renamed_files_and_notes_are_ransomware_and_named() {
-        let d = tempfile::tempdir().unwrap();
-        let (a, b) = (d.path().join("a"), d.path().join("b"));
-        tree(&a);
-        tree(&b);
+        let (_d, a, b) = twins();
         for i in 0..4u64 {
-            let p = b.join(format!("docs/report{i}.txt"));
-            let n = std::fs::metadata(&p).unwrap().len() as usize;
-            std::fs::remove_file(&p).unwrap();
-            std::fs::write(b.join(format!("docs/report{i}.txt.locked")), random(n, i)).unwrap();
+            lock(&b, i, &format!("report{i}.txt.locked"), b"", i);
         }
         std::fs::write(
             b.join("docs/HOW_TO_DECRYPT.txt"),
@@ -1224,10 +1228,7 @@ mod tests {
 
     #[test]
     fn compressed_and_rewritten_files_are_clean() {
-        let d = tempfile::tempdir().unwrap();
-        let (a, b) = (d.path().join("a"), d.path().join("b"));
-        tree(&a);
-        tree(&b);
+        let (_d, a, b) = twins();
         // An xz file (uniform bytes behind its magic), a rotated log, a rewritten document.
         let mut xz = b"\xfd7zXZ\x00".to_vec();
         xz.extend(random(300_000, 5));
@@ -1288,17 +1289,15 @@ mod tests {
     /// like notes that are no notes.
     #[test]
     fn forged_magic_header_only_encryption_and_lost_file_systems_are_caught() {
-        let d = tempfile::tempdir().unwrap();
-        let (a, b) = (d.path().join("a"), d.path().join("b"));
-        tree(&a);
-        tree(&b);
+        let (_d, a, b) = twins();
         for i in 0..3u64 {
-            let p = b.join(format!("docs/report{i}.txt"));
-            let n = std::fs::metadata(&p).unwrap().len() as usize;
-            std::fs::remove_file(&p).unwrap();
-            let mut forged = b"\x1f\x8b\x08\x00".to_vec();
-            forged.extend(random(n, 40 + i));
-            std::fs::write(b.join(format!("docs/report{i}.txt.locked")), forged).unwrap();
+            lock(
+                &b,
+                i,
+                &format!("report{i}.txt.locked"),
+                b"\x1f\x8b\x08\x00",
+                40 + i,
+            );
         }
         for i in 10..12u64 {
             let p = b.join(format!("docs/report{i}.txt"));
@@ -1362,11 +1361,7 @@ mod tests {
     /// names over ciphertext (a forged 7z archive, an extension replaced) do not.
     #[test]
     fn compressed_renames_are_quiet_and_archives_of_ciphertext_are_not() {
-        let d = tempfile::tempdir().unwrap();
-        let (a, b) = (d.path().join("a"), d.path().join("b"));
-        tree(&a);
-        tree(&b);
-        let text_of = |i: u64| std::fs::read(b.join(format!("docs/report{i}.txt"))).unwrap();
+        let (_d, a, b) = twins();
         // Real compressors, through their command-line tools.
         for (i, tool, ext) in [(1u64, "xz", "xz"), (2, "zstd", "zst"), (3, "gzip", "gz")] {
             let p = b.join(format!("docs/report{i}.txt"));
@@ -1383,13 +1378,8 @@ mod tests {
             assert!(b.join(format!("docs/report{i}.txt.{ext}")).exists());
         }
         // Ciphertext behind a 7z header, and under a replaced extension.
-        let mut forged = b"7z\xbc\xaf\x27\x1c".to_vec();
-        forged.extend(random(text_of(4).len(), 9));
-        std::fs::remove_file(b.join("docs/report4.txt")).unwrap();
-        std::fs::write(b.join("docs/report4.txt.7z"), forged).unwrap();
-        let n = text_of(5).len();
-        std::fs::remove_file(b.join("docs/report5.txt")).unwrap();
-        std::fs::write(b.join("docs/report5.crypt"), random(n, 10)).unwrap();
+        lock(&b, 4, "report4.txt.7z", b"7z\xbc\xaf\x27\x1c", 9);
+        lock(&b, 5, "report5.crypt", b"", 10);
         let o = run(Some(&a), &b, false);
         let s = signals(&o);
         assert!(
